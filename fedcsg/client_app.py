@@ -1,0 +1,90 @@
+"""The fedcsg ClientApp: trains the arm's model on its partition and replies with the arm's payload.
+
+The same app runs in simulation (Flower's simulation engine on Ray) and on real SuperNodes: the
+partition comes from the node config (``partition-id``, ``num-partitions``), the data location
+from the node config's ``data-dir`` when given, else from the run config or $FEDCSG_DATA_DIR.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch import nn
+
+from fedcsg.config import RunConfig
+from fedcsg.payload import PayloadLayout, load_payload, model_payload
+from fedcsg.task import build_arm_model, client_data, local_train, payload_layout
+from fedcsg.training import get_device
+
+app = ClientApp()
+
+
+@functools.lru_cache(maxsize=2)
+def _model_and_layout(cfg: RunConfig) -> tuple[nn.Module, PayloadLayout]:
+    # One model per process and run: a Ray actor serves many virtual clients in turn, and each
+    # round overwrites every payload entry, so rebuilding it per message would only cost time.
+    model = build_arm_model(cfg)
+    return model, payload_layout(cfg, model)
+
+
+def client_config(context: Context) -> RunConfig:
+    cfg = RunConfig.from_mapping(dict(context.run_config))
+    node_data_dir = context.node_config.get("data-dir")
+    return cfg.replace(data_dir=str(node_data_dir)) if node_data_dir else cfg
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg = client_config(context)
+    partition_id = int(context.node_config["partition-id"])
+    num_partitions = int(context.node_config["num-partitions"])
+    config = msg.content["config"]
+    device = get_device(cfg.device)
+    model, layout = _model_and_layout(cfg)
+    load_payload(model, msg.content["arrays"], layout)
+    server_round = int(config["server-round"])
+    stats = local_train(
+        model,
+        client_data(cfg, partition_id, num_partitions),
+        cfg,
+        lr=float(config["lr"]),
+        epochs=int(config.get("local-epochs", cfg.local_epochs)),
+        batch_size=int(config.get("batch-size", cfg.batch_size)),
+        seed=cfg.seed * 1_000_003 + server_round * 10_007 + partition_id,
+        device=device,
+    )
+    model.to("cpu")
+    metrics = MetricRecord(
+        {
+            "num-examples": stats.num_examples,
+            "train-loss": stats.loss,
+            "train-accuracy": stats.accuracy,
+            "train-seconds": stats.seconds,
+            "partition-id": partition_id,
+        }
+    )
+    arrays: ArrayRecord = model_payload(model, layout)
+    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on this client's share of the test split (federated evaluation,
+    off by default: fedcsg evaluates on the server)."""
+    from fedcsg.data import load_labels, load_split, partition_indices
+    from fedcsg.task import evaluate_model
+
+    cfg = client_config(context)
+    partition_id = int(context.node_config["partition-id"])
+    num_partitions = int(context.node_config["num-partitions"])
+    model, layout = _model_and_layout(cfg)
+    load_payload(model, msg.content["arrays"], layout)
+    labels = load_labels(cfg.dataset, "test", cfg.data_dir or None)
+    rows = partition_indices(labels, num_partitions, partition_id, "iid", seed=cfg.seed)
+    data = load_split(cfg.dataset, "test", cfg.data_dir or None, indices=rows)
+    stats = evaluate_model(model, data, cfg, get_device(cfg.device))
+    model.to("cpu")
+    metrics = {"num-examples": stats.num_examples, "eval-loss": stats.loss, "eval-accuracy": stats.accuracy}
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

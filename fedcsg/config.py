@@ -1,0 +1,213 @@
+"""Run settings: one validated dataclass behind [tool.flwr.app.config], experiment files and the CLI.
+
+Experiment files (configs/*.toml) hold flat kebab-case keys, only those that differ from the
+defaults; ``flwr run . --run-config configs/X.toml`` and ``fedcsg run --config configs/X.toml``
+read the same files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fedcsg.csg import SliceShape
+from fedcsg.data import SCHEMES as PARTITION_SCHEMES
+from fedcsg.models import default_csg_config, model_spec
+from fedcsg.payload import PACKINGS, check_arm
+
+DATASETS = ("cifar10", "fashion-mnist")
+LR_SCHEDULES = ("constant", "step", "cosine")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a federated run (kebab-case in TOML: ``code-dim`` for ``code_dim``)."""
+
+    # What is trained
+    model: str = "resnet20"
+    arm: str = "csg"
+    arms: str = "fedavg,csg,csg-frozen"  # what `fedcsg compare` runs, comma-separated
+    slice: str = "12x12x3x3"
+    code_dim: int = 72
+    pointwise_slice: str = ""  # "" = the model's paper setting (MobileNetV2/ShuffleNetV2: 16x16x1x1)
+    pointwise_code_dim: int = 16
+    # Data and partitions
+    dataset: str = "cifar10"
+    data_dir: str = ""  # "" = $FEDCSG_DATA_DIR, else the hub
+    hub_name: str = ""  # "" = the dataset's hub name
+    num_clients: int = 4
+    partitioner: str = "iid"
+    dirichlet_alpha: float = 0.5
+    shards_per_client: int = 2
+    train_limit: int = 4000  # 0 = the whole train split; N = a seeded subset of N images, then partitioned
+    test_limit: int = 2000  # 0 = the whole test split for server-side evaluation
+    # Rounds and sampling
+    num_rounds: int = 3
+    clients_per_round: int = 0  # 0 = use fraction-train
+    fraction_train: float = 1.0
+    min_train_nodes: int = 2
+    min_available_nodes: int = 2
+    round_timeout: float = 3600.0
+    # Local training
+    local_epochs: int = 1
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    lr: float = 0.05
+    lr_schedule: str = "constant"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    # Run
+    seed: int = 0
+    payload_packing: str = "flat"
+    device: str = "auto"
+    client_num_cpus: int = 1
+    client_num_gpus: float = 0.0
+    target_accuracy: float = 0.5  # the report's "bytes to reach" threshold
+    out_dir: str = ""  # where the ServerApp writes results; "" = runs/flwr-<run id>
+
+    _positive_ints: tuple[str, ...] = field(
+        default=(
+            "code_dim",
+            "pointwise_code_dim",
+            "num_clients",
+            "shards_per_client",
+            "num_rounds",
+            "min_train_nodes",
+            "min_available_nodes",
+            "local_epochs",
+            "batch_size",
+            "eval_batch_size",
+            "client_num_cpus",
+        ),
+        repr=False,
+        compare=False,
+    )
+
+    def __post_init__(self) -> None:
+        for name in self._positive_ints:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{_kebab(name)} = {getattr(self, name)!r} is not accepted: a positive integer is")
+        for name in ("train_limit", "test_limit", "clients_per_round"):
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"{_kebab(name)} = {getattr(self, name)!r} is not accepted: 0 or a positive integer is"
+                )
+        _one_of("dataset", self.dataset, DATASETS)
+        _one_of("partitioner", self.partitioner, PARTITION_SCHEMES)
+        _one_of("lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        _one_of("payload-packing", self.payload_packing, PACKINGS)
+        _one_of("device", self.device, DEVICES)
+        check_arm(self.arm)
+        for arm in self.arm_list:
+            check_arm(arm)
+        model_spec(self.model)
+        SliceShape.parse(self.slice)
+        if self.pointwise_slice:
+            SliceShape.parse(self.pointwise_slice)
+        for name, low, high in (
+            ("fraction_train", 0.0, 1.0),
+            ("dirichlet_alpha", 0.0, float("inf")),
+            ("lr", 0.0, float("inf")),
+            ("round_timeout", 0.0, float("inf")),
+        ):
+            value = getattr(self, name)
+            if not low < value <= high:
+                raise ValueError(f"{_kebab(name)} = {value!r} is not accepted: a number in ({low}, {high}] is")
+        for name in ("momentum", "weight_decay", "client_num_gpus", "target_accuracy"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{_kebab(name)} = {getattr(self, name)!r} is not accepted: a number >= 0 is")
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"clients-per-round = {self.clients_per_round} is more than num-clients = {self.num_clients}"
+            )
+
+    @property
+    def arm_list(self) -> list[str]:
+        return [a.strip() for a in self.arms.split(",") if a.strip()]
+
+    @property
+    def in_channels(self) -> int:
+        return 1 if self.dataset == "fashion-mnist" else 3
+
+    def csg_config(self, arm: str | None = None):
+        """The converter settings of ``arm`` (default: this run's arm); None for fedavg."""
+        arm = arm or self.arm
+        if arm == "fedavg":
+            return None
+        return default_csg_config(
+            self.model,
+            self.slice,
+            self.code_dim,
+            frozen=arm == "csg-frozen",
+            seed=self.seed,
+            pointwise_slice=self.pointwise_slice or None,
+            pointwise_code_dim=self.pointwise_code_dim,
+        )
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_flower(self) -> dict[str, Any]:
+        """Kebab-case mapping, as in [tool.flwr.app.config]."""
+        return {_kebab(f.name): getattr(self, f.name) for f in _public_fields()}
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
+        """Validate kebab-case ``values`` over ``base`` (default: the defaults).
+
+        Raises ValueError naming the first unknown key or badly typed value.
+        """
+        base = base or cls()
+        known = {_kebab(f.name): f for f in _public_fields()}
+        changes: dict[str, Any] = {}
+        for key, value in values.items():
+            if key not in known:
+                raise ValueError(f"unknown config key {key!r}: accepted keys are {', '.join(sorted(known))}")
+            default = getattr(base, known[key].name)
+            changes[known[key].name] = _coerce(key, value, type(default))
+        return dataclasses.replace(base, **changes)
+
+
+def _public_fields() -> list[dataclasses.Field]:
+    return [f for f in fields(RunConfig) if not f.name.startswith("_")]
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _one_of(key: str, value: str, accepted: tuple[str, ...]) -> None:
+    if value not in accepted:
+        raise ValueError(f"{key} = {value!r} is not accepted: one of {', '.join(accepted)} is")
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is bool and not isinstance(value, bool):
+        raise ValueError(f"{key} = {value!r} is not accepted: true or false is")
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"{key} = {value!r} ({type(value).__name__}) is not accepted: a {kind.__name__} is")
+    return value
+
+
+def load_experiment(path: str | Path, base: RunConfig | None = None) -> RunConfig:
+    """Read an experiment TOML file (flat kebab-case keys) over ``base`` (default: the defaults)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    try:
+        values = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"config file {str(path)!r} is not valid TOML: {error}") from None
+    nested = [k for k, v in values.items() if isinstance(v, dict)]
+    if nested:
+        raise ValueError(f"config file {str(path)!r} has table(s) {nested}: only flat kebab-case keys are accepted")
+    try:
+        return RunConfig.from_mapping(values, base)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None

@@ -1,0 +1,457 @@
+"""Convolutional Slice Generator (CSG) layers and the converter that installs them.
+
+A CSG network does not store its convolution filters. One small shared linear map, the
+*generator*, turns low-dimensional *code vectors* into *slices* of filters, and every CSG
+convolution owns only the codes of the slices that tile its weight (Omidvar et al.,
+"Associative Convolutional Layers", AISTATS 2021).
+
+Tiling layout
+-------------
+A slice shape ``S_out x S_in x k x k`` and a conv weight ``[C_out, C_in, k, k]`` give a grid of
+``n_out = ceil(C_out / S_out)`` by ``n_in = ceil(C_in / S_in)`` blocks. Code row
+``r = i * n_in + j`` generates the block that covers output channels ``i*S_out : (i+1)*S_out``
+and input channels ``j*S_in : (j+1)*S_in``: element ``[o, c, y, x]`` of the weight is element
+``[o % S_out, c % S_in, y, x]`` of slice ``(o // S_out) * n_in + c // S_in``. The padded grid
+``[n_out*S_out, n_in*S_in, k, k]`` is then cropped to ``[C_out, C_in, k, k]``. Every slice is a
+true ``S_out x S_in x k x k`` block, as the paper intends (the authors' code reshapes the stacked
+output row-major, which gives true blocks only when the padded ``C_in`` equals ``S_in``).
+
+Ownership
+---------
+The generator is registered once per model (``model.csg_generators``) and *handed* to the
+layers, never registered under them, so it appears once in ``state_dict()`` and a payload built
+from it is not sent once per layer. Each generator knows its layers and produces all of their
+weights with one matmul per forward pass; in no-grad mode the generated weights are cached
+until a parameter changes (tracked by the tensors' version counters).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+GENERATORS_ATTR = "csg_generators"
+_SLICE_PATTERN = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*x\s*(\d+)\s*x\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class SliceShape:
+    """Shape ``out_channels x in_channels x kernel_size x kernel_size`` of one generated slice."""
+
+    out_channels: int
+    in_channels: int
+    kernel_size: int
+
+    def __post_init__(self) -> None:
+        for name in ("out_channels", "in_channels", "kernel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"slice {name} must be a positive integer, got {value!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> SliceShape:
+        """Parse ``"12x12x3x3"`` (out x in x k x k; square kernels only)."""
+        match = _SLICE_PATTERN.match(str(text))
+        if match is None:
+            raise ValueError(
+                f"slice shape {text!r} does not parse: expected OUTxINxKxK with positive "
+                "integers, e.g. '12x12x3x3' or '16x16x1x1'"
+            )
+        s_out, s_in, k_h, k_w = (int(g) for g in match.groups())
+        if k_h != k_w:
+            raise ValueError(f"slice shape {text!r} has a non-square kernel {k_h}x{k_w}: only KxK is accepted")
+        if min(s_out, s_in, k_h) <= 0:
+            raise ValueError(f"slice shape {text!r} has a zero dimension: every dimension must be positive")
+        return cls(s_out, s_in, k_h)
+
+    @property
+    def numel(self) -> int:
+        return self.out_channels * self.in_channels * self.kernel_size**2
+
+    @property
+    def kernel_key(self) -> str:
+        """Name of the generator for this kernel size in ``model.csg_generators``."""
+        return f"{self.kernel_size}x{self.kernel_size}"
+
+    def __str__(self) -> str:
+        k = self.kernel_size
+        return f"{self.out_channels}x{self.in_channels}x{k}x{k}"
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    """One generator: the slice shape it produces and the dimension of its code vectors."""
+
+    shape: SliceShape
+    code_dim: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.code_dim, int) or isinstance(self.code_dim, bool) or self.code_dim <= 0:
+            raise ValueError(f"code dim must be a positive integer, got {self.code_dim!r}")
+
+
+@dataclass(frozen=True)
+class CSGConfig:
+    """How :func:`csgify` converts a model.
+
+    Parameters
+    ----------
+    slices
+        One :class:`SliceSpec` per kernel size to replace. The paper's default is 12x12x3x3
+        slices with 72-dimensional codes; MobileNetV2 / ShuffleNetV2 add 16x16x1x1 / 16 for the
+        pointwise convs.
+    frozen
+        Use the paper's random binary generator (Kaiming-normal -> sign * 0.5, not trained),
+        drawn from ``seed`` so it can be rebuilt anywhere and never sent.
+    seed
+        Seed of the generator weights (frozen or the trainable one's initialisation).
+    skip
+        Qualified names of convs to keep as ordinary layers. ``None`` keeps the first conv of
+        the network (the stem), as the paper does.
+    """
+
+    slices: tuple[SliceSpec, ...] = (SliceSpec(SliceShape(12, 12, 3), 72),)
+    frozen: bool = False
+    seed: int = 0
+    skip: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.slices:
+            raise ValueError("a CSG config needs at least one slice shape")
+        kernels = [s.shape.kernel_size for s in self.slices]
+        if len(set(kernels)) != len(kernels):
+            raise ValueError(f"one slice shape per kernel size is accepted, got {[str(s.shape) for s in self.slices]}")
+
+
+@dataclass
+class _Generation:
+    """Weights of all layers of one generator, produced by one matmul."""
+
+    key: tuple
+    weights: list[Tensor]
+    served: set[int] = field(default_factory=set)
+
+
+class SliceGenerator(nn.Module):
+    """The CSG: one bias-free linear map from a code vector to one filter slice.
+
+    Parameters
+    ----------
+    shape
+        The slice shape it generates.
+    code_dim
+        Dimension of the code vectors.
+    frozen
+        If True, the paper's random binary generator: Kaiming-normal weights turned into
+        ``sign(W) * 0.5`` with ``requires_grad=False``, drawn on the CPU from ``seed`` so the same
+        generator is rebuilt bit for bit on any machine.
+    seed
+        Seed of the weights. Always used for a frozen generator; for a trainable one, ``None``
+        draws from torch's global RNG.
+    """
+
+    def __init__(self, shape: SliceShape, code_dim: int, *, frozen: bool = False, seed: int | None = None) -> None:
+        super().__init__()
+        if frozen and seed is None:
+            raise ValueError("a frozen generator needs an explicit integer seed")
+        self.shape = shape
+        self.code_dim = code_dim
+        self.frozen = frozen
+        self.seed = seed
+        rng = torch.Generator().manual_seed(seed) if seed is not None else None
+        weight = torch.empty(shape.numel, code_dim)
+        nn.init.kaiming_normal_(weight, generator=rng)
+        if frozen:
+            weight = torch.sign(weight) * 0.5
+        self.weight = nn.Parameter(weight, requires_grad=not frozen)
+        # Plain (unregistered) attributes: the layers are owned by the model, not by the generator.
+        self.__dict__["_layers"] = []
+        self.__dict__["_generation"] = None
+
+    def __getstate__(self) -> dict:
+        # Cached weights may be non-leaf tensors, which deepcopy and pickle refuse; they are
+        # rebuilt on demand anyway.
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "_generation": None}
+
+    @property
+    def layers(self) -> list[CSGConv2d]:
+        return self.__dict__["_layers"]
+
+    def attach(self, layer: CSGConv2d) -> None:
+        self.layers.append(layer)
+        self.clear_cache()
+
+    def clear_cache(self) -> None:
+        """Drop the cached weights (they are rebuilt on the next forward pass)."""
+        self.__dict__["_generation"] = None
+
+    def extra_repr(self) -> str:
+        kind = "frozen binary" if self.frozen else "trainable"
+        return f"slice={self.shape}, code_dim={self.code_dim}, {kind}, layers={len(self.layers)}"
+
+    def forward(self, codes: Tensor) -> Tensor:
+        """Generate slices: ``[N, code_dim] -> [N, S_out, S_in, k, k]``."""
+        s = self.shape
+        return F.linear(codes, self.weight).view(-1, s.out_channels, s.in_channels, s.kernel_size, s.kernel_size)
+
+    def _state_key(self) -> tuple:
+        tensors = [self.weight, *(layer.codes for layer in self.layers)]
+        return (
+            torch.is_grad_enabled(),
+            torch.is_inference_mode_enabled(),
+            self.weight.device,
+            self.weight.dtype,
+            tuple((t._version, t.data_ptr()) for t in tensors),
+        )
+
+    def _generate(self, key: tuple) -> _Generation:
+        layers = self.layers
+        codes = torch.cat([layer.codes for layer in layers]) if len(layers) > 1 else layers[0].codes
+        slices = self(codes)
+        parts = slices.split([layer.num_slices for layer in layers])
+        weights = [layer.tile(part) for layer, part in zip(layers, parts, strict=True)]
+        return _Generation(key=key, weights=weights)
+
+    def weight_for(self, layer: CSGConv2d) -> Tensor:
+        """Weight of ``layer``, generated together with every other layer of this generator.
+
+        With autograd on, a generation is used once per layer: a second request from the same
+        layer (a second forward pass) starts a new generation, so every pass has its own graph.
+        With autograd off, the weights are reused until a code or the generator changes.
+        """
+        index = layer.__dict__["_index"]
+        key = self._state_key()
+        generation: _Generation | None = self.__dict__["_generation"]
+        grad = key[0]
+        if generation is None or generation.key != key or (grad and index in generation.served):
+            generation = self._generate(key)
+            self.__dict__["_generation"] = generation
+        if grad:
+            generation.served.add(index)
+        return generation.weights[index]
+
+
+class CSGConv2d(nn.Module):
+    """A conv layer whose weight is generated from its code vectors by a shared :class:`SliceGenerator`.
+
+    Parameters
+    ----------
+    in_channels, out_channels, kernel_size, stride, padding, dilation
+        As for :class:`torch.nn.Conv2d` (square kernels, ``groups=1``).
+    generator
+        The model's generator for this kernel size. It is referenced, not registered.
+    bias
+        Whether the conv has a bias (an ordinary parameter).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        generator: SliceGenerator,
+        stride: int | tuple[int, int] = 1,
+        padding: int | str | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        shape = generator.shape
+        if kernel_size != shape.kernel_size:
+            raise ValueError(f"kernel size {kernel_size} does not match the generator's slice {shape}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = padding
+        self.dilation = dilation
+        self.blocks_out = math.ceil(out_channels / shape.out_channels)
+        self.blocks_in = math.ceil(in_channels / shape.in_channels)
+        codes = torch.empty(self.num_slices, generator.code_dim)
+        nn.init.normal_(codes, mean=0.001, std=1.0)
+        self.codes = nn.Parameter(codes)
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.__dict__["generator"] = generator
+        self.__dict__["_index"] = len(generator.layers)
+        generator.attach(self)
+
+    @property
+    def num_slices(self) -> int:
+        return self.blocks_out * self.blocks_in
+
+    def tile(self, slices: Tensor) -> Tensor:
+        """Tile ``[num_slices, S_out, S_in, k, k]`` slices into the ``[C_out, C_in, k, k]`` weight."""
+        s = self.generator.shape
+        k = s.kernel_size
+        grid = slices.view(self.blocks_out, self.blocks_in, s.out_channels, s.in_channels, k, k)
+        padded = grid.permute(0, 2, 1, 3, 4, 5).reshape(
+            self.blocks_out * s.out_channels, self.blocks_in * s.in_channels, k, k
+        )
+        return padded[: self.out_channels, : self.in_channels]
+
+    @property
+    def weight(self) -> Tensor:
+        """The generated ``[C_out, C_in, k, k]`` filters."""
+        return self.generator.weight_for(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, slices={self.num_slices}x{self.generator.code_dim}"
+        )
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`csgify` replaced and what it left, with the reason for each conv left."""
+
+    replaced: list[str]
+    left: dict[str, str]
+
+    def __str__(self) -> str:
+        lines = [f"replaced {len(self.replaced)} conv(s) with CSG convs"]
+        lines += [f"  left {name}: {reason}" for name, reason in self.left.items()]
+        return "\n".join(lines)
+
+
+def _ineligibility(name: str, conv: nn.Module, specs: dict[int, SliceSpec], skip: set[str]) -> str | None:
+    if name in skip:
+        return "skipped by name (ordinary layer)"
+    if conv.groups != 1:
+        return f"groups={conv.groups} (grouped/depthwise convs stay ordinary)"
+    k_h, k_w = conv.kernel_size
+    if k_h != k_w:
+        return f"non-square kernel {k_h}x{k_w}"
+    if k_h not in specs:
+        return f"no slice shape configured for {k_h}x{k_w} kernels"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} (only 'zeros' is supported)"
+    return None
+
+
+def csgify(model: nn.Module, config: CSGConfig | None = None) -> ConversionReport:
+    """Turn ``model`` into its CSG form, in place.
+
+    Every eligible :class:`torch.nn.Conv2d` (``groups == 1``, square kernel with a configured slice
+    shape, zero padding) not named in ``config.skip`` is replaced by a :class:`CSGConv2d`; every
+    other module is kept. One generator per configured slice shape is installed once, as
+    ``model.csg_generators[f"{k}x{k}"]``.
+
+    Returns
+    -------
+    ConversionReport
+        The replaced conv names and, for each conv left, why.
+
+    Raises
+    ------
+    ValueError
+        If the model is already CSG-backed or has no eligible conv.
+    """
+    config = config or CSGConfig()
+    if hasattr(model, GENERATORS_ATTR):
+        raise ValueError("model is already CSG-backed (it has csg_generators)")
+    convs = [(name, m) for name, m in model.named_modules() if type(m) is nn.Conv2d]
+    if config.skip is None:
+        skip = {convs[0][0]} if convs else set()
+    else:
+        skip = set(config.skip)
+        unknown = skip - {name for name, _ in convs}
+        if unknown:
+            raise ValueError(f"skip names {sorted(unknown)} are not nn.Conv2d modules of the model")
+    specs = {spec.shape.kernel_size: spec for spec in config.slices}
+    plan = {name: _ineligibility(name, conv, specs, skip) for name, conv in convs}
+    targets = [name for name, reason in plan.items() if reason is None]
+    if not targets:
+        raise ValueError(
+            f"model has no eligible conv for slice shapes {[str(s.shape) for s in config.slices]}: "
+            f"needs an nn.Conv2d with groups=1 and a matching square kernel ({len(convs)} conv(s) found)"
+        )
+    used_kernels = sorted({dict(convs)[name].kernel_size[0] for name in targets})
+    generators = nn.ModuleDict()
+    for offset, k in enumerate(used_kernels):
+        spec = specs[k]
+        generators[spec.shape.kernel_key] = SliceGenerator(
+            spec.shape, spec.code_dim, frozen=config.frozen, seed=config.seed + offset
+        )
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    for name in targets:
+        conv = dict(convs)[name]
+        generator = generators[f"{conv.kernel_size[0]}x{conv.kernel_size[0]}"]
+        layer = CSGConv2d(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size[0],
+            generator=generator,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            bias=conv.bias is not None,
+        )
+        _set_submodule(model, name, layer.to(device))
+    model.add_module(GENERATORS_ATTR, generators.to(device))
+    return ConversionReport(replaced=targets, left={n: r for n, r in plan.items() if r is not None})
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def csg_layers(model: nn.Module) -> Iterator[tuple[str, CSGConv2d]]:
+    """The model's CSG convs with their qualified names."""
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, CSGConv2d))
+
+
+def generators(model: nn.Module) -> dict[str, SliceGenerator]:
+    """The model's generators by kernel key (empty for a plain model)."""
+    found = getattr(model, GENERATORS_ATTR, None)
+    return dict(found.items()) if found is not None else {}
+
+
+def is_csg(model: nn.Module) -> bool:
+    return bool(generators(model))
+
+
+def clear_generated_cache(model: nn.Module) -> None:
+    for generator in generators(model).values():
+        generator.clear_cache()
+
+
+@torch.no_grad()
+def materialize(model: nn.Module) -> nn.Module:
+    """A plain copy of a CSG model whose nn.Conv2d weights are the generated filters.
+
+    The copy has no generator or codes; its outputs equal the CSG model's. Use it for inference
+    on devices that should not carry the generator, or for export.
+    """
+    plain = copy.deepcopy(model)
+    for name, layer in list(csg_layers(plain)):
+        conv = nn.Conv2d(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            bias=layer.bias is not None,
+        ).to(device=layer.codes.device, dtype=layer.codes.dtype)
+        conv.weight.copy_(layer.weight)
+        if layer.bias is not None:
+            conv.bias.copy_(layer.bias)
+        _set_submodule(plain, name, conv)
+    if hasattr(plain, GENERATORS_ATTR):
+        delattr(plain, GENERATORS_ATTR)
+    return plain

@@ -1,0 +1,185 @@
+"""What each arm sends, how it is packed into a Flower ArrayRecord, and how many bytes that is.
+
+Arms
+----
+``fedavg``
+    The plain model; the payload is its whole ``state_dict`` (weights and BatchNorm buffers).
+``csg``
+    The CSG model; the payload is its ``state_dict``: the generator once, the codes, and the
+    ordinary layers (stem, BatchNorm weights and buffers, classifier). A generated filter is never
+    part of it: CSG layers store only codes.
+``csg-frozen``
+    The CSG model with the paper's random binary generator, rebuilt from the run's seed on every
+    party; the payload is the ``state_dict`` without the generator.
+
+Packing
+-------
+``per-tensor`` puts one Array per payload entry in the ArrayRecord (keys = state_dict names).
+``flat`` concatenates the entries of each dtype into one 1-D Array (keys = dtype names, in the
+order of the layout), so a model with hundreds of small tensors pays Flower's per-Array header
+a few times instead of hundreds. Both sides derive the layout from the same model, so the
+round trip is exact (see ``tests/test_payload.py``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Message
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from torch import nn
+
+from fedcsg.csg import GENERATORS_ATTR, generators
+
+ARMS = ("fedavg", "csg", "csg-frozen")
+PACKINGS = ("flat", "per-tensor")
+
+
+def check_arm(arm: str) -> str:
+    if arm not in ARMS:
+        raise ValueError(f"unknown arm {arm!r}: accepted are {', '.join(ARMS)}")
+    return arm
+
+
+@dataclass(frozen=True)
+class PayloadEntry:
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class PayloadLayout:
+    """The ordered payload entries of one model and arm, and how they are packed."""
+
+    entries: tuple[PayloadEntry, ...]
+    packing: str = "flat"
+
+    @classmethod
+    def for_model(cls, model: nn.Module, packing: str = "flat") -> PayloadLayout:
+        """The payload of ``model``: its state_dict minus any frozen generator."""
+        if packing not in PACKINGS:
+            raise ValueError(f"unknown payload packing {packing!r}: accepted are {', '.join(PACKINGS)}")
+        frozen = {f"{GENERATORS_ATTR}.{name}.weight" for name, g in generators(model).items() if g.frozen}
+        entries = tuple(
+            PayloadEntry(key, tuple(value.shape), value.dtype)
+            for key, value in model.state_dict().items()
+            if key not in frozen
+        )
+        return cls(entries, packing)
+
+    @property
+    def keys(self) -> list[str]:
+        return [e.key for e in self.entries]
+
+    @property
+    def nbytes(self) -> int:
+        """Raw tensor bytes of one payload."""
+        return sum(e.numel * e.dtype.itemsize for e in self.entries)
+
+    def _groups(self) -> OrderedDict[str, list[PayloadEntry]]:
+        groups: OrderedDict[str, list[PayloadEntry]] = OrderedDict()
+        for entry in self.entries:
+            groups.setdefault(str(entry.dtype).removeprefix("torch."), []).append(entry)
+        return groups
+
+    def array_specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Expected ``{key: (shape, numpy dtype name)}`` of the ArrayRecord this layout produces."""
+        if self.packing == "per-tensor":
+            return {e.key: (e.shape, str(e.dtype).removeprefix("torch.")) for e in self.entries}
+        return {name: ((sum(e.numel for e in group),), name) for name, group in self._groups().items()}
+
+    def pack(self, state: dict[str, torch.Tensor]) -> ArrayRecord:
+        """Pack the payload entries of ``state`` (a state_dict) into an ArrayRecord."""
+        tensors = {e.key: state[e.key].detach().to("cpu") for e in self.entries}
+        if self.packing == "per-tensor":
+            return ArrayRecord({k: Array(t.numpy()) for k, t in tensors.items()})
+        return ArrayRecord(
+            {
+                name: Array(torch.cat([tensors[e.key].reshape(-1) for e in group]).numpy())
+                for name, group in self._groups().items()
+            }
+        )
+
+    def unpack(self, record: ArrayRecord) -> dict[str, torch.Tensor]:
+        """The state entries of a packed ArrayRecord (raises ValueError if it does not fit)."""
+        check_record(record, self)
+        if self.packing == "per-tensor":
+            return {e.key: torch.from_numpy(record[e.key].numpy().copy()) for e in self.entries}
+        state: dict[str, torch.Tensor] = {}
+        for name, group in self._groups().items():
+            flat = torch.from_numpy(record[name].numpy().copy())
+            for entry, part in zip(group, flat.split([e.numel for e in group]), strict=True):
+                state[entry.key] = part.view(entry.shape)
+        return state
+
+
+def check_record(record: ArrayRecord, layout: PayloadLayout) -> None:
+    """Raise ValueError naming the first difference between ``record`` and the layout's arrays."""
+    expected = layout.array_specs()
+    missing = [k for k in expected if k not in record]
+    extra = [k for k in record if k not in expected]
+    if missing or extra:
+        raise ValueError(f"payload keys differ from the arm's: missing {missing[:5]}, unexpected {extra[:5]}")
+    for key, (shape, dtype) in expected.items():
+        array = record[key]
+        if tuple(array.shape) != shape or array.dtype != dtype:
+            raise ValueError(
+                f"payload entry {key!r} is {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}"
+            )
+
+
+def model_payload(model: nn.Module, layout: PayloadLayout) -> ArrayRecord:
+    return layout.pack(model.state_dict())
+
+
+def load_payload(model: nn.Module, record: ArrayRecord, layout: PayloadLayout) -> None:
+    """Load a payload into ``model``; entries outside the payload (a frozen generator) are kept."""
+    state = layout.unpack(record)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    not_sent = {f"{GENERATORS_ATTR}.{name}.weight" for name, g in generators(model).items() if g.frozen}
+    if unexpected or set(missing) - not_sent:
+        raise ValueError(f"payload does not fit the model: missing {sorted(set(missing) - not_sent)[:5]}")
+
+
+def weighted_average(records: list[ArrayRecord], weights: list[float]) -> ArrayRecord:
+    """Average ArrayRecords with the same keys, shapes and dtypes, weighted by ``weights``.
+
+    Sums run in float64 and results are cast back to each array's dtype (integers rounded), so
+    the global model keeps the payload's dtypes round after round.
+    """
+    if not records or len(records) != len(weights):
+        raise ValueError(f"need one weight per record, got {len(records)} records and {len(weights)} weights")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError(f"weights must sum to a positive number, got {total}")
+    averaged = {}
+    for key in records[0]:
+        acc = sum(
+            record[key].numpy().astype(np.float64) * (w / total) for record, w in zip(records, weights, strict=True)
+        )
+        dtype = records[0][key].numpy().dtype
+        averaged[key] = Array(np.rint(acc).astype(dtype) if np.issubdtype(dtype, np.integer) else acc.astype(dtype))
+    return ArrayRecord(averaged)
+
+
+def payload_bytes(record: ArrayRecord) -> int:
+    """Raw tensor bytes of an ArrayRecord (no headers, no key names)."""
+    return sum(int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize for a in record.values())
+
+
+def wire_bytes(message: Message) -> int:
+    """Serialized size of a Flower message: the sum of the serialized lengths of all its objects.
+
+    Flower sends a message as content-addressed objects (the message, its RecordDict, each record,
+    each Array and its chunks); this is what travels between SuperLink and SuperNode, without the
+    transport's own framing (gRPC/HTTP headers, polling, heartbeats).
+    """
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())

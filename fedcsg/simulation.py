@@ -1,0 +1,91 @@
+"""Run one arm through Flower's simulation engine (Ray backend) from Python.
+
+This is what ``flwr run .`` does inside its SuperLink, without the detached SuperLink process,
+the app installation under $FLWR_HOME and the `uv sync` of the dependencies: the ServerApp and
+ClientApp are loaded by their import paths from an app directory holding a generated
+pyproject.toml whose [tool.flwr.app.config] is the validated run config, so the ServerApp's and
+every virtual ClientApp's ``context.run_config`` are exactly that config.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import tomli_w
+
+from fedcsg.config import RunConfig
+
+SERVER_APP = "fedcsg.server_app:app"
+CLIENT_APP = "fedcsg.client_app:app"
+
+
+def app_pyproject(cfg: RunConfig) -> dict:
+    """A minimal Flower App project whose run config is ``cfg``."""
+    return {
+        "project": {"name": "fedcsg-run", "version": "0.0.0", "dependencies": []},
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "fedcsg",
+                    "components": {"serverapp": SERVER_APP, "clientapp": CLIENT_APP},
+                    "config": cfg.to_flower(),
+                }
+            }
+        },
+    }
+
+
+def backend_config(cfg: RunConfig) -> dict:
+    """Ray backend settings: per-client resources; Ray runs min(CPUs / num_cpus, GPUs / num_gpus)
+    clients at once and sets each actor's OMP_NUM_THREADS to its num_cpus."""
+    return {
+        "client_resources": {"num_cpus": cfg.client_num_cpus, "num_gpus": cfg.client_num_gpus},
+        "init_args": {"logging_level": "ERROR", "log_to_driver": True, "include_dashboard": False},
+    }
+
+
+def simulate(cfg: RunConfig, out_dir: Path, *, verbose: bool = False) -> None:
+    """Run ``cfg.arm`` on ``cfg.num_clients`` virtual SuperNodes; results go to ``out_dir/arms``."""
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.telemetry import EventType
+
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    cfg = cfg.replace(out_dir=str(Path(out_dir).absolute()))
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="fedcsg-app-") as app_dir:
+        (Path(app_dir) / "pyproject.toml").write_text(tomli_w.dumps(app_pyproject(cfg)))
+        run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
+        run = Run.create_empty(run_id=run_id)
+        run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+        run.federation_id = NOOP_FEDERATION_ID
+        TaskIdentity.task_id = run.primary_task_id
+        TaskIdentity.run_id = run_id
+        TaskIdentity.node_id = SUPERLINK_NODE_ID
+        context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_flower())
+        _run_simulation(
+            num_supernodes=cfg.num_clients,
+            server_app_attr=SERVER_APP,
+            client_app_attr=CLIENT_APP,
+            backend_name="ray",
+            backend_config=backend_config(cfg),
+            app_dir=app_dir,
+            run=run,
+            server_app_context=context,
+            is_app=True,
+            verbose_logging=verbose,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        )
+    arm_file = Path(out_dir) / "arms" / f"{cfg.arm}.json"
+    if not arm_file.is_file():
+        raise RuntimeError(f"the simulation of arm {cfg.arm!r} ended without results (see the log above)")

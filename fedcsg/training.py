@@ -1,0 +1,314 @@
+"""Local training and evaluation loops, device choice, seeding and learning-rate schedules.
+
+The loops take any iterable of ``(x, y)`` batches (normally :class:`fedcsg.data.TensorBatches`)
+and keep running sums on the device, so a CUDA run synchronises once per epoch rather than once
+per batch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SCHEDULES: tuple[str, ...] = ("constant", "step", "cosine")
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    """Result of one training epoch.
+
+    Attributes
+    ----------
+    loss : float
+        Mean cross-entropy over the examples seen (0.0 when there were none).
+    accuracy : float
+        Fraction of examples whose arg-max prediction matched the label, measured on the fly
+        (with the weights of the moment, in train mode); 0.0 when there were none.
+    num_examples : int
+        Number of examples seen.
+    seconds : float
+        Wall-clock time of the epoch.
+    """
+
+    loss: float
+    accuracy: float
+    num_examples: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EvalStats:
+    """Result of an evaluation pass.
+
+    Attributes
+    ----------
+    loss : float
+        Mean cross-entropy over the examples (0.0 when there were none).
+    accuracy : float
+        Top-1 accuracy (0.0 when there were none).
+    num_examples : int
+        Number of examples evaluated.
+    seconds : float
+        Wall-clock time of the pass.
+    """
+
+    loss: float
+    accuracy: float
+    num_examples: int
+    seconds: float
+
+
+def get_device(preference: str = "auto") -> torch.device:
+    """Choose the torch device.
+
+    Parameters
+    ----------
+    preference : str, default "auto"
+        ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:<index>"``.
+
+    Returns
+    -------
+    torch.device
+
+    Raises
+    ------
+    ValueError
+        For an unknown preference, or CUDA requested where none is available.
+    """
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if preference == "cpu":
+        return torch.device("cpu")
+    if preference == "cuda" or (preference.startswith("cuda:") and preference[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {preference!r} requested but CUDA is not available; use 'auto' or 'cpu'")
+        index = torch.device(preference).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {preference!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+        return torch.device(preference)
+    raise ValueError(f"unknown device {preference!r}; accepted: auto, cpu, cuda, cuda:<index>")
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global generator and torch (CPU and all CUDA devices).
+
+    Raises
+    ------
+    ValueError
+        If ``seed`` is not an integer in ``[0, 2**32)`` (NumPy's accepted range).
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    random.seed(int(seed))
+    np.random.seed(int(seed))
+    torch.manual_seed(int(seed))
+
+
+def make_optimizer(
+    model: nn.Module,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+) -> torch.optim.SGD:
+    """SGD with momentum and weight decay over the model's trainable parameters.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Only parameters with ``requires_grad`` are optimised (frozen ones get no decay either).
+    lr : float
+        Learning rate, ``> 0``.
+    momentum : float, default 0.9
+        Momentum, ``>= 0``.
+    weight_decay : float, default 5e-4
+        L2 penalty, ``>= 0``.
+
+    Returns
+    -------
+    torch.optim.SGD
+
+    Raises
+    ------
+    ValueError
+        For a bad hyperparameter, or a model with no trainable parameter.
+    """
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    if not momentum >= 0:
+        raise ValueError(f"momentum must be >= 0, got {momentum!r}")
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{type(model).__name__} has no parameter with requires_grad=True to optimise")
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def _sync(device: torch.device) -> None:
+    # CUDA kernels run asynchronously; without this the timer would stop before the work does.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_epoch(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    device: torch.device | str,
+) -> TrainStats:
+    """Train ``model`` for one pass over ``batches`` with cross-entropy loss.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A classifier returning logits ``[B, num_classes]``; put in train mode here. It must
+        already live on ``device``.
+    batches : iterable of (x, y)
+        ``float [B, C, H, W]`` inputs and ``int64 [B]`` labels (moved to ``device`` if elsewhere).
+    optimizer : torch.optim.Optimizer
+        Stepped once per batch.
+    device : torch.device or str
+        Where to compute.
+
+    Returns
+    -------
+    TrainStats
+    """
+    device = torch.device(device)
+    model.train()
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    total_correct = torch.zeros((), dtype=torch.int64, device=device)
+    num_examples = 0
+    _sync(device)
+    start = time.perf_counter()
+    for x, y in batches:
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        optimizer.step()
+        # Sums stay on the device: calling .item() per batch would stall a GPU every step.
+        total_loss += loss.detach().double() * y.shape[0]
+        total_correct += (logits.detach().argmax(dim=1) == y).sum()
+        num_examples += int(y.shape[0])
+    _sync(device)
+    seconds = time.perf_counter() - start
+    if num_examples == 0:
+        return TrainStats(loss=0.0, accuracy=0.0, num_examples=0, seconds=seconds)
+    return TrainStats(
+        loss=float(total_loss.item()) / num_examples,
+        accuracy=int(total_correct.item()) / num_examples,
+        num_examples=num_examples,
+        seconds=seconds,
+    )
+
+
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device | str,
+) -> EvalStats:
+    """Mean cross-entropy and top-1 accuracy of ``model`` over ``batches``.
+
+    The model is left in eval mode. Gradients are disabled with ``torch.no_grad()`` rather than
+    ``torch.inference_mode()``: CSG layers cache generated weights, and tensors created under
+    inference mode could not be reused later by autograd-enabled training.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A classifier returning logits, already on ``device``.
+    batches : iterable of (x, y)
+        Inputs and ``int64`` labels.
+    device : torch.device or str
+        Where to compute.
+
+    Returns
+    -------
+    EvalStats
+    """
+    device = torch.device(device)
+    model.eval()
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    total_correct = torch.zeros((), dtype=torch.int64, device=device)
+    num_examples = 0
+    _sync(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for x, y in batches:
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            logits = model(x)
+            # Summed, not averaged, so a smaller last batch is weighted correctly.
+            total_loss += F.cross_entropy(logits, y, reduction="sum").double()
+            total_correct += (logits.argmax(dim=1) == y).sum()
+            num_examples += int(y.shape[0])
+    _sync(device)
+    seconds = time.perf_counter() - start
+    if num_examples == 0:
+        return EvalStats(loss=0.0, accuracy=0.0, num_examples=0, seconds=seconds)
+    return EvalStats(
+        loss=float(total_loss.item()) / num_examples,
+        accuracy=int(total_correct.item()) / num_examples,
+        num_examples=num_examples,
+        seconds=seconds,
+    )
+
+
+def step_lr(base_lr: float, epoch_or_round: int, total: int, schedule: str) -> float:
+    """Learning rate at a 0-based epoch (or federated round) of ``total``.
+
+    Parameters
+    ----------
+    base_lr : float
+        The initial learning rate.
+    epoch_or_round : int
+        0-based position, ``0 <= epoch_or_round <= total`` (Flower's 1-based ``server_round``
+        is passed as ``server_round - 1``).
+    total : int
+        Number of epochs or rounds, ``>= 1``.
+    schedule : {"constant", "step", "cosine"}
+        ``"constant"``: ``base_lr``. ``"step"`` (the paper's): ``base_lr`` for the first half
+        (``epoch < total / 2``), ``base_lr / 10`` until three quarters (``epoch < 3 total / 4``),
+        ``base_lr / 100`` after. ``"cosine"``: ``base_lr * (1 + cos(pi * epoch / total)) / 2``,
+        from ``base_lr`` at 0 down to 0 at ``total``.
+
+    Returns
+    -------
+    float
+
+    Raises
+    ------
+    ValueError
+        For an unknown schedule or out-of-range position.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown lr schedule {schedule!r}; accepted: {', '.join(SCHEDULES)}")
+    if isinstance(total, bool) or not isinstance(total, (int, np.integer)) or total < 1:
+        raise ValueError(f"total must be an integer >= 1, got {total!r}")
+    if isinstance(epoch_or_round, bool) or not isinstance(epoch_or_round, (int, np.integer)):
+        raise ValueError(f"epoch_or_round must be an integer, got {epoch_or_round!r}")
+    if not 0 <= epoch_or_round <= total:
+        raise ValueError(f"epoch_or_round {epoch_or_round} out of range; accepted: 0 <= epoch_or_round <= {total}")
+    if schedule == "constant":
+        return float(base_lr)
+    if schedule == "step":
+        # Integer comparisons: no float rounding at the 50% / 75% boundaries.
+        if 2 * epoch_or_round < total:
+            return float(base_lr)
+        if 4 * epoch_or_round < 3 * total:
+            return base_lr / 10
+        return base_lr / 100
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch_or_round / total))

@@ -1,0 +1,32 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The data directory (``$FEDCSG_DATA_DIR``, else ``<repo>/../shared/data``); fails if absent.
+
+    Missing data is a broken test environment, not a reason to skip: a skip would hide that the
+    data tests never ran.
+    """
+    env = os.environ.get("FEDCSG_DATA_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not (path / "cifar10" / "train.parquet").is_file() or not (path / "cifar10" / "test.parquet").is_file():
+        source = "$FEDCSG_DATA_DIR" if env else "the repo-relative fallback ../shared/data"
+        pytest.fail(
+            f"no CIFAR-10 parquet files under {path}/cifar10 (from {source}); set FEDCSG_DATA_DIR", pytrace=False
+        )
+    return path
+
+
+@pytest.fixture
+def data_env(monkeypatch: pytest.MonkeyPatch, data_dir: Path) -> Path:
+    """Point ``FEDCSG_DATA_DIR`` at the data directory for one test."""
+    monkeypatch.setenv("FEDCSG_DATA_DIR", str(data_dir))
+    return data_dir
