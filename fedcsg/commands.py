@@ -64,10 +64,19 @@ def prepare_out_dir(out_dir: Path, cfg: RunConfig, arms: list[str], overwrite: b
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
+def check_data(cfg: RunConfig) -> None:
+    """Find and read the labels of both splits (cheap), so a bad data path fails before anything runs."""
+    from fedcsg.data import load_labels
+
+    for split in ("train", "test"):
+        load_labels(cfg.dataset, split, cfg.data_dir or None, hub_name=cfg.hub_name or None)
+
+
 def _run_arms(cfg: RunConfig, arms: list[str], out_dir: Path, overwrite: bool, verbose: bool) -> int:
     from fedcsg.results import write_report
     from fedcsg.simulation import simulate
 
+    check_data(cfg)
     prepare_out_dir(out_dir, cfg, arms, overwrite)
     for arm in arms:
         print(

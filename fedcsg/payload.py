@@ -166,7 +166,7 @@ def weighted_average(records: list[ArrayRecord], weights: list[float]) -> ArrayR
             record[key].numpy().astype(np.float64) * (w / total) for record, w in zip(records, weights, strict=True)
         )
         dtype = records[0][key].numpy().dtype
-        averaged[key] = Array(np.rint(acc).astype(dtype) if np.issubdtype(dtype, np.integer) else acc.astype(dtype))
+        averaged[key] = Array(np.asarray(np.rint(acc) if np.issubdtype(dtype, np.integer) else acc, dtype=dtype))
     return ArrayRecord(averaged)
 
 

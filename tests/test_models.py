@@ -40,7 +40,7 @@ def test_frozen_generator_sendable_count() -> None:
     counts = count_parameters(build_model("resnet56", csg=default_csg_config("resnet56", frozen=True, seed=3)))
     assert counts.total == 160_450
     assert counts.sendable == 67_138
-    # BN running mean/var (2 x 2,056 channels) and 57 batch counters: buffers, not parameters.
+    # BN running mean/var (2 x 2,032 channels) and 55 batch counters: buffers, not parameters.
     assert counts.buffers == 4_119
 
 

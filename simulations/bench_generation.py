@@ -1,0 +1,319 @@
+"""Compute cost of generating the filters: a CSG model's training step and evaluation pass vs the plain model's.
+
+For each model the plain network and its CSG form (the registry's default slice setting, or
+``--slice``/``--code-dim``) are timed on the same synthetic CIFAR-shaped batch:
+
+* train step: ``zero_grad``, forward, cross-entropy, backward and an SGD step (momentum and weight
+  decay as in :class:`fedcsg.config.RunConfig`), batch ``--train-batch``;
+* evaluation pass: ``model.eval()`` and ``torch.no_grad()`` over ``--eval-batches`` batches of
+  ``--eval-batch`` images. The CSG model's generated-weight cache is cleared before every pass, as
+  after loading a new global model, so each pass pays one generation (the worst case for one batch);
+* generation alone: one call of every generator for all its layers, forward and backward (what a
+  CSG train step adds to the plain one besides the smaller optimizer step).
+
+Plain and CSG measurements are interleaved (ABAB..., the order alternating per repeat) and the
+median is taken, so drift on a shared machine affects both alike; the ratio is median(CSG) /
+median(plain), with the median of the per-pair ratios alongside.
+
+Targets (PASS/FAIL): train step <= ``--train-target`` x plain (1.05), eval <= ``--eval-target``
+x plain (1.02). ``--profile N`` prints torch.profiler's top N ops of one train step of each.
+
+Usage::
+
+    python simulations/bench_generation.py
+    python simulations/bench_generation.py --models resnet20 --repeats 50 --threads 1
+    python simulations/bench_generation.py --device cuda --train-batch 128 --eval-batch 1024 --repeats 100
+    python simulations/bench_generation.py --models resnet56 --profile 15
+
+Exit status: 0 when every target is met, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedcsg.config import RunConfig
+from fedcsg.csg import clear_generated_cache, csg_layers, generators
+from fedcsg.models import build_model, default_csg_config, model_spec
+from fedcsg.params import count_parameters
+from fedcsg.training import get_device, make_optimizer
+
+
+def parse_models(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("no model given")
+    for name in names:
+        try:
+            model_spec(name)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return names
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = RunConfig()
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--models", type=parse_models, default="resnet20,resnet56", help="comma-separated models")
+    parser.add_argument("--slice", default=None, help="slice shape OUTxINxKxK (default: the model's registry setting)")
+    parser.add_argument("--code-dim", type=positive_int, default=None, help="code dim (default: the model's)")
+    parser.add_argument("--train-batch", type=positive_int, default=64, help="train step batch size")
+    parser.add_argument("--eval-batch", type=positive_int, default=256, help="evaluation batch size")
+    parser.add_argument("--eval-batches", type=positive_int, default=1, help="batches per evaluation pass")
+    parser.add_argument("--repeats", type=positive_int, default=20, help="timed train steps per model and variant")
+    parser.add_argument(
+        "--eval-repeats", type=positive_int, default=None, help="timed evaluation passes (default: repeats // 2)"
+    )
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps/passes first")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--momentum", type=float, default=defaults.momentum)
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-target", type=float, default=1.05, help="max CSG/plain train step time")
+    parser.add_argument("--eval-target", type=float, default=1.02, help="max CSG/plain evaluation pass time")
+    parser.add_argument("--profile", type=int, default=0, help="print the top N profiler ops of one train step")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=Path(__file__).resolve().parent / "results" / "bench_generation.json",
+        help="JSON output",
+    )
+    return parser
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+class Variant:
+    """One model (plain or CSG) with its optimizer and its three timed operations."""
+
+    def __init__(self, name: str, model: nn.Module, args: argparse.Namespace, device: torch.device) -> None:
+        self.name = name
+        self.model = model.to(device)
+        self.device = device
+        self.optimizer = make_optimizer(model, args.lr, args.momentum, args.weight_decay)
+        self.csg = bool(generators(model))
+        self.layers = [layer for _, layer in csg_layers(model)]
+        # Upstream gradients of the generated weights for the generation-only timing.
+        self.weight_grads = [torch.randn(layer.weight.shape, device=device) for layer in self.layers]
+        self.times: dict[str, list[float]] = {"train": [], "eval": [], "generation": []}
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.model(x), y)
+        loss.backward()
+        self.optimizer.step()
+
+    def eval_pass(self, batches: list[torch.Tensor]) -> None:
+        self.model.eval()
+        clear_generated_cache(self.model)
+        with torch.no_grad():
+            for x in batches:
+                self.model(x)
+
+    def generation(self) -> None:
+        """Every generator once for all its layers (forward), then backward into codes and generator."""
+        weights = [layer.weight for layer in self.layers]
+        torch.autograd.backward(weights, self.weight_grads)
+        for param in self.model.parameters():
+            param.grad = None
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> dict:
+    csg_config = default_csg_config(name, args.slice, args.code_dim, seed=args.seed)
+    torch.manual_seed(args.seed)
+    plain = Variant("plain", build_model(name), args, device)
+    torch.manual_seed(args.seed)
+    csg = Variant("csg", build_model(name, csg=csg_config), args, device)
+    gen = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.train_batch, 3, 32, 32, generator=gen).to(device)
+    y = torch.randint(0, 10, (args.train_batch,), generator=gen).to(device)
+    eval_x = [torch.randn(args.eval_batch, 3, 32, 32, generator=gen).to(device) for _ in range(args.eval_batches)]
+    eval_repeats = args.eval_repeats or max(1, args.repeats // 2)
+
+    def pairs(count: int) -> list[tuple[Variant, Variant]]:
+        return [(plain, csg) if i % 2 == 0 else (csg, plain) for i in range(count)]
+
+    # Train steps (and, for the CSG model, the generation alone right after its step).
+    for i, order in enumerate(pairs(args.warmup + args.repeats)):
+        for variant in order:
+            seconds = _timed(lambda v=variant: v.train_step(x, y), device)
+            if i >= args.warmup:
+                variant.times["train"].append(seconds)
+        gen_seconds = _timed(csg.generation, device)
+        if i >= args.warmup:
+            csg.times["generation"].append(gen_seconds)
+    # Evaluation passes.
+    for i, order in enumerate(pairs(args.warmup + eval_repeats)):
+        for variant in order:
+            seconds = _timed(lambda v=variant: v.eval_pass(eval_x), device)
+            if i >= args.warmup:
+                variant.times["eval"].append(seconds)
+
+    result: dict = {
+        "model": name,
+        "slices": [f"{s.shape}/{s.code_dim}" for s in csg_config.slices],
+        "parameters": {"plain": count_parameters(plain.model).total, "csg": count_parameters(csg.model).total},
+        "csg_layers": len(csg.layers),
+    }
+    for kind in ("train", "eval"):
+        plain_med, csg_med = median(plain.times[kind]), median(csg.times[kind])
+        paired = [c / p for p, c in zip(plain.times[kind], csg.times[kind], strict=True)]
+        result[kind] = {
+            "plain_median_s": plain_med,
+            "csg_median_s": csg_med,
+            "ratio": csg_med / plain_med,
+            "paired_ratio_median": median(paired),
+            "plain_s": plain.times[kind],
+            "csg_s": csg.times[kind],
+        }
+    gen_med = median(csg.times["generation"])
+    result["generation"] = {
+        "median_s": gen_med,
+        "fraction_of_plain_train_step": gen_med / result["train"]["plain_median_s"],
+        "samples_s": csg.times["generation"],
+    }
+    result["train"]["target"] = args.train_target
+    result["train"]["pass"] = bool(result["train"]["ratio"] <= args.train_target)
+    result["eval"]["target"] = args.eval_target
+    result["eval"]["pass"] = bool(result["eval"]["ratio"] <= args.eval_target)
+    if args.profile > 0:
+        result["profile"] = {v.name: profile_step(v, x, y, args.profile) for v in (plain, csg)}
+    return result
+
+
+def profile_step(variant: Variant, x: torch.Tensor, y: torch.Tensor, top: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if variant.device.type == "cuda" else [])
+    variant.train_step(x, y)
+    with profile(activities=activities) as prof:
+        variant.train_step(x, y)
+        _sync(variant.device)
+    sort = "cuda_time_total" if variant.device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=top)
+    print(f"\n-- profile: one train step of {variant.name}\n{table}")
+    return table
+
+
+def print_table(rows: list[dict]) -> None:
+    header = f"{'model':>10}{'variant':>9}{'params':>11}{'train ms':>11}{'eval ms':>10}{'gen ms':>9}{'gen/step':>10}"
+    print(header)
+    for row in rows:
+        for variant in ("plain", "csg"):
+            gen = row["generation"] if variant == "csg" else None
+            print(
+                f"{row['model']:>10}{variant:>9}{row['parameters'][variant]:>11,}"
+                f"{1e3 * row['train'][f'{variant}_median_s']:>11.2f}{1e3 * row['eval'][f'{variant}_median_s']:>10.2f}"
+                + (
+                    f"{1e3 * gen['median_s']:>9.2f}{100 * gen['fraction_of_plain_train_step']:>9.1f}%"
+                    if gen
+                    else f"{'-':>9}{'-':>10}"
+                )
+            )
+    print()
+    print(
+        f"{'model':>10}{'train x':>9}{'paired':>8}{'target':>8}{'':>6}{'eval x':>9}{'paired':>8}{'target':>8}{'':>6}"
+        f"{'overhead ms':>13}{'gen ms':>9}"
+    )
+    for row in rows:
+        train, evaluation = row["train"], row["eval"]
+        overhead = 1e3 * (train["csg_median_s"] - train["plain_median_s"])
+        print(
+            f"{row['model']:>10}{train['ratio']:>8.3f}x{train['paired_ratio_median']:>7.3f}x"
+            f"{train['target']:>7.2f}x{'PASS' if train['pass'] else 'FAIL':>6}"
+            f"{evaluation['ratio']:>8.3f}x{evaluation['paired_ratio_median']:>7.3f}x"
+            f"{evaluation['target']:>7.2f}x{'PASS' if evaluation['pass'] else 'FAIL':>6}"
+            f"{overhead:>13.2f}{1e3 * row['generation']['median_s']:>9.2f}"
+        )
+    print(
+        "x = median(CSG) / median(plain); paired = median of per-repeat CSG/plain ratios; overhead = CSG - plain "
+        "train step; gen = one generation of all layers, forward + backward"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.warmup < 0:
+        raise SystemExit("--warmup must be >= 0")
+    device = get_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    eval_repeats = args.eval_repeats or max(1, args.repeats // 2)
+    print(
+        f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads; train batch "
+        f"{args.train_batch} x {args.repeats} steps, eval {args.eval_batches} x {args.eval_batch} images x "
+        f"{eval_repeats} passes, warmup {args.warmup}"
+    )
+    start = time.perf_counter()
+    rows = [bench_model(name, args, device) for name in args.models]
+    print_table(rows)
+    all_pass = all(row["train"]["pass"] and row["eval"]["pass"] for row in rows)
+    print(f"targets (train <= {args.train_target:g}x, eval <= {args.eval_target:g}x): {'PASS' if all_pass else 'FAIL'}")
+    report = {
+        "benchmark": "generation",
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "threads": torch.get_num_threads(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "settings": {
+            "train_batch": args.train_batch,
+            "eval_batch": args.eval_batch,
+            "eval_batches": args.eval_batches,
+            "repeats": args.repeats,
+            "eval_repeats": eval_repeats,
+            "warmup": args.warmup,
+            "lr": args.lr,
+            "momentum": args.momentum,
+            "weight_decay": args.weight_decay,
+            "seed": args.seed,
+        },
+        "all_pass": all_pass,
+        "seconds": time.perf_counter() - start,
+        "rows": rows,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.json}")
+    return 0 if all_pass else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Smoke tests of the benchmark scripts in simulations/ (tiny sizes; the full runs are manual)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+SIMULATIONS = Path(__file__).resolve().parents[1] / "simulations"
+
+
+def load_script(name: str) -> ModuleType:
+    """Import simulations/<name>.py (simulations/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", SIMULATIONS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_bytes_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "x.json"
+    code = load_script("bench_bytes").main(
+        ["--models", "resnet20,resnet56", "--slices", "12x12x3x3:72", "--packing", "flat", "--json", str(out)]
+    )
+    report = json.loads(out.read_text())
+    assert code == 0 and report["all_pass"] and report["round_trip_exact"]
+    rows = {(r["model"], r["arm"]): r for r in report["rows"]}
+    assert set(rows) == {(m, a) for m in ("resnet20", "resnet56") for a in ("fedavg", "csg", "csg-frozen")}
+    for row in report["rows"]:
+        assert row["packing"] == "flat" and row["slice"] == "12x12x3x3" and row["code_dim"] == 72
+        for key in ("up", "down", "up_distinct"):
+            assert abs(row[f"wire_overhead_{key}_percent"]) < 3.0
+        assert row["payload_up"] == row["payload_down"] > 0
+    assert rows[("resnet20", "fedavg")]["parameters_total"] == 269_722
+    assert rows[("resnet56", "csg")]["parameters_total"] == 160_450
+    assert rows[("resnet56", "csg-frozen")]["parameters_sendable"] < rows[("resnet56", "csg")]["parameters_sendable"]
+    fedavg_up = rows[("resnet56", "fedavg")]["wire_up"]
+    assert fedavg_up / rows[("resnet56", "csg")]["wire_up"] >= 5.0
+    assert fedavg_up / rows[("resnet56", "csg-frozen")]["wire_up"] >= 11.0
+    assert rows[("resnet56", "csg")]["wire_ratio_up"] >= 5.0
+
+
+def test_bench_generation_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "x.json"
+    argv = ["--models", "resnet20", "--repeats", "2", "--warmup", "1", "--train-batch", "8", "--eval-batch", "8"]
+    code = load_script("bench_generation").main([*argv, "--device", "cpu", "--json", str(out)])
+    report = json.loads(out.read_text())
+    # Timings of a tiny run on a shared machine say nothing about the targets: check the shape only.
+    assert code in (0, 1) and report["all_pass"] == (code == 0)
+    assert [row["model"] for row in report["rows"]] == ["resnet20"]
+    row = report["rows"][0]
+    assert row["slices"] == ["12x12x3x3/72"]
+    assert row["parameters"] == {"plain": 269_722, "csg": 115_426}
+    for kind, count in (("train", 2), ("eval", 1)):
+        assert len(row[kind]["plain_s"]) == len(row[kind]["csg_s"]) == count
+        assert row[kind]["ratio"] > 0 and isinstance(row[kind]["pass"], bool)
+    assert len(row["generation"]["samples_s"]) == 2 and row["generation"]["median_s"] > 0
