@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     from fedcsg import commands  # the federated workflows; imported here to keep `params` light
 
     commands.register(sub, _add_model_options, _positive_int)
+
+    from fedcsg import deploy_cli  # deployment (certificates, SuperLink/SuperNodes) and model export
+
+    deploy_cli.register(sub)
     return parser
 
 

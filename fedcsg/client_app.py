@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
@@ -29,6 +30,23 @@ def _model_and_layout(cfg: RunConfig) -> tuple[nn.Module, PayloadLayout]:
     return model, payload_layout(cfg, model)
 
 
+class InjectedFault(RuntimeError):
+    """The failure ``fault-probability`` injects into a client's round."""
+
+
+def injected_fault(seed: int, server_round: int, partition_id: int, probability: float, attempt: int = 0) -> bool:
+    """Whether the client of ``partition_id`` fails ``server_round`` under fault injection.
+
+    Drawn from ``(seed, server_round, partition_id)`` (and the attempt, when a failed round is
+    retried), never from a generator with history, so a rerun or a resumed run fails the same
+    clients in the same rounds.
+    """
+    if probability <= 0:
+        return False
+    key = (seed, server_round, partition_id) if attempt == 0 else (seed, server_round, partition_id, attempt)
+    return bool(np.random.default_rng(key).random() < probability)
+
+
 def client_config(context: Context) -> RunConfig:
     cfg = RunConfig.from_mapping(dict(context.run_config))
     node_data_dir = context.node_config.get("data-dir")
@@ -41,10 +59,16 @@ def train(msg: Message, context: Context) -> Message:
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config["num-partitions"])
     config = msg.content["config"]
+    server_round = int(config["server-round"])
+    attempt = int(config.get("attempt", 0))
+    if injected_fault(cfg.seed, server_round, partition_id, cfg.fault_probability, attempt):
+        raise InjectedFault(
+            f"injected fault: partition {partition_id}, round {server_round}, attempt {attempt} "
+            f"(fault-probability = {cfg.fault_probability})"
+        )
     device = get_device(cfg.device)
     model, layout = _model_and_layout(cfg)
     load_payload(model, msg.content["arrays"], layout)
-    server_round = int(config["server-round"])
     stats = local_train(
         model,
         client_data(cfg, partition_id, num_partitions),

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fedcsg.checkpoint import STATE_DIR, read_state
 from fedcsg.config import RunConfig, load_experiment
 from fedcsg.payload import ARMS, PACKINGS, check_arm
 
@@ -29,28 +30,42 @@ def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
-    cfg = load_experiment(args.config)
+    cfg = load_experiment(args.config or DEFAULT_CONFIG)
     overrides = _parse_overrides(args.set or [])
     return RunConfig.from_mapping(overrides, cfg) if overrides else cfg
+
+
+def _run_files(out_dir: Path) -> list[Path]:
+    """The files by which a directory holds a run: arm records and checkpoints."""
+    return [
+        path
+        for sub in ("arms", STATE_DIR)
+        if (out_dir / sub).is_dir()
+        for path in sorted((out_dir / sub).glob("*.json"))
+    ]
+
+
+def _same_run(cfg: RunConfig, other: dict[str, Any]) -> list[str]:
+    """Keys (kebab-case) in which a recorded config differs from ``cfg``'s identity, the arm aside."""
+    mine = cfg.identity()
+    return sorted(k for k in mine if k != "arm" and other.get(k) != mine[k])
 
 
 def prepare_out_dir(out_dir: Path, cfg: RunConfig, arms: list[str], overwrite: bool) -> None:
     """Refuse a directory that already holds results of these arms or of another config, unless
     ``overwrite``; nothing is written before this check passes."""
-    arms_dir = out_dir / "arms"
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"output path {str(out_dir)!r} exists and is not a directory")
-    existing = sorted(arms_dir.glob("*.json")) if arms_dir.is_dir() else []
+    existing = _run_files(out_dir) if out_dir.is_dir() else []
     if existing and not overwrite:
-        clash = [p.stem for p in existing if p.stem in arms]
+        clash = sorted({p.stem for p in existing if p.stem in arms})
         if clash:
             raise FileExistsError(
                 f"output directory {str(out_dir)!r} already holds results of {', '.join(clash)}: "
-                "pass --overwrite or choose another --out"
+                "pass --resume DIR to continue it, --overwrite to replace it, or choose another --out"
             )
-        other = json.loads(existing[0].read_text()).get("config", {})
-        mine = cfg.to_flower()
-        differing = sorted(k for k in mine if k not in ("arm", "out-dir") and other.get(k) != mine[k])
+        other = _read_json(existing[0]).get("config", {})
+        differing = _same_run(cfg, other)
         if differing:
             raise FileExistsError(
                 f"output directory {str(out_dir)!r} holds a run with another config ({', '.join(differing[:5])} "
@@ -59,9 +74,23 @@ def prepare_out_dir(out_dir: Path, cfg: RunConfig, arms: list[str], overwrite: b
     if overwrite:
         for path in existing:
             path.unlink()
+        state = out_dir / STATE_DIR
+        if state.is_dir():
+            for path in [*state.glob("*.safetensors"), *state.glob(".*.tmp")]:
+                path.unlink()
         for name in ("results.json", "results.csv", "report.md", "accuracy_vs_bytes.png", "accuracy_vs_round.png"):
             (out_dir / name).unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        document = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({error})") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"{str(path)!r} is not a fedcsg record (a JSON object is accepted)")
+    return document
 
 
 def check_data(cfg: RunConfig) -> None:
@@ -72,42 +101,165 @@ def check_data(cfg: RunConfig) -> None:
         load_labels(cfg.dataset, split, cfg.data_dir or None, hub_name=cfg.hub_name or None)
 
 
-def _run_arms(cfg: RunConfig, arms: list[str], out_dir: Path, overwrite: bool, verbose: bool) -> int:
-    from fedcsg.results import write_report
+def _simulate_arm(cfg: RunConfig, arm: str, out_dir: Path, verbose: bool) -> None:
     from fedcsg.simulation import simulate
 
-    check_data(cfg)
-    prepare_out_dir(out_dir, cfg, arms, overwrite)
-    for arm in arms:
-        print(
-            f"== arm {arm}: {cfg.model} on {cfg.dataset}, {cfg.num_clients} clients, {cfg.num_rounds} rounds",
-            flush=True,
-        )
-        simulate(cfg.replace(arm=arm), out_dir, verbose=verbose)
-        rounds = json.loads((out_dir / "arms" / f"{arm}.json").read_text())["rounds"]
-        if len(rounds) != cfg.num_rounds + 1:
-            raise RuntimeError(f"arm {arm!r} recorded {len(rounds) - 1} of {cfg.num_rounds} rounds")
+    print(
+        f"== arm {arm}: {cfg.model} on {cfg.dataset}, {cfg.num_clients} clients, {cfg.num_rounds} rounds",
+        flush=True,
+    )
+    simulate(cfg.replace(arm=arm), out_dir, verbose=verbose)
+    rounds = json.loads((out_dir / "arms" / f"{arm}.json").read_text())["rounds"]
+    if [r["round"] for r in rounds] != list(range(cfg.num_rounds + 1)):
+        raise RuntimeError(f"arm {arm!r} recorded rounds {[r['round'] for r in rounds]}, not 0..{cfg.num_rounds}")
+
+
+def _finish(out_dir: Path) -> int:
+    from fedcsg.results import write_report
+
     write_report(out_dir)
     print(f"results in {out_dir}: results.json, results.csv, report.md, accuracy_vs_bytes.png, accuracy_vs_round.png")
     print((out_dir / "report.md").read_text().split("## Test accuracy")[0].strip())
     return 0
 
 
+def _run_arms(cfg: RunConfig, arms: list[str], out_dir: Path, overwrite: bool, verbose: bool) -> int:
+    check_data(cfg)
+    prepare_out_dir(out_dir, cfg, arms, overwrite)
+    for arm in arms:
+        _simulate_arm(cfg, arm, out_dir, verbose)
+    return _finish(out_dir)
+
+
+# -- resume -------------------------------------------------------------------------------------
+
+
+def _check_resume_flags(args: argparse.Namespace) -> Path:
+    out_dir = Path(args.resume)
+    if args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: pass one of them")
+    if args.out and Path(args.out).resolve() != out_dir.resolve():
+        raise ValueError(f"--out {args.out!r} is not --resume {args.resume!r}: a run resumes in its own directory")
+    if not out_dir.is_dir():
+        raise FileNotFoundError(f"resume directory {str(out_dir)!r} does not exist")
+    return out_dir
+
+
+def saved_config(out_dir: Path) -> RunConfig:
+    """The config of the run in ``out_dir``, from its first checkpoint or arm record."""
+    files = _run_files(out_dir)
+    if not files:
+        raise ValueError(
+            f"resume directory {str(out_dir)!r} holds no fedcsg run: accepted is the --out of an earlier "
+            "fedcsg run or compare (with state/*.json or arms/*.json)"
+        )
+    recorded = _read_json(files[0]).get("config")
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{str(files[0])!r} records no config: it is not a fedcsg record")
+    try:
+        return RunConfig.from_mapping({k: v for k, v in recorded.items() if k != "resume"})
+    except ValueError as error:
+        raise ValueError(f"{files[0]}: recorded config: {error}") from None
+
+
+def resume_config(args: argparse.Namespace, out_dir: Path) -> RunConfig:
+    """The saved config, or the one given by --config/--set when it has the same identity."""
+    saved = saved_config(out_dir)
+    cfg = saved
+    if args.config or args.set:
+        base = load_experiment(args.config) if args.config else saved
+        overrides = _parse_overrides(args.set or [])
+        cfg = RunConfig.from_mapping(overrides, base) if overrides else base
+        differing = _same_run(cfg, saved.identity())
+        if differing:
+            shown = ", ".join(f"{k} = {cfg.identity()[k]!r} (saved {saved.identity()[k]!r})" for k in differing[:4])
+            raise ValueError(
+                f"the config differs from the run in {str(out_dir)!r}: {shown}; accepted is the saved config "
+                "(leave out --config and --set to use it)"
+            )
+    return cfg.replace(resume=True)
+
+
+def arm_progress(out_dir: Path, cfg: RunConfig, arm: str) -> int | None:
+    """The last complete round of ``arm`` in ``out_dir`` (verified), or None if it has not started.
+
+    A checkpoint is loaded and checked in full (size, sha256, safetensors, shapes against the
+    model, config hash); an arm record without a checkpoint counts only when it is complete.
+    """
+    from fedcsg.checkpoint import config_hash, load_checkpoint
+    from fedcsg.task import build_arm_model, payload_layout
+
+    arm_cfg = cfg.replace(arm=arm)
+    if read_state(out_dir, arm) is not None:
+        checkpoint = load_checkpoint(out_dir, arm, payload_layout(arm_cfg, build_arm_model(arm_cfg)))
+        assert checkpoint is not None
+        if checkpoint.config_hash != config_hash(arm_cfg.identity()):
+            raise ValueError(
+                f"the checkpoint of arm {arm!r} in {str(out_dir)!r} was written under another config: "
+                "accepted is --overwrite or another --out"
+            )
+        return checkpoint.round
+    record = out_dir / "arms" / f"{arm}.json"
+    if not record.is_file():
+        return None
+    rounds = _read_json(record).get("rounds", [])
+    if len(rounds) == cfg.num_rounds + 1:
+        return cfg.num_rounds
+    raise ValueError(
+        f"arm {arm!r} in {str(out_dir)!r} has {max(len(rounds) - 1, 0)} of {cfg.num_rounds} rounds and no "
+        "checkpoint to resume from: accepted is --overwrite"
+    )
+
+
+def _resume_arms(cfg: RunConfig, arms: list[str], out_dir: Path, verbose: bool) -> int:
+    """Skip the complete arms, continue the started one, run the missing ones; everything is
+    validated before anything runs or is written."""
+    check_data(cfg)
+    progress = {arm: arm_progress(out_dir, cfg, arm) for arm in arms}
+    for arm in arms:
+        done = progress[arm]
+        if done is not None and done >= cfg.num_rounds:
+            print(f"== arm {arm}: complete ({cfg.num_rounds} rounds), skipped", flush=True)
+            continue
+        if done is not None:
+            print(f"== arm {arm}: resuming after round {done}", flush=True)
+        _simulate_arm(cfg, arm, out_dir, verbose)
+    return _finish(out_dir)
+
+
+def _arms_in(out_dir: Path) -> list[str]:
+    return sorted({p.stem for p in _run_files(out_dir)})
+
+
 def _default_out(args: argparse.Namespace) -> Path:
-    return Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    return Path(args.out) if args.out else Path("runs") / Path(args.config or DEFAULT_CONFIG).stem
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.resume:
+        out_dir = _check_resume_flags(args)
+        cfg = resume_config(args, out_dir)
+        held = _arms_in(out_dir)
+        if not args.arm and len(held) > 1:
+            raise ValueError(f"{str(out_dir)!r} holds arms {', '.join(held)}: pass --arm to say which to resume")
+        arm = check_arm(args.arm or cfg.arm)
+        return _resume_arms(cfg.replace(arm=arm), [arm], out_dir, args.verbose)
     cfg = resolve_config(args)
     arm = check_arm(args.arm or cfg.arm)
     return _run_arms(cfg.replace(arm=arm), [arm], _default_out(args), args.overwrite, args.verbose)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    cfg = resolve_config(args)
+    if args.resume:
+        out_dir = _check_resume_flags(args)
+        cfg = resume_config(args, out_dir)
+    else:
+        cfg = resolve_config(args)
     arms = [check_arm(a.strip()) for a in args.arms.split(",")] if args.arms else cfg.arm_list
     if not arms:
         raise ValueError("no arms to compare: give --arms fedavg,csg,csg-frozen or set arms in the config")
+    if args.resume:
+        return _resume_arms(cfg, arms, out_dir, args.verbose)
     return _run_arms(cfg, arms, _default_out(args), args.overwrite, args.verbose)
 
 
@@ -188,10 +340,15 @@ def register(
         ("compare", cmd_compare, "run several arms on the same partitions and seed, then report"),
     ):
         parser = sub.add_parser(name, help=help_text)
-        parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"experiment TOML (default {DEFAULT_CONFIG})")
+        parser.add_argument("--config", help=f"experiment TOML (default {DEFAULT_CONFIG}; --resume: the saved one)")
         parser.add_argument("--out", help="output directory (default runs/<config name>)")
         parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
         parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+        parser.add_argument(
+            "--resume",
+            metavar="DIR",
+            help="continue the run in DIR after its last complete round (complete arms are skipped)",
+        )
         parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
         if name == "run":
             parser.add_argument("--arm", help=f"one of {', '.join(ARMS)} (default: the config's arm)")

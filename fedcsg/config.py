@@ -21,6 +21,9 @@ from fedcsg.payload import PACKINGS, check_arm
 DATASETS = ("cifar10", "fashion-mnist")
 LR_SCHEDULES = ("constant", "step", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
+FAILED_ROUND_POLICIES = ("skip", "retry")
+# Keys that say where or how a run is carried out, not what it computes: a resumed run may differ in them.
+NOT_IDENTITY_KEYS = ("out-dir", "arms", "resume")
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,11 @@ class RunConfig:
     fraction_train: float = 1.0
     min_train_nodes: int = 2
     min_available_nodes: int = 2
-    round_timeout: float = 3600.0
+    round_timeout: float = 3600.0  # seconds to wait for replies; a client that has not replied by then has failed
+    failed_round: str = "skip"  # fewer than min-train-nodes accepted replies: skip (keep the model) or retry once
+    # Reliability
+    fault_probability: float = 0.0  # chance that a client raises in a round, drawn from (seed, round, partition)
+    max_update_norm: float = 0.0  # reject a reply whose L2 distance to the global payload exceeds this; 0 = off
     # Local training
     local_epochs: int = 1
     batch_size: int = 64
@@ -68,6 +75,7 @@ class RunConfig:
     client_num_gpus: float = 0.0
     target_accuracy: float = 0.5  # the report's "bytes to reach" threshold
     out_dir: str = ""  # where the ServerApp writes results; "" = runs/flwr-<run id>
+    resume: bool = False  # continue from out-dir/state/<arm>.json when it exists (fedcsg run/compare --resume)
 
     _positive_ints: tuple[str, ...] = field(
         default=(
@@ -91,7 +99,7 @@ class RunConfig:
         for name in self._positive_ints:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{_kebab(name)} = {getattr(self, name)!r} is not accepted: a positive integer is")
-        for name in ("train_limit", "test_limit", "clients_per_round"):
+        for name in ("train_limit", "test_limit", "clients_per_round", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(
                     f"{_kebab(name)} = {getattr(self, name)!r} is not accepted: 0 or a positive integer is"
@@ -101,6 +109,7 @@ class RunConfig:
         _one_of("lr-schedule", self.lr_schedule, LR_SCHEDULES)
         _one_of("payload-packing", self.payload_packing, PACKINGS)
         _one_of("device", self.device, DEVICES)
+        _one_of("failed-round", self.failed_round, FAILED_ROUND_POLICIES)
         check_arm(self.arm)
         for arm in self.arm_list:
             check_arm(arm)
@@ -117,9 +126,12 @@ class RunConfig:
             value = getattr(self, name)
             if not low < value <= high:
                 raise ValueError(f"{_kebab(name)} = {value!r} is not accepted: a number in ({low}, {high}] is")
-        for name in ("momentum", "weight_decay", "client_num_gpus", "target_accuracy"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{_kebab(name)} = {getattr(self, name)!r} is not accepted: a number >= 0 is")
+        for name in ("momentum", "weight_decay", "client_num_gpus", "target_accuracy", "max_update_norm"):
+            value = getattr(self, name)
+            if not 0 <= value < float("inf"):  # written so that NaN fails too
+                raise ValueError(f"{_kebab(name)} = {value!r} is not accepted: a finite number >= 0 is")
+        if not 0 <= self.fault_probability < 1:
+            raise ValueError(f"fault-probability = {self.fault_probability!r} is not accepted: a number in [0, 1) is")
         if self.clients_per_round > self.num_clients:
             raise ValueError(
                 f"clients-per-round = {self.clients_per_round} is more than num-clients = {self.num_clients}"
@@ -147,6 +159,11 @@ class RunConfig:
             pointwise_slice=self.pointwise_slice or None,
             pointwise_code_dim=self.pointwise_code_dim,
         )
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that decide what a run computes (kebab-case): a run may only be resumed
+        under a config with the same identity."""
+        return {k: v for k, v in self.to_flower().items() if k not in NOT_IDENTITY_KEYS}
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)

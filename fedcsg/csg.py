@@ -132,9 +132,17 @@ class CSGConfig:
 
 @dataclass
 class _Generation:
-    """Weights of all layers of one generator, produced by one matmul."""
+    """Weights of all layers of one generator, produced by one matmul.
 
-    key: tuple
+    ``mode`` and ``generator`` identify the autograd mode, device, dtype and generator tensor
+    (version counter and storage) it was made with; ``codes`` the same for each layer's codes.
+    Layer i's weight depends only on the generator and layer i's codes, so checking those two is
+    enough to know that it is current: O(1) per layer instead of O(layers).
+    """
+
+    mode: tuple
+    generator: tuple[int, int]
+    codes: list[tuple[int, int]]
     weights: list[Tensor]
     served: set[int] = field(default_factory=set)
 
@@ -202,41 +210,50 @@ class SliceGenerator(nn.Module):
         s = self.shape
         return F.linear(codes, self.weight).view(-1, s.out_channels, s.in_channels, s.kernel_size, s.kernel_size)
 
-    def _state_key(self) -> tuple:
-        tensors = [self.weight, *(layer.codes for layer in self.layers)]
-        return (
-            torch.is_grad_enabled(),
-            torch.is_inference_mode_enabled(),
-            self.weight.device,
-            self.weight.dtype,
-            tuple((t._version, t.data_ptr()) for t in tensors),
-        )
+    def _mode(self) -> tuple:
+        return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), self.weight.device, self.weight.dtype)
 
-    def _generate(self, key: tuple) -> _Generation:
+    def _generate(self, mode: tuple) -> _Generation:
         layers = self.layers
         codes = torch.cat([layer.codes for layer in layers]) if len(layers) > 1 else layers[0].codes
         slices = self(codes)
         parts = slices.split([layer.num_slices for layer in layers])
         weights = [layer.tile(part) for layer, part in zip(layers, parts, strict=True)]
-        return _Generation(key=key, weights=weights)
+        return _Generation(
+            mode=mode,
+            generator=_tensor_state(self.weight),
+            codes=[_tensor_state(layer.codes) for layer in layers],
+            weights=weights,
+        )
 
     def weight_for(self, layer: CSGConv2d) -> Tensor:
         """Weight of ``layer``, generated together with every other layer of this generator.
 
         With autograd on, a generation is used once per layer: a second request from the same
         layer (a second forward pass) starts a new generation, so every pass has its own graph.
-        With autograd off, the weights are reused until a code or the generator changes.
+        With autograd off, the weights are reused until the layer's codes or the generator change
+        (``optimizer.step()`` and ``load_state_dict`` bump the tensors' version counters).
         """
         index = layer.__dict__["_index"]
-        key = self._state_key()
+        mode = self._mode()
         generation: _Generation | None = self.__dict__["_generation"]
-        grad = key[0]
-        if generation is None or generation.key != key or (grad and index in generation.served):
-            generation = self._generate(key)
+        grad = mode[0]
+        if (
+            generation is None
+            or generation.mode != mode
+            or generation.generator != _tensor_state(self.weight)
+            or generation.codes[index] != _tensor_state(layer.codes)
+            or (grad and index in generation.served)
+        ):
+            generation = self._generate(mode)
             self.__dict__["_generation"] = generation
         if grad:
             generation.served.add(index)
         return generation.weights[index]
+
+
+def _tensor_state(tensor: Tensor) -> tuple[int, int]:
+    return tensor._version, tensor.data_ptr()
 
 
 class CSGConv2d(nn.Module):
@@ -296,7 +313,8 @@ class CSGConv2d(nn.Module):
         padded = grid.permute(0, 2, 1, 3, 4, 5).reshape(
             self.blocks_out * s.out_channels, self.blocks_in * s.in_channels, k, k
         )
-        return padded[: self.out_channels, : self.in_channels]
+        # Contiguous once per generation, so that cached weights are not copied again by every conv call.
+        return padded[: self.out_channels, : self.in_channels].contiguous()
 
     @property
     def weight(self) -> Tensor:

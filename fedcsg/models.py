@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision import models as tv_models
 
 from fedcsg.csg import CSGConfig, SliceShape, SliceSpec, csgify
 
@@ -129,6 +128,8 @@ class DenseNetBC(nn.Module):
 
 
 def _mobilenet_v2(num_classes: int, in_channels: int) -> nn.Module:
+    from torchvision import models as tv_models  # imported on use: torchvision.models costs ~2 s at start-up
+
     model = tv_models.mobilenet_v2(num_classes=num_classes)
     # 32x32 inputs: a stride-1 stem keeps 2x2 maps before pooling instead of 1x1.
     stem = model.features[0][0]
@@ -137,6 +138,8 @@ def _mobilenet_v2(num_classes: int, in_channels: int) -> nn.Module:
 
 
 def _shufflenet_v2(num_classes: int, in_channels: int) -> nn.Module:
+    from torchvision import models as tv_models
+
     model = tv_models.shufflenet_v2_x1_0(num_classes=num_classes)
     stem = model.conv1[0]
     model.conv1[0] = nn.Conv2d(in_channels, stem.out_channels, 3, stride=1, padding=1, bias=False)

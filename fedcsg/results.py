@@ -3,6 +3,8 @@
 Layout of an output directory::
 
     DIR/arms/<arm>.json      written by the ServerApp after every round (atomic rename)
+    DIR/state/<arm>.json     the arm's checkpoint after its last complete round (see fedcsg.checkpoint)
+    DIR/state/<arm>-round-NNNN.safetensors   the global payload of that round
     DIR/results.json         config, versions, seed, and every arm's round records
     DIR/results.csv          one row per arm and round
     DIR/report.md            per-arm summary: accuracy, bytes per round, totals, ratio to fedavg
@@ -12,6 +14,7 @@ Layout of an output directory::
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import platform
@@ -31,6 +34,9 @@ ROUND_FIELDS = (
     "failed",
     "rejected",
     "partitions",
+    "failed_partitions",
+    "status",
+    "attempts",
     "payload_up",
     "payload_down",
     "wire_up",
@@ -44,19 +50,41 @@ ROUND_FIELDS = (
 ARM_ORDER = ("fedavg", "csg", "csg-frozen")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old or the new file, never a torn one."""
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers, and a restart after a crash, see the old or the
+    new file, never a torn one: temporary file in the same directory, fsync, rename, fsync of the
+    directory (so that the rename itself survives a power loss)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o644)  # mkstemp makes 0600; results are meant to be shared
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically, as :func:`atomic_write_bytes`."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # a platform without directory handles: the rename is as durable as it gets
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def versions() -> dict[str, str]:
@@ -76,12 +104,16 @@ class ArmRecorder:
         self.extra = extra or {}
         self.rounds: list[dict[str, Any]] = []
 
-    def add(self, record: dict[str, Any]) -> dict[str, Any]:
+    def add(self, record: dict[str, Any], *, save: bool = True) -> dict[str, Any]:
+        """Append a round record (cumulative byte counts are added here) and, if ``save``, rewrite the file."""
         previous = self.rounds[-1] if self.rounds else {}
+        if previous and record["round"] != previous["round"] + 1:
+            raise ValueError(f"round {record['round']} does not follow round {previous['round']}")
         for key in ("payload_up", "payload_down", "wire_up", "wire_down"):
             record[f"cum_{key}"] = previous.get(f"cum_{key}", 0) + record[key]
         self.rounds.append({k: record.get(k) for k in ROUND_FIELDS})
-        self.save()
+        if save:
+            self.save()
         return self.rounds[-1]
 
     def save(self) -> None:
@@ -146,6 +178,9 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "wire_bytes_to_target": (reached["cum_wire_up"] + reached["cum_wire_down"]) if reached else None,
             "round_to_target": reached["round"] if reached else None,
             "seconds": sum(r["seconds"] or 0.0 for r in rounds),
+            "failed_rounds": sum(r.get("status") == "failed" for r in rounds),
+            "failed_replies": sum(r.get("failed") or 0 for r in rounds),
+            "rejected_replies": sum(r.get("rejected") or 0 for r in rounds),
         }
     if "fedavg" in summary:
         base = summary["fedavg"]
@@ -189,6 +224,14 @@ def _report_markdown(results: dict[str, Any], summary: dict[str, dict[str, Any]]
             f"{_mb(s['payload_down_per_round'])} | {_mb(s['wire_up_per_round'])} | {_mb(s['wire_down_per_round'])} | "
             f"{_mb(s['total_wire_bytes'])} | {up_ratio} | {total_ratio} | {reach} | {s['seconds']:.1f} |"
         )
+    faults = [
+        f"{arm}: {s['failed_rounds']} failed round(s), {s['failed_replies']} failed and "
+        f"{s['rejected_replies']} rejected client replies"
+        for arm, s in summary.items()
+        if s["failed_rounds"] or s["failed_replies"] or s["rejected_replies"]
+    ]
+    if faults:
+        lines += ["", "Client faults (`failed`, `rejected`, `status` in results.csv): " + "; ".join(faults) + "."]
     lines += ["", "## Test accuracy per round", ""]
     arms = list(results["arms"])
     lines.append("| round | " + " | ".join(arms) + " |")
@@ -236,6 +279,10 @@ def _plots(results: dict[str, Any], out_dir: Path) -> None:
         os.replace(tmp, out_dir / name)
 
 
+def _csv_cell(value: Any) -> Any:
+    return " ".join(map(str, value)) if isinstance(value, list) else value
+
+
 def write_report(out_dir: str | Path) -> dict[str, Any]:
     """(Re)build results.json, results.csv, report.md and the plots from ``DIR/arms/*.json``."""
     out_dir = Path(out_dir)
@@ -244,16 +291,15 @@ def write_report(out_dir: str | Path) -> dict[str, Any]:
     results["summary"] = summary
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1))
     rows = [
-        {"arm": arm, **{k: (" ".join(map(str, r[k])) if k == "partitions" and r[k] else r[k]) for k in ROUND_FIELDS}}
+        {"arm": arm, **{k: _csv_cell(r.get(k)) for k in ROUND_FIELDS}}
         for arm, data in results["arms"].items()
         for r in data["rounds"]
     ]
-    tmp = out_dir / ".results.csv.tmp"
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["arm", *ROUND_FIELDS])
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, out_dir / "results.csv")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=["arm", *ROUND_FIELDS])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out_dir / "results.csv", table.getvalue())
     if summary:
         atomic_write_text(out_dir / "report.md", _report_markdown(results, summary))
         _plots(results, out_dir)

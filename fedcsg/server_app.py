@@ -12,9 +12,11 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from fedcsg.checkpoint import config_hash, load_checkpoint, save_checkpoint, set_rng_state
 from fedcsg.config import RunConfig
+from fedcsg.export import save_global_model
 from fedcsg.params import count_parameters
-from fedcsg.payload import load_payload, model_payload
+from fedcsg.payload import PayloadLayout, load_payload, model_payload
 from fedcsg.results import ArmRecorder, write_report
 from fedcsg.strategy import CSGFedAvg, RoundTraffic, lr_schedule
 from fedcsg.task import build_arm_model, evaluate_model, payload_layout, test_data
@@ -40,28 +42,71 @@ def sampling(cfg: RunConfig) -> dict[str, float | int]:
     }
 
 
+def min_replies(cfg: RunConfig) -> int:
+    """Accepted replies a round needs: min-train-nodes, but never more than the clients sampled."""
+    sampled = cfg.clients_per_round or max(int(cfg.num_clients * cfg.fraction_train), cfg.min_train_nodes)
+    return max(1, min(cfg.min_train_nodes, sampled, cfg.num_clients))
+
+
+def build_strategy(cfg: RunConfig, layout: PayloadLayout) -> CSGFedAvg:
+    return CSGFedAvg(
+        layout,
+        lr_fn=lr_schedule(cfg.lr, cfg.lr_schedule, cfg.num_rounds),
+        seed=cfg.seed,
+        min_replies=min_replies(cfg),
+        failed_round=cfg.failed_round,
+        max_update_norm=cfg.max_update_norm,
+        **sampling(cfg),
+    )
+
+
+def recorded_config(cfg: RunConfig) -> dict:
+    """The config written with the results: the run's settings, without ``resume`` (an instruction
+    to this process, not a setting of the run)."""
+    return {k: v for k, v in cfg.to_flower().items() if k != "resume"}
+
+
 def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress: Callable[[str], None] = print) -> list[dict]:
-    """Run ``cfg.arm`` for ``cfg.num_rounds`` rounds; write ``out_dir/arms/<arm>.json`` every round."""
+    """Run ``cfg.arm`` for ``cfg.num_rounds`` rounds; after every round write ``out_dir/arms/<arm>.json``
+    and the checkpoint ``out_dir/state/<arm>.*``.
+
+    With ``cfg.resume`` and a checkpoint in ``out_dir``, continue after its round from its global
+    payload, round records and RNG states; the config must have the checkpoint's identity.
+    """
     set_seed(cfg.seed)
-    random.seed(cfg.seed)  # FedAvg samples clients with Python's `random`: same sample for every arm
+    random.seed(cfg.seed)  # nothing samples with Python's `random` any more, but third-party code might
     model = build_arm_model(cfg)
     layout = payload_layout(cfg, model)
+    checkpoint = load_checkpoint(out_dir, cfg.arm, layout) if cfg.resume else None
+    if checkpoint is not None and checkpoint.config_hash != config_hash(cfg.identity()):
+        raise ValueError(f"the checkpoint of arm {cfg.arm!r} in {str(out_dir)!r} was written under another config")
     device = get_device(cfg.device)
     test = test_data(cfg)
-    strategy = CSGFedAvg(layout, lr_fn=lr_schedule(cfg.lr, cfg.lr_schedule, cfg.num_rounds), **sampling(cfg))
+    strategy = build_strategy(cfg, layout)
     counts = count_parameters(model)
+    resumed_from = [*checkpoint.resumed_from, checkpoint.round] if checkpoint else []
     recorder = ArmRecorder(
         out_dir,
         cfg.arm,
-        cfg.to_flower(),
-        extra={"parameters": counts.as_dict(), "payload_bytes": layout.nbytes, "payload_keys": layout.keys},
+        recorded_config(cfg),
+        extra={
+            "parameters": counts.as_dict(),
+            "payload_bytes": layout.nbytes,
+            "payload_keys": layout.keys,
+            "resumed_from": resumed_from,
+        },
     )
+    if checkpoint is not None:
+        recorder.rounds = [dict(r) for r in checkpoint.rounds]
+        strategy.load_state_dict(checkpoint.strategy)
+        set_rng_state(checkpoint.rng)
+        progress(f"[{cfg.arm}] resuming after round {checkpoint.round}/{cfg.num_rounds} from {checkpoint.weights_path}")
     started = time.perf_counter()
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         load_payload(model, arrays, layout)
         stats = evaluate_model(model, test, cfg, device)
-        traffic = strategy.traffic.get(server_round, RoundTraffic(started=started))
+        traffic = strategy.traffic.get(server_round, RoundTraffic(started=started, status="initial"))
         train = strategy.train_metrics.get(server_round, {})
         record = recorder.add(
             {
@@ -73,23 +118,53 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress: Callable
                 "lr": strategy.lr_fn(server_round) if server_round else None,
                 **traffic.as_dict(),
                 "seconds": time.perf_counter() - traffic.started if server_round else 0.0,
-            }
+            },
+            save=False,  # written with the checkpoint, in round_end_fn
         )
         total_mb = (record["cum_wire_up"] + record["cum_wire_down"]) / 1e6
+        status = "" if record["status"] in ("ok", "initial") else f" [{record['status']}]"
         progress(
-            f"[{cfg.arm}] round {server_round}/{cfg.num_rounds}: test accuracy {stats.accuracy:.4f}, "
+            f"[{cfg.arm}] round {server_round}/{cfg.num_rounds}{status}: test accuracy {stats.accuracy:.4f}, "
             f"loss {stats.loss:.4f}, {total_mb:.2f} MB so far, {time.perf_counter() - started:.1f}s"
         )
         return MetricRecord({"test-accuracy": stats.accuracy, "test-loss": stats.loss})
 
-    strategy.start(
+    def round_end_fn(server_round: int, arrays: ArrayRecord) -> None:
+        # The arm file first, then the checkpoint, whose state JSON is the commit point: a kill in
+        # between leaves the arm file one round ahead, and the resumed run redoes that round from
+        # the checkpoint and rewrites the arm file, so a complete checkpoint always has a complete
+        # arm file beside it.
+        recorder.save()
+        save_checkpoint(
+            out_dir,
+            cfg.arm,
+            server_round,
+            arrays,
+            num_rounds=cfg.num_rounds,
+            rounds=recorder.rounds,
+            config=recorded_config(cfg),
+            identity=cfg.identity(),
+            strategy=strategy.state_dict(),
+            resumed_from=resumed_from,
+        )
+
+    first_round = checkpoint.round + 1 if checkpoint else 1
+    if first_round > cfg.num_rounds:  # complete already: only the arm file may need rewriting
+        recorder.save()
+        return recorder.rounds
+    result = strategy.start(
         grid=grid,
-        initial_arrays=model_payload(model, layout),
+        initial_arrays=checkpoint.arrays if checkpoint else model_payload(model, layout),
         num_rounds=cfg.num_rounds,
         timeout=cfg.round_timeout,
         train_config=ConfigRecord({"local-epochs": cfg.local_epochs, "batch-size": cfg.batch_size}),
         evaluate_fn=evaluate_fn,
+        first_round=first_round,
+        evaluate_initial=checkpoint is None,
+        round_end_fn=round_end_fn,
     )
+    # The final global model, with its settings in the metadata: `fedcsg export --checkpoint` reads it.
+    save_global_model(out_dir, cfg, result.arrays, name=f"model-{cfg.arm}.safetensors")
     return recorder.rounds
 
 

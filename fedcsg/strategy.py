@@ -1,29 +1,46 @@
 """CSGFedAvg: Flower's FedAvg with exact, dtype-preserving averaging over the arm's payload, reply
-checks, a per-round learning rate, and byte accounting in both directions."""
+checks, deterministic client sampling, failed-round handling, a per-round learning rate, and byte
+accounting in both directions."""
 
 from __future__ import annotations
 
+import io
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from logging import WARNING
+from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.common.serde_utils import error_to_proto, metadata_to_proto
+from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 from flwr.supercore import log
+from flwr.supercore.inflatable.inflatable_object import add_header_to_object_body
 
 from fedcsg.payload import PayloadLayout, check_record, payload_bytes, weighted_average, wire_bytes
 
 WEIGHT_KEY = "num-examples"
+TRAIN_METRICS = ("train-loss", "train-accuracy", "train-seconds")  # what aggregate_train_metrics reads
+FAILED_ROUND_POLICIES = ("skip", "retry")
+RANDOM_ID_FIELDS = ("run_id", "src_node_id", "dst_node_id", "src_task_id", "dst_task_id")  # Metadata's uint64s
+WIDEST_ID = 2**64 - 1  # a 64-bit id whose varint takes the most bytes (10)
 
 
 @dataclass
 class RoundTraffic:
-    """What crossed the network in one round, summed over the sampled clients.
+    """What crossed the network in one round, summed over the sampled clients and over attempts.
 
-    Byte counts are sums over messages, never averaged by num-examples.
+    Byte counts are sums over messages, never averaged by num-examples. ``sampled`` = ``replied``
+    + ``failed`` (a client that raised, timed out or vanished has failed); ``rejected`` counts the
+    replies that arrived but failed the checks; ``partitions`` are the clients whose updates were
+    aggregated, ``failed_partitions`` those that failed (as far as the server can tell which
+    partition a node serves). ``status`` is ``ok``, or ``failed`` when fewer than the minimum of
+    replies were accepted in every attempt and the global model was kept.
     """
 
     sampled: int = 0
@@ -31,6 +48,9 @@ class RoundTraffic:
     failed: int = 0
     rejected: int = 0
     partitions: list[int] = field(default_factory=list)
+    failed_partitions: list[int] = field(default_factory=list)
+    status: str = "ok"
+    attempts: int = 0
     payload_down: int = 0
     wire_down: int = 0
     payload_up: int = 0
@@ -41,6 +61,32 @@ class RoundTraffic:
         out = asdict(self)
         out.pop("started")
         return out
+
+
+def _canonical_deflate(message: Message) -> bytes:
+    """``message.deflate()`` with every random 64-bit id set to the widest value (as Message.deflate
+    builds it: metadata without message_id, error if any, object header)."""
+    proto = metadata_to_proto(message.metadata)
+    proto.message_id = ""
+    for name in RANDOM_ID_FIELDS:
+        value = getattr(proto, name)
+        if value and not (name.endswith("node_id") and value == SUPERLINK_NODE_ID):
+            setattr(proto, name, WIDEST_ID)
+    error = error_to_proto(message.error) if message.has_error() else None
+    body = ProtoMessage(metadata=proto, content=None, error=error).SerializeToString(deterministic=True)
+    return add_header_to_object_body(object_body=body, obj=message)
+
+
+def accounted_wire_bytes(message: Message) -> int:
+    """:func:`~fedcsg.payload.wire_bytes` with the random 64-bit ids counted at full width.
+
+    A message's metadata carries the run id, node ids and task ids as protobuf varints, whose
+    length (1 to 10 bytes) depends on the random values a run happens to draw; counting each at
+    the widest makes the byte count a function of the run's settings and seed, so a rerun or a
+    resumed run counts exactly the same bytes. This overstates a real message by at most a few
+    bytes per id. The SuperLink's node id is a constant and counted as it is.
+    """
+    return wire_bytes(message) - len(message.deflate()) + len(_canonical_deflate(message))
 
 
 def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -54,8 +100,30 @@ def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> Metri
     return out
 
 
-def reply_problem(reply: Message, layout: PayloadLayout) -> str | None:
-    """Why a train reply cannot be aggregated, or None if it can."""
+def update_norm(record: ArrayRecord, reference: ArrayRecord) -> float:
+    """L2 norm of ``record - reference`` over the floating-point entries (float64 sums)."""
+    total = 0.0
+    for key, array in record.items():
+        values = array.numpy()
+        if np.issubdtype(values.dtype, np.floating) and key in reference:
+            delta = values.astype(np.float64) - reference[key].numpy().astype(np.float64)
+            total += float(np.dot(delta.ravel(), delta.ravel()))
+    return math.sqrt(total)
+
+
+def reply_problem(
+    reply: Message,
+    layout: PayloadLayout,
+    reference: ArrayRecord | None = None,
+    max_update_norm: float = 0.0,
+) -> str | None:
+    """Why a train reply cannot be aggregated, or None if it can.
+
+    Checks, in order: one ArrayRecord and one MetricRecord; num-examples a positive integer; the
+    train metrics finite numbers; the payload's keys, shapes and dtypes exactly the arm's; every
+    float value finite; and, when ``max_update_norm`` > 0 and a ``reference`` (the global payload
+    the client was sent) is given, the L2 norm of the update at most ``max_update_norm``.
+    """
     content = reply.content
     if len(content.array_records) != 1 or len(content.metric_records) != 1:
         return "expected exactly one ArrayRecord and one MetricRecord"
@@ -63,6 +131,10 @@ def reply_problem(reply: Message, layout: PayloadLayout) -> str | None:
     examples = metrics.get(WEIGHT_KEY)
     if not isinstance(examples, int) or isinstance(examples, bool) or examples <= 0:
         return f"{WEIGHT_KEY} must be a positive integer, got {examples!r}"
+    for key in TRAIN_METRICS:
+        value = metrics.get(key)
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            return f"metric {key!r} must be a finite number, got {value!r}"
     record = next(iter(content.array_records.values()))
     try:
         check_record(record, layout)
@@ -72,7 +144,31 @@ def reply_problem(reply: Message, layout: PayloadLayout) -> str | None:
         values = array.numpy()
         if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
             return f"payload entry {key!r} has non-finite values"
+    if max_update_norm > 0 and reference is not None:
+        norm = update_norm(record, reference)
+        if norm > max_update_norm:
+            return f"update norm {norm:.6g} exceeds max-update-norm = {max_update_norm:g}"
     return None
+
+
+def ordered_node_ids(grid: Grid) -> list[int]:
+    """Connected nodes in registration order (ties broken by id).
+
+    Flower's simulation engine registers its virtual SuperNodes in partition order, so position
+    ``i`` is partition ``i`` whatever random ids the run drew: sampling positions makes the
+    sampled partitions a function of the seed and the round alone. A grid that does not report
+    registration times gives its nodes sorted by id.
+    """
+    nodes = list(grid.get_nodes())
+    return [n.node_id for n in sorted(nodes, key=lambda n: (n.registered_at, n.node_id))]
+
+
+def sample_positions(seed: int, server_round: int, attempt: int, num_nodes: int, sample_size: int) -> list[int]:
+    """Sorted positions of the nodes sampled in ``server_round`` (attempt ``attempt``): a function
+    of these arguments only, never of Python's global ``random`` state, so a resumed run samples
+    the same clients as an uninterrupted one."""
+    rng = np.random.default_rng((seed, server_round, attempt))
+    return sorted(int(i) for i in rng.choice(num_nodes, size=sample_size, replace=False))
 
 
 class CSGFedAvg(FedAvg):
@@ -85,65 +181,284 @@ class CSGFedAvg(FedAvg):
         dtype, with finite values and a positive integer num-examples, or it is rejected.
     lr_fn
         Learning rate of a round (``server_round -> lr``), sent in the train config.
+    seed
+        Seeds the client sampling of every round (with the round and the attempt).
+    min_replies
+        Accepted replies a round needs to update the global model (default 1); with fewer the
+        round has failed and the global model is kept.
+    failed_round
+        What a failed round does next: ``skip`` (go on to the next round) or ``retry`` (send
+        the round once more, to a fresh sample; the bytes of both attempts are counted).
+    max_update_norm
+        Reject a reply whose payload is farther than this (L2, float entries) from the global
+        payload it was sent; 0 turns the check off.
     **fedavg_kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg` (sampling, minimum nodes).
     """
 
-    def __init__(self, layout: PayloadLayout, *, lr_fn: Callable[[int], float], **fedavg_kwargs) -> None:
+    def __init__(
+        self,
+        layout: PayloadLayout,
+        *,
+        lr_fn: Callable[[int], float],
+        seed: int = 0,
+        min_replies: int = 1,
+        failed_round: str = "skip",
+        max_update_norm: float = 0.0,
+        **fedavg_kwargs: Any,
+    ) -> None:
+        if failed_round not in FAILED_ROUND_POLICIES:
+            raise ValueError(
+                f"failed-round = {failed_round!r} is not accepted: one of {', '.join(FAILED_ROUND_POLICIES)} is"
+            )
         fedavg_kwargs.setdefault("fraction_evaluate", 0.0)  # evaluation is server-side, on the test split
         fedavg_kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
         super().__init__(weighted_by_key=WEIGHT_KEY, **fedavg_kwargs)
         self.layout = layout
         self.lr_fn = lr_fn
+        self.seed = seed
+        self.min_replies = max(1, min_replies)
+        self.failed_round = failed_round
+        self.max_update_norm = max_update_norm
         self.traffic: dict[int, RoundTraffic] = {}
         self.train_metrics: dict[int, MetricRecord] = {}
+        self.global_arrays: ArrayRecord | None = None  # what the current round's clients were sent
+        self.partition_of: dict[int, int] = {}  # node id -> partition id, as the nodes report it
+        self._sent: dict[int, list[int]] = {}  # node ids of the current attempt of a round
+
+    # -- state -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to continue the strategy: the failed rounds so far. Sampling
+        is a function of (seed, round, attempt) and byte counts live in the round records, so
+        nothing else carries over between rounds."""
+        return {"failed_rounds": sorted(r for r, t in self.traffic.items() if t.status == "failed")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for server_round in state.get("failed_rounds", []):
+            self.traffic.setdefault(int(server_round), RoundTraffic(status="failed"))
+
+    # -- one round ----------------------------------------------------------------------------
+
+    def _round_traffic(self, server_round: int) -> RoundTraffic:
+        return self.traffic.setdefault(server_round, RoundTraffic(started=time.perf_counter()))
+
+    def _sample(self, server_round: int, attempt: int, grid: Grid) -> tuple[list[int], list[int]]:
+        """(sampled node ids, all node ids in registration order): FedAvg's sample size, drawn by
+        :func:`sample_positions` after waiting for ``min_available_nodes`` as FedAvg does."""
+        nodes = ordered_node_ids(grid)
+        sample_size = max(int(len(nodes) * self.fraction_train), self.min_train_nodes)
+        while len(nodes) < max(self.min_available_nodes, sample_size):
+            log(INFO, "Waiting for nodes to connect: %d connected (minimum required: %d).", len(nodes), sample_size)
+            time.sleep(1)
+            nodes = ordered_node_ids(grid)
+            sample_size = max(int(len(nodes) * self.fraction_train), self.min_train_nodes)
+        positions = sample_positions(self.seed, server_round, attempt, len(nodes), sample_size)
+        return [nodes[i] for i in positions], nodes
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        traffic = self.traffic.setdefault(server_round, RoundTraffic(started=time.perf_counter()))
-        round_config = ConfigRecord({**config, "lr": float(self.lr_fn(server_round))})
-        messages = list(super().configure_train(server_round, arrays, round_config, grid))
-        traffic.sampled = len(messages)
-        traffic.payload_down = payload_bytes(arrays) * len(messages)
-        traffic.wire_down = sum(wire_bytes(m) for m in messages)
+        traffic = self._round_traffic(server_round)
+        attempt = traffic.attempts
+        traffic.attempts += 1
+        self.global_arrays = arrays
+        if self.fraction_train == 0.0:
+            self._sent[server_round] = []
+            return []
+        node_ids, nodes = self._sample(server_round, attempt, grid)
+        for position, node in enumerate(nodes):
+            self.partition_of.setdefault(node, position)  # replies correct it if the node says otherwise
+        log(INFO, "configure_train: Sampled %s nodes (out of %s), attempt %d", len(node_ids), len(nodes), attempt + 1)
+        round_config = ConfigRecord(
+            {
+                **config,
+                "lr": float(self.lr_fn(server_round)),
+                "attempt": attempt,
+                "server-round": server_round,
+            }
+        )
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: round_config})
+        messages = list(self._construct_messages(record, node_ids, MessageType.TRAIN))
+        self._sent[server_round] = node_ids
+        traffic.sampled += len(messages)
+        traffic.payload_down += payload_bytes(arrays) * len(messages)
+        traffic.wire_down += sum(accounted_wire_bytes(m) for m in messages)
         return messages
+
+    def _partition(self, node_id: int) -> int | None:
+        return self.partition_of.get(node_id)
+
+    def _note_failures(self, server_round: int, replies: list[Message], valid: list[Message]) -> int:
+        """Count and log the sampled clients without a usable reply (raised, timed out, vanished)."""
+        traffic = self.traffic[server_round]
+        sent = self._sent.pop(server_round, None)
+        answered = {r.metadata.src_node_id for r in valid}
+        errors = {r.metadata.src_node_id: r.error.reason for r in replies if r.has_error()}
+        missing = [n for n in sent if n not in answered] if sent is not None else list(errors)
+        for node in missing:
+            partition = self._partition(node)
+            if partition is not None:
+                traffic.failed_partitions.append(partition)
+            reason = errors.get(node, "no reply within round-timeout")
+            log(
+                WARNING,
+                "round %d: client node %d (partition %s) failed: %s",
+                server_round,
+                node,
+                "unknown" if partition is None else partition,
+                _short_reason(reason),
+            )
+        return len(missing) if sent is not None else len(replies) - len(valid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        traffic = self.traffic.setdefault(server_round, RoundTraffic(started=time.perf_counter()))
-        valid, errors = self._check_and_log_replies(list(replies), is_train=True, validate=False)
-        traffic.failed = len(errors)
-        traffic.replied = len(valid)
-        accepted: list[Message] = []
+        traffic = self._round_traffic(server_round)
+        replies = list(replies)
+        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
+        traffic.failed += self._note_failures(server_round, replies, valid)
+        traffic.replied += len(valid)
+        accepted: list[tuple[tuple[float, int], Message]] = []
         for reply in valid:
-            traffic.wire_up += wire_bytes(reply)
+            node = reply.metadata.src_node_id
+            # Error replies carry no payload, and their text (a remote traceback) varies from run to
+            # run; only replies with content are counted.
+            traffic.wire_up += accounted_wire_bytes(reply)
             traffic.payload_up += sum(payload_bytes(r) for r in reply.content.array_records.values())
-            problem = reply_problem(reply, self.layout)
+            reported = _reported_partition(reply)
+            if reported is not None:
+                self.partition_of[node] = reported
+            partition = self._partition(node)
+            problem = reply_problem(reply, self.layout, self.global_arrays, self.max_update_norm)
             if problem is not None:
                 traffic.rejected += 1
                 log(
                     WARNING,
-                    "round %d: rejected reply from node %d: %s",
+                    "round %d: rejected reply from node %d (partition %s): %s",
                     server_round,
-                    reply.metadata.src_node_id,
+                    node,
+                    "unknown" if partition is None else partition,
                     problem,
                 )
                 continue
-            accepted.append(reply)
-            metrics = next(iter(reply.content.metric_records.values()))
-            if "partition-id" in metrics:
-                traffic.partitions.append(int(metrics["partition-id"]))
-        traffic.partitions.sort()
-        if not accepted:
+            # Sorted by partition below, so that float sums run in the same order in every run.
+            accepted.append(((math.inf if partition is None else partition, node), reply))
+        if len(accepted) < self.min_replies:
+            traffic.status = "failed"
+            log(
+                WARNING,
+                "round %d: %d of %d replies accepted, fewer than the minimum %d: the global model is kept",
+                server_round,
+                len(accepted),
+                len(replies),
+                self.min_replies,
+            )
             return None, None
-        contents = [r.content for r in accepted]
+        traffic.status = "ok"
+        accepted.sort(key=lambda item: item[0])
+        traffic.partitions = sorted(int(key[0]) for key, _ in accepted if key[0] != math.inf)
+        contents = [reply.content for _, reply in accepted]
         weights = [int(next(iter(c.metric_records.values()))[WEIGHT_KEY]) for c in contents]
         arrays = weighted_average([next(iter(c.array_records.values())) for c in contents], weights)
         metrics = self.train_metrics_aggr_fn(contents, WEIGHT_KEY)
         self.train_metrics[server_round] = metrics
         return arrays, metrics
+
+    # -- the run --------------------------------------------------------------------------------
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        *,
+        first_round: int = 1,
+        evaluate_initial: bool = True,
+        round_end_fn: Callable[[int, ArrayRecord], None] | None = None,
+    ) -> Result:
+        """Flower's :meth:`Strategy.start` loop, able to continue a run and to retry a round.
+
+        Runs rounds ``first_round..num_rounds`` from ``initial_arrays`` (the global payload after
+        round ``first_round - 1``). Round 0 (the initial model) is evaluated only when
+        ``evaluate_initial``. A client that has not replied within ``timeout`` seconds has failed.
+        When a round ends with too few accepted replies, ``retry`` sends it once more. After the
+        server-side evaluation of every round (round 0 included), ``round_end_fn(round, arrays)``
+        is called: the place to checkpoint.
+        """
+        log(INFO, "Starting %s strategy: rounds %d..%d", self.__class__.__name__, first_round, num_rounds)
+        self.summary()
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        result = Result()
+        arrays = initial_arrays
+        started = time.time()
+        if evaluate_initial:
+            self._evaluate(result, evaluate_fn, first_round - 1, arrays)
+            if round_end_fn is not None:
+                round_end_fn(first_round - 1, arrays)
+        attempts = 2 if self.failed_round == "retry" else 1
+        for server_round in range(first_round, num_rounds + 1):
+            log(INFO, "")
+            log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
+            for _ in range(attempts):
+                replies = grid.send_and_receive(
+                    messages=self.configure_train(server_round, arrays, train_config, grid), timeout=timeout
+                )
+                agg_arrays, agg_metrics = self.aggregate_train(server_round, replies)
+                if agg_arrays is not None:
+                    break
+            if agg_arrays is not None:
+                result.arrays = arrays = agg_arrays
+            if agg_metrics is not None:
+                result.train_metrics_clientapp[server_round] = agg_metrics
+            evaluate_replies = grid.send_and_receive(
+                messages=self.configure_evaluate(server_round, arrays, evaluate_config, grid), timeout=timeout
+            )
+            agg_evaluate = self.aggregate_evaluate(server_round, evaluate_replies)
+            if agg_evaluate is not None:
+                result.evaluate_metrics_clientapp[server_round] = agg_evaluate
+            self._evaluate(result, evaluate_fn, server_round, arrays)
+            if round_end_fn is not None:
+                round_end_fn(server_round, arrays)
+        result.arrays = arrays  # the final global payload, also when no remaining round could update it
+        log(INFO, "Strategy execution finished in %.2fs", time.time() - started)
+        for line in io.StringIO(str(result)):
+            log(INFO, "\t%s", line.strip("\n"))
+        return result
+
+    @staticmethod
+    def _evaluate(
+        result: Result,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None,
+        server_round: int,
+        arrays: ArrayRecord,
+    ) -> None:
+        if evaluate_fn is None:
+            return
+        metrics = evaluate_fn(server_round, arrays)
+        if metrics is not None:
+            result.evaluate_metrics_serverapp[server_round] = metrics
+
+
+def _short_reason(reason: object) -> str:
+    """The message of a client's error without the remote traceback around it, on one line."""
+    text = " ".join(str(reason).split())
+    if "Message: " in text:  # Flower wraps a ClientApp's exception as "... Message: <the exception>'>"
+        text = text.rsplit("Message: ", 1)[1].removesuffix("'>")
+    return text if len(text) <= 300 else "..." + text[-297:]
+
+
+def _reported_partition(reply: Message) -> int | None:
+    """The partition id a reply's metrics report, if any."""
+    if len(reply.content.metric_records) != 1:
+        return None
+    value = next(iter(reply.content.metric_records.values())).get("partition-id")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def lr_schedule(base_lr: float, schedule: str, num_rounds: int) -> Callable[[int], float]:

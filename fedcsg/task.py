@@ -13,6 +13,7 @@ from fedcsg.config import RunConfig
 from fedcsg.data import ImageData, TensorBatches, get_spec, load_labels, load_split, partition_indices
 from fedcsg.models import build_model
 from fedcsg.payload import PayloadLayout
+from fedcsg.runtime import tune_malloc
 from fedcsg.training import EvalStats, TrainStats, evaluate, make_optimizer, train_epoch
 
 
@@ -122,6 +123,7 @@ def local_train(
 
     Returns the stats of the last epoch, with ``seconds`` summed over all epochs.
     """
+    tune_malloc()
     model.to(device)
     optimizer = make_optimizer(model, lr, cfg.momentum, cfg.weight_decay)
     batches = TensorBatches(data, batch_size, shuffle=True, augment=True, seed=seed, device=device)
@@ -134,5 +136,6 @@ def local_train(
 
 
 def evaluate_model(model: nn.Module, data: ImageData, cfg: RunConfig, device: torch.device) -> EvalStats:
+    tune_malloc()
     model.to(device)
     return evaluate(model, TensorBatches(data, cfg.eval_batch_size, device=device), device)

@@ -7,7 +7,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedcsg.config import RunConfig
 from fedcsg.params import count_parameters
-from fedcsg.payload import model_payload, payload_bytes, wire_bytes
+from fedcsg.payload import model_payload, payload_bytes
+from fedcsg.strategy import accounted_wire_bytes
 from fedcsg.task import build_arm_model, payload_layout
 
 
@@ -28,7 +29,7 @@ def round_messages(cfg: RunConfig, node_id: int = 1) -> tuple[Message, Message]:
     layout = payload_layout(cfg, model)
     arrays = model_payload(model, layout)
     config = ConfigRecord(
-        {"local-epochs": cfg.local_epochs, "batch-size": cfg.batch_size, "lr": cfg.lr, "server-round": 1}
+        {"local-epochs": cfg.local_epochs, "batch-size": cfg.batch_size, "lr": cfg.lr, "attempt": 0, "server-round": 1}
     )
     down = Message(
         RecordDict({"arrays": arrays, "config": config}), dst_node_id=node_id, message_type=MessageType.TRAIN
@@ -51,10 +52,10 @@ def arm_traffic(cfg: RunConfig, clients_per_round: int) -> dict:
         "tensors": len(payload_layout(cfg, model).entries),
         "arrays_per_message": len(arrays),
         "payload_per_client": payload_bytes(arrays),
-        "wire_up_per_client": wire_bytes(up),
-        "wire_down_per_client": wire_bytes(down),
+        "wire_up_per_client": accounted_wire_bytes(up),
+        "wire_down_per_client": accounted_wire_bytes(down),
         "payload_up": payload_bytes(arrays) * clients_per_round,
         "payload_down": payload_bytes(arrays) * clients_per_round,
-        "wire_up": wire_bytes(up) * clients_per_round,
-        "wire_down": wire_bytes(down) * clients_per_round,
+        "wire_up": accounted_wire_bytes(up) * clients_per_round,
+        "wire_down": accounted_wire_bytes(down) * clients_per_round,
     }

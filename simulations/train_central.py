@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from fedcsg.csg import SliceShape
+from fedcsg.runtime import tune_malloc
 from fedcsg.data import DATASETS, ImageData, TensorBatches, load_split
 from fedcsg.models import build_model, default_csg_config, model_spec
 from fedcsg.params import count_parameters
@@ -223,6 +224,7 @@ def print_table(summaries: dict[str, dict[str, Any]]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tune_malloc()  # as fedcsg's training workers do (fedcsg.runtime)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = get_device(args.device)

@@ -46,7 +46,7 @@ def test_bench_bytes_smoke(tmp_path: Path) -> None:
 
 def test_bench_generation_smoke(tmp_path: Path) -> None:
     out = tmp_path / "x.json"
-    argv = ["--models", "resnet20", "--repeats", "2", "--warmup", "1", "--train-batch", "8", "--eval-batch", "8"]
+    argv = "--models resnet20 --repeats 2 --warmup 1 --train-batch 8 --eval-batch 8 --threads 1".split()
     code = load_script("bench_generation").main([*argv, "--device", "cpu", "--json", str(out)])
     report = json.loads(out.read_text())
     # Timings of a tiny run on a shared machine say nothing about the targets: check the shape only.
@@ -58,4 +58,5 @@ def test_bench_generation_smoke(tmp_path: Path) -> None:
     for kind, count in (("train", 2), ("eval", 1)):
         assert len(row[kind]["plain_s"]) == len(row[kind]["csg_s"]) == count
         assert row[kind]["ratio"] > 0 and isinstance(row[kind]["pass"], bool)
-    assert len(row["generation"]["samples_s"]) == 2 and row["generation"]["median_s"] > 0
+        assert set(row[kind]["by_clock"]) == {"wall", "cpu"}
+    assert len(row["generation"]["by_clock"]["wall"]["samples_s"]) == 2 and row["generation"]["median_s"] > 0

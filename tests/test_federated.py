@@ -15,7 +15,7 @@ from fedcsg.cli import main
 from fedcsg.config import RunConfig, load_experiment
 from fedcsg.csg import csg_layers, generators
 from fedcsg.payload import PayloadLayout, load_payload, model_payload, payload_bytes, weighted_average, wire_bytes
-from fedcsg.strategy import CSGFedAvg
+from fedcsg.strategy import CSGFedAvg, accounted_wire_bytes
 from fedcsg.task import build_arm_model, partition_rows
 from fedcsg.traffic import _ensure_task_identity, round_messages
 
@@ -132,7 +132,11 @@ def test_aggregation_exact_with_unequal_examples() -> None:
     traffic = strategy.traffic[1]
     assert (traffic.replied, traffic.rejected) == (3, 0)
     assert traffic.payload_up == 3 * layout.nbytes
-    assert traffic.wire_up == sum(wire_bytes(r) for r in _replies([layout.pack(s) for s in states], examples))
+    # Wire bytes: the serialized messages, random 64-bit ids counted at full width (accounted_wire_bytes).
+    replies = _replies([layout.pack(s) for s in states], examples)
+    assert traffic.wire_up == sum(accounted_wire_bytes(r) for r in replies)
+    # At most 9 bytes more for each of the 5 ids of a message, and 1 for the header's body length.
+    assert 0 <= traffic.wire_up - sum(wire_bytes(r) for r in replies) <= 3 * (5 * 9 + 1)
 
 
 def test_bad_replies_are_rejected_and_never_reach_the_model() -> None:

@@ -65,6 +65,16 @@ def test_compare_runs_all_arms_through_ray(compare_run: tuple[Path, subprocess.C
         # Same payload to each client; bytes are sums over clients, never weighted averages.
         assert final["payload_down"] == 2 * data["payload_bytes"] == final["payload_up"]
         assert final["payload_up"] < final["wire_up"] < 1.03 * final["payload_up"]
+    # `fedcsg bytes` builds the same messages offline; only the ids a message gets when it is sent
+    # (group id, reply-to id, task ids) are missing there: less than 100 bytes per message.
+    from fedcsg.config import RunConfig
+    from fedcsg.traffic import arm_traffic
+
+    cfg = RunConfig.from_mapping({k: v for k, v in results["config"].items() if k in RunConfig().to_flower()})
+    for arm, data in results["arms"].items():
+        offline = arm_traffic(cfg.replace(arm=arm), 2)
+        for direction in ("wire_down", "wire_up"):
+            assert 0 <= data["rounds"][1][direction] - offline[direction] < 2 * 100
     up = {arm: data["rounds"][-1]["wire_up"] for arm, data in results["arms"].items()}
     assert up["csg"] < 0.5 * up["fedavg"]
     assert up["csg-frozen"] < up["csg"]

@@ -1,0 +1,229 @@
+"""Crash-safe checkpoints of a federated run, and what resuming one needs.
+
+After every round (round 0, the initial model, included) the ServerApp writes, for its arm::
+
+    DIR/state/<arm>-round-NNNN.safetensors   the global payload after round NNNN (safetensors, never pickle)
+    DIR/state/<arm>.json                     round, config and its hash, strategy state, RNG states, the round
+                                             records so far, and the size and sha256 of the weights file
+
+Each file is written atomically (temporary file, fsync, rename, fsync of the directory), the weights
+first under a name of their own, then the JSON that names them: the JSON is the commit point, so a
+run killed at any instant leaves the previous complete round or the new one, never a mix. Older
+weights files are deleted only after the JSON that replaces them is in place. (The ServerApp writes
+``DIR/arms/<arm>.json`` just before the checkpoint, so that file is never behind it.) A resumed run
+reads the JSON, checks the weights file's size and sha256 before parsing it, and continues with the
+next round.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
+from fedcsg.payload import PayloadLayout, check_record
+from fedcsg.results import atomic_write_bytes, atomic_write_text
+
+STATE_DIR = "state"
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded, verified checkpoint of one arm."""
+
+    arm: str
+    round: int
+    num_rounds: int
+    arrays: ArrayRecord
+    rounds: list[dict[str, Any]]
+    config: dict[str, Any]
+    config_hash: str
+    strategy: dict[str, Any]
+    rng: dict[str, Any]
+    resumed_from: list[int]
+    weights_path: Path
+
+
+def state_path(out_dir: Path, arm: str) -> Path:
+    return Path(out_dir) / STATE_DIR / f"{arm}.json"
+
+
+def weights_path(out_dir: Path, arm: str, server_round: int) -> Path:
+    return Path(out_dir) / STATE_DIR / f"{arm}-round-{server_round:04d}.safetensors"
+
+
+def config_hash(identity: dict[str, Any]) -> str:
+    """sha256 of a config identity (:meth:`fedcsg.config.RunConfig.identity`), keys sorted."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def rng_state() -> dict[str, Any]:
+    """Python's, NumPy's global and torch's CPU generator states, as JSON values."""
+    version, internal, gauss = random.getstate()
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": numpy_state,
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii"),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = dict(state["numpy"])
+    numpy_state["state"] = {**numpy_state["state"], "key": np.asarray(numpy_state["state"]["key"], dtype=np.uint32)}
+    np.random.set_state(numpy_state)
+    raw = np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()
+    torch.set_rng_state(torch.from_numpy(raw))
+
+
+def save_checkpoint(
+    out_dir: Path,
+    arm: str,
+    server_round: int,
+    arrays: ArrayRecord,
+    *,
+    num_rounds: int,
+    rounds: list[dict[str, Any]],
+    config: dict[str, Any],
+    identity: dict[str, Any],
+    strategy: dict[str, Any],
+    resumed_from: list[int] | None = None,
+) -> Path:
+    """Write the checkpoint of ``arm`` after ``server_round``; returns the state JSON's path."""
+    from safetensors.numpy import save
+
+    keys = list(arrays.keys())
+    data = save({key: np.ascontiguousarray(arrays[key].numpy()) for key in keys}, metadata={"arm": arm})
+    weights = weights_path(out_dir, arm, server_round)
+    atomic_write_bytes(weights, data)
+    document = {
+        "format": FORMAT,
+        "arm": arm,
+        "round": server_round,
+        "num_rounds": num_rounds,
+        "config": config,
+        "config_hash": config_hash(identity),
+        "weights": {
+            "file": weights.name,
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "keys": keys,
+        },
+        "strategy": strategy,
+        "rng": rng_state(),
+        "resumed_from": resumed_from or [],
+        "rounds": rounds,
+    }
+    path = state_path(out_dir, arm)
+    atomic_write_text(path, json.dumps(document, indent=1))
+    for stale in path.parent.glob(f"{arm}-round-*.safetensors"):
+        if stale != weights:
+            stale.unlink(missing_ok=True)
+    for torn in path.parent.glob(f".{arm}[.-]*.tmp"):  # left by a write that a kill interrupted
+        if torn.name.startswith((f".{arm}.json.", f".{arm}-round-")):
+            torn.unlink(missing_ok=True)
+    return path
+
+
+def read_state(out_dir: Path, arm: str) -> dict[str, Any] | None:
+    """The state JSON of ``arm`` (weights not read), or None if there is none.
+
+    Raises ValueError (one line) when the file is not a fedcsg checkpoint of this format.
+    """
+    path = state_path(out_dir, arm)
+    if not path.is_file():
+        return None
+    try:
+        document = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"checkpoint state {str(path)!r} is not valid JSON: {error}") from None
+    required = ("format", "arm", "round", "num_rounds", "config", "config_hash", "weights", "strategy", "rng", "rounds")
+    missing = [key for key in required if key not in document] if isinstance(document, dict) else list(required)
+    if missing:
+        raise ValueError(f"checkpoint state {str(path)!r} is not a fedcsg checkpoint: missing {', '.join(missing)}")
+    if document["format"] != FORMAT:
+        raise ValueError(
+            f"checkpoint state {str(path)!r} has format {document['format']!r}: only format {FORMAT} is accepted"
+        )
+    if document["arm"] != arm:
+        raise ValueError(f"checkpoint state {str(path)!r} belongs to arm {document['arm']!r}, not {arm!r}")
+    return document
+
+
+def load_checkpoint(out_dir: Path, arm: str, layout: PayloadLayout | None = None) -> Checkpoint | None:
+    """Read and verify the checkpoint of ``arm``; None if there is none.
+
+    The weights file must have the recorded size and sha256 (a truncated or damaged file is
+    never parsed), parse as safetensors with the recorded keys and, when ``layout`` is given, match
+    the model's payload array for array (shape and dtype). Every failure is a one-line ValueError
+    naming the file.
+    """
+    document = read_state(out_dir, arm)
+    if document is None:
+        return None
+    weights = Path(out_dir) / STATE_DIR / str(document["weights"]["file"])
+    if not weights.is_file():
+        raise ValueError(f"checkpoint weights {str(weights)!r} named by {str(state_path(out_dir, arm))!r} are missing")
+    data = weights.read_bytes()
+    expected = int(document["weights"]["bytes"])
+    if len(data) != expected:
+        raise ValueError(
+            f"checkpoint weights {str(weights)!r} are truncated or damaged: {len(data)} bytes, {expected} recorded"
+        )
+    if hashlib.sha256(data).hexdigest() != document["weights"]["sha256"]:
+        raise ValueError(f"checkpoint weights {str(weights)!r} are damaged: sha256 differs from the recorded one")
+    arrays = parse_weights(data, weights, list(document["weights"]["keys"]))
+    if layout is not None:
+        try:
+            check_record(arrays, layout)
+        except ValueError as error:
+            raise ValueError(f"checkpoint weights {str(weights)!r} do not fit the model: {error}") from None
+    return Checkpoint(
+        arm=arm,
+        round=int(document["round"]),
+        num_rounds=int(document["num_rounds"]),
+        arrays=arrays,
+        rounds=list(document["rounds"]),
+        config=dict(document["config"]),
+        config_hash=str(document["config_hash"]),
+        strategy=dict(document["strategy"]),
+        rng=dict(document["rng"]),
+        resumed_from=list(document.get("resumed_from", [])),
+        weights_path=weights,
+    )
+
+
+def parse_weights(data: bytes, origin: Path, keys: list[str]) -> ArrayRecord:
+    """An ArrayRecord (in the order of ``keys``) from safetensors bytes; one-line ValueError if they
+    do not parse or hold other keys."""
+    from safetensors.numpy import load
+
+    try:
+        tensors = load(data)
+    except Exception as error:  # safetensors raises its own SafetensorError, or OSError/ValueError
+        detail = " ".join(str(error).split())
+        raise ValueError(f"checkpoint weights {str(origin)!r} do not parse as safetensors: {detail}") from None
+    if sorted(tensors) != sorted(keys):
+        raise ValueError(f"checkpoint weights {str(origin)!r} hold keys {sorted(tensors)}, recorded {sorted(keys)}")
+    return ArrayRecord({key: Array(tensors[key]) for key in keys})
+
+
+def checkpoint_weights(out_dir: Path, arm: str) -> dict[str, np.ndarray]:
+    """The verified global payload arrays of ``arm``'s last checkpoint (e.g. to compare two runs)."""
+    checkpoint = load_checkpoint(out_dir, arm)
+    if checkpoint is None:
+        raise FileNotFoundError(f"no checkpoint of arm {arm!r} in {str(Path(out_dir) / STATE_DIR)!r}")
+    return {key: checkpoint.arrays[key].numpy() for key in checkpoint.arrays}

@@ -1,0 +1,260 @@
+"""``fedcsg export`` and ``fedcsg deploy``: model files for devices, and a federation on real processes.
+
+Wired into the main parser with ``deploy_cli.register(sub)`` from :func:`fedcsg.cli.build_parser`.
+Handlers return an exit code; bad input raises ValueError / FileNotFoundError / FileExistsError
+with a one-line message (``fedcsg`` prints it and exits 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+EXPORT_CHOICES = ("compact", "torchscript", "onnx", "all")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer (a positive integer is accepted)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not positive (a positive integer is accepted)")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0..65535; 0 = a free one)") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number (0..65535; 0 = a free one)")
+    return value
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``export`` and ``deploy`` subcommands to the ``fedcsg`` parser's subparsers."""
+    export = sub.add_parser("export", help="write a checkpoint as a compact, TorchScript or ONNX file for devices")
+    export.add_argument(
+        "--checkpoint",
+        required=True,
+        help="safetensors checkpoint (fedcsg metadata, or a payload in a run directory), or a run directory",
+    )
+    export.add_argument("--format", required=True, choices=EXPORT_CHOICES, dest="export_format")
+    export.add_argument("--out", help="output file (default: beside the checkpoint); a directory with --format all")
+    export.add_argument("--arm", help="the arm, when the checkpoint's run directory holds several")
+    export.add_argument("--run-dir", help="run directory whose arms/ARM.json describes a bare payload checkpoint")
+    export.add_argument("--json", action="store_true", help="print one JSON object")
+    export.set_defaults(handler=cmd_export)
+
+    deploy = sub.add_parser("deploy", help="TLS certificates, SuperNode keys, and a SuperLink with SuperNodes")
+    actions = deploy.add_subparsers(dest="deploy_action", required=True, metavar="{certs,keys,up,down,status,run}")
+
+    certs = actions.add_parser("certs", help="make a CA, a SuperLink certificate and SuperNode certificates")
+    certs.add_argument("--out", required=True, help="directory for ca.crt, server.crt/.key, node-I.crt/.key")
+    certs.add_argument(
+        "--host",
+        action="append",
+        help="name or IP the SuperLink is reached under (repeatable; default 127.0.0.1 and localhost)",
+    )
+    certs.add_argument("--nodes", type=int, default=0, help="SuperNode certificates to make (default 0)")
+    certs.add_argument("--days", type=_positive_int, default=365)
+    certs.add_argument("--overwrite", action="store_true", help="replace an existing CA (invalidates old certificates)")
+    certs.set_defaults(handler=cmd_certs)
+
+    keys = actions.add_parser("keys", help="make SuperNode authentication key pairs (EC P-384, OpenSSH format)")
+    keys.add_argument("--out", required=True, help="directory for node-I.key and node-I.key.pub")
+    keys.add_argument("--nodes", type=_positive_int, required=True)
+    keys.add_argument("--overwrite", action="store_true")
+    keys.set_defaults(handler=cmd_keys)
+
+    up = actions.add_parser("up", help="start a SuperLink and N SuperNodes on this machine (TLS + node auth)")
+    up.add_argument("--dir", required=True, help="working directory: certs/, keys/, logs/, federation.json")
+    up.add_argument("--nodes", type=_positive_int, default=2)
+    up.add_argument("--data-dir", help="the SuperNodes' data-dir node config (default: $FEDCSG_DATA_DIR)")
+    up.add_argument("--host", default="127.0.0.1", help="SuperLink host (default 127.0.0.1)")
+    up.add_argument("--port", type=_port, default=0, help="SuperLink port (default: a free one)")
+    up.add_argument("--connection", default="fedcsg-deploy", help="flwr connection name (flwr run . NAME)")
+    up.add_argument("--flwr-home", help="FLWR_HOME for the connection entry (default: DIR/flwr-home)")
+    up.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the SuperNodes to come online")
+    up.add_argument(
+        "--insecure",
+        action="store_true",
+        help="NO TLS and NO SuperNode authentication (debugging on a trusted loopback only)",
+    )
+    up.set_defaults(handler=cmd_up)
+
+    down = actions.add_parser("down", help="stop the processes `deploy up` started (by PID)")
+    down.add_argument("--dir", required=True)
+    down.set_defaults(handler=cmd_down)
+
+    status = actions.add_parser("status", help="which of the started processes live, and the SuperNodes online")
+    status.add_argument("--dir", required=True)
+    status.set_defaults(handler=cmd_status)
+
+    run = actions.add_parser("run", help="flwr run the fedcsg app on the federation and report its final status")
+    run.add_argument("--dir", required=True)
+    run.add_argument("--app", default=".", help="Flower app directory (default: .)")
+    run.add_argument("--run-config", default="", help="run config overrides, e.g. \"arm='csg' num-rounds=2\"")
+    run.add_argument("--timeout", type=float, default=3600.0)
+    run.set_defaults(handler=cmd_run)
+
+
+# ------------------------------------------------------------------------------------- export
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedcsg.export import EXPORT_FORMATS, default_output, export_model, load_checkpoint
+
+    checkpoint = Path(args.checkpoint)
+    run_config = None
+    if args.run_dir:
+        record = _arm_record(Path(args.run_dir), args.arm)
+        run_config = {**record.get("config", {}), "arm": record.get("arm", args.arm)}
+    model, info = load_checkpoint(checkpoint, run_config=run_config, arm=args.arm)
+    formats = EXPORT_FORMATS if args.export_format == "all" else (args.export_format,)
+    rows = []
+    for fmt in formats:
+        if args.out and args.export_format != "all":
+            target = Path(args.out)
+        else:
+            target = default_output(checkpoint, fmt, Path(args.out) if args.out else None, arm=info.arm)
+        if target.resolve() == checkpoint.resolve():
+            raise ValueError(f"output {str(target)!r} would overwrite the checkpoint")
+        path = export_model(model, info, fmt, target)
+        rows.append({"format": fmt, "path": str(path), "bytes": path.stat().st_size})
+    result = {"checkpoint": str(checkpoint), "model": info.model, "arm": info.arm, "files": rows}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{info.model} ({info.arm}) from {checkpoint}")
+        for row in rows:
+            print(f"  {row['format']:<12}{row['bytes']:>12,} bytes  {row['path']}")
+    return 0
+
+
+def _arm_record(run_dir: Path, arm: str | None) -> dict:
+    records = sorted((run_dir / "arms").glob("*.json"))
+    if arm:
+        records = [r for r in records if r.stem == arm]
+    if not records:
+        raise FileNotFoundError(f"no arms/{arm or '*'}.json under {str(run_dir)!r}")
+    if len(records) > 1:
+        raise ValueError(f"{run_dir} holds arms {[r.stem for r in records]}: say which with --arm")
+    return json.loads(records[0].read_text())
+
+
+# ------------------------------------------------------------------------------------- deploy
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from fedcsg.deploy import make_certificates
+
+    if args.nodes < 0:
+        raise ValueError(f"--nodes {args.nodes} is not accepted: 0 or a positive integer is")
+    hosts = args.host or ["127.0.0.1", "localhost"]
+    files = make_certificates(args.out, hosts=hosts, nodes=args.nodes, days=args.days, overwrite=args.overwrite)
+    print(f"CA:        {files.ca_cert}  (give this to every SuperNode and flwr; keep {files.ca_key.name} private)")
+    print(f"SuperLink: {files.server_cert} / {files.server_key}  (hosts: {', '.join(hosts)})")
+    for cert, key in files.node_certs:
+        print(f"SuperNode: {cert} / {key}  (its own Runtime API)")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from fedcsg.deploy import make_node_keys
+
+    keys = make_node_keys(args.out, args.nodes, overwrite=args.overwrite)
+    for key in keys:
+        print(f"{key.private}  (SuperNode: --auth-supernode-private-key)   {key.public}  (flwr supernode register)")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from fedcsg.deploy import INSECURE_WARNING, FederationPlan, start_federation, wait_for_nodes
+
+    if args.insecure:
+        # Said here as well as in start_federation: the CLI user must not miss it.
+        print(INSECURE_WARNING, file=sys.stderr, flush=True)
+    data_dir = args.data_dir or os.environ.get("FEDCSG_DATA_DIR")
+    if data_dir and not Path(data_dir).is_dir():
+        raise FileNotFoundError(f"data directory {data_dir!r} does not exist")
+    plan = FederationPlan(
+        directory=args.dir,
+        nodes=args.nodes,
+        data_dir=data_dir,
+        host=args.host,
+        port=args.port,
+        connection=args.connection,
+        flwr_home=args.flwr_home,
+        insecure=args.insecure,
+    )
+    federation = start_federation(plan)
+    try:
+        wait_for_nodes(federation, args.nodes, timeout=args.wait)
+    except BaseException:
+        federation.stop()
+        raise
+    security = "TLS + SuperNode authentication" if federation.secure else "INSECURE (no TLS, no node auth)"
+    print(f"SuperLink {federation.address} ({security}); {args.nodes} SuperNode(s) online")
+    for record in federation.processes:
+        print(f"  {record.role:<12} pid {record.pid:<8} log {record.log}")
+    print(f"state: {federation.state_path}")
+    print(f"run:   FLWR_HOME={shlex.quote(federation.flwr_home)} flwr run . {federation.connection} --stream")
+    print(f"stop:  fedcsg deploy down --dir {shlex.quote(str(args.dir))}")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from fedcsg.deploy import Federation
+
+    federation = Federation.load(args.dir)
+    stopped = federation.stop()
+    print(f"stopped {len(stopped)} process(es): {' '.join(map(str, stopped)) or 'none were running'}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from fedcsg.deploy import Federation, list_nodes
+
+    federation = Federation.load(args.dir)
+    alive = federation.alive()
+    for name, up in alive.items():
+        print(f"  {name:<24}{'running' if up else 'stopped'}")
+    if alive and next(iter(alive.values())):
+        nodes = list_nodes(federation.flwr_home, federation.connection)
+        online = [n for n in nodes if str(n.get("status")) == "online"]
+        print(f"SuperLink {federation.address}: {len(online)} of {len(nodes)} registered SuperNode(s) online")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedcsg.deploy import Federation, run_app
+
+    federation = Federation.load(args.dir)
+    outcome = run_app(federation, Path(args.app).resolve(), args.run_config, timeout=args.timeout)
+    print(f"run {outcome.run_id}: {outcome.status}:{outcome.sub_status} in {outcome.seconds:.0f}s (log {outcome.log})")
+    return 0 if (outcome.status, outcome.sub_status) == ("finished", "completed") else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python3 -m fedcsg.deploy_cli {export,deploy} ...``: these commands alone, as ``fedcsg`` runs them."""
+    from fedcsg.cli import OneLineParser
+
+    parser = OneLineParser(prog="fedcsg", description="fedcsg export and deploy")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"fedcsg {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,486 @@
+"""Model files for devices: checkpoints in, compact / TorchScript / ONNX files out.
+
+Input: a *checkpoint*, a safetensors file of a model's ``state_dict`` whose metadata (a str -> str
+map) says how to rebuild the model (:class:`ModelInfo`), written by :func:`save_checkpoint` or by
+:func:`save_global_model` at the end of a federated run. Also accepted: a bare payload file (the
+arm's payload, flat- or per-tensor-packed, as the ServerApp sends it and checkpoints it under
+``RUN/state/``) when the run directory it sits in gives the settings (``arms/ARM.json`` or
+``state/ARM.json``), and a run directory itself (its last checkpoint). Nothing is ever unpickled:
+tensors come from safetensors only.
+
+Outputs (:func:`export_model`):
+
+``compact``
+    The smallest file that rebuilds the model exactly: for a CSG model the generator (or, for a
+    frozen generator, only its seed, in the metadata), the codes, and the ordinary layers with
+    their BatchNorm buffers; never a generated filter. safetensors.
+``torchscript``
+    The materialized plain model (generated filters written out as ordinary conv weights), traced,
+    for PyTorch Mobile / libtorch.
+``onnx``
+    The same plain model as ONNX (opset 17, dynamic batch) for onnxruntime and other runtimes.
+
+The exported inference models take what the PyTorch model takes: ``float32 [N, C, H, W]``
+normalised with the data set's mean and std (recorded in each file's metadata).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedcsg.csg import GENERATORS_ATTR, generators, is_csg, materialize
+from fedcsg.data import get_spec
+from fedcsg.models import build_model, default_csg_config
+from fedcsg.payload import ARMS, PayloadLayout, check_arm, load_payload
+
+CHECKPOINT_FORMAT = "fedcsg-checkpoint"
+COMPACT_FORMAT = "fedcsg-compact"
+FORMAT_VERSION = "1"
+EXPORT_FORMATS = ("compact", "torchscript", "onnx")
+SUFFIXES = {"compact": ".compact.safetensors", "torchscript": ".pt", "onnx": ".onnx"}
+ONNX_OPSET = 17
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Everything needed to rebuild a fedcsg model from its tensors (safetensors metadata, str -> str).
+
+    ``slice`` .. ``pointwise_code_dim`` are the CSG settings (ignored for ``fedavg``); ``seed`` is the
+    seed of the generator (the whole frozen generator of ``csg-frozen`` is redrawn from it).
+    """
+
+    model: str
+    arm: str
+    slice: str = "12x12x3x3"
+    code_dim: int = 72
+    pointwise_slice: str = ""
+    pointwise_code_dim: int = 16
+    seed: int = 0
+    num_classes: int = 10
+    in_channels: int = 3
+    dataset: str = "cifar10"
+
+    def __post_init__(self) -> None:
+        check_arm(self.arm)
+
+    @classmethod
+    def from_config(cls, cfg: Any, arm: str | None = None) -> ModelInfo:
+        """From a :class:`fedcsg.config.RunConfig` (``arm`` defaults to ``cfg.arm``)."""
+        spec = get_spec(cfg.dataset)
+        return cls(
+            model=cfg.model,
+            arm=arm or cfg.arm,
+            slice=cfg.slice,
+            code_dim=cfg.code_dim,
+            pointwise_slice=cfg.pointwise_slice,
+            pointwise_code_dim=cfg.pointwise_code_dim,
+            seed=cfg.seed,
+            num_classes=spec.num_classes,
+            in_channels=spec.in_channels,
+            dataset=cfg.dataset,
+        )
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> ModelInfo:
+        """From kebab-case keys (safetensors metadata or a run config); unknown keys are ignored."""
+        kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+        changes: dict[str, Any] = {}
+        for name, kind in kinds.items():
+            key = name.replace("_", "-")
+            if key not in values:
+                continue
+            raw = values[key]
+            try:
+                changes[name] = int(raw) if kind in ("int", int) else str(raw)
+            except (TypeError, ValueError):
+                raise ValueError(f"checkpoint metadata {key} = {raw!r} is not an integer") from None
+        if "model" not in changes:
+            raise ValueError("checkpoint metadata has no 'model' key: cannot tell which model to rebuild")
+        if "arm" not in changes:
+            raise ValueError("checkpoint metadata has no 'arm' key: cannot tell fedavg, csg or csg-frozen")
+        if "dataset" in changes and not {"num_classes", "in_channels"} & changes.keys():
+            spec = get_spec(changes["dataset"])
+            changes.update(num_classes=spec.num_classes, in_channels=spec.in_channels)
+        return cls(**changes)
+
+    def to_metadata(self) -> dict[str, str]:
+        return {f.name.replace("_", "-"): str(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def csg_config(self):
+        if self.arm == "fedavg":
+            return None
+        return default_csg_config(
+            self.model,
+            self.slice,
+            self.code_dim,
+            frozen=self.arm == "csg-frozen",
+            seed=self.seed,
+            pointwise_slice=self.pointwise_slice or None,
+            pointwise_code_dim=self.pointwise_code_dim,
+        )
+
+    def build(self) -> nn.Module:
+        """A fresh model of these settings (its frozen generator, if any, already drawn from the seed)."""
+        torch.manual_seed(self.seed)
+        return build_model(self.model, self.num_classes, self.in_channels, csg=self.csg_config())
+
+
+def _frozen_keys(model: nn.Module) -> set[str]:
+    return {f"{GENERATORS_ATTR}.{name}.weight" for name, g in generators(model).items() if g.frozen}
+
+
+def _tensors(state: dict[str, torch.Tensor], keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    # safetensors wants contiguous CPU tensors that share no storage.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items() if keys is None or k in keys}
+
+
+def save_checkpoint(model: nn.Module, path: str | Path, info: ModelInfo, extra: dict[str, str] | None = None) -> Path:
+    """Write ``model``'s whole ``state_dict`` and ``info`` to a safetensors checkpoint.
+
+    Parameters
+    ----------
+    model
+        A model built as ``info`` describes.
+    path
+        Output file (parents are made).
+    info
+        How to rebuild it.
+    extra
+        More str -> str metadata (e.g. run id, round); must not reuse :class:`ModelInfo` keys.
+    """
+    from safetensors.torch import save_file
+
+    _check_fits(model, info)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": CHECKPOINT_FORMAT, "format-version": FORMAT_VERSION, **info.to_metadata()}
+    clash = set(extra or {}) & set(metadata)
+    if clash:
+        raise ValueError(f"extra metadata keys {sorted(clash)} clash with the checkpoint's own keys")
+    metadata.update({str(k): str(v) for k, v in (extra or {}).items()})
+    save_file(_tensors(model.state_dict()), str(path), metadata=metadata)
+    return path
+
+
+def _check_fits(model: nn.Module, info: ModelInfo) -> None:
+    reference = info.build().state_dict()
+    state = model.state_dict()
+    if list(reference) != list(state) or any(reference[k].shape != state[k].shape for k in state):
+        raise ValueError(f"the model does not match its info ({info.model}, arm {info.arm}): keys or shapes differ")
+
+
+def save_global_model(out_dir: str | Path, cfg: Any, arrays: Any, name: str = "model.safetensors") -> Path:
+    """Save a federated run's final global model as a checkpoint ``out_dir/name``.
+
+    The hook for the end of :func:`fedcsg.server_app.run_federation`: ``arrays`` is the final
+    global ArrayRecord (``strategy.start(...).arrays``) packed with ``cfg``'s payload layout.
+
+    Returns the checkpoint path, ready for ``fedcsg export --checkpoint``.
+    """
+    from fedcsg.task import build_arm_model, payload_layout
+
+    model = build_arm_model(cfg)
+    load_payload(model, arrays, payload_layout(cfg, model))
+    return save_checkpoint(model, Path(out_dir) / name, ModelInfo.from_config(cfg))
+
+
+# ------------------------------------------------------------------------------------- loading
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path} is not a safetensors file: {str(error).splitlines()[0]}") from None
+    return tensors, metadata
+
+
+def _run_config_near(path: Path, arm: str | None) -> dict[str, Any] | None:
+    """The run config recorded beside a payload file: ``arms/ARM.json`` (or the ServerApp's
+    ``state/ARM.json``) of the run directory holding ``path``, up to two levels up."""
+    for directory in [path.parent, *path.parent.parents][:3]:
+        for sub in ("arms", "state"):
+            records = sorted((directory / sub).glob("*.json"))
+            if arm is not None:
+                records = [r for r in records if r.stem == arm]
+            if len(records) > 1:
+                names = [r.stem for r in records]
+                raise ValueError(f"{directory / sub} holds arms {names}: say which with --arm ({', '.join(ARMS)})")
+            if records:
+                document = json.loads(records[0].read_text())
+                return {**document.get("config", {}), "arm": document.get("arm", records[0].stem)}
+    return None
+
+
+def _from_run_directory(run_dir: Path, arm: str | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The global payload and config of a run directory's last checkpoint (``state/ARM.json``, written by
+    the ServerApp after every round, size and sha256 verified by :mod:`fedcsg.checkpoint`)."""
+    from fedcsg.checkpoint import STATE_DIR
+    from fedcsg.checkpoint import load_checkpoint as load_run_checkpoint
+
+    states = sorted((run_dir / STATE_DIR).glob("*.json"))
+    if arm is not None:
+        states = [s for s in states if s.stem == arm]
+    if not states:
+        raise FileNotFoundError(f"no checkpoint {STATE_DIR}/{arm or '*'}.json in run directory {str(run_dir)!r}")
+    if len(states) > 1:
+        raise ValueError(f"{run_dir} holds checkpoints of arms {[s.stem for s in states]}: say which with --arm")
+    checkpoint = load_run_checkpoint(run_dir, states[0].stem)
+    assert checkpoint is not None  # the state file exists
+    tensors = {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in checkpoint.arrays.items()}
+    return tensors, {**checkpoint.config, "arm": checkpoint.arm}
+
+
+def load_checkpoint(
+    path: str | Path, run_config: dict[str, Any] | None = None, arm: str | None = None
+) -> tuple[nn.Module, ModelInfo]:
+    """Rebuild a model from a checkpoint, a compact file, a bare payload file or a run directory.
+
+    Parameters
+    ----------
+    path
+        A safetensors file: a checkpoint (:func:`save_checkpoint`), a compact file, or a bare payload
+        (flat- or per-tensor-packed, e.g. the ServerApp's ``state/ARM-round-NNNN.safetensors``); or a
+        run directory, whose last checkpoint (``state/ARM.json``) is used.
+    run_config
+        Kebab-case settings (a run config) for a payload whose metadata does not say which model it
+        holds; default: ``arms/ARM.json`` or ``state/ARM.json`` of the run directory around ``path``.
+    arm
+        The arm, when the run directory holds several (a payload's ``arm`` metadata also says it).
+
+    Returns
+    -------
+    model, info
+        The model in eval mode, and how it was built.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        A missing file, a file that is not safetensors, or tensors that do not fit the model.
+    """
+    path = Path(path)
+    if path.is_dir():
+        tensors, source = _from_run_directory(path, arm)
+        metadata: dict[str, str] = {}
+        run_config = run_config or source
+    else:
+        tensors, metadata = _read_safetensors(path)
+    if metadata.get("format") in (CHECKPOINT_FORMAT, COMPACT_FORMAT) or "model" in metadata:
+        info = ModelInfo.from_mapping(metadata)
+    else:
+        arm = arm or metadata.get("arm")
+        source = run_config or _run_config_near(path, arm)
+        if source is None:
+            raise ValueError(
+                f"{path} has no fedcsg metadata and no run directory (arms/ARM.json) around it: "
+                "cannot tell which model it holds"
+            )
+        info = ModelInfo.from_mapping({**source, **({"arm": arm} if arm else {})})
+    model = info.build()
+    state = model.state_dict()
+    frozen = _frozen_keys(model)
+    if set(tensors) <= set(state):
+        _load_state(model, tensors, frozen, path)
+    else:
+        _load_packed(model, tensors, path)
+    model.eval()
+    return model, info
+
+
+def _load_state(model: nn.Module, tensors: dict[str, torch.Tensor], frozen: set[str], path: Path) -> None:
+    state = model.state_dict()
+    missing = set(state) - set(tensors) - frozen
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} tensor(s) of the model, e.g. {sorted(missing)[:3]}")
+    for key, value in tensors.items():
+        if value.shape != state[key].shape or value.dtype != state[key].dtype:
+            raise ValueError(
+                f"{path}: {key} is {value.dtype}{list(value.shape)}, the model's is "
+                f"{state[key].dtype}{list(state[key].shape)}"
+            )
+        if key in frozen and not torch.equal(value, state[key]):
+            # A stored frozen generator must be the one its seed draws, else the file and its
+            # metadata disagree and a compact export (seed only) would not rebuild this model.
+            seed = next((g.seed for g in generators(model).values()), None)
+            raise ValueError(f"{path}: the stored frozen generator {key} is not the one seed {seed} draws")
+    model.load_state_dict(tensors, strict=False)
+
+
+def _load_packed(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from flwr.app import Array, ArrayRecord
+
+    keys = set(tensors)
+    dtype_names = {str(v.dtype).removeprefix("torch.") for v in model.state_dict().values()}
+    packing = "flat" if keys <= dtype_names else "per-tensor"
+    layout = PayloadLayout.for_model(model, packing)
+    record = ArrayRecord({k: Array(np.ascontiguousarray(v.numpy())) for k, v in tensors.items()})
+    try:
+        load_payload(model, record, layout)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+# ------------------------------------------------------------------------------------ exporting
+
+
+def compact_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a compact file stores: the ``state_dict`` without frozen generators (they come from the seed)."""
+    frozen = _frozen_keys(model)
+    return _tensors({k: v for k, v in model.state_dict().items() if k not in frozen})
+
+
+def save_compact(model: nn.Module, info: ModelInfo, path: str | Path) -> Path:
+    """Write the compact file of ``model`` (see the module docstring)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    gens = generators(model)
+    generator = "none" if not gens else ("seed" if all(g.frozen for g in gens.values()) else "stored")
+    metadata = {
+        "format": COMPACT_FORMAT,
+        "format-version": FORMAT_VERSION,
+        "generator": generator,
+        **info.to_metadata(),
+        **_input_metadata(info),
+    }
+    save_file(compact_tensors(model), str(path), metadata=metadata)
+    return path
+
+
+def _input_metadata(info: ModelInfo) -> dict[str, str]:
+    spec = get_spec(info.dataset)
+    return {
+        "input": f"float32 [N, {info.in_channels}, {spec.image_size[0]}, {spec.image_size[1]}], (x/255 - mean) / std",
+        "mean": json.dumps(list(spec.mean)),
+        "std": json.dumps(list(spec.std)),
+    }
+
+
+def example_input(info: ModelInfo, batch: int = 2) -> torch.Tensor:
+    spec = get_spec(info.dataset)
+    return torch.randn(batch, info.in_channels, *spec.image_size, generator=torch.Generator().manual_seed(0))
+
+
+def inference_model(model: nn.Module) -> nn.Module:
+    """The plain model an inference runtime runs: CSG convs materialized, eval mode, no gradients."""
+    plain = materialize(model) if is_csg(model) else model
+    plain = plain.to("cpu").eval()
+    for parameter in plain.parameters():
+        parameter.requires_grad_(False)
+    return plain
+
+
+def save_torchscript(model: nn.Module, info: ModelInfo, path: str | Path) -> Path:
+    """Trace the materialized model and save it (metadata in the archive's ``fedcsg.json``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plain = inference_model(model)
+    with warnings.catch_warnings():
+        # torch.jit is deprecated in favour of torch.export, but libtorch / PyTorch Mobile still load it.
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        # No check_trace: a static CNN traces exactly, and re-running it doubles the export time.
+        traced = torch.jit.trace(plain, example_input(info), check_trace=False)
+        extra = {"fedcsg.json": json.dumps({**info.to_metadata(), **_input_metadata(info)})}
+        torch.jit.save(traced, str(path), _extra_files=extra)
+    return path
+
+
+def save_onnx(model: nn.Module, info: ModelInfo, path: str | Path) -> Path:
+    """Export the materialized model to ONNX (input ``input``, output ``logits``, dynamic batch).
+
+    Uses torch's TorchScript-based exporter (``dynamo=False``), which needs only the ``onnx``
+    package; if that exporter is gone, the dynamo exporter (which also needs ``onnxscript``).
+    """
+    try:
+        import onnx
+    except ImportError:
+        raise ValueError("ONNX export needs the onnx package: pip install 'fedcsg[deploy]'") from None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plain = inference_model(model)
+    buffer = io.BytesIO()
+    kwargs: dict[str, Any] = {
+        "input_names": ["input"],
+        "output_names": ["logits"],
+        "opset_version": ONNX_OPSET,
+        "dynamic_axes": {"input": {0: "batch"}, "logits": {0: "batch"}},
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and constant-folding notes
+        try:
+            torch.onnx.export(plain, (example_input(info),), buffer, dynamo=False, **kwargs)
+        except TypeError:
+            kwargs.pop("dynamic_axes")
+            torch.onnx.export(plain, (example_input(info),), buffer, dynamo=True, external_data=False, **kwargs)
+    proto = onnx.load_from_string(buffer.getvalue())
+    for key, value in {**info.to_metadata(), **_input_metadata(info)}.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = f"fedcsg.{key}", value
+    onnx.checker.check_model(proto)
+    path.write_bytes(proto.SerializeToString())
+    return path
+
+
+def export_model(model: nn.Module, info: ModelInfo, fmt: str, path: str | Path) -> Path:
+    """Write ``model`` in ``fmt`` (one of :data:`EXPORT_FORMATS`) to ``path``."""
+    if fmt == "compact":
+        return save_compact(model, info, path)
+    if fmt == "torchscript":
+        return save_torchscript(model, info, path)
+    if fmt == "onnx":
+        return save_onnx(model, info, path)
+    raise ValueError(f"unknown export format {fmt!r}: accepted are {', '.join(EXPORT_FORMATS)}")
+
+
+def default_output(checkpoint: Path, fmt: str, directory: Path | None = None, arm: str = "model") -> Path:
+    """``NAME.compact.safetensors``, ``NAME.pt`` or ``NAME.onnx`` beside the checkpoint (or in
+    ``directory``); for a run directory, ``RUN/export/ARM.*``."""
+    if checkpoint.is_dir():
+        return (directory or checkpoint / "export") / f"{arm}{SUFFIXES[fmt]}"
+    name = checkpoint.name.removesuffix(".safetensors") + SUFFIXES[fmt]
+    return (directory or checkpoint.parent) / name
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    fmt: str,
+    out: str | Path | None = None,
+    run_config: dict[str, Any] | None = None,
+    arm: str | None = None,
+) -> Path:
+    """Load ``checkpoint`` and export it; ``out`` defaults to the checkpoint's name with the format's suffix."""
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}: accepted are {', '.join(EXPORT_FORMATS)}")
+    checkpoint = Path(checkpoint)
+    model, info = load_checkpoint(checkpoint, run_config=run_config, arm=arm)
+    target = Path(out) if out else default_output(checkpoint, fmt, arm=info.arm)
+    if target.resolve() == checkpoint.resolve():
+        raise ValueError(f"output {str(target)!r} would overwrite the checkpoint")
+    return export_model(model, info, fmt, target)
+
+
+def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, str]]:
+    """Load a TorchScript export and its ``fedcsg.json`` metadata."""
+    extra = {"fedcsg.json": ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    return module, json.loads(extra["fedcsg.json"] or "{}")

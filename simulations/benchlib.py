@@ -1,0 +1,128 @@
+"""Shared pieces of the benchmark scripts: run a command while timestamping its output lines and
+sampling the memory of its whole process tree (Ray's raylet, GCS and worker processes included),
+print a table, write JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _proc_table() -> dict[int, tuple[int, int, int]]:
+    """``pid -> (ppid, session id, rss bytes)`` of every process we can read."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            statm = Path(f"/proc/{entry}/statm").read_text().split()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        table[int(entry)] = (int(fields[1]), int(fields[3]), int(statm[1]) * PAGE_SIZE)
+    return table
+
+
+def tree_rss(root: int) -> int:
+    """Resident memory of ``root``, its descendants, and every process of its session (Ray starts
+    some daemons in new sessions of their own, which keep the root's session as their parent's)."""
+    table = _proc_table()
+    members = {root}
+    changed = True
+    while changed:
+        changed = False
+        for pid, (ppid, sid, _) in table.items():
+            if pid not in members and (ppid in members or sid == root):
+                members.add(pid)
+                changed = True
+    return sum(table[pid][2] for pid in members if pid in table)
+
+
+@dataclass
+class LoggedRun:
+    returncode: int
+    seconds: float
+    peak_rss: int
+    lines: list[tuple[float, str]] = field(default_factory=list)
+
+    def first_time(self, needle: str) -> float | None:
+        return next((t for t, line in self.lines if needle in line), None)
+
+
+def run_logged(
+    cmd: Sequence[str], env: dict[str, str] | None = None, timeout: float = 3600, poll: float = 0.25
+) -> LoggedRun:
+    """Run ``cmd`` in a new session; timestamp every output line (seconds since launch) and sample
+    the process tree's RSS every ``poll`` seconds. The whole session is killed at the end."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
+    lines: list[tuple[float, str]] = []
+    peak = 0
+    done = threading.Event()
+
+    def reader() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append((time.perf_counter() - start, line.rstrip("\n")))
+
+    def sampler() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, tree_rss(proc.pid))
+            done.wait(poll)
+
+    threads = [threading.Thread(target=reader, daemon=True), threading.Thread(target=sampler, daemon=True)]
+    for thread in threads:
+        thread.start()
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        done.set()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for thread in threads:
+            thread.join(timeout=5)
+    return LoggedRun(proc.returncode, time.perf_counter() - start, peak, lines)
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()} {cpu}, {os.cpu_count()} CPUs"
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    cells = [[str(h) for h in headers]] + [[f"{c:,.3f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for n, row in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def write_json(path: str | Path, document: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": machine(), **document}, indent=2))
+    print(f"wrote {path}")

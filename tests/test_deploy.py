@@ -1,0 +1,334 @@
+"""Deployment on Flower's engine: a real SuperLink with TLS and SuperNode authentication, two
+SuperNodes on 127.0.0.1, two rounds of the csg arm, a refused unregistered SuperNode; plus the
+certificate, key, command, relay and process helpers behind them.
+
+Every process is started on free ports with a temporary FLWR_HOME and stopped by its own PID
+(and the children Flower started under it) in ``finally`` blocks, pass or fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import socket
+import ssl
+import stat
+import sys
+import threading
+import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+from fedcsg import deploy_cli
+from fedcsg.config import RunConfig
+from fedcsg.deploy import (
+    INSECURE_WARNING,
+    Federation,
+    FederationPlan,
+    ProcessRecord,
+    descendants,
+    flwr_env,
+    free_port,
+    list_nodes,
+    make_certificates,
+    make_node_keys,
+    run_app,
+    start_federation,
+    start_process,
+    stop_processes,
+    superlink_command,
+    supernode_command,
+    wait_for_nodes,
+    write_connection,
+)
+from fedcsg.relay import ByteCountingRelay
+from fedcsg.task import build_arm_model, payload_layout
+
+ROOT = Path(__file__).resolve().parents[1]
+# Bounds of the integration tests: generous for a loaded 2-core machine, far from "hangs for ever".
+STARTUP_TIMEOUT = 120.0
+RUN_TIMEOUT = 300.0
+
+
+def _cli(argv: list[str]) -> int:
+    from fedcsg.cli import OneLineParser
+
+    parser = OneLineParser(prog="fedcsg")
+    deploy_cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+# ------------------------------------------------------------------------ the real federation
+
+
+@pytest.fixture(scope="module")
+def secure_federation(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Iterator[Federation]:
+    """A SuperLink (TLS, --enable-supernode-auth) and two registered SuperNodes, stopped at the end."""
+    plan = FederationPlan(
+        directory=tmp_path_factory.mktemp("federation"),
+        nodes=2,
+        data_dir=data_dir,
+        connection="fedcsg-test",
+        # Two ClientApps train at once: one thread each on a shared 2-core machine.
+        env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+    )
+    federation = start_federation(plan, startup_timeout=STARTUP_TIMEOUT)
+    try:
+        wait_for_nodes(federation, 2, timeout=STARTUP_TIMEOUT)
+        yield federation
+    finally:
+        stopped = federation.stop()
+        assert stopped, "the federation's processes were already gone before the end of the tests"
+        time.sleep(0.5)
+        assert not any(federation.alive().values()), federation.alive()
+
+
+def test_secure_federation_runs_two_rounds_of_csg(secure_federation: Federation, data_dir: Path) -> None:
+    federation = secure_federation
+    assert federation.secure and len(federation.node_ids) == 2
+    superlink = federation.processes[0]
+    assert "--enable-supernode-auth" in superlink.command and "--insecure" not in superlink.command
+    assert all("--auth-supernode-private-key" in p.command for p in federation.processes[1:])
+    assert {int(n["node-id"]) for n in list_nodes(federation.flwr_home, federation.connection)} == set(
+        federation.node_ids
+    )
+    _assert_tls_only(federation)
+
+    out_dir = Path(federation.directory) / "run"
+    run_config = {
+        "arm": "csg",
+        "num-rounds": 2,
+        "num-clients": 2,
+        "train-limit": 128,
+        "test-limit": 100,
+        "batch-size": 32,
+        "eval-batch-size": 100,
+        "device": "cpu",
+        "data-dir": str(data_dir),
+        "out-dir": str(out_dir),
+        "round-timeout": RUN_TIMEOUT,
+    }
+    outcome = run_app(federation, ROOT, run_config, timeout=RUN_TIMEOUT)
+    log_tail = Path(outcome.log).read_text(errors="replace")[-2000:]
+    assert (outcome.status, outcome.sub_status) == ("finished", "completed"), log_tail
+
+    record = json.loads((out_dir / "arms" / "csg.json").read_text())
+    cfg = RunConfig(arm="csg")
+    payload = payload_layout(cfg, build_arm_model(cfg)).nbytes
+    assert record["arm"] == "csg" and record["payload_bytes"] == payload
+    assert [r["round"] for r in record["rounds"]] == [0, 1, 2]
+    for entry in record["rounds"][1:]:
+        assert (entry["sampled"], entry["replied"], entry["failed"], entry["rejected"]) == (2, 2, 0, 0), entry
+        assert sorted(entry["partitions"]) == [0, 1]  # each SuperNode trained its own node-config partition
+        assert entry["payload_down"] == entry["payload_up"] == 2 * payload
+        assert entry["wire_up"] > entry["payload_up"] and entry["wire_down"] > entry["payload_down"]
+        assert 0.0 <= entry["test_accuracy"] <= 1.0 and math.isfinite(entry["train_loss"])
+    assert (out_dir / "results.json").is_file() and (out_dir / "report.md").is_file()
+    log = Path(superlink.log).read_text(errors="replace")
+    for node_id in federation.node_ids:
+        assert f"Activated node_id={node_id}" in log
+
+
+def _assert_tls_only(federation: Federation) -> None:
+    """The SuperLink's port speaks TLS with a certificate our CA signed, and not plain HTTP."""
+    host, port = federation.address.rsplit(":", 1)
+    context = ssl.create_default_context(cafile=str(Path(federation.directory) / "certs" / "ca.crt"))
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname=host) as tls:
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        raw.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw.settimeout(10)
+        try:
+            reply = raw.recv(64)
+        except (ConnectionResetError, TimeoutError):
+            reply = b""
+    assert not reply.startswith(b"HTTP/"), reply
+
+
+def test_unregistered_supernode_is_refused(secure_federation: Federation, tmp_path: Path, data_dir: Path) -> None:
+    federation = secure_federation
+    ca = Path(federation.directory) / "certs" / "ca.crt"
+    rogue = make_node_keys(tmp_path / "rogue-keys", 1)[0]  # a valid key pair the SuperLink was never given
+    command = supernode_command(federation.address, 0, 2, free_port(), ca, rogue.private, data_dir=data_dir)
+    process, record = start_process("rogue-supernode", command, tmp_path / "rogue.log", flwr_env(tmp_path))
+    try:
+        returncode = process.wait(timeout=STARTUP_TIMEOUT)
+    finally:
+        stop_processes([record])
+    log = Path(record.log).read_text(errors="replace")
+    assert returncode != 0, log
+    assert "Failed to activate SuperNode" in log
+    superlink_log = Path(federation.processes[0].log).read_text(errors="replace")
+    assert "No SuperNode found with the given public key" in superlink_log
+    nodes = list_nodes(federation.flwr_home, federation.connection)
+    assert {int(n["node-id"]) for n in nodes} == set(federation.node_ids)  # nobody new joined
+
+
+# --------------------------------------------------------------------- certificates and keys
+
+
+def test_certificates_chain_to_the_ca(tmp_path: Path) -> None:
+    files = make_certificates(tmp_path / "certs", hosts=("127.0.0.1", "localhost", "link.example"), nodes=2)
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "link.example" in sans.get_values_for_type(x509.DNSName)
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert not server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    for cert, key in files.node_certs:
+        x509.load_pem_x509_certificate(cert.read_bytes()).verify_directly_issued_by(ca)
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    for key in (files.ca_key, files.server_key):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    # Python's own TLS stack accepts the pair: a server context loads it, a client trusts the CA.
+    ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(files.server_cert, files.server_key)
+    ssl.create_default_context(cafile=str(files.ca_cert))
+    with pytest.raises(FileExistsError):
+        make_certificates(tmp_path / "certs")
+    with pytest.raises(ValueError):
+        make_certificates(tmp_path / "other", hosts=())
+
+
+def test_node_keys_are_what_flower_reads(tmp_path: Path) -> None:
+    keys = make_node_keys(tmp_path, 3)
+    publics = set()
+    for key in keys:
+        private = load_ssh_private_key(key.private.read_bytes(), None)
+        public = load_ssh_public_key(key.public.read_bytes())
+        assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
+        assert public.public_numbers() == private.public_key().public_numbers()
+        assert stat.S_IMODE(key.private.stat().st_mode) == 0o600
+        publics.add(key.public.read_bytes())
+    assert len(publics) == 3
+    with pytest.raises(FileExistsError):
+        make_node_keys(tmp_path, 1)
+
+
+def test_commands_are_secure_unless_asked(tmp_path: Path) -> None:
+    files = make_certificates(tmp_path / "certs")
+    secure = superlink_command("127.0.0.1", 9999, files)
+    assert "--enable-supernode-auth" in secure and "--insecure" not in secure
+    assert secure[secure.index("--ssl-ca-certfile") + 1] == str(files.ca_cert)
+    assert "--insecure" in superlink_command("127.0.0.1", 9999, None)
+    node = supernode_command("127.0.0.1:9999", 1, 4, 9100, files.ca_cert, tmp_path / "k", data_dir=tmp_path)
+    assert "--insecure" not in node and "--auth-supernode-private-key" in node
+    assert node[node.index("--node-config") + 1] == f'partition-id=1 num-partitions=4 data-dir="{tmp_path}"'
+    with pytest.raises(ValueError, match="without TLS"):
+        supernode_command("127.0.0.1:9999", 0, 2, 9100, None, tmp_path / "k")
+    with pytest.raises(ValueError, match="root_certificates"):
+        write_connection(tmp_path / "home", "x", "127.0.0.1:9999")
+
+
+def test_connection_entries_keep_the_others(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
+    write_connection(home, "edge", "10.0.0.5:9093", root_certificates=tmp_path / "ca.crt")
+    write_connection(home, "debug", "127.0.0.1:9093", insecure=True)
+    config = tomllib.loads((home / "config.toml").read_text())["superlink"]
+    assert config["default"] == "local" and config["local"]["address"] == ":local:"
+    assert config["edge"] == {"address": "10.0.0.5:9093", "root-certificates": str((tmp_path / "ca.crt").resolve())}
+    assert config["debug"] == {"address": "127.0.0.1:9093", "insecure": True}
+
+
+def test_cli_certs_keys_and_loud_insecure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert _cli(["deploy", "certs", "--out", str(tmp_path / "c"), "--nodes", "1"]) == 0
+    assert (tmp_path / "c" / "node-0.crt").is_file()
+    with pytest.raises(FileExistsError):
+        _cli(["deploy", "certs", "--out", str(tmp_path / "c")])
+    assert _cli(["deploy", "keys", "--out", str(tmp_path / "k"), "--nodes", "2"]) == 0
+    assert (tmp_path / "k" / "node-1.key.pub").is_file()
+    with pytest.raises(FileNotFoundError, match="deploy up"):
+        _cli(["deploy", "down", "--dir", str(tmp_path / "nothing")])
+    capsys.readouterr()
+
+    import fedcsg.deploy
+
+    def refuse(plan: FederationPlan, **_: object) -> Federation:
+        assert plan.insecure
+        raise RuntimeError("not starting processes in this test")
+
+    monkeypatch.setattr(fedcsg.deploy, "start_federation", refuse)
+    with pytest.raises(RuntimeError, match="not starting"):
+        _cli(["deploy", "up", "--dir", str(tmp_path / "f"), "--insecure", "--data-dir", str(tmp_path)])
+    assert INSECURE_WARNING in capsys.readouterr().err
+    with pytest.raises(SystemExit) as error:
+        _cli(["deploy", "up", "--dir", str(tmp_path / "f"), "--nodes", "0"])
+    assert error.value.code == 2
+
+
+# ------------------------------------------------------------------------------ relay, processes
+
+
+def test_relay_counts_every_byte_each_way() -> None:
+    received: list[int] = []
+
+    async def echo_twice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(1 << 16):
+            received.append(len(data))
+            writer.write(data + data)
+            await writer.drain()
+        writer.close()
+
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(asyncio.start_server(echo_twice, "127.0.0.1", 0))
+    port = server.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        with ByteCountingRelay("127.0.0.1", port) as relay:
+            start = relay.now()
+            sent = 0
+            with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as client:
+                for size in (1, 1000, 300_000):
+                    client.sendall(b"x" * size)
+                    sent += size
+                    expected, got = 2 * size, 0
+                    while got < expected:
+                        got += len(client.recv(1 << 20))
+            time.sleep(0.2)
+            traffic = relay.traffic(start, relay.now())
+            assert (traffic.up, traffic.down, traffic.connections) == (sent, 2 * sent, 1)
+            assert relay.traffic(relay.now(), None).total == 0
+    finally:
+        server.close()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+
+
+def test_stop_processes_reaches_detached_children(tmp_path: Path) -> None:
+    # A parent that detaches a child into its own session, as flower-superlink does with SuperExec.
+    script = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True)\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    process, record = start_process("parent", [sys.executable, "-c", script], tmp_path / "p.log", dict(os.environ))
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "p.log").read_text().strip() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        child = int((tmp_path / "p.log").read_text().split()[0])
+        assert child in descendants(process.pid)
+    finally:
+        stopped = stop_processes([record], grace=5)
+    assert process.pid in stopped and child in stopped
+    assert process.poll() is not None
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split(")")[1][:3]
+    # A recorded PID whose program is not the recorded one is left alone (PID reuse).
+    assert not ProcessRecord("other", os.getpid(), ["flower-superlink"], "").alive()
