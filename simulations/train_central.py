@@ -40,10 +40,10 @@ import torch
 from torch import nn
 
 from fedcsg.csg import SliceShape
-from fedcsg.runtime import tune_malloc
 from fedcsg.data import DATASETS, ImageData, TensorBatches, load_split
 from fedcsg.models import build_model, default_csg_config, model_spec
 from fedcsg.params import count_parameters
+from fedcsg.runtime import tune_malloc
 from fedcsg.training import SCHEDULES, evaluate, get_device, make_optimizer, set_seed, step_lr, train_epoch
 
 ARM_NAMES: tuple[str, ...] = ("plain", "csg")
