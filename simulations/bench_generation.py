@@ -86,7 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--code-dim", type=positive_int, default=None, help="code dim (default: the model's)")
     parser.add_argument("--train-batch", type=positive_int, default=64, help="train step batch size")
     parser.add_argument("--eval-batch", type=positive_int, default=256, help="evaluation batch size")
-    parser.add_argument("--eval-batches", type=positive_int, default=1, help="batches per evaluation pass")
+    parser.add_argument(
+        "--eval-batches",
+        type=positive_int,
+        default=8,
+        help="batches per evaluation pass; the cache is cleared at the start of each pass, so a pass pays one "
+        "generation, as evaluating a test set after a round does",
+    )
     parser.add_argument("--repeats", type=positive_int, default=20, help="timed train steps per model and variant")
     parser.add_argument(
         "--eval-repeats", type=positive_int, default=None, help="timed evaluation passes (default: repeats // 2)"
