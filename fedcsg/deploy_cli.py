@@ -14,17 +14,9 @@ import shlex
 import sys
 from pathlib import Path
 
+from fedcsg.cli import _positive_int
+
 EXPORT_CHOICES = ("compact", "torchscript", "onnx", "all")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer (a positive integer is accepted)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} is not positive (a positive integer is accepted)")
-    return value
 
 
 def _port(text: str) -> int:
