@@ -23,16 +23,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from benchlib import print_table, run_logged, write_json
+from benchlib import print_table, run_fedcsg, write_json
 
 from fedcsg.config import RunConfig
 from fedcsg.payload import load_payload, model_payload, weighted_average
@@ -44,16 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def engine_rounds(cfg: RunConfig, sets: dict[str, object], timeout: float) -> dict:
     """Run ``fedcsg run`` in a fresh process; return its per-round seconds and start-up time."""
-    with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
-        out = Path(tmp) / "run"
-        args = [sys.executable, "-m", "fedcsg.cli", "run", "--arm", cfg.arm, "--out", str(out)]
-        for key, value in sets.items():
-            args += ["--set", f"{key}={json.dumps(value)}"]
-        run = run_logged(args, env=dict(os.environ), timeout=timeout)
-        if run.returncode != 0:
-            tail = "\n".join(line for _, line in run.lines[-30:])
-            raise RuntimeError(f"fedcsg run failed ({run.returncode}):\n{tail}")
-        rounds = json.loads((out / "arms" / f"{cfg.arm}.json").read_text())["rounds"]
+    run, rounds = run_fedcsg(cfg.arm, sets, timeout)
     return {
         "round_seconds": [r["seconds"] for r in rounds if r["round"] > 0],
         "startup_seconds": run.first_time("round 0/"),

@@ -19,14 +19,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
-from benchlib import print_table, run_logged, write_json
+from benchlib import print_table, run_fedcsg, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,16 +42,8 @@ def scale_run(count: int, args: argparse.Namespace) -> dict:
         "local-epochs": 1,
         "device": args.device,
     }
-    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
-        out = Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "fedcsg.cli", "run", "--arm", args.arm, "--out", str(out)]
-        for key, value in sets.items():
-            cmd += ["--set", f"{key}={json.dumps(value)}"]
-        run = run_logged(cmd, env=dict(os.environ), timeout=args.timeout)
-        if run.returncode != 0:
-            tail = "\n".join(line for _, line in run.lines[-30:])
-            raise RuntimeError(f"fedcsg run with {count} clients failed ({run.returncode}):\n{tail}")
-        rounds = [r for r in json.loads((out / "arms" / f"{args.arm}.json").read_text())["rounds"] if r["round"] > 0]
+    run, records = run_fedcsg(args.arm, sets, args.timeout)
+    rounds = [r for r in records if r["round"] > 0]
     seconds = [r["seconds"] for r in rounds]
     return {
         "clients": count,

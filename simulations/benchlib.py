@@ -9,6 +9,8 @@ import os
 import platform
 import signal
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -100,6 +102,22 @@ def run_logged(
     return LoggedRun(proc.returncode, time.perf_counter() - start, peak, lines)
 
 
+def run_fedcsg(arm: str, sets: dict[str, object], timeout: float) -> tuple[LoggedRun, list[dict]]:
+    """Run ``fedcsg run --arm ARM --set KEY=VALUE...`` in a fresh process (as a user would) into a
+    temporary directory; return the logged run and the arm's round records."""
+    with tempfile.TemporaryDirectory(prefix="fedcsg-bench-") as tmp:
+        out = Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "fedcsg.cli", "run", "--arm", arm, "--out", str(out)]
+        for key, value in sets.items():
+            cmd += ["--set", f"{key}={json.dumps(value)}"]
+        run = run_logged(cmd, env=dict(os.environ), timeout=timeout)
+        if run.returncode != 0:
+            tail = "\n".join(line for _, line in run.lines[-30:])
+            raise RuntimeError(f"fedcsg run {' '.join(cmd[5:])} failed ({run.returncode}):\n{tail}")
+        rounds = json.loads((out / "arms" / f"{arm}.json").read_text())["rounds"]
+    return run, rounds
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:
@@ -124,5 +142,5 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
 def write_json(path: str | Path, document: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"machine": machine(), **document}, indent=2))
+    path.write_text(json.dumps({"machine": machine(), **document}, indent=2) + "\n")
     print(f"wrote {path}")
