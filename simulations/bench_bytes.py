@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import platform
 import sys
 import time
@@ -44,6 +43,7 @@ from pathlib import Path
 
 import flwr
 import torch
+from benchlib import write_json
 from flwr.app import Message, RecordDict
 
 from fedcsg.config import RunConfig
@@ -313,9 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seconds": time.perf_counter() - start,
         "rows": rows,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_json(args.json, report)
     return 0 if all_pass else 1
 
 

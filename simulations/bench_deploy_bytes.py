@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 import flwr
+from benchlib import write_json
 
 from fedcsg.deploy import FederationPlan, RunOutcome, free_port, run_app, start_federation, wait_for_nodes
 from fedcsg.relay import ByteCountingRelay, Traffic
@@ -223,10 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.time() - started, 1),
         "arms": results,
     }
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=1))
-    print(f"wrote {path}")
+    write_json(args.json, document)
     return 0
 
 

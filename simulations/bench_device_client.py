@@ -42,6 +42,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchlib import write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -194,10 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_after": load_after,
         "rows": rows,
     }
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=1))
-    print(f"wrote {path}")
+    write_json(args.json, document)
     return 0
 
 

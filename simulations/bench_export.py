@@ -20,7 +20,6 @@ Writes ``simulations/results/bench_export.json`` (``--json`` to change).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from benchlib import write_json
 
 from fedcsg.export import EXPORT_FORMATS, ModelInfo, export_model, load_torchscript, save_checkpoint
 
@@ -188,10 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": size_rows,
         "agreement": check,
     }
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=1))
-    print(f"wrote {path}")
+    write_json(args.json, document)
     return 0
 
 

@@ -34,7 +34,6 @@ Exit status: 0 when every target is met, 1 otherwise.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -45,6 +44,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from benchlib import write_json
 from torch import nn
 
 from fedcsg.config import RunConfig
@@ -384,9 +384,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
         "seconds": time.perf_counter() - start,
         "rows": rows,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_json(args.json, report)
     return 0 if all_pass else 1
 
 

@@ -27,7 +27,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from benchlib import write_json
 from torch import nn
 
 from fedcsg.csg import SliceShape
@@ -278,9 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "seconds": time.perf_counter() - start,
             "arms": summaries,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, report)
     return 0
 
 

@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-SIMULATIONS = Path(__file__).resolve().parents[1] / "simulations"
 
-
-def load_script(name: str) -> ModuleType:
-    """Import simulations/<name>.py (simulations/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", SIMULATIONS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_bench_bytes_smoke(tmp_path: Path) -> None:
+def test_bench_bytes_smoke(tmp_path: Path, load_script: Callable[[str], ModuleType]) -> None:
     out = tmp_path / "x.json"
     code = load_script("bench_bytes").main(
         ["--models", "resnet20,resnet56", "--slices", "12x12x3x3:72", "--packing", "flat", "--json", str(out)]
@@ -44,7 +31,7 @@ def test_bench_bytes_smoke(tmp_path: Path) -> None:
     assert rows[("resnet56", "csg")]["wire_ratio_up"] >= 5.0
 
 
-def test_bench_generation_smoke(tmp_path: Path) -> None:
+def test_bench_generation_smoke(tmp_path: Path, load_script: Callable[[str], ModuleType]) -> None:
     out = tmp_path / "x.json"
     argv = "--models resnet20 --repeats 2 --warmup 1 --train-batch 8 --eval-batch 8 --threads 1".split()
     code = load_script("bench_generation").main([*argv, "--device", "cpu", "--json", str(out)])

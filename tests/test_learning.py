@@ -19,10 +19,8 @@ on the shared 2-core machine, depending on its load.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -34,7 +32,6 @@ from fedcsg.models import build_model, default_csg_config
 from fedcsg.params import count_parameters
 from fedcsg.training import evaluate, make_optimizer, set_seed, step_lr, train_epoch
 
-SIMULATIONS = Path(__file__).resolve().parents[1] / "simulations"
 CHANCE = 0.10
 THRESHOLD = 0.25
 SEED = 0
@@ -86,21 +83,13 @@ def test_csg_resnet20_learns_cifar10(cifar_subset: tuple[ImageData, ImageData]) 
     assert accuracy >= THRESHOLD, f"CSG ResNet-20 test accuracy {accuracy:.3f} < {THRESHOLD} (chance {CHANCE})"
 
 
-def _load_train_central() -> ModuleType:
-    """Import simulations/train_central.py (simulations/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("_sim_train_central", SIMULATIONS / "train_central.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_train_central_main_end_to_end(tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_central_main_end_to_end(
+    tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str], load_script: Callable[[str], ModuleType]
+) -> None:
     out = tmp_path / "central.json"
     previous = torch.get_num_threads()
     try:
-        code = _load_train_central().main(
+        code = load_script("train_central").main(
             [
                 "--model", "resnet20",
                 "--train-limit", "256",
