@@ -30,7 +30,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from fedcsg.payload import PayloadLayout, check_record
-from fedcsg.results import atomic_write_bytes, atomic_write_text
+from fedcsg.results import atomic_write_bytes, atomic_write_text, strict_json
 
 STATE_DIR = "state"
 FORMAT = 1
@@ -128,7 +128,7 @@ def save_checkpoint(
         "rounds": rounds,
     }
     path = state_path(out_dir, arm)
-    atomic_write_text(path, json.dumps(document, indent=1))
+    atomic_write_text(path, strict_json(document))
     for stale in path.parent.glob(f"{arm}-round-*.safetensors"):
         if stale != weights:
             stale.unlink(missing_ok=True)

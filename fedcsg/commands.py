@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from fedcsg.checkpoint import STATE_DIR, read_state
-from fedcsg.config import RunConfig, load_experiment
+from fedcsg.config import DEFAULT_EXPERIMENT, RunConfig, load_experiment, shipped_experiments
 from fedcsg.payload import ARMS, PACKINGS, check_arm
-
-DEFAULT_CONFIG = "configs/quickstart.toml"
+from fedcsg.results import REPORT_FILES, seed_dir, seed_dirs_in
 
 
 def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -29,19 +28,43 @@ def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return values
 
 
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """--set KEY=VALUE pairs, and --seeds as the run setting ``seeds``."""
+    values = _parse_overrides(args.set or [])
+    if getattr(args, "seeds", None) is not None:
+        values["seeds"] = args.seeds
+    return values
+
+
+def _canonical(cfg: RunConfig) -> RunConfig:
+    """A several-seed config with ``seed`` set to its first seed, so that it reads the same
+    whichever seed's directory it is recovered from."""
+    return cfg.replace(seed=cfg.seed_list[0]) if cfg.seeds else cfg
+
+
 def resolve_config(args: argparse.Namespace) -> RunConfig:
-    cfg = load_experiment(args.config or DEFAULT_CONFIG)
-    overrides = _parse_overrides(args.set or [])
-    return RunConfig.from_mapping(overrides, cfg) if overrides else cfg
+    cfg = load_experiment(args.config or DEFAULT_EXPERIMENT)
+    overrides = _overrides(args)
+    return _canonical(RunConfig.from_mapping(overrides, cfg) if overrides else cfg)
+
+
+def seed_runs(cfg: RunConfig, out_dir: Path) -> list[tuple[RunConfig, Path]]:
+    """Each run of ``cfg`` with the directory it writes to: one run in ``out_dir`` itself, or with
+    ``seeds`` one run per seed in ``out_dir/seed-N`` (``seed`` = N: partitions, initial models,
+    client sampling and augmentation all follow it)."""
+    if not cfg.seeds:
+        return [(cfg, out_dir)]
+    return [(cfg.replace(seed=seed), seed_dir(out_dir, seed)) for seed in cfg.seed_list]
 
 
 def _run_files(out_dir: Path) -> list[Path]:
-    """The files by which a directory holds a run: arm records and checkpoints."""
+    """The files by which a directory holds a run: arm records and checkpoints, its seeds' too."""
     return [
         path
+        for directory in (out_dir, *seed_dirs_in(out_dir).values())
         for sub in ("arms", STATE_DIR)
-        if (out_dir / sub).is_dir()
-        for path in sorted((out_dir / sub).glob("*.json"))
+        if (directory / sub).is_dir()
+        for path in sorted((directory / sub).glob("*.json"))
     ]
 
 
@@ -53,7 +76,8 @@ def _same_run(cfg: RunConfig, other: dict[str, Any]) -> list[str]:
 
 def prepare_out_dir(out_dir: Path, cfg: RunConfig, arms: list[str], overwrite: bool) -> None:
     """Refuse a directory that already holds results of these arms or of another config, unless
-    ``overwrite``; nothing is written before this check passes."""
+    ``overwrite`` (which deletes them, its seed directories' included); nothing is written before
+    this check passes."""
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"output path {str(out_dir)!r} exists and is not a directory")
     existing = _run_files(out_dir) if out_dir.is_dir() else []
@@ -74,12 +98,13 @@ def prepare_out_dir(out_dir: Path, cfg: RunConfig, arms: list[str], overwrite: b
     if overwrite:
         for path in existing:
             path.unlink()
-        state = out_dir / STATE_DIR
-        if state.is_dir():
-            for path in [*state.glob("*.safetensors"), *state.glob(".*.tmp")]:
-                path.unlink()
-        for name in ("results.json", "results.csv", "report.md", "accuracy_vs_bytes.png", "accuracy_vs_round.png"):
-            (out_dir / name).unlink(missing_ok=True)
+        for directory in (out_dir, *seed_dirs_in(out_dir).values()):
+            state = directory / STATE_DIR
+            if state.is_dir():
+                for path in [*state.glob("*.safetensors"), *state.glob(".*.tmp")]:
+                    path.unlink()
+            for name in REPORT_FILES:
+                (directory / name).unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -104,8 +129,9 @@ def check_data(cfg: RunConfig) -> None:
 def _simulate_arm(cfg: RunConfig, arm: str, out_dir: Path, verbose: bool) -> None:
     from fedcsg.simulation import simulate
 
+    seed = f", seed {cfg.seed}" if cfg.seeds else ""
     print(
-        f"== arm {arm}: {cfg.model} on {cfg.dataset}, {cfg.num_clients} clients, {cfg.num_rounds} rounds",
+        f"== arm {arm}: {cfg.model} on {cfg.dataset}, {cfg.num_clients} clients, {cfg.num_rounds} rounds{seed}",
         flush=True,
     )
     simulate(cfg.replace(arm=arm), out_dir, verbose=verbose)
@@ -123,11 +149,33 @@ def _finish(out_dir: Path) -> int:
     return 0
 
 
+def _check_layout(out_dir: Path, cfg: RunConfig) -> None:
+    """Refuse a directory that holds a one-seed run when several seeds are asked for, or the other
+    way round."""
+    held = seed_dirs_in(out_dir)
+    if cfg.seeds and (out_dir / "arms").is_dir():
+        raise FileExistsError(
+            f"output directory {str(out_dir)!r} holds a one-seed run: pass --overwrite or choose another --out"
+        )
+    if not cfg.seeds and held:
+        raise FileExistsError(
+            f"output directory {str(out_dir)!r} holds a run over seeds {', '.join(map(str, held))}: "
+            "pass --overwrite or choose another --out"
+        )
+
+
 def _run_arms(cfg: RunConfig, arms: list[str], out_dir: Path, overwrite: bool, verbose: bool) -> int:
     check_data(cfg)
-    prepare_out_dir(out_dir, cfg, arms, overwrite)
-    for arm in arms:
-        _simulate_arm(cfg, arm, out_dir, verbose)
+    runs = seed_runs(cfg, out_dir)
+    if overwrite:  # everything of an earlier run goes, whatever its seeds
+        prepare_out_dir(out_dir, cfg, arms, overwrite=True)
+    else:
+        _check_layout(out_dir, cfg)
+    for run_cfg, run_dir in runs:
+        prepare_out_dir(run_dir, run_cfg, arms, overwrite=False)
+    for run_cfg, run_dir in runs:
+        for arm in arms:
+            _simulate_arm(run_cfg, arm, run_dir, verbose)
     return _finish(out_dir)
 
 
@@ -151,13 +199,13 @@ def saved_config(out_dir: Path) -> RunConfig:
     if not files:
         raise ValueError(
             f"resume directory {str(out_dir)!r} holds no fedcsg run: accepted is the --out of an earlier "
-            "fedcsg run or compare (with state/*.json or arms/*.json)"
+            "fedcsg run or compare (with state/*.json or arms/*.json, or seed-N/ directories holding them)"
         )
     recorded = _read_json(files[0]).get("config")
     if not isinstance(recorded, dict):
         raise ValueError(f"{str(files[0])!r} records no config: it is not a fedcsg record")
     try:
-        return RunConfig.from_mapping({k: v for k, v in recorded.items() if k != "resume"})
+        return _canonical(RunConfig.from_mapping({k: v for k, v in recorded.items() if k != "resume"}))
     except ValueError as error:
         raise ValueError(f"{files[0]}: recorded config: {error}") from None
 
@@ -166,10 +214,15 @@ def resume_config(args: argparse.Namespace, out_dir: Path) -> RunConfig:
     """The saved config, or the one given by --config/--set when it has the same identity."""
     saved = saved_config(out_dir)
     cfg = saved
-    if args.config or args.set:
+    overrides = _overrides(args)
+    if args.config or overrides:
         base = load_experiment(args.config) if args.config else saved
-        overrides = _parse_overrides(args.set or [])
-        cfg = RunConfig.from_mapping(overrides, base) if overrides else base
+        cfg = _canonical(RunConfig.from_mapping(overrides, base) if overrides else base)
+        if cfg.seed_list != saved.seed_list:
+            raise ValueError(
+                f"seeds {','.join(map(str, cfg.seed_list))} differ from the run in {str(out_dir)!r} "
+                f"(seeds {','.join(map(str, saved.seed_list))}); accepted is the saved config"
+            )
         differing = _same_run(cfg, saved.identity())
         if differing:
             shown = ", ".join(f"{k} = {cfg.identity()[k]!r} (saved {saved.identity()[k]!r})" for k in differing[:4])
@@ -212,18 +265,21 @@ def arm_progress(out_dir: Path, cfg: RunConfig, arm: str) -> int | None:
 
 
 def _resume_arms(cfg: RunConfig, arms: list[str], out_dir: Path, verbose: bool) -> int:
-    """Skip the complete arms, continue the started one, run the missing ones; everything is
-    validated before anything runs or is written."""
+    """Skip the complete arms, continue the started one, run the missing ones (of every seed);
+    everything is validated before anything runs or is written."""
     check_data(cfg)
-    progress = {arm: arm_progress(out_dir, cfg, arm) for arm in arms}
-    for arm in arms:
-        done = progress[arm]
-        if done is not None and done >= cfg.num_rounds:
-            print(f"== arm {arm}: complete ({cfg.num_rounds} rounds), skipped", flush=True)
-            continue
-        if done is not None:
-            print(f"== arm {arm}: resuming after round {done}", flush=True)
-        _simulate_arm(cfg, arm, out_dir, verbose)
+    runs = seed_runs(cfg, out_dir)
+    progress = [{arm: arm_progress(run_dir, run_cfg, arm) for arm in arms} for run_cfg, run_dir in runs]
+    for (run_cfg, run_dir), done_by_arm in zip(runs, progress, strict=True):
+        seed = f" (seed {run_cfg.seed})" if cfg.seeds else ""
+        for arm in arms:
+            done = done_by_arm[arm]
+            if done is not None and done >= cfg.num_rounds:
+                print(f"== arm {arm}{seed}: complete ({cfg.num_rounds} rounds), skipped", flush=True)
+                continue
+            if done is not None:
+                print(f"== arm {arm}{seed}: resuming after round {done}", flush=True)
+            _simulate_arm(run_cfg, arm, run_dir, verbose)
     return _finish(out_dir)
 
 
@@ -232,7 +288,9 @@ def _arms_in(out_dir: Path) -> list[str]:
 
 
 def _default_out(args: argparse.Namespace) -> Path:
-    return Path(args.out) if args.out else Path("runs") / Path(args.config or DEFAULT_CONFIG).stem
+    """``--out``, else runs/<experiment name> in the current directory."""
+    name = Path(args.config).name.removesuffix(".toml") if args.config else DEFAULT_EXPERIMENT
+    return Path(args.out) if args.out else Path("runs") / name
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -261,6 +319,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.resume:
         return _resume_arms(cfg, arms, out_dir, args.verbose)
     return _run_arms(cfg, arms, _default_out(args), args.overwrite, args.verbose)
+
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    """List the shipped experiment files, each with the first line of its description."""
+    for name, path in shipped_experiments().items():
+        lines = path.read_text().splitlines()
+        about = next((line.lstrip("# ").strip() for line in lines if line.startswith("#")), "")
+        print(f"{name:<32}{about}")
+    if args.paths:
+        print(f"\n(in {next(iter(shipped_experiments().values())).parent})")
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -340,8 +409,17 @@ def register(
         ("compare", cmd_compare, "run several arms on the same partitions and seed, then report"),
     ):
         parser = sub.add_parser(name, help=help_text)
-        parser.add_argument("--config", help=f"experiment TOML (default {DEFAULT_CONFIG}; --resume: the saved one)")
-        parser.add_argument("--out", help="output directory (default runs/<config name>)")
+        parser.add_argument(
+            "--config",
+            help=f"experiment: a TOML file or a shipped name (`fedcsg configs`; default {DEFAULT_EXPERIMENT}; "
+            "--resume: the saved one)",
+        )
+        parser.add_argument("--out", help="output directory (default ./runs/<config name>)")
+        parser.add_argument(
+            "--seeds",
+            metavar="N,N,...",
+            help="run every arm once per seed (run setting `seeds`); the report gives mean and std over them",
+        )
         parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
         parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")
         parser.add_argument(
@@ -356,6 +434,12 @@ def register(
             parser.add_argument("--arms", help="comma-separated arms (default: the config's arms)")
         parser.set_defaults(handler=handler)
 
-    report = sub.add_parser("report", help="rebuild results.json/csv, report.md and plots from DIR/arms")
+    configs = sub.add_parser("configs", help="list the experiment files that ship with fedcsg (--config NAME)")
+    configs.add_argument("--paths", action="store_true", help="also print the folder they are in")
+    configs.set_defaults(handler=cmd_configs)
+
+    report = sub.add_parser(
+        "report", help="rebuild results.json/csv, report.md and plots from DIR/arms (or DIR/seed-N/arms)"
+    )
     report.add_argument("dir")
     report.set_defaults(handler=cmd_report)

@@ -1,8 +1,9 @@
 """Run settings: one validated dataclass behind [tool.flwr.app.config], experiment files and the CLI.
 
-Experiment files (configs/*.toml) hold flat kebab-case keys, only those that differ from the
-defaults; ``flwr run . --run-config configs/X.toml`` and ``fedcsg run --config configs/X.toml``
-read the same files.
+Experiment files hold flat kebab-case keys, only those that differ from the defaults. They ship
+with the package (fedcsg/configs/NAME.toml, reachable from a checkout as configs/NAME.toml), so
+``fedcsg run --config NAME`` finds them from any directory; ``flwr run . --run-config
+configs/NAME.toml`` and ``fedcsg run --config path/to/file.toml`` read the same files.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 from dataclasses import dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,9 @@ LR_SCHEDULES = ("constant", "step", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 FAILED_ROUND_POLICIES = ("skip", "retry")
 # Keys that say where or how a run is carried out, not what it computes: a resumed run may differ in them.
-NOT_IDENTITY_KEYS = ("out-dir", "arms", "resume")
+# `seeds` only says how many runs to make; each run's own `seed` is part of its identity.
+NOT_IDENTITY_KEYS = ("out-dir", "arms", "resume", "seeds")
+DEFAULT_EXPERIMENT = "quickstart"
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ class RunConfig:
     weight_decay: float = 5e-4
     # Run
     seed: int = 0
+    seeds: str = ""  # fedcsg run/compare: comma-separated seeds, one run of every arm per seed; "" = `seed` alone
     payload_packing: str = "flat"
     device: str = "auto"
     client_num_cpus: int = 1
@@ -132,6 +137,7 @@ class RunConfig:
                 raise ValueError(f"{_kebab(name)} = {value!r} is not accepted: a finite number >= 0 is")
         if not 0 <= self.fault_probability < 1:
             raise ValueError(f"fault-probability = {self.fault_probability!r} is not accepted: a number in [0, 1) is")
+        self.seed_list  # noqa: B018 - validates `seeds`
         if self.clients_per_round > self.num_clients:
             raise ValueError(
                 f"clients-per-round = {self.clients_per_round} is more than num-clients = {self.num_clients}"
@@ -140,6 +146,20 @@ class RunConfig:
     @property
     def arm_list(self) -> list[str]:
         return [a.strip() for a in self.arms.split(",") if a.strip()]
+
+    @property
+    def seed_list(self) -> list[int]:
+        """The seeds of the runs to make: ``seeds`` parsed, else ``[seed]``."""
+        if not self.seeds.strip():
+            return [self.seed]
+        accepted = "comma-separated integers >= 0 without repeats, e.g. 0,1,2"
+        try:
+            values = [int(part) for part in self.seeds.split(",")]
+        except ValueError:
+            raise ValueError(f"seeds = {self.seeds!r} is not accepted: {accepted} are") from None
+        if any(v < 0 for v in values) or len(set(values)) != len(values):
+            raise ValueError(f"seeds = {self.seeds!r} is not accepted: {accepted} are")
+        return values
 
     @property
     def in_channels(self) -> int:
@@ -212,11 +232,42 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
     return value
 
 
-def load_experiment(path: str | Path, base: RunConfig | None = None) -> RunConfig:
-    """Read an experiment TOML file (flat kebab-case keys) over ``base`` (default: the defaults)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+def shipped_experiments() -> dict[str, Path]:
+    """The experiment files that ship with the package, by name (file name without ``.toml``)."""
+    folder = resources.files("fedcsg") / "configs"
+    return {
+        entry.name.removesuffix(".toml"): Path(str(entry))
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name)
+        if entry.name.endswith(".toml")
+    }
+
+
+def find_experiment(name_or_path: str | Path) -> Path:
+    """The experiment file ``name_or_path`` names: an existing file, else a shipped experiment
+    (``quickstart`` or ``quickstart.toml``).
+
+    Raises
+    ------
+    FileNotFoundError
+        If it is neither, naming the shipped experiments.
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = shipped_experiments()
+    name = path.name.removesuffix(".toml")
+    if path.parent == Path(".") and name in shipped:
+        return shipped[name]
+    raise FileNotFoundError(
+        f"config file {str(name_or_path)!r} does not exist; accepted: a TOML file or a shipped experiment "
+        f"({', '.join(shipped)})"
+    )
+
+
+def load_experiment(name_or_path: str | Path, base: RunConfig | None = None) -> RunConfig:
+    """Read an experiment TOML file (flat kebab-case keys) over ``base`` (default: the defaults);
+    ``name_or_path`` is a file or the name of a shipped experiment (see :func:`find_experiment`)."""
+    path = find_experiment(name_or_path)
     try:
         values = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:

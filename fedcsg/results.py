@@ -9,6 +9,13 @@ Layout of an output directory::
     DIR/results.csv          one row per arm and round
     DIR/report.md            per-arm summary: accuracy, bytes per round, totals, ratio to fedavg
     DIR/accuracy_vs_bytes.png, DIR/accuracy_vs_round.png
+
+A run over several seeds (``seeds`` = "0,1,2") holds one such run per seed in ``DIR/seed-N/``, and
+in ``DIR`` itself results.json, results.csv, report.md and the plots over the seeds: per arm the mean
+and standard deviation (sample, n - 1) of the final accuracy and of the bytes to the target
+accuracy, and per round the mean accuracy with a band from the lowest to the highest seed.
+
+Every JSON file is strict (:func:`strict_json`): no NaN or Infinity.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import platform
 import tempfile
@@ -48,6 +56,24 @@ ROUND_FIELDS = (
     "seconds",
 )
 ARM_ORDER = ("fedavg", "csg", "csg-frozen")
+REPORT_FILES = ("results.json", "results.csv", "report.md", "accuracy_vs_bytes.png", "accuracy_vs_round.png")
+SEED_DIR_PREFIX = "seed-"
+
+
+def seed_dir(out_dir: Path, seed: int) -> Path:
+    """Where the run of one seed of a several-seed run lives."""
+    return Path(out_dir) / f"{SEED_DIR_PREFIX}{seed}"
+
+
+def seed_dirs_in(out_dir: Path) -> dict[int, Path]:
+    """The seed directories ``DIR/seed-N`` that exist, by seed, in ascending order."""
+    found = {}
+    if Path(out_dir).is_dir():
+        for path in Path(out_dir).glob(f"{SEED_DIR_PREFIX}*"):
+            number = path.name.removeprefix(SEED_DIR_PREFIX)
+            if path.is_dir() and number.isdigit():
+                found[int(number)] = path
+    return dict(sorted(found.items()))
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -87,6 +113,32 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+NON_FINITE_KEY = "non_finite"  # in a written record: {field: "nan" | "inf" | "-inf"} for fields written as null
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None; a dict that held one gains
+    ``non_finite`` = {key: "nan" | "inf" | "-inf"}, so the record says why the value is null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        out = {k: _finite(v) for k, v in value.items()}
+        why = {str(k): str(v).lower() for k, v in value.items() if isinstance(v, float) and not math.isfinite(v)}
+        if why:
+            out[NON_FINITE_KEY] = {**out.get(NON_FINITE_KEY, {}), **why}
+        return out
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def strict_json(document: Any, indent: int | None = 1) -> str:
+    """``document`` as strict JSON (RFC 8259: no NaN or Infinity, which JavaScript's ``JSON.parse``
+    and most databases refuse): a non-finite number becomes null, and its record says why
+    (``non_finite``). Every JSON file fedcsg writes goes through here."""
+    return json.dumps(_finite(document), indent=indent, allow_nan=False)
+
+
 def versions() -> dict[str, str]:
     import flwr
     import torch
@@ -118,7 +170,7 @@ class ArmRecorder:
 
     def save(self) -> None:
         document = {"arm": self.arm, "config": self.config, "versions": versions(), **self.extra, "rounds": self.rounds}
-        atomic_write_text(self.path, json.dumps(document, indent=1))
+        atomic_write_text(self.path, strict_json(document))
 
 
 def load_results(out_dir: Path) -> dict[str, Any]:
@@ -247,29 +299,171 @@ def _report_markdown(results: dict[str, Any], summary: dict[str, dict[str, Any]]
     return "\n".join(lines)
 
 
-def _plots(results: dict[str, Any], out_dir: Path) -> None:
+def _csv_cell(value: Any) -> Any:
+    return " ".join(map(str, value)) if isinstance(value, list) else value
+
+
+def write_report(out_dir: str | Path) -> dict[str, Any]:
+    """(Re)build results.json, results.csv, report.md and the plots from ``DIR/arms/*.json``, or,
+    for a run over several seeds, each ``DIR/seed-N`` and then ``DIR``'s files over the seeds."""
+    out_dir = Path(out_dir)
+    seeds = {seed: path for seed, path in seed_dirs_in(out_dir).items() if any((path / "arms").glob("*.json"))}
+    if seeds and not (out_dir / "arms").is_dir():
+        return write_seeds_report(out_dir, {seed: write_report(path) for seed, path in seeds.items()})
+    results = load_results(out_dir)
+    summary = summarize(results)
+    results["summary"] = summary
+    atomic_write_text(out_dir / "results.json", strict_json(results))
+    rows = [
+        {"arm": arm, **{k: _csv_cell(r.get(k)) for k in ROUND_FIELDS}}
+        for arm, data in results["arms"].items()
+        for r in data["rounds"]
+    ]
+    _write_csv(out_dir / "results.csv", ["arm", *ROUND_FIELDS], rows)
+    if summary:
+        atomic_write_text(out_dir / "report.md", _report_markdown(results, summary))
+        title = f"{results['config'].get('model')} on {results['config'].get('dataset')}"
+        _plots({results["seed"]: results}, list(results["arms"]), title, out_dir)
+    return results
+
+
+# -- several seeds ------------------------------------------------------------------------------
+
+
+def _spread(values: list[float | None]) -> dict[str, Any]:
+    """Mean and sample standard deviation (n - 1; 0 for one value) of the values that are not None."""
+    present = [float(v) for v in values if v is not None]
+    mean = sum(present) / len(present) if present else None
+    std = (
+        math.sqrt(sum((v - mean) ** 2 for v in present) / (len(present) - 1))
+        if len(present) > 1
+        else (0.0 if present else None)
+    )
+    return {"mean": mean, "std": std, "n": len(present), "values": list(values)}
+
+
+SPREAD_FIGURES = (
+    "final_accuracy",
+    "best_accuracy",
+    "wire_bytes_to_target",
+    "round_to_target",
+    "total_wire_bytes",
+    "wire_up_per_round",
+    "wire_down_per_round",
+    "seconds",
+)
+
+
+def summarize_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per arm, each figure of :func:`summarize` over the seeds: ``{"mean", "std", "n", "values"}``
+    (``n`` counts the seeds where it exists: bytes to target only where the target was reached)."""
+    arms = [a for a in ARM_ORDER if any(a in s["summary"] for s in per_seed.values())]
+    arms += sorted({a for s in per_seed.values() for a in s["summary"]} - set(arms))
+    out: dict[str, dict[str, Any]] = {}
+    for arm in arms:
+        rows = [per_seed[seed]["summary"].get(arm, {}) for seed in per_seed]
+        out[arm] = {"seeds": [seed for seed in per_seed if arm in per_seed[seed]["summary"]]}
+        for figure in SPREAD_FIGURES:
+            out[arm][figure] = _spread([row.get(figure) for row in rows])
+        out[arm]["target_accuracy"] = next((r["target_accuracy"] for r in rows if r), None)
+    if "fedavg" in out:
+        base = out["fedavg"]
+        for figures in out.values():
+            figures["upload_ratio_vs_fedavg"] = base["wire_up_per_round"]["mean"] / figures["wire_up_per_round"]["mean"]
+            figures["total_ratio_vs_fedavg"] = base["total_wire_bytes"]["mean"] / figures["total_wire_bytes"]["mean"]
+    return out
+
+
+def _pm(spread: dict[str, Any], fmt: str, scale: float = 1.0) -> str:
+    if spread["mean"] is None:
+        return "not reached"
+    text = f"{spread['mean'] / scale:{fmt}} ± {spread['std'] / scale:{fmt}}"
+    total = len(spread["values"])
+    return text if spread["n"] == total else f"{text} ({spread['n']} of {total} seeds)"
+
+
+def _by_round(per_seed: dict[int, dict[str, Any]], arm: str) -> dict[int, list[dict[str, Any]]]:
+    rounds: dict[int, list[dict[str, Any]]] = {}
+    for results in per_seed.values():
+        for record in results["arms"].get(arm, {}).get("rounds", []):
+            rounds.setdefault(record["round"], []).append(record)
+    return dict(sorted(rounds.items()))
+
+
+def _seeds_markdown(config: dict[str, Any], per_seed: dict[int, dict[str, Any]], summary: dict[str, Any]) -> str:
+    seeds = list(per_seed)
+    target = next(iter(summary.values()))["target_accuracy"]
+    lines = [
+        f"# fedcsg report: {config.get('model')} on {config.get('dataset')}, {len(seeds)} seeds",
+        "",
+        f"{config.get('num-clients')} clients, partitioner {config.get('partitioner')}"
+        + (f" (alpha {config.get('dirichlet-alpha')})" if config.get("partitioner") == "dirichlet" else "")
+        + f", {config.get('num-rounds')} rounds, {config.get('local-epochs')} local epoch(s), seeds "
+        f"{', '.join(map(str, seeds))} (each seed: its own partitions, initial model, sampling and augmentation; "
+        "every arm of a seed on the same ones). Each seed's own report is in seed-N/report.md.",
+        "",
+        "Figures are mean ± sample standard deviation over the seeds. With a few seeds the spread is itself "
+        "rough: a difference between arms smaller than about two standard deviations is within noise.",
+        "",
+        "| arm | final acc | best acc | wire up / round | wire down / round | total wire | "
+        f"total ratio vs fedavg | wire bytes to {target:.0%} acc | round to {target:.0%} | per seed: final acc |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for arm, s in summary.items():
+        ratio = f"{s['total_ratio_vs_fedavg']:.2f}x" if "total_ratio_vs_fedavg" in s else "-"
+        finals = ", ".join("-" if v is None else f"{v:.4f}" for v in s["final_accuracy"]["values"])
+        lines.append(
+            f"| {arm} | {_pm(s['final_accuracy'], '.4f')} | {_pm(s['best_accuracy'], '.4f')} | "
+            f"{_pm(s['wire_up_per_round'], '.3f', 1e6)} MB | {_pm(s['wire_down_per_round'], '.3f', 1e6)} MB | "
+            f"{_pm(s['total_wire_bytes'], '.3f', 1e6)} MB | {ratio} | {_pm(s['wire_bytes_to_target'], '.3f', 1e6)}"
+            f"{'' if s['wire_bytes_to_target']['mean'] is None else ' MB'} | {_pm(s['round_to_target'], '.1f')} | "
+            f"{finals} |"
+        )
+    lines += ["", "## Test accuracy per round (mean ± std over the seeds)", ""]
+    arms = list(summary)
+    lines.append("| round | " + " | ".join(arms) + " |")
+    lines.append("| ---: | " + " | ".join("---:" for _ in arms) + " |")
+    table = {arm: _by_round(per_seed, arm) for arm in arms}
+    for rnd in sorted({r for arm in arms for r in table[arm]}):
+        cells = [
+            _pm(_spread([r["test_accuracy"] for r in table[arm][rnd]]), ".4f") if rnd in table[arm] else ""
+            for arm in arms
+        ]
+        lines.append(f"| {rnd} | " + " | ".join(cells) + " |")
+    lines += ["", "![accuracy vs bytes](accuracy_vs_bytes.png)", "", "![accuracy vs round](accuracy_vs_round.png)", ""]
+    return "\n".join(lines)
+
+
+def _plots(per_seed: dict[int, dict[str, Any]], arms: list[str], title: str, out_dir: Path) -> None:
+    """accuracy_vs_bytes.png and accuracy_vs_round.png: per arm the test accuracy per round (the
+    mean over the seeds, with a band from the lowest to the highest seed when there are several)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for name, x_key, x_label in (
-        ("accuracy_vs_bytes.png", "cum_wire", "cumulative wire bytes, up + down (MB)"),
-        ("accuracy_vs_round.png", "round", "round"),
+    several = len(per_seed) > 1
+    for name, by_bytes, x_label in (
+        ("accuracy_vs_bytes.png", True, "cumulative wire bytes, up + down (MB)"),
+        ("accuracy_vs_round.png", False, "round"),
     ):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for arm, data in results["arms"].items():
-            if x_key == "round":
-                rounds = data["rounds"]
-                xs = [r["round"] for r in rounds]
-            else:  # log scale: round 0 (no bytes yet) has no place on it
-                rounds = [r for r in data["rounds"] if r["round"] > 0]
-                xs = [(r["cum_wire_up"] + r["cum_wire_down"]) / 1e6 for r in rounds]
-                ax.set_xscale("log")
-            ax.plot(xs, [r["test_accuracy"] for r in rounds], marker="o", markersize=3, label=arm)
-        ax.set_xlabel(x_label)
-        ax.set_ylabel("test accuracy")
-        ax.set_title(f"{results['config'].get('model')} on {results['config'].get('dataset')}")
+        for arm in arms:
+            # log scale for bytes: round 0 (no bytes yet) has no place on it
+            rounds = {r: recs for r, recs in _by_round(per_seed, arm).items() if not by_bytes or r > 0}
+            xs = [
+                sum(x["cum_wire_up"] + x["cum_wire_down"] for x in recs) / len(recs) / 1e6 if by_bytes else r
+                for r, recs in rounds.items()
+            ]
+            accs = [[x["test_accuracy"] for x in recs] for recs in rounds.values()]
+            (line,) = ax.plot(xs, [sum(a) / len(a) for a in accs], marker="o", markersize=3, label=arm)
+            if several:
+                ax.fill_between(xs, [min(a) for a in accs], [max(a) for a in accs], color=line.get_color(), alpha=0.2)
+        if by_bytes:
+            ax.set_xscale("log")
+        ax.set_xlabel(x_label + (" (mean over seeds)" if several and by_bytes else ""))
+        ax.set_ylabel("test accuracy" + (" (mean; band: min to max over seeds)" if several else ""))
+        ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -279,28 +473,37 @@ def _plots(results: dict[str, Any], out_dir: Path) -> None:
         os.replace(tmp, out_dir / name)
 
 
-def _csv_cell(value: Any) -> Any:
-    return " ".join(map(str, value)) if isinstance(value, list) else value
-
-
-def write_report(out_dir: str | Path) -> dict[str, Any]:
-    """(Re)build results.json, results.csv, report.md and the plots from ``DIR/arms/*.json``."""
-    out_dir = Path(out_dir)
-    results = load_results(out_dir)
-    summary = summarize(results)
-    results["summary"] = summary
-    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1))
-    rows = [
-        {"arm": arm, **{k: _csv_cell(r.get(k)) for k in ROUND_FIELDS}}
-        for arm, data in results["arms"].items()
-        for r in data["rounds"]
-    ]
+def _write_csv(path: Path, fieldnames: list[str], rows: list[dict[str, Any]]) -> None:
     table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, fieldnames=["arm", *ROUND_FIELDS])
+    writer = csv.DictWriter(table, fieldnames=fieldnames)
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(out_dir / "results.csv", table.getvalue())
+    atomic_write_text(path, table.getvalue())
+
+
+def write_seeds_report(out_dir: Path, per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """``DIR``'s results.json, results.csv, report.md and plots over the seeds, from each seed's
+    results (as :func:`write_report` returns them)."""
+    first = next(iter(per_seed.values()))
+    config = {k: v for k, v in first["config"].items() if k != "seed"}
+    summary = summarize_seeds(per_seed)
+    results = {
+        "config": config,
+        "seeds": list(per_seed),
+        "versions": first.get("versions", {}),
+        "summary": summary,
+        "per_seed": {str(seed): {"summary": r["summary"], "arms": r["arms"]} for seed, r in per_seed.items()},
+    }
+    atomic_write_text(out_dir / "results.json", strict_json(results))
+    rows = [
+        {"arm": arm, "seed": seed, **{k: _csv_cell(r.get(k)) for k in ROUND_FIELDS}}
+        for arm in summary
+        for seed, seed_results in per_seed.items()
+        for r in seed_results["arms"].get(arm, {}).get("rounds", [])
+    ]
+    _write_csv(out_dir / "results.csv", ["arm", "seed", *ROUND_FIELDS], rows)
     if summary:
-        atomic_write_text(out_dir / "report.md", _report_markdown(results, summary))
-        _plots(results, out_dir)
+        atomic_write_text(out_dir / "report.md", _seeds_markdown(config, per_seed, summary))
+        title = f"{config.get('model')} on {config.get('dataset')}, {len(per_seed)} seeds"
+        _plots(per_seed, list(summary), title, out_dir)
     return results

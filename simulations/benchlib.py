@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedcsg.results import strict_json
+
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -142,5 +144,5 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
 def write_json(path: str | Path, document: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"machine": machine(), **document}, indent=2) + "\n")
+    path.write_text(strict_json({"machine": machine(), **document}, indent=2) + "\n")
     print(f"wrote {path}")

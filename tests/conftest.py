@@ -5,11 +5,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from .strict import NonStrictJSON, loads_strict, results_files
 
 
 @pytest.fixture(scope="session")
@@ -52,3 +54,40 @@ def load_script(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], ModuleType]:
         return module
 
     return load
+
+
+@pytest.fixture(scope="session", autouse=True)
+def results_files_are_strict_json(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After the whole suite, every results file any test wrote (results.json, arms/*.json,
+    state/*.json under pytest's temporary directories) must parse as strict JSON: no NaN or
+    Infinity. Files that are not JSON at all are the damaged checkpoints some tests write on
+    purpose; the checkpoint tests deal with those."""
+    yield
+    offenders = []
+    for path in results_files(tmp_path_factory.getbasetemp()):
+        try:
+            loads_strict(path.read_text())
+        except NonStrictJSON as error:
+            offenders.append(f"{path}: {error}")
+        except (ValueError, OSError):  # torn or damaged on purpose, or removed
+            continue
+    assert not offenders, "results files that are not strict JSON:\n" + "\n".join(offenders)
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
+    """Run ``fedcsg ARGS`` in this process (``fedcsg.cli.main``; argparse's exits caught):
+    returns (exit code, stdout, stderr). One interpreter for every bad-input case; the few tests
+    that prove the console entry point itself run it in a subprocess."""
+    from fedcsg.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import pyarrow as pa
@@ -17,7 +19,6 @@ from PIL import Image
 
 from fedcsg import data as D
 
-DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,14 +37,23 @@ def small_cifar(data_dir: Path) -> D.ImageData:
     return D.load_split("cifar10", "test", data_dir=data_dir, limit=64, seed=1)
 
 
-def _debian_fmnist() -> Path:
-    if not all(
-        (DEBIAN_FMNIST / name).is_file()
-        for s in ("train", "test")
-        for name in D.DATASETS["fashion-mnist"].local_files(s)
-    ):
-        pytest.fail(f"Fashion-MNIST idx files not found in {DEBIAN_FMNIST}; apt-get install dataset-fashion-mnist")
-    return DEBIAN_FMNIST
+@pytest.fixture
+def debian_fmnist(monkeypatch: pytest.MonkeyPatch, data_dir: Path, tmp_path: Path) -> Path:
+    """A Debian-like system directory (what ``dataset-fashion-mnist`` installs under
+    /usr/share/datasets/fashion-mnist), built from the shared idx files, with the Fashion-MNIST
+    spec's system directory pointed at it: no system package is needed."""
+    shared = data_dir / "fashion-mnist"
+    names = [name for s in ("train", "test") for name in D.DATASETS["fashion-mnist"].local_files(s)]
+    missing = [name for name in names if not (shared / name).is_file()]
+    if missing:
+        pytest.fail(f"Fashion-MNIST idx files {missing} not found in {shared}; set FEDCSG_DATA_DIR", pytrace=False)
+    system = tmp_path / "usr-share-datasets" / "fashion-mnist"
+    system.mkdir(parents=True)
+    for name in names:
+        (system / name).symlink_to(shared / name)
+    spec = dataclasses.replace(D.DATASETS["fashion-mnist"], system_dir=str(system))
+    monkeypatch.setattr(D, "DATASETS", MappingProxyType({**D.DATASETS, "fashion-mnist": spec}))
+    return system
 
 
 # --------------------------------------------------------------------------------------------------
@@ -187,10 +197,12 @@ def test_not_a_parquet_file(tmp_path: Path) -> None:
         D.load_split("cifar10", "train", data_dir=tmp_path, limit=1)
 
 
-def test_fashion_mnist_from_debian_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    debian = _debian_fmnist()
-    # A data directory without fashion-mnist/ (like the shared one) sends the search on to Debian's.
-    monkeypatch.setenv("FEDCSG_DATA_DIR", str(tmp_path))
+def test_fashion_mnist_from_debian_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, debian_fmnist: Path) -> None:
+    debian = debian_fmnist
+    # A data directory without fashion-mnist/ sends the search on to the system (Debian) directory.
+    empty = tmp_path / "no-fmnist"
+    empty.mkdir()
+    monkeypatch.setenv("FEDCSG_DATA_DIR", str(empty))
     source = D.resolve_source("fashion-mnist")
     assert source.kind == "idx" and Path(source.location) == debian
     subset = D.load_split("fashion-mnist", "test", limit=100)
@@ -202,19 +214,27 @@ def test_fashion_mnist_from_debian_path(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert subset.labels.tolist() == D.load_labels("fashion-mnist", "test")[expected_rows].tolist()
 
 
-def test_corrupt_idx_file(tmp_path: Path) -> None:
-    debian = _debian_fmnist()
-    directory = tmp_path / "fashion-mnist"
-    directory.mkdir()
+def test_fashion_mnist_from_the_shared_data_dir(monkeypatch: pytest.MonkeyPatch, data_dir: Path) -> None:
+    # $FEDCSG_DATA_DIR holding fashion-mnist/ (as ../shared/data does) is found before any system directory.
+    monkeypatch.setenv("FEDCSG_DATA_DIR", str(data_dir))
+    source = D.resolve_source("fashion-mnist")
+    assert source.kind == "idx" and Path(source.location) == data_dir / "fashion-mnist"
+    assert D.load_labels("fashion-mnist", "test").shape == (10000,)
+
+
+def test_corrupt_idx_file(tmp_path: Path, data_dir: Path) -> None:
+    shared = data_dir / "fashion-mnist"
+    directory = tmp_path / "copy" / "fashion-mnist"
+    directory.mkdir(parents=True)
     for split in ("train", "test"):
         for name in D.DATASETS["fashion-mnist"].local_files(split):
-            (directory / name).symlink_to(debian / name)
+            (directory / name).symlink_to(shared / name)
     (directory / "t10k-images-idx3-ubyte.gz").unlink()
     import gzip
 
     (directory / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x01garbage"))
     with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz: not a uint8 idx file with 3"):
-        D.load_split("fashion-mnist", "test", data_dir=tmp_path, limit=2)
+        D.load_split("fashion-mnist", "test", data_dir=tmp_path / "copy", limit=2)
 
 
 # --------------------------------------------------------------------------------------------------

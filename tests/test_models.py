@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -111,11 +112,18 @@ def test_params_command_table(capsys: pytest.CaptureFixture[str]) -> None:
         (["--model", "vgg11"], "unknown model 'vgg11'"),
     ],
 )
-def test_params_command_bad_input(args: list[str], message: str) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedcsg.cli", "params", *args], capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 2
-    assert proc.stdout == ""
-    lines = proc.stderr.strip().splitlines()
+def test_params_command_bad_input(args: list[str], message: str, cli: Callable[..., tuple[int, str, str]]) -> None:
+    code, out, err = cli("params", *args)
+    assert code == 2
+    assert out == ""
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0]
+
+
+def test_params_command_bad_input_through_the_console_entry_point() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedcsg.cli", "params", "--model", "vgg11"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unknown model 'vgg11'" in lines[0]

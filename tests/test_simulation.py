@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,66 @@ def test_compare_runs_all_arms_through_ray(compare_run: tuple[Path, subprocess.C
     assert len({json.dumps([r["partitions"] for r in d["rounds"]]) for d in results["arms"].values()}) == 1
 
 
+@pytest.fixture(scope="module")
+def seeds_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """`fedcsg compare --seeds 0,1` with the shipped default experiment, from a directory outside
+    the checkout, with the same settings as ``compare_run``."""
+    cwd = tmp_path_factory.mktemp("elsewhere")
+    sets = [item for pair in SMALL_RUN for item in ("--set", pair)]
+    proc = _fedcsg("compare", "--seeds", "0,1", *sets, data_dir=data_dir, cwd=cwd)
+    return cwd / "runs" / "quickstart", proc
+
+
+def _without_seconds(rounds: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rounds]
+
+
+def test_a_rerun_on_this_machine_gives_identical_records_for_every_arm(
+    compare_run: tuple[Path, subprocess.CompletedProcess], seeds_run: tuple[Path, subprocess.CompletedProcess]
+) -> None:
+    """The two-round, two-client compare of ``compare_run`` made a second time (as seed 0 of the
+    seeds run, in another process and directory): every arm's round records are identical, to the
+    last digit, apart from the seconds they took."""
+    first, _ = compare_run
+    second, proc = seeds_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for arm in ("fedavg", "csg", "csg-frozen"):
+        a = json.loads((first / "arms" / f"{arm}.json").read_text())
+        b = json.loads((second / "seed-0" / "arms" / f"{arm}.json").read_text())
+        assert len(a["rounds"]) == 3
+        assert _without_seconds(a["rounds"]) == _without_seconds(b["rounds"]), arm
+        assert {k: v for k, v in a["config"].items() if k not in ("out-dir", "seeds")} == {
+            k: v for k, v in b["config"].items() if k not in ("out-dir", "seeds")
+        }
+
+
+def test_compare_over_seeds_reports_mean_and_std(seeds_run: tuple[Path, subprocess.CompletedProcess]) -> None:
+    out, proc = seeds_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "seed 1" in proc.stdout and "2 seeds" in proc.stdout  # progress, then the report's head
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"] == [0, 1] and list(results["summary"]) == ["fedavg", "csg", "csg-frozen"]
+    for arm, figures in results["summary"].items():
+        finals = [
+            json.loads((out / f"seed-{seed}" / "arms" / f"{arm}.json").read_text())["rounds"][-1]["test_accuracy"]
+            for seed in (0, 1)
+        ]
+        spread = figures["final_accuracy"]
+        assert spread["values"] == finals
+        assert spread["mean"] == pytest.approx(sum(finals) / 2)
+        assert spread["std"] == pytest.approx(abs(finals[0] - finals[1]) / 2**0.5)
+    # Seeds change partitions, models and sampling: the two seeds do not give the same run.
+    assert (
+        results["summary"]["csg"]["final_accuracy"]["values"][0]
+        != results["summary"]["csg"]["final_accuracy"]["values"][1]
+    )
+    report = (out / "report.md").read_text()
+    assert "mean ± sample standard deviation" in report and "| csg | " in report and " ± " in report
+    for name in ("accuracy_vs_bytes.png", "accuracy_vs_round.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / "seed-1" / name).is_file()
+
+
 def test_compare_writes_report_csv_and_plots(compare_run: tuple[Path, subprocess.CompletedProcess]) -> None:
     out, proc = compare_run
     assert proc.returncode == 0
@@ -121,7 +182,7 @@ def test_report_rebuilds_from_arm_records(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["run", "--config", "configs/nope.toml"], "config file 'configs/nope.toml' does not exist"),
+        (["run", "--config", "configs/nope.toml"], "config file 'configs/nope.toml' does not exist; accepted:"),
         (["run", "--set", "num-rounds=0"], "num-rounds = 0 is not accepted"),
         (["run", "--set", "colour=blue"], "unknown config key 'colour'"),
         (["run", "--arm", "fedprox"], "unknown arm 'fedprox'"),
@@ -129,11 +190,22 @@ def test_report_rebuilds_from_arm_records(
         (["report", "/no/such/results"], "results directory '/no/such/results' does not exist"),
     ],
 )
-def test_bad_input_one_line_exit_2(args: list[str], message: str, data_dir: Path, tmp_path: Path) -> None:
+def test_bad_input_one_line_exit_2(
+    args: list[str], message: str, data_env: Path, tmp_path: Path, cli: Callable[..., tuple[int, str, str]]
+) -> None:
     out = tmp_path / "out"
     extra = ["--out", str(out)] if args[0] == "run" else []
-    proc = _fedcsg(*args, *extra, data_dir=data_dir, cwd=ROOT)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+    code, _, err = cli(*args, *extra)
+    assert code == 2, err[-2000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err[-2000:]
     assert not out.exists()  # nothing written before the input is validated
+
+
+def test_bad_input_through_the_console_entry_point(data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = _fedcsg("run", "--set", "num-rounds=0", "--out", str(out), data_dir=data_dir, cwd=ROOT)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "num-rounds = 0 is not accepted" in lines[0]
+    assert not out.exists()

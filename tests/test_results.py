@@ -1,0 +1,153 @@
+"""Results files: strict JSON, reports over several seeds, shipped experiment files (no Ray here)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fedcsg.cli import main
+from fedcsg.config import RunConfig, find_experiment, load_experiment, shipped_experiments
+from fedcsg.results import ROUND_FIELDS, ArmRecorder, strict_json, write_report
+
+from .strict import NonStrictJSON, loads_strict
+
+# -- strict JSON ----------------------------------------------------------------------------------
+
+
+def test_strict_json_writes_null_and_says_why() -> None:
+    text = strict_json({"round": 0, "test_loss": float("nan"), "rows": [{"a": float("inf"), "b": 1.5}]})
+    document = loads_strict(text)
+    assert document == {
+        "round": 0,
+        "test_loss": None,
+        "non_finite": {"test_loss": "nan"},
+        "rows": [{"a": None, "b": 1.5, "non_finite": {"a": "inf"}}],
+    }
+    with pytest.raises(NonStrictJSON, match="NaN"):
+        loads_strict(json.dumps({"x": float("nan")}))
+
+
+def _record(rnd: int, accuracy: float, loss: float = 1.0, up: int = 100, down: int = 200) -> dict:
+    record = {k: None for k in ROUND_FIELDS}
+    record.update(
+        round=rnd,
+        test_accuracy=accuracy,
+        test_loss=loss,
+        sampled=2,
+        replied=2,
+        failed=0,
+        rejected=0,
+        partitions=[0, 1],
+        failed_partitions=[],
+        status="ok" if rnd else "initial",
+        attempts=1,
+        payload_up=up if rnd else 0,
+        payload_down=down if rnd else 0,
+        wire_up=up if rnd else 0,
+        wire_down=down if rnd else 0,
+        seconds=1.0 if rnd else 0.0,
+    )
+    return record
+
+
+def _write_arm(out: Path, arm: str, accuracies: list[float], seed: int = 0, loss0: float = 1.0) -> None:
+    config = {**RunConfig(seed=seed, num_rounds=len(accuracies) - 1, target_accuracy=0.3).to_flower(), "arm": arm}
+    recorder = ArmRecorder(out, arm, config)
+    for rnd, accuracy in enumerate(accuracies):
+        recorder.add(_record(rnd, accuracy, loss=loss0 if rnd == 0 else 1.0), save=False)
+    recorder.save()
+
+
+def test_a_nan_loss_is_written_as_null_in_every_results_file(tmp_path: Path) -> None:
+    _write_arm(tmp_path, "csg", [0.1, 0.2, 0.35], loss0=float("nan"))
+    write_report(tmp_path)
+    for name in ("arms/csg.json", "results.json"):
+        document = loads_strict((tmp_path / name).read_text())
+        rounds = document["rounds"] if "rounds" in document else document["arms"]["csg"]["rounds"]
+        assert rounds[0]["test_loss"] is None and rounds[0]["non_finite"] == {"test_loss": "nan"}
+        assert rounds[1]["test_loss"] == 1.0 and "non_finite" not in rounds[1]
+
+
+# -- several seeds --------------------------------------------------------------------------------
+
+
+def test_report_over_seeds_gives_mean_and_std(tmp_path: Path) -> None:
+    finals = {"fedavg": [0.40, 0.50], "csg": [0.30, 0.36]}
+    for seed in (0, 1):
+        for arm, values in finals.items():
+            _write_arm(tmp_path / f"seed-{seed}", arm, [0.1, 0.2, values[seed]], seed=seed)
+    results = write_report(tmp_path)
+    assert results["seeds"] == [0, 1]
+    fedavg = results["summary"]["fedavg"]["final_accuracy"]
+    assert fedavg["mean"] == pytest.approx(0.45) and fedavg["std"] == pytest.approx(math.sqrt(0.005))
+    assert fedavg["values"] == [0.40, 0.50] and fedavg["n"] == 2
+    csg = results["summary"]["csg"]
+    assert csg["final_accuracy"]["mean"] == pytest.approx(0.33)
+    assert csg["final_accuracy"]["std"] == pytest.approx(math.sqrt(((0.03**2) * 2) / 1))
+    # Target 0.3 is reached in round 2 by both seeds of both arms: 2 rounds of 300 bytes.
+    assert csg["wire_bytes_to_target"]["mean"] == 600 and csg["wire_bytes_to_target"]["std"] == 0.0
+    written = loads_strict((tmp_path / "results.json").read_text())
+    assert written["summary"] == json.loads(strict_json(results))["summary"]
+    report = (tmp_path / "report.md").read_text()
+    assert "2 seeds" in report and "| fedavg | 0.4500 ± 0.0707 |" in report
+    assert "| csg | 0.3300 ± 0.0424 |" in report
+    rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("arm,seed,round") and len(rows) == 1 + 2 * 2 * 3
+    for name in ("accuracy_vs_bytes.png", "accuracy_vs_round.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Each seed keeps its own full report.
+    assert (tmp_path / "seed-1" / "report.md").is_file()
+
+
+def test_seeds_setting_is_validated() -> None:
+    assert RunConfig(seeds="0, 1,2").seed_list == [0, 1, 2]
+    assert RunConfig(seed=7).seed_list == [7]
+    for bad in ("0,0", "a,1", "-1", "1,,2"):
+        with pytest.raises(ValueError, match=f"seeds = {bad!r} is not accepted"):
+            RunConfig(seeds=bad)
+    # `seeds` says how many runs to make, not what one run computes.
+    assert RunConfig(seeds="0,1").identity() == RunConfig().identity()
+
+
+def test_bad_seeds_on_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert main(["compare", "--seeds", "0,x", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "seeds = '0,x' is not accepted" in err[0]
+    assert not out.exists()
+
+
+# -- shipped experiment files ---------------------------------------------------------------------
+
+
+def test_experiments_ship_with_the_package() -> None:
+    shipped = shipped_experiments()
+    assert {"quickstart", "cifar10-resnet20-dirichlet", "cifar10-resnet56-paper", "fmnist-cnn"} <= set(shipped)
+    for name, path in shipped.items():
+        assert path.parent.name == "configs" and path.parent.parent.name == "fedcsg"
+        load_experiment(name)  # every shipped file is valid
+    assert find_experiment("quickstart") == find_experiment("quickstart.toml") == shipped["quickstart"]
+    # The checkout's configs/ is the package's folder, not a copy.
+    repo_configs = Path(__file__).resolve().parents[1] / "configs"
+    assert repo_configs.resolve() == shipped["quickstart"].parent.resolve()
+
+
+def test_bare_name_is_found_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_experiment("fmnist-cnn").model == "fmnist-cnn"
+    with pytest.raises(FileNotFoundError, match="config file 'nope' does not exist; accepted: .*quickstart"):
+        find_experiment("nope")
+    # A file of the same name in the current directory wins over the shipped one.
+    (tmp_path / "quickstart.toml").write_text("num-rounds = 9\n")
+    assert load_experiment("quickstart.toml").num_rounds == 9
+
+
+def test_configs_command_lists_the_shipped_files(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["configs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split()[0] for line in lines if line.strip()]
+    assert names == list(shipped_experiments())
+    assert any(line.startswith("quickstart") and "ResNet-20" in line for line in lines)
