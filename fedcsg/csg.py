@@ -31,6 +31,7 @@ import copy
 import math
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +39,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 GENERATORS_ATTR = "csg_generators"
+INITS = ("kaiming", "paper")  # CSGConfig.init: how generated filters start (see "Initialisation" above)
+FACTORS = ("all", "codes", "generator")  # what one round of local training may update (see freeze_factor)
+AGGREGATIONS = ("factors", "alternate")  # csg-aggregation: see round_factor
 _SLICE_PATTERN = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*x\s*(\d+)\s*x\s*(\d+)\s*$")
 
 
@@ -115,14 +119,21 @@ class CSGConfig:
     skip
         Qualified names of convs to keep as ordinary layers. ``None`` keeps the first conv of
         the network (the stem), as the paper does.
+    init
+        ``"kaiming"`` (default): each layer's codes are rescaled so that its generated filters
+        start with the Kaiming-normal std ``sqrt(2 / fan_in)`` of the conv they replace.
+        ``"paper"``: codes ~ N(0.001, 1) as drawn (generated std about 1.41, 4.2 when frozen).
     """
 
     slices: tuple[SliceSpec, ...] = (SliceSpec(SliceShape(12, 12, 3), 72),)
     frozen: bool = False
     seed: int = 0
     skip: tuple[str, ...] | None = None
+    init: str = "kaiming"
 
     def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise ValueError(f"csg init {self.init!r} is not accepted: one of {', '.join(INITS)} is")
         if not self.slices:
             raise ValueError("a CSG config needs at least one slice shape")
         kernels = [s.shape.kernel_size for s in self.slices]
@@ -419,7 +430,79 @@ def csgify(model: nn.Module, config: CSGConfig | None = None) -> ConversionRepor
         )
         _set_submodule(model, name, layer.to(device))
     model.add_module(GENERATORS_ATTR, generators.to(device))
+    if config.init == "kaiming":
+        kaiming_rescale(model)
     return ConversionReport(replaced=targets, left={n: r for n, r in plan.items() if r is not None})
+
+
+def kaiming_std(layer: CSGConv2d) -> float:
+    """Kaiming-normal std ``sqrt(2 / fan_in)`` of the conv ``layer`` replaces (fan_in = C_in * k * k)."""
+    return math.sqrt(2.0 / (layer.in_channels * layer.kernel_size**2))
+
+
+@torch.no_grad()
+def kaiming_rescale(model: nn.Module) -> None:
+    """Scale each CSG layer's codes so that its generated filters have std :func:`kaiming_std`.
+
+    The scale is measured on the layer's own generated (cropped) weight, so it is exact whatever
+    the slice shape, code dim or generator; the generator is left untouched (a frozen one stays
+    the bit-for-bit function of its seed) and no random number is drawn.
+    """
+    for _, layer in csg_layers(model):
+        generated = layer.tile(layer.generator(layer.codes))
+        layer.codes.mul_(kaiming_std(layer) / generated.std().item())
+    clear_generated_cache(model)
+
+
+def factor_keys(model: nn.Module) -> dict[str, list[str]]:
+    """State-dict keys of the two CSG factors: ``{"generator": [...], "codes": [...]}`` (trainable
+    generators only; a frozen generator is never trained nor sent)."""
+    return {
+        "generator": [f"{GENERATORS_ATTR}.{name}.weight" for name, g in generators(model).items() if not g.frozen],
+        "codes": [f"{name}.codes" for name, _ in csg_layers(model)],
+    }
+
+
+def round_factor(aggregation: str, server_round: int, trainable_generator: bool) -> str:
+    """Which CSG factor the clients train in ``server_round`` (1-based).
+
+    ``factors`` trains both every round (the server averages generator and codes separately,
+    which is not averaging the generated filters: mean(G c) != mean(G) mean(c)). ``alternate``
+    trains only the codes in odd rounds and only the generator in even rounds, so the filters are
+    linear in what changed and every round's average is exact. A model without a trainable
+    generator (fedavg, csg-frozen) has nothing to alternate: it trains ``all`` (its average is
+    exact already).
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"csg-aggregation {aggregation!r} is not accepted: one of {', '.join(AGGREGATIONS)} is")
+    if aggregation == "factors" or not trainable_generator:
+        return "all"
+    return "codes" if server_round % 2 == 1 else "generator"
+
+
+def frozen_keys(model: nn.Module, factor: str) -> list[str]:
+    """State-dict keys that do not train when only ``factor`` (one of :data:`FACTORS`) does."""
+    if factor not in FACTORS:
+        raise ValueError(f"train factor {factor!r} is not accepted: one of {', '.join(FACTORS)} is")
+    keys = factor_keys(model)
+    return keys["generator"] if factor == "codes" else keys["codes"] if factor == "generator" else []
+
+
+@contextmanager
+def freeze_factor(model: nn.Module, factor: str) -> Iterator[None]:
+    """Train only one CSG factor inside the block: ``"codes"`` freezes the generator(s),
+    ``"generator"`` freezes the codes, ``"all"`` freezes nothing. Frozen tensors get
+    ``requires_grad=False``, so an optimizer built inside the block leaves them out (no step, no
+    weight decay, no momentum); the flags are restored on exit. Every other parameter trains."""
+    params = dict(model.named_parameters())
+    changed = [params[k] for k in frozen_keys(model, factor) if params[k].requires_grad]
+    for p in changed:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in changed:
+            p.requires_grad_(True)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
