@@ -16,7 +16,7 @@ from torch import nn
 
 from fedcsg.config import RunConfig
 from fedcsg.payload import PayloadLayout, load_payload, model_payload
-from fedcsg.task import build_arm_model, client_data, local_train, payload_layout
+from fedcsg.task import TRAIN_FACTOR_KEY, build_arm_model, client_data, local_train, payload_layout
 from fedcsg.training import get_device
 
 app = ClientApp()
@@ -78,6 +78,7 @@ def train(msg: Message, context: Context) -> Message:
         batch_size=int(config.get("batch-size", cfg.batch_size)),
         seed=cfg.seed * 1_000_003 + server_round * 10_007 + partition_id,
         device=device,
+        factor=str(config.get(TRAIN_FACTOR_KEY, "all")),
     )
     model.to("cpu")
     metrics = MetricRecord(

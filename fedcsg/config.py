@@ -15,10 +15,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from fedcsg.csg import AGGREGATIONS as CSG_AGGREGATIONS
+from fedcsg.csg import INITS as CSG_INITS
 from fedcsg.csg import SliceShape
 from fedcsg.data import SCHEMES as PARTITION_SCHEMES
 from fedcsg.models import default_csg_config, model_spec
 from fedcsg.payload import PACKINGS, check_arm
+from fedcsg.server_opt import SERVER_OPTIMIZERS
 
 DATASETS = ("cifar10", "fashion-mnist")
 LR_SCHEDULES = ("constant", "step", "cosine")
@@ -42,6 +45,8 @@ class RunConfig:
     code_dim: int = 72
     pointwise_slice: str = ""  # "" = the model's paper setting (MobileNetV2/ShuffleNetV2: 16x16x1x1)
     pointwise_code_dim: int = 16
+    csg_init: str = "kaiming"  # kaiming: generated filters start at std sqrt(2/fan_in); paper: codes N(0.001, 1)
+    csg_aggregation: str = "factors"  # factors: average generator and codes; alternate: one factor per round
     # Data and partitions
     dataset: str = "cifar10"
     data_dir: str = ""  # "" = $FEDCSG_DATA_DIR, else the hub
@@ -71,6 +76,13 @@ class RunConfig:
     lr_schedule: str = "constant"
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    # Server update (Flower's FedAvgM / FedAdam / FedYogi step on the exact average)
+    server_optimizer: str = "fedavg"
+    server_lr: float = 0.0  # 0 = Flower's default: fedavgm 1.0, fedadam 0.1, fedyogi 0.01
+    server_momentum: float = 0.9  # fedavgm
+    server_beta1: float = 0.9  # fedadam, fedyogi
+    server_beta2: float = 0.99  # fedadam, fedyogi
+    server_tau: float = 1e-3  # fedadam, fedyogi
     # Run
     seed: int = 0
     seeds: str = ""  # fedcsg run/compare: comma-separated seeds, one run of every arm per seed; "" = `seed` alone
@@ -115,6 +127,14 @@ class RunConfig:
         _one_of("payload-packing", self.payload_packing, PACKINGS)
         _one_of("device", self.device, DEVICES)
         _one_of("failed-round", self.failed_round, FAILED_ROUND_POLICIES)
+        _one_of("csg-init", self.csg_init, CSG_INITS)
+        _one_of("csg-aggregation", self.csg_aggregation, CSG_AGGREGATIONS)
+        _one_of("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
+        for name in ("server_momentum", "server_beta1", "server_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{_kebab(name)} = {getattr(self, name)!r} is not accepted: a number in [0, 1) is")
+        if not 0 < self.server_tau < float("inf"):
+            raise ValueError(f"server-tau = {self.server_tau!r} is not accepted: a finite number > 0 is")
         check_arm(self.arm)
         for arm in self.arm_list:
             check_arm(arm)
@@ -131,7 +151,7 @@ class RunConfig:
             value = getattr(self, name)
             if not low < value <= high:
                 raise ValueError(f"{_kebab(name)} = {value!r} is not accepted: a number in ({low}, {high}] is")
-        for name in ("momentum", "weight_decay", "client_num_gpus", "target_accuracy", "max_update_norm"):
+        for name in ("momentum", "weight_decay", "client_num_gpus", "target_accuracy", "max_update_norm", "server_lr"):
             value = getattr(self, name)
             if not 0 <= value < float("inf"):  # written so that NaN fails too
                 raise ValueError(f"{_kebab(name)} = {value!r} is not accepted: a finite number >= 0 is")
@@ -178,6 +198,7 @@ class RunConfig:
             seed=self.seed,
             pointwise_slice=self.pointwise_slice or None,
             pointwise_code_dim=self.pointwise_code_dim,
+            init=self.csg_init,
         )
 
     def identity(self) -> dict[str, Any]:

@@ -226,11 +226,13 @@ def default_csg_config(
     seed: int = 0,
     pointwise_slice: str | None = None,
     pointwise_code_dim: int | None = None,
+    init: str = "kaiming",
 ) -> CSGConfig:
     """The CSG config for a registry model.
 
     Unset values come from the model's entry: its slice setting, its paper 1x1 setting, and a code
-    dim of slice numel / 18 when only a slice shape is given.
+    dim of slice numel / 18 when only a slice shape is given. ``init`` is
+    :attr:`fedcsg.csg.CSGConfig.init` (``"kaiming"`` or the paper's ``"paper"``).
     """
     spec = model_spec(name)
     shape = SliceShape.parse(slice_shape) if slice_shape is not None else spec.slices.shape
@@ -241,7 +243,7 @@ def default_csg_config(
         slices.append(SliceSpec(SliceShape.parse(pointwise_slice), pointwise_code_dim or 16))
     elif spec.pointwise is not None:
         slices.append(SliceSpec(spec.pointwise.shape, pointwise_code_dim or spec.pointwise.code_dim))
-    return CSGConfig(slices=tuple(slices), frozen=frozen, seed=seed)
+    return CSGConfig(slices=tuple(slices), frozen=frozen, seed=seed, init=init)
 
 
 def build_model(name: str, num_classes: int = 10, in_channels: int = 3, csg: CSGConfig | None = None) -> nn.Module:

@@ -90,6 +90,20 @@ class PayloadLayout:
             groups.setdefault(str(entry.dtype).removeprefix("torch."), []).append(entry)
         return groups
 
+    def element_mask(self, selected: set[str]) -> dict[str, np.ndarray]:
+        """Flat bool masks, per ArrayRecord key of a floating dtype, true on the elements of the
+        ``selected`` state-dict entries (e.g. the parameters a server optimizer may move)."""
+        if self.packing == "per-tensor":
+            groups = {e.key: [e] for e in self.entries}
+        else:
+            groups = self._groups()
+        masks = {}
+        for name, group in groups.items():
+            if not group[0].dtype.is_floating_point:
+                continue
+            masks[name] = np.concatenate([np.full(e.numel, e.key in selected, dtype=bool) for e in group])
+        return masks
+
     def array_specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Expected ``{key: (shape, numpy dtype name)}`` of the ArrayRecord this layout produces."""
         if self.packing == "per-tensor":

@@ -11,15 +11,18 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from torch import nn
 
 from fedcsg.checkpoint import config_hash, load_checkpoint, save_checkpoint, set_rng_state
 from fedcsg.config import RunConfig
+from fedcsg.csg import FACTORS, factor_keys, frozen_keys, round_factor
 from fedcsg.export import save_global_model
 from fedcsg.params import count_parameters
 from fedcsg.payload import PayloadLayout, load_payload, model_payload
 from fedcsg.results import ArmRecorder, write_report
+from fedcsg.server_opt import Mask, ServerOptimizer
 from fedcsg.strategy import CSGFedAvg, RoundTraffic, lr_schedule
-from fedcsg.task import build_arm_model, evaluate_model, payload_layout, test_data
+from fedcsg.task import TRAIN_FACTOR_KEY, build_arm_model, evaluate_model, payload_layout, test_data
 from fedcsg.training import get_device, set_seed
 
 app = ServerApp()
@@ -48,7 +51,36 @@ def min_replies(cfg: RunConfig) -> int:
     return max(1, min(cfg.min_train_nodes, sampled, cfg.num_clients))
 
 
-def build_strategy(cfg: RunConfig, layout: PayloadLayout) -> CSGFedAvg:
+def build_server_optimizer(cfg: RunConfig) -> ServerOptimizer:
+    return ServerOptimizer(
+        cfg.server_optimizer,
+        lr=cfg.server_lr,
+        momentum=cfg.server_momentum,
+        beta_1=cfg.server_beta1,
+        beta_2=cfg.server_beta2,
+        tau=cfg.server_tau,
+    )
+
+
+def round_factor_fn(cfg: RunConfig, model: nn.Module) -> Callable[[int], str]:
+    """``server_round -> the CSG factor the clients train`` under ``cfg.csg_aggregation``."""
+    trainable_generator = bool(factor_keys(model)["generator"])
+    return lambda server_round: round_factor(cfg.csg_aggregation, server_round, trainable_generator)
+
+
+def optimizer_mask_fn(cfg: RunConfig, model: nn.Module, layout: PayloadLayout) -> Callable[[int], Mask]:
+    """``server_round -> the payload elements the server optimizer moves``: the trainable
+    parameters, minus the CSG factor frozen in that round; BatchNorm statistics (buffers) and
+    integer counters always take the exact average."""
+    parameters = {name for name, p in model.named_parameters() if p.requires_grad}
+    factor_of = round_factor_fn(cfg, model)
+    masks = {factor: layout.element_mask(parameters - set(frozen_keys(model, factor))) for factor in FACTORS}
+    return lambda server_round: masks[factor_of(server_round)]
+
+
+def build_strategy(cfg: RunConfig, layout: PayloadLayout, model: nn.Module | None = None) -> CSGFedAvg:
+    model = model if model is not None else build_arm_model(cfg)
+    factor_of = round_factor_fn(cfg, model)
     return CSGFedAvg(
         layout,
         lr_fn=lr_schedule(cfg.lr, cfg.lr_schedule, cfg.num_rounds),
@@ -56,6 +88,9 @@ def build_strategy(cfg: RunConfig, layout: PayloadLayout) -> CSGFedAvg:
         min_replies=min_replies(cfg),
         failed_round=cfg.failed_round,
         max_update_norm=cfg.max_update_norm,
+        server_optimizer=build_server_optimizer(cfg),
+        mask_fn=optimizer_mask_fn(cfg, model, layout),
+        round_config_fn=lambda server_round: {TRAIN_FACTOR_KEY: factor_of(server_round)},
         **sampling(cfg),
     )
 
@@ -82,7 +117,7 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress: Callable
         raise ValueError(f"the checkpoint of arm {cfg.arm!r} in {str(out_dir)!r} was written under another config")
     device = get_device(cfg.device)
     test = test_data(cfg)
-    strategy = build_strategy(cfg, layout)
+    strategy = build_strategy(cfg, layout, model)
     counts = count_parameters(model)
     resumed_from = [*checkpoint.resumed_from, checkpoint.round] if checkpoint else []
     recorder = ArmRecorder(

@@ -1,6 +1,7 @@
 """CSGFedAvg: Flower's FedAvg with exact, dtype-preserving averaging over the arm's payload, reply
-checks, deterministic client sampling, failed-round handling, a per-round learning rate, and byte
-accounting in both directions."""
+checks, deterministic client sampling, failed-round handling, a per-round learning rate, byte
+accounting in both directions, and a pluggable server update (:mod:`fedcsg.server_opt`) that turns
+the exact average into the new global payload."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from flwr.supercore import log
 from flwr.supercore.inflatable.inflatable_object import add_header_to_object_body
 
 from fedcsg.payload import PayloadLayout, check_record, payload_bytes, weighted_average, wire_bytes
+from fedcsg.server_opt import Mask, ServerOptimizer
 
 WEIGHT_KEY = "num-examples"
 TRAIN_METRICS = ("train-loss", "train-accuracy", "train-seconds")  # what aggregate_train_metrics reads
@@ -192,6 +194,14 @@ class CSGFedAvg(FedAvg):
     max_update_norm
         Reject a reply whose payload is farther than this (L2, float entries) from the global
         payload it was sent; 0 turns the check off.
+    server_optimizer
+        Turns (global payload sent, exact average) into the new global payload; ``None`` (or a
+        ``fedavg`` one) keeps the average.
+    mask_fn
+        ``server_round -> mask`` of the payload elements the server optimizer may move (see
+        :meth:`~fedcsg.payload.PayloadLayout.element_mask`); required with a stateful optimizer.
+    round_config_fn
+        ``server_round -> extra train-config entries`` (e.g. which CSG factor trains).
     **fedavg_kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg` (sampling, minimum nodes).
     """
@@ -205,6 +215,9 @@ class CSGFedAvg(FedAvg):
         min_replies: int = 1,
         failed_round: str = "skip",
         max_update_norm: float = 0.0,
+        server_optimizer: ServerOptimizer | None = None,
+        mask_fn: Callable[[int], Mask] | None = None,
+        round_config_fn: Callable[[int], dict[str, Any]] | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         if failed_round not in FAILED_ROUND_POLICIES:
@@ -220,6 +233,11 @@ class CSGFedAvg(FedAvg):
         self.min_replies = max(1, min_replies)
         self.failed_round = failed_round
         self.max_update_norm = max_update_norm
+        self.server_optimizer = server_optimizer or ServerOptimizer("fedavg")
+        if self.server_optimizer.stateful and mask_fn is None:
+            raise ValueError(f"server optimizer {self.server_optimizer.name!r} needs a mask_fn")
+        self.mask_fn = mask_fn
+        self.round_config_fn = round_config_fn
         self.traffic: dict[int, RoundTraffic] = {}
         self.train_metrics: dict[int, MetricRecord] = {}
         self.global_arrays: ArrayRecord | None = None  # what the current round's clients were sent
@@ -229,14 +247,24 @@ class CSGFedAvg(FedAvg):
     # -- state -----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint needs to continue the strategy: the failed rounds so far. Sampling
-        is a function of (seed, round, attempt) and byte counts live in the round records, so
-        nothing else carries over between rounds."""
-        return {"failed_rounds": sorted(r for r, t in self.traffic.items() if t.status == "failed")}
+        """What a checkpoint needs to continue the strategy: the failed rounds so far and the
+        server optimizer's state (momentum, moments). Sampling is a function of (seed, round,
+        attempt) and byte counts live in the round records, so nothing else carries over."""
+        state: dict[str, Any] = {"failed_rounds": sorted(r for r, t in self.traffic.items() if t.status == "failed")}
+        if self.server_optimizer.stateful:
+            state["server_optimizer"] = self.server_optimizer.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for server_round in state.get("failed_rounds", []):
             self.traffic.setdefault(int(server_round), RoundTraffic(status="failed"))
+        if self.server_optimizer.stateful:
+            if "server_optimizer" not in state:
+                raise ValueError(
+                    f"the checkpoint has no state of server optimizer {self.server_optimizer.name!r}: "
+                    "it cannot be resumed under this optimizer"
+                )
+            self.server_optimizer.load_state_dict(state["server_optimizer"])
 
     # -- one round ----------------------------------------------------------------------------
 
@@ -276,6 +304,7 @@ class CSGFedAvg(FedAvg):
                 "lr": float(self.lr_fn(server_round)),
                 "attempt": attempt,
                 "server-round": server_round,
+                **(self.round_config_fn(server_round) if self.round_config_fn else {}),
             }
         )
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: round_config})
@@ -361,6 +390,8 @@ class CSGFedAvg(FedAvg):
         contents = [reply.content for _, reply in accepted]
         weights = [int(next(iter(c.metric_records.values()))[WEIGHT_KEY]) for c in contents]
         arrays = weighted_average([next(iter(c.array_records.values())) for c in contents], weights)
+        if self.server_optimizer.stateful and self.global_arrays is not None and self.mask_fn is not None:
+            arrays = self.server_optimizer(server_round, self.global_arrays, arrays, self.mask_fn(server_round))
         metrics = self.train_metrics_aggr_fn(contents, WEIGHT_KEY)
         self.train_metrics[server_round] = metrics
         return arrays, metrics

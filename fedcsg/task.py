@@ -10,11 +10,14 @@ import torch
 from torch import nn
 
 from fedcsg.config import RunConfig
+from fedcsg.csg import freeze_factor
 from fedcsg.data import ImageData, TensorBatches, get_spec, load_labels, load_split, partition_indices
 from fedcsg.models import build_model
 from fedcsg.payload import PayloadLayout
 from fedcsg.runtime import tune_malloc
 from fedcsg.training import EvalStats, TrainStats, evaluate, make_optimizer, train_epoch
+
+TRAIN_FACTOR_KEY = "train-factor"  # train-config entry: which CSG factor trains this round (fedcsg.csg.FACTORS)
 
 
 def build_arm_model(cfg: RunConfig, arm: str | None = None) -> nn.Module:
@@ -118,19 +121,23 @@ def local_train(
     batch_size: int,
     seed: int,
     device: torch.device,
+    factor: str = "all",
 ) -> TrainStats:
     """Train ``model`` on a client's data for ``epochs`` with a fresh SGD optimizer.
 
+    ``factor`` (one of :data:`fedcsg.csg.FACTORS`) limits which CSG factor trains: the other is
+    left out of the optimizer (no step, decay or momentum) and comes back bit-identical.
     Returns the stats of the last epoch, with ``seconds`` summed over all epochs.
     """
     tune_malloc()
     model.to(device)
-    optimizer = make_optimizer(model, lr, cfg.momentum, cfg.weight_decay)
     batches = TensorBatches(data, batch_size, shuffle=True, augment=True, seed=seed, device=device)
     seconds, stats = 0.0, None
-    for _ in range(epochs):
-        stats = train_epoch(model, batches, optimizer, device)
-        seconds += stats.seconds
+    with freeze_factor(model, factor):
+        optimizer = make_optimizer(model, lr, cfg.momentum, cfg.weight_decay)
+        for _ in range(epochs):
+            stats = train_epoch(model, batches, optimizer, device)
+            seconds += stats.seconds
     assert stats is not None
     return TrainStats(stats.loss, stats.accuracy, stats.num_examples, seconds)
 

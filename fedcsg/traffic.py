@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedcsg.config import RunConfig
@@ -19,6 +19,18 @@ def _ensure_task_identity() -> None:
             getattr(TaskIdentity, name)
         except RuntimeError:
             setattr(TaskIdentity, name, 1)
+
+
+def train_replies(records: list[ArrayRecord], examples: list[object]) -> list[Message]:
+    """Offline train replies, one per record, from nodes 1, 2, ... with ``examples`` as their
+    num-examples (as a ClientApp would reply; for tests of aggregation)."""
+    _ensure_task_identity()
+    replies = []
+    for node, (record, num) in enumerate(zip(records, examples, strict=True), start=1):
+        down = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=node, message_type=MessageType.TRAIN)
+        metrics = MetricRecord({"num-examples": num, "train-loss": 1.0, "train-accuracy": 0.5, "train-seconds": 1.0})
+        replies.append(Message(RecordDict({"arrays": record, "metrics": metrics}), reply_to=down))
+    return replies
 
 
 def round_messages(cfg: RunConfig, node_id: int = 1) -> tuple[Message, Message]:

@@ -21,6 +21,7 @@ Usage::
     python3 simulations/train_central.py --model resnet20 --epochs 2 --json /tmp/train_central_resnet20.json
     python3 simulations/train_central.py --train-limit 2000 --test-limit 1000 --epochs 1 --threads 2
     python3 simulations/train_central.py --arms csg --slice 16x16x3x3 --code-dim 128 --frozen-generator
+    python3 simulations/train_central.py --csg-init paper --train-limit 10000 --epochs 4   # the paper's init
     python3 simulations/train_central.py --dataset fashion-mnist --model fmnist-cnn --lr-schedule step
 """
 
@@ -39,6 +40,7 @@ import torch
 from benchlib import write_json
 from torch import nn
 
+from fedcsg.csg import INITS as CSG_INITS
 from fedcsg.csg import SliceShape
 from fedcsg.data import DATASETS, ImageData, TensorBatches, load_split
 from fedcsg.models import build_model, default_csg_config, model_spec
@@ -113,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--frozen-generator", action="store_true", help="CSG arm: the paper's frozen random binary generator"
     )
+    parser.add_argument(
+        "--csg-init",
+        choices=CSG_INITS,
+        default="kaiming",
+        help="CSG init: kaiming-std generated filters, or the paper's",
+    )
     parser.add_argument("--batch-size", type=positive_int, default=128, help="training batch size")
     parser.add_argument("--eval-batch-size", type=positive_int, default=256, help="evaluation batch size")
     parser.add_argument("--lr", type=positive_float, default=0.05, help="initial learning rate (SGD, momentum 0.9)")
@@ -173,7 +181,9 @@ def make_arm(name: str, args: argparse.Namespace, train: ImageData, device: torc
     spec = train.spec
     csg = None
     if name == "csg":
-        csg = default_csg_config(args.model, args.slice, args.code_dim, frozen=args.frozen_generator, seed=args.seed)
+        csg = default_csg_config(
+            args.model, args.slice, args.code_dim, frozen=args.frozen_generator, seed=args.seed, init=args.csg_init
+        )
     model = build_model(args.model, num_classes=spec.num_classes, in_channels=spec.in_channels, csg=csg).to(device)
     optimizer = make_optimizer(model, args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     batches = TensorBatches(train, args.batch_size, shuffle=True, augment=True, seed=args.seed, device=device)
@@ -238,7 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.model} on {args.dataset}: {len(train)} train / {len(test)} test images, {args.epochs} epoch(s), "
         f"batch {args.batch_size}, lr {args.lr} ({args.lr_schedule}), seed {args.seed}, device {device}, "
         f"{torch.get_num_threads()} thread(s); CSG slices {slices}"
-        f"{' (frozen generator)' if args.frozen_generator else ''}; data loaded in {time.perf_counter() - start:.1f} s",
+        f"{' (frozen generator)' if args.frozen_generator else ''}, {args.csg_init} init; "
+        f"data loaded in {time.perf_counter() - start:.1f} s",
         flush=True,
     )
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord
 
 from fedcsg.cli import main
 from fedcsg.config import RunConfig, load_experiment
@@ -17,7 +17,7 @@ from fedcsg.csg import csg_layers, generators
 from fedcsg.payload import PayloadLayout, load_payload, model_payload, payload_bytes, weighted_average, wire_bytes
 from fedcsg.strategy import CSGFedAvg, accounted_wire_bytes
 from fedcsg.task import build_arm_model, partition_rows
-from fedcsg.traffic import _ensure_task_identity, round_messages
+from fedcsg.traffic import round_messages, train_replies
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,14 +90,7 @@ def test_bytes_command_ratios(capsys: pytest.CaptureFixture[str]) -> None:
         assert row["wire_up"] == 10 * row["wire_up_per_client"]
 
 
-def _replies(records: list[ArrayRecord], examples: list[object]) -> list[Message]:
-    _ensure_task_identity()
-    replies = []
-    for node, (record, num) in enumerate(zip(records, examples, strict=True), start=1):
-        down = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=node, message_type=MessageType.TRAIN)
-        metrics = MetricRecord({"num-examples": num, "train-loss": 1.0, "train-accuracy": 0.5, "train-seconds": 1.0})
-        replies.append(Message(RecordDict({"arrays": record, "metrics": metrics}), reply_to=down))
-    return replies
+_replies = train_replies
 
 
 def _small_layout() -> tuple[torch.nn.Module, PayloadLayout]:
