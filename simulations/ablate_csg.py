@@ -11,7 +11,7 @@ factors``, ``lr = 0.05``, 1 local epoch; every other cell changes one setting, a
 arms the change can affect (the init does not touch fedavg; ``alternate`` is a no-op for fedavg
 and csg-frozen). Combinations of two changed factors are left out (listed at the start).
 
-The table gives, per cell and arm, mean and spread (population std) of the final test accuracy
+The table gives, per cell and arm, mean and spread (sample std, n - 1) of the final test accuracy
 over the seeds, and of the rounds to reach ``--target`` (runs that never reach it are counted
 apart). Results go to ``--out`` (JSON) after every run; a rerun skips the runs already there, so
 the script can be cut off and started again.
@@ -94,7 +94,7 @@ def run_record(cell: Cell, arm: str, seed: int, rounds: list[dict[str, Any]], ta
         "seed": seed,
         "settings": cell.settings(),
         "final_accuracy": float(rounds[-1]["test_accuracy"]),
-        "round0_loss": float(rounds[0]["test_loss"]),
+        "round0_loss": rounds[0]["test_loss"],  # None where it was not finite (strict JSON)
         "rounds_to_target": rounds_to_target(rounds, target),
         "accuracy": [float(r["test_accuracy"]) for r in rounds],
         "bytes": int(rounds[-1].get("cum_wire_up", 0)) + int(rounds[-1].get("cum_wire_down", 0)),
@@ -103,7 +103,8 @@ def run_record(cell: Cell, arm: str, seed: int, rounds: list[dict[str, Any]], ta
 
 
 def _spread(values: list[float]) -> float:
-    return statistics.pstdev(values) if len(values) > 1 else 0.0
+    """Sample standard deviation (n - 1), as fedcsg's reports give it; 0 for one value."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -214,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         done[key] = run_record(cell, arm, seed, rounds, args.target, run.seconds)
         print(
             f"[{number}/{len(plan)}] {cell.name} {arm} seed {seed}: final accuracy "
-            f"{done[key]['final_accuracy']:.4f}, round-0 loss {done[key]['round0_loss']:.4g}, {run.seconds:.0f} s",
+            f"{done[key]['final_accuracy']:.4f}, round-0 loss {done[key]['round0_loss']}, {run.seconds:.0f} s",
             flush=True,
         )
         document["left_out"] = left_out
