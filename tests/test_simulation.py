@@ -7,8 +7,9 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from subprocess import PIPE, Popen
 
 import pytest
 
@@ -34,20 +35,57 @@ def _fedcsg(*args: str, data_dir: Path, cwd: Path) -> subprocess.CompletedProces
 
 
 @pytest.fixture(scope="module")
-def compare_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
-    out = tmp_path_factory.mktemp("compare") / "run"
+def compare_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[Path, Popen]]]:
+    """The module's two end-to-end runs, started at once (each leaves cores idle while it imports,
+    starts Ray or evaluates on one thread; together they fill them):
+
+    * ``compare``: `fedcsg compare` of the quick-start file named by its path, with SMALL_RUN;
+    * ``seeds``: `fedcsg compare --seeds 0,1` with the shipped default experiment, from a
+      directory outside the checkout, with the same settings.
+    """
+    root = tmp_path_factory.mktemp("compare")
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
     sets = [item for pair in SMALL_RUN for item in ("--set", pair)]
-    proc = _fedcsg(
-        "compare",
-        "--config",
-        str(ROOT / "configs" / "quickstart.toml"),
-        "--out",
-        str(out),
-        *sets,
-        data_dir=data_dir,
-        cwd=ROOT,
-    )
-    return out, proc
+    env = {**os.environ, "FEDCSG_DATA_DIR": str(data_dir)}
+    launches = {
+        "compare": (["--config", str(ROOT / "configs" / "quickstart.toml"), "--out", str(root / "run")], ROOT),
+        "seeds": (["--seeds", "0,1"], elsewhere),
+    }
+    outs = {"compare": root / "run", "seeds": elsewhere / "runs" / "quickstart"}
+    procs = {
+        name: Popen(
+            [sys.executable, "-m", "fedcsg.cli", "compare", *args, *sets],
+            stdout=PIPE,
+            stderr=PIPE,
+            text=True,
+            env=env,
+            cwd=cwd,
+        )
+        for name, (args, cwd) in launches.items()
+    }
+    yield {name: (outs[name], proc) for name, proc in procs.items()}
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def _finished(out: Path, proc: Popen) -> tuple[Path, subprocess.CompletedProcess]:
+    """Wait for a run of ``compare_runs`` (once; later calls return the same result)."""
+    if not hasattr(proc, "result"):
+        stdout, stderr = proc.communicate(timeout=900)
+        proc.result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return out, proc.result
+
+
+@pytest.fixture(scope="module")
+def compare_run(compare_runs: dict[str, tuple[Path, Popen]]) -> tuple[Path, subprocess.CompletedProcess]:
+    return _finished(*compare_runs["compare"])
+
+
+@pytest.fixture(scope="module")
+def seeds_run(compare_runs: dict[str, tuple[Path, Popen]]) -> tuple[Path, subprocess.CompletedProcess]:
+    return _finished(*compare_runs["seeds"])
 
 
 def test_compare_runs_all_arms_through_ray(compare_run: tuple[Path, subprocess.CompletedProcess]) -> None:
@@ -82,16 +120,6 @@ def test_compare_runs_all_arms_through_ray(compare_run: tuple[Path, subprocess.C
     # Same partitions and seed for every arm: identical round-0 accuracy would not prove it,
     # but identical per-round client counts and partition ids do.
     assert len({json.dumps([r["partitions"] for r in d["rounds"]]) for d in results["arms"].values()}) == 1
-
-
-@pytest.fixture(scope="module")
-def seeds_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
-    """`fedcsg compare --seeds 0,1` with the shipped default experiment, from a directory outside
-    the checkout, with the same settings as ``compare_run``."""
-    cwd = tmp_path_factory.mktemp("elsewhere")
-    sets = [item for pair in SMALL_RUN for item in ("--set", pair)]
-    proc = _fedcsg("compare", "--seeds", "0,1", *sets, data_dir=data_dir, cwd=cwd)
-    return cwd / "runs" / "quickstart", proc
 
 
 def _without_seconds(rounds: list[dict]) -> list[dict]:
