@@ -324,9 +324,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_configs(args: argparse.Namespace) -> int:
     """List the shipped experiment files, each with the first line of its description."""
     for name, path in shipped_experiments().items():
-        lines = path.read_text().splitlines()
-        about = next((line.lstrip("# ").strip() for line in lines if line.startswith("#")), "")
-        print(f"{name:<32}{about}")
+        comments = []
+        for line in path.read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            comments.append(line.lstrip("#").strip())
+        about = " ".join(comments).split(". ")[0].rstrip(".")
+        print(f"{name:<30}{about}")
     if args.paths:
         print(f"\n(in {next(iter(shipped_experiments().values())).parent})")
     return 0
