@@ -441,6 +441,7 @@ def _plots(per_seed: dict[int, dict[str, Any]], arms: list[str], title: str, out
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     several = len(per_seed) > 1
     for name, by_bytes, x_label in (
@@ -461,6 +462,8 @@ def _plots(per_seed: dict[int, dict[str, Any]], arms: list[str], title: str, out
                 ax.fill_between(xs, [min(a) for a in accs], [max(a) for a in accs], color=line.get_color(), alpha=0.2)
         if by_bytes:
             ax.set_xscale("log")
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(x_label + (" (mean over seeds)" if several and by_bytes else ""))
         ax.set_ylabel("test accuracy" + (" (mean; band: min to max over seeds)" if several else ""))
         ax.set_title(title)

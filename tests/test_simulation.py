@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import subprocess
@@ -70,12 +71,11 @@ def compare_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
             proc.communicate()
 
 
+@functools.cache
 def _finished(out: Path, proc: Popen) -> tuple[Path, subprocess.CompletedProcess]:
-    """Wait for a run of ``compare_runs`` (once; later calls return the same result)."""
-    if not hasattr(proc, "result"):
-        stdout, stderr = proc.communicate(timeout=900)
-        proc.result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-    return out, proc.result
+    """Wait for a run of ``compare_runs`` (once: later calls get the same result)."""
+    stdout, stderr = proc.communicate(timeout=900)
+    return out, subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="module")
