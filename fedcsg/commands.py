@@ -218,7 +218,7 @@ def resume_config(args: argparse.Namespace, out_dir: Path) -> RunConfig:
     if args.config or overrides:
         base = load_experiment(args.config) if args.config else saved
         cfg = _canonical(RunConfig.from_mapping(overrides, base) if overrides else base)
-        if cfg.seed_list != saved.seed_list:
+        if (cfg.seeds or saved.seeds) and cfg.seed_list != saved.seed_list:  # one seed: the identity check says it
             raise ValueError(
                 f"seeds {','.join(map(str, cfg.seed_list))} differ from the run in {str(out_dir)!r} "
                 f"(seeds {','.join(map(str, saved.seed_list))}); accepted is the saved config"

@@ -53,8 +53,11 @@ def _record(rnd: int, accuracy: float, loss: float = 1.0, up: int = 100, down: i
     return record
 
 
-def _write_arm(out: Path, arm: str, accuracies: list[float], seed: int = 0, loss0: float = 1.0) -> None:
-    config = {**RunConfig(seed=seed, num_rounds=len(accuracies) - 1, target_accuracy=0.3).to_flower(), "arm": arm}
+def _write_arm(
+    out: Path, arm: str, accuracies: list[float], seed: int = 0, loss0: float = 1.0, seeds: str = ""
+) -> None:
+    cfg = RunConfig(seed=seed, seeds=seeds, num_rounds=len(accuracies) - 1, target_accuracy=0.3)
+    config = {**cfg.to_flower(), "arm": arm}
     recorder = ArmRecorder(out, arm, config)
     for rnd, accuracy in enumerate(accuracies):
         recorder.add(_record(rnd, accuracy, loss=loss0 if rnd == 0 else 1.0), save=False)
@@ -118,6 +121,26 @@ def test_bad_seeds_on_the_command_line(tmp_path: Path, capsys: pytest.CaptureFix
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "seeds = '0,x' is not accepted" in err[0]
     assert not out.exists()
+
+
+def test_resume_of_a_run_over_seeds(tmp_path: Path, data_env: Path, cli) -> None:
+    """--resume DIR of a several-seed run: complete arms of every seed are skipped and DIR's report
+    over the seeds is rebuilt; other seeds than the saved ones are refused, nothing written."""
+    out = tmp_path / "run"
+    for seed in (0, 1):
+        for arm in ("fedavg", "csg", "csg-frozen"):
+            _write_arm(out / f"seed-{seed}", arm, [0.1, 0.2, 0.3 + 0.01 * seed], seed=seed, seeds="0,1")
+    code, stdout, err = cli("compare", "--resume", str(out))
+    assert code == 0, err
+    assert stdout.count("complete (2 rounds), skipped") == 6 and "(seed 1)" in stdout
+    assert loads_strict((out / "results.json").read_text())["seeds"] == [0, 1]
+    before = (out / "results.json").read_bytes()
+    code, _, err = cli("compare", "--resume", str(out), "--seeds", "0,1,2")
+    assert code == 2 and "seeds 0,1,2 differ from the run in" in err and len(err.strip().splitlines()) == 1
+    # A one-seed run into a directory of several seeds is refused, not mixed in.
+    code, _, err = cli("run", "--out", str(out), "--set", "num-rounds=2", "--set", "target-accuracy=0.3")
+    assert code == 2 and "holds a run over seeds 0, 1" in err
+    assert (out / "results.json").read_bytes() == before
 
 
 # -- shipped experiment files ---------------------------------------------------------------------
