@@ -175,11 +175,11 @@ def test_compare_over_seeds_reports_mean_and_std(seeds_run: tuple[Path, subproce
         assert spread["values"] == finals
         assert spread["mean"] == pytest.approx(sum(finals) / 2)
         assert spread["std"] == pytest.approx(abs(finals[0] - finals[1]) / 2**0.5)
-    # Seeds change partitions, models and sampling: the two seeds do not give the same run.
-    assert (
-        results["summary"]["csg"]["final_accuracy"]["values"][0]
-        != results["summary"]["csg"]["final_accuracy"]["values"][1]
-    )
+    # Seeds change partitions, models and sampling: the two seeds do not give the same run (at this
+    # size the accuracies may both sit at chance; the initial models' losses differ).
+    for arm in ("fedavg", "csg", "csg-frozen"):
+        losses = [results["per_seed"][seed]["arms"][arm]["rounds"][0]["test_loss"] for seed in ("0", "1")]
+        assert losses[0] != losses[1], arm
     report = (out / "report.md").read_text()
     assert "mean ± sample standard deviation" in report and "| csg | " in report and " ± " in report
     for name in ("accuracy_vs_bytes.png", "accuracy_vs_round.png"):
