@@ -246,15 +246,27 @@ def _mb(value: float | None) -> str:
     return "not reached" if value is None else f"{value / 1e6:.3f} MB"
 
 
+# What a run recorded before these settings existed did: the paper's init, the plain average.
+SETTINGS_BEFORE_THEY_EXISTED = {"csg-init": "paper", "server-optimizer": "fedavg", "csg-aggregation": "factors"}
+
+
+def _setup(cfg: dict[str, Any]) -> str:
+    """The run's setup in one sentence (clients, partitions, rounds, CSG and server settings)."""
+    return (
+        f"{cfg.get('num-clients')} clients, partitioner {cfg.get('partitioner')}"
+        + (f" (alpha {cfg.get('dirichlet-alpha')})" if cfg.get("partitioner") == "dirichlet" else "")
+        + f", {cfg.get('num-rounds')} rounds, {cfg.get('local-epochs')} local epoch(s), "
+        f"slice {cfg.get('slice')} / code dim {cfg.get('code-dim')}, "
+        + ", ".join(f"{key} {cfg.get(key, before)}" for key, before in SETTINGS_BEFORE_THEY_EXISTED.items())
+    )
+
+
 def _report_markdown(results: dict[str, Any], summary: dict[str, dict[str, Any]]) -> str:
     cfg = results["config"]
     lines = [
         f"# fedcsg report: {cfg.get('model')} on {cfg.get('dataset')}",
         "",
-        f"{cfg.get('num-clients')} clients, partitioner {cfg.get('partitioner')}"
-        + (f" (alpha {cfg.get('dirichlet-alpha')})" if cfg.get("partitioner") == "dirichlet" else "")
-        + f", {cfg.get('num-rounds')} rounds, {cfg.get('local-epochs')} local epoch(s), seed {results.get('seed')}, "
-        f"slice {cfg.get('slice')} / code dim {cfg.get('code-dim')}. Versions: "
+        f"{_setup(cfg)}, seed {results.get('seed')}. Versions: "
         + ", ".join(f"{k} {v}" for k, v in results.get("versions", {}).items()),
         "",
         "Bytes are per round, summed over the sampled clients. *Payload* is raw tensor bytes; *wire* is the "
@@ -396,10 +408,8 @@ def _seeds_markdown(config: dict[str, Any], per_seed: dict[int, dict[str, Any]],
     lines = [
         f"# fedcsg report: {config.get('model')} on {config.get('dataset')}, {len(seeds)} seeds",
         "",
-        f"{config.get('num-clients')} clients, partitioner {config.get('partitioner')}"
-        + (f" (alpha {config.get('dirichlet-alpha')})" if config.get("partitioner") == "dirichlet" else "")
-        + f", {config.get('num-rounds')} rounds, {config.get('local-epochs')} local epoch(s), seeds "
-        f"{', '.join(map(str, seeds))} (each seed: its own partitions, initial model, sampling and augmentation; "
+        f"{_setup(config)}, seeds {', '.join(map(str, seeds))} (each seed: its own partitions, initial model, "
+        "sampling and augmentation; "
         "every arm of a seed on the same ones). Each seed's own report is in seed-N/report.md.",
         "",
         "Figures are mean ± sample standard deviation over the seeds. With a few seeds the spread is itself "

@@ -174,3 +174,24 @@ def test_configs_command_lists_the_shipped_files(capsys: pytest.CaptureFixture[s
     names = [line.split()[0] for line in lines if line.strip()]
     assert names == list(shipped_experiments())
     assert any(line.startswith("quickstart") and "ResNet-20" in line for line in lines)
+
+
+def test_report_says_how_the_run_was_made(tmp_path: Path) -> None:
+    _write_arm(tmp_path / "new", "csg", [0.1, 0.2])
+    write_report(tmp_path / "new")
+    assert (
+        "csg-init kaiming, server-optimizer fedavg, csg-aggregation factors"
+        in (tmp_path / "new" / "report.md").read_text()
+    )
+    # A record from before those settings existed was made with the paper's init and the plain average.
+    _write_arm(tmp_path / "old", "csg", [0.1, 0.2])
+    record = tmp_path / "old" / "arms" / "csg.json"
+    document = json.loads(record.read_text())
+    for key in ("csg-init", "server-optimizer", "csg-aggregation"):
+        del document["config"][key]
+    record.write_text(json.dumps(document))
+    write_report(tmp_path / "old")
+    assert (
+        "csg-init paper, server-optimizer fedavg, csg-aggregation factors"
+        in (tmp_path / "old" / "report.md").read_text()
+    )
