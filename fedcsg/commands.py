@@ -12,7 +12,7 @@ from typing import Any
 from fedcsg.checkpoint import STATE_DIR, read_state
 from fedcsg.config import DEFAULT_EXPERIMENT, RunConfig, load_experiment, shipped_experiments
 from fedcsg.payload import ARMS, PACKINGS, check_arm
-from fedcsg.results import REPORT_FILES, seed_dir, seed_dirs_in
+from fedcsg.results import REPORT_FILES, holds_arms, seed_dir, seed_dirs_in
 
 
 def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -153,7 +153,7 @@ def _check_layout(out_dir: Path, cfg: RunConfig) -> None:
     """Refuse a directory that holds a one-seed run when several seeds are asked for, or the other
     way round."""
     held = seed_dirs_in(out_dir)
-    if cfg.seeds and (out_dir / "arms").is_dir():
+    if cfg.seeds and holds_arms(out_dir):
         raise FileExistsError(
             f"output directory {str(out_dir)!r} holds a one-seed run: pass --overwrite or choose another --out"
         )
@@ -322,7 +322,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_configs(args: argparse.Namespace) -> int:
-    """List the shipped experiment files, each with the first line of its description."""
+    """List the shipped experiment files, each with the first sentence of its leading comment."""
     for name, path in shipped_experiments().items():
         comments = []
         for line in path.read_text().splitlines():

@@ -65,6 +65,11 @@ def seed_dir(out_dir: Path, seed: int) -> Path:
     return Path(out_dir) / f"{SEED_DIR_PREFIX}{seed}"
 
 
+def holds_arms(directory: Path) -> bool:
+    """Whether ``directory`` holds arm records (``arms/*.json``) of a one-seed run."""
+    return any((Path(directory) / "arms").glob("*.json"))
+
+
 def seed_dirs_in(out_dir: Path) -> dict[int, Path]:
     """The seed directories ``DIR/seed-N`` that exist, by seed, in ascending order."""
     found = {}
@@ -319,8 +324,8 @@ def write_report(out_dir: str | Path) -> dict[str, Any]:
     """(Re)build results.json, results.csv, report.md and the plots from ``DIR/arms/*.json``, or,
     for a run over several seeds, each ``DIR/seed-N`` and then ``DIR``'s files over the seeds."""
     out_dir = Path(out_dir)
-    seeds = {seed: path for seed, path in seed_dirs_in(out_dir).items() if any((path / "arms").glob("*.json"))}
-    if seeds and not (out_dir / "arms").is_dir():
+    seeds = {seed: path for seed, path in seed_dirs_in(out_dir).items() if holds_arms(path)}
+    if seeds and not holds_arms(out_dir):
         return write_seeds_report(out_dir, {seed: write_report(path) for seed, path in seeds.items()})
     results = load_results(out_dir)
     summary = summarize(results)
