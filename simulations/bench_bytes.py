@@ -1,7 +1,7 @@
 """Bytes per federated round of each arm (fedavg, csg, csg-frozen), payload and wire, per packing.
 
 For every model and slice setting this builds the real Flower train message and reply of each arm
-offline (:func:`fedcsg.traffic.arm_traffic`, no training) and reports, for ``--clients-per-round``
+offline (:func:`fedcsg.fl.traffic.arm_traffic`, no training) and reports, for ``--clients-per-round``
 clients:
 
 * parameters of the arm's model (total, and sendable: without a frozen generator);
@@ -46,13 +46,13 @@ import torch
 from benchlib import write_json
 from flwr.app import Message, RecordDict
 
-from fedcsg.config import RunConfig
-from fedcsg.csg import SliceShape, generators
-from fedcsg.models import default_code_dim, model_spec
-from fedcsg.params import count_parameters
-from fedcsg.payload import ARMS, PACKINGS, PayloadLayout, payload_bytes, wire_bytes
-from fedcsg.task import build_arm_model
-from fedcsg.traffic import arm_traffic, round_messages
+from fedcsg.fl.config import RunConfig
+from fedcsg.fl.payload import ARMS, PACKINGS, PayloadLayout
+from fedcsg.fl.task import build_arm_model
+from fedcsg.fl.traffic import arm_traffic, payload_bytes, round_messages, wire_bytes
+from fedcsg.nn.csg import SliceShape, generators
+from fedcsg.nn.models import default_code_dim, model_spec
+from fedcsg.nn.params import count_parameters
 
 
 def parse_slices(text: str) -> list[tuple[str, int]]:

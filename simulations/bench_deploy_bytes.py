@@ -1,7 +1,7 @@
 """Bytes that really cross the network per round in deployment, beside the bytes fedcsg accounts for.
 
 For each arm this starts a real SuperLink (TLS, SuperNode authentication) and two SuperNodes on
-127.0.0.1, with a byte-counting TCP relay (:class:`fedcsg.relay.ByteCountingRelay`) between the
+127.0.0.1, with a byte-counting TCP relay (``simulations/relay.py``) between the
 SuperNodes and the SuperLink's Fleet API, and runs the fedcsg app with ``flwr run`` on a tiny
 CIFAR-10 subset. The ServerApp writes ``arms/ARM.json`` after every round's evaluation; the moments
 those records appear cut the relay's byte log into rounds. Per round and direction:
@@ -43,9 +43,10 @@ from pathlib import Path
 
 import flwr
 from benchlib import write_json
+from relay import ByteCountingRelay, Traffic
 
-from fedcsg.deploy import FederationPlan, RunOutcome, free_port, run_app, start_federation, wait_for_nodes
-from fedcsg.relay import ByteCountingRelay, Traffic
+from fedcsg.deploy.federation import FederationPlan, RunOutcome, run_app, start_federation, wait_for_nodes
+from fedcsg.deploy.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

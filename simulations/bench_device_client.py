@@ -62,9 +62,9 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     from flwr.app import Context, RecordDict
 
-    from fedcsg.client_app import train
-    from fedcsg.config import RunConfig
-    from fedcsg.traffic import round_messages
+    from fedcsg.fl.client_app import train
+    from fedcsg.fl.config import RunConfig
+    from fedcsg.fl.traffic import round_messages
 
     imported = time.perf_counter()
     rss_after_import = _status_kib("VmRSS")
@@ -88,7 +88,7 @@ def child(args: argparse.Namespace) -> None:
     )
     # The partition first, through the ClientApp's own cache, so decode time and memory are told apart
     # from training; the handler then finds it decoded, as a ClientApp process would after this step.
-    from fedcsg.task import client_data
+    from fedcsg.fl.task import client_data
 
     data_start = time.perf_counter()
     client_data(RunConfig.from_mapping(cfg.to_flower()), 0, args.num_partitions)

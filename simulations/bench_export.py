@@ -2,7 +2,7 @@
 
 1. Sizes: for each model and arm, the bytes of the checkpoint (whole ``state_dict``), the ``compact``
    file (generator or its seed, codes, ordinary layers), and the ``torchscript`` and ``onnx`` files of
-   the materialized plain model (:mod:`fedcsg.export`). Sizes do not depend on training.
+   the materialized plain model (:mod:`fedcsg.deploy.export`). Sizes do not depend on training.
 2. Agreement: a ResNet-20 of ``--arm`` trained for ``--epochs`` on ``--train-images`` CIFAR-10 images
    (one process, a few minutes on a CPU), exported, then run on the whole CIFAR-10 test split by
    PyTorch (the CSG model itself), onnxruntime (the ONNX file) and TorchScript: top-1 agreement with
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from benchlib import write_json
 
-from fedcsg.export import EXPORT_FORMATS, ModelInfo, export_model, load_torchscript, save_checkpoint
+from fedcsg.deploy.export import EXPORT_FORMATS, ModelInfo, export_model, load_torchscript, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,9 +69,10 @@ def _ms_per_image(run, x: torch.Tensor, repeats: int) -> float:
 def agreement(args: argparse.Namespace, work: Path) -> dict:
     import onnxruntime as ort
 
-    from fedcsg.config import RunConfig
-    from fedcsg.data import TensorBatches, load_split
-    from fedcsg.task import build_arm_model, local_train
+    from fedcsg.data.batches import TensorBatches
+    from fedcsg.data.readers import load_split
+    from fedcsg.fl.config import RunConfig
+    from fedcsg.fl.task import build_arm_model, local_train
 
     torch.set_num_threads(args.threads)
     cfg = RunConfig(arm=args.arm, model="resnet20", device="cpu", data_dir=args.data_dir, seed=0)

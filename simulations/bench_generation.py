@@ -4,7 +4,7 @@ For each model the plain network and its CSG form (the registry's default slice 
 ``--slice``/``--code-dim``) are timed on the same synthetic CIFAR-shaped batch:
 
 * train step: ``zero_grad``, forward, cross-entropy, backward and an SGD step (momentum and weight
-  decay as in :class:`fedcsg.config.RunConfig`), batch ``--train-batch``;
+  decay as in :class:`fedcsg.fl.config.RunConfig`), batch ``--train-batch``;
 * evaluation pass: ``model.eval()`` and ``torch.no_grad()`` over ``--eval-batches`` batches of
   ``--eval-batch`` images. The CSG model's generated-weight cache is cleared before every pass, as
   after loading a new global model, so each pass pays one generation (the worst case for one batch);
@@ -47,12 +47,11 @@ import torch.nn.functional as F
 from benchlib import write_json
 from torch import nn
 
-from fedcsg.config import RunConfig
-from fedcsg.csg import clear_generated_cache, csg_layers, generators
-from fedcsg.models import build_model, default_csg_config, model_spec
-from fedcsg.params import count_parameters
-from fedcsg.runtime import tune_malloc
-from fedcsg.training import get_device, make_optimizer
+from fedcsg.fl.config import RunConfig
+from fedcsg.nn.csg import clear_generated_cache, csg_layers, generators
+from fedcsg.nn.models import build_model, default_csg_config, model_spec
+from fedcsg.nn.params import count_parameters
+from fedcsg.nn.training import get_device, make_optimizer, tune_malloc
 
 CLOCKS = ("wall", "cpu")  # what a sample records: wall-clock and process CPU seconds
 
@@ -117,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--default-malloc",
         action="store_true",
-        help="keep glibc's malloc defaults instead of fedcsg.runtime.tune_malloc() (as fedcsg's workers use)",
+        help="keep glibc's malloc defaults instead of fedcsg.nn.training.tune_malloc() (as fedcsg's workers use)",
     )
     parser.add_argument(
         "--json",
@@ -333,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("--warmup must be >= 0")
     device = get_device(args.device)
     malloc_tuned = False if args.default_malloc else tune_malloc()
-    print(f"malloc tuned (fedcsg.runtime.tune_malloc): {malloc_tuned}")
+    print(f"malloc tuned (fedcsg.nn.training.tune_malloc): {malloc_tuned}")
     threads_before = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)

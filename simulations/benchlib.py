@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedcsg.results import strict_json
+from fedcsg.io import strict_json
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 

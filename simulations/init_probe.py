@@ -12,10 +12,11 @@ import time
 
 import torch
 
-from fedcsg.csg import CSGConv2d, csg_layers, kaiming_std
-from fedcsg.data import TensorBatches, load_split
-from fedcsg.models import build_model, default_csg_config
-from fedcsg.training import evaluate, make_optimizer, set_seed, step_lr, train_epoch
+from fedcsg.data.batches import TensorBatches
+from fedcsg.data.readers import load_split
+from fedcsg.nn.csg import CSGConv2d, csg_layers, kaiming_std
+from fedcsg.nn.models import build_model, default_csg_config
+from fedcsg.nn.training import evaluate, make_optimizer, set_seed, step_lr, train_epoch
 
 torch.set_num_threads(1)
 N, E = int(sys.argv[1]), int(sys.argv[2])

@@ -40,13 +40,23 @@ import torch
 from benchlib import write_json
 from torch import nn
 
-from fedcsg.csg import INITS as CSG_INITS
-from fedcsg.csg import SliceShape
-from fedcsg.data import DATASETS, ImageData, TensorBatches, load_split
-from fedcsg.models import build_model, default_csg_config, model_spec
-from fedcsg.params import count_parameters
-from fedcsg.runtime import tune_malloc
-from fedcsg.training import SCHEDULES, evaluate, get_device, make_optimizer, set_seed, step_lr, train_epoch
+from fedcsg.data.batches import TensorBatches
+from fedcsg.data.readers import ImageData, load_split
+from fedcsg.data.registry import DATASETS
+from fedcsg.nn.csg import INITS as CSG_INITS
+from fedcsg.nn.csg import SliceShape
+from fedcsg.nn.models import build_model, default_csg_config, model_spec
+from fedcsg.nn.params import count_parameters
+from fedcsg.nn.training import (
+    SCHEDULES,
+    evaluate,
+    get_device,
+    make_optimizer,
+    set_seed,
+    step_lr,
+    train_epoch,
+    tune_malloc,
+)
 
 ARM_NAMES: tuple[str, ...] = ("plain", "csg")
 
@@ -234,7 +244,7 @@ def print_table(summaries: dict[str, dict[str, Any]]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    tune_malloc()  # as fedcsg's training workers do (fedcsg.runtime)
+    tune_malloc()  # as fedcsg's training workers do (fedcsg.nn.training)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = get_device(args.device)

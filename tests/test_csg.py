@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedcsg.csg import (
+from fedcsg.nn.csg import (
     CSGConfig,
     CSGConv2d,
     SliceGenerator,
@@ -118,7 +118,7 @@ def test_frozen_generator_rebuilt_from_seed_bitwise() -> None:
     assert not torch.equal(a.weight, SliceGenerator(SliceShape(12, 12, 3), 72, frozen=True, seed=1235).weight)
     # ... and in a fresh interpreter, as another machine would.
     code = (
-        "import torch, hashlib; from fedcsg.csg import SliceGenerator, SliceShape;"
+        "import torch, hashlib; from fedcsg.nn.csg import SliceGenerator, SliceShape;"
         "w = SliceGenerator(SliceShape(12, 12, 3), 72, frozen=True, seed=1234).weight;"
         "print(hashlib.sha256(w.detach().numpy().tobytes()).hexdigest())"
     )
@@ -131,7 +131,7 @@ def test_frozen_generator_rebuilt_from_seed_bitwise() -> None:
 
 
 def test_generator_registered_once() -> None:
-    from fedcsg.models import build_model, default_csg_config
+    from fedcsg.nn.models import build_model, default_csg_config
 
     model = build_model("resnet20", csg=default_csg_config("resnet20"))
     gen_keys = [k for k in model.state_dict() if "csg_generators" in k]
@@ -146,7 +146,7 @@ def test_generator_registered_once() -> None:
 
 
 def test_one_matmul_per_generator_per_forward(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fedcsg.models import build_model, default_csg_config
+    from fedcsg.nn.models import build_model, default_csg_config
 
     model = build_model("resnet20", csg=default_csg_config("resnet20"))
     generator = generators(model)["3x3"]
@@ -163,7 +163,7 @@ def test_one_matmul_per_generator_per_forward(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_eval_cache_reused_and_dropped_when_parameters_change(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fedcsg.models import build_model, default_csg_config
+    from fedcsg.nn.models import build_model, default_csg_config
 
     torch.manual_seed(0)
     model = build_model("resnet20", csg=default_csg_config("resnet20")).eval()

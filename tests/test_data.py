@@ -17,24 +17,25 @@ import pytest
 import torch
 from PIL import Image
 
-from fedcsg import data as D
+from fedcsg.data import batches as batching
+from fedcsg.data import partitions, readers, registry
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def cifar_test_labels(data_dir: Path) -> np.ndarray:
-    return D.load_labels("cifar10", "test", data_dir=data_dir)
+    return readers.load_labels("cifar10", "test", data_dir=data_dir)
 
 
 @pytest.fixture(scope="module")
 def cifar_train_labels(data_dir: Path) -> np.ndarray:
-    return D.load_labels("cifar10", "train", data_dir=data_dir)
+    return readers.load_labels("cifar10", "train", data_dir=data_dir)
 
 
 @pytest.fixture(scope="module")
-def small_cifar(data_dir: Path) -> D.ImageData:
-    return D.load_split("cifar10", "test", data_dir=data_dir, limit=64, seed=1)
+def small_cifar(data_dir: Path) -> readers.ImageData:
+    return readers.load_split("cifar10", "test", data_dir=data_dir, limit=64, seed=1)
 
 
 @pytest.fixture
@@ -43,7 +44,7 @@ def debian_fmnist(monkeypatch: pytest.MonkeyPatch, data_dir: Path, tmp_path: Pat
     /usr/share/datasets/fashion-mnist), built from the shared idx files, with the Fashion-MNIST
     spec's system directory pointed at it: no system package is needed."""
     shared = data_dir / "fashion-mnist"
-    names = [name for s in ("train", "test") for name in D.DATASETS["fashion-mnist"].local_files(s)]
+    names = [name for s in ("train", "test") for name in registry.DATASETS["fashion-mnist"].local_files(s)]
     missing = [name for name in names if not (shared / name).is_file()]
     if missing:
         pytest.fail(f"Fashion-MNIST idx files {missing} not found in {shared}; set FEDCSG_DATA_DIR", pytrace=False)
@@ -51,8 +52,8 @@ def debian_fmnist(monkeypatch: pytest.MonkeyPatch, data_dir: Path, tmp_path: Pat
     system.mkdir(parents=True)
     for name in names:
         (system / name).symlink_to(shared / name)
-    spec = dataclasses.replace(D.DATASETS["fashion-mnist"], system_dir=str(system))
-    monkeypatch.setattr(D, "DATASETS", MappingProxyType({**D.DATASETS, "fashion-mnist": spec}))
+    spec = dataclasses.replace(registry.DATASETS["fashion-mnist"], system_dir=str(system))
+    monkeypatch.setattr(registry, "DATASETS", MappingProxyType({**registry.DATASETS, "fashion-mnist": spec}))
     return system
 
 
@@ -62,13 +63,13 @@ def debian_fmnist(monkeypatch: pytest.MonkeyPatch, data_dir: Path, tmp_path: Pat
 
 
 def test_load_split_subset_shapes_and_dtypes(data_env: Path) -> None:
-    subset = D.load_split("cifar10", "test", limit=200)
+    subset = readers.load_split("cifar10", "test", limit=200)
     assert subset.images.shape == (200, 3, 32, 32)
     assert subset.images.dtype == torch.uint8
     assert subset.labels.shape == (200,)
     assert subset.labels.dtype == torch.int64
     assert 0 <= int(subset.labels.min()) and int(subset.labels.max()) < 10
-    assert subset.spec is D.DATASETS["cifar10"]
+    assert subset.spec is registry.DATASETS["cifar10"]
     assert len(subset) == 200
     # A seeded shuffle of a class-ordered file: several classes, roughly balanced.
     counts = np.bincount(subset.labels.numpy(), minlength=10)
@@ -76,28 +77,28 @@ def test_load_split_subset_shapes_and_dtypes(data_env: Path) -> None:
 
 
 def test_limit_is_deterministic_per_seed(data_env: Path) -> None:
-    a = D.load_split("cifar10", "test", limit=50, seed=3)
-    b = D.load_split("cifar10", "test", limit=50, seed=3)
-    c = D.load_split("cifar10", "test", limit=50, seed=4)
+    a = readers.load_split("cifar10", "test", limit=50, seed=3)
+    b = readers.load_split("cifar10", "test", limit=50, seed=3)
+    c = readers.load_split("cifar10", "test", limit=50, seed=4)
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
     assert not torch.equal(a.images, c.images)
 
 
 def test_indices_select_rows_in_order(data_env: Path, cifar_test_labels: np.ndarray) -> None:
     rows = [9999, 0, 5, 5]
-    subset = D.load_split("cifar10", "test", indices=rows)
+    subset = readers.load_split("cifar10", "test", indices=rows)
     assert subset.labels.tolist() == cifar_test_labels[rows].tolist()
     assert torch.equal(subset.images[2], subset.images[3])
     # An empty partition (possible with Dirichlet at many clients) loads as an empty set.
-    empty = D.load_split("cifar10", "test", indices=np.array([], dtype=np.int64))
-    assert empty.images.shape == (0, 3, 32, 32) and len(D.TensorBatches(empty, batch_size=8)) == 0
+    empty = readers.load_split("cifar10", "test", indices=np.array([], dtype=np.int64))
+    assert empty.images.shape == (0, 3, 32, 32) and len(batching.TensorBatches(empty, batch_size=8)) == 0
 
 
 def test_labels_only_equal_decoded_labels_and_pixels(data_dir: Path, cifar_test_labels: np.ndarray) -> None:
     assert cifar_test_labels.shape == (10000,) and cifar_test_labels.dtype == np.int64
     assert np.bincount(cifar_test_labels).tolist() == [1000] * 10
     rows = np.random.default_rng(0).choice(10000, size=300, replace=False)
-    subset = D.load_split("cifar10", "test", data_dir=data_dir, indices=rows)
+    subset = readers.load_split("cifar10", "test", data_dir=data_dir, indices=rows)
     assert subset.labels.numpy().tolist() == cifar_test_labels[rows].tolist()
     # Pixels equal a direct PIL decode of the same row.
     table = pq.read_table(data_dir / "cifar10" / "test.parquet")
@@ -108,29 +109,29 @@ def test_labels_only_equal_decoded_labels_and_pixels(data_dir: Path, cifar_test_
 
 def test_bad_index_and_limit(data_env: Path) -> None:
     with pytest.raises(ValueError, match="index 10000 out of range"):
-        D.load_split("cifar10", "test", indices=[0, 10000])
+        readers.load_split("cifar10", "test", indices=[0, 10000])
     with pytest.raises(ValueError, match="limit must be"):
-        D.load_split("cifar10", "test", limit=-1)
+        readers.load_split("cifar10", "test", limit=-1)
     with pytest.raises(ValueError, match="unknown split 'val'"):
-        D.load_split("cifar10", "val")  # type: ignore[arg-type]
+        readers.load_split("cifar10", "val")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown dataset 'mnist'.*cifar10, fashion-mnist"):
-        D.load_split("mnist", "test")
+        readers.load_split("mnist", "test")
 
 
 def test_explicit_data_dir_wins(monkeypatch: pytest.MonkeyPatch, data_dir: Path, tmp_path: Path) -> None:
     monkeypatch.setenv("FEDCSG_DATA_DIR", str(tmp_path))  # an env dir without data is not used
-    source = D.resolve_source("cifar10", data_dir)
+    source = registry.resolve_source("cifar10", data_dir)
     assert source.kind == "parquet" and Path(source.location) == data_dir / "cifar10"
-    assert D.load_split("cifar10", "test", data_dir=str(data_dir), limit=3).images.shape == (3, 3, 32, 32)
+    assert readers.load_split("cifar10", "test", data_dir=str(data_dir), limit=3).images.shape == (3, 3, 32, 32)
 
 
 def test_missing_data_dir_names_path(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match="nowhere") as info:
-        D.resolve_source("cifar10", missing)
+        registry.resolve_source("cifar10", missing)
     assert "\n" not in str(info.value)
     with pytest.raises(FileNotFoundError) as info:
-        D.resolve_source("cifar10", tmp_path)  # exists, but holds no cifar10/
+        registry.resolve_source("cifar10", tmp_path)  # exists, but holds no cifar10/
     assert str(tmp_path / "cifar10") in str(info.value) and "train.parquet" in str(info.value)
 
 
@@ -139,17 +140,17 @@ def test_no_source_anywhere_lists_every_place(monkeypatch: pytest.MonkeyPatch, t
         raise ConnectionError(f"Couldn't reach {name!r} on the Hub\n(second line)")
 
     # Stand-in for the real offline failure, which retries for ~25 s before giving up.
-    monkeypatch.setattr(D, "_load_hub", offline)
+    monkeypatch.setattr(registry, "load_hub", offline)
     monkeypatch.setenv("FEDCSG_DATA_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError) as info:
-        D.resolve_source("cifar10", hub_name="someone/cifar10-mirror")
+        registry.resolve_source("cifar10", hub_name="someone/cifar10-mirror")
     message = str(info.value)
     assert "\n" not in message
     assert str(tmp_path / "cifar10") in message
     assert "someone/cifar10-mirror" in message and "Couldn't reach" in message
     monkeypatch.delenv("FEDCSG_DATA_DIR")
     with pytest.raises(FileNotFoundError, match=r"\$FEDCSG_DATA_DIR \(unset\).*uoft-cs/cifar10"):
-        D.resolve_source("cifar10")
+        registry.resolve_source("cifar10")
 
 
 def test_hub_source_decodes_like_local(monkeypatch: pytest.MonkeyPatch, data_dir: Path, tmp_path: Path) -> None:
@@ -157,13 +158,15 @@ def test_hub_source_decodes_like_local(monkeypatch: pytest.MonkeyPatch, data_dir
 
     # The local parquet has the hub schema, so loading it with `datasets` imitates the hub offline.
     hub = {"test": datasets.Dataset.from_parquet(str(data_dir / "cifar10" / "test.parquet"), cache_dir=str(tmp_path))}
-    monkeypatch.setattr(D, "_load_hub", lambda name: hub)
+    monkeypatch.setattr(registry, "load_hub", lambda name: hub)
     monkeypatch.delenv("FEDCSG_DATA_DIR", raising=False)
-    assert D.resolve_source("cifar10").kind == "hub"
-    from_hub = D.load_split("cifar10", "test", limit=40)
-    local = D.load_split("cifar10", "test", data_dir=data_dir, limit=40)
+    assert registry.resolve_source("cifar10").kind == "hub"
+    from_hub = readers.load_split("cifar10", "test", limit=40)
+    local = readers.load_split("cifar10", "test", data_dir=data_dir, limit=40)
     assert torch.equal(from_hub.images, local.images) and torch.equal(from_hub.labels, local.labels)
-    assert np.array_equal(D.load_labels("cifar10", "test"), D.load_labels("cifar10", "test", data_dir=data_dir))
+    assert np.array_equal(
+        readers.load_labels("cifar10", "test"), readers.load_labels("cifar10", "test", data_dir=data_dir)
+    )
 
 
 def _write_both_splits(directory: Path, table: pa.Table) -> Path:
@@ -185,7 +188,7 @@ def _write_both_splits(directory: Path, table: pa.Table) -> Path:
 def test_malformed_parquet_names_file(tmp_path: Path, table: pa.Table) -> None:
     path = _write_both_splits(tmp_path, table)
     with pytest.raises(ValueError, match="expected parquet columns img") as info:
-        D.load_labels("cifar10", "test", data_dir=tmp_path)
+        readers.load_labels("cifar10", "test", data_dir=tmp_path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
@@ -194,7 +197,7 @@ def test_not_a_parquet_file(tmp_path: Path) -> None:
     for split in ("train", "test"):
         (tmp_path / "cifar10" / f"{split}.parquet").write_bytes(b"definitely not parquet")
     with pytest.raises(ValueError, match="not a readable parquet file"):
-        D.load_split("cifar10", "train", data_dir=tmp_path, limit=1)
+        readers.load_split("cifar10", "train", data_dir=tmp_path, limit=1)
 
 
 def test_fashion_mnist_from_debian_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, debian_fmnist: Path) -> None:
@@ -203,23 +206,23 @@ def test_fashion_mnist_from_debian_path(monkeypatch: pytest.MonkeyPatch, tmp_pat
     empty = tmp_path / "no-fmnist"
     empty.mkdir()
     monkeypatch.setenv("FEDCSG_DATA_DIR", str(empty))
-    source = D.resolve_source("fashion-mnist")
+    source = registry.resolve_source("fashion-mnist")
     assert source.kind == "idx" and Path(source.location) == debian
-    subset = D.load_split("fashion-mnist", "test", limit=100)
+    subset = readers.load_split("fashion-mnist", "test", limit=100)
     assert subset.images.shape == (100, 1, 28, 28) and subset.images.dtype == torch.uint8
     assert subset.spec.in_channels == 1
-    labels = D.load_labels("fashion-mnist", "train")
+    labels = readers.load_labels("fashion-mnist", "train")
     assert labels.shape == (60000,) and np.bincount(labels).tolist() == [6000] * 10
     expected_rows = np.random.default_rng(0).permutation(10000)[:100]  # the documented `limit` rule
-    assert subset.labels.tolist() == D.load_labels("fashion-mnist", "test")[expected_rows].tolist()
+    assert subset.labels.tolist() == readers.load_labels("fashion-mnist", "test")[expected_rows].tolist()
 
 
 def test_fashion_mnist_from_the_shared_data_dir(monkeypatch: pytest.MonkeyPatch, data_dir: Path) -> None:
     # $FEDCSG_DATA_DIR holding fashion-mnist/ (as ../shared/data does) is found before any system directory.
     monkeypatch.setenv("FEDCSG_DATA_DIR", str(data_dir))
-    source = D.resolve_source("fashion-mnist")
+    source = registry.resolve_source("fashion-mnist")
     assert source.kind == "idx" and Path(source.location) == data_dir / "fashion-mnist"
-    assert D.load_labels("fashion-mnist", "test").shape == (10000,)
+    assert readers.load_labels("fashion-mnist", "test").shape == (10000,)
 
 
 def test_corrupt_idx_file(tmp_path: Path, data_dir: Path) -> None:
@@ -227,14 +230,14 @@ def test_corrupt_idx_file(tmp_path: Path, data_dir: Path) -> None:
     directory = tmp_path / "copy" / "fashion-mnist"
     directory.mkdir(parents=True)
     for split in ("train", "test"):
-        for name in D.DATASETS["fashion-mnist"].local_files(split):
+        for name in registry.DATASETS["fashion-mnist"].local_files(split):
             (directory / name).symlink_to(shared / name)
     (directory / "t10k-images-idx3-ubyte.gz").unlink()
     import gzip
 
     (directory / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x01garbage"))
     with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz: not a uint8 idx file with 3"):
-        D.load_split("fashion-mnist", "test", data_dir=tmp_path / "copy", limit=2)
+        readers.load_split("fashion-mnist", "test", data_dir=tmp_path / "copy", limit=2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,40 +255,40 @@ SCHEME_KWARGS = {
 def test_partitions_disjoint_covering_deterministic(scheme: str, cifar_train_labels: np.ndarray) -> None:
     num = 10
     kwargs = SCHEME_KWARGS[scheme]
-    parts = [D.partition_indices(cifar_train_labels, num, pid, scheme, **kwargs) for pid in range(num)]  # type: ignore[arg-type]
+    parts = [partitions.partition_indices(cifar_train_labels, num, pid, scheme, **kwargs) for pid in range(num)]  # type: ignore[arg-type]
     everything = np.concatenate(parts)
     assert everything.dtype == np.int64
     assert everything.size == len(cifar_train_labels)  # disjoint and ...
     assert np.array_equal(np.sort(everything), np.arange(len(cifar_train_labels)))  # ... covering
-    D._partitioner.cache_clear()  # recompute from scratch, not from the cache
-    again = D.partition_indices(cifar_train_labels, num, 3, scheme, **kwargs)  # type: ignore[arg-type]
+    partitions._partitioner.cache_clear()  # recompute from scratch, not from the cache
+    again = partitions.partition_indices(cifar_train_labels, num, 3, scheme, **kwargs)  # type: ignore[arg-type]
     assert np.array_equal(again, parts[3])
-    other_seed = D.partition_indices(cifar_train_labels, num, 3, scheme, seed=1, **kwargs)  # type: ignore[arg-type]
+    other_seed = partitions.partition_indices(cifar_train_labels, num, 3, scheme, seed=1, **kwargs)  # type: ignore[arg-type]
     assert not np.array_equal(other_seed, parts[3])
 
 
 def test_partition_label_skew(cifar_train_labels: np.ndarray) -> None:
-    iid = D.partition_indices(cifar_train_labels, 10, 0, "iid")
+    iid = partitions.partition_indices(cifar_train_labels, 10, 0, "iid")
     assert np.bincount(cifar_train_labels[iid], minlength=10).min() > 400  # ~500 per class: shuffled first
     for pid in range(10):
-        shard = D.partition_indices(cifar_train_labels, 10, pid, "shards", shards_per_partition=2)
+        shard = partitions.partition_indices(cifar_train_labels, 10, pid, "shards", shards_per_partition=2)
         assert len(np.unique(cifar_train_labels[shard])) <= 2  # 2 shards of 2,500 within single classes
-    skewed = D.partition_indices(cifar_train_labels, 10, 0, "dirichlet", alpha=0.05)
-    flat = D.partition_indices(cifar_train_labels, 10, 0, "dirichlet", alpha=1000.0)
+    skewed = partitions.partition_indices(cifar_train_labels, 10, 0, "dirichlet", alpha=0.05)
+    flat = partitions.partition_indices(cifar_train_labels, 10, 0, "dirichlet", alpha=1000.0)
     assert np.bincount(cifar_train_labels[skewed], minlength=10).max() > 0.5 * len(skewed)
     counts = np.bincount(cifar_train_labels[flat], minlength=10)
     assert counts.min() > 0.7 * counts.max()
 
 
 def test_partitioner_cached_across_partition_ids(cifar_train_labels: np.ndarray) -> None:
-    D._partitioner.cache_clear()
+    partitions._partitioner.cache_clear()
     for pid in range(5):
-        D.partition_indices(cifar_train_labels, 5, pid, "dirichlet", alpha=0.5)
-    info = D._partitioner.cache_info()
+        partitions.partition_indices(cifar_train_labels, 5, pid, "dirichlet", alpha=0.5)
+    info = partitions._partitioner.cache_info()
     assert (info.misses, info.hits) == (1, 4)
     # A copy of the labels (same contents, new object) hits the same entry.
-    D.partition_indices(cifar_train_labels.copy(), 5, 0, "dirichlet", alpha=0.5)
-    assert D._partitioner.cache_info().hits == 5
+    partitions.partition_indices(cifar_train_labels.copy(), 5, 0, "dirichlet", alpha=0.5)
+    assert partitions._partitioner.cache_info().hits == 5
 
 
 def test_partitions_identical_in_a_new_process(cifar_train_labels: np.ndarray, data_dir: Path) -> None:
@@ -305,13 +308,13 @@ def test_partitions_identical_in_a_new_process(cifar_train_labels: np.ndarray, d
     for line, (scheme, kw) in zip(
         result.stdout.splitlines(), [("iid", {}), ("dirichlet", {"alpha": 0.3}), ("shards", {})], strict=True
     ):
-        rows = D.partition_indices(cifar_train_labels, 20, 7, scheme, seed=5, **kw)  # type: ignore[arg-type]
+        rows = partitions.partition_indices(cifar_train_labels, 20, 7, scheme, seed=5, **kw)  # type: ignore[arg-type]
         assert line == scheme + " " + ",".join(map(str, rows[:50])) + " " + str(rows.size)
 
 
 def test_dirichlet_many_partitions_allows_empty() -> None:
     labels = np.repeat(np.arange(10), 100)
-    sizes = [D.partition_indices(labels, 500, pid, "dirichlet", alpha=0.1).size for pid in range(500)]
+    sizes = [partitions.partition_indices(labels, 500, pid, "dirichlet", alpha=0.1).size for pid in range(500)]
     assert sum(sizes) == 1000
     assert min(sizes) == 0  # min_partition_size=0: no resampling, no error
 
@@ -334,7 +337,7 @@ def test_partition_bad_arguments(kwargs: dict, message: str) -> None:
     args = {"labels": np.repeat(np.arange(10), 100), "num_partitions": 4, "partition_id": 0, "scheme": "iid"}
     args.update(kwargs)
     with pytest.raises(ValueError) as info:
-        D.partition_indices(
+        partitions.partition_indices(
             args.pop("labels"), args.pop("num_partitions"), args.pop("partition_id"), args.pop("scheme"), **args
         )
     assert message in str(info.value) and "\n" not in str(info.value)
@@ -345,20 +348,20 @@ def test_partition_bad_arguments(kwargs: dict, message: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def test_batches_shapes_and_length(small_cifar: D.ImageData) -> None:
-    batches = D.TensorBatches(small_cifar, batch_size=10)
+def test_batches_shapes_and_length(small_cifar: readers.ImageData) -> None:
+    batches = batching.TensorBatches(small_cifar, batch_size=10)
     assert len(batches) == 7
     sizes = [(x.shape, x.dtype, y.shape, y.dtype) for x, y in batches]
     assert sizes[0] == ((10, 3, 32, 32), torch.float32, (10,), torch.int64)
     assert sizes[-1][0] == (4, 3, 32, 32)
-    dropped = D.TensorBatches(small_cifar, batch_size=10, drop_last=True)
+    dropped = batching.TensorBatches(small_cifar, batch_size=10, drop_last=True)
     assert len(dropped) == 6 == len(list(dropped))
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
-        D.TensorBatches(small_cifar, batch_size=0)
+        batching.TensorBatches(small_cifar, batch_size=0)
 
 
-def test_batches_normalise_with_spec_statistics(small_cifar: D.ImageData) -> None:
-    x, y = next(iter(D.TensorBatches(small_cifar, batch_size=64)))
+def test_batches_normalise_with_spec_statistics(small_cifar: readers.ImageData) -> None:
+    x, y = next(iter(batching.TensorBatches(small_cifar, batch_size=64)))
     mean = torch.tensor(small_cifar.spec.mean).view(1, 3, 1, 1)
     std = torch.tensor(small_cifar.spec.std).view(1, 3, 1, 1)
     expected = (small_cifar.images.float() / 255 - mean) / std
@@ -368,8 +371,8 @@ def test_batches_normalise_with_spec_statistics(small_cifar: D.ImageData) -> Non
 
 def test_normalised_full_split_is_standardised(data_dir: Path) -> None:
     # The JPEG copy's own statistics are close to the standard ones, so the result is ~N(0, 1).
-    subset = D.load_split("cifar10", "train", data_dir=data_dir, limit=2000)
-    x = torch.cat([x for x, _ in D.TensorBatches(subset, batch_size=500)])
+    subset = readers.load_split("cifar10", "train", data_dir=data_dir, limit=2000)
+    x = torch.cat([x for x, _ in batching.TensorBatches(subset, batch_size=500)])
     assert torch.allclose(x.mean(dim=(0, 2, 3)), torch.zeros(3), atol=0.05)
     assert torch.allclose(x.std(dim=(0, 2, 3)), torch.ones(3), atol=0.05)
 
@@ -385,35 +388,35 @@ def _is_crop_or_flip(augmented: torch.Tensor, original: torch.Tensor, padding: i
     return False
 
 
-def test_augmentation_changes_images_keeps_labels(small_cifar: D.ImageData) -> None:
-    batches = D.TensorBatches(small_cifar, batch_size=64, augment=True, seed=0)
-    plain = D.TensorBatches(small_cifar, batch_size=64)
+def test_augmentation_changes_images_keeps_labels(small_cifar: readers.ImageData) -> None:
+    batches = batching.TensorBatches(small_cifar, batch_size=64, augment=True, seed=0)
+    plain = batching.TensorBatches(small_cifar, batch_size=64)
     (x_aug, y_aug), (x_plain, y_plain) = next(iter(batches)), next(iter(plain))
     assert torch.equal(y_aug, y_plain)
     changed = (x_aug != x_plain).flatten(1).any(dim=1)
     assert changed.float().mean() > 0.9  # 1 in 162 (offset 4,4 unflipped) stays the same
     # Every augmented image is a zero-padded crop of its original, possibly flipped.
     generator = torch.Generator().manual_seed(0)
-    raw = D.augment_batch(small_cifar.images, generator, padding=4)
+    raw = batching.augment_batch(small_cifar.images, generator, padding=4)
     assert raw.dtype == torch.uint8 and raw.shape == small_cifar.images.shape
     assert all(_is_crop_or_flip(raw[i], small_cifar.images[i], 4) for i in range(16))
 
 
 def test_augmentation_flip_only_and_grayscale() -> None:
-    spec = D.DATASETS["fashion-mnist"]
+    spec = registry.DATASETS["fashion-mnist"]
     images = torch.randint(0, 256, (32, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    out = D.augment_batch(images, torch.Generator().manual_seed(1), padding=0)
+    out = batching.augment_batch(images, torch.Generator().manual_seed(1), padding=0)
     flipped = torch.tensor([torch.equal(o, i.flip(-1)) for o, i in zip(out, images, strict=True)])
     same = torch.tensor([torch.equal(o, i) for o, i in zip(out, images, strict=True)])
     assert bool((flipped | same).all()) and 0 < int(flipped.sum()) < 32
-    data = D.ImageData(images, torch.zeros(32, dtype=torch.int64), spec)
-    x, _ = next(iter(D.TensorBatches(data, batch_size=8, augment=True, shuffle=True)))
+    data = readers.ImageData(images, torch.zeros(32, dtype=torch.int64), spec)
+    x, _ = next(iter(batching.TensorBatches(data, batch_size=8, augment=True, shuffle=True)))
     assert x.shape == (8, 1, 28, 28)
 
 
-def test_batches_deterministic_per_seed_and_epoch(small_cifar: D.ImageData) -> None:
+def test_batches_deterministic_per_seed_and_epoch(small_cifar: readers.ImageData) -> None:
     def epochs(seed: int, count: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-        batches = D.TensorBatches(small_cifar, batch_size=16, shuffle=True, augment=True, seed=seed)
+        batches = batching.TensorBatches(small_cifar, batch_size=16, shuffle=True, augment=True, seed=seed)
         return [list(batches) for _ in range(count)]
 
     first, second = epochs(7, 2), epochs(7, 2)
@@ -424,7 +427,7 @@ def test_batches_deterministic_per_seed_and_epoch(small_cifar: D.ImageData) -> N
     assert not torch.equal(first[0][0][1], first[1][0][1])
     assert not torch.equal(first[0][0][1], epochs(8, 1)[0][0][1])
     # set_epoch replays an epoch; a shuffle is a permutation of the labels.
-    replay = D.TensorBatches(small_cifar, batch_size=16, shuffle=True, augment=True, seed=7)
+    replay = batching.TensorBatches(small_cifar, batch_size=16, shuffle=True, augment=True, seed=7)
     replay.set_epoch(1)
     assert torch.equal(next(iter(replay))[0], first[1][0][0])
     labels = torch.cat([y for _, y in first[0]])
@@ -432,8 +435,8 @@ def test_batches_deterministic_per_seed_and_epoch(small_cifar: D.ImageData) -> N
 
 
 def test_image_data_validates() -> None:
-    spec = D.DATASETS["cifar10"]
+    spec = registry.DATASETS["cifar10"]
     with pytest.raises(ValueError, match="images must be uint8"):
-        D.ImageData(torch.zeros(2, 3, 32, 32), torch.zeros(2, dtype=torch.int64), spec)
+        readers.ImageData(torch.zeros(2, 3, 32, 32), torch.zeros(2, dtype=torch.int64), spec)
     with pytest.raises(ValueError, match="labels must be int64"):
-        D.ImageData(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(3, dtype=torch.int64), spec)
+        readers.ImageData(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(3, dtype=torch.int64), spec)

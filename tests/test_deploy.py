@@ -19,38 +19,29 @@ import sys
 import threading
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from fedcsg import deploy_cli
-from fedcsg.config import RunConfig
-from fedcsg.deploy import (
+from fedcsg.cli import deploy as deploy_cli
+from fedcsg.deploy.credentials import make_certificates, make_node_keys
+from fedcsg.deploy.federation import (
     INSECURE_WARNING,
     Federation,
     FederationPlan,
-    ProcessRecord,
-    descendants,
-    flwr_env,
-    free_port,
-    list_nodes,
-    make_certificates,
-    make_node_keys,
     run_app,
     start_federation,
-    start_process,
-    stop_processes,
-    superlink_command,
-    supernode_command,
     wait_for_nodes,
-    write_connection,
 )
-from fedcsg.relay import ByteCountingRelay
-from fedcsg.task import build_arm_model, payload_layout
+from fedcsg.deploy.flwr_cli import flwr_env, list_nodes, superlink_command, supernode_command, write_connection
+from fedcsg.deploy.processes import ProcessRecord, descendants, free_port, start_process, stop_processes
+from fedcsg.fl.config import RunConfig
+from fedcsg.fl.task import build_arm_model, payload_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 # Bounds of the integration tests: generous for a loaded 2-core machine, far from "hangs for ever".
@@ -59,7 +50,7 @@ RUN_TIMEOUT = 300.0
 
 
 def _cli(argv: list[str]) -> int:
-    from fedcsg.cli import OneLineParser
+    from fedcsg.cli.args import OneLineParser
 
     parser = OneLineParser(prog="fedcsg")
     deploy_cli.register(parser.add_subparsers(dest="command", required=True))
@@ -256,13 +247,13 @@ def test_cli_certs_keys_and_loud_insecure(
         _cli(["deploy", "down", "--dir", str(tmp_path / "nothing")])
     capsys.readouterr()
 
-    import fedcsg.deploy
+    import fedcsg.deploy.federation
 
     def refuse(plan: FederationPlan, **_: object) -> Federation:
         assert plan.insecure
         raise RuntimeError("not starting processes in this test")
 
-    monkeypatch.setattr(fedcsg.deploy, "start_federation", refuse)
+    monkeypatch.setattr(fedcsg.deploy.federation, "start_federation", refuse)
     with pytest.raises(RuntimeError, match="not starting"):
         _cli(["deploy", "up", "--dir", str(tmp_path / "f"), "--insecure", "--data-dir", str(tmp_path)])
     assert INSECURE_WARNING in capsys.readouterr().err
@@ -274,7 +265,8 @@ def test_cli_certs_keys_and_loud_insecure(
 # ------------------------------------------------------------------------------ relay, processes
 
 
-def test_relay_counts_every_byte_each_way() -> None:
+def test_relay_counts_every_byte_each_way(load_script: Callable[[str], ModuleType]) -> None:
+    ByteCountingRelay = load_script("relay").ByteCountingRelay  # noqa: N806 - the class, from simulations/
     received: list[int] = []
 
     async def echo_twice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

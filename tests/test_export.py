@@ -1,4 +1,4 @@
-"""Model export for devices: checkpoints, compact files, TorchScript and ONNX (fedcsg.export, `fedcsg export`)."""
+"""Model export for devices: checkpoints, compact, TorchScript and ONNX files (`fedcsg export`)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import torch
 from flwr.app import Array, ArrayRecord
 from safetensors.torch import save_file
 
-from fedcsg import deploy_cli
-from fedcsg.config import RunConfig
-from fedcsg.export import (
+from fedcsg.cli import deploy as deploy_cli
+from fedcsg.deploy.export import (
     COMPACT_FORMAT,
     ModelInfo,
     compact_tensors,
@@ -24,7 +23,8 @@ from fedcsg.export import (
     save_checkpoint,
     save_global_model,
 )
-from fedcsg.payload import PayloadLayout, model_payload
+from fedcsg.fl.config import RunConfig
+from fedcsg.fl.payload import PayloadLayout, model_payload
 
 GENERATOR_KEY = "csg_generators.3x3.weight"
 
@@ -49,7 +49,7 @@ def calibrated(info: ModelInfo, batches: int = 4) -> torch.nn.Module:
 
 def _cli(argv: list[str]) -> int:
     # The CLI as `fedcsg` will build it: deploy_cli.register on the subparsers of a fresh parser.
-    from fedcsg.cli import OneLineParser
+    from fedcsg.cli.args import OneLineParser
 
     parser = OneLineParser(prog="fedcsg")
     deploy_cli.register(parser.add_subparsers(dest="command", required=True))
@@ -129,7 +129,8 @@ def test_onnx_matches_pytorch_on_cifar10_test_split(tmp_path: Path, data_env: Pa
     import onnx
     import onnxruntime as ort
 
-    from fedcsg.data import TensorBatches, load_split
+    from fedcsg.data.batches import TensorBatches
+    from fedcsg.data.readers import load_split
 
     info = ModelInfo(model="resnet20", arm="csg")
     # Statistics from real images, so predictions spread over classes like a trained model's would.
@@ -163,7 +164,7 @@ def test_onnx_matches_pytorch_on_cifar10_test_split(tmp_path: Path, data_env: Pa
 def test_serverapp_payloads_and_run_directories(tmp_path: Path) -> None:
     """What the ServerApp leaves: RUN/state/ARM-round-NNNN.safetensors (the flat-packed global payload)
     named by RUN/state/ARM.json, beside RUN/arms/ARM.json; and the save_global_model hook."""
-    from fedcsg.checkpoint import save_checkpoint as save_run_checkpoint
+    from fedcsg.fl.checkpoint import save_checkpoint as save_run_checkpoint
 
     cfg = RunConfig(arm="csg-frozen", seed=5)
     info = ModelInfo.from_config(cfg)

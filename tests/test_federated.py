@@ -12,12 +12,12 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from fedcsg.cli import main
-from fedcsg.config import RunConfig, load_experiment
-from fedcsg.csg import csg_layers, generators
-from fedcsg.payload import PayloadLayout, load_payload, model_payload, payload_bytes, weighted_average, wire_bytes
-from fedcsg.strategy import CSGFedAvg, accounted_wire_bytes
-from fedcsg.task import build_arm_model, partition_rows
-from fedcsg.traffic import round_messages, train_replies
+from fedcsg.fl.config import RunConfig, load_experiment
+from fedcsg.fl.payload import PayloadLayout, load_payload, model_payload, weighted_average
+from fedcsg.fl.strategy import CSGFedAvg
+from fedcsg.fl.task import build_arm_model, partition_rows
+from fedcsg.fl.traffic import accounted_wire_bytes, payload_bytes, round_messages, train_replies, wire_bytes
+from fedcsg.nn.csg import csg_layers, generators
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -193,8 +193,8 @@ def test_pyproject_config_equals_run_config_defaults() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert pyproject["tool"]["flwr"]["app"]["config"] == RunConfig().to_flower()
     assert pyproject["tool"]["flwr"]["app"]["components"] == {
-        "serverapp": "fedcsg.server_app:app",
-        "clientapp": "fedcsg.client_app:app",
+        "serverapp": "fedcsg.fl.server_app:app",
+        "clientapp": "fedcsg.fl.client_app:app",
     }
 
 

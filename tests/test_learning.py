@@ -27,10 +27,11 @@ from types import ModuleType
 import pytest
 import torch
 
-from fedcsg.data import ImageData, TensorBatches, load_split
-from fedcsg.models import build_model, default_csg_config
-from fedcsg.params import count_parameters
-from fedcsg.training import evaluate, make_optimizer, set_seed, step_lr, train_epoch
+from fedcsg.data.batches import TensorBatches
+from fedcsg.data.readers import ImageData, load_split
+from fedcsg.nn.models import build_model, default_csg_config
+from fedcsg.nn.params import count_parameters
+from fedcsg.nn.training import evaluate, make_optimizer, set_seed, step_lr, train_epoch
 
 CHANCE = 0.10
 THRESHOLD = 0.25

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from fedcsg.cli import main
-from fedcsg.csg import csg_layers, materialize
-from fedcsg.models import MODELS, build_model, default_csg_config
-from fedcsg.params import count_parameters
+from fedcsg.nn.csg import csg_layers, materialize
+from fedcsg.nn.models import MODELS, build_model, default_csg_config
+from fedcsg.nn.params import count_parameters
 
 # The paper's Table (CIFAR-10, option-A ResNets): plain, 12x12x3x3 / 72, 16x16x3x3 / 128.
 PAPER_COUNTS = {

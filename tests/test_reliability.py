@@ -28,7 +28,8 @@ from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDic
 from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 from flwr.serverapp import Grid
 
-from fedcsg.checkpoint import (
+from fedcsg.cli import main
+from fedcsg.fl.checkpoint import (
     checkpoint_weights,
     load_checkpoint,
     rng_state,
@@ -37,15 +38,14 @@ from fedcsg.checkpoint import (
     state_path,
     weights_path,
 )
-from fedcsg.cli import main
-from fedcsg.client_app import injected_fault
-from fedcsg.config import RunConfig
-from fedcsg.payload import PayloadLayout, model_payload
-from fedcsg.results import ArmRecorder
-from fedcsg.server_app import recorded_config
-from fedcsg.strategy import CSGFedAvg, RoundTraffic, accounted_wire_bytes, sample_positions
-from fedcsg.task import build_arm_model, payload_layout
-from fedcsg.traffic import _ensure_task_identity
+from fedcsg.fl.client_app import injected_fault
+from fedcsg.fl.config import RunConfig
+from fedcsg.fl.payload import PayloadLayout, model_payload
+from fedcsg.fl.records import ArmRecorder, RoundRecord
+from fedcsg.fl.server_app import recorded_config
+from fedcsg.fl.strategy import CSGFedAvg, sample_positions
+from fedcsg.fl.task import build_arm_model, payload_layout
+from fedcsg.fl.traffic import _ensure_task_identity, accounted_wire_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -348,8 +348,8 @@ def _checkpointed(out: Path, cfg: RunConfig | None = None, last_round: int = 0) 
     arrays = model_payload(model, payload_layout(cfg, model))
     recorder = ArmRecorder(out, cfg.arm, recorded_config(cfg))
     for server_round in range(last_round + 1):
-        traffic = RoundTraffic(status="ok" if server_round else "initial").as_dict()
-        recorder.add({"round": server_round, "test_accuracy": 0.1, **traffic}, save=False)
+        status = "ok" if server_round else "initial"
+        recorder.add(RoundRecord(server_round, test_accuracy=0.1, status=status), save=False)
     recorder.save()
     save_checkpoint(
         out,
@@ -502,7 +502,7 @@ def test_bad_resume_input(tmp_path: Path, data_env: Path, capsys: pytest.Capture
 def test_compare_resume_skips_complete_arms_continues_started_ones_runs_missing_ones(
     tmp_path: Path, data_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from fedcsg import commands
+    from fedcsg.cli import runs as commands
 
     out = tmp_path / "run"
     cfg = _tiny_cfg(out)

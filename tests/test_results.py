@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from fedcsg.cli import main
-from fedcsg.config import RunConfig, find_experiment, load_experiment, shipped_experiments
-from fedcsg.results import ROUND_FIELDS, ArmRecorder, strict_json, write_report
+from fedcsg.fl.config import RunConfig, find_experiment, load_experiment, shipped_experiments
+from fedcsg.fl.records import ROUND_FIELDS, ArmRecorder
+from fedcsg.fl.report import write_report
+from fedcsg.io import strict_json
 
 from .strict import NonStrictJSON, loads_strict
 

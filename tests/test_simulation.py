@@ -120,8 +120,8 @@ def test_compare_runs_all_arms_through_ray(compare_run: tuple[Path, subprocess.C
         assert final["payload_up"] < final["wire_up"] < 1.03 * final["payload_up"]
     # `fedcsg bytes` builds the same messages offline; only the ids a message gets when it is sent
     # (group id, reply-to id, task ids) are missing there: less than 100 bytes per message.
-    from fedcsg.config import RunConfig
-    from fedcsg.traffic import arm_traffic
+    from fedcsg.fl.config import RunConfig
+    from fedcsg.fl.traffic import arm_traffic
 
     cfg = RunConfig.from_mapping({k: v for k, v in results["config"].items() if k in RunConfig().to_flower()})
     for arm, data in results["arms"].items():

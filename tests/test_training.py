@@ -1,4 +1,4 @@
-"""Tests for fedcsg.training."""
+"""Tests for fedcsg.nn.training."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedcsg import training as T
-from fedcsg.data import ImageData, TensorBatches, load_split
+from fedcsg.data.batches import TensorBatches
+from fedcsg.data.readers import ImageData, load_split
+from fedcsg.nn import training as T
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,9 @@ SuperNodes are pointed at the relay's address instead of the SuperLink's Fleet A
 forwards every byte unchanged (TLS included: it never sees plaintext and needs no certificate) and
 records, per chunk, when it passed and in which direction. Counting by time window then gives the
 bytes of one round, of an idle period (polling and heartbeats), and the connections opened.
+
+A measuring tool of ``bench_deploy_bytes.py`` (and tested in tests/test_deploy.py), not part of the package:
+fedcsg itself never relays.
 """
 
 from __future__ import annotations

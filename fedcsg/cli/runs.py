@@ -1,18 +1,19 @@
-"""Federated workflows of the command line: bytes, run, compare, report."""
+"""``fedcsg run``, ``compare``, ``configs`` and ``report``: federated simulations and their reports."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import tomllib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedcsg.checkpoint import STATE_DIR, read_state
-from fedcsg.config import DEFAULT_EXPERIMENT, RunConfig, load_experiment, shipped_experiments
-from fedcsg.payload import ARMS, PACKINGS, check_arm
-from fedcsg.results import REPORT_FILES, holds_arms, seed_dir, seed_dirs_in
+from fedcsg.fl.checkpoint import STATE_DIR, read_state
+from fedcsg.fl.config import DEFAULT_EXPERIMENT, RunConfig, load_experiment, shipped_experiments
+from fedcsg.fl.payload import ARMS, check_arm
+from fedcsg.fl.records import holds_arms, seed_dir, seed_dirs_in
+from fedcsg.fl.report import REPORT_FILES
+from fedcsg.io import read_json_object
 
 
 def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -88,7 +89,7 @@ def prepare_out_dir(out_dir: Path, cfg: RunConfig, arms: list[str], overwrite: b
                 f"output directory {str(out_dir)!r} already holds results of {', '.join(clash)}: "
                 "pass --resume DIR to continue it, --overwrite to replace it, or choose another --out"
             )
-        other = _read_json(existing[0]).get("config", {})
+        other = read_json_object(existing[0]).get("config", {})
         differing = _same_run(cfg, other)
         if differing:
             raise FileExistsError(
@@ -108,26 +109,16 @@ def prepare_out_dir(out_dir: Path, cfg: RunConfig, arms: list[str], overwrite: b
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        document = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({error})") from None
-    if not isinstance(document, dict):
-        raise ValueError(f"{str(path)!r} is not a fedcsg record (a JSON object is accepted)")
-    return document
-
-
 def check_data(cfg: RunConfig) -> None:
     """Find and read the labels of both splits (cheap), so a bad data path fails before anything runs."""
-    from fedcsg.data import load_labels
+    from fedcsg.data.readers import load_labels
 
     for split in ("train", "test"):
         load_labels(cfg.dataset, split, cfg.data_dir or None, hub_name=cfg.hub_name or None)
 
 
 def _simulate_arm(cfg: RunConfig, arm: str, out_dir: Path, verbose: bool) -> None:
-    from fedcsg.simulation import simulate
+    from fedcsg.fl.simulation import simulate
 
     seed = f", seed {cfg.seed}" if cfg.seeds else ""
     print(
@@ -141,7 +132,7 @@ def _simulate_arm(cfg: RunConfig, arm: str, out_dir: Path, verbose: bool) -> Non
 
 
 def _finish(out_dir: Path) -> int:
-    from fedcsg.results import write_report
+    from fedcsg.fl.report import write_report
 
     write_report(out_dir)
     print(f"results in {out_dir}: results.json, results.csv, report.md, accuracy_vs_bytes.png, accuracy_vs_round.png")
@@ -201,7 +192,7 @@ def saved_config(out_dir: Path) -> RunConfig:
             f"resume directory {str(out_dir)!r} holds no fedcsg run: accepted is the --out of an earlier "
             "fedcsg run or compare (with state/*.json or arms/*.json, or seed-N/ directories holding them)"
         )
-    recorded = _read_json(files[0]).get("config")
+    recorded = read_json_object(files[0]).get("config")
     if not isinstance(recorded, dict):
         raise ValueError(f"{str(files[0])!r} records no config: it is not a fedcsg record")
     try:
@@ -239,8 +230,8 @@ def arm_progress(out_dir: Path, cfg: RunConfig, arm: str) -> int | None:
     A checkpoint is loaded and checked in full (size, sha256, safetensors, shapes against the
     model, config hash); an arm record without a checkpoint counts only when it is complete.
     """
-    from fedcsg.checkpoint import config_hash, load_checkpoint
-    from fedcsg.task import build_arm_model, payload_layout
+    from fedcsg.fl.checkpoint import config_hash, load_checkpoint
+    from fedcsg.fl.task import build_arm_model, payload_layout
 
     arm_cfg = cfg.replace(arm=arm)
     if read_state(out_dir, arm) is not None:
@@ -255,7 +246,7 @@ def arm_progress(out_dir: Path, cfg: RunConfig, arm: str) -> int | None:
     record = out_dir / "arms" / f"{arm}.json"
     if not record.is_file():
         return None
-    rounds = _read_json(record).get("rounds", [])
+    rounds = read_json_object(record).get("rounds", [])
     if len(rounds) == cfg.num_rounds + 1:
         return cfg.num_rounds
     raise ValueError(
@@ -337,7 +328,7 @@ def cmd_configs(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from fedcsg.results import write_report
+    from fedcsg.fl.report import write_report
 
     out_dir = Path(args.dir)
     if not out_dir.is_dir():
@@ -347,67 +338,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bytes(args: argparse.Namespace) -> int:
-    from fedcsg.traffic import arm_traffic
-
-    cfg = RunConfig(
-        model=args.model,
-        slice=args.slice_shape or RunConfig.slice,
-        code_dim=args.code_dim or RunConfig.code_dim,
-        pointwise_slice=args.pointwise_slice or "",
-        dataset="fashion-mnist" if args.model == "fmnist-cnn" else "cifar10",
-        payload_packing=args.packing,
-        seed=args.seed,
-        num_clients=args.clients_per_round,
-    )
-    rows = [arm_traffic(cfg.replace(arm=arm), args.clients_per_round) for arm in ARMS]
-    base = rows[0]
-    for row in rows:
-        row["upload_ratio_vs_fedavg"] = base["wire_up"] / row["wire_up"]
-        row["download_ratio_vs_fedavg"] = base["wire_down"] / row["wire_down"]
-        row["payload_upload_ratio_vs_fedavg"] = base["payload_up"] / row["payload_up"]
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "model": cfg.model,
-                    "slice": cfg.slice,
-                    "code_dim": cfg.code_dim,
-                    "clients_per_round": args.clients_per_round,
-                    "packing": cfg.payload_packing,
-                    "arms": rows,
-                },
-                indent=2,
-            )
-        )
-        return 0
-    print(
-        f"{cfg.model}, slice {cfg.slice} / {cfg.code_dim}, {args.clients_per_round} clients per round, "
-        f"{cfg.payload_packing} packing: bytes per round"
-    )
-    header = ("arm", "tensors", "payload up", "payload down", "wire up", "wire down", "up ratio vs fedavg")
-    print("".join(f"{h:>20}" for h in header))
-    for row in rows:
-        print(
-            f"{row['arm']:>20}{row['tensors']:>20,}{row['payload_up']:>20,}{row['payload_down']:>20,}"
-            f"{row['wire_up']:>20,}{row['wire_down']:>20,}{row['upload_ratio_vs_fedavg']:>19.2f}x"
-        )
-    return 0
-
-
-def register(
-    sub: argparse._SubParsersAction,
-    add_model_options: Callable[[argparse.ArgumentParser], None],
-    positive_int: Callable[[str], int],
-) -> None:
-    """Add the federated subcommands to the ``fedcsg`` parser."""
-    bytes_ = sub.add_parser("bytes", help="bytes per round of each arm, from real Flower messages (no training)")
-    add_model_options(bytes_)
-    bytes_.add_argument("--clients-per-round", type=positive_int, default=10)
-    bytes_.add_argument("--packing", choices=PACKINGS, default="flat", help="payload packing (default: flat)")
-    bytes_.add_argument("--seed", type=int, default=0)
-    bytes_.set_defaults(handler=cmd_bytes)
-
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``run``, ``compare``, ``configs`` and ``report`` to the ``fedcsg`` parser's subparsers."""
     for name, handler, help_text in (
         ("run", cmd_run, "run one arm through Flower's simulation engine"),
         ("compare", cmd_compare, "run several arms on the same partitions and seed, then report"),

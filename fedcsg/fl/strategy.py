@@ -1,6 +1,6 @@
 """CSGFedAvg: Flower's FedAvg with exact, dtype-preserving averaging over the arm's payload, reply
 checks, deterministic client sampling, failed-round handling, a per-round learning rate, byte
-accounting in both directions, and a pluggable server update (:mod:`fedcsg.server_opt`) that turns
+accounting in both directions, and a pluggable server update (:mod:`fedcsg.fl.server_opt`) that turns
 the exact average into the new global payload."""
 
 from __future__ import annotations
@@ -9,86 +9,23 @@ import io
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.common.serde_utils import error_to_proto, metadata_to_proto
-from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from flwr.supercore import log
-from flwr.supercore.inflatable.inflatable_object import add_header_to_object_body
 
-from fedcsg.payload import PayloadLayout, check_record, payload_bytes, weighted_average, wire_bytes
-from fedcsg.server_opt import Mask, ServerOptimizer
+from fedcsg.fl.payload import PayloadLayout, check_record, weighted_average
+from fedcsg.fl.records import RoundRecord
+from fedcsg.fl.server_opt import Mask, ServerOptimizer
+from fedcsg.fl.traffic import accounted_wire_bytes, payload_bytes
 
 WEIGHT_KEY = "num-examples"
 TRAIN_METRICS = ("train-loss", "train-accuracy", "train-seconds")  # what aggregate_train_metrics reads
 FAILED_ROUND_POLICIES = ("skip", "retry")
-RANDOM_ID_FIELDS = ("run_id", "src_node_id", "dst_node_id", "src_task_id", "dst_task_id")  # Metadata's uint64s
-WIDEST_ID = 2**64 - 1  # a 64-bit id whose varint takes the most bytes (10)
-
-
-@dataclass
-class RoundTraffic:
-    """What crossed the network in one round, summed over the sampled clients and over attempts.
-
-    Byte counts are sums over messages, never averaged by num-examples. ``sampled`` = ``replied``
-    + ``failed`` (a client that raised, timed out or vanished has failed); ``rejected`` counts the
-    replies that arrived but failed the checks; ``partitions`` are the clients whose updates were
-    aggregated, ``failed_partitions`` those that failed (as far as the server can tell which
-    partition a node serves). ``status`` is ``ok``, or ``failed`` when fewer than the minimum of
-    replies were accepted in every attempt and the global model was kept.
-    """
-
-    sampled: int = 0
-    replied: int = 0
-    failed: int = 0
-    rejected: int = 0
-    partitions: list[int] = field(default_factory=list)
-    failed_partitions: list[int] = field(default_factory=list)
-    status: str = "ok"
-    attempts: int = 0
-    payload_down: int = 0
-    wire_down: int = 0
-    payload_up: int = 0
-    wire_up: int = 0
-    started: float = 0.0
-
-    def as_dict(self) -> dict:
-        out = asdict(self)
-        out.pop("started")
-        return out
-
-
-def _canonical_deflate(message: Message) -> bytes:
-    """``message.deflate()`` with every random 64-bit id set to the widest value (as Message.deflate
-    builds it: metadata without message_id, error if any, object header)."""
-    proto = metadata_to_proto(message.metadata)
-    proto.message_id = ""
-    for name in RANDOM_ID_FIELDS:
-        value = getattr(proto, name)
-        if value and not (name.endswith("node_id") and value == SUPERLINK_NODE_ID):
-            setattr(proto, name, WIDEST_ID)
-    error = error_to_proto(message.error) if message.has_error() else None
-    body = ProtoMessage(metadata=proto, content=None, error=error).SerializeToString(deterministic=True)
-    return add_header_to_object_body(object_body=body, obj=message)
-
-
-def accounted_wire_bytes(message: Message) -> int:
-    """:func:`~fedcsg.payload.wire_bytes` with the random 64-bit ids counted at full width.
-
-    A message's metadata carries the run id, node ids and task ids as protobuf varints, whose
-    length (1 to 10 bytes) depends on the random values a run happens to draw; counting each at
-    the widest makes the byte count a function of the run's settings and seed, so a rerun or a
-    resumed run counts exactly the same bytes. This overstates a real message by at most a few
-    bytes per id. The SuperLink's node id is a constant and counted as it is.
-    """
-    return wire_bytes(message) - len(message.deflate()) + len(_canonical_deflate(message))
 
 
 def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -174,7 +111,7 @@ def sample_positions(seed: int, server_round: int, attempt: int, num_nodes: int,
 
 
 class CSGFedAvg(FedAvg):
-    """FedAvg over a :class:`~fedcsg.payload.PayloadLayout`, with traffic accounting.
+    """FedAvg over a :class:`~fedcsg.fl.payload.PayloadLayout`, with traffic accounting.
 
     Parameters
     ----------
@@ -199,7 +136,7 @@ class CSGFedAvg(FedAvg):
         ``fedavg`` one) keeps the average.
     mask_fn
         ``server_round -> mask`` of the payload elements the server optimizer may move (see
-        :meth:`~fedcsg.payload.PayloadLayout.element_mask`); required with a stateful optimizer.
+        :meth:`~fedcsg.fl.payload.PayloadLayout.element_mask`); required with a stateful optimizer.
     round_config_fn
         ``server_round -> extra train-config entries`` (e.g. which CSG factor trains).
     **fedavg_kwargs
@@ -238,7 +175,7 @@ class CSGFedAvg(FedAvg):
             raise ValueError(f"server optimizer {self.server_optimizer.name!r} needs a mask_fn")
         self.mask_fn = mask_fn
         self.round_config_fn = round_config_fn
-        self.traffic: dict[int, RoundTraffic] = {}
+        self.traffic: dict[int, RoundRecord] = {}
         self.train_metrics: dict[int, MetricRecord] = {}
         self.global_arrays: ArrayRecord | None = None  # what the current round's clients were sent
         self.partition_of: dict[int, int] = {}  # node id -> partition id, as the nodes report it
@@ -257,7 +194,7 @@ class CSGFedAvg(FedAvg):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for server_round in state.get("failed_rounds", []):
-            self.traffic.setdefault(int(server_round), RoundTraffic(status="failed"))
+            self.traffic.setdefault(int(server_round), RoundRecord(int(server_round), status="failed"))
         if self.server_optimizer.stateful:
             if "server_optimizer" not in state:
                 raise ValueError(
@@ -268,8 +205,8 @@ class CSGFedAvg(FedAvg):
 
     # -- one round ----------------------------------------------------------------------------
 
-    def _round_traffic(self, server_round: int) -> RoundTraffic:
-        return self.traffic.setdefault(server_round, RoundTraffic(started=time.perf_counter()))
+    def _round_traffic(self, server_round: int) -> RoundRecord:
+        return self.traffic.setdefault(server_round, RoundRecord(server_round, started=time.perf_counter()))
 
     def _sample(self, server_round: int, attempt: int, grid: Grid) -> tuple[list[int], list[int]]:
         """(sampled node ids, all node ids in registration order): FedAvg's sample size, drawn by
@@ -495,6 +432,6 @@ def _reported_partition(reply: Message) -> int | None:
 def lr_schedule(base_lr: float, schedule: str, num_rounds: int) -> Callable[[int], float]:
     """``server_round -> lr`` (rounds count from 1): constant, the paper's step schedule
     (x0.1 at 50% and x0.01 at 75% of the rounds) or cosine to zero."""
-    from fedcsg.training import step_lr
+    from fedcsg.nn.training import step_lr
 
     return lambda server_round: step_lr(base_lr, server_round - 1, num_rounds, schedule)

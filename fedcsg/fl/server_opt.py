@@ -1,6 +1,6 @@
 """Server optimizers: one step of Flower's FedAvgM / FedAdam / FedYogi from (global, exact average).
 
-:class:`~fedcsg.strategy.CSGFedAvg` computes the exact float64 weighted average of the replies;
+:class:`~fedcsg.fl.strategy.CSGFedAvg` computes the exact float64 weighted average of the replies;
 a :class:`ServerOptimizer` then turns (the global payload the clients were sent, that average)
 into the new global payload. ``fedavg`` takes the average as it is; the others run one
 ``aggregate_train`` step of Flower's own strategy class (``flwr.serverapp.strategy``), which holds

@@ -3,7 +3,7 @@ test split after every round, and per-round records with bytes in both direction
 
 from __future__ import annotations
 
-import random
+import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -13,17 +13,18 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
-from fedcsg.checkpoint import config_hash, load_checkpoint, save_checkpoint, set_rng_state
-from fedcsg.config import RunConfig
-from fedcsg.csg import FACTORS, factor_keys, frozen_keys, round_factor
-from fedcsg.export import save_global_model
-from fedcsg.params import count_parameters
-from fedcsg.payload import PayloadLayout, load_payload, model_payload
-from fedcsg.results import ArmRecorder, write_report
-from fedcsg.server_opt import Mask, ServerOptimizer
-from fedcsg.strategy import CSGFedAvg, RoundTraffic, lr_schedule
-from fedcsg.task import TRAIN_FACTOR_KEY, build_arm_model, evaluate_model, payload_layout, test_data
-from fedcsg.training import get_device, set_seed
+from fedcsg.deploy.export import save_global_model
+from fedcsg.fl.checkpoint import config_hash, load_checkpoint, save_checkpoint, set_rng_state
+from fedcsg.fl.config import RunConfig
+from fedcsg.fl.payload import PayloadLayout, load_payload, model_payload
+from fedcsg.fl.records import ArmRecorder, RoundRecord
+from fedcsg.fl.report import write_report
+from fedcsg.fl.server_opt import Mask, ServerOptimizer
+from fedcsg.fl.strategy import CSGFedAvg, lr_schedule
+from fedcsg.fl.task import TRAIN_FACTOR_KEY, build_arm_model, evaluate_model, payload_layout, test_data
+from fedcsg.nn.csg import FACTORS, factor_keys, frozen_keys, round_factor
+from fedcsg.nn.params import count_parameters
+from fedcsg.nn.training import get_device, set_seed
 
 app = ServerApp()
 
@@ -109,7 +110,6 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress: Callable
     payload, round records and RNG states; the config must have the checkpoint's identity.
     """
     set_seed(cfg.seed)
-    random.seed(cfg.seed)  # nothing samples with Python's `random` any more, but third-party code might
     model = build_arm_model(cfg)
     layout = payload_layout(cfg, model)
     checkpoint = load_checkpoint(out_dir, cfg.arm, layout) if cfg.resume else None
@@ -141,21 +141,18 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress: Callable
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         load_payload(model, arrays, layout)
         stats = evaluate_model(model, test, cfg, device)
-        traffic = strategy.traffic.get(server_round, RoundTraffic(started=started, status="initial"))
+        traffic = strategy.traffic.get(server_round) or RoundRecord(server_round, status="initial", started=started)
         train = strategy.train_metrics.get(server_round, {})
-        record = recorder.add(
-            {
-                "round": server_round,
-                "test_accuracy": stats.accuracy,
-                "test_loss": stats.loss,
-                "train_loss": train.get("train-loss"),
-                "train_accuracy": train.get("train-accuracy"),
-                "lr": strategy.lr_fn(server_round) if server_round else None,
-                **traffic.as_dict(),
-                "seconds": time.perf_counter() - traffic.started if server_round else 0.0,
-            },
-            save=False,  # written with the checkpoint, in round_end_fn
+        measured = dataclasses.replace(
+            traffic,
+            test_accuracy=stats.accuracy,
+            test_loss=stats.loss,
+            train_loss=train.get("train-loss"),
+            train_accuracy=train.get("train-accuracy"),
+            lr=strategy.lr_fn(server_round) if server_round else None,
+            seconds=time.perf_counter() - traffic.started if server_round else 0.0,
         )
+        record = recorder.add(measured, save=False)  # written with the checkpoint, in round_end_fn
         total_mb = (record["cum_wire_up"] + record["cum_wire_down"]) / 1e6
         status = "" if record["status"] in ("ok", "initial") else f" [{record['status']}]"
         progress(

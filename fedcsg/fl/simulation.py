@@ -16,10 +16,10 @@ from pathlib import Path
 
 import tomli_w
 
-from fedcsg.config import RunConfig
+from fedcsg.fl.config import RunConfig
 
-SERVER_APP = "fedcsg.server_app:app"
-CLIENT_APP = "fedcsg.client_app:app"
+SERVER_APP = "fedcsg.fl.server_app:app"
+CLIENT_APP = "fedcsg.fl.client_app:app"
 
 
 def app_pyproject(cfg: RunConfig) -> dict:

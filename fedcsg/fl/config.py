@@ -15,13 +15,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fedcsg.csg import AGGREGATIONS as CSG_AGGREGATIONS
-from fedcsg.csg import INITS as CSG_INITS
-from fedcsg.csg import SliceShape
-from fedcsg.data import SCHEMES as PARTITION_SCHEMES
-from fedcsg.models import default_csg_config, model_spec
-from fedcsg.payload import PACKINGS, check_arm
-from fedcsg.server_opt import SERVER_OPTIMIZERS
+from fedcsg.data.partitions import SCHEMES as PARTITION_SCHEMES
+from fedcsg.fl.payload import PACKINGS, check_arm
+from fedcsg.fl.server_opt import SERVER_OPTIMIZERS
+from fedcsg.nn.csg import AGGREGATIONS as CSG_AGGREGATIONS
+from fedcsg.nn.csg import INITS as CSG_INITS
+from fedcsg.nn.csg import SliceShape
+from fedcsg.nn.models import default_csg_config, model_spec
 
 DATASETS = ("cifar10", "fashion-mnist")
 LR_SCHEDULES = ("constant", "step", "cosine")

@@ -1,5 +1,5 @@
 """The pieces the ClientApp and the ServerApp share: the arm's model, the client's data, local
-training and server-side evaluation. Pure functions over a :class:`~fedcsg.config.RunConfig`."""
+training and server-side evaluation. Pure functions over a :class:`~fedcsg.fl.config.RunConfig`."""
 
 from __future__ import annotations
 
@@ -9,15 +9,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedcsg.config import RunConfig
-from fedcsg.csg import freeze_factor
-from fedcsg.data import ImageData, TensorBatches, get_spec, load_labels, load_split, partition_indices
-from fedcsg.models import build_model
-from fedcsg.payload import PayloadLayout
-from fedcsg.runtime import tune_malloc
-from fedcsg.training import EvalStats, TrainStats, evaluate, make_optimizer, train_epoch
+from fedcsg.data.batches import TensorBatches
+from fedcsg.data.partitions import partition_indices
+from fedcsg.data.readers import ImageData, load_labels, load_split
+from fedcsg.data.registry import get_spec
+from fedcsg.fl.config import RunConfig
+from fedcsg.fl.payload import PayloadLayout
+from fedcsg.nn.csg import freeze_factor
+from fedcsg.nn.models import build_model
+from fedcsg.nn.training import EvalStats, TrainStats, evaluate, make_optimizer, train_epoch, tune_malloc
 
-TRAIN_FACTOR_KEY = "train-factor"  # train-config entry: which CSG factor trains this round (fedcsg.csg.FACTORS)
+TRAIN_FACTOR_KEY = "train-factor"  # train-config entry: which CSG factor trains this round (fedcsg.nn.csg.FACTORS)
 
 
 def build_arm_model(cfg: RunConfig, arm: str | None = None) -> nn.Module:
@@ -125,7 +127,7 @@ def local_train(
 ) -> TrainStats:
     """Train ``model`` on a client's data for ``epochs`` with a fresh SGD optimizer.
 
-    ``factor`` (one of :data:`fedcsg.csg.FACTORS`) limits which CSG factor trains: the other is
+    ``factor`` (one of :data:`fedcsg.nn.csg.FACTORS`) limits which CSG factor trains: the other is
     left out of the optimizer (no step, decay or momentum) and comes back bit-identical.
     Returns the stats of the last epoch, with ``seconds`` summed over all epochs.
     """

@@ -14,10 +14,10 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from fedcsg.config import RunConfig
-from fedcsg.payload import PayloadLayout, load_payload, model_payload
-from fedcsg.task import TRAIN_FACTOR_KEY, build_arm_model, client_data, local_train, payload_layout
-from fedcsg.training import get_device
+from fedcsg.fl.config import RunConfig
+from fedcsg.fl.payload import PayloadLayout, load_payload, model_payload
+from fedcsg.fl.task import TRAIN_FACTOR_KEY, build_arm_model, client_data, local_train, payload_layout
+from fedcsg.nn.training import get_device
 
 app = ClientApp()
 
@@ -98,8 +98,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this client's share of the test split (federated evaluation,
     off by default: fedcsg evaluates on the server)."""
-    from fedcsg.data import load_labels, load_split, partition_indices
-    from fedcsg.task import evaluate_model
+    from fedcsg.data.partitions import partition_indices
+    from fedcsg.data.readers import load_labels, load_split
+    from fedcsg.fl.task import evaluate_model
 
     cfg = client_config(context)
     partition_id = int(context.node_config["partition-id"])

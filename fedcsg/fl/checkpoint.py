@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from fedcsg.payload import PayloadLayout, check_record
-from fedcsg.results import atomic_write_bytes, atomic_write_text, strict_json
+from fedcsg.fl.payload import PayloadLayout, check_record
+from fedcsg.io import atomic_write_bytes, atomic_write_text, strict_json
 
 STATE_DIR = "state"
 FORMAT = 1
@@ -62,7 +62,7 @@ def weights_path(out_dir: Path, arm: str, server_round: int) -> Path:
 
 
 def config_hash(identity: dict[str, Any]) -> str:
-    """sha256 of a config identity (:meth:`fedcsg.config.RunConfig.identity`), keys sorted."""
+    """sha256 of a config identity (:meth:`fedcsg.fl.config.RunConfig.identity`), keys sorted."""
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from fedcsg.csg import CSGConv2d, generators
+from fedcsg.nn.csg import CSGConv2d, generators
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,16 @@
-"""Results of federated runs: per-arm round records on disk, and the report built from them.
+"""The report of a federated run, built from its round records (see :mod:`fedcsg.fl.records`)::
 
-Layout of an output directory::
-
-    DIR/arms/<arm>.json      written by the ServerApp after every round (atomic rename)
-    DIR/state/<arm>.json     the arm's checkpoint after its last complete round (see fedcsg.checkpoint)
-    DIR/state/<arm>-round-NNNN.safetensors   the global payload of that round
     DIR/results.json         config, versions, seed, and every arm's round records
     DIR/results.csv          one row per arm and round
     DIR/report.md            per-arm summary: accuracy, bytes per round, totals, ratio to fedavg
     DIR/accuracy_vs_bytes.png, DIR/accuracy_vs_round.png
 
-A run over several seeds (``seeds`` = "0,1,2") holds one such run per seed in ``DIR/seed-N/``, and
-in ``DIR`` itself results.json, results.csv, report.md and the plots over the seeds: per arm the mean
-and standard deviation (sample, n - 1) of the final accuracy and of the bytes to the target
-accuracy, and per round the mean accuracy with a band from the lowest to the highest seed.
+A run over several seeds holds one run per seed in ``DIR/seed-N/``, and in ``DIR`` itself
+results.json, results.csv, report.md and the plots over the seeds: per arm the mean and standard
+deviation (sample, n - 1) of the final accuracy and of the bytes to the target accuracy, and per
+round the mean accuracy with a band from the lowest to the highest seed.
 
-Every JSON file is strict (:func:`strict_json`): no NaN or Infinity.
+Every JSON file is strict (:func:`fedcsg.io.strict_json`): no NaN or Infinity.
 """
 
 from __future__ import annotations
@@ -25,157 +20,14 @@ import io
 import json
 import math
 import os
-import platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
-ROUND_FIELDS = (
-    "round",
-    "test_accuracy",
-    "test_loss",
-    "train_loss",
-    "train_accuracy",
-    "lr",
-    "sampled",
-    "replied",
-    "failed",
-    "rejected",
-    "partitions",
-    "failed_partitions",
-    "status",
-    "attempts",
-    "payload_up",
-    "payload_down",
-    "wire_up",
-    "wire_down",
-    "cum_payload_up",
-    "cum_payload_down",
-    "cum_wire_up",
-    "cum_wire_down",
-    "seconds",
-)
-ARM_ORDER = ("fedavg", "csg", "csg-frozen")
+from fedcsg.fl.payload import ARMS
+from fedcsg.fl.records import ROUND_FIELDS, holds_arms, seed_dirs_in
+from fedcsg.io import atomic_write_text, strict_json
+
 REPORT_FILES = ("results.json", "results.csv", "report.md", "accuracy_vs_bytes.png", "accuracy_vs_round.png")
-SEED_DIR_PREFIX = "seed-"
-
-
-def seed_dir(out_dir: Path, seed: int) -> Path:
-    """Where the run of one seed of a several-seed run lives."""
-    return Path(out_dir) / f"{SEED_DIR_PREFIX}{seed}"
-
-
-def holds_arms(directory: Path) -> bool:
-    """Whether ``directory`` holds arm records (``arms/*.json``) of a one-seed run."""
-    return any((Path(directory) / "arms").glob("*.json"))
-
-
-def seed_dirs_in(out_dir: Path) -> dict[int, Path]:
-    """The seed directories ``DIR/seed-N`` that exist, by seed, in ascending order."""
-    found = {}
-    if Path(out_dir).is_dir():
-        for path in Path(out_dir).glob(f"{SEED_DIR_PREFIX}*"):
-            number = path.name.removeprefix(SEED_DIR_PREFIX)
-            if path.is_dir() and number.isdigit():
-                found[int(number)] = path
-    return dict(sorted(found.items()))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers, and a restart after a crash, see the old or the
-    new file, never a torn one: temporary file in the same directory, fsync, rename, fsync of the
-    directory (so that the rename itself survives a power loss)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o644)  # mkstemp makes 0600; results are meant to be shared
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically, as :func:`atomic_write_bytes`."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # a platform without directory handles: the rename is as durable as it gets
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-NON_FINITE_KEY = "non_finite"  # in a written record: {field: "nan" | "inf" | "-inf"} for fields written as null
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with every non-finite float replaced by None; a dict that held one gains
-    ``non_finite`` = {key: "nan" | "inf" | "-inf"}, so the record says why the value is null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        out = {k: _finite(v) for k, v in value.items()}
-        why = {str(k): str(v).lower() for k, v in value.items() if isinstance(v, float) and not math.isfinite(v)}
-        if why:
-            out[NON_FINITE_KEY] = {**out.get(NON_FINITE_KEY, {}), **why}
-        return out
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
-def strict_json(document: Any, indent: int | None = 1) -> str:
-    """``document`` as strict JSON (RFC 8259: no NaN or Infinity, which JavaScript's ``JSON.parse``
-    and most databases refuse): a non-finite number becomes null, and its record says why
-    (``non_finite``). Every JSON file fedcsg writes goes through here."""
-    return json.dumps(_finite(document), indent=indent, allow_nan=False)
-
-
-def versions() -> dict[str, str]:
-    import flwr
-    import torch
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "flwr": flwr.__version__}
-
-
-class ArmRecorder:
-    """Collects one arm's round records and rewrites ``DIR/arms/<arm>.json`` after each round."""
-
-    def __init__(self, out_dir: Path, arm: str, config: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
-        self.path = Path(out_dir) / "arms" / f"{arm}.json"
-        self.arm = arm
-        self.config = config
-        self.extra = extra or {}
-        self.rounds: list[dict[str, Any]] = []
-
-    def add(self, record: dict[str, Any], *, save: bool = True) -> dict[str, Any]:
-        """Append a round record (cumulative byte counts are added here) and, if ``save``, rewrite the file."""
-        previous = self.rounds[-1] if self.rounds else {}
-        if previous and record["round"] != previous["round"] + 1:
-            raise ValueError(f"round {record['round']} does not follow round {previous['round']}")
-        for key in ("payload_up", "payload_down", "wire_up", "wire_down"):
-            record[f"cum_{key}"] = previous.get(f"cum_{key}", 0) + record[key]
-        self.rounds.append({k: record.get(k) for k in ROUND_FIELDS})
-        if save:
-            self.save()
-        return self.rounds[-1]
-
-    def save(self) -> None:
-        document = {"arm": self.arm, "config": self.config, "versions": versions(), **self.extra, "rounds": self.rounds}
-        atomic_write_text(self.path, strict_json(document))
 
 
 def load_results(out_dir: Path) -> dict[str, Any]:
@@ -191,7 +43,7 @@ def load_results(out_dir: Path) -> dict[str, Any]:
             arms[path.stem] = json.loads(path.read_text())
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} is not valid JSON: {error}") from None
-    order = [a for a in ARM_ORDER if a in arms] + sorted(a for a in arms if a not in ARM_ORDER)
+    order = [a for a in ARMS if a in arms] + sorted(a for a in arms if a not in ARMS)
     first = arms[order[0]]
     config = {k: v for k, v in first["config"].items() if k != "arm"}
     return {
@@ -374,7 +226,7 @@ SPREAD_FIGURES = (
 def summarize_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per arm, each figure of :func:`summarize` over the seeds: ``{"mean", "std", "n", "values"}``
     (``n`` counts the seeds where it exists: bytes to target only where the target was reached)."""
-    arms = [a for a in ARM_ORDER if any(a in s["summary"] for s in per_seed.values())]
+    arms = [a for a in ARMS if any(a in s["summary"] for s in per_seed.values())]
     arms += sorted({a for s in per_seed.values() for a in s["summary"]} - set(arms))
     out: dict[str, dict[str, Any]] = {}
     for arm in arms:

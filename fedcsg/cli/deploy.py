@@ -1,6 +1,5 @@
 """``fedcsg export`` and ``fedcsg deploy``: model files for devices, and a federation on real processes.
 
-Wired into the main parser with ``deploy_cli.register(sub)`` from :func:`fedcsg.cli.build_parser`.
 Handlers return an exit code; bad input raises ValueError / FileNotFoundError / FileExistsError
 with a one-line message (``fedcsg`` prints it and exits 2).
 """
@@ -14,19 +13,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from fedcsg.cli import _positive_int
+from fedcsg.cli.args import port, positive_int
 
 EXPORT_CHOICES = ("compact", "torchscript", "onnx", "all")
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0..65535; 0 = a free one)") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a port number (0..65535; 0 = a free one)")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,22 +44,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="name or IP the SuperLink is reached under (repeatable; default 127.0.0.1 and localhost)",
     )
     certs.add_argument("--nodes", type=int, default=0, help="SuperNode certificates to make (default 0)")
-    certs.add_argument("--days", type=_positive_int, default=365)
+    certs.add_argument("--days", type=positive_int, default=365)
     certs.add_argument("--overwrite", action="store_true", help="replace an existing CA (invalidates old certificates)")
     certs.set_defaults(handler=cmd_certs)
 
     keys = actions.add_parser("keys", help="make SuperNode authentication key pairs (EC P-384, OpenSSH format)")
     keys.add_argument("--out", required=True, help="directory for node-I.key and node-I.key.pub")
-    keys.add_argument("--nodes", type=_positive_int, required=True)
+    keys.add_argument("--nodes", type=positive_int, required=True)
     keys.add_argument("--overwrite", action="store_true")
     keys.set_defaults(handler=cmd_keys)
 
     up = actions.add_parser("up", help="start a SuperLink and N SuperNodes on this machine (TLS + node auth)")
     up.add_argument("--dir", required=True, help="working directory: certs/, keys/, logs/, federation.json")
-    up.add_argument("--nodes", type=_positive_int, default=2)
+    up.add_argument("--nodes", type=positive_int, default=2)
     up.add_argument("--data-dir", help="the SuperNodes' data-dir node config (default: $FEDCSG_DATA_DIR)")
     up.add_argument("--host", default="127.0.0.1", help="SuperLink host (default 127.0.0.1)")
-    up.add_argument("--port", type=_port, default=0, help="SuperLink port (default: a free one)")
+    up.add_argument("--port", type=port, default=0, help="SuperLink port (default: a free one)")
     up.add_argument("--connection", default="fedcsg-deploy", help="flwr connection name (flwr run . NAME)")
     up.add_argument("--flwr-home", help="FLWR_HOME for the connection entry (default: DIR/flwr-home)")
     up.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the SuperNodes to come online")
@@ -101,7 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from fedcsg.export import EXPORT_FORMATS, default_output, export_model, load_checkpoint
+    from fedcsg.deploy.export import EXPORT_FORMATS, default_output, export_model, load_checkpoint
 
     checkpoint = Path(args.checkpoint)
     run_config = None
@@ -145,7 +134,7 @@ def _arm_record(run_dir: Path, arm: str | None) -> dict:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from fedcsg.deploy import make_certificates
+    from fedcsg.deploy.credentials import make_certificates
 
     if args.nodes < 0:
         raise ValueError(f"--nodes {args.nodes} is not accepted: 0 or a positive integer is")
@@ -159,7 +148,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from fedcsg.deploy import make_node_keys
+    from fedcsg.deploy.credentials import make_node_keys
 
     keys = make_node_keys(args.out, args.nodes, overwrite=args.overwrite)
     for key in keys:
@@ -168,7 +157,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from fedcsg.deploy import INSECURE_WARNING, FederationPlan, start_federation, wait_for_nodes
+    from fedcsg.deploy.federation import INSECURE_WARNING, FederationPlan, start_federation, wait_for_nodes
 
     if args.insecure:
         # Said here as well as in start_federation: the CLI user must not miss it.
@@ -203,7 +192,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from fedcsg.deploy import Federation
+    from fedcsg.deploy.federation import Federation
 
     federation = Federation.load(args.dir)
     stopped = federation.stop()
@@ -212,7 +201,8 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from fedcsg.deploy import Federation, list_nodes
+    from fedcsg.deploy.federation import Federation
+    from fedcsg.deploy.flwr_cli import list_nodes
 
     federation = Federation.load(args.dir)
     alive = federation.alive()
@@ -226,27 +216,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedcsg.deploy import Federation, run_app
+    from fedcsg.deploy.federation import Federation, run_app
 
     federation = Federation.load(args.dir)
     outcome = run_app(federation, Path(args.app).resolve(), args.run_config, timeout=args.timeout)
     print(f"run {outcome.run_id}: {outcome.status}:{outcome.sub_status} in {outcome.seconds:.0f}s (log {outcome.log})")
     return 0 if (outcome.status, outcome.sub_status) == ("finished", "completed") else 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python3 -m fedcsg.deploy_cli {export,deploy} ...``: these commands alone, as ``fedcsg`` runs them."""
-    from fedcsg.cli import OneLineParser
-
-    parser = OneLineParser(prog="fedcsg", description="fedcsg export and deploy")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.handler(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"fedcsg {args.command}: error: {error}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

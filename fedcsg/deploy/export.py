@@ -38,10 +38,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedcsg.csg import GENERATORS_ATTR, generators, is_csg, materialize
-from fedcsg.data import get_spec
-from fedcsg.models import build_model, default_csg_config
-from fedcsg.payload import ARMS, PayloadLayout, check_arm, load_payload
+from fedcsg.data.registry import get_spec
+from fedcsg.fl.payload import ARMS, PayloadLayout, check_arm, load_payload
+from fedcsg.nn.csg import GENERATORS_ATTR, generators, is_csg, materialize
+from fedcsg.nn.models import build_model, default_csg_config
 
 CHECKPOINT_FORMAT = "fedcsg-checkpoint"
 COMPACT_FORMAT = "fedcsg-compact"
@@ -75,7 +75,7 @@ class ModelInfo:
 
     @classmethod
     def from_config(cls, cfg: Any, arm: str | None = None) -> ModelInfo:
-        """From a :class:`fedcsg.config.RunConfig` (``arm`` defaults to ``cfg.arm``)."""
+        """From a :class:`fedcsg.fl.config.RunConfig` (``arm`` defaults to ``cfg.arm``)."""
         spec = get_spec(cfg.dataset)
         return cls(
             model=cfg.model,
@@ -182,12 +182,12 @@ def _check_fits(model: nn.Module, info: ModelInfo) -> None:
 def save_global_model(out_dir: str | Path, cfg: Any, arrays: Any, name: str = "model.safetensors") -> Path:
     """Save a federated run's final global model as a checkpoint ``out_dir/name``.
 
-    The hook for the end of :func:`fedcsg.server_app.run_federation`: ``arrays`` is the final
+    The hook for the end of :func:`fedcsg.fl.server_app.run_federation`: ``arrays`` is the final
     global ArrayRecord (``strategy.start(...).arrays``) packed with ``cfg``'s payload layout.
 
     Returns the checkpoint path, ready for ``fedcsg export --checkpoint``.
     """
-    from fedcsg.task import build_arm_model, payload_layout
+    from fedcsg.fl.task import build_arm_model, payload_layout
 
     model = build_arm_model(cfg)
     load_payload(model, arrays, payload_layout(cfg, model))
@@ -230,9 +230,9 @@ def _run_config_near(path: Path, arm: str | None) -> dict[str, Any] | None:
 
 def _from_run_directory(run_dir: Path, arm: str | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The global payload and config of a run directory's last checkpoint (``state/ARM.json``, written by
-    the ServerApp after every round, size and sha256 verified by :mod:`fedcsg.checkpoint`)."""
-    from fedcsg.checkpoint import STATE_DIR
-    from fedcsg.checkpoint import load_checkpoint as load_run_checkpoint
+    the ServerApp after every round, size and sha256 verified by :mod:`fedcsg.fl.checkpoint`)."""
+    from fedcsg.fl.checkpoint import STATE_DIR
+    from fedcsg.fl.checkpoint import load_checkpoint as load_run_checkpoint
 
     states = sorted((run_dir / STATE_DIR).glob("*.json"))
     if arm is not None:

@@ -28,11 +28,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Message
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.app import Array, ArrayRecord
 from torch import nn
 
-from fedcsg.csg import GENERATORS_ATTR, generators
+from fedcsg.nn.csg import GENERATORS_ATTR, generators
 
 ARMS = ("fedavg", "csg", "csg-frozen")
 PACKINGS = ("flat", "per-tensor")
@@ -182,18 +181,3 @@ def weighted_average(records: list[ArrayRecord], weights: list[float]) -> ArrayR
         dtype = records[0][key].numpy().dtype
         averaged[key] = Array(np.asarray(np.rint(acc) if np.issubdtype(dtype, np.integer) else acc, dtype=dtype))
     return ArrayRecord(averaged)
-
-
-def payload_bytes(record: ArrayRecord) -> int:
-    """Raw tensor bytes of an ArrayRecord (no headers, no key names)."""
-    return sum(int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize for a in record.values())
-
-
-def wire_bytes(message: Message) -> int:
-    """Serialized size of a Flower message: the sum of the serialized lengths of all its objects.
-
-    Flower sends a message as content-addressed objects (the message, its RecordDict, each record,
-    each Array and its chunks); this is what travels between SuperLink and SuperNode, without the
-    transport's own framing (gRPC/HTTP headers, polling, heartbeats).
-    """
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())

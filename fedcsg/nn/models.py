@@ -1,5 +1,5 @@
 """The model zoo: CIFAR ResNets (option A), DenseNet-BC, MobileNetV2, ShuffleNetV2 and a small
-Fashion-MNIST CNN, each buildable plain or CSG-backed through :func:`fedcsg.csg.csgify`."""
+Fashion-MNIST CNN, each buildable plain or CSG-backed through :func:`fedcsg.nn.csg.csgify`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedcsg.csg import CSGConfig, SliceShape, SliceSpec, csgify
+from fedcsg.nn.csg import CSGConfig, SliceShape, SliceSpec, csgify
 
 
 class ZeroPadShortcut(nn.Module):
@@ -232,7 +232,7 @@ def default_csg_config(
 
     Unset values come from the model's entry: its slice setting, its paper 1x1 setting, and a code
     dim of slice numel / 18 when only a slice shape is given. ``init`` is
-    :attr:`fedcsg.csg.CSGConfig.init` (``"kaiming"`` or the paper's ``"paper"``).
+    :attr:`fedcsg.nn.csg.CSGConfig.init` (``"kaiming"`` or the paper's ``"paper"``).
     """
     spec = model_spec(name)
     shape = SliceShape.parse(slice_shape) if slice_shape is not None else spec.slices.shape

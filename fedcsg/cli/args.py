@@ -1,0 +1,66 @@
+"""What the ``fedcsg`` subcommands share: the one-line parser, argument types, the model options,
+and running a parsed command (one-line errors, exit code 2)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from fedcsg.nn.models import MODELS
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)  # printed on one line, exit code 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Argument errors on one line (no usage dump), exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer (a positive integer is accepted)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not positive (a positive integer is accepted)")
+    return value
+
+
+def port(text: str) -> int:
+    """argparse type: a TCP port, 0 for a free one."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0..65535; 0 = a free one)") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number (0..65535; 0 = a free one)")
+    return value
+
+
+def add_model_options(parser: argparse.ArgumentParser, *, shape: bool = True) -> None:
+    """``--model`` and its CSG settings; with ``shape``, also ``--num-classes`` and ``--in-channels``."""
+    parser.add_argument("--model", required=True, help=f"registry model: {', '.join(MODELS)}, densenet40-kN")
+    parser.add_argument(
+        "--slice", dest="slice_shape", help="slice shape OUTxINxKxK (default: the model's, e.g. 12x12x3x3)"
+    )
+    parser.add_argument("--code-dim", type=positive_int, help="code dimension (default: slice numel / 18)")
+    parser.add_argument("--pointwise-slice", help="also generate 1x1 convs with this slice, e.g. 16x16x1x1")
+    if shape:
+        parser.add_argument("--num-classes", type=positive_int, default=10)
+        parser.add_argument("--in-channels", type=positive_int, default=None, help="default: 1 for fmnist-cnn, else 3")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the chosen subcommand's handler; a user error is one line on stderr, exit 2."""
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except USER_ERRORS as error:
+        print(f"fedcsg {args.command}: error: {error}", file=sys.stderr)
+        return 2

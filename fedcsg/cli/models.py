@@ -1,0 +1,114 @@
+"""``fedcsg params`` and ``fedcsg bytes``: a model's parameter counts and the bytes of one round of
+each arm, without training. Both build their models from the same settings (the model's own slice
+when ``--slice`` is not given)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from fedcsg.cli.args import add_model_options, positive_int
+from fedcsg.fl.config import RunConfig
+from fedcsg.fl.payload import ARMS, PACKINGS
+from fedcsg.nn.models import build_model, default_csg_config
+from fedcsg.nn.params import count_parameters
+
+
+def _in_channels(args: argparse.Namespace) -> int:
+    return args.in_channels or (1 if args.model == "fmnist-cnn" else 3)
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    config = default_csg_config(
+        args.model,
+        args.slice_shape,
+        args.code_dim,
+        frozen=args.frozen_generator,
+        pointwise_slice=args.pointwise_slice,
+    )
+    in_channels = _in_channels(args)
+    plain = count_parameters(build_model(args.model, args.num_classes, in_channels))
+    csg = count_parameters(build_model(args.model, args.num_classes, in_channels, csg=config))
+    result = {
+        "model": args.model,
+        "slices": [{"shape": str(s.shape), "code_dim": s.code_dim} for s in config.slices],
+        "frozen_generator": config.frozen,
+        "plain": plain.as_dict(),
+        "csg": csg.as_dict(),
+        "reduction": plain.total / csg.total,
+        "sendable_reduction": plain.sendable / csg.sendable,
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    slices = ", ".join(f"{s['shape']} / {s['code_dim']}" for s in result["slices"])
+    kind = "frozen binary" if config.frozen else "trainable"
+    print(f"{args.model}: CSG {slices}, {kind} generator")
+    print(f"{'':<12}{'plain':>12}{'csg':>12}")
+    for key in ("total", "generator", "codes", "other", "buffers", "sendable"):
+        print(f"{key:<12}{getattr(plain, key):>12,}{getattr(csg, key):>12,}")
+    print(f"reduction (total): {result['reduction']:.2f}x; reduction (sendable): {result['sendable_reduction']:.2f}x")
+    return 0
+
+
+def cmd_bytes(args: argparse.Namespace) -> int:
+    from fedcsg.fl.traffic import arm_traffic
+
+    cfg = RunConfig(
+        model=args.model,
+        slice=args.slice_shape or RunConfig.slice,
+        code_dim=args.code_dim or RunConfig.code_dim,
+        pointwise_slice=args.pointwise_slice or "",
+        dataset="fashion-mnist" if args.model == "fmnist-cnn" else "cifar10",
+        payload_packing=args.packing,
+        seed=args.seed,
+        num_clients=args.clients_per_round,
+    )
+    rows = [arm_traffic(cfg.replace(arm=arm), args.clients_per_round) for arm in ARMS]
+    base = rows[0]
+    for row in rows:
+        row["upload_ratio_vs_fedavg"] = base["wire_up"] / row["wire_up"]
+        row["download_ratio_vs_fedavg"] = base["wire_down"] / row["wire_down"]
+        row["payload_upload_ratio_vs_fedavg"] = base["payload_up"] / row["payload_up"]
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "model": cfg.model,
+                    "slice": cfg.slice,
+                    "code_dim": cfg.code_dim,
+                    "clients_per_round": args.clients_per_round,
+                    "packing": cfg.payload_packing,
+                    "arms": rows,
+                },
+                indent=2,
+            )
+        )
+        return 0
+    print(
+        f"{cfg.model}, slice {cfg.slice} / {cfg.code_dim}, {args.clients_per_round} clients per round, "
+        f"{cfg.payload_packing} packing: bytes per round"
+    )
+    header = ("arm", "tensors", "payload up", "payload down", "wire up", "wire down", "up ratio vs fedavg")
+    print("".join(f"{h:>20}" for h in header))
+    for row in rows:
+        print(
+            f"{row['arm']:>20}{row['tensors']:>20,}{row['payload_up']:>20,}{row['payload_down']:>20,}"
+            f"{row['wire_up']:>20,}{row['wire_down']:>20,}{row['upload_ratio_vs_fedavg']:>19.2f}x"
+        )
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``params`` and ``bytes`` to the ``fedcsg`` parser's subparsers."""
+    params = sub.add_parser("params", help="parameter counts of a model, plain and CSG")
+    add_model_options(params)
+    params.add_argument("--frozen-generator", action="store_true", help="the paper's random binary generator")
+    params.set_defaults(handler=cmd_params)
+
+    bytes_ = sub.add_parser("bytes", help="bytes per round of each arm, from real Flower messages (no training)")
+    add_model_options(bytes_, shape=False)
+    bytes_.add_argument("--clients-per-round", type=positive_int, default=10)
+    bytes_.add_argument("--packing", choices=PACKINGS, default="flat", help="payload packing (default: flat)")
+    bytes_.add_argument("--seed", type=int, default=0)
+    bytes_.set_defaults(handler=cmd_bytes)

@@ -1,0 +1,290 @@
+"""Reading a split: labels alone (:func:`load_labels`), or decoded images of selected rows
+(:func:`load_split`), from parquet, idx or hub sources."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import io
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from fedcsg.data import registry
+from fedcsg.data.registry import DatasetSpec, DataSource, Split, check_split, resolve_source
+
+
+def _parquet_schema_error(path: Path, detail: str) -> ValueError:
+    return ValueError(
+        f"{path}: {detail}; expected parquet columns img: struct<bytes: binary, path: string>, label: int64"
+    )
+
+
+def _check_parquet_schema(path: Path, schema: pa.Schema) -> None:
+    names = schema.names
+    if "img" not in names or "label" not in names:
+        raise _parquet_schema_error(path, f"found columns {names}")
+    img_type = schema.field("img").type
+    if (
+        not pa.types.is_struct(img_type)
+        or img_type.get_field_index("bytes") < 0
+        or not (
+            pa.types.is_binary(img_type.field("bytes").type) or pa.types.is_large_binary(img_type.field("bytes").type)
+        )
+    ):
+        raise _parquet_schema_error(path, f"column img has type {img_type}")
+    if not pa.types.is_integer(schema.field("label").type):
+        raise _parquet_schema_error(path, f"column label has type {schema.field('label').type}")
+
+
+def _read_parquet(path: Path, columns: Sequence[str]) -> pa.Table:
+    """Read ``columns`` of a CIFAR-style parquet file after checking its schema."""
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise _parquet_schema_error(path, f"not a readable parquet file ({type(exc).__name__})") from exc
+    _check_parquet_schema(path, schema)
+    return pq.read_table(path, columns=list(columns))
+
+
+@functools.lru_cache(maxsize=8)
+def _parquet_labels(path: str, mtime_ns: int) -> np.ndarray:
+    # mtime_ns is part of the cache key only, so a rewritten file is read again.
+    del mtime_ns
+    labels = _read_parquet(Path(path), ["label"]).column("label").to_numpy().astype(np.int64)
+    labels.flags.writeable = False
+    return labels
+
+
+def _read_idx(path: Path, expected_ndim: int) -> np.ndarray:
+    """Parse a gzipped idx file (magic 0x0000 0x08 ndim, big-endian int32 dims, uint8 data)."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] != expected_ndim:
+        raise ValueError(f"{path}: not a uint8 idx file with {expected_ndim} dimension(s)")
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=expected_ndim, offset=4))
+    offset = 4 + 4 * expected_ndim
+    if len(raw) - offset != math.prod(dims):
+        raise ValueError(f"{path}: idx header says {dims} but holds {len(raw) - offset} bytes of data")
+    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+@functools.lru_cache(maxsize=8)
+def _idx_labels(path: str, mtime_ns: int) -> np.ndarray:
+    del mtime_ns  # cache key only
+    labels = _read_idx(Path(path), 1).astype(np.int64)
+    labels.flags.writeable = False
+    return labels
+
+
+def _source_labels(source: DataSource, split: Split) -> np.ndarray:
+    """Read-only labels of ``split`` (cached per file and modification time)."""
+    if source.kind == "hub":
+        table = registry.load_hub(source.location)[split].select_columns(["label"]).with_format("arrow")[:]
+        return table.column("label").to_numpy().astype(np.int64)
+    files = [Path(source.location) / name for name in source.spec.local_files(split)]
+    label_file = files[0] if source.kind == "parquet" else files[1]
+    reader = _parquet_labels if source.kind == "parquet" else _idx_labels
+    return reader(str(label_file), label_file.stat().st_mtime_ns)
+
+
+def load_labels(
+    dataset: str,
+    split: Split,
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    hub_name: str | None = None,
+) -> np.ndarray:
+    """Read the labels of one split without decoding any image.
+
+    Parameters
+    ----------
+    dataset : str
+        ``"cifar10"`` or ``"fashion-mnist"``.
+    split : {"train", "test"}
+        Which split.
+    data_dir : str or path-like, optional
+        See :func:`resolve_source`.
+    hub_name : str, optional
+        See :func:`resolve_source`.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``int64`` labels ``[N]`` in file row order (a fresh, writable copy).
+    """
+    check_split(split)
+    source = resolve_source(dataset, data_dir, hub_name=hub_name)
+    return _source_labels(source, split).copy()
+
+
+def _select_rows(num_rows: int, indices: Sequence[int] | np.ndarray | None, limit: int | None, seed: int) -> np.ndarray:
+    """Row numbers to load: ``indices`` (or all rows), then the first ``limit`` of a seeded shuffle."""
+    if indices is None:
+        rows = np.arange(num_rows, dtype=np.int64)
+    else:
+        rows = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= num_rows):
+            bad = rows[(rows < 0) | (rows >= num_rows)][0]
+            raise ValueError(f"index {int(bad)} out of range; accepted: 0 <= index < {num_rows}")
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 0:
+            raise ValueError(f"limit must be a non-negative integer, got {limit!r}")
+        # A uniformly random subset is class-balanced in expectation, unlike a prefix of a
+        # class-ordered file (the CIFAR-10 copy is sorted by class).
+        order = np.random.default_rng(seed).permutation(rows.size)[: int(limit)]
+        rows = rows[order]
+    return rows
+
+
+def _decode_images(blobs: Sequence[bytes], spec: DatasetSpec, origin: str) -> np.ndarray:
+    """Decode encoded images into ``uint8 [N, H, W, C]``, checking every size against ``spec``."""
+    mode = "RGB" if spec.in_channels == 3 else "L"
+    height, width = spec.image_size
+    out = np.empty((len(blobs), height, width, spec.in_channels), dtype=np.uint8)
+    for i, blob in enumerate(blobs):
+        image = Image.open(io.BytesIO(blob))
+        if image.mode != mode:  # the CIFAR JPEGs are RGB already; skipping convert saves a copy
+            image = image.convert(mode)
+        if image.size != (width, height):
+            raise ValueError(f"{origin}: image {i} is {image.size[0]}x{image.size[1]}, expected {width}x{height}")
+        out[i] = np.asarray(image).reshape(height, width, spec.in_channels)
+    return out
+
+
+def _load_parquet_rows(path: Path, rows: np.ndarray, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+    table = _read_parquet(path, ["img", "label"])
+    # take() before decoding: only the selected JPEGs are ever touched.
+    taken = table.take(pa.array(rows, type=pa.int64()))
+    blobs = taken.column("img").combine_chunks().field("bytes").to_pylist()
+    images = _decode_images(blobs, spec, str(path))
+    labels = taken.column("label").to_numpy().astype(np.int64)
+    return images, labels
+
+
+def _load_idx_rows(directory: Path, split: Split, rows: np.ndarray, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+    image_name, label_name = spec.local_files(split)
+    images = _read_idx(directory / image_name, 3)
+    labels = _source_labels(DataSource(spec, "idx", str(directory)), split)
+    if images.shape[0] != labels.shape[0] or images.shape[1:] != spec.image_size:
+        raise ValueError(
+            f"{directory / image_name}: holds images {images.shape} for {labels.shape[0]} labels, "
+            f"expected [N, {spec.image_size[0]}, {spec.image_size[1]}]"
+        )
+    return images[rows][..., None], labels[rows]
+
+
+def _load_hub_rows(hub_name: str, split: Split, rows: np.ndarray, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+    import datasets
+
+    ds = registry.load_hub(hub_name)[split].select_columns([spec.hub_image_column, "label"])
+    # Undecoded images give the same struct {bytes, path} as the parquet copy.
+    ds = ds.cast_column(spec.hub_image_column, datasets.Image(decode=False))
+    table = ds.with_format("arrow")[:]
+    taken = table.take(pa.array(rows, type=pa.int64()))
+    blobs = taken.column(spec.hub_image_column).combine_chunks().field("bytes").to_pylist()
+    return _decode_images(blobs, spec, f"hub:{hub_name}"), taken.column("label").to_numpy().astype(np.int64)
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """An in-memory image set.
+
+    Attributes
+    ----------
+    images : torch.Tensor
+        ``uint8 [N, C, H, W]``.
+    labels : torch.Tensor
+        ``int64 [N]``.
+    spec : DatasetSpec
+        The data set the images come from (normalisation statistics, number of classes).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    spec: DatasetSpec
+
+    def __post_init__(self) -> None:
+        expected = (self.spec.in_channels, *self.spec.image_size)
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4 or tuple(self.images.shape[1:]) != expected:
+            raise ValueError(
+                f"images must be uint8 [N, {', '.join(map(str, expected))}], "
+                f"got {self.images.dtype} {list(self.images.shape)}"
+            )
+        if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
+            raise ValueError(
+                f"labels must be int64 [{self.images.shape[0]}], got {self.labels.dtype} {list(self.labels.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def load_split(
+    dataset: str,
+    split: Split,
+    data_dir: str | os.PathLike[str] | None = None,
+    indices: Sequence[int] | np.ndarray | None = None,
+    limit: int | None = None,
+    *,
+    seed: int = 0,
+    hub_name: str | None = None,
+) -> ImageData:
+    """Load (decode) selected rows of one split into memory.
+
+    Parameters
+    ----------
+    dataset : str
+        ``"cifar10"`` or ``"fashion-mnist"``.
+    split : {"train", "test"}
+        Which split.
+    data_dir : str or path-like, optional
+        See :func:`resolve_source`.
+    indices : sequence of int, optional
+        Row numbers to load, in this order (e.g. from :func:`partition_indices`); default all rows.
+    limit : int, optional
+        Keep only ``limit`` of the selected rows: the first ``limit`` of a shuffle of them seeded by
+        ``seed``. The subset is uniformly random, hence class-balanced in expectation (not exactly),
+        and the same for the same ``seed``; rows come in the shuffled order.
+    seed : int, default 0
+        Seed of the ``limit`` shuffle.
+    hub_name : str, optional
+        See :func:`resolve_source`.
+
+    Returns
+    -------
+    ImageData
+        ``uint8 [n, C, H, W]`` images and ``int64 [n]`` labels.
+
+    Notes
+    -----
+    Labels are read first and rows chosen before any image is decoded, so the cost is proportional
+    to the number of rows returned (plus reading the compressed file once).
+    """
+    check_split(split)
+    source = resolve_source(dataset, data_dir, hub_name=hub_name)
+    spec = source.spec
+    num_rows = _source_labels(source, split).shape[0]
+    rows = _select_rows(num_rows, indices, limit, seed)
+    if source.kind == "parquet":
+        images, labels = _load_parquet_rows(source.path(split), rows, spec)
+    elif source.kind == "idx":
+        images, labels = _load_idx_rows(Path(source.location), split, rows, spec)
+    else:
+        images, labels = _load_hub_rows(source.location, split, rows, spec)
+    if labels.size and (labels.min() < 0 or labels.max() >= spec.num_classes):
+        raise ValueError(f"{source.location}: labels outside 0..{spec.num_classes - 1} in split {split!r}")
+    # NHWC -> NCHW; contiguous so per-batch gathers are plain memory copies.
+    return ImageData(
+        images=torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))),
+        labels=torch.from_numpy(np.ascontiguousarray(labels)),
+        spec=spec,
+    )

@@ -1,0 +1,310 @@
+"""A federation on this machine: a SuperLink and N SuperNodes started from a plan, recorded in
+``DIR/federation.json``, and the fedcsg app run on it with ``flwr run``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedcsg.deploy.credentials import NodeKey, TlsFiles, make_certificates, make_node_keys, node_keys_in
+from fedcsg.deploy.flwr_cli import (
+    flwr_cli,
+    flwr_env,
+    json_tail,
+    list_nodes,
+    register_nodes,
+    superlink_command,
+    supernode_command,
+    write_connection,
+)
+from fedcsg.deploy.processes import ProcessRecord, free_port, start_process, stop_processes, wait_for_port
+
+STATE_FILE = "federation.json"
+INSECURE_WARNING = (
+    "WARNING: --insecure: TLS and SuperNode authentication are OFF. Model updates travel in clear text and "
+    "ANY process that can reach the SuperLink can join the federation and send updates. Use it only on a "
+    "trusted loopback for debugging."
+)
+
+
+# -------------------------------------------------------------------------------- federation
+
+
+@dataclass
+class Federation:
+    """A SuperLink and its SuperNodes started by :func:`start_federation` (state in ``DIR/federation.json``).
+
+    Attributes
+    ----------
+    directory
+        Where certificates, keys, logs, the SuperLink database and the state file live.
+    connection
+        The ``flwr`` connection name (``flwr run . CONNECTION``), written to ``flwr_home``.
+    flwr_home
+        ``FLWR_HOME`` of the ``flwr`` CLI that talks to this SuperLink.
+    address
+        ``host:port`` of the SuperLink (Fleet, Control and Runtime APIs).
+    fleet_address
+        What the SuperNodes were told to connect to (``address``, or a relay in front of it).
+    secure
+        TLS and SuperNode authentication on.
+    node_ids
+        The node IDs the SuperLink assigned to the registered keys.
+    processes
+        What was started, in start order.
+    """
+
+    directory: str
+    connection: str
+    flwr_home: str
+    address: str
+    fleet_address: str
+    secure: bool
+    node_ids: list[int] = field(default_factory=list)
+    processes: list[ProcessRecord] = field(default_factory=list)
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.directory) / STATE_FILE
+
+    def save(self) -> Path:
+        self.state_path.write_text(json.dumps(asdict(self), indent=1))
+        return self.state_path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Federation:
+        path = Path(directory) / STATE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no federation state {str(path)!r} (start one with `fedcsg deploy up`)")
+        data = json.loads(path.read_text())
+        data["processes"] = [ProcessRecord(**p) for p in data.get("processes", [])]
+        return cls(**data)
+
+    def stop(self) -> list[int]:
+        """Stop every recorded process (and their children) by PID; the state file stays."""
+        return stop_processes(list(reversed(self.processes)))
+
+    def alive(self) -> dict[str, bool]:
+        return {f"{p.role}[{p.pid}]": p.alive() for p in self.processes}
+
+
+@dataclass(frozen=True)
+class FederationPlan:
+    """What :func:`start_federation` starts.
+
+    Attributes
+    ----------
+    directory
+        Working directory: ``certs/``, ``keys/``, ``logs/``, ``state.db``, ``federation.json``.
+    nodes
+        Number of SuperNodes; node ``i`` gets ``partition-id=i num-partitions=nodes``.
+    data_dir
+        The SuperNodes' ``data-dir`` node config (None: the ClientApp's $FEDCSG_DATA_DIR / run config).
+    host, port
+        Where the SuperLink listens (port 0: a free one).
+    connection
+        ``flwr`` connection name.
+    flwr_home
+        ``FLWR_HOME`` for the connection entry (None: ``directory/flwr-home``).
+    insecure
+        No TLS, no node authentication (loud warning).
+    fleet_address
+        Address the SuperNodes connect to instead of the SuperLink's (a relay in front of it).
+    register
+        Register the node keys before the SuperNodes start (False leaves them unregistered, to see
+        them refused).
+    runtime_tls
+        Serve each SuperNode's own Runtime API over TLS too, with its node certificate.
+    env
+        Extra environment for every process (e.g. ``OMP_NUM_THREADS``); the ClientApp and ServerApp
+        processes Flower starts inherit it.
+    """
+
+    directory: str | Path
+    nodes: int = 2
+    data_dir: str | Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+    connection: str = "fedcsg-deploy"
+    flwr_home: str | Path | None = None
+    insecure: bool = False
+    fleet_address: str | None = None
+    register: bool = True
+    runtime_tls: bool = True
+    env: Mapping[str, str] | None = None
+
+
+def ensure_credentials(directory: str | Path, nodes: int, hosts: Sequence[str]) -> tuple[TlsFiles, list[NodeKey]]:
+    """The certificates and node keys under ``directory``; made when absent (a test federation)."""
+    directory = Path(directory)
+    tls = TlsFiles.in_dir(directory / "certs", nodes)
+    if not tls.ca_cert.is_file():
+        tls = make_certificates(directory / "certs", hosts=hosts, nodes=nodes)
+    tls.check()
+    keys = node_keys_in(directory / "keys", nodes)
+    if not all(k.private.is_file() and k.public.is_file() for k in keys):
+        keys = make_node_keys(directory / "keys", nodes, overwrite=True)
+    return tls, keys
+
+
+def start_federation(plan: FederationPlan, startup_timeout: float = 60.0) -> Federation:
+    """Start a SuperLink and ``plan.nodes`` SuperNodes on this machine and write the state file.
+
+    Secure unless ``plan.insecure``: TLS with certificates from ``DIR/certs`` and node
+    authentication with keys from ``DIR/keys`` (both made when absent), the keys registered
+    through ``flwr supernode register`` before the SuperNodes start. On any failure every process
+    started so far is stopped before the error propagates.
+    """
+    if plan.nodes <= 0:
+        raise ValueError(f"nodes = {plan.nodes} is not accepted: a positive integer is")
+    directory = Path(plan.directory).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    if (directory / STATE_FILE).is_file():
+        previous = Federation.load(directory)
+        if any(previous.alive().values()):
+            raise FileExistsError(f"a federation from {str(directory)!r} is still running: `fedcsg deploy down` first")
+    if plan.insecure:
+        print(INSECURE_WARNING, file=sys.stderr, flush=True)
+    flwr_home = Path(plan.flwr_home or directory / "flwr-home").resolve()
+    port = plan.port or free_port(plan.host)
+    address = f"{plan.host}:{port}"
+    tls, keys = (None, []) if plan.insecure else ensure_credentials(directory, plan.nodes, (plan.host, "localhost"))
+    env = flwr_env(flwr_home, plan.env)
+    federation = Federation(
+        directory=str(directory),
+        connection=plan.connection,
+        flwr_home=str(flwr_home),
+        address=address,
+        fleet_address=plan.fleet_address or address,
+        secure=not plan.insecure,
+    )
+    try:
+        process, record = start_process(
+            "superlink",
+            superlink_command(plan.host, port, tls, database=directory / "state.db"),
+            directory / "logs" / "superlink.log",
+            env,
+            cwd=directory,
+        )
+        federation.processes.append(record)
+        federation.save()
+        wait_for_port(plan.host, port, startup_timeout, process)
+        write_connection(flwr_home, plan.connection, address, None if tls is None else tls.ca_cert, plan.insecure)
+        if tls is not None and plan.register:
+            federation.node_ids = register_nodes(flwr_home, plan.connection, keys)
+        for i in range(plan.nodes):
+            runtime_tls = None
+            if tls is not None and plan.runtime_tls:
+                runtime_tls = (*tls.node_certs[i], tls.ca_cert)
+            command = supernode_command(
+                federation.fleet_address,
+                i,
+                plan.nodes,
+                free_port(),
+                None if tls is None else tls.ca_cert,
+                None if tls is None else keys[i].private,
+                data_dir=plan.data_dir,
+                runtime_tls=runtime_tls,
+            )
+            process, record = start_process(f"supernode-{i}", command, directory / "logs" / f"supernode-{i}.log", env)
+            federation.processes.append(record)
+            federation.save()
+        return federation
+    except BaseException:
+        federation.stop()
+        raise
+
+
+def wait_for_nodes(federation: Federation, count: int, timeout: float = 60.0) -> list[dict[str, Any]]:
+    """Wait until ``count`` SuperNodes are online at the SuperLink; returns ``flwr supernode ls``."""
+    deadline = time.monotonic() + timeout
+    nodes: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        nodes = list_nodes(federation.flwr_home, federation.connection)
+        if sum(1 for n in nodes if str(n.get("status", "")).lower() == "online") >= count:
+            return nodes
+        time.sleep(1.0)
+    raise RuntimeError(f"{count} SuperNode(s) not online within {timeout:.0f}s: {nodes}")
+
+
+def run_config_text(values: Mapping[str, Any] | str) -> str:
+    """``--run-config`` text for ``flwr run`` (TOML values: strings quoted, booleans lower-case);
+    a string is passed through."""
+    if isinstance(values, str):
+        return values
+    parts = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            parts.append(f"{key}={str(value).lower()}")
+        elif isinstance(value, str):
+            parts.append(f"{key}={json.dumps(value)}")
+        else:
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What ``flwr run`` and ``flwr ls`` said about a run."""
+
+    run_id: int
+    status: str
+    sub_status: str
+    seconds: float
+    log: str
+
+
+def run_app(
+    federation: Federation,
+    app_dir: str | Path,
+    run_config: Mapping[str, Any] | str,
+    timeout: float = 600.0,
+) -> RunOutcome:
+    """``flwr run APP CONNECTION --stream`` with ``run_config``; wait for it and read its status.
+
+    ``flwr run --stream`` exits 0 even when the run failed, so the status comes from
+    ``flwr ls --run-id``. Raises RuntimeError when the run does not finish within ``timeout``.
+    """
+    started = time.monotonic()
+    args = ["run", str(app_dir), federation.connection, "--stream"]
+    if run_config:
+        args += ["--run-config", run_config_text(run_config)]
+    log_path = Path(federation.directory) / "logs" / f"flwr-run-{int(time.time() * 1000)}.log"
+    process, record = start_process("flwr-run", ["flwr", *args], log_path, flwr_env(federation.flwr_home), app_dir)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"flwr run did not finish within {timeout:.0f}s (log: {log_path})") from None
+    finally:
+        stop_processes([record])
+    text = log_path.read_text(errors="replace")
+    run_id = _run_id_from(text)
+    if run_id is None:
+        raise RuntimeError(f"flwr run did not start a run (exit {process.returncode}); log {log_path}: {text[-500:]}")
+    status, sub_status = run_status(federation, run_id)
+    return RunOutcome(run_id, status, sub_status, time.monotonic() - started, str(log_path))
+
+
+def _run_id_from(text: str) -> int | None:
+    import re
+
+    # `flwr run` prints "Successfully started run <id>" before it streams the run's logs.
+    match = re.search(r"started run (\d+)", text)
+    return int(match.group(1)) if match else None
+
+
+def run_status(federation: Federation, run_id: int) -> tuple[str, str]:
+    """``(status, sub-status)`` of a run, e.g. ``("finished", "completed")``."""
+    result = flwr_cli(["ls", federation.connection, "--run-id", str(run_id), "--format", "json"], federation.flwr_home)
+    runs = json_tail(result.stdout).get("runs", [])
+    if not runs:
+        raise RuntimeError(f"flwr ls does not know run {run_id}")
+    status = str(runs[0].get("status", ""))
+    main, _, sub = status.partition(":")
+    return main.strip(), sub.strip()

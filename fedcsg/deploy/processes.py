@@ -1,0 +1,154 @@
+"""Processes of a federation: free ports, starting a process in its own session, and stopping
+exactly the processes started here.
+
+Processes
+---------
+Every process is started with ``start_new_session=True`` (its own process group) and its PID,
+command line and log file are written to ``DIR/federation.json``; :func:`stop_processes` stops exactly those processes
+and the children Flower started under them (found through ``/proc`` by parent PID, never by
+name), so other people's Flower jobs on the same machine are left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free now (bound to 0 and released; the caller binds it soon after)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float, process: subprocess.Popen | None = None) -> None:
+    """Wait until ``host:port`` accepts TCP connections; raise RuntimeError on timeout or if ``process`` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process {process.pid} exited with {process.returncode} before {host}:{port} opened")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{host}:{port} did not open within {timeout:.0f}s")
+
+
+@dataclass
+class ProcessRecord:
+    """A process this module started: enough to find and stop it later, and nothing else."""
+
+    role: str
+    pid: int
+    command: list[str]
+    log: str
+
+    def alive(self) -> bool:
+        return _same_process(self.pid, self.command)
+
+
+def _cmdline(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def _same_process(pid: int, command: Sequence[str]) -> bool:
+    # A recorded PID is trusted only while /proc shows the recorded program under it: after a reboot
+    # or a long pause the number may belong to someone else's process.
+    cmdline = _cmdline(pid)
+    if not cmdline:
+        return False
+    program = Path(command[0]).name
+    return any(Path(part).name == program for part in cmdline[:2])
+
+
+def _children() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name in field 2 may contain spaces and parentheses: split after the last ')'.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    return children
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of every live process below ``pid`` (children first found through ``/proc/*/stat``)."""
+    tree, out, stack = _children(), [], [pid]
+    while stack:
+        for child in tree.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child)
+    return out
+
+
+def start_process(
+    role: str, command: Sequence[str], log_path: str | Path, env: Mapping[str, str], cwd: str | Path | None = None
+) -> tuple[subprocess.Popen, ProcessRecord]:
+    """Start ``command`` in its own session with stdout and stderr to ``log_path``."""
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            list(command),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(env),
+            cwd=cwd,
+            start_new_session=True,
+        )
+    return process, ProcessRecord(role, process.pid, list(command), str(log_path))
+
+
+def stop_processes(records: Sequence[ProcessRecord], grace: float = 5.0) -> list[int]:
+    """Stop the recorded processes and everything Flower started below them, by PID.
+
+    SIGTERM first (Flower deregisters nodes and stops its servers on it), SIGKILL after ``grace``
+    seconds. Processes Flower detached into their own session (the SuperLink's SuperExec) are
+    still found: they are collected by parent PID before the parents are signalled. Returns the
+    PIDs signalled.
+    """
+    targets: list[int] = []
+    for record in records:
+        if record.alive():
+            targets += [record.pid, *descendants(record.pid)]
+    targets = list(dict.fromkeys(targets))
+    for pid in targets:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_pid_alive(pid) for pid in targets):
+        time.sleep(0.1)
+    for pid in targets:
+        if _pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+    for pid in targets:
+        # Reap our own children so they do not linger as zombies in a long-lived test process.
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)
+    return targets
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return state[state.rindex(")") + 2] != "Z"

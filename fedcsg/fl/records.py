@@ -1,0 +1,141 @@
+"""The round record, the one schema of what a run records per round, and where a run's records live.
+
+Layout of an output directory::
+
+    DIR/arms/<arm>.json      written by the ServerApp after every round (atomic rename)
+    DIR/state/<arm>.json     the arm's checkpoint after its last complete round (see fedcsg.fl.checkpoint)
+    DIR/state/<arm>-round-NNNN.safetensors   the global payload of that round
+    DIR/results.json, results.csv, report.md and plots   the report (see fedcsg.fl.report)
+
+A run over several seeds (``seeds`` = "0,1,2") holds one such run per seed in ``DIR/seed-N/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedcsg.io import atomic_write_text, strict_json
+
+BYTE_FIELDS = ("payload_up", "payload_down", "wire_up", "wire_down")
+SEED_DIR_PREFIX = "seed-"
+
+
+@dataclass
+class RoundRecord:
+    """One round of one arm: what the server measured and what crossed the network.
+
+    The strategy fills the traffic fields while the round runs (:class:`~fedcsg.fl.strategy.CSGFedAvg`
+    keeps one per round), the ServerApp adds the evaluation, and :class:`ArmRecorder` the cumulative
+    byte counts; :data:`ROUND_FIELDS` (the columns of arms/ARM.json and results.csv) are its fields.
+
+    Byte counts are sums over messages, never averaged by num-examples. ``sampled`` = ``replied``
+    + ``failed`` (a client that raised, timed out or vanished has failed); ``rejected`` counts the
+    replies that arrived but failed the checks; ``partitions`` are the clients whose updates were
+    aggregated, ``failed_partitions`` those that failed (as far as the server can tell which
+    partition a node serves). ``status`` is ``initial`` (round 0), ``ok``, or ``failed`` when fewer
+    than the minimum of replies were accepted in every attempt and the global model was kept.
+    ``started`` (when the round began, ``time.perf_counter``) is not recorded.
+    """
+
+    round: int
+    test_accuracy: float | None = None
+    test_loss: float | None = None
+    train_loss: float | None = None
+    train_accuracy: float | None = None
+    lr: float | None = None
+    sampled: int = 0
+    replied: int = 0
+    failed: int = 0
+    rejected: int = 0
+    partitions: list[int] = field(default_factory=list)
+    failed_partitions: list[int] = field(default_factory=list)
+    status: str = "ok"
+    attempts: int = 0
+    payload_up: int = 0
+    payload_down: int = 0
+    wire_up: int = 0
+    wire_down: int = 0
+    cum_payload_up: int = 0
+    cum_payload_down: int = 0
+    cum_wire_up: int = 0
+    cum_wire_down: int = 0
+    seconds: float | None = None
+    started: float = field(default=0.0, repr=False, compare=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The recorded fields (:data:`ROUND_FIELDS`), in order."""
+        return {name: getattr(self, name) for name in ROUND_FIELDS}
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RoundRecord:
+        """From a recorded round (unknown keys, such as ``non_finite``, are left out)."""
+        return cls(**{name: values[name] for name in ROUND_FIELDS if name in values})
+
+    def after(self, previous: RoundRecord | Mapping[str, Any] | None) -> RoundRecord:
+        """This record with the cumulative byte counts continued from ``previous`` (None: round 0)."""
+        before = previous.as_dict() if isinstance(previous, RoundRecord) else dict(previous or {})
+        return dataclasses.replace(
+            self, **{f"cum_{key}": before.get(f"cum_{key}", 0) + getattr(self, key) for key in BYTE_FIELDS}
+        )
+
+
+ROUND_FIELDS = tuple(f.name for f in dataclasses.fields(RoundRecord) if f.name != "started")
+
+
+def seed_dir(out_dir: Path, seed: int) -> Path:
+    """Where the run of one seed of a several-seed run lives."""
+    return Path(out_dir) / f"{SEED_DIR_PREFIX}{seed}"
+
+
+def holds_arms(directory: Path) -> bool:
+    """Whether ``directory`` holds arm records (``arms/*.json``) of a one-seed run."""
+    return any((Path(directory) / "arms").glob("*.json"))
+
+
+def seed_dirs_in(out_dir: Path) -> dict[int, Path]:
+    """The seed directories ``DIR/seed-N`` that exist, by seed, in ascending order."""
+    found = {}
+    if Path(out_dir).is_dir():
+        for path in Path(out_dir).glob(f"{SEED_DIR_PREFIX}*"):
+            number = path.name.removeprefix(SEED_DIR_PREFIX)
+            if path.is_dir() and number.isdigit():
+                found[int(number)] = path
+    return dict(sorted(found.items()))
+
+
+def versions() -> dict[str, str]:
+    import flwr
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "flwr": flwr.__version__}
+
+
+class ArmRecorder:
+    """Collects one arm's round records and rewrites ``DIR/arms/<arm>.json`` after each round."""
+
+    def __init__(self, out_dir: Path, arm: str, config: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+        self.path = Path(out_dir) / "arms" / f"{arm}.json"
+        self.arm = arm
+        self.config = config
+        self.extra = extra or {}
+        self.rounds: list[dict[str, Any]] = []
+
+    def add(self, record: RoundRecord | Mapping[str, Any], *, save: bool = True) -> dict[str, Any]:
+        """Append a round record (cumulative byte counts are added here) and, if ``save``, rewrite the file."""
+        record = record if isinstance(record, RoundRecord) else RoundRecord.from_mapping(record)
+        previous = self.rounds[-1] if self.rounds else None
+        if previous and record.round != previous["round"] + 1:
+            raise ValueError(f"round {record.round} does not follow round {previous['round']}")
+        self.rounds.append(record.after(previous).as_dict())
+        if save:
+            self.save()
+        return self.rounds[-1]
+
+    def save(self) -> None:
+        document = {"arm": self.arm, "config": self.config, "versions": versions(), **self.extra, "rounds": self.rounds}
+        atomic_write_text(self.path, strict_json(document))

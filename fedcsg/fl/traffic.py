@@ -1,0 +1,123 @@
+"""Byte accounting: raw payload bytes, serialized (wire) bytes of Flower messages with their random
+ids counted at full width, and the bytes of one round of each arm from real Flower messages built
+offline (no training)."""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.common.serde_utils import error_to_proto, metadata_to_proto
+from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
+from flwr.supercore.inflatable.inflatable_object import add_header_to_object_body, get_all_nested_objects
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedcsg.fl.config import RunConfig
+from fedcsg.fl.payload import model_payload
+from fedcsg.fl.task import build_arm_model, payload_layout
+from fedcsg.nn.params import count_parameters
+
+RANDOM_ID_FIELDS = ("run_id", "src_node_id", "dst_node_id", "src_task_id", "dst_task_id")  # Metadata's uint64s
+WIDEST_ID = 2**64 - 1  # a 64-bit id whose varint takes the most bytes (10)
+
+
+def payload_bytes(record: ArrayRecord) -> int:
+    """Raw tensor bytes of an ArrayRecord (no headers, no key names)."""
+    return sum(int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize for a in record.values())
+
+
+def wire_bytes(message: Message) -> int:
+    """Serialized size of a Flower message: the sum of the serialized lengths of all its objects.
+
+    Flower sends a message as content-addressed objects (the message, its RecordDict, each record,
+    each Array and its chunks); this is what travels between SuperLink and SuperNode, without the
+    transport's own framing (gRPC/HTTP headers, polling, heartbeats).
+    """
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+
+
+def _canonical_deflate(message: Message) -> bytes:
+    """``message.deflate()`` with every random 64-bit id set to the widest value (as Message.deflate
+    builds it: metadata without message_id, error if any, object header)."""
+    proto = metadata_to_proto(message.metadata)
+    proto.message_id = ""
+    for name in RANDOM_ID_FIELDS:
+        value = getattr(proto, name)
+        if value and not (name.endswith("node_id") and value == SUPERLINK_NODE_ID):
+            setattr(proto, name, WIDEST_ID)
+    error = error_to_proto(message.error) if message.has_error() else None
+    body = ProtoMessage(metadata=proto, content=None, error=error).SerializeToString(deterministic=True)
+    return add_header_to_object_body(object_body=body, obj=message)
+
+
+def accounted_wire_bytes(message: Message) -> int:
+    """:func:`wire_bytes` with the random 64-bit ids counted at full width.
+
+    A message's metadata carries the run id, node ids and task ids as protobuf varints, whose
+    length (1 to 10 bytes) depends on the random values a run happens to draw; counting each at
+    the widest makes the byte count a function of the run's settings and seed, so a rerun or a
+    resumed run counts exactly the same bytes. This overstates a real message by at most a few
+    bytes per id. The SuperLink's node id is a constant and counted as it is.
+    """
+    return wire_bytes(message) - len(message.deflate()) + len(_canonical_deflate(message))
+
+
+def _ensure_task_identity() -> None:
+    # Flower stamps every Message with the identity of the running task; offline there is none.
+    for name in ("run_id", "task_id", "node_id"):
+        try:
+            getattr(TaskIdentity, name)
+        except RuntimeError:
+            setattr(TaskIdentity, name, 1)
+
+
+def train_replies(records: list[ArrayRecord], examples: list[object]) -> list[Message]:
+    """Offline train replies, one per record, from nodes 1, 2, ... with ``examples`` as their
+    num-examples (as a ClientApp would reply; for tests of aggregation)."""
+    _ensure_task_identity()
+    replies = []
+    for node, (record, num) in enumerate(zip(records, examples, strict=True), start=1):
+        down = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=node, message_type=MessageType.TRAIN)
+        metrics = MetricRecord({"num-examples": num, "train-loss": 1.0, "train-accuracy": 0.5, "train-seconds": 1.0})
+        replies.append(Message(RecordDict({"arrays": record, "metrics": metrics}), reply_to=down))
+    return replies
+
+
+def round_messages(cfg: RunConfig, node_id: int = 1) -> tuple[Message, Message]:
+    """The train message a client receives and the reply it sends, as CSGFedAvg and the ClientApp
+    build them (same records, keys and metrics)."""
+    _ensure_task_identity()
+    model = build_arm_model(cfg)
+    layout = payload_layout(cfg, model)
+    arrays = model_payload(model, layout)
+    config = ConfigRecord(
+        {"local-epochs": cfg.local_epochs, "batch-size": cfg.batch_size, "lr": cfg.lr, "attempt": 0, "server-round": 1}
+    )
+    down = Message(
+        RecordDict({"arrays": arrays, "config": config}), dst_node_id=node_id, message_type=MessageType.TRAIN
+    )
+    metrics = MetricRecord(
+        {"num-examples": 5000, "train-loss": 1.0, "train-accuracy": 0.5, "train-seconds": 1.0, "partition-id": 0}
+    )
+    up = Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=down)
+    return down, up
+
+
+def arm_traffic(cfg: RunConfig, clients_per_round: int) -> dict:
+    """Payload and wire bytes of one round of ``cfg.arm`` with ``clients_per_round`` clients."""
+    down, up = round_messages(cfg)
+    arrays = down.content["arrays"]
+    model = build_arm_model(cfg)
+    return {
+        "arm": cfg.arm,
+        "parameters_sendable": count_parameters(model).sendable,
+        "tensors": len(payload_layout(cfg, model).entries),
+        "arrays_per_message": len(arrays),
+        "payload_per_client": payload_bytes(arrays),
+        "wire_up_per_client": accounted_wire_bytes(up),
+        "wire_down_per_client": accounted_wire_bytes(down),
+        "payload_up": payload_bytes(arrays) * clients_per_round,
+        "payload_down": payload_bytes(arrays) * clients_per_round,
+        "wire_up": accounted_wire_bytes(up) * clients_per_round,
+        "wire_down": accounted_wire_bytes(down) * clients_per_round,
+    }

@@ -1,0 +1,88 @@
+"""Files that survive a crash and parse anywhere: atomic writes and strict JSON.
+
+Every file fedcsg writes for later (round records, checkpoints, reports) goes through
+:func:`atomic_write_bytes`, and every JSON document through :func:`strict_json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers, and a restart after a crash, see the old or the
+    new file, never a torn one: temporary file in the same directory, fsync, rename, fsync of the
+    directory (so that the rename itself survives a power loss)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o644)  # mkstemp makes 0600; results are meant to be shared
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically, as :func:`atomic_write_bytes`."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # a platform without directory handles: the rename is as durable as it gets
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+NON_FINITE_KEY = "non_finite"  # in a written record: {field: "nan" | "inf" | "-inf"} for fields written as null
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None; a dict that held one gains
+    ``non_finite`` = {key: "nan" | "inf" | "-inf"}, so the record says why the value is null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        out = {k: _finite(v) for k, v in value.items()}
+        why = {str(k): str(v).lower() for k, v in value.items() if isinstance(v, float) and not math.isfinite(v)}
+        if why:
+            out[NON_FINITE_KEY] = {**out.get(NON_FINITE_KEY, {}), **why}
+        return out
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def strict_json(document: Any, indent: int | None = 1) -> str:
+    """``document`` as strict JSON (RFC 8259: no NaN or Infinity, which JavaScript's ``JSON.parse``
+    and most databases refuse): a non-finite number becomes null, and its record says why
+    (``non_finite``). Every JSON file fedcsg writes goes through here."""
+    return json.dumps(_finite(document), indent=indent, allow_nan=False)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; one-line ValueError when it is not valid JSON or not an object."""
+    try:
+        document = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({error})") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"{str(path)!r} is not a fedcsg record (a JSON object is accepted)")
+    return document
