@@ -43,7 +43,7 @@ from pathlib import Path
 
 import flwr
 import torch
-from benchlib import write_json
+from benchlib import parse_models, write_json
 from flwr.app import Message, RecordDict
 
 from fedcsg.fl.config import RunConfig
@@ -51,7 +51,7 @@ from fedcsg.fl.payload import ARMS, PACKINGS, PayloadLayout
 from fedcsg.fl.task import build_arm_model
 from fedcsg.fl.traffic import arm_traffic, payload_bytes, round_messages, wire_bytes
 from fedcsg.nn.csg import SliceShape, generators
-from fedcsg.nn.models import default_code_dim, model_spec
+from fedcsg.nn.models import default_code_dim
 from fedcsg.nn.params import count_parameters
 
 
@@ -74,18 +74,6 @@ def parse_slices(text: str) -> list[tuple[str, int]]:
     if not result:
         raise argparse.ArgumentTypeError("no slice setting given")
     return result
-
-
-def parse_models(text: str) -> list[str]:
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("no model given")
-    for name in names:
-        try:
-            model_spec(name)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-    return names
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from benchlib import write_json
+from benchlib import parse_models, write_json
 
-from fedcsg.deploy.export import EXPORT_FORMATS, ModelInfo, export_model, load_torchscript, save_checkpoint
+from fedcsg.deploy.export import EXPORT_FORMATS, export_model, load_torchscript, save_checkpoint
+from fedcsg.fl.config import ModelSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +41,7 @@ def sizes(models: list[str], work: Path) -> list[dict]:
     rows = []
     for name in models:
         for arm in ("fedavg", "csg", "csg-frozen"):
-            info = ModelInfo(model=name, arm=arm)
+            info = ModelSettings(model=name, arm=arm)
             model = info.build().eval()
             row = {
                 "model": name,
@@ -84,7 +85,7 @@ def agreement(args: argparse.Namespace, work: Path) -> dict:
     )
     train_seconds = time.perf_counter() - started
     model.eval()
-    info = ModelInfo.from_config(cfg)
+    info = cfg.model_settings()
     onnx_path = export_model(model, info, "onnx", work / "trained.onnx")
     ts_path = export_model(model, info, "torchscript", work / "trained.pt")
     options = ort.SessionOptions()
@@ -156,7 +157,7 @@ def agreement(args: argparse.Namespace, work: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="resnet20,resnet56")
+    parser.add_argument("--models", type=parse_models, default="resnet20,resnet56", help="comma-separated models")
     parser.add_argument("--arm", default="csg", help="arm of the trained model of the agreement check")
     parser.add_argument("--train-images", type=int, default=5000)
     parser.add_argument("--epochs", type=int, default=1)
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fedcsg-export-") as tmp:
         work = Path(tmp)
         print(f"{'model':<10}{'arm':<12}{'checkpoint':>12}{'compact':>12}{'torchscript':>13}{'onnx':>12}")
-        size_rows = sizes([m.strip() for m in args.models.split(",") if m.strip()], work)
+        size_rows = sizes(args.models, work)
         check = None if args.skip_agreement else agreement(args, work)
     import onnx
     import onnxruntime

@@ -44,28 +44,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from benchlib import write_json
+from benchlib import parse_models, write_json
 from torch import nn
 
 from fedcsg.fl.config import RunConfig
 from fedcsg.nn.csg import clear_generated_cache, csg_layers, generators
-from fedcsg.nn.models import build_model, default_csg_config, model_spec
+from fedcsg.nn.models import build_model, default_csg_config
 from fedcsg.nn.params import count_parameters
 from fedcsg.nn.training import get_device, make_optimizer, tune_malloc
 
 CLOCKS = ("wall", "cpu")  # what a sample records: wall-clock and process CPU seconds
-
-
-def parse_models(text: str) -> list[str]:
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("no model given")
-    for name in names:
-        try:
-            model_spec(name)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-    return names
 
 
 def positive_int(text: str) -> int:

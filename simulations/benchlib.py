@@ -4,6 +4,7 @@ print a table, write JSON."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedcsg.io import strict_json
+from fedcsg.nn.models import model_spec
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -118,6 +120,19 @@ def run_fedcsg(arm: str, sets: dict[str, object], timeout: float) -> tuple[Logge
             raise RuntimeError(f"fedcsg run {' '.join(cmd[5:])} failed ({run.returncode}):\n{tail}")
         rounds = json.loads((out / "arms" / f"{arm}.json").read_text())["rounds"]
     return run, rounds
+
+
+def parse_models(text: str) -> list[str]:
+    """argparse type: comma-separated registry model names (each checked against the registry)."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("no model given")
+    for name in names:
+        try:
+            model_spec(name)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return names
 
 
 def machine() -> str:

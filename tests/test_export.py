@@ -14,7 +14,6 @@ from safetensors.torch import save_file
 from fedcsg.cli import deploy as deploy_cli
 from fedcsg.deploy.export import (
     COMPACT_FORMAT,
-    ModelInfo,
     compact_tensors,
     export_checkpoint,
     export_model,
@@ -23,13 +22,13 @@ from fedcsg.deploy.export import (
     save_checkpoint,
     save_global_model,
 )
-from fedcsg.fl.config import RunConfig
+from fedcsg.fl.config import ModelSettings, RunConfig
 from fedcsg.fl.payload import PayloadLayout, model_payload
 
 GENERATOR_KEY = "csg_generators.3x3.weight"
 
 
-def calibrated(info: ModelInfo, batches: int = 4) -> torch.nn.Module:
+def calibrated(info: ModelSettings, batches: int = 4) -> torch.nn.Module:
     """A model of ``info`` whose BatchNorm statistics come from a few batches, so outputs are finite.
 
     A freshly initialised CSG net with unit running statistics overflows in eval mode; any trained
@@ -59,14 +58,14 @@ def _cli(argv: list[str]) -> int:
 
 @pytest.mark.parametrize("arm", ["fedavg", "csg", "csg-frozen"])
 def test_checkpoint_and_compact_rebuild_identical_outputs(tmp_path: Path, arm: str) -> None:
-    info = ModelInfo(model="resnet20", arm=arm, seed=3)
+    info = ModelSettings(model="resnet20", arm=arm, seed=3)
     model = calibrated(info)
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = model(x)
     assert torch.isfinite(expected).all()
     checkpoint = save_checkpoint(model, tmp_path / "model.safetensors", info, extra={"round": "7"})
-    compact = export_checkpoint(checkpoint, "compact")
+    _, (compact,) = export_checkpoint(checkpoint, ["compact"])
     assert compact.name == "model.compact.safetensors"
     for path in (checkpoint, compact):
         rebuilt, rebuilt_info = load_checkpoint(path)
@@ -95,7 +94,7 @@ def test_compact_is_smallest_for_csg_models(tmp_path: Path) -> None:
     sizes: dict[tuple[str, str], dict[str, int]] = {}
     for name in ("resnet20", "resnet56"):
         for arm in ("fedavg", "csg", "csg-frozen"):
-            info = ModelInfo(model=name, arm=arm)
+            info = ModelSettings(model=name, arm=arm)
             model = info.build().eval()
             # Every arm materializes to the same plain network: its TorchScript/ONNX files differ only
             # in metadata, so the (slow) inference exports are made for the csg arm alone.
@@ -114,7 +113,7 @@ def test_compact_is_smallest_for_csg_models(tmp_path: Path) -> None:
 
 
 def test_torchscript_round_trip(tmp_path: Path) -> None:
-    info = ModelInfo(model="resnet20", arm="csg")
+    info = ModelSettings(model="resnet20", arm="csg")
     model = calibrated(info)
     path = export_model(model, info, "torchscript", tmp_path / "m.pt")
     module, metadata = load_torchscript(path)
@@ -132,7 +131,7 @@ def test_onnx_matches_pytorch_on_cifar10_test_split(tmp_path: Path, data_env: Pa
     from fedcsg.data.batches import TensorBatches
     from fedcsg.data.readers import load_split
 
-    info = ModelInfo(model="resnet20", arm="csg")
+    info = ModelSettings(model="resnet20", arm="csg")
     # Statistics from real images, so predictions spread over classes like a trained model's would.
     train = load_split("cifar10", "train", limit=512, seed=0)
     model = info.build()
@@ -167,7 +166,7 @@ def test_serverapp_payloads_and_run_directories(tmp_path: Path) -> None:
     from fedcsg.fl.checkpoint import save_checkpoint as save_run_checkpoint
 
     cfg = RunConfig(arm="csg-frozen", seed=5)
-    info = ModelInfo.from_config(cfg)
+    info = cfg.model_settings()
     model = calibrated(info)
     record = model_payload(model, PayloadLayout.for_model(model, "flat"))
     run_dir = tmp_path / "run"
@@ -184,7 +183,7 @@ def test_serverapp_payloads_and_run_directories(tmp_path: Path) -> None:
         assert rebuilt_info == info
         with torch.no_grad():
             assert torch.equal(rebuilt(x), expected)
-    onnx_file = export_checkpoint(run_dir, "onnx")
+    _, (onnx_file,) = export_checkpoint(run_dir, ["onnx"])
     assert onnx_file == run_dir / "export" / "csg-frozen.onnx" and onnx_file.is_file()
     # A payload with neither metadata nor a run directory around it cannot be placed.
     lone = tmp_path / "lone" / "payload.safetensors"
@@ -206,7 +205,7 @@ def test_serverapp_payloads_and_run_directories(tmp_path: Path) -> None:
 
 
 def test_bad_checkpoints_are_one_line_errors(tmp_path: Path) -> None:
-    info = ModelInfo(model="resnet20", arm="csg-frozen")
+    info = ModelSettings(model="resnet20", arm="csg-frozen")
     model = info.build()
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.safetensors")
@@ -226,15 +225,15 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="frozen generator"):
         load_checkpoint(forged)
     wrong = tmp_path / "wrong.safetensors"
-    save_file(compact_tensors(model), str(wrong), metadata=ModelInfo(model="resnet56", arm="csg").to_metadata())
+    save_file(compact_tensors(model), str(wrong), metadata=ModelSettings(model="resnet56", arm="csg").to_metadata())
     with pytest.raises(ValueError):
         load_checkpoint(wrong)
     with pytest.raises(ValueError, match="unknown arm"):
-        ModelInfo(model="resnet20", arm="fedprox")
+        ModelSettings(model="resnet20", arm="fedprox")
 
 
 def test_export_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    info = ModelInfo(model="resnet20", arm="csg")
+    info = ModelSettings(model="resnet20", arm="csg")
     checkpoint = save_checkpoint(calibrated(info), tmp_path / "ckpt.safetensors", info)
     assert _cli(["export", "--checkpoint", str(checkpoint), "--format", "all", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

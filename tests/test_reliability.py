@@ -30,7 +30,6 @@ from flwr.serverapp import Grid
 
 from fedcsg.cli import main
 from fedcsg.fl.checkpoint import (
-    checkpoint_weights,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -670,7 +669,7 @@ def test_sigkill_mid_round_then_resume_matches_an_uninterrupted_run(
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in theirs["rounds"]]
     for key in ("cum_payload_up", "cum_payload_down", "cum_wire_up", "cum_wire_down"):
         assert mine["rounds"][-1][key] == theirs["rounds"][-1][key] > 0
-    a, b = checkpoint_weights(out, "csg"), checkpoint_weights(reference, "csg")
+    a, b = ({k: v.numpy() for k, v in load_checkpoint(d, "csg").arrays.items()} for d in (out, reference))
     assert list(a) == list(b)
     diff = max(float(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)).max()) for k in a)
     print(f"SIGKILL after round {killed_at}, resumed: max abs weight difference {diff}, ", end="")

@@ -90,25 +90,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from fedcsg.deploy.export import EXPORT_FORMATS, default_output, export_model, load_checkpoint
+    from fedcsg.deploy.export import EXPORT_FORMATS, export_checkpoint, recorded_run_config
 
     checkpoint = Path(args.checkpoint)
     run_config = None
     if args.run_dir:
-        record = _arm_record(Path(args.run_dir), args.arm)
-        run_config = {**record.get("config", {}), "arm": record.get("arm", args.arm)}
-    model, info = load_checkpoint(checkpoint, run_config=run_config, arm=args.arm)
+        run_config = recorded_run_config(Path(args.run_dir), args.arm)
+        if run_config is None:
+            raise FileNotFoundError(f"no arms/{args.arm or '*'}.json under {args.run_dir!r}")
     formats = EXPORT_FORMATS if args.export_format == "all" else (args.export_format,)
-    rows = []
-    for fmt in formats:
-        if args.out and args.export_format != "all":
-            target = Path(args.out)
-        else:
-            target = default_output(checkpoint, fmt, Path(args.out) if args.out else None, arm=info.arm)
-        if target.resolve() == checkpoint.resolve():
-            raise ValueError(f"output {str(target)!r} would overwrite the checkpoint")
-        path = export_model(model, info, fmt, target)
-        rows.append({"format": fmt, "path": str(path), "bytes": path.stat().st_size})
+    info, paths = export_checkpoint(checkpoint, formats, args.out, run_config=run_config, arm=args.arm)
+    rows = [
+        {"format": fmt, "path": str(path), "bytes": path.stat().st_size}
+        for fmt, path in zip(formats, paths, strict=True)
+    ]
     result = {"checkpoint": str(checkpoint), "model": info.model, "arm": info.arm, "files": rows}
     if args.json:
         print(json.dumps(result, indent=2))
@@ -117,17 +112,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         for row in rows:
             print(f"  {row['format']:<12}{row['bytes']:>12,} bytes  {row['path']}")
     return 0
-
-
-def _arm_record(run_dir: Path, arm: str | None) -> dict:
-    records = sorted((run_dir / "arms").glob("*.json"))
-    if arm:
-        records = [r for r in records if r.stem == arm]
-    if not records:
-        raise FileNotFoundError(f"no arms/{arm or '*'}.json under {str(run_dir)!r}")
-    if len(records) > 1:
-        raise ValueError(f"{run_dir} holds arms {[r.stem for r in records]}: say which with --arm")
-    return json.loads(records[0].read_text())
 
 
 # ------------------------------------------------------------------------------------- deploy

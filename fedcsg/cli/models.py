@@ -8,27 +8,40 @@ import argparse
 import json
 
 from fedcsg.cli.args import add_model_options, positive_int
-from fedcsg.fl.config import RunConfig
+from fedcsg.fl.config import ModelSettings
 from fedcsg.fl.payload import ARMS, PACKINGS
-from fedcsg.nn.models import build_model, default_csg_config
 from fedcsg.nn.params import count_parameters
 
 
-def _in_channels(args: argparse.Namespace) -> int:
-    return args.in_channels or (1 if args.model == "fmnist-cnn" else 3)
+def _dataset(model: str) -> str:
+    """The data set a model is for: fmnist-cnn's 28x28 grayscale images, else CIFAR-10's."""
+    return "fashion-mnist" if model == "fmnist-cnn" else "cifar10"
+
+
+def model_settings(args: argparse.Namespace, arm: str) -> ModelSettings:
+    """The model that ``--model``, ``--slice``, ``--code-dim``, ``--pointwise-slice`` (and, where the
+    command has them, ``--num-classes``, ``--in-channels``, ``--seed``) describe, as ``arm``; unset
+    CSG settings are the model's own, unset shapes the data set's."""
+    return ModelSettings(
+        model=args.model,
+        arm=arm,
+        slice=args.slice_shape or "",
+        code_dim=args.code_dim or 0,
+        pointwise_slice=args.pointwise_slice or "",
+        seed=getattr(args, "seed", 0),
+        num_classes=getattr(args, "num_classes", 0),
+        in_channels=getattr(args, "in_channels", None) or 0,
+        dataset=_dataset(args.model),
+    )
 
 
 def cmd_params(args: argparse.Namespace) -> int:
-    config = default_csg_config(
-        args.model,
-        args.slice_shape,
-        args.code_dim,
-        frozen=args.frozen_generator,
-        pointwise_slice=args.pointwise_slice,
-    )
-    in_channels = _in_channels(args)
-    plain = count_parameters(build_model(args.model, args.num_classes, in_channels))
-    csg = count_parameters(build_model(args.model, args.num_classes, in_channels, csg=config))
+    plain_settings = model_settings(args, "fedavg")
+    csg_settings = model_settings(args, "csg-frozen" if args.frozen_generator else "csg")
+    config = csg_settings.csg_config()
+    assert config is not None
+    plain = count_parameters(plain_settings.build())
+    csg = count_parameters(csg_settings.build())
     result = {
         "model": args.model,
         "slices": [{"shape": str(s.shape), "code_dim": s.code_dim} for s in config.slices],
@@ -54,16 +67,7 @@ def cmd_params(args: argparse.Namespace) -> int:
 def cmd_bytes(args: argparse.Namespace) -> int:
     from fedcsg.fl.traffic import arm_traffic
 
-    cfg = RunConfig(
-        model=args.model,
-        slice=args.slice_shape or RunConfig.slice,
-        code_dim=args.code_dim or RunConfig.code_dim,
-        pointwise_slice=args.pointwise_slice or "",
-        dataset="fashion-mnist" if args.model == "fmnist-cnn" else "cifar10",
-        payload_packing=args.packing,
-        seed=args.seed,
-        num_clients=args.clients_per_round,
-    )
+    cfg = model_settings(args, "csg").run_config(payload_packing=args.packing, num_clients=args.clients_per_round)
     rows = [arm_traffic(cfg.replace(arm=arm), args.clients_per_round) for arm in ARMS]
     base = rows[0]
     for row in rows:

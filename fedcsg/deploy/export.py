@@ -1,7 +1,7 @@
 """Model files for devices: checkpoints in, compact / TorchScript / ONNX files out.
 
 Input: a *checkpoint*, a safetensors file of a model's ``state_dict`` whose metadata (a str -> str
-map) says how to rebuild the model (:class:`ModelInfo`), written by :func:`save_checkpoint` or by
+map) says how to rebuild the model (:class:`ModelSettings`), written by :func:`save_checkpoint` or by
 :func:`save_global_model` at the end of a federated run. Also accepted: a bare payload file (the
 arm's payload, flat- or per-tensor-packed, as the ServerApp sends it and checkpoints it under
 ``RUN/state/``) when the run directory it sits in gives the settings (``arms/ARM.json`` or
@@ -26,22 +26,22 @@ normalised with the data set's mean and std (recorded in each file's metadata).
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import warnings
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord
 from torch import nn
 
 from fedcsg.data.registry import get_spec
-from fedcsg.fl.payload import ARMS, PayloadLayout, check_arm, load_payload
-from fedcsg.nn.csg import GENERATORS_ATTR, generators, is_csg, materialize
-from fedcsg.nn.models import build_model, default_csg_config
+from fedcsg.fl.config import ModelSettings, RunConfig
+from fedcsg.fl.payload import ARMS, PayloadLayout, load_payload
+from fedcsg.nn.csg import frozen_generator_keys, generators, is_csg, materialize
 
 CHECKPOINT_FORMAT = "fedcsg-checkpoint"
 COMPACT_FORMAT = "fedcsg-compact"
@@ -51,100 +51,14 @@ SUFFIXES = {"compact": ".compact.safetensors", "torchscript": ".pt", "onnx": ".o
 ONNX_OPSET = 17
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """Everything needed to rebuild a fedcsg model from its tensors (safetensors metadata, str -> str).
-
-    ``slice`` .. ``pointwise_code_dim`` are the CSG settings (ignored for ``fedavg``); ``seed`` is the
-    seed of the generator (the whole frozen generator of ``csg-frozen`` is redrawn from it).
-    """
-
-    model: str
-    arm: str
-    slice: str = "12x12x3x3"
-    code_dim: int = 72
-    pointwise_slice: str = ""
-    pointwise_code_dim: int = 16
-    seed: int = 0
-    num_classes: int = 10
-    in_channels: int = 3
-    dataset: str = "cifar10"
-
-    def __post_init__(self) -> None:
-        check_arm(self.arm)
-
-    @classmethod
-    def from_config(cls, cfg: Any, arm: str | None = None) -> ModelInfo:
-        """From a :class:`fedcsg.fl.config.RunConfig` (``arm`` defaults to ``cfg.arm``)."""
-        spec = get_spec(cfg.dataset)
-        return cls(
-            model=cfg.model,
-            arm=arm or cfg.arm,
-            slice=cfg.slice,
-            code_dim=cfg.code_dim,
-            pointwise_slice=cfg.pointwise_slice,
-            pointwise_code_dim=cfg.pointwise_code_dim,
-            seed=cfg.seed,
-            num_classes=spec.num_classes,
-            in_channels=spec.in_channels,
-            dataset=cfg.dataset,
-        )
-
-    @classmethod
-    def from_mapping(cls, values: dict[str, Any]) -> ModelInfo:
-        """From kebab-case keys (safetensors metadata or a run config); unknown keys are ignored."""
-        kinds = {f.name: f.type for f in dataclasses.fields(cls)}
-        changes: dict[str, Any] = {}
-        for name, kind in kinds.items():
-            key = name.replace("_", "-")
-            if key not in values:
-                continue
-            raw = values[key]
-            try:
-                changes[name] = int(raw) if kind in ("int", int) else str(raw)
-            except (TypeError, ValueError):
-                raise ValueError(f"checkpoint metadata {key} = {raw!r} is not an integer") from None
-        if "model" not in changes:
-            raise ValueError("checkpoint metadata has no 'model' key: cannot tell which model to rebuild")
-        if "arm" not in changes:
-            raise ValueError("checkpoint metadata has no 'arm' key: cannot tell fedavg, csg or csg-frozen")
-        if "dataset" in changes and not {"num_classes", "in_channels"} & changes.keys():
-            spec = get_spec(changes["dataset"])
-            changes.update(num_classes=spec.num_classes, in_channels=spec.in_channels)
-        return cls(**changes)
-
-    def to_metadata(self) -> dict[str, str]:
-        return {f.name.replace("_", "-"): str(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-    def csg_config(self):
-        if self.arm == "fedavg":
-            return None
-        return default_csg_config(
-            self.model,
-            self.slice,
-            self.code_dim,
-            frozen=self.arm == "csg-frozen",
-            seed=self.seed,
-            pointwise_slice=self.pointwise_slice or None,
-            pointwise_code_dim=self.pointwise_code_dim,
-        )
-
-    def build(self) -> nn.Module:
-        """A fresh model of these settings (its frozen generator, if any, already drawn from the seed)."""
-        torch.manual_seed(self.seed)
-        return build_model(self.model, self.num_classes, self.in_channels, csg=self.csg_config())
-
-
-def _frozen_keys(model: nn.Module) -> set[str]:
-    return {f"{GENERATORS_ATTR}.{name}.weight" for name, g in generators(model).items() if g.frozen}
-
-
 def _tensors(state: dict[str, torch.Tensor], keys: list[str] | None = None) -> dict[str, torch.Tensor]:
     # safetensors wants contiguous CPU tensors that share no storage.
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items() if keys is None or k in keys}
 
 
-def save_checkpoint(model: nn.Module, path: str | Path, info: ModelInfo, extra: dict[str, str] | None = None) -> Path:
+def save_checkpoint(
+    model: nn.Module, path: str | Path, info: ModelSettings, extra: dict[str, str] | None = None
+) -> Path:
     """Write ``model``'s whole ``state_dict`` and ``info`` to a safetensors checkpoint.
 
     Parameters
@@ -156,7 +70,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, info: ModelInfo, extra: 
     info
         How to rebuild it.
     extra
-        More str -> str metadata (e.g. run id, round); must not reuse :class:`ModelInfo` keys.
+        More str -> str metadata (e.g. run id, round); must not reuse :class:`ModelSettings` keys.
     """
     from safetensors.torch import save_file
 
@@ -172,14 +86,16 @@ def save_checkpoint(model: nn.Module, path: str | Path, info: ModelInfo, extra: 
     return path
 
 
-def _check_fits(model: nn.Module, info: ModelInfo) -> None:
+def _check_fits(model: nn.Module, info: ModelSettings) -> None:
     reference = info.build().state_dict()
     state = model.state_dict()
     if list(reference) != list(state) or any(reference[k].shape != state[k].shape for k in state):
         raise ValueError(f"the model does not match its info ({info.model}, arm {info.arm}): keys or shapes differ")
 
 
-def save_global_model(out_dir: str | Path, cfg: Any, arrays: Any, name: str = "model.safetensors") -> Path:
+def save_global_model(
+    out_dir: str | Path, cfg: RunConfig, arrays: ArrayRecord, name: str = "model.safetensors"
+) -> Path:
     """Save a federated run's final global model as a checkpoint ``out_dir/name``.
 
     The hook for the end of :func:`fedcsg.fl.server_app.run_federation`: ``arrays`` is the final
@@ -187,11 +103,10 @@ def save_global_model(out_dir: str | Path, cfg: Any, arrays: Any, name: str = "m
 
     Returns the checkpoint path, ready for ``fedcsg export --checkpoint``.
     """
-    from fedcsg.fl.task import build_arm_model, payload_layout
-
-    model = build_arm_model(cfg)
-    load_payload(model, arrays, payload_layout(cfg, model))
-    return save_checkpoint(model, Path(out_dir) / name, ModelInfo.from_config(cfg))
+    settings = cfg.model_settings()
+    model = settings.build()
+    load_payload(model, arrays, PayloadLayout.for_model(model, cfg.payload_packing))
+    return save_checkpoint(model, Path(out_dir) / name, settings)
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -211,20 +126,32 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, metadata
 
 
+def recorded_run_config(run_dir: Path, arm: str | None) -> dict[str, Any] | None:
+    """The run config (kebab-case, with its ``arm``) that a run directory records for ``arm``: from
+    ``arms/ARM.json``, else the ServerApp's ``state/ARM.json``; None if it records none.
+
+    Raises ValueError when ``arm`` is None and the directory holds several arms.
+    """
+    for sub in ("arms", "state"):
+        records = sorted((run_dir / sub).glob("*.json"))
+        if arm is not None:
+            records = [r for r in records if r.stem == arm]
+        if len(records) > 1:
+            names = [r.stem for r in records]
+            raise ValueError(f"{run_dir / sub} holds arms {names}: say which with --arm ({', '.join(ARMS)})")
+        if records:
+            document = json.loads(records[0].read_text())
+            return {**document.get("config", {}), "arm": document.get("arm", records[0].stem)}
+    return None
+
+
 def _run_config_near(path: Path, arm: str | None) -> dict[str, Any] | None:
-    """The run config recorded beside a payload file: ``arms/ARM.json`` (or the ServerApp's
-    ``state/ARM.json``) of the run directory holding ``path``, up to two levels up."""
+    """The run config recorded beside a payload file: that of the run directory holding ``path``, up to
+    two levels up (see :func:`recorded_run_config`)."""
     for directory in [path.parent, *path.parent.parents][:3]:
-        for sub in ("arms", "state"):
-            records = sorted((directory / sub).glob("*.json"))
-            if arm is not None:
-                records = [r for r in records if r.stem == arm]
-            if len(records) > 1:
-                names = [r.stem for r in records]
-                raise ValueError(f"{directory / sub} holds arms {names}: say which with --arm ({', '.join(ARMS)})")
-            if records:
-                document = json.loads(records[0].read_text())
-                return {**document.get("config", {}), "arm": document.get("arm", records[0].stem)}
+        found = recorded_run_config(directory, arm)
+        if found is not None:
+            return found
     return None
 
 
@@ -249,7 +176,7 @@ def _from_run_directory(run_dir: Path, arm: str | None) -> tuple[dict[str, torch
 
 def load_checkpoint(
     path: str | Path, run_config: dict[str, Any] | None = None, arm: str | None = None
-) -> tuple[nn.Module, ModelInfo]:
+) -> tuple[nn.Module, ModelSettings]:
     """Rebuild a model from a checkpoint, a compact file, a bare payload file or a run directory.
 
     Parameters
@@ -282,7 +209,7 @@ def load_checkpoint(
     else:
         tensors, metadata = _read_safetensors(path)
     if metadata.get("format") in (CHECKPOINT_FORMAT, COMPACT_FORMAT) or "model" in metadata:
-        info = ModelInfo.from_mapping(metadata)
+        info = ModelSettings.from_mapping(metadata)
     else:
         arm = arm or metadata.get("arm")
         source = run_config or _run_config_near(path, arm)
@@ -291,10 +218,10 @@ def load_checkpoint(
                 f"{path} has no fedcsg metadata and no run directory (arms/ARM.json) around it: "
                 "cannot tell which model it holds"
             )
-        info = ModelInfo.from_mapping({**source, **({"arm": arm} if arm else {})})
+        info = ModelSettings.from_mapping({**source, **({"arm": arm} if arm else {})})
     model = info.build()
     state = model.state_dict()
-    frozen = _frozen_keys(model)
+    frozen = frozen_generator_keys(model)
     if set(tensors) <= set(state):
         _load_state(model, tensors, frozen, path)
     else:
@@ -341,11 +268,11 @@ def _load_packed(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path)
 
 def compact_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """What a compact file stores: the ``state_dict`` without frozen generators (they come from the seed)."""
-    frozen = _frozen_keys(model)
+    frozen = frozen_generator_keys(model)
     return _tensors({k: v for k, v in model.state_dict().items() if k not in frozen})
 
 
-def save_compact(model: nn.Module, info: ModelInfo, path: str | Path) -> Path:
+def save_compact(model: nn.Module, info: ModelSettings, path: str | Path) -> Path:
     """Write the compact file of ``model`` (see the module docstring)."""
     from safetensors.torch import save_file
 
@@ -364,7 +291,7 @@ def save_compact(model: nn.Module, info: ModelInfo, path: str | Path) -> Path:
     return path
 
 
-def _input_metadata(info: ModelInfo) -> dict[str, str]:
+def _input_metadata(info: ModelSettings) -> dict[str, str]:
     spec = get_spec(info.dataset)
     return {
         "input": f"float32 [N, {info.in_channels}, {spec.image_size[0]}, {spec.image_size[1]}], (x/255 - mean) / std",
@@ -373,7 +300,7 @@ def _input_metadata(info: ModelInfo) -> dict[str, str]:
     }
 
 
-def example_input(info: ModelInfo, batch: int = 2) -> torch.Tensor:
+def example_input(info: ModelSettings, batch: int = 2) -> torch.Tensor:
     spec = get_spec(info.dataset)
     return torch.randn(batch, info.in_channels, *spec.image_size, generator=torch.Generator().manual_seed(0))
 
@@ -387,7 +314,7 @@ def inference_model(model: nn.Module) -> nn.Module:
     return plain
 
 
-def save_torchscript(model: nn.Module, info: ModelInfo, path: str | Path) -> Path:
+def save_torchscript(model: nn.Module, info: ModelSettings, path: str | Path) -> Path:
     """Trace the materialized model and save it (metadata in the archive's ``fedcsg.json``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -403,7 +330,7 @@ def save_torchscript(model: nn.Module, info: ModelInfo, path: str | Path) -> Pat
     return path
 
 
-def save_onnx(model: nn.Module, info: ModelInfo, path: str | Path) -> Path:
+def save_onnx(model: nn.Module, info: ModelSettings, path: str | Path) -> Path:
     """Export the materialized model to ONNX (input ``input``, output ``logits``, dynamic batch).
 
     Uses torch's TorchScript-based exporter (``dynamo=False``), which needs only the ``onnx``
@@ -439,7 +366,7 @@ def save_onnx(model: nn.Module, info: ModelInfo, path: str | Path) -> Path:
     return path
 
 
-def export_model(model: nn.Module, info: ModelInfo, fmt: str, path: str | Path) -> Path:
+def export_model(model: nn.Module, info: ModelSettings, fmt: str, path: str | Path) -> Path:
     """Write ``model`` in ``fmt`` (one of :data:`EXPORT_FORMATS`) to ``path``."""
     if fmt == "compact":
         return save_compact(model, info, path)
@@ -461,20 +388,34 @@ def default_output(checkpoint: Path, fmt: str, directory: Path | None = None, ar
 
 def export_checkpoint(
     checkpoint: str | Path,
-    fmt: str,
+    formats: Sequence[str],
     out: str | Path | None = None,
+    *,
     run_config: dict[str, Any] | None = None,
     arm: str | None = None,
-) -> Path:
-    """Load ``checkpoint`` and export it; ``out`` defaults to the checkpoint's name with the format's suffix."""
-    if fmt not in EXPORT_FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}: accepted are {', '.join(EXPORT_FORMATS)}")
+) -> tuple[ModelSettings, list[Path]]:
+    """Load ``checkpoint`` once and write it in each of ``formats`` (:data:`EXPORT_FORMATS`).
+
+    ``out`` is the output file of a single format, or the directory of several; by default each
+    file goes beside the checkpoint (:func:`default_output`). Returns the model's settings and the
+    files written. Raises ValueError for an unknown format or an output that would overwrite the
+    checkpoint.
+    """
+    unknown = [fmt for fmt in formats if fmt not in EXPORT_FORMATS]
+    if unknown:
+        raise ValueError(f"unknown export format {unknown[0]!r}: accepted are {', '.join(EXPORT_FORMATS)}")
     checkpoint = Path(checkpoint)
     model, info = load_checkpoint(checkpoint, run_config=run_config, arm=arm)
-    target = Path(out) if out else default_output(checkpoint, fmt, arm=info.arm)
-    if target.resolve() == checkpoint.resolve():
-        raise ValueError(f"output {str(target)!r} would overwrite the checkpoint")
-    return export_model(model, info, fmt, target)
+    paths = []
+    for fmt in formats:
+        if out is not None and len(formats) == 1:
+            target = Path(out)
+        else:
+            target = default_output(checkpoint, fmt, Path(out) if out is not None else None, arm=info.arm)
+        if target.resolve() == checkpoint.resolve():
+            raise ValueError(f"output {str(target)!r} would overwrite the checkpoint")
+        paths.append(export_model(model, info, fmt, target))
+    return info, paths
 
 
 def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, str]]:

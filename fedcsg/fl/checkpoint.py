@@ -219,11 +219,3 @@ def parse_weights(data: bytes, origin: Path, keys: list[str]) -> ArrayRecord:
     if sorted(tensors) != sorted(keys):
         raise ValueError(f"checkpoint weights {str(origin)!r} hold keys {sorted(tensors)}, recorded {sorted(keys)}")
     return ArrayRecord({key: Array(tensors[key]) for key in keys})
-
-
-def checkpoint_weights(out_dir: Path, arm: str) -> dict[str, np.ndarray]:
-    """The verified global payload arrays of ``arm``'s last checkpoint (e.g. to compare two runs)."""
-    checkpoint = load_checkpoint(out_dir, arm)
-    if checkpoint is None:
-        raise FileNotFoundError(f"no checkpoint of arm {arm!r} in {str(Path(out_dir) / STATE_DIR)!r}")
-    return {key: checkpoint.arrays[key].numpy() for key in checkpoint.arrays}

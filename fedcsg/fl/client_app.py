@@ -3,6 +3,8 @@
 The same app runs in simulation (Flower's simulation engine on Ray) and on real SuperNodes: the
 partition comes from the node config (``partition-id``, ``num-partitions``), the data location
 from the node config's ``data-dir`` when given, else from the run config or $FEDCSG_DATA_DIR.
+It only trains: evaluation is server-side, on the test split (the strategy sends no evaluate
+messages).
 """
 
 from __future__ import annotations
@@ -92,25 +94,3 @@ def train(msg: Message, context: Context) -> Message:
     )
     arrays: ArrayRecord = model_payload(model, layout)
     return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
-
-
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the global model on this client's share of the test split (federated evaluation,
-    off by default: fedcsg evaluates on the server)."""
-    from fedcsg.data.partitions import partition_indices
-    from fedcsg.data.readers import load_labels, load_split
-    from fedcsg.fl.task import evaluate_model
-
-    cfg = client_config(context)
-    partition_id = int(context.node_config["partition-id"])
-    num_partitions = int(context.node_config["num-partitions"])
-    model, layout = _model_and_layout(cfg)
-    load_payload(model, msg.content["arrays"], layout)
-    labels = load_labels(cfg.dataset, "test", cfg.data_dir or None)
-    rows = partition_indices(labels, num_partitions, partition_id, "iid", seed=cfg.seed)
-    data = load_split(cfg.dataset, "test", cfg.data_dir or None, indices=rows)
-    stats = evaluate_model(model, data, cfg, get_device(cfg.device))
-    model.to("cpu")
-    metrics = {"num-examples": stats.num_examples, "eval-loss": stats.loss, "eval-accuracy": stats.accuracy}
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

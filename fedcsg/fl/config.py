@@ -10,27 +10,155 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from fedcsg.data.partitions import SCHEMES as PARTITION_SCHEMES
+from fedcsg.data.registry import DATASETS as DATASET_SPECS
+from fedcsg.data.registry import get_spec
 from fedcsg.fl.payload import PACKINGS, check_arm
 from fedcsg.fl.server_opt import SERVER_OPTIMIZERS
 from fedcsg.nn.csg import AGGREGATIONS as CSG_AGGREGATIONS
 from fedcsg.nn.csg import INITS as CSG_INITS
-from fedcsg.nn.csg import SliceShape
-from fedcsg.nn.models import default_csg_config, model_spec
+from fedcsg.nn.csg import CSGConfig, SliceShape
+from fedcsg.nn.models import build_model, default_csg_config, model_slice, model_spec
+from fedcsg.nn.training import SCHEDULES
 
-DATASETS = ("cifar10", "fashion-mnist")
-LR_SCHEDULES = ("constant", "step", "cosine")
+DATASETS = tuple(DATASET_SPECS)
 DEVICES = ("auto", "cpu", "cuda")
-FAILED_ROUND_POLICIES = ("skip", "retry")
+FAILED_ROUND_POLICIES = ("skip", "retry")  # fewer accepted replies than the minimum: keep the model, or resend once
 # Keys that say where or how a run is carried out, not what it computes: a resumed run may differ in them.
 # `seeds` only says how many runs to make; each run's own `seed` is part of its identity.
 NOT_IDENTITY_KEYS = ("out-dir", "arms", "resume", "seeds")
+POSITIVE_INTS = (
+    "code_dim",
+    "pointwise_code_dim",
+    "num_clients",
+    "shards_per_client",
+    "num_rounds",
+    "min_train_nodes",
+    "min_available_nodes",
+    "local_epochs",
+    "batch_size",
+    "eval_batch_size",
+    "client_num_cpus",
+)
 DEFAULT_EXPERIMENT = "quickstart"
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """What decides a model's architecture and initial weights, so that any party rebuilds the same
+    model: the model and its CSG settings, the arm, the seed and the data set's shape.
+
+    :meth:`RunConfig.model_settings` gives a run's; checkpoints and exported files store theirs as
+    metadata (:meth:`to_metadata`). ``slice`` "" is the model's own slice setting (e.g. 12x12x3x3 / 72,
+    8x8x3x3 / 32 for fmnist-cnn) and ``code_dim`` 0 that slice's code dim; ``num_classes`` and
+    ``in_channels`` 0 are the data set's. ``seed`` seeds the initial weights and the generator (the
+    whole frozen generator of ``csg-frozen`` is redrawn from it). Defaults are filled in on
+    construction, so two settings that build the same model compare equal.
+    """
+
+    model: str
+    arm: str
+    slice: str = ""
+    code_dim: int = 0
+    pointwise_slice: str = ""
+    pointwise_code_dim: int = 16
+    csg_init: str = "kaiming"
+    seed: int = 0
+    num_classes: int = 0
+    in_channels: int = 0
+    dataset: str = "cifar10"
+
+    def __post_init__(self) -> None:
+        check_arm(self.arm)
+        _one_of("csg-init", self.csg_init, CSG_INITS)
+        own = model_slice(self.model, self.slice or None, self.code_dim or None)
+        spec = get_spec(self.dataset)
+        object.__setattr__(self, "slice", str(own.shape))
+        object.__setattr__(self, "code_dim", own.code_dim)
+        object.__setattr__(self, "num_classes", self.num_classes or spec.num_classes)
+        object.__setattr__(self, "in_channels", self.in_channels or spec.in_channels)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> ModelSettings:
+        """From kebab-case keys (safetensors metadata, str -> str, or a run config); other keys are ignored.
+
+        Raises ValueError when ``model`` or ``arm`` is missing or an integer setting is not one.
+        """
+        changes: dict[str, Any] = {}
+        for f in fields(cls):
+            key = _kebab(f.name)
+            if key not in values:
+                continue
+            raw = values[key]
+            try:
+                changes[f.name] = int(raw) if f.type in ("int", int) else str(raw)
+            except (TypeError, ValueError):
+                raise ValueError(f"checkpoint metadata {key} = {raw!r} is not an integer") from None
+        if "model" not in changes:
+            raise ValueError("checkpoint metadata has no 'model' key: cannot tell which model to rebuild")
+        if "arm" not in changes:
+            raise ValueError("checkpoint metadata has no 'arm' key: cannot tell fedavg, csg or csg-frozen")
+        return cls(**changes)
+
+    def to_metadata(self) -> dict[str, str]:
+        """Kebab-case str -> str, as safetensors metadata holds it."""
+        return {_kebab(f.name): str(getattr(self, f.name)) for f in fields(self)}
+
+    def csg_config(self) -> CSGConfig | None:
+        """The converter settings of this arm; None for fedavg."""
+        if self.arm == "fedavg":
+            return None
+        return default_csg_config(
+            self.model,
+            self.slice,
+            self.code_dim,
+            frozen=self.arm == "csg-frozen",
+            seed=self.seed,
+            pointwise_slice=self.pointwise_slice or None,
+            pointwise_code_dim=self.pointwise_code_dim,
+            init=self.csg_init,
+        )
+
+    def run_config(self, **changes: Any) -> RunConfig:
+        """A run of this model and arm (the settings a RunConfig shares with these), the rest ``changes``
+        or the defaults; its :meth:`RunConfig.model_settings` are these settings again."""
+        shared = {name: getattr(self, name) for name in _names(ModelSettings) if name in _names(RunConfig)}
+        return RunConfig(**shared, **changes)
+
+    def build(self) -> nn.Module:
+        """A fresh model of these settings, initialised from the seed (its frozen generator, if any, drawn)."""
+        torch.manual_seed(self.seed)
+        return build_model(self.model, self.num_classes, self.in_channels, csg=self.csg_config())
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Where a run's data comes from and how it is cut: what decides the clients' partitions and the
+    test set, and nothing else (so the arms of a comparison share them, and their caches)."""
+
+    dataset: str
+    data_dir: str
+    hub_name: str
+    partitioner: str
+    dirichlet_alpha: float
+    shards_per_client: int
+    train_limit: int
+    test_limit: int
+    seed: int
+
+    @property
+    def source(self) -> dict[str, str | None]:
+        """``data_dir`` and ``hub_name`` as the readers take them (None: search / the data set's own)."""
+        return {"data_dir": self.data_dir or None, "hub_name": self.hub_name or None}
 
 
 @dataclass(frozen=True)
@@ -94,26 +222,8 @@ class RunConfig:
     out_dir: str = ""  # where the ServerApp writes results; "" = runs/flwr-<run id>
     resume: bool = False  # continue from out-dir/state/<arm>.json when it exists (fedcsg run/compare --resume)
 
-    _positive_ints: tuple[str, ...] = field(
-        default=(
-            "code_dim",
-            "pointwise_code_dim",
-            "num_clients",
-            "shards_per_client",
-            "num_rounds",
-            "min_train_nodes",
-            "min_available_nodes",
-            "local_epochs",
-            "batch_size",
-            "eval_batch_size",
-            "client_num_cpus",
-        ),
-        repr=False,
-        compare=False,
-    )
-
     def __post_init__(self) -> None:
-        for name in self._positive_ints:
+        for name in POSITIVE_INTS:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{_kebab(name)} = {getattr(self, name)!r} is not accepted: a positive integer is")
         for name in ("train_limit", "test_limit", "clients_per_round", "seed"):
@@ -123,7 +233,7 @@ class RunConfig:
                 )
         _one_of("dataset", self.dataset, DATASETS)
         _one_of("partitioner", self.partitioner, PARTITION_SCHEMES)
-        _one_of("lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        _one_of("lr-schedule", self.lr_schedule, SCHEDULES)
         _one_of("payload-packing", self.payload_packing, PACKINGS)
         _one_of("device", self.device, DEVICES)
         _one_of("failed-round", self.failed_round, FAILED_ROUND_POLICIES)
@@ -181,25 +291,18 @@ class RunConfig:
             raise ValueError(f"seeds = {self.seeds!r} is not accepted: {accepted} are")
         return values
 
-    @property
-    def in_channels(self) -> int:
-        return 1 if self.dataset == "fashion-mnist" else 3
+    def model_settings(self, arm: str | None = None) -> ModelSettings:
+        """The model of ``arm`` (default: this run's arm): what every party builds, and what an export records."""
+        return ModelSettings.from_mapping({**self.to_flower(), "arm": arm or self.arm})
 
-    def csg_config(self, arm: str | None = None):
+    @property
+    def data_settings(self) -> DataSettings:
+        """The data of this run: the same for every arm of a comparison."""
+        return DataSettings(**{name: getattr(self, name) for name in _names(DataSettings)})
+
+    def csg_config(self, arm: str | None = None) -> CSGConfig | None:
         """The converter settings of ``arm`` (default: this run's arm); None for fedavg."""
-        arm = arm or self.arm
-        if arm == "fedavg":
-            return None
-        return default_csg_config(
-            self.model,
-            self.slice,
-            self.code_dim,
-            frozen=arm == "csg-frozen",
-            seed=self.seed,
-            pointwise_slice=self.pointwise_slice or None,
-            pointwise_code_dim=self.pointwise_code_dim,
-            init=self.csg_init,
-        )
+        return self.model_settings(arm).csg_config()
 
     def identity(self) -> dict[str, Any]:
         """The settings that decide what a run computes (kebab-case): a run may only be resumed
@@ -231,7 +334,11 @@ class RunConfig:
 
 
 def _public_fields() -> list[dataclasses.Field]:
-    return [f for f in fields(RunConfig) if not f.name.startswith("_")]
+    return list(fields(RunConfig))
+
+
+def _names(cls: type) -> list[str]:
+    return [f.name for f in fields(cls)]
 
 
 def _kebab(name: str) -> str:

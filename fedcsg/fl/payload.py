@@ -18,7 +18,7 @@ Packing
 ``flat`` concatenates the entries of each dtype into one 1-D Array (keys = dtype names, in the
 order of the layout), so a model with hundreds of small tensors pays Flower's per-Array header
 a few times instead of hundreds. Both sides derive the layout from the same model, so the
-round trip is exact (see ``tests/test_payload.py``).
+round trip is exact.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 from torch import nn
 
-from fedcsg.nn.csg import GENERATORS_ATTR, generators
+from fedcsg.nn.csg import frozen_generator_keys
 
 ARMS = ("fedavg", "csg", "csg-frozen")
 PACKINGS = ("flat", "per-tensor")
@@ -66,7 +66,7 @@ class PayloadLayout:
         """The payload of ``model``: its state_dict minus any frozen generator."""
         if packing not in PACKINGS:
             raise ValueError(f"unknown payload packing {packing!r}: accepted are {', '.join(PACKINGS)}")
-        frozen = {f"{GENERATORS_ATTR}.{name}.weight" for name, g in generators(model).items() if g.frozen}
+        frozen = frozen_generator_keys(model)
         entries = tuple(
             PayloadEntry(key, tuple(value.shape), value.dtype)
             for key, value in model.state_dict().items()
@@ -157,7 +157,7 @@ def load_payload(model: nn.Module, record: ArrayRecord, layout: PayloadLayout) -
     """Load a payload into ``model``; entries outside the payload (a frozen generator) are kept."""
     state = layout.unpack(record)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    not_sent = {f"{GENERATORS_ATTR}.{name}.weight" for name, g in generators(model).items() if g.frozen}
+    not_sent = frozen_generator_keys(model)
     if unexpected or set(missing) - not_sent:
         raise ValueError(f"payload does not fit the model: missing {sorted(set(missing) - not_sent)[:5]}")
 

@@ -18,6 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from flwr.supercore import log
 
+from fedcsg.fl.config import FAILED_ROUND_POLICIES
 from fedcsg.fl.payload import PayloadLayout, check_record, weighted_average
 from fedcsg.fl.records import RoundRecord
 from fedcsg.fl.server_opt import Mask, ServerOptimizer
@@ -25,7 +26,6 @@ from fedcsg.fl.traffic import accounted_wire_bytes, payload_bytes
 
 WEIGHT_KEY = "num-examples"
 TRAIN_METRICS = ("train-loss", "train-accuracy", "train-seconds")  # what aggregate_train_metrics reads
-FAILED_ROUND_POLICIES = ("skip", "retry")
 
 
 def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:

@@ -12,12 +12,10 @@ from torch import nn
 from fedcsg.data.batches import TensorBatches
 from fedcsg.data.partitions import partition_indices
 from fedcsg.data.readers import ImageData, load_labels, load_split
-from fedcsg.data.registry import get_spec
-from fedcsg.fl.config import RunConfig
+from fedcsg.fl.config import DataSettings, RunConfig
 from fedcsg.fl.payload import PayloadLayout
 from fedcsg.nn.csg import freeze_factor
-from fedcsg.nn.models import build_model
-from fedcsg.nn.training import EvalStats, TrainStats, evaluate, make_optimizer, train_epoch, tune_malloc
+from fedcsg.nn.training import PassStats, evaluate, make_optimizer, train_epoch, tune_malloc
 
 TRAIN_FACTOR_KEY = "train-factor"  # train-config entry: which CSG factor trains this round (fedcsg.nn.csg.FACTORS)
 
@@ -28,89 +26,63 @@ def build_arm_model(cfg: RunConfig, arm: str | None = None) -> nn.Module:
     Every party builds the same model; for ``csg-frozen`` this includes the generator, which is
     drawn from the seed and never sent.
     """
-    torch.manual_seed(cfg.seed)
-    spec = get_spec(cfg.dataset)
-    return build_model(cfg.model, spec.num_classes, spec.in_channels, csg=cfg.csg_config(arm))
+    return cfg.model_settings(arm).build()
 
 
 def payload_layout(cfg: RunConfig, model: nn.Module) -> PayloadLayout:
     return PayloadLayout.for_model(model, cfg.payload_packing)
 
 
-def _data_args(cfg: RunConfig) -> dict:
-    return {"data_dir": cfg.data_dir or None, "hub_name": cfg.hub_name or None}
-
-
-def train_rows(cfg: RunConfig) -> np.ndarray:
+def train_rows(data: DataSettings) -> np.ndarray:
     """Rows of the train split that the federation shares: all, or a seeded subset of ``train-limit``."""
-    labels = load_labels(cfg.dataset, "train", **_data_args(cfg))
-    if cfg.train_limit == 0 or cfg.train_limit >= len(labels):
+    labels = load_labels(data.dataset, "train", **data.source)
+    if data.train_limit == 0 or data.train_limit >= len(labels):
         return np.arange(len(labels))
-    return np.sort(np.random.default_rng(cfg.seed).permutation(len(labels))[: cfg.train_limit])
+    return np.sort(np.random.default_rng(data.seed).permutation(len(labels))[: data.train_limit])
 
 
 @functools.lru_cache(maxsize=8)
-def _partition_rows(cfg: RunConfig, partition_id: int, num_partitions: int) -> np.ndarray:
-    rows = train_rows(cfg)
-    labels = load_labels(cfg.dataset, "train", **_data_args(cfg))[rows]
+def _partition_rows(data: DataSettings, partition_id: int, num_partitions: int) -> np.ndarray:
+    rows = train_rows(data)
+    labels = load_labels(data.dataset, "train", **data.source)[rows]
     local = partition_indices(
         labels,
         num_partitions,
         partition_id,
-        cfg.partitioner,
-        alpha=cfg.dirichlet_alpha,
-        shards_per_partition=cfg.shards_per_client,
-        seed=cfg.seed,
+        data.partitioner,
+        alpha=data.dirichlet_alpha,
+        shards_per_partition=data.shards_per_client,
+        seed=data.seed,
     )
     return rows[np.asarray(local, dtype=np.int64)]
 
 
 def partition_rows(cfg: RunConfig, partition_id: int, num_partitions: int) -> np.ndarray:
     """Train-split rows of one client; the same for every arm of a comparison (they depend only on
-    the data, partitioner settings and seed)."""
-    return _partition_rows(_data_key(cfg), partition_id, num_partitions)
-
-
-def _data_key(cfg: RunConfig) -> RunConfig:
-    # Only the data settings matter for partitions: normalise the rest so that the arms of a
-    # comparison share cache entries.
-    return RunConfig(
-        dataset=cfg.dataset,
-        data_dir=cfg.data_dir,
-        hub_name=cfg.hub_name,
-        partitioner=cfg.partitioner,
-        dirichlet_alpha=cfg.dirichlet_alpha,
-        shards_per_client=cfg.shards_per_client,
-        train_limit=cfg.train_limit,
-        seed=cfg.seed,
-        num_clients=max(cfg.num_clients, 1),
-    )
+    the data settings, :class:`~fedcsg.fl.config.DataSettings`, which also key the caches)."""
+    return _partition_rows(cfg.data_settings, partition_id, num_partitions)
 
 
 @functools.lru_cache(maxsize=4)
-def _client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> ImageData:
-    rows = partition_rows(cfg, partition_id, num_partitions)
-    return load_split(cfg.dataset, "train", indices=rows, **_data_args(cfg))
+def _client_data(data: DataSettings, partition_id: int, num_partitions: int) -> ImageData:
+    rows = _partition_rows(data, partition_id, num_partitions)
+    return load_split(data.dataset, "train", indices=rows, **data.source)
 
 
 def client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> ImageData:
     """Decoded train images of one client (a few recent clients are kept in memory per process;
     a client that is not sampled holds nothing)."""
-    return _client_data(_data_key(cfg), partition_id, num_partitions)
+    return _client_data(cfg.data_settings, partition_id, num_partitions)
 
 
 @functools.lru_cache(maxsize=2)
-def _test_data(cfg: RunConfig) -> ImageData:
-    return load_split(cfg.dataset, "test", limit=cfg.test_limit or None, seed=cfg.seed, **_data_args(cfg))
+def _test_data(data: DataSettings) -> ImageData:
+    return load_split(data.dataset, "test", limit=data.test_limit or None, seed=data.seed, **data.source)
 
 
 def test_data(cfg: RunConfig) -> ImageData:
     """The test split (or a seeded subset of ``test-limit`` images) for server-side evaluation."""
-    return _test_data(
-        RunConfig(
-            dataset=cfg.dataset, data_dir=cfg.data_dir, hub_name=cfg.hub_name, test_limit=cfg.test_limit, seed=cfg.seed
-        )
-    )
+    return _test_data(cfg.data_settings)
 
 
 def local_train(
@@ -124,7 +96,7 @@ def local_train(
     seed: int,
     device: torch.device,
     factor: str = "all",
-) -> TrainStats:
+) -> PassStats:
     """Train ``model`` on a client's data for ``epochs`` with a fresh SGD optimizer.
 
     ``factor`` (one of :data:`fedcsg.nn.csg.FACTORS`) limits which CSG factor trains: the other is
@@ -141,10 +113,10 @@ def local_train(
             stats = train_epoch(model, batches, optimizer, device)
             seconds += stats.seconds
     assert stats is not None
-    return TrainStats(stats.loss, stats.accuracy, stats.num_examples, seconds)
+    return PassStats(stats.loss, stats.accuracy, stats.num_examples, seconds)
 
 
-def evaluate_model(model: nn.Module, data: ImageData, cfg: RunConfig, device: torch.device) -> EvalStats:
+def evaluate_model(model: nn.Module, data: ImageData, cfg: RunConfig, device: torch.device) -> PassStats:
     tune_malloc()
     model.to(device)
     return evaluate(model, TensorBatches(data, cfg.eval_batch_size, device=device), device)

@@ -571,6 +571,12 @@ def generators(model: nn.Module) -> dict[str, SliceGenerator]:
     return dict(found.items()) if found is not None else {}
 
 
+def frozen_generator_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the model's frozen generators: drawn from the seed by every party, so never
+    sent, stored in a compact file or averaged."""
+    return {f"{GENERATORS_ATTR}.{name}.weight" for name, g in generators(model).items() if g.frozen}
+
+
 def is_csg(model: nn.Module) -> bool:
     return bool(generators(model))
 

@@ -217,6 +217,17 @@ def default_code_dim(shape: SliceShape) -> int:
     return max(1, round(shape.numel / 18))
 
 
+def model_slice(name: str, slice_shape: str | None = None, code_dim: int | None = None) -> SliceSpec:
+    """The slice setting of a registry model: ``slice_shape`` (default: the model's own, e.g. 12x12x3x3
+    / 72, or 8x8x3x3 / 32 for fmnist-cnn) with ``code_dim`` (default: the model's own for its own
+    slice, else slice numel / 18)."""
+    spec = model_spec(name)
+    shape = SliceShape.parse(slice_shape) if slice_shape is not None else spec.slices.shape
+    if code_dim is None:
+        code_dim = spec.slices.code_dim if slice_shape is None else default_code_dim(shape)
+    return SliceSpec(shape, code_dim)
+
+
 def default_csg_config(
     name: str,
     slice_shape: str | None = None,
@@ -235,10 +246,7 @@ def default_csg_config(
     :attr:`fedcsg.nn.csg.CSGConfig.init` (``"kaiming"`` or the paper's ``"paper"``).
     """
     spec = model_spec(name)
-    shape = SliceShape.parse(slice_shape) if slice_shape is not None else spec.slices.shape
-    if code_dim is None:
-        code_dim = spec.slices.code_dim if slice_shape is None else default_code_dim(shape)
-    slices = [SliceSpec(shape, code_dim)]
+    slices = [model_slice(name, slice_shape, code_dim)]
     if pointwise_slice is not None:
         slices.append(SliceSpec(SliceShape.parse(pointwise_slice), pointwise_code_dim or 16))
     elif spec.pointwise is not None:

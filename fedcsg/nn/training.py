@@ -13,7 +13,7 @@ import functools
 import math
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,40 +25,18 @@ SCHEDULES: tuple[str, ...] = ("constant", "step", "cosine")
 
 
 @dataclass(frozen=True)
-class TrainStats:
-    """Result of one training epoch.
-
-    Attributes
-    ----------
-    loss : float
-        Mean cross-entropy over the examples seen (0.0 when there were none).
-    accuracy : float
-        Fraction of examples whose arg-max prediction matched the label, measured on the fly
-        (with the weights of the moment, in train mode); 0.0 when there were none.
-    num_examples : int
-        Number of examples seen.
-    seconds : float
-        Wall-clock time of the epoch.
-    """
-
-    loss: float
-    accuracy: float
-    num_examples: int
-    seconds: float
-
-
-@dataclass(frozen=True)
-class EvalStats:
-    """Result of an evaluation pass.
+class PassStats:
+    """Result of one pass over a set of batches: a training epoch or an evaluation.
 
     Attributes
     ----------
     loss : float
         Mean cross-entropy over the examples (0.0 when there were none).
     accuracy : float
-        Top-1 accuracy (0.0 when there were none).
+        Fraction of examples whose arg-max prediction matched the label (0.0 when there were none);
+        in training measured on the fly, with the weights of the moment, in train mode.
     num_examples : int
-        Number of examples evaluated.
+        Number of examples seen.
     seconds : float
         Wall-clock time of the pass.
     """
@@ -194,12 +172,44 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _run_pass(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    step: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> PassStats:
+    """Run ``step(x, y) -> (logits, summed loss)`` on every batch, keeping the sums on the device
+    (calling .item() per batch would stall a GPU every step), and time the pass."""
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    total_correct = torch.zeros((), dtype=torch.int64, device=device)
+    num_examples = 0
+    _sync(device)
+    start = time.perf_counter()
+    for x, y in batches:
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        logits, loss_sum = step(x, y)
+        total_loss += loss_sum
+        total_correct += (logits.argmax(dim=1) == y).sum()
+        num_examples += int(y.shape[0])
+    _sync(device)
+    seconds = time.perf_counter() - start
+    if num_examples == 0:
+        return PassStats(loss=0.0, accuracy=0.0, num_examples=0, seconds=seconds)
+    return PassStats(
+        loss=float(total_loss.item()) / num_examples,
+        accuracy=int(total_correct.item()) / num_examples,
+        num_examples=num_examples,
+        seconds=seconds,
+    )
+
+
 def train_epoch(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
     device: torch.device | str,
-) -> TrainStats:
+) -> PassStats:
     """Train ``model`` for one pass over ``batches`` with cross-entropy loss.
 
     Parameters
@@ -216,44 +226,26 @@ def train_epoch(
 
     Returns
     -------
-    TrainStats
+    PassStats
     """
-    device = torch.device(device)
-    model.train()
-    total_loss = torch.zeros((), dtype=torch.float64, device=device)
-    total_correct = torch.zeros((), dtype=torch.int64, device=device)
-    num_examples = 0
-    _sync(device)
-    start = time.perf_counter()
-    for x, y in batches:
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         optimizer.zero_grad(set_to_none=True)
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         loss.backward()
         optimizer.step()
-        # Sums stay on the device: calling .item() per batch would stall a GPU every step.
-        total_loss += loss.detach().double() * y.shape[0]
-        total_correct += (logits.detach().argmax(dim=1) == y).sum()
-        num_examples += int(y.shape[0])
-    _sync(device)
-    seconds = time.perf_counter() - start
-    if num_examples == 0:
-        return TrainStats(loss=0.0, accuracy=0.0, num_examples=0, seconds=seconds)
-    return TrainStats(
-        loss=float(total_loss.item()) / num_examples,
-        accuracy=int(total_correct.item()) / num_examples,
-        num_examples=num_examples,
-        seconds=seconds,
-    )
+        return logits.detach(), loss.detach().double() * y.shape[0]
+
+    model.train()
+    return _run_pass(model, batches, torch.device(device), step)
 
 
 def evaluate(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device | str,
-) -> EvalStats:
+) -> PassStats:
     """Mean cross-entropy and top-1 accuracy of ``model`` over ``batches``.
 
     The model is left in eval mode. Gradients are disabled with ``torch.no_grad()`` rather than
@@ -271,34 +263,17 @@ def evaluate(
 
     Returns
     -------
-    EvalStats
+    PassStats
     """
-    device = torch.device(device)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(x)
+        # Summed, not averaged, so a smaller last batch is weighted correctly.
+        return logits, F.cross_entropy(logits, y, reduction="sum").double()
+
     model.eval()
-    total_loss = torch.zeros((), dtype=torch.float64, device=device)
-    total_correct = torch.zeros((), dtype=torch.int64, device=device)
-    num_examples = 0
-    _sync(device)
-    start = time.perf_counter()
     with torch.no_grad():
-        for x, y in batches:
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            logits = model(x)
-            # Summed, not averaged, so a smaller last batch is weighted correctly.
-            total_loss += F.cross_entropy(logits, y, reduction="sum").double()
-            total_correct += (logits.argmax(dim=1) == y).sum()
-            num_examples += int(y.shape[0])
-    _sync(device)
-    seconds = time.perf_counter() - start
-    if num_examples == 0:
-        return EvalStats(loss=0.0, accuracy=0.0, num_examples=0, seconds=seconds)
-    return EvalStats(
-        loss=float(total_loss.item()) / num_examples,
-        accuracy=int(total_correct.item()) / num_examples,
-        num_examples=num_examples,
-        seconds=seconds,
-    )
+        return _run_pass(model, batches, torch.device(device), step)
 
 
 def step_lr(base_lr: float, epoch_or_round: int, total: int, schedule: str) -> float:
