@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -48,6 +47,7 @@ from flwr.app import Message, RecordDict
 
 from fedcsg.fl.config import RunConfig
 from fedcsg.fl.payload import ARMS, PACKINGS, PayloadLayout
+from fedcsg.fl.records import versions
 from fedcsg.fl.task import build_arm_model
 from fedcsg.fl.traffic import arm_traffic, payload_bytes, round_messages, wire_bytes
 from fedcsg.nn.csg import SliceShape, generators
@@ -297,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "round_trip_payloads": result["round_trip_payloads"],
         "round_trip_entries_checked": result["round_trip_entries_checked"],
         "all_pass": all_pass,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "flwr": flwr.__version__},
+        "versions": versions(),
         "seconds": time.perf_counter() - start,
         "rows": rows,
     }

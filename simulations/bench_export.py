@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from benchlib import parse_models, write_json
 
-from fedcsg.deploy.export import EXPORT_FORMATS, export_model, load_torchscript, save_checkpoint
+from fedcsg.deploy.export import EXPORT_FORMATS, export_model, load_torchscript
 from fedcsg.fl.config import ModelSettings
+from fedcsg.fl.model_file import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

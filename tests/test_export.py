@@ -19,10 +19,9 @@ from fedcsg.deploy.export import (
     export_model,
     load_checkpoint,
     load_torchscript,
-    save_checkpoint,
-    save_global_model,
 )
 from fedcsg.fl.config import ModelSettings, RunConfig
+from fedcsg.fl.model_file import save_checkpoint, save_global_model
 from fedcsg.fl.payload import PayloadLayout, model_payload
 
 GENERATOR_KEY = "csg_generators.3x3.weight"

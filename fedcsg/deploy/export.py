@@ -1,8 +1,9 @@
 """Model files for devices: checkpoints in, compact / TorchScript / ONNX files out.
 
 Input: a *checkpoint*, a safetensors file of a model's ``state_dict`` whose metadata (a str -> str
-map) says how to rebuild the model (:class:`ModelSettings`), written by :func:`save_checkpoint` or by
-:func:`save_global_model` at the end of a federated run. Also accepted: a bare payload file (the
+map) says how to rebuild the model (:class:`ModelSettings`), written by
+:func:`~fedcsg.fl.model_file.save_checkpoint` or, at the end of a federated run, by
+:func:`~fedcsg.fl.model_file.save_global_model`. Also accepted: a bare payload file (the
 arm's payload, flat- or per-tensor-packed, as the ServerApp sends it and checkpoints it under
 ``RUN/state/``) when the run directory it sits in gives the settings (``arms/ARM.json`` or
 ``state/ARM.json``), and a run directory itself (its last checkpoint). Nothing is ever unpickled:
@@ -39,74 +40,15 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from fedcsg.data.registry import get_spec
-from fedcsg.fl.config import ModelSettings, RunConfig
+from fedcsg.fl.config import ModelSettings
+from fedcsg.fl.model_file import CHECKPOINT_FORMAT, FORMAT_VERSION, cpu_tensors
 from fedcsg.fl.payload import ARMS, PayloadLayout, load_payload
 from fedcsg.nn.csg import frozen_generator_keys, generators, is_csg, materialize
 
-CHECKPOINT_FORMAT = "fedcsg-checkpoint"
 COMPACT_FORMAT = "fedcsg-compact"
-FORMAT_VERSION = "1"
 EXPORT_FORMATS = ("compact", "torchscript", "onnx")
 SUFFIXES = {"compact": ".compact.safetensors", "torchscript": ".pt", "onnx": ".onnx"}
 ONNX_OPSET = 17
-
-
-def _tensors(state: dict[str, torch.Tensor], keys: list[str] | None = None) -> dict[str, torch.Tensor]:
-    # safetensors wants contiguous CPU tensors that share no storage.
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items() if keys is None or k in keys}
-
-
-def save_checkpoint(
-    model: nn.Module, path: str | Path, info: ModelSettings, extra: dict[str, str] | None = None
-) -> Path:
-    """Write ``model``'s whole ``state_dict`` and ``info`` to a safetensors checkpoint.
-
-    Parameters
-    ----------
-    model
-        A model built as ``info`` describes.
-    path
-        Output file (parents are made).
-    info
-        How to rebuild it.
-    extra
-        More str -> str metadata (e.g. run id, round); must not reuse :class:`ModelSettings` keys.
-    """
-    from safetensors.torch import save_file
-
-    _check_fits(model, info)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": CHECKPOINT_FORMAT, "format-version": FORMAT_VERSION, **info.to_metadata()}
-    clash = set(extra or {}) & set(metadata)
-    if clash:
-        raise ValueError(f"extra metadata keys {sorted(clash)} clash with the checkpoint's own keys")
-    metadata.update({str(k): str(v) for k, v in (extra or {}).items()})
-    save_file(_tensors(model.state_dict()), str(path), metadata=metadata)
-    return path
-
-
-def _check_fits(model: nn.Module, info: ModelSettings) -> None:
-    reference = info.build().state_dict()
-    state = model.state_dict()
-    if list(reference) != list(state) or any(reference[k].shape != state[k].shape for k in state):
-        raise ValueError(f"the model does not match its info ({info.model}, arm {info.arm}): keys or shapes differ")
-
-
-def save_global_model(
-    out_dir: str | Path, cfg: RunConfig, arrays: ArrayRecord, name: str = "model.safetensors"
-) -> Path:
-    """Save a federated run's final global model as a checkpoint ``out_dir/name``.
-
-    The hook for the end of :func:`fedcsg.fl.server_app.run_federation`: ``arrays`` is the final
-    global ArrayRecord (``strategy.start(...).arrays``) packed with ``cfg``'s payload layout.
-
-    Returns the checkpoint path, ready for ``fedcsg export --checkpoint``.
-    """
-    settings = cfg.model_settings()
-    model = settings.build()
-    load_payload(model, arrays, PayloadLayout.for_model(model, cfg.payload_packing))
-    return save_checkpoint(model, Path(out_dir) / name, settings)
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -182,9 +124,10 @@ def load_checkpoint(
     Parameters
     ----------
     path
-        A safetensors file: a checkpoint (:func:`save_checkpoint`), a compact file, or a bare payload
-        (flat- or per-tensor-packed, e.g. the ServerApp's ``state/ARM-round-NNNN.safetensors``); or a
-        run directory, whose last checkpoint (``state/ARM.json``) is used.
+        A safetensors file: a checkpoint (:func:`~fedcsg.fl.model_file.save_checkpoint`), a compact
+        file, or a bare payload (flat- or per-tensor-packed, e.g. the ServerApp's
+        ``state/ARM-round-NNNN.safetensors``); or a run directory, whose last checkpoint
+        (``state/ARM.json``) is used.
     run_config
         Kebab-case settings (a run config) for a payload whose metadata does not say which model it
         holds; default: ``arms/ARM.json`` or ``state/ARM.json`` of the run directory around ``path``.
@@ -250,7 +193,7 @@ def _load_state(model: nn.Module, tensors: dict[str, torch.Tensor], frozen: set[
 
 
 def _load_packed(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from flwr.app import Array, ArrayRecord
+    from flwr.app import Array
 
     keys = set(tensors)
     dtype_names = {str(v.dtype).removeprefix("torch.") for v in model.state_dict().values()}
@@ -269,7 +212,7 @@ def _load_packed(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path)
 def compact_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """What a compact file stores: the ``state_dict`` without frozen generators (they come from the seed)."""
     frozen = frozen_generator_keys(model)
-    return _tensors({k: v for k, v in model.state_dict().items() if k not in frozen})
+    return cpu_tensors({k: v for k, v in model.state_dict().items() if k not in frozen})
 
 
 def save_compact(model: nn.Module, info: ModelSettings, path: str | Path) -> Path:

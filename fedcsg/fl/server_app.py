@@ -13,9 +13,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
-from fedcsg.deploy.export import save_global_model
-from fedcsg.fl.checkpoint import config_hash, load_checkpoint, save_checkpoint, set_rng_state
+from fedcsg.fl.checkpoint import Checkpoint, config_hash, load_checkpoint, save_checkpoint, set_rng_state
 from fedcsg.fl.config import RunConfig
+from fedcsg.fl.model_file import save_global_model
 from fedcsg.fl.payload import PayloadLayout, load_payload, model_payload
 from fedcsg.fl.records import ArmRecorder, RoundRecord
 from fedcsg.fl.report import write_report
@@ -24,7 +24,7 @@ from fedcsg.fl.strategy import CSGFedAvg, lr_schedule
 from fedcsg.fl.task import TRAIN_FACTOR_KEY, build_arm_model, evaluate_model, payload_layout, test_data
 from fedcsg.nn.csg import FACTORS, factor_keys, frozen_keys, round_factor
 from fedcsg.nn.params import count_parameters
-from fedcsg.nn.training import get_device, set_seed
+from fedcsg.nn.training import PassStats, get_device, set_seed
 
 app = ServerApp()
 
@@ -102,6 +102,58 @@ def recorded_config(cfg: RunConfig) -> dict:
     return {k: v for k, v in cfg.to_flower().items() if k != "resume"}
 
 
+def resumable_checkpoint(cfg: RunConfig, out_dir: Path, layout: PayloadLayout) -> Checkpoint | None:
+    """The checkpoint to continue from: None unless ``cfg.resume`` and ``out_dir`` holds one of this arm,
+    which must have been written under ``cfg``'s identity (ValueError otherwise)."""
+    checkpoint = load_checkpoint(out_dir, cfg.arm, layout) if cfg.resume else None
+    if checkpoint is not None and checkpoint.config_hash != config_hash(cfg.identity()):
+        raise ValueError(f"the checkpoint of arm {cfg.arm!r} in {str(out_dir)!r} was written under another config")
+    return checkpoint
+
+
+def arm_recorder(
+    cfg: RunConfig, out_dir: Path, model: nn.Module, layout: PayloadLayout, resumed_from: list[int]
+) -> ArmRecorder:
+    """The recorder of ``out_dir/arms/<arm>.json``, with what the arm sends besides its rounds."""
+    return ArmRecorder(
+        out_dir,
+        cfg.arm,
+        recorded_config(cfg),
+        extra={
+            "parameters": count_parameters(model).as_dict(),
+            "payload_bytes": layout.nbytes,
+            "payload_keys": layout.keys,
+            "resumed_from": resumed_from,
+        },
+    )
+
+
+def measured_round(strategy: CSGFedAvg, server_round: int, stats: PassStats, started: float) -> RoundRecord:
+    """The record of ``server_round``: the strategy's traffic (round 0: none, ``initial``), the train
+    metrics, the learning rate and the server-side evaluation ``stats``."""
+    traffic = strategy.traffic.get(server_round) or RoundRecord(server_round, status="initial", started=started)
+    train = strategy.train_metrics.get(server_round, {})
+    return dataclasses.replace(
+        traffic,
+        test_accuracy=stats.accuracy,
+        test_loss=stats.loss,
+        train_loss=train.get("train-loss"),
+        train_accuracy=train.get("train-accuracy"),
+        lr=strategy.lr_fn(server_round) if server_round else None,
+        seconds=time.perf_counter() - traffic.started if server_round else 0.0,
+    )
+
+
+def progress_line(cfg: RunConfig, record: dict, elapsed: float) -> str:
+    """One line per round for the log: accuracy, loss, bytes so far, time."""
+    total_mb = (record["cum_wire_up"] + record["cum_wire_down"]) / 1e6
+    status = "" if record["status"] in ("ok", "initial") else f" [{record['status']}]"
+    return (
+        f"[{cfg.arm}] round {record['round']}/{cfg.num_rounds}{status}: test accuracy {record['test_accuracy']:.4f}, "
+        f"loss {record['test_loss']:.4f}, {total_mb:.2f} MB so far, {elapsed:.1f}s"
+    )
+
+
 def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress: Callable[[str], None] = print) -> list[dict]:
     """Run ``cfg.arm`` for ``cfg.num_rounds`` rounds; after every round write ``out_dir/arms/<arm>.json``
     and the checkpoint ``out_dir/state/<arm>.*``.
@@ -112,25 +164,12 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress: Callable
     set_seed(cfg.seed)
     model = build_arm_model(cfg)
     layout = payload_layout(cfg, model)
-    checkpoint = load_checkpoint(out_dir, cfg.arm, layout) if cfg.resume else None
-    if checkpoint is not None and checkpoint.config_hash != config_hash(cfg.identity()):
-        raise ValueError(f"the checkpoint of arm {cfg.arm!r} in {str(out_dir)!r} was written under another config")
+    checkpoint = resumable_checkpoint(cfg, out_dir, layout)
     device = get_device(cfg.device)
     test = test_data(cfg)
     strategy = build_strategy(cfg, layout, model)
-    counts = count_parameters(model)
     resumed_from = [*checkpoint.resumed_from, checkpoint.round] if checkpoint else []
-    recorder = ArmRecorder(
-        out_dir,
-        cfg.arm,
-        recorded_config(cfg),
-        extra={
-            "parameters": counts.as_dict(),
-            "payload_bytes": layout.nbytes,
-            "payload_keys": layout.keys,
-            "resumed_from": resumed_from,
-        },
-    )
+    recorder = arm_recorder(cfg, out_dir, model, layout, resumed_from)
     if checkpoint is not None:
         recorder.rounds = [dict(r) for r in checkpoint.rounds]
         strategy.load_state_dict(checkpoint.strategy)
@@ -141,24 +180,9 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress: Callable
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         load_payload(model, arrays, layout)
         stats = evaluate_model(model, test, cfg, device)
-        traffic = strategy.traffic.get(server_round) or RoundRecord(server_round, status="initial", started=started)
-        train = strategy.train_metrics.get(server_round, {})
-        measured = dataclasses.replace(
-            traffic,
-            test_accuracy=stats.accuracy,
-            test_loss=stats.loss,
-            train_loss=train.get("train-loss"),
-            train_accuracy=train.get("train-accuracy"),
-            lr=strategy.lr_fn(server_round) if server_round else None,
-            seconds=time.perf_counter() - traffic.started if server_round else 0.0,
-        )
-        record = recorder.add(measured, save=False)  # written with the checkpoint, in round_end_fn
-        total_mb = (record["cum_wire_up"] + record["cum_wire_down"]) / 1e6
-        status = "" if record["status"] in ("ok", "initial") else f" [{record['status']}]"
-        progress(
-            f"[{cfg.arm}] round {server_round}/{cfg.num_rounds}{status}: test accuracy {stats.accuracy:.4f}, "
-            f"loss {stats.loss:.4f}, {total_mb:.2f} MB so far, {time.perf_counter() - started:.1f}s"
-        )
+        # Written with the checkpoint, in round_end_fn.
+        record = recorder.add(measured_round(strategy, server_round, stats, started), save=False)
+        progress(progress_line(cfg, record, time.perf_counter() - started))
         return MetricRecord({"test-accuracy": stats.accuracy, "test-loss": stats.loss})
 
     def round_end_fn(server_round: int, arrays: ArrayRecord) -> None:
