@@ -393,13 +393,15 @@ class CSGConv2d(nn.Module):
 
 @dataclass
 class ConversionReport:
-    """What :func:`csgify` replaced and what it left, with the reason for each conv left."""
+    """What a converter (:func:`csgify`, :func:`fedcsg.nn.fedpara.fedparafy`) replaced and what it
+    left, with the reason for each conv left."""
 
     replaced: list[str]
     left: dict[str, str]
+    kind: str = "CSG"
 
     def __str__(self) -> str:
-        lines = [f"replaced {len(self.replaced)} conv(s) with CSG convs"]
+        lines = [f"replaced {len(self.replaced)} conv(s) with {self.kind} convs"]
         lines += [f"  left {name}: {reason}" for name, reason in self.left.items()]
         return "\n".join(lines)
 
