@@ -294,7 +294,8 @@ def test_partitioner_cached_across_partition_ids(cifar_train_labels: np.ndarray)
 def test_partitions_identical_in_a_new_process(cifar_train_labels: np.ndarray, data_dir: Path) -> None:
     script = (
         "import sys, numpy as np\n"
-        "from fedcsg.data import load_labels, partition_indices\n"
+        "from fedcsg.data.partitions import partition_indices\n"
+        "from fedcsg.data.readers import load_labels\n"
         f"labels = load_labels('cifar10', 'train', data_dir={str(data_dir)!r})\n"
         "for scheme, kw in [('iid', {}), ('dirichlet', {'alpha': 0.3}), ('shards', {})]:\n"
         "    rows = partition_indices(labels, 20, 7, scheme, seed=5, **kw)\n"

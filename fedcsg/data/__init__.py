@@ -33,39 +33,3 @@ Batching
 epoch, gathers a ``uint8`` batch, moves it to the device and only there converts, augments
 (random crop with zero padding, horizontal flip; vectorised over the batch) and normalises.
 """
-
-from __future__ import annotations
-
-from fedcsg.data.batches import TensorBatches, augment_batch, normalize_batch
-from fedcsg.data.partitions import SCHEMES, Scheme, partition_indices
-from fedcsg.data.readers import ImageData, load_labels, load_split
-from fedcsg.data.registry import (
-    DATA_DIR_ENV,
-    DATASETS,
-    SPLITS,
-    DatasetSpec,
-    DataSource,
-    Split,
-    get_spec,
-    resolve_source,
-)
-
-__all__ = [
-    "DATASETS",
-    "DATA_DIR_ENV",
-    "SCHEMES",
-    "SPLITS",
-    "DataSource",
-    "DatasetSpec",
-    "ImageData",
-    "Scheme",
-    "Split",
-    "TensorBatches",
-    "augment_batch",
-    "get_spec",
-    "load_labels",
-    "load_split",
-    "normalize_batch",
-    "partition_indices",
-    "resolve_source",
-]

@@ -1,4 +1,6 @@
-"""Run settings: one validated dataclass behind [tool.flwr.app.config], experiment files and the CLI.
+"""Run settings: one validated dataclass behind [tool.flwr.app.config], experiment files and the CLI
+(:class:`RunConfig`), and the settings it is made of that other code builds from: the model
+(:class:`ModelSettings`) and the data (:class:`DataSettings`).
 
 Experiment files hold flat kebab-case keys, only those that differ from the defaults. They ship
 with the package (fedcsg/configs/NAME.toml, reachable from a checkout as configs/NAME.toml), so
@@ -163,7 +165,13 @@ class DataSettings:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Every setting of a federated run (kebab-case in TOML: ``code-dim`` for ``code_dim``)."""
+    """Every setting of a federated run (kebab-case in TOML: ``code-dim`` for ``code_dim``).
+
+    The flat fields are the config keys, each defined once here. The parts that other code builds
+    from come out as small frozen settings, by field name: :meth:`model_settings` (the model every
+    party builds, the one an exported file records) and :attr:`data_settings` (what decides the
+    partitions and the test set).
+    """
 
     # What is trained
     model: str = "resnet20"

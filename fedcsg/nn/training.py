@@ -1,7 +1,7 @@
 """Local training and evaluation loops, device choice, seeding, learning-rate schedules, and the
 process-level malloc settings of training workers (:func:`tune_malloc`).
 
-The loops take any iterable of ``(x, y)`` batches (normally :class:`fedcsg.data.TensorBatches`)
+The loops take any iterable of ``(x, y)`` batches (normally :class:`fedcsg.data.batches.TensorBatches`)
 and keep running sums on the device, so a CUDA run synchronises once per epoch rather than once
 per batch.
 """
