@@ -57,15 +57,24 @@ def _test_rows(data_dir: Path, count: int = 300) -> ImageData:
 
 
 def test_round0_loss_finite_and_near_plain(data_dir: Path) -> None:
-    data = _test_rows(data_dir)
-    cfg = RunConfig(data_dir=str(data_dir))
-    losses = {}
-    for arm in ("fedavg", "csg", "csg-frozen"):
-        model = build_arm_model(cfg.replace(arm=arm))
-        losses[arm] = evaluate_model(model, data, cfg, torch.device("cpu")).loss
+    """Round-0 loss (fresh BatchNorm statistics in eval mode) is finite for every arm and seed, and
+    within 3x of the plain model's on average over seeds: the plain model's own round-0 loss spreads
+    7x between seeds (9.9 to 69.6 over seeds 0-7), so one seed's ratio says little."""
+    data = _test_rows(data_dir, count=200)
+    seeds = range(4)
+    losses: dict[str, list[float]] = {"fedavg": [], "csg": [], "csg-frozen": []}
+    for seed in seeds:
+        cfg = RunConfig(data_dir=str(data_dir), seed=seed)
+        for arm, values in losses.items():
+            model = build_arm_model(cfg.replace(arm=arm))
+            values.append(evaluate_model(model, data, cfg, torch.device("cpu")).loss)
+    assert all(math.isfinite(v) for values in losses.values() for v in values), losses
+    plain = sum(losses["fedavg"]) / len(seeds)
     for arm in ("csg", "csg-frozen"):
-        assert math.isfinite(losses[arm]), losses
-        assert losses[arm] <= 3 * losses["fedavg"], losses
+        assert sum(losses[arm]) / len(seeds) <= 3 * plain, losses
+    # the paper's init is what the rescale fixes: its round-0 loss is astronomically large
+    paper = build_arm_model(RunConfig(data_dir=str(data_dir), csg_init="paper").replace(arm="csg"))
+    assert evaluate_model(paper, data, cfg, torch.device("cpu")).loss > 1e6 * plain
 
 
 # -- server optimizers ------------------------------------------------------------------------

@@ -1,0 +1,169 @@
+"""FedPara: convolutions whose weight is the Hadamard product of two low-rank Tucker factors.
+
+FedPara (Hyeon-Woo, Ye-Bin and Oh, "FedPara: Low-Rank Hadamard Product for Communication-Efficient
+Federated Learning", ICLR 2022) stores a conv weight ``W [O, I, k, k]`` as ``W = W1 * W2``
+(element-wise), each factor a rank-``r`` Tucker form
+
+    ``Wi[o, c, y, x] = sum_{a, b} Ti[a, b, y, x] * Xi[a, o] * Yi[b, c]``
+
+with a ``r x r x k x k`` core ``Ti`` and factor matrices ``Xi [r, O]``, ``Yi [r, I]``. The
+Hadamard product of two rank-``r`` matrices has rank up to ``r^2``, so a small ``r`` gives a
+full-rank weight at ``2 * (r^2 k^2 + r (O + I))`` parameters instead of ``O I k^2``.
+
+Rank from a ratio (the paper's rule, also used by Flower's baselines/fedpara): ``r_min =
+min(ceil(sqrt O), ceil(sqrt I))`` is the least rank whose product can be full rank, ``r_max`` the
+largest rank whose two factors hold no more parameters than the conv itself (the positive root of
+``k^2 r^2 + (O + I) r - O I k^2 / 2``, floored), and ``r = ceil((1 - ratio) r_min + ratio r_max)``.
+
+Initialisation: as for CSG's ``kaiming`` init (:mod:`fedcsg.csg`), every replaced layer starts with
+the Kaiming-normal std ``sqrt(2 / fan_in)`` of the conv it replaces: the factors are drawn
+normal (``X``, ``Y`` with std ``r^-1/2``, so a core element's std carries through), then both cores
+are scaled by the square root of the measured ratio, which makes the generated weight's std exact.
+
+:func:`fedparafy` installs the layers the way :func:`fedcsg.csg.csgify` installs CSG: every
+``nn.Conv2d`` with ``groups == 1``, a square kernel and zero padding except the stem (the first
+conv) is replaced; BatchNorm, the classifier and every other module stay ordinary, and a
+:class:`~fedcsg.csg.ConversionReport` says what was replaced and why the rest was left.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fedcsg.csg import ConversionReport, _set_submodule
+
+FACTOR_NAMES = ("t1", "x1", "y1", "t2", "x2", "y2")
+
+
+def fedpara_rank(out_channels: int, in_channels: int, kernel_size: int, ratio: float) -> int:
+    """FedPara's per-layer rank ``ceil((1 - ratio) r_min + ratio r_max)`` (see the module docstring).
+
+    Raises
+    ------
+    ValueError
+        If ``ratio`` is outside ``[0, 1]``.
+    """
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"fedpara-ratio {ratio!r} is outside [0, 1]")
+    r_min = min(math.ceil(math.sqrt(out_channels)), math.ceil(math.sqrt(in_channels)))
+    a, b, c = kernel_size**2, out_channels + in_channels, -out_channels * in_channels * kernel_size**2 / 2
+    r_max = math.floor((-b + math.sqrt(b * b - 4 * a * c)) / (2 * a))
+    return max(1, math.ceil((1 - ratio) * r_min + ratio * max(r_max, r_min)))
+
+
+def fedpara_numel(out_channels: int, in_channels: int, kernel_size: int, rank: int) -> int:
+    """Parameters of one FedPara conv weight (two Tucker factors, no bias)."""
+    return 2 * (rank * rank * kernel_size**2 + rank * (out_channels + in_channels))
+
+
+class FedParaConv2d(nn.Module):
+    """A conv layer whose weight is ``W1 * W2``, each a rank-``rank`` Tucker form (FedPara).
+
+    Parameters
+    ----------
+    in_channels, out_channels, kernel_size, stride, padding, dilation
+        As for :class:`torch.nn.Conv2d` (square kernels, ``groups=1``).
+    rank
+        The Tucker rank ``r`` of each factor.
+    bias
+        Whether the conv has a bias (an ordinary parameter).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        rank: int,
+        stride: int | tuple[int, int] = 1,
+        padding: int | str | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.rank, self.stride, self.padding, self.dilation = rank, stride, padding, dilation
+        fan_in = in_channels * kernel_size**2
+        core_std = (2.0 / fan_in) ** 0.25
+        for i in (1, 2):
+            self.register_parameter(f"t{i}", nn.Parameter(torch.randn(rank, rank, kernel_size, kernel_size) * core_std))
+            self.register_parameter(f"x{i}", nn.Parameter(torch.randn(rank, out_channels) / math.sqrt(rank)))
+            self.register_parameter(f"y{i}", nn.Parameter(torch.randn(rank, in_channels) / math.sqrt(rank)))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        with torch.no_grad():
+            scale = math.sqrt(math.sqrt(2.0 / fan_in) / self.weight.std().item())
+            self.t1.mul_(scale)
+            self.t2.mul_(scale)
+
+    @staticmethod
+    def _tucker(core: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        return torch.einsum("abhw,ao,bi->oihw", core, x, y)
+
+    @property
+    def weight(self) -> Tensor:
+        """The ``[C_out, C_in, k, k]`` weight ``W1 * W2``."""
+        return self._tucker(self.t1, self.x1, self.y1) * self._tucker(self.t2, self.x2, self.y2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, rank={self.rank}"
+        )
+
+
+def _ineligibility(conv: nn.Conv2d) -> str | None:
+    if conv.groups != 1:
+        return f"groups={conv.groups} (grouped/depthwise convs stay ordinary)"
+    if conv.kernel_size[0] != conv.kernel_size[1]:
+        return f"non-square kernel {conv.kernel_size[0]}x{conv.kernel_size[1]}"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} (only 'zeros' is supported)"
+    return None
+
+
+def fedparafy(model: nn.Module, ratio: float, skip: set[str] | None = None) -> ConversionReport:
+    """Replace every eligible conv of ``model`` by a :class:`FedParaConv2d`, in place.
+
+    ``skip`` names convs to keep ordinary (default: the first conv, the stem, as for CSG).
+
+    Raises
+    ------
+    ValueError
+        If ``ratio`` is outside ``[0, 1]``, a skip name is not a conv, or no conv is eligible.
+    """
+    convs = [(name, m) for name, m in model.named_modules() if type(m) is nn.Conv2d]
+    if skip is None:
+        skip = {convs[0][0]} if convs else set()
+    elif unknown := set(skip) - {name for name, _ in convs}:
+        raise ValueError(f"skip names {sorted(unknown)} are not nn.Conv2d modules of the model")
+    plan = {name: "skipped by name (ordinary layer)" if name in skip else _ineligibility(conv) for name, conv in convs}
+    targets = [name for name, reason in plan.items() if reason is None]
+    if not targets:
+        raise ValueError(f"model has no eligible conv for FedPara ({len(convs)} conv(s) found)")
+    for name in targets:
+        conv = dict(convs)[name]
+        k = conv.kernel_size[0]
+        layer = FedParaConv2d(
+            conv.in_channels,
+            conv.out_channels,
+            k,
+            rank=fedpara_rank(conv.out_channels, conv.in_channels, k, ratio),
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            bias=conv.bias is not None,
+        )
+        _set_submodule(model, name, layer.to(conv.weight.device))
+    return ConversionReport(replaced=targets, left={n: r for n, r in plan.items() if r is not None})
+
+
+def fedpara_layers(model: nn.Module) -> list[tuple[str, FedParaConv2d]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, FedParaConv2d)]
