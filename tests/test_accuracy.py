@@ -263,15 +263,21 @@ def test_ablation_summary_on_synthetic_records(load_script) -> None:
         ablate.run_record(cell, "csg", 2, [{"round": 0, "test_accuracy": 0.1, "test_loss": 2.0}], 0.4, 1.0),
         ablate.run_record(cell, "fedavg", 0, rounds, 0.9, 10.0),
     ]
-    rows = ablate.summarize(records)
+    rows = ablate.summarize(records, 0.4)
     assert [(r["cell"], r["arm"], r["seeds"]) for r in rows] == [("baseline", "csg", 3), ("baseline", "fedavg", 1)]
     csg = rows[0]
     assert csg["final_mean"] == pytest.approx((0.5 + 0.3 + 0.1) / 3)
     assert csg["final_spread"] == pytest.approx(np.std([0.5, 0.3, 0.1], ddof=1))  # sample std, as the reports
     assert (csg["reached"], csg["rounds_mean"], csg["rounds_spread"]) == (2, 2.0, 0.0)
-    assert rows[1]["rounds_mean"] is None
+    # rounds to target come from the curves, so another target needs no rerun
+    assert ablate.summarize(records, 0.9)[0]["reached"] == 0
+    assert ablate.summarize(records, 0.4)[1]["reached"] == 1
+    # mean of the last 3 trained rounds: (0.3 + 0.45 + 0.5) / 3, (0.3 + 0.45 + 0.3) / 3, and round 0 alone
+    tails = [(0.3 + 0.45 + 0.5) / 3, (0.3 + 0.45 + 0.3) / 3, 0.1]
+    assert csg["tail_mean"] == pytest.approx(np.mean(tails))
+    assert csg["tail_spread"] == pytest.approx(np.std(tails, ddof=1))
     table = ablate.table_rows(rows)
-    assert table[0][4] == "2.0 +- 0.0 (2/3)" and table[1][4] == "- (0/1)"
+    assert table[0][5] == "2.0 +- 0.0 (2/3)" and table[0][4] == f"{np.mean(tails):.4f} +- {np.std(tails, ddof=1):.4f}"
     # One factor at a time: every cell differs from the baseline in one setting (server-lr rides with its optimizer).
     for cell in ablate.CELLS[1:]:
         changed = {k for k, v in cell.settings().items() if ablate.BASELINE.get(k) != v} - {"server-lr"}
