@@ -197,3 +197,23 @@ def test_report_says_how_the_run_was_made(tmp_path: Path) -> None:
         "csg-init paper, server-optimizer fedavg, csg-aggregation factors"
         in (tmp_path / "old" / "report.md").read_text()
     )
+
+
+def test_an_old_module_name_fails_naming_its_new_place() -> None:
+    import importlib
+    import subprocess
+    import sys
+
+    import fedcsg
+
+    with pytest.raises(ModuleNotFoundError, match=r"fedcsg.server_app has moved: use fedcsg.fl.server_app$"):
+        importlib.import_module("fedcsg.server_app")
+    for old, new in fedcsg.MOVED.items():
+        module = new.split()[0]
+        if module.startswith("fedcsg."):
+            importlib.import_module(module)  # every new place exists
+        with pytest.raises(ModuleNotFoundError, match=f"{old} has moved"):
+            importlib.import_module(old)
+    # `python3 -m` of an old module: one line naming the new spelling, non-zero exit
+    done = subprocess.run([sys.executable, "-m", "fedcsg.deploy_cli"], capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "fedcsg.deploy_cli has moved: use fedcsg.cli.deploy" in done.stderr
