@@ -87,6 +87,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedcsg.nn.convert import ComputedConv2d, ConversionReport, conversion_plan, report_of
+
 GENERATORS_ATTR = "csg_generators"
 INITS = ("kaiming", "paper")  # CSGConfig.init: how generated filters start (see "Initialisation" above)
 FACTORS = ("all", "codes", "generator")  # what one round of local training may update (see freeze_factor)
@@ -316,7 +318,7 @@ def _tensor_state(tensor: Tensor) -> tuple[int, int]:
     return tensor._version, tensor.data_ptr()
 
 
-class CSGConv2d(nn.Module):
+class CSGConv2d(ComputedConv2d):
     """A conv layer whose weight is generated from its code vectors by a shared :class:`SliceGenerator`.
 
     Parameters
@@ -341,16 +343,10 @@ class CSGConv2d(nn.Module):
         dilation: int | tuple[int, int] = 1,
         bias: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation)
         shape = generator.shape
         if kernel_size != shape.kernel_size:
             raise ValueError(f"kernel size {kernel_size} does not match the generator's slice {shape}")
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = kernel_size
-        self.stride = stride
-        self.padding = padding
-        self.dilation = dilation
         self.blocks_out = math.ceil(out_channels / shape.out_channels)
         self.blocks_in = math.ceil(in_channels / shape.in_channels)
         codes = torch.empty(self.num_slices, generator.code_dim)
@@ -381,44 +377,8 @@ class CSGConv2d(nn.Module):
         """The generated ``[C_out, C_in, k, k]`` filters."""
         return self.generator.weight_for(self)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, slices={self.num_slices}x{self.generator.code_dim}"
-        )
-
-
-@dataclass
-class ConversionReport:
-    """What a converter (:func:`csgify`, :func:`fedcsg.nn.fedpara.fedparafy`) replaced and what it
-    left, with the reason for each conv left."""
-
-    replaced: list[str]
-    left: dict[str, str]
-    kind: str = "CSG"
-
-    def __str__(self) -> str:
-        lines = [f"replaced {len(self.replaced)} conv(s) with {self.kind} convs"]
-        lines += [f"  left {name}: {reason}" for name, reason in self.left.items()]
-        return "\n".join(lines)
-
-
-def _ineligibility(name: str, conv: nn.Module, specs: dict[int, SliceSpec], skip: set[str]) -> str | None:
-    if name in skip:
-        return "skipped by name (ordinary layer)"
-    if conv.groups != 1:
-        return f"groups={conv.groups} (grouped/depthwise convs stay ordinary)"
-    k_h, k_w = conv.kernel_size
-    if k_h != k_w:
-        return f"non-square kernel {k_h}x{k_w}"
-    if k_h not in specs:
-        return f"no slice shape configured for {k_h}x{k_w} kernels"
-    if conv.padding_mode != "zeros":
-        return f"padding_mode={conv.padding_mode!r} (only 'zeros' is supported)"
-    return None
+    def weight_repr(self) -> str:
+        return f"slices={self.num_slices}x{self.generator.code_dim}"
 
 
 def csgify(model: nn.Module, config: CSGConfig | None = None) -> ConversionReport:
@@ -442,23 +402,21 @@ def csgify(model: nn.Module, config: CSGConfig | None = None) -> ConversionRepor
     config = config or CSGConfig()
     if hasattr(model, GENERATORS_ATTR):
         raise ValueError("model is already CSG-backed (it has csg_generators)")
-    convs = [(name, m) for name, m in model.named_modules() if type(m) is nn.Conv2d]
-    if config.skip is None:
-        skip = {convs[0][0]} if convs else set()
-    else:
-        skip = set(config.skip)
-        unknown = skip - {name for name, _ in convs}
-        if unknown:
-            raise ValueError(f"skip names {sorted(unknown)} are not nn.Conv2d modules of the model")
     specs = {spec.shape.kernel_size: spec for spec in config.slices}
-    plan = {name: _ineligibility(name, conv, specs, skip) for name, conv in convs}
-    targets = [name for name, reason in plan.items() if reason is None]
+
+    def no_slice(conv: nn.Conv2d) -> str | None:
+        k = conv.kernel_size[0]
+        return None if k in specs else f"no slice shape configured for {k}x{k} kernels"
+
+    convs, plan = conversion_plan(model, config.skip, no_slice)
+    report = report_of(plan, "CSG")
+    targets = report.replaced
     if not targets:
         raise ValueError(
             f"model has no eligible conv for slice shapes {[str(s.shape) for s in config.slices]}: "
             f"needs an nn.Conv2d with groups=1 and a matching square kernel ({len(convs)} conv(s) found)"
         )
-    used_kernels = sorted({dict(convs)[name].kernel_size[0] for name in targets})
+    used_kernels = sorted({convs[name].kernel_size[0] for name in targets})
     generators = nn.ModuleDict()
     for offset, k in enumerate(used_kernels):
         spec = specs[k]
@@ -467,7 +425,7 @@ def csgify(model: nn.Module, config: CSGConfig | None = None) -> ConversionRepor
         )
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     for name in targets:
-        conv = dict(convs)[name]
+        conv = convs[name]
         generator = generators[f"{conv.kernel_size[0]}x{conv.kernel_size[0]}"]
         layer = CSGConv2d(
             conv.in_channels,
@@ -483,7 +441,7 @@ def csgify(model: nn.Module, config: CSGConfig | None = None) -> ConversionRepor
     model.add_module(GENERATORS_ATTR, generators.to(device))
     if config.init == "kaiming":
         kaiming_rescale(model)
-    return ConversionReport(replaced=targets, left={n: r for n, r in plan.items() if r is not None})
+    return report
 
 
 def kaiming_std(layer: CSGConv2d) -> float:

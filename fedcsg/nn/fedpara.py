@@ -23,7 +23,7 @@ are scaled by the square root of the measured ratio, which makes the generated w
 :func:`fedparafy` installs the layers the way :func:`fedcsg.nn.csg.csgify` installs CSG: every
 ``nn.Conv2d`` with ``groups == 1``, a square kernel and zero padding except the stem (the first
 conv) is replaced; BatchNorm, the classifier and every other module stay ordinary, and a
-:class:`~fedcsg.nn.csg.ConversionReport` says what was replaced and why the rest was left.
+:class:`~fedcsg.nn.convert.ConversionReport` says what was replaced and why the rest was left.
 """
 
 from __future__ import annotations
@@ -31,10 +31,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedcsg.nn.csg import ConversionReport
+from fedcsg.nn.convert import ComputedConv2d, ConversionReport, conversion_plan, report_of
 
 FACTOR_NAMES = ("t1", "x1", "y1", "t2", "x2", "y2")
 
@@ -60,7 +59,7 @@ def fedpara_numel(out_channels: int, in_channels: int, kernel_size: int, rank: i
     return 2 * (rank * rank * kernel_size**2 + rank * (out_channels + in_channels))
 
 
-class FedParaConv2d(nn.Module):
+class FedParaConv2d(ComputedConv2d):
     """A conv layer whose weight is ``W1 * W2``, each a rank-``rank`` Tucker form (FedPara).
 
     Parameters
@@ -85,9 +84,8 @@ class FedParaConv2d(nn.Module):
         dilation: int | tuple[int, int] = 1,
         bias: bool = False,
     ) -> None:
-        super().__init__()
-        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
-        self.rank, self.stride, self.padding, self.dilation = rank, stride, padding, dilation
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation)
+        self.rank = rank
         fan_in = in_channels * kernel_size**2
         core_std = (2.0 / fan_in) ** 0.25
         for i in (1, 2):
@@ -109,24 +107,8 @@ class FedParaConv2d(nn.Module):
         """The ``[C_out, C_in, k, k]`` weight ``W1 * W2``."""
         return self._tucker(self.t1, self.x1, self.y1) * self._tucker(self.t2, self.x2, self.y2)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, rank={self.rank}"
-        )
-
-
-def _ineligibility(conv: nn.Conv2d) -> str | None:
-    if conv.groups != 1:
-        return f"groups={conv.groups} (grouped/depthwise convs stay ordinary)"
-    if conv.kernel_size[0] != conv.kernel_size[1]:
-        return f"non-square kernel {conv.kernel_size[0]}x{conv.kernel_size[1]}"
-    if conv.padding_mode != "zeros":
-        return f"padding_mode={conv.padding_mode!r} (only 'zeros' is supported)"
-    return None
+    def weight_repr(self) -> str:
+        return f"rank={self.rank}"
 
 
 def fedparafy(model: nn.Module, ratio: float, skip: set[str] | None = None) -> ConversionReport:
@@ -139,17 +121,12 @@ def fedparafy(model: nn.Module, ratio: float, skip: set[str] | None = None) -> C
     ValueError
         If ``ratio`` is outside ``[0, 1]``, a skip name is not a conv, or no conv is eligible.
     """
-    convs = [(name, m) for name, m in model.named_modules() if type(m) is nn.Conv2d]
-    if skip is None:
-        skip = {convs[0][0]} if convs else set()
-    elif unknown := set(skip) - {name for name, _ in convs}:
-        raise ValueError(f"skip names {sorted(unknown)} are not nn.Conv2d modules of the model")
-    plan = {name: "skipped by name (ordinary layer)" if name in skip else _ineligibility(conv) for name, conv in convs}
-    targets = [name for name, reason in plan.items() if reason is None]
-    if not targets:
+    convs, plan = conversion_plan(model, skip)
+    report = report_of(plan, "FedPara")
+    if not report.replaced:
         raise ValueError(f"model has no eligible conv for FedPara ({len(convs)} conv(s) found)")
-    for name in targets:
-        conv = dict(convs)[name]
+    for name in report.replaced:
+        conv = convs[name]
         k = conv.kernel_size[0]
         layer = FedParaConv2d(
             conv.in_channels,
@@ -162,7 +139,7 @@ def fedparafy(model: nn.Module, ratio: float, skip: set[str] | None = None) -> C
             bias=conv.bias is not None,
         )
         model.set_submodule(name, layer.to(conv.weight.device))
-    return ConversionReport(replaced=targets, left={n: r for n, r in plan.items() if r is not None}, kind="FedPara")
+    return report
 
 
 def fedpara_layers(model: nn.Module) -> list[tuple[str, FedParaConv2d]]:
