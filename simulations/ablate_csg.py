@@ -81,12 +81,12 @@ def run_key(cell: str, arm: str, seed: int) -> str:
     return f"{cell}|{arm}|{seed}"
 
 
-def rounds_to_target(rounds: Sequence[dict[str, Any]], target: float) -> int | None:
-    """First round (>= 1) whose test accuracy reaches ``target``; None if none does."""
-    return next((int(r["round"]) for r in rounds if r["round"] >= 1 and r["test_accuracy"] >= target), None)
+def rounds_to_target(accuracy: Sequence[float], target: float) -> int | None:
+    """First round (>= 1) whose test accuracy (``accuracy[r]`` for round r) reaches ``target``; None if none does."""
+    return next((r for r, a in enumerate(accuracy) if r >= 1 and a >= target), None)
 
 
-def run_record(cell: Cell, arm: str, seed: int, rounds: list[dict[str, Any]], target: float, seconds: float) -> dict:
+def run_record(cell: Cell, arm: str, seed: int, rounds: list[dict[str, Any]], seconds: float) -> dict:
     """What the JSON keeps of one run."""
     return {
         "cell": cell.name,
@@ -95,7 +95,6 @@ def run_record(cell: Cell, arm: str, seed: int, rounds: list[dict[str, Any]], ta
         "settings": cell.settings(),
         "final_accuracy": float(rounds[-1]["test_accuracy"]),
         "round0_loss": rounds[0]["test_loss"],  # None where it was not finite (strict JSON)
-        "rounds_to_target": rounds_to_target(rounds, target),
         "accuracy": [float(r["test_accuracy"]) for r in rounds],
         "bytes": int(rounds[-1].get("cum_wire_up", 0)) + int(rounds[-1].get("cum_wire_down", 0)),
         "seconds": seconds,
@@ -128,8 +127,7 @@ def summarize(records: Sequence[dict[str, Any]], target: float) -> list[dict[str
     for (cell, arm), runs in groups.items():
         finals = [r["final_accuracy"] for r in runs]
         tails = [tail_mean(r["accuracy"]) for r in runs]
-        curves = [[{"round": i, "test_accuracy": a} for i, a in enumerate(r["accuracy"])] for r in runs]
-        reached = [n for n in (rounds_to_target(c, target) for c in curves) if n is not None]
+        reached = [n for n in (rounds_to_target(r["accuracy"], target) for r in runs) if n is not None]
         rows.append(
             {
                 "cell": cell,
@@ -230,7 +228,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     done = document.setdefault("runs", {})
     # --target only reads the stored curves, so it may change between invocations
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "cells", "arms", "timeout", "target")}
-    document.get("settings", {}).pop("target", None)
     if document.get("settings", settings) != settings:
         print(f"{args.out} was written under other settings: use another --out", file=sys.stderr)
         return 2
@@ -242,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         sets = {**base_sets(args, seed), **cell.settings()}
         run, rounds = run_fedcsg(arm, sets, timeout=args.timeout)
-        done[key] = run_record(cell, arm, seed, rounds, args.target, run.seconds)
+        done[key] = run_record(cell, arm, seed, rounds, run.seconds)
         print(
             f"[{number}/{len(plan)}] {cell.name} {arm} seed {seed}: final accuracy "
             f"{done[key]['final_accuracy']:.4f}, round-0 loss {done[key]['round0_loss']}, {run.seconds:.0f} s",

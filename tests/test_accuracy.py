@@ -74,8 +74,9 @@ def test_round0_loss_finite_and_near_plain(data_dir: Path) -> None:
     for arm in ("csg", "csg-frozen"):
         assert sum(losses[arm]) / len(seeds) <= 3 * plain, losses
     # the paper's init is what the rescale fixes: its round-0 loss is astronomically large
-    paper = build_arm_model(RunConfig(data_dir=str(data_dir), csg_init="paper").replace(arm="csg"))
-    assert evaluate_model(paper, data, cfg, torch.device("cpu")).loss > 1e6 * plain
+    paper_cfg = RunConfig(data_dir=str(data_dir), csg_init="paper", arm="csg")
+    paper = build_arm_model(paper_cfg)
+    assert evaluate_model(paper, data, paper_cfg, torch.device("cpu")).loss > 1e6 * plain
 
 
 # -- server optimizers ------------------------------------------------------------------------
@@ -255,14 +256,15 @@ def test_alternate_leaves_untrained_factor_bit_identical() -> None:
 def test_ablation_summary_on_synthetic_records(load_script) -> None:
     ablate = load_script("ablate_csg")
     rounds = [{"round": r, "test_accuracy": a, "test_loss": 2.0} for r, a in enumerate([0.1, 0.3, 0.45, 0.5])]
-    assert ablate.rounds_to_target(rounds, 0.4) == 2
-    assert ablate.rounds_to_target(rounds, 0.9) is None
+    curve = [r["test_accuracy"] for r in rounds]
+    assert ablate.rounds_to_target(curve, 0.4) == 2
+    assert ablate.rounds_to_target(curve, 0.9) is None
     cell = ablate.CELLS[0]
     records = [
-        ablate.run_record(cell, "csg", 0, rounds, 0.4, 10.0),
-        ablate.run_record(cell, "csg", 1, [*rounds[:3], {"round": 3, "test_accuracy": 0.3}], 0.4, 10.0),
-        ablate.run_record(cell, "csg", 2, [{"round": 0, "test_accuracy": 0.1, "test_loss": 2.0}], 0.4, 1.0),
-        ablate.run_record(cell, "fedavg", 0, rounds, 0.9, 10.0),
+        ablate.run_record(cell, "csg", 0, rounds, 10.0),
+        ablate.run_record(cell, "csg", 1, [*rounds[:3], {"round": 3, "test_accuracy": 0.3}], 10.0),
+        ablate.run_record(cell, "csg", 2, [{"round": 0, "test_accuracy": 0.1, "test_loss": 2.0}], 1.0),
+        ablate.run_record(cell, "fedavg", 0, rounds, 10.0),
     ]
     rows = ablate.summarize(records, 0.4)
     assert [(r["cell"], r["arm"], r["seeds"]) for r in rows] == [("baseline", "csg", 3), ("baseline", "fedavg", 1)]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fedcsg.fl.codecs import CODECS, Codec, encode_with_feedback
-from fedcsg.nn.fedpara import FedParaConv2d, fedpara_numel, fedpara_rank, fedparafy
+from fedcsg.nn.fedpara import FedParaConv2d, fedpara_rank, fedparafy
 from fedcsg.nn.models import build_model
 
 # -- FedPara ------------------------------------------------------------------------------------
@@ -58,7 +58,7 @@ def test_fedpara_resnet20_parameter_count_by_hand() -> None:
     ranks = {(m.out_channels, m.in_channels): m.rank for m in model.modules() if isinstance(m, FedParaConv2d)}
     assert ranks == {(16, 16): 7, (32, 16): 9, (32, 32): 12, (64, 32): 16, (64, 64): 22}
     assert all(
-        fedpara_numel(m.out_channels, m.in_channels, 3, m.rank) == sum(p.numel() for p in m.parameters())
+        layer(m.out_channels, m.in_channels, m.rank) == sum(p.numel() for p in m.parameters())
         for m in model.modules()
         if isinstance(m, FedParaConv2d)
     )

@@ -437,7 +437,7 @@ def csgify(model: nn.Module, config: CSGConfig | None = None) -> ConversionRepor
             dilation=conv.dilation,
             bias=conv.bias is not None,
         )
-        _set_submodule(model, name, layer.to(device))
+        model.set_submodule(name, layer.to(device))
     model.add_module(GENERATORS_ATTR, generators.to(device))
     if config.init == "kaiming":
         kaiming_rescale(model)
@@ -514,12 +514,6 @@ def freeze_factor(model: nn.Module, factor: str) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def csg_layers(model: nn.Module) -> Iterator[tuple[str, CSGConv2d]]:
     """The model's CSG convs with their qualified names."""
     return ((n, m) for n, m in model.named_modules() if isinstance(m, CSGConv2d))
@@ -567,7 +561,7 @@ def materialize(model: nn.Module) -> nn.Module:
         conv.weight.copy_(layer.weight)
         if layer.bias is not None:
             conv.bias.copy_(layer.bias)
-        _set_submodule(plain, name, conv)
+        plain.set_submodule(name, conv)
     if hasattr(plain, GENERATORS_ATTR):
         delattr(plain, GENERATORS_ATTR)
     return plain

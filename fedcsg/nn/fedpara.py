@@ -35,8 +35,6 @@ from torch import Tensor, nn
 
 from fedcsg.nn.convert import ComputedConv2d, ConversionReport, conversion_plan, report_of
 
-FACTOR_NAMES = ("t1", "x1", "y1", "t2", "x2", "y2")
-
 
 def fedpara_rank(out_channels: int, in_channels: int, kernel_size: int, ratio: float) -> int:
     """FedPara's per-layer rank ``ceil((1 - ratio) r_min + ratio r_max)`` (see the module docstring).
@@ -52,11 +50,6 @@ def fedpara_rank(out_channels: int, in_channels: int, kernel_size: int, ratio: f
     a, b, c = kernel_size**2, out_channels + in_channels, -out_channels * in_channels * kernel_size**2 / 2
     r_max = math.floor((-b + math.sqrt(b * b - 4 * a * c)) / (2 * a))
     return max(1, math.ceil((1 - ratio) * r_min + ratio * max(r_max, r_min)))
-
-
-def fedpara_numel(out_channels: int, in_channels: int, kernel_size: int, rank: int) -> int:
-    """Parameters of one FedPara conv weight (two Tucker factors, no bias)."""
-    return 2 * (rank * rank * kernel_size**2 + rank * (out_channels + in_channels))
 
 
 class FedParaConv2d(ComputedConv2d):
@@ -140,7 +133,3 @@ def fedparafy(model: nn.Module, ratio: float, skip: set[str] | None = None) -> C
         )
         model.set_submodule(name, layer.to(conv.weight.device))
     return report
-
-
-def fedpara_layers(model: nn.Module) -> list[tuple[str, FedParaConv2d]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, FedParaConv2d)]
