@@ -45,8 +45,9 @@ import torch
 from benchlib import parse_models, write_json
 from flwr.app import Message, RecordDict
 
+from fedcsg.fl.arms import ARMS
 from fedcsg.fl.config import RunConfig
-from fedcsg.fl.payload import ARMS, PACKINGS, PayloadLayout
+from fedcsg.fl.payload import PACKINGS, PayloadLayout
 from fedcsg.fl.records import versions
 from fedcsg.fl.task import build_arm_model
 from fedcsg.fl.traffic import arm_traffic, payload_bytes, round_messages, wire_bytes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from pathlib import Path
 
@@ -88,8 +89,18 @@ def test_bytes_command_ratios(capsys: pytest.CaptureFixture[str]) -> None:
     assert arms["fedavg"]["wire_up"] / arms["csg-frozen"]["wire_up"] >= 11.0
     for row in arms.values():
         assert row["wire_up"] == 10 * row["wire_up_per_client"]
+    # Every arm, MODEL and MODEL+CODEC, from real encoded messages: int8 sends 1 byte an element of
+    # the 277 float tensors and a float32 scale per tensor, topk 1% of them as int32 index + float32
+    # value; the integer counters travel as they are, and the downlink stays the full payload.
+    assert list(arms) == [f"{m}{c}" for m in ("fedavg", "fedpara", "csg", "csg-frozen") for c in CODEC_SUFFIXES]
+    floats = 853_018 + 4_064
+    assert arms["fedavg+fp16"]["payload_up"] == 10 * (floats * 2 + 55 * 8)
+    assert arms["fedavg+int8"]["payload_up"] == 10 * (floats + 277 * 4 + 55 * 8)
+    assert arms["fedavg+topk"]["payload_up"] == 10 * (math.ceil(0.01 * floats) * 8 + 55 * 8)
+    assert all(arms[f"{m}+int8"]["payload_down"] == arms[m]["payload_down"] for m in ("fedavg", "csg"))
 
 
+CODEC_SUFFIXES = ("", "+fp16", "+int8", "+topk")
 _replies = train_replies
 
 

@@ -1,4 +1,5 @@
-"""Peer methods: FedPara's parameterisation and the uplink codecs (fp16, int8, topk)."""
+"""Peer methods: FedPara's parameterisation, the uplink codecs (fp16, int8, topk), the arms that
+combine them (MODEL[+CODEC]) and how encoded updates travel, are checked and are counted."""
 
 from __future__ import annotations
 
@@ -7,9 +8,19 @@ import math
 import numpy as np
 import pytest
 import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from torch import nn
 
+from fedcsg.fl import uplink as uplink_module
+from fedcsg.fl.arms import Arm, all_arms, arm_order, check_arm
 from fedcsg.fl.codecs import CODECS, Codec, encode_with_feedback
+from fedcsg.fl.config import RunConfig
+from fedcsg.fl.payload import model_payload, weighted_average
+from fedcsg.fl.report import fewest_bytes_sentence
+from fedcsg.fl.server_app import build_strategy
+from fedcsg.fl.task import build_arm_model, payload_layout
+from fedcsg.fl.traffic import accounted_wire_bytes, arm_traffic, payload_bytes, round_messages, train_replies
+from fedcsg.fl.uplink import Uplink, downlink_record, restore_downlink
 from fedcsg.nn.fedpara import FedParaConv2d, fedpara_rank, fedparafy
 from fedcsg.nn.models import build_model
 
@@ -183,3 +194,275 @@ def test_codec_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="strictly increasing"):
         codec.decode(bad, 4, [4])
     assert set(CODECS) == {"fp16", "int8", "topk"}
+
+
+# -- arms ---------------------------------------------------------------------------------------
+
+
+def test_arm_names_model_plus_codec() -> None:
+    assert Arm.parse("csg+int8") == Arm("csg", "int8") and Arm("csg", "int8").name == "csg+int8"
+    assert check_arm("csg-frozen+topk") == "csg-frozen+topk" and check_arm("fedpara") == "fedpara"
+    assert len(all_arms()) == 4 * 4 and all_arms()[:2] == ["fedavg", "fedavg+fp16"]
+    assert arm_order(["csg+int8", "old-arm", "csg", "fedavg+topk", "fedavg"]) == [
+        "fedavg",
+        "fedavg+topk",
+        "csg",
+        "csg+int8",
+        "old-arm",
+    ]
+    for bad in ("csg+int4", "fedprox", "csg+", "+int8", "csg+int8+topk"):
+        with pytest.raises(ValueError) as error:
+            check_arm(bad)
+        assert str(error.value) == (
+            f"unknown arm {bad!r}: accepted are MODEL or MODEL+CODEC with MODEL one of fedavg, fedpara, csg, "
+            "csg-frozen and CODEC one of fp16, int8, topk (e.g. csg+int8)"
+        )
+    with pytest.raises(ValueError, match="unknown arm 'csg\\+int4'"):
+        RunConfig(arms="fedavg,csg+int4")
+    # The codec changes the traffic, never the model
+    cfg = RunConfig(model="fmnist-cnn", dataset="fashion-mnist", arm="csg+int8")
+    assert cfg.model_settings().arm == "csg" and cfg.codec == Codec("int8")
+    assert RunConfig(arm="csg").codec is None
+
+
+def test_bad_arm_on_the_command_line_is_one_line_exit_2(cli) -> None:
+    code, out, err = cli("compare", "--arms", "fedavg,csg+int9")
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [
+        "fedcsg compare: error: unknown arm 'csg+int9': accepted are MODEL or MODEL+CODEC with MODEL one of fedavg, "
+        "fedpara, csg, csg-frozen and CODEC one of fp16, int8, topk (e.g. csg+int8)"
+    ]
+
+
+def test_fedpara_arm_payload_is_within_10_percent_of_csg() -> None:
+    sizes = {}
+    for arm in ("fedpara", "csg"):
+        cfg = RunConfig(model="resnet20", arm=arm)
+        sizes[arm] = payload_layout(cfg, build_arm_model(cfg)).nbytes
+    assert abs(sizes["fedpara"] / sizes["csg"] - 1) < 0.10, sizes
+    assert sizes["fedpara"] == (112_800 + 2 * (16 * 7 + 32 * 6 + 64 * 6)) * 4 + 19 * 8  # + BN statistics, counters
+
+
+# -- encoded updates on real payloads -----------------------------------------------------------
+
+
+def _moved(record: ArrayRecord, floating: list[str], scale: float, seed: int) -> ArrayRecord:
+    """``record`` with its float arrays moved by seeded normal noise (a stand-in for local training)."""
+    rng = np.random.default_rng(seed)
+    return ArrayRecord(
+        {
+            k: Array((a.numpy() + rng.normal(0, scale, a.shape)).astype(a.numpy().dtype)) if k in floating else a
+            for k, a in record.items()
+        }
+    )
+
+
+@pytest.mark.parametrize("packing", ["flat", "per-tensor"])
+@pytest.mark.parametrize("codec", CODECS)
+def test_uplink_round_trip_on_a_real_payload(codec: str, packing: str) -> None:
+    cfg = RunConfig(model="resnet20", arm=f"csg+{codec}", payload_packing=packing, topk_fraction=0.1)
+    model = build_arm_model(cfg)
+    layout = payload_layout(cfg, model)
+    sent = model_payload(model, layout)
+    local = _moved(sent, layout.floating_keys(), 1e-2, seed=1)
+    uplink = Uplink(layout, cfg.codec)
+    reply, residual = uplink.encode(local, sent, None, np.random.default_rng(0))
+    assert {k: (tuple(a.shape), a.dtype) for k, a in reply.items()} == uplink.specs()
+    decoded = uplink.decode(reply, sent)
+    assert {k: (tuple(a.shape), a.dtype) for k, a in decoded.items()} == layout.array_specs()
+    error = uplink.flat_floats(decoded) - uplink.flat_floats(local)
+    delta = uplink.flat_floats(local) - uplink.flat_floats(sent)
+    for key in set(layout.array_specs()) - set(layout.floating_keys()):  # BN counters pass unchanged
+        np.testing.assert_array_equal(decoded[key].numpy(), local[key].numpy())
+    if codec == "fp16":
+        rounding = np.abs(uplink.flat_floats(sent)) * 2.0**-23  # adding the delta back in float32
+        assert np.all(np.abs(error) <= np.abs(delta) * 2.0**-11 + 2.0**-24 + rounding)
+    elif codec == "int8":
+        step = np.repeat(reply["delta.scale"].numpy().astype(np.float64), uplink.segments)
+        assert np.all(np.abs(error) <= step * (1 + 1e-5) + np.abs(uplink.flat_floats(sent)) * 2.0**-23)
+        counters = len(layout.entries) - len(uplink.segments)  # int64 BatchNorm counters, sent as they are
+        assert payload_bytes(reply) == delta.size + 4 * len(uplink.segments) + 8 * counters
+    else:
+        k = math.ceil(0.1 * delta.size)
+        assert reply["delta.index"].shape == (k,)
+        kept = np.abs(delta)[reply["delta.index"].numpy()]
+        assert kept.min() >= np.partition(np.abs(delta), -k)[-k] - 1e-12  # exactly the k largest
+        np.testing.assert_allclose(residual + uplink.flat_floats(decoded) - uplink.flat_floats(sent), delta, atol=1e-6)
+
+
+def test_fp16_downlink_is_restored_to_the_layouts_dtypes() -> None:
+    cfg = RunConfig(model="resnet20", arm="csg")
+    layout = payload_layout(cfg, build_arm_model(cfg))
+    arrays = model_payload(build_arm_model(cfg), layout)
+    sent = downlink_record(arrays, "fp16")
+    assert sent["float32"].dtype == "float16" and sent["int64"].dtype == "int64"
+    assert payload_bytes(sent) == payload_bytes(arrays) - 2 * sent["float32"].shape[0]
+    back = restore_downlink(sent, layout)
+    np.testing.assert_array_equal(back["float32"].numpy(), arrays["float32"].numpy().astype(np.float16))
+    assert downlink_record(arrays, "full") is arrays
+    with pytest.raises(ValueError, match="downlink = 'bf16' is not accepted: one of full, fp16 is"):
+        downlink_record(arrays, "bf16")
+
+
+def _strategy_round(cfg: RunConfig, replies_of: list[ArrayRecord], examples: list[int]):
+    """Aggregate ``replies_of`` as round 1 of ``cfg``'s strategy, the clients having been sent its
+    initial payload; returns (strategy, aggregated arrays, the global payload sent)."""
+    model = build_arm_model(cfg)
+    layout = payload_layout(cfg, model)
+    strategy = build_strategy(cfg, layout, model)
+    arrays = model_payload(model, layout)
+    strategy.global_arrays = restore_downlink(downlink_record(arrays, cfg.downlink), layout)
+    strategy._round_traffic(1)
+    aggregated, _ = strategy.aggregate_train(1, train_replies(replies_of, examples))
+    return strategy, aggregated, strategy.global_arrays
+
+
+@pytest.mark.parametrize("arm", ["fedavg+int8", "fedpara+fp16", "csg+topk", "csg-frozen+int8"])
+def test_server_averages_decoded_updates_exactly(arm: str) -> None:
+    cfg = RunConfig(model="fmnist-cnn", dataset="fashion-mnist", arm=arm, downlink="fp16")
+    model = build_arm_model(cfg)
+    layout = payload_layout(cfg, model)
+    sent = restore_downlink(downlink_record(model_payload(model, layout), "fp16"), layout)
+    uplink = Uplink(layout, cfg.codec)
+    rng = np.random.default_rng(0)
+    locals_ = [_moved(sent, layout.floating_keys(), 1e-2, seed=i) for i in range(3)]
+    encoded = [uplink.encode(local, sent, None, rng)[0] for local in locals_]
+    strategy, aggregated, reference = _strategy_round(cfg, encoded, [10, 20, 30])
+    assert strategy.traffic[1].rejected == 0
+    exact = weighted_average([uplink.decode(r, reference) for r in encoded], [10, 20, 30])
+    for key in exact:
+        np.testing.assert_array_equal(aggregated[key].numpy(), exact[key].numpy())
+    assert strategy.traffic[1].payload_up == sum(payload_bytes(r) for r in encoded)
+
+
+def _with(record: ArrayRecord, key: str, values: np.ndarray) -> ArrayRecord:
+    return ArrayRecord({**{k: a for k, a in record.items()}, key: Array(values)})
+
+
+def test_decoded_bad_replies_are_rejected() -> None:
+    cfg = RunConfig(model="fmnist-cnn", dataset="fashion-mnist", arm="csg+topk", topk_fraction=0.1, min_train_nodes=1)
+    model = build_arm_model(cfg)
+    layout = payload_layout(cfg, model)
+    sent = model_payload(model, layout)
+    uplink = Uplink(layout, cfg.codec)
+    good, _ = uplink.encode(_moved(sent, layout.floating_keys(), 1e-2, 0), sent, None, np.random.default_rng(0))
+    index, value = good["delta.index"].numpy(), good["delta.value"].numpy()
+    int8_cfg = cfg.replace(arm="csg+int8")
+    int8_good, _ = Uplink(layout, int8_cfg.codec).encode(
+        _moved(sent, layout.floating_keys(), 1e-2, 0), sent, None, np.random.default_rng(0)
+    )
+    bad = {
+        "index out of range": _with(good, "delta.index", np.concatenate([index[:-1], [10**8]]).astype(np.int32)),
+        "index repeated": _with(good, "delta.index", np.concatenate([index[:1], index[:-1]]).astype(np.int32)),
+        "value NaN": _with(good, "delta.value", np.where(np.arange(value.size) == 3, np.nan, value).astype(np.float32)),
+        "value as float64": _with(good, "delta.value", value.astype(np.float64)),
+        "plain payload": sent,
+    }
+    for name, record in bad.items():
+        strategy, aggregated, _ = _strategy_round(cfg, [record], [10])
+        assert aggregated is None and strategy.traffic[1].rejected == 1, name
+    strategy, aggregated, _ = _strategy_round(cfg, [good], [10])
+    assert aggregated is not None and strategy.traffic[1].rejected == 0
+    scale = int8_good["delta.scale"].numpy().copy()
+    scale[0] = np.inf
+    strategy, aggregated, _ = _strategy_round(int8_cfg, [_with(int8_good, "delta.scale", scale)], [10])
+    assert aggregated is None and strategy.traffic[1].rejected == 1
+
+
+@pytest.mark.parametrize("arm", ["fedavg+int8", "csg+fp16", "csg-frozen+topk", "fedpara"])
+def test_encoded_message_bytes_are_the_arrays_plus_flowers_framing(arm: str) -> None:
+    """The reply counted on the wire is the encoded arrays (at their real size) plus Flower's framing,
+    and the framing is what the same message costs with the arrays emptied."""
+    cfg = RunConfig(model="resnet20", arm=arm)
+    down, up = round_messages(cfg)
+    arrays = up.content["arrays"]
+    assert payload_bytes(arrays) == sum(a.numpy().nbytes for a in arrays.values())
+    empty = ArrayRecord({k: Array(a.numpy()[:0]) for k, a in arrays.items()})
+    framing = accounted_wire_bytes(
+        Message(RecordDict({"arrays": empty, "metrics": up.content["metrics"]}), reply_to=down)
+    )
+    assert accounted_wire_bytes(up) - payload_bytes(arrays) - framing in range(0, 8 * len(arrays) + 1)
+    traffic = arm_traffic(cfg, 10)
+    assert traffic["payload_up"] == 10 * payload_bytes(arrays) and traffic["wire_up"] == 10 * accounted_wire_bytes(up)
+
+
+def test_client_carries_the_topk_residual_in_its_context(data_env, monkeypatch) -> None:
+    """The ClientApp itself: round 1 stores the part it did not send in Context.state, round 2
+    hands exactly that residual to the codec (and keeps the new one)."""
+    from fedcsg.fl import client_app
+
+    cfg = RunConfig(
+        model="fmnist-cnn", dataset="fashion-mnist", arm="csg+topk", train_limit=128, num_clients=2, batch_size=32
+    )
+    model = build_arm_model(cfg)
+    layout = payload_layout(cfg, model)
+    sent = model_payload(model, layout)
+    context = Context(1, 1, {"partition-id": 0, "num-partitions": 2}, RecordDict(), cfg.to_flower())
+    seen: list[np.ndarray | None] = []
+    real = uplink_module.encode_with_feedback
+
+    def spy(codec, delta, segments, residual, rng):
+        seen.append(None if residual is None else residual.copy())
+        return real(codec, delta, segments, residual, rng)
+
+    monkeypatch.setattr(uplink_module, "encode_with_feedback", spy)
+    residuals = []
+    for server_round in (1, 2):
+        config = ConfigRecord({"lr": 0.05, "server-round": server_round, "attempt": 0})
+        down = Message(RecordDict({"arrays": sent, "config": config}), dst_node_id=1, message_type=MessageType.TRAIN)
+        reply = client_app.train(down, context)
+        assert set(reply.content["arrays"]) == set(Uplink(layout, cfg.codec).specs())
+        residuals.append(client_app.carried_residual(context).copy())
+    assert seen[0] is None and np.linalg.norm(residuals[0]) > 0
+    np.testing.assert_array_equal(seen[1], residuals[0])
+    assert not np.array_equal(residuals[1], residuals[0])
+
+
+def test_report_names_the_arm_with_the_fewest_bytes() -> None:
+    sentence = fewest_bytes_sentence({"fedavg": 100e6, "csg+int8": 10e6, "fedpara": 20e6, "csg": None}, "the goal")
+    assert sentence == (
+        "Fewest wire bytes to the goal: **csg+int8**, 10.000 MB (10.00x fewer than fedavg); next fedpara, "
+        "20.000 MB (2.00x more); not reached by csg."
+    )
+    assert fewest_bytes_sentence({"fedavg": None}, "the goal") == "No arm reached the goal."
+
+
+def test_report_counts_bytes_to_the_target_and_to_fedavg_minus_one_point() -> None:
+    from fedcsg.fl.report import summarize
+
+    def rounds(accuracies: list[float], up: int, down: int) -> list[dict]:
+        out = [{"round": 0, "test_accuracy": 0.1, "cum_wire_up": 0, "cum_wire_down": 0}]
+        for i, acc in enumerate(accuracies, start=1):
+            out.append(
+                {
+                    "round": i,
+                    "test_accuracy": acc,
+                    "payload_up": up,
+                    "payload_down": down,
+                    "wire_up": up,
+                    "wire_down": down,
+                    "cum_wire_up": up * i,
+                    "cum_wire_down": down * i,
+                    "cum_payload_up": up * i,
+                    "cum_payload_down": down * i,
+                    "seconds": 1.0,
+                }
+            )
+        return out
+
+    results = {
+        "config": {"target-accuracy": 0.3},
+        "arms": {
+            "fedavg": {"rounds": rounds([0.2, 0.35, 0.5], 100, 100)},
+            "csg+int8": {"rounds": rounds([0.25, 0.3, 0.495], 10, 40)},
+            "fedpara": {"rounds": rounds([0.2, 0.28, 0.45], 40, 40)},
+        },
+    }
+    summary = summarize(results)
+    assert summary["fedavg"]["match_accuracy"] == pytest.approx(0.49)
+    # fedavg reaches 0.3 at round 2 (400 bytes) and 0.49 at round 3 (600)
+    assert (summary["fedavg"]["wire_bytes_to_target"], summary["fedavg"]["wire_bytes_to_match"]) == (400, 600)
+    assert (summary["csg+int8"]["wire_bytes_to_target"], summary["csg+int8"]["round_to_match"]) == (100, 3)
+    assert summary["csg+int8"]["wire_bytes_to_match"] == 150
+    assert summary["fedpara"]["wire_bytes_to_match"] is None and summary["fedpara"]["round_to_target"] == 3
+    assert summary["csg+int8"]["total_ratio_vs_fedavg"] == pytest.approx(600 / 150)

@@ -117,6 +117,15 @@ def test_seeds_setting_is_validated() -> None:
     assert RunConfig(seeds="0,1").identity() == RunConfig().identity()
 
 
+def test_settings_added_later_enter_the_identity_only_off_their_default() -> None:
+    """A run checkpointed before `downlink`, `topk-fraction` and `fedpara-ratio` existed did what
+    their defaults do, and keeps its identity (so it resumes); set otherwise, they are part of it."""
+    identity = RunConfig().identity()
+    assert not {"downlink", "topk-fraction", "fedpara-ratio"} & set(identity) and "csg-init" in identity
+    assert RunConfig(downlink="fp16").identity() == {**identity, "downlink": "fp16"}
+    assert RunConfig(arm="csg+topk", topk_fraction=0.1).identity()["topk-fraction"] == 0.1
+
+
 def test_bad_seeds_on_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     assert main(["compare", "--seeds", "0,x", "--out", str(out)]) == 2

@@ -29,6 +29,7 @@ SMALL_RUN = [
 # The same two-round, two-client compare at a size where only exactness is asserted (identical
 # records on a rerun, mean and std over seeds), not learning: 256 images, one local epoch.
 TINY_RUN = ["num-clients=2", "num-rounds=2", "train-limit=256", "test-limit=128", "batch-size=32"]
+PEER_ARMS = ("fedavg+int8", "fedpara", "csg+topk")
 
 
 def _fedcsg(*args: str, data_dir: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -46,7 +47,9 @@ def compare_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     * ``compare``: `fedcsg compare` of the quick-start file named by its path, with SMALL_RUN;
     * ``tiny``: the same command with TINY_RUN;
     * ``seeds``: `fedcsg compare --seeds 0,1` with the shipped default experiment, from a
-      directory outside the checkout, with TINY_RUN: its seed 0 is ``tiny`` made a second time.
+      directory outside the checkout, with TINY_RUN: its seed 0 is ``tiny`` made a second time;
+    * ``peers``: the peer arms PEER_ARMS (a codec on fedavg, FedPara, topk with error feedback on
+      csg) with TINY_RUN, beside ``tiny``'s fedavg and csg.
     """
     root = tmp_path_factory.mktemp("compare")
     elsewhere = tmp_path_factory.mktemp("elsewhere")
@@ -56,8 +59,17 @@ def compare_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         "compare": (["--config", quickstart, "--out", str(root / "run"), *_sets(SMALL_RUN)], ROOT),
         "tiny": (["--config", quickstart, "--out", str(root / "tiny"), *_sets(TINY_RUN)], ROOT),
         "seeds": (["--seeds", "0,1", *_sets(TINY_RUN)], elsewhere),
+        "peers": (
+            ["--config", quickstart, "--out", str(root / "peers"), "--arms", ",".join(PEER_ARMS), *_sets(TINY_RUN)],
+            ROOT,
+        ),
     }
-    outs = {"compare": root / "run", "tiny": root / "tiny", "seeds": elsewhere / "runs" / "quickstart"}
+    outs = {
+        "compare": root / "run",
+        "tiny": root / "tiny",
+        "seeds": elsewhere / "runs" / "quickstart",
+        "peers": root / "peers",
+    }
     procs = {
         name: Popen(
             [sys.executable, "-m", "fedcsg.cli", "compare", *args],
@@ -95,6 +107,11 @@ def compare_run(compare_runs: dict[str, tuple[Path, Popen]]) -> tuple[Path, subp
 @pytest.fixture(scope="module")
 def tiny_run(compare_runs: dict[str, tuple[Path, Popen]]) -> tuple[Path, subprocess.CompletedProcess]:
     return _finished(*compare_runs["tiny"])
+
+
+@pytest.fixture(scope="module")
+def peers_run(compare_runs: dict[str, tuple[Path, Popen]]) -> tuple[Path, subprocess.CompletedProcess]:
+    return _finished(*compare_runs["peers"])
 
 
 @pytest.fixture(scope="module")
@@ -252,3 +269,45 @@ def test_bad_input_through_the_console_entry_point(data_dir: Path, tmp_path: Pat
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "num-rounds = 0 is not accepted" in lines[0]
     assert not out.exists()
+
+
+def test_peer_arms_run_through_ray_with_honest_bytes(
+    peers_run: tuple[Path, subprocess.CompletedProcess], tiny_run: tuple[Path, subprocess.CompletedProcess]
+) -> None:
+    """fedavg+int8, fedpara and csg+topk through Flower's simulation engine on Ray, on the
+    partitions of ``tiny_run``: every encoded reply accepted, its bytes the encoded arrays' real
+    size (the offline messages of `fedcsg bytes`, to the byte), the downlink the full payload."""
+    from fedcsg.fl.config import RunConfig
+    from fedcsg.fl.traffic import arm_traffic
+
+    out, proc = peers_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain, proc = tiny_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["arms"]) == list(PEER_ARMS)
+    base = {arm: json.loads((plain / "arms" / f"{arm}.json").read_text()) for arm in ("fedavg", "csg")}
+    cfg = RunConfig.from_mapping({k: v for k, v in results["config"].items() if k in RunConfig().to_flower()})
+    for arm, data in results["arms"].items():
+        rounds = data["rounds"]
+        assert [r["round"] for r in rounds] == [0, 1, 2]
+        for r in rounds[1:]:
+            assert (r["replied"], r["rejected"], r["partitions"]) == (2, 0, [0, 1]), (arm, r)
+        offline = arm_traffic(cfg.replace(arm=arm), 2)
+        assert rounds[1]["payload_up"] == offline["payload_up"]  # encoded sizes follow from the layout alone
+        assert rounds[1]["payload_down"] == offline["payload_down"]
+        assert 0 <= rounds[1]["wire_up"] - offline["wire_up"] < 2 * 100
+    int8, fedavg = results["arms"]["fedavg+int8"]["rounds"], base["fedavg"]["rounds"]
+    assert [r["partitions"] for r in int8] == [r["partitions"] for r in fedavg]
+    assert int8[1]["payload_down"] == fedavg[1]["payload_down"]  # downlink stays the full payload
+    # int8: one byte an element and a float32 scale a tensor, BatchNorm counters as they are
+    floats = base["fedavg"]["payload_bytes"] - 8 * 19  # ResNet-20's 19 int64 counters
+    assert int8[1]["payload_up"] == 2 * (floats // 4 + 4 * (len(base["fedavg"]["payload_keys"]) - 19) + 8 * 19)
+    assert int8[0]["test_loss"] == fedavg[0]["test_loss"] and int8[2]["test_loss"] != fedavg[2]["test_loss"]
+    topk = results["arms"]["csg+topk"]["rounds"]
+    assert topk[1]["payload_up"] < 0.05 * base["csg"]["rounds"][1]["payload_up"]
+    sendable = {arm: d["parameters"]["sendable"] for arm, d in {**base, **results["arms"]}.items()}
+    assert abs(sendable["fedpara"] / sendable["csg"] - 1) < 0.10
+    report = (out / "report.md").read_text()
+    assert "| fedavg+int8 |" in report and "| csg+topk |" in report
+    assert "Fewest wire bytes to the target accuracy" in report or "No arm reached the target accuracy" in report

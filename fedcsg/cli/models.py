@@ -8,8 +8,10 @@ import argparse
 import json
 
 from fedcsg.cli.args import add_model_options, positive_int
-from fedcsg.fl.config import ModelSettings
-from fedcsg.fl.payload import ARMS, PACKINGS
+from fedcsg.fl.arms import all_arms
+from fedcsg.fl.config import ModelSettings, RunConfig
+from fedcsg.fl.payload import PACKINGS
+from fedcsg.fl.uplink import DOWNLINKS
 from fedcsg.nn.params import count_parameters
 
 
@@ -67,12 +69,18 @@ def cmd_params(args: argparse.Namespace) -> int:
 def cmd_bytes(args: argparse.Namespace) -> int:
     from fedcsg.fl.traffic import arm_traffic
 
-    cfg = model_settings(args, "csg").run_config(payload_packing=args.packing, num_clients=args.clients_per_round)
-    rows = [arm_traffic(cfg.replace(arm=arm), args.clients_per_round) for arm in ARMS]
+    cfg = model_settings(args, "csg").run_config(
+        payload_packing=args.packing,
+        num_clients=args.clients_per_round,
+        downlink=args.downlink,
+        topk_fraction=args.topk_fraction,
+    )
+    rows = [arm_traffic(cfg.replace(arm=arm), args.clients_per_round) for arm in all_arms()]
     base = rows[0]
     for row in rows:
         row["upload_ratio_vs_fedavg"] = base["wire_up"] / row["wire_up"]
         row["download_ratio_vs_fedavg"] = base["wire_down"] / row["wire_down"]
+        row["total_ratio_vs_fedavg"] = (base["wire_up"] + base["wire_down"]) / (row["wire_up"] + row["wire_down"])
         row["payload_upload_ratio_vs_fedavg"] = base["payload_up"] / row["payload_up"]
     if args.json:
         print(
@@ -81,6 +89,9 @@ def cmd_bytes(args: argparse.Namespace) -> int:
                     "model": cfg.model,
                     "slice": cfg.slice,
                     "code_dim": cfg.code_dim,
+                    "fedpara_ratio": cfg.fedpara_ratio,
+                    "topk_fraction": cfg.topk_fraction,
+                    "downlink": cfg.downlink,
                     "clients_per_round": args.clients_per_round,
                     "packing": cfg.payload_packing,
                     "arms": rows,
@@ -90,15 +101,16 @@ def cmd_bytes(args: argparse.Namespace) -> int:
         )
         return 0
     print(
-        f"{cfg.model}, slice {cfg.slice} / {cfg.code_dim}, {args.clients_per_round} clients per round, "
-        f"{cfg.payload_packing} packing: bytes per round"
+        f"{cfg.model}, csg slice {cfg.slice} / {cfg.code_dim}, fedpara-ratio {cfg.fedpara_ratio}, topk-fraction "
+        f"{cfg.topk_fraction}, downlink {cfg.downlink}, {args.clients_per_round} clients per round, "
+        f"{cfg.payload_packing} packing: bytes per round (an update of a non-zero step, really encoded)"
     )
-    header = ("arm", "tensors", "payload up", "payload down", "wire up", "wire down", "up ratio vs fedavg")
-    print("".join(f"{h:>20}" for h in header))
+    header = ("arm", "payload up", "payload down", "wire up", "wire down", "up vs fedavg", "total vs fedavg")
+    print("".join(f"{h:>17}" for h in header))
     for row in rows:
         print(
-            f"{row['arm']:>20}{row['tensors']:>20,}{row['payload_up']:>20,}{row['payload_down']:>20,}"
-            f"{row['wire_up']:>20,}{row['wire_down']:>20,}{row['upload_ratio_vs_fedavg']:>19.2f}x"
+            f"{row['arm']:>17}{row['payload_up']:>17,}{row['payload_down']:>17,}{row['wire_up']:>17,}"
+            f"{row['wire_down']:>17,}{row['upload_ratio_vs_fedavg']:>16.2f}x{row['total_ratio_vs_fedavg']:>16.2f}x"
         )
     return 0
 
@@ -114,5 +126,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_options(bytes_, shape=False)
     bytes_.add_argument("--clients-per-round", type=positive_int, default=10)
     bytes_.add_argument("--packing", choices=PACKINGS, default="flat", help="payload packing (default: flat)")
+    bytes_.add_argument("--downlink", choices=DOWNLINKS, default="full", help="global payload as sent (default: full)")
+    bytes_.add_argument("--topk-fraction", type=float, default=RunConfig.topk_fraction, help="topk codec's fraction")
     bytes_.add_argument("--seed", type=int, default=0)
     bytes_.set_defaults(handler=cmd_bytes)

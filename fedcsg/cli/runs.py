@@ -8,9 +8,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from fedcsg.fl.arms import ARMS, check_arm
 from fedcsg.fl.checkpoint import STATE_DIR, read_state
 from fedcsg.fl.config import DEFAULT_EXPERIMENT, RunConfig, load_experiment, shipped_experiments
-from fedcsg.fl.payload import ARMS, check_arm
 from fedcsg.fl.records import holds_arms, seed_dir, seed_dirs_in
 from fedcsg.fl.report import REPORT_FILES
 from fedcsg.io import read_json_object
@@ -72,7 +72,7 @@ def _run_files(out_dir: Path) -> list[Path]:
 def _same_run(cfg: RunConfig, other: dict[str, Any]) -> list[str]:
     """Keys (kebab-case) in which a recorded config differs from ``cfg``'s identity, the arm aside."""
     mine = cfg.identity()
-    return sorted(k for k in mine if k != "arm" and other.get(k) != mine[k])
+    return sorted(k for k in set(mine) | set(other) if k != "arm" and other.get(k) != mine.get(k))
 
 
 def prepare_out_dir(out_dir: Path, cfg: RunConfig, arms: list[str], overwrite: bool) -> None:
@@ -365,7 +365,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         )
         parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
         if name == "run":
-            parser.add_argument("--arm", help=f"one of {', '.join(ARMS)} (default: the config's arm)")
+            parser.add_argument(
+                "--arm", help=f"MODEL or MODEL+CODEC, MODEL one of {', '.join(ARMS)} (default: the config's arm)"
+            )
         else:
             parser.add_argument("--arms", help="comma-separated arms (default: the config's arms)")
         parser.set_defaults(handler=handler)

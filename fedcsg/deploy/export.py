@@ -40,9 +40,10 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from fedcsg.data.registry import get_spec
+from fedcsg.fl.arms import ARMS
 from fedcsg.fl.config import ModelSettings
 from fedcsg.fl.model_file import CHECKPOINT_FORMAT, FORMAT_VERSION, cpu_tensors
-from fedcsg.fl.payload import ARMS, PayloadLayout, load_payload
+from fedcsg.fl.payload import PayloadLayout, load_payload
 from fedcsg.nn.csg import frozen_generator_keys, generators, is_csg, materialize
 
 COMPACT_FORMAT = "fedcsg-compact"

@@ -4,7 +4,10 @@ The same app runs in simulation (Flower's simulation engine on Ray) and on real 
 partition comes from the node config (``partition-id``, ``num-partitions``), the data location
 from the node config's ``data-dir`` when given, else from the run config or $FEDCSG_DATA_DIR.
 It only trains: evaluation is server-side, on the test split (the strategy sends no evaluate
-messages).
+messages). An arm with a codec (``csg+int8``) replies with its encoded update
+(:class:`~fedcsg.fl.uplink.Uplink`); a codec with error feedback keeps the part it did not send
+in the node's ``Context.state`` and adds it to its next update. That residual lives as long as
+the node's context: a resumed run starts it again from zero.
 """
 
 from __future__ import annotations
@@ -12,16 +15,18 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
 from fedcsg.fl.config import RunConfig
 from fedcsg.fl.payload import PayloadLayout, load_payload, model_payload
 from fedcsg.fl.task import TRAIN_FACTOR_KEY, build_arm_model, client_data, local_train, payload_layout
+from fedcsg.fl.uplink import Uplink, restore_downlink
 from fedcsg.nn.training import get_device
 
 app = ClientApp()
+RESIDUAL_KEY = "uplink-residual"  # Context.state record of an error-feedback codec's residual
 
 
 @functools.lru_cache(maxsize=2)
@@ -49,6 +54,15 @@ def injected_fault(seed: int, server_round: int, partition_id: int, probability:
     return bool(np.random.default_rng(key).random() < probability)
 
 
+def carried_residual(context: Context) -> np.ndarray | None:
+    """The residual this node's error-feedback codec carried from its last round, if any."""
+    if RESIDUAL_KEY not in context.state:
+        return None
+    record = context.state[RESIDUAL_KEY]
+    assert isinstance(record, ArrayRecord)
+    return record["residual"].numpy()
+
+
 def client_config(context: Context) -> RunConfig:
     cfg = RunConfig.from_mapping(dict(context.run_config))
     node_data_dir = context.node_config.get("data-dir")
@@ -70,7 +84,8 @@ def train(msg: Message, context: Context) -> Message:
         )
     device = get_device(cfg.device)
     model, layout = _model_and_layout(cfg)
-    load_payload(model, msg.content["arrays"], layout)
+    received = restore_downlink(msg.content["arrays"], layout)
+    load_payload(model, received, layout)
     stats = local_train(
         model,
         client_data(cfg, partition_id, num_partitions),
@@ -92,5 +107,12 @@ def train(msg: Message, context: Context) -> Message:
             "partition-id": partition_id,
         }
     )
-    arrays: ArrayRecord = model_payload(model, layout)
+    arrays, residual = Uplink(layout, cfg.codec).encode(
+        model_payload(model, layout),
+        received,
+        carried_residual(context),
+        np.random.default_rng((cfg.seed, server_round, partition_id, attempt)),
+    )
+    if residual is not None:
+        context.state[RESIDUAL_KEY] = ArrayRecord({"residual": Array(residual)})
     return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)

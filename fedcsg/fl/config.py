@@ -24,11 +24,16 @@ from torch import nn
 from fedcsg.data.partitions import SCHEMES as PARTITION_SCHEMES
 from fedcsg.data.registry import DATASETS as DATASET_SPECS
 from fedcsg.data.registry import get_spec
-from fedcsg.fl.payload import PACKINGS, check_arm
+from fedcsg.fl.arms import Arm, check_arm
+from fedcsg.fl.codecs import Codec
+from fedcsg.fl.payload import PACKINGS
 from fedcsg.fl.server_opt import SERVER_OPTIMIZERS
+from fedcsg.fl.uplink import DOWNLINKS
 from fedcsg.nn.csg import AGGREGATIONS as CSG_AGGREGATIONS
 from fedcsg.nn.csg import INITS as CSG_INITS
 from fedcsg.nn.csg import CSGConfig, SliceShape
+from fedcsg.nn.fedpara import DEFAULT_RATIO as FEDPARA_RATIO
+from fedcsg.nn.fedpara import fedparafy
 from fedcsg.nn.models import build_model, default_csg_config, model_slice, model_spec
 from fedcsg.nn.training import SCHEDULES
 
@@ -38,6 +43,9 @@ FAILED_ROUND_POLICIES = ("skip", "retry")  # fewer accepted replies than the min
 # Keys that say where or how a run is carried out, not what it computes: a resumed run may differ in them.
 # `seeds` only says how many runs to make; each run's own `seed` is part of its identity.
 NOT_IDENTITY_KEYS = ("out-dir", "arms", "resume", "seeds")
+# Keys added after runs were first checkpointed, whose default is what every earlier run did: they enter
+# a run's identity only when set otherwise, so a run checkpointed before they existed can still resume.
+IDENTITY_ONLY_OFF_DEFAULT = ("fedpara-ratio", "topk-fraction", "downlink")
 POSITIVE_INTS = (
     "code_dim",
     "pointwise_code_dim",
@@ -68,20 +76,22 @@ class ModelSettings:
     """
 
     model: str
-    arm: str
+    arm: str  # the model part of the arm: fedavg, fedpara, csg or csg-frozen (a codec changes no model)
     slice: str = ""
     code_dim: int = 0
     pointwise_slice: str = ""
     pointwise_code_dim: int = 16
     csg_init: str = "kaiming"
+    fedpara_ratio: float = FEDPARA_RATIO
     seed: int = 0
     num_classes: int = 0
     in_channels: int = 0
     dataset: str = "cifar10"
 
     def __post_init__(self) -> None:
-        check_arm(self.arm)
+        object.__setattr__(self, "arm", Arm.parse(self.arm).model)
         _one_of("csg-init", self.csg_init, CSG_INITS)
+        _fraction("fedpara-ratio", self.fedpara_ratio, closed=True)
         own = model_slice(self.model, self.slice or None, self.code_dim or None)
         spec = get_spec(self.dataset)
         object.__setattr__(self, "slice", str(own.shape))
@@ -102,13 +112,14 @@ class ModelSettings:
                 continue
             raw = values[key]
             try:
-                changes[f.name] = int(raw) if f.type in ("int", int) else str(raw)
+                kind = {"int": int, "float": float}.get(str(f.type), str)
+                changes[f.name] = kind(raw)
             except (TypeError, ValueError):
-                raise ValueError(f"checkpoint metadata {key} = {raw!r} is not an integer") from None
+                raise ValueError(f"checkpoint metadata {key} = {raw!r} is not a number") from None
         if "model" not in changes:
             raise ValueError("checkpoint metadata has no 'model' key: cannot tell which model to rebuild")
         if "arm" not in changes:
-            raise ValueError("checkpoint metadata has no 'arm' key: cannot tell fedavg, csg or csg-frozen")
+            raise ValueError("checkpoint metadata has no 'arm' key: cannot tell which arm's model it is")
         return cls(**changes)
 
     def to_metadata(self) -> dict[str, str]:
@@ -116,8 +127,8 @@ class ModelSettings:
         return {_kebab(f.name): str(getattr(self, f.name)) for f in fields(self)}
 
     def csg_config(self) -> CSGConfig | None:
-        """The converter settings of this arm; None for fedavg."""
-        if self.arm == "fedavg":
+        """The converter settings of this arm; None for fedavg and fedpara."""
+        if self.arm not in ("csg", "csg-frozen"):
             return None
         return default_csg_config(
             self.model,
@@ -139,7 +150,10 @@ class ModelSettings:
     def build(self) -> nn.Module:
         """A fresh model of these settings, initialised from the seed (its frozen generator, if any, drawn)."""
         torch.manual_seed(self.seed)
-        return build_model(self.model, self.num_classes, self.in_channels, csg=self.csg_config())
+        model = build_model(self.model, self.num_classes, self.in_channels, csg=self.csg_config())
+        if self.arm == "fedpara":
+            fedparafy(model, self.fedpara_ratio)
+        return model
 
 
 @dataclass(frozen=True)
@@ -183,6 +197,10 @@ class RunConfig:
     pointwise_code_dim: int = 16
     csg_init: str = "kaiming"  # kaiming: generated filters start at std sqrt(2/fan_in); paper: codes N(0.001, 1)
     csg_aggregation: str = "factors"  # factors: average generator and codes; alternate: one factor per round
+    fedpara_ratio: float = FEDPARA_RATIO  # fedpara's rank between its minimum (0) and the plain conv's size (1)
+    # Traffic: an arm MODEL+CODEC sends its update through the codec; the downlink applies to every arm
+    topk_fraction: float = 0.01  # topk codec: the fraction of the update's entries sent
+    downlink: str = "full"  # full: the global payload as it is; fp16: its float entries as float16
     # Data and partitions
     dataset: str = "cifar10"
     data_dir: str = ""  # "" = $FEDCSG_DATA_DIR, else the hub
@@ -248,6 +266,9 @@ class RunConfig:
         _one_of("csg-init", self.csg_init, CSG_INITS)
         _one_of("csg-aggregation", self.csg_aggregation, CSG_AGGREGATIONS)
         _one_of("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
+        _one_of("downlink", self.downlink, DOWNLINKS)
+        _fraction("fedpara-ratio", self.fedpara_ratio, closed=True)
+        _fraction("topk-fraction", self.topk_fraction, closed=False)
         for name in ("server_momentum", "server_beta1", "server_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{_kebab(name)} = {getattr(self, name)!r} is not accepted: a number in [0, 1) is")
@@ -300,8 +321,15 @@ class RunConfig:
         return values
 
     def model_settings(self, arm: str | None = None) -> ModelSettings:
-        """The model of ``arm`` (default: this run's arm): what every party builds, and what an export records."""
+        """The model of ``arm`` (default: this run's arm; its codec part changes no model): what every
+        party builds, and what an export records."""
         return ModelSettings.from_mapping({**self.to_flower(), "arm": arm or self.arm})
+
+    @property
+    def codec(self) -> Codec | None:
+        """The uplink codec of this run's arm (``csg+int8``: int8), None for an arm without one."""
+        name = Arm.parse(self.arm).codec
+        return Codec(name, self.topk_fraction) if name else None
 
     @property
     def data_settings(self) -> DataSettings:
@@ -315,7 +343,12 @@ class RunConfig:
     def identity(self) -> dict[str, Any]:
         """The settings that decide what a run computes (kebab-case): a run may only be resumed
         under a config with the same identity."""
-        return {k: v for k, v in self.to_flower().items() if k not in NOT_IDENTITY_KEYS}
+        defaults = RunConfig().to_flower()
+        return {
+            k: v
+            for k, v in self.to_flower().items()
+            if k not in NOT_IDENTITY_KEYS and not (k in IDENTITY_ONLY_OFF_DEFAULT and v == defaults[k])
+        }
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
@@ -351,6 +384,14 @@ def _names(cls: type) -> list[str]:
 
 def _kebab(name: str) -> str:
     return name.replace("_", "-")
+
+
+def _fraction(key: str, value: float, *, closed: bool) -> None:
+    """``value`` in [0, 1] (``closed``) or (0, 1], else a one-line ValueError."""
+    low_ok = 0 <= value if closed else 0 < value
+    if not (low_ok and value <= 1):
+        interval = "[0, 1]" if closed else "(0, 1]"
+        raise ValueError(f"{key} = {value!r} is not accepted: a number in {interval} is")
 
 
 def _one_of(key: str, value: str, accepted: tuple[str, ...]) -> None:

@@ -1,16 +1,7 @@
 """What each arm sends, how it is packed into a Flower ArrayRecord, and how many bytes that is.
 
-Arms
-----
-``fedavg``
-    The plain model; the payload is its whole ``state_dict`` (weights and BatchNorm buffers).
-``csg``
-    The CSG model; the payload is its ``state_dict``: the generator once, the codes, and the
-    ordinary layers (stem, BatchNorm weights and buffers, classifier). A generated filter is never
-    part of it: CSG layers store only codes.
-``csg-frozen``
-    The CSG model with the paper's random binary generator, rebuilt from the run's seed on every
-    party; the payload is the ``state_dict`` without the generator.
+The arms and their models are defined in :mod:`fedcsg.fl.arms`; a frozen generator is never part of a
+payload (every party rebuilds it from the seed).
 
 Packing
 -------
@@ -33,14 +24,7 @@ from torch import nn
 
 from fedcsg.nn.csg import frozen_generator_keys
 
-ARMS = ("fedavg", "csg", "csg-frozen")
 PACKINGS = ("flat", "per-tensor")
-
-
-def check_arm(arm: str) -> str:
-    if arm not in ARMS:
-        raise ValueError(f"unknown arm {arm!r}: accepted are {', '.join(ARMS)}")
-    return arm
 
 
 @dataclass(frozen=True)
@@ -109,6 +93,15 @@ class PayloadLayout:
             return {e.key: (e.shape, str(e.dtype).removeprefix("torch.")) for e in self.entries}
         return {name: ((sum(e.numel for e in group),), name) for name, group in self._groups().items()}
 
+    @property
+    def floating(self) -> tuple[PayloadEntry, ...]:
+        """The floating-point entries, in payload order: what an uplink codec encodes."""
+        return tuple(e for e in self.entries if e.dtype.is_floating_point)
+
+    def floating_keys(self) -> list[str]:
+        """The ArrayRecord keys that hold floating-point entries (the rest hold integer buffers)."""
+        return [key for key, (_, dtype) in self.array_specs().items() if np.issubdtype(np.dtype(dtype), np.floating)]
+
     def pack(self, state: dict[str, torch.Tensor]) -> ArrayRecord:
         """Pack the payload entries of ``state`` (a state_dict) into an ArrayRecord."""
         tensors = {e.key: state[e.key].detach().to("cpu") for e in self.entries}
@@ -136,7 +129,11 @@ class PayloadLayout:
 
 def check_record(record: ArrayRecord, layout: PayloadLayout) -> None:
     """Raise ValueError naming the first difference between ``record`` and the layout's arrays."""
-    expected = layout.array_specs()
+    check_specs(record, layout.array_specs())
+
+
+def check_specs(record: ArrayRecord, expected: dict[str, tuple[tuple[int, ...], str]]) -> None:
+    """Raise ValueError naming the first difference between ``record`` and ``{key: (shape, dtype)}``."""
     missing = [k for k in expected if k not in record]
     extra = [k for k in record if k not in expected]
     if missing or extra:

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fedcsg.fl.payload import ARMS
+from fedcsg.fl.arms import MODELS, Arm, arm_order
 from fedcsg.fl.records import ROUND_FIELDS, holds_arms, seed_dirs_in
 from fedcsg.io import atomic_write_text, strict_json
 
@@ -43,7 +43,7 @@ def load_results(out_dir: Path) -> dict[str, Any]:
             arms[path.stem] = json.loads(path.read_text())
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} is not valid JSON: {error}") from None
-    order = [a for a in ARMS if a in arms] + sorted(a for a in arms if a not in ARMS)
+    order = arm_order(list(arms))
     first = arms[order[0]]
     config = {k: v for k, v in first["config"].items() if k != "arm"}
     return {
@@ -62,9 +62,28 @@ def load_results(out_dir: Path) -> dict[str, Any]:
     }
 
 
+MATCH_MARGIN = 0.01  # "reaches fedavg": within 1 point of fedavg's final accuracy
+
+
+def _first_reaching(rounds: list[dict[str, Any]], accuracy: float) -> dict[str, Any] | None:
+    """The first round record (round > 0) whose test accuracy is at least ``accuracy``."""
+    return next((r for r in rounds if r["test_accuracy"] >= accuracy), None)
+
+
+def _wire_total(record: dict[str, Any] | None) -> int | None:
+    return None if record is None else record["cum_wire_up"] + record["cum_wire_down"]
+
+
 def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per-arm figures of the report (see :func:`write_report`)."""
+    """Per-arm figures of the report (see :func:`write_report`).
+
+    Besides the arm's own figures: the wire bytes (up + down, cumulative) until the test accuracy
+    first reaches ``target-accuracy``, and until it first reaches fedavg's final accuracy minus
+    :data:`MATCH_MARGIN` (when the run has a fedavg arm); ``None`` where it never did.
+    """
     target = float(results["config"].get("target-accuracy", 0.5))
+    fedavg_rounds = [r for r in results["arms"].get("fedavg", {}).get("rounds", []) if r["round"] > 0]
+    match = fedavg_rounds[-1]["test_accuracy"] - MATCH_MARGIN if fedavg_rounds else None
     summary: dict[str, dict[str, Any]] = {}
     for arm, data in results["arms"].items():
         rounds = [r for r in data["rounds"] if r["round"] > 0]
@@ -72,7 +91,8 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
             continue
         accuracies = [r["test_accuracy"] for r in data["rounds"]]
         last = rounds[-1]
-        reached = next((r for r in rounds if r["test_accuracy"] >= target), None)
+        reached = _first_reaching(rounds, target)
+        matched = _first_reaching(rounds, match) if match is not None else None
         summary[arm] = {
             "rounds": len(rounds),
             "final_accuracy": last["test_accuracy"],
@@ -84,8 +104,11 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "total_wire_bytes": last["cum_wire_up"] + last["cum_wire_down"],
             "total_payload_bytes": last["cum_payload_up"] + last["cum_payload_down"],
             "target_accuracy": target,
-            "wire_bytes_to_target": (reached["cum_wire_up"] + reached["cum_wire_down"]) if reached else None,
+            "wire_bytes_to_target": _wire_total(reached),
             "round_to_target": reached["round"] if reached else None,
+            "match_accuracy": match,
+            "wire_bytes_to_match": _wire_total(matched),
+            "round_to_match": matched["round"] if matched else None,
             "seconds": sum(r["seconds"] or 0.0 for r in rounds),
             "failed_rounds": sum(r.get("status") == "failed" for r in rounds),
             "failed_replies": sum(r.get("failed") or 0 for r in rounds),
@@ -101,6 +124,36 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _mb(value: float | None) -> str:
     return "not reached" if value is None else f"{value / 1e6:.3f} MB"
+
+
+def _reach(value: float | None, round_: float | None) -> str:
+    return _mb(value) + ("" if round_ is None else f" (round {round_:g})")
+
+
+def fewest_bytes_sentence(bytes_by_arm: dict[str, float | None], goal: str) -> str:
+    """One sentence naming the arm with the fewest wire bytes to ``goal`` (``None``: not reached),
+    how it compares with fedavg and with the next arm, and which arms never got there."""
+    reached = {arm: value for arm, value in bytes_by_arm.items() if value is not None}
+    missed = [arm for arm, value in bytes_by_arm.items() if value is None]
+    if not reached:
+        return f"No arm reached {goal}."
+    ranked = sorted(reached, key=lambda arm: reached[arm])
+    best = ranked[0]
+    text = f"Fewest wire bytes to {goal}: **{best}**, {reached[best] / 1e6:.3f} MB"
+    if best != "fedavg" and "fedavg" in reached:
+        text += f" ({reached['fedavg'] / reached[best]:.2f}x fewer than fedavg)"
+    if len(ranked) > 1:
+        text += (
+            f"; next {ranked[1]}, {reached[ranked[1]] / 1e6:.3f} MB ({reached[ranked[1]] / reached[best]:.2f}x more)"
+        )
+    if missed:
+        text += f"; not reached by {', '.join(missed)}"
+    return text + "."
+
+
+def _goal_names(target: float, match: float | None) -> tuple[str, str]:
+    match_text = "fedavg's final accuracy - 1 point" + ("" if match is None else f" ({match:.2%})")
+    return f"the target accuracy {target:.0%}", match_text
 
 
 # What a run recorded before these settings existed did: the paper's init, the plain average.
@@ -120,6 +173,7 @@ def _setup(cfg: dict[str, Any]) -> str:
 
 def _report_markdown(results: dict[str, Any], summary: dict[str, dict[str, Any]]) -> str:
     cfg = results["config"]
+    first = summary[next(iter(summary))]
     lines = [
         f"# fedcsg report: {cfg.get('model')} on {cfg.get('dataset')}",
         "",
@@ -131,20 +185,23 @@ def _report_markdown(results: dict[str, Any], summary: dict[str, dict[str, Any]]
         "",
         "| arm | final acc | best acc | payload up / round | payload down / round | wire up / round | "
         "wire down / round | total wire | upload ratio vs fedavg | total ratio vs fedavg | "
-        f"wire bytes to {summary[next(iter(summary))]['target_accuracy']:.0%} acc | seconds |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"wire bytes to {first['target_accuracy']:.0%} acc | wire bytes to fedavg - 1 pt | seconds |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for arm, s in summary.items():
         up_ratio = f"{s['upload_ratio_vs_fedavg']:.2f}x" if "upload_ratio_vs_fedavg" in s else "-"
         total_ratio = f"{s['total_ratio_vs_fedavg']:.2f}x" if "total_ratio_vs_fedavg" in s else "-"
-        reach = _mb(s["wire_bytes_to_target"])
-        if s["round_to_target"] is not None:
-            reach += f" (round {s['round_to_target']})"
+        match = _reach(s["wire_bytes_to_match"], s["round_to_match"]) if s["match_accuracy"] is not None else "-"
         lines.append(
             f"| {arm} | {s['final_accuracy']:.4f} | {s['best_accuracy']:.4f} | {_mb(s['payload_up_per_round'])} | "
             f"{_mb(s['payload_down_per_round'])} | {_mb(s['wire_up_per_round'])} | {_mb(s['wire_down_per_round'])} | "
-            f"{_mb(s['total_wire_bytes'])} | {up_ratio} | {total_ratio} | {reach} | {s['seconds']:.1f} |"
+            f"{_mb(s['total_wire_bytes'])} | {up_ratio} | {total_ratio} | "
+            f"{_reach(s['wire_bytes_to_target'], s['round_to_target'])} | {match} | {s['seconds']:.1f} |"
         )
+    goal_target, goal_match = _goal_names(first["target_accuracy"], first["match_accuracy"])
+    lines += ["", fewest_bytes_sentence({arm: s["wire_bytes_to_target"] for arm, s in summary.items()}, goal_target)]
+    if first["match_accuracy"] is not None:
+        lines.append(fewest_bytes_sentence({arm: s["wire_bytes_to_match"] for arm, s in summary.items()}, goal_match))
     faults = [
         f"{arm}: {s['failed_rounds']} failed round(s), {s['failed_replies']} failed and "
         f"{s['rejected_replies']} rejected client replies"
@@ -216,6 +273,9 @@ SPREAD_FIGURES = (
     "best_accuracy",
     "wire_bytes_to_target",
     "round_to_target",
+    "match_accuracy",
+    "wire_bytes_to_match",
+    "round_to_match",
     "total_wire_bytes",
     "wire_up_per_round",
     "wire_down_per_round",
@@ -226,8 +286,7 @@ SPREAD_FIGURES = (
 def summarize_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per arm, each figure of :func:`summarize` over the seeds: ``{"mean", "std", "n", "values"}``
     (``n`` counts the seeds where it exists: bytes to target only where the target was reached)."""
-    arms = [a for a in ARMS if any(a in s["summary"] for s in per_seed.values())]
-    arms += sorted({a for s in per_seed.values() for a in s["summary"]} - set(arms))
+    arms = arm_order(sorted({a for s in per_seed.values() for a in s["summary"]}))
     out: dict[str, dict[str, Any]] = {}
     for arm in arms:
         rows = [per_seed[seed]["summary"].get(arm, {}) for seed in per_seed]
@@ -273,8 +332,9 @@ def _seeds_markdown(config: dict[str, Any], per_seed: dict[int, dict[str, Any]],
         "rough: a difference between arms smaller than about two standard deviations is within noise.",
         "",
         "| arm | final acc | best acc | wire up / round | wire down / round | total wire | "
-        f"total ratio vs fedavg | wire bytes to {target:.0%} acc | round to {target:.0%} | per seed: final acc |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        f"total ratio vs fedavg | wire bytes to {target:.0%} acc | round to {target:.0%} | "
+        "wire bytes to fedavg - 1 pt | per seed: final acc |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for arm, s in summary.items():
         ratio = f"{s['total_ratio_vs_fedavg']:.2f}x" if "total_ratio_vs_fedavg" in s else "-"
@@ -284,7 +344,23 @@ def _seeds_markdown(config: dict[str, Any], per_seed: dict[int, dict[str, Any]],
             f"{_pm(s['wire_up_per_round'], '.3f', 1e6)} MB | {_pm(s['wire_down_per_round'], '.3f', 1e6)} MB | "
             f"{_pm(s['total_wire_bytes'], '.3f', 1e6)} MB | {ratio} | {_pm(s['wire_bytes_to_target'], '.3f', 1e6)}"
             f"{'' if s['wire_bytes_to_target']['mean'] is None else ' MB'} | {_pm(s['round_to_target'], '.1f')} | "
+            f"{_pm(s['wire_bytes_to_match'], '.3f', 1e6)}{'' if s['wire_bytes_to_match']['mean'] is None else ' MB'} | "
             f"{finals} |"
+        )
+
+    def all_seeds(spread: dict[str, Any]) -> float | None:  # a mean counts only if every seed got there
+        return spread["mean"] if spread["n"] == len(spread["values"]) else None
+
+    match = next(iter(summary.values()))["match_accuracy"]["mean"]
+    goal_target, goal_match = _goal_names(target, match)
+    lines += [
+        "",
+        fewest_bytes_sentence({a: all_seeds(s["wire_bytes_to_target"]) for a, s in summary.items()}, goal_target)
+        + " (means over the seeds; an arm counts as reaching only if every seed did)",
+    ]
+    if match is not None:
+        lines.append(
+            fewest_bytes_sentence({a: all_seeds(s["wire_bytes_to_match"]) for a, s in summary.items()}, goal_match)
         )
     lines += ["", "## Test accuracy per round (mean ± std over the seeds)", ""]
     arms = list(summary)
@@ -299,6 +375,18 @@ def _seeds_markdown(config: dict[str, Any], per_seed: dict[int, dict[str, Any]],
         lines.append(f"| {rnd} | " + " | ".join(cells) + " |")
     lines += ["", "![accuracy vs bytes](accuracy_vs_bytes.png)", "", "![accuracy vs round](accuracy_vs_round.png)", ""]
     return "\n".join(lines)
+
+
+CODEC_LINESTYLES = {"": "-", "fp16": "--", "int8": ":", "topk": "-."}
+
+
+def _style(arm: str) -> dict[str, Any]:
+    """One colour per model, one line style per codec, so ``csg`` and ``csg+int8`` read as kin."""
+    try:
+        parsed = Arm.parse(arm)
+    except ValueError:  # an older run's arm name
+        return {}
+    return {"color": f"C{MODELS.index(parsed.model)}", "linestyle": CODEC_LINESTYLES[parsed.codec]}
 
 
 def _plots(per_seed: dict[int, dict[str, Any]], arms: list[str], title: str, out_dir: Path) -> None:
@@ -324,7 +412,7 @@ def _plots(per_seed: dict[int, dict[str, Any]], arms: list[str], title: str, out
                 for r, recs in rounds.items()
             ]
             accs = [[x["test_accuracy"] for x in recs] for recs in rounds.values()]
-            (line,) = ax.plot(xs, [sum(a) / len(a) for a in accs], marker="o", markersize=3, label=arm)
+            (line,) = ax.plot(xs, [sum(a) / len(a) for a in accs], marker="o", markersize=3, label=arm, **_style(arm))
             if several:
                 ax.fill_between(xs, [min(a) for a in accs], [max(a) for a in accs], color=line.get_color(), alpha=0.2)
         if by_bytes:

@@ -22,6 +22,7 @@ from fedcsg.fl.report import write_report
 from fedcsg.fl.server_opt import Mask, ServerOptimizer
 from fedcsg.fl.strategy import CSGFedAvg, lr_schedule
 from fedcsg.fl.task import TRAIN_FACTOR_KEY, build_arm_model, evaluate_model, payload_layout, test_data
+from fedcsg.fl.uplink import Uplink
 from fedcsg.nn.csg import FACTORS, factor_keys, frozen_keys, round_factor
 from fedcsg.nn.params import count_parameters
 from fedcsg.nn.training import PassStats, get_device, set_seed
@@ -92,6 +93,8 @@ def build_strategy(cfg: RunConfig, layout: PayloadLayout, model: nn.Module | Non
         server_optimizer=build_server_optimizer(cfg),
         mask_fn=optimizer_mask_fn(cfg, model, layout),
         round_config_fn=lambda server_round: {TRAIN_FACTOR_KEY: factor_of(server_round)},
+        uplink=Uplink(layout, cfg.codec),
+        downlink=cfg.downlink,
         **sampling(cfg),
     )
 

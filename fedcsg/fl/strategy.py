@@ -19,10 +19,11 @@ from flwr.serverapp.strategy import FedAvg, Result
 from flwr.supercore import log
 
 from fedcsg.fl.config import FAILED_ROUND_POLICIES
-from fedcsg.fl.payload import PayloadLayout, check_record, weighted_average
+from fedcsg.fl.payload import PayloadLayout, check_specs, weighted_average
 from fedcsg.fl.records import RoundRecord
 from fedcsg.fl.server_opt import Mask, ServerOptimizer
 from fedcsg.fl.traffic import accounted_wire_bytes, payload_bytes
+from fedcsg.fl.uplink import Uplink, check_downlink, downlink_record, restore_downlink
 
 WEIGHT_KEY = "num-examples"
 TRAIN_METRICS = ("train-loss", "train-accuracy", "train-seconds")  # what aggregate_train_metrics reads
@@ -50,43 +51,62 @@ def update_norm(record: ArrayRecord, reference: ArrayRecord) -> float:
     return math.sqrt(total)
 
 
-def reply_problem(
+def checked_reply(
     reply: Message,
-    layout: PayloadLayout,
+    uplink: Uplink,
     reference: ArrayRecord | None = None,
     max_update_norm: float = 0.0,
-) -> str | None:
-    """Why a train reply cannot be aggregated, or None if it can.
+) -> tuple[ArrayRecord | None, str | None]:
+    """The payload a train reply stands for and None, or None and why it cannot be aggregated.
 
     Checks, in order: one ArrayRecord and one MetricRecord; num-examples a positive integer; the
-    train metrics finite numbers; the payload's keys, shapes and dtypes exactly the arm's; every
-    float value finite; and, when ``max_update_norm`` > 0 and a ``reference`` (the global payload
-    the client was sent) is given, the L2 norm of the update at most ``max_update_norm``.
+    train metrics finite numbers; the record's keys, shapes and dtypes exactly what the arm's
+    clients send (:meth:`~fedcsg.fl.uplink.Uplink.specs`: the payload, or the codec's encoded
+    update); every float value finite; then it is decoded against ``reference`` (the global
+    payload as the client received it), which must succeed and give finite values; and, when
+    ``max_update_norm`` > 0, the L2 norm of the decoded update is at most ``max_update_norm``.
     """
     content = reply.content
     if len(content.array_records) != 1 or len(content.metric_records) != 1:
-        return "expected exactly one ArrayRecord and one MetricRecord"
+        return None, "expected exactly one ArrayRecord and one MetricRecord"
     metrics = next(iter(content.metric_records.values()))
     examples = metrics.get(WEIGHT_KEY)
     if not isinstance(examples, int) or isinstance(examples, bool) or examples <= 0:
-        return f"{WEIGHT_KEY} must be a positive integer, got {examples!r}"
+        return None, f"{WEIGHT_KEY} must be a positive integer, got {examples!r}"
     for key in TRAIN_METRICS:
         value = metrics.get(key)
         if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-            return f"metric {key!r} must be a finite number, got {value!r}"
+            return None, f"metric {key!r} must be a finite number, got {value!r}"
     record = next(iter(content.array_records.values()))
     try:
-        check_record(record, layout)
+        check_specs(record, uplink.specs())
     except ValueError as error:
-        return str(error)
-    for key, array in record.items():
-        values = array.numpy()
-        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
-            return f"payload entry {key!r} has non-finite values"
+        return None, str(error)
+    problem = _non_finite(record, "")
+    if problem is not None:
+        return None, problem
+    if uplink.codec is not None:
+        if reference is None:
+            return None, "an encoded update cannot be decoded without the payload it was computed from"
+        try:
+            record = uplink.decode(record, reference)
+        except ValueError as error:
+            return None, f"{uplink.codec.name} update does not decode: {error}"
+        problem = _non_finite(record, "decoded ")
+        if problem is not None:
+            return None, problem
     if max_update_norm > 0 and reference is not None:
         norm = update_norm(record, reference)
         if norm > max_update_norm:
-            return f"update norm {norm:.6g} exceeds max-update-norm = {max_update_norm:g}"
+            return None, f"update norm {norm:.6g} exceeds max-update-norm = {max_update_norm:g}"
+    return record, None
+
+
+def _non_finite(record: ArrayRecord, what: str) -> str | None:
+    for key, array in record.items():
+        values = array.numpy()
+        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+            return f"{what}payload entry {key!r} has non-finite values"
     return None
 
 
@@ -118,6 +138,12 @@ class CSGFedAvg(FedAvg):
     layout
         The arm's payload: every reply must match it key for key, shape for shape, dtype for
         dtype, with finite values and a positive integer num-examples, or it is rejected.
+    uplink
+        How the clients' replies travel (default: the payload as it is): with a codec, every
+        reply is an encoded update, checked as strictly and decoded against the payload the
+        client received before it is averaged.
+    downlink
+        ``full`` (the global payload as it is) or ``fp16`` (its float entries as float16).
     lr_fn
         Learning rate of a round (``server_round -> lr``), sent in the train config.
     seed
@@ -155,6 +181,8 @@ class CSGFedAvg(FedAvg):
         server_optimizer: ServerOptimizer | None = None,
         mask_fn: Callable[[int], Mask] | None = None,
         round_config_fn: Callable[[int], dict[str, Any]] | None = None,
+        uplink: Uplink | None = None,
+        downlink: str = "full",
         **fedavg_kwargs: Any,
     ) -> None:
         if failed_round not in FAILED_ROUND_POLICIES:
@@ -165,6 +193,11 @@ class CSGFedAvg(FedAvg):
         fedavg_kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
         super().__init__(weighted_by_key=WEIGHT_KEY, **fedavg_kwargs)
         self.layout = layout
+        self.uplink = uplink or Uplink(layout)
+        if self.uplink.layout != layout:
+            raise ValueError("the uplink's payload layout is not the strategy's")
+        self.downlink = downlink
+        check_downlink(downlink)
         self.lr_fn = lr_fn
         self.seed = seed
         self.min_replies = max(1, min_replies)
@@ -177,7 +210,7 @@ class CSGFedAvg(FedAvg):
         self.round_config_fn = round_config_fn
         self.traffic: dict[int, RoundRecord] = {}
         self.train_metrics: dict[int, MetricRecord] = {}
-        self.global_arrays: ArrayRecord | None = None  # what the current round's clients were sent
+        self.global_arrays: ArrayRecord | None = None  # the global payload as this round's clients received it
         self.partition_of: dict[int, int] = {}  # node id -> partition id, as the nodes report it
         self._sent: dict[int, list[int]] = {}  # node ids of the current attempt of a round
 
@@ -227,7 +260,8 @@ class CSGFedAvg(FedAvg):
         traffic = self._round_traffic(server_round)
         attempt = traffic.attempts
         traffic.attempts += 1
-        self.global_arrays = arrays
+        sent = downlink_record(arrays, self.downlink)
+        self.global_arrays = arrays if sent is arrays else restore_downlink(sent, self.layout)
         if self.fraction_train == 0.0:
             self._sent[server_round] = []
             return []
@@ -244,11 +278,11 @@ class CSGFedAvg(FedAvg):
                 **(self.round_config_fn(server_round) if self.round_config_fn else {}),
             }
         )
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: round_config})
+        record = RecordDict({self.arrayrecord_key: sent, self.configrecord_key: round_config})
         messages = list(self._construct_messages(record, node_ids, MessageType.TRAIN))
         self._sent[server_round] = node_ids
         traffic.sampled += len(messages)
-        traffic.payload_down += payload_bytes(arrays) * len(messages)
+        traffic.payload_down += payload_bytes(sent) * len(messages)
         traffic.wire_down += sum(accounted_wire_bytes(m) for m in messages)
         return messages
 
@@ -285,7 +319,7 @@ class CSGFedAvg(FedAvg):
         valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
         traffic.failed += self._note_failures(server_round, replies, valid)
         traffic.replied += len(valid)
-        accepted: list[tuple[tuple[float, int], Message]] = []
+        accepted: list[tuple[tuple[float, int], Message, ArrayRecord]] = []
         for reply in valid:
             node = reply.metadata.src_node_id
             # Error replies carry no payload, and their text (a remote traceback) varies from run to
@@ -296,8 +330,8 @@ class CSGFedAvg(FedAvg):
             if reported is not None:
                 self.partition_of[node] = reported
             partition = self._partition(node)
-            problem = reply_problem(reply, self.layout, self.global_arrays, self.max_update_norm)
-            if problem is not None:
+            decoded, problem = checked_reply(reply, self.uplink, self.global_arrays, self.max_update_norm)
+            if decoded is None:
                 traffic.rejected += 1
                 log(
                     WARNING,
@@ -309,7 +343,7 @@ class CSGFedAvg(FedAvg):
                 )
                 continue
             # Sorted by partition below, so that float sums run in the same order in every run.
-            accepted.append(((math.inf if partition is None else partition, node), reply))
+            accepted.append(((math.inf if partition is None else partition, node), reply, decoded))
         if len(accepted) < self.min_replies:
             traffic.status = "failed"
             log(
@@ -323,10 +357,10 @@ class CSGFedAvg(FedAvg):
             return None, None
         traffic.status = "ok"
         accepted.sort(key=lambda item: item[0])
-        traffic.partitions = sorted(int(key[0]) for key, _ in accepted if key[0] != math.inf)
-        contents = [reply.content for _, reply in accepted]
+        traffic.partitions = sorted(int(key[0]) for key, _, _ in accepted if key[0] != math.inf)
+        contents = [reply.content for _, reply, _ in accepted]
         weights = [int(next(iter(c.metric_records.values()))[WEIGHT_KEY]) for c in contents]
-        arrays = weighted_average([next(iter(c.array_records.values())) for c in contents], weights)
+        arrays = weighted_average([decoded for _, _, decoded in accepted], weights)
         if self.server_optimizer.stateful and self.global_arrays is not None and self.mask_fn is not None:
             arrays = self.server_optimizer(server_round, self.global_arrays, arrays, self.mask_fn(server_round))
         metrics = self.train_metrics_aggr_fn(contents, WEIGHT_KEY)

@@ -5,7 +5,7 @@ offline (no training)."""
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.serde_utils import error_to_proto, metadata_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
@@ -15,6 +15,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedcsg.fl.config import RunConfig
 from fedcsg.fl.payload import model_payload
 from fedcsg.fl.task import build_arm_model, payload_layout
+from fedcsg.fl.uplink import Uplink, downlink_record, restore_downlink
 from fedcsg.nn.params import count_parameters
 
 RANDOM_ID_FIELDS = ("run_id", "src_node_id", "dst_node_id", "src_task_id", "dst_task_id")  # Metadata's uint64s
@@ -83,41 +84,61 @@ def train_replies(records: list[ArrayRecord], examples: list[object]) -> list[Me
     return replies
 
 
+UPDATE_SCALE = 1e-3  # std of the offline update that `round_messages` encodes (a small, non-zero step)
+
+
 def round_messages(cfg: RunConfig, node_id: int = 1) -> tuple[Message, Message]:
     """The train message a client receives and the reply it sends, as CSGFedAvg and the ClientApp
-    build them (same records, keys and metrics)."""
+    build them (same records, keys and metrics, downlink as ``cfg.downlink``).
+
+    The reply of an arm with a codec is the real encoding of a non-zero update: the received
+    payload's float entries moved by seeded noise of std :data:`UPDATE_SCALE`.
+    """
     _ensure_task_identity()
     model = build_arm_model(cfg)
     layout = payload_layout(cfg, model)
     arrays = model_payload(model, layout)
+    sent = downlink_record(arrays, cfg.downlink)
     config = ConfigRecord(
         {"local-epochs": cfg.local_epochs, "batch-size": cfg.batch_size, "lr": cfg.lr, "attempt": 0, "server-round": 1}
     )
-    down = Message(
-        RecordDict({"arrays": arrays, "config": config}), dst_node_id=node_id, message_type=MessageType.TRAIN
+    down = Message(RecordDict({"arrays": sent, "config": config}), dst_node_id=node_id, message_type=MessageType.TRAIN)
+    received = restore_downlink(sent, layout)
+    rng = np.random.default_rng(cfg.seed)
+    local = ArrayRecord(
+        {
+            key: Array((a.numpy() + rng.normal(0, UPDATE_SCALE, a.shape)).astype(a.numpy().dtype))
+            if key in layout.floating_keys()
+            else a
+            for key, a in received.items()
+        }
     )
+    reply, _ = Uplink(layout, cfg.codec).encode(local, received, None, rng)
     metrics = MetricRecord(
         {"num-examples": 5000, "train-loss": 1.0, "train-accuracy": 0.5, "train-seconds": 1.0, "partition-id": 0}
     )
-    up = Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=down)
+    up = Message(RecordDict({"arrays": reply, "metrics": metrics}), reply_to=down)
     return down, up
 
 
 def arm_traffic(cfg: RunConfig, clients_per_round: int) -> dict:
     """Payload and wire bytes of one round of ``cfg.arm`` with ``clients_per_round`` clients."""
     down, up = round_messages(cfg)
-    arrays = down.content["arrays"]
     model = build_arm_model(cfg)
+    payload_down = payload_bytes(down.content["arrays"])
+    payload_up = payload_bytes(up.content["arrays"])
     return {
         "arm": cfg.arm,
+        "downlink": cfg.downlink,
         "parameters_sendable": count_parameters(model).sendable,
         "tensors": len(payload_layout(cfg, model).entries),
-        "arrays_per_message": len(arrays),
-        "payload_per_client": payload_bytes(arrays),
+        "arrays_per_message": len(up.content["arrays"]),
+        "payload_per_client": payload_up,
+        "payload_down_per_client": payload_down,
         "wire_up_per_client": accounted_wire_bytes(up),
         "wire_down_per_client": accounted_wire_bytes(down),
-        "payload_up": payload_bytes(arrays) * clients_per_round,
-        "payload_down": payload_bytes(arrays) * clients_per_round,
+        "payload_up": payload_up * clients_per_round,
+        "payload_down": payload_down * clients_per_round,
         "wire_up": accounted_wire_bytes(up) * clients_per_round,
         "wire_down": accounted_wire_bytes(down) * clients_per_round,
     }
