@@ -45,7 +45,7 @@ import torch
 from benchlib import parse_models, write_json
 from flwr.app import Message, RecordDict
 
-from fedcsg.fl.arms import ARMS
+from fedcsg.fl.arms import MODELS
 from fedcsg.fl.config import RunConfig
 from fedcsg.fl.payload import PACKINGS, PayloadLayout
 from fedcsg.fl.records import versions
@@ -160,7 +160,7 @@ def measure(models: list[str], slices: list[tuple[str, int]], packings: list[str
         for slice_text, code_dim in slices:
             for packing in packings:
                 base = None
-                for arm in ARMS:
+                for arm in MODELS:
                     cfg = RunConfig(
                         model=model_name,
                         slice=slice_text,

@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from fedcsg.fl.arms import ARMS, check_arm
+from fedcsg.fl.arms import MODELS, check_arm
 from fedcsg.fl.checkpoint import STATE_DIR, read_state
 from fedcsg.fl.config import DEFAULT_EXPERIMENT, RunConfig, load_experiment, shipped_experiments
 from fedcsg.fl.records import holds_arms, seed_dir, seed_dirs_in
@@ -366,7 +366,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
         if name == "run":
             parser.add_argument(
-                "--arm", help=f"MODEL or MODEL+CODEC, MODEL one of {', '.join(ARMS)} (default: the config's arm)"
+                "--arm", help=f"MODEL or MODEL+CODEC, MODEL one of {', '.join(MODELS)} (default: the config's arm)"
             )
         else:
             parser.add_argument("--arms", help="comma-separated arms (default: the config's arms)")

@@ -40,7 +40,7 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from fedcsg.data.registry import get_spec
-from fedcsg.fl.arms import ARMS
+from fedcsg.fl.arms import MODELS
 from fedcsg.fl.config import ModelSettings
 from fedcsg.fl.model_file import CHECKPOINT_FORMAT, FORMAT_VERSION, cpu_tensors
 from fedcsg.fl.payload import PayloadLayout, load_payload
@@ -81,7 +81,7 @@ def recorded_run_config(run_dir: Path, arm: str | None) -> dict[str, Any] | None
             records = [r for r in records if r.stem == arm]
         if len(records) > 1:
             names = [r.stem for r in records]
-            raise ValueError(f"{run_dir / sub} holds arms {names}: say which with --arm ({', '.join(ARMS)})")
+            raise ValueError(f"{run_dir / sub} holds arms {names}: say which with --arm ({', '.join(MODELS)})")
         if records:
             document = json.loads(records[0].read_text())
             return {**document.get("config", {}), "arm": document.get("arm", records[0].stem)}

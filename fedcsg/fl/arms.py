@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from fedcsg.fl.codecs import CODECS
 
 MODELS = ("fedavg", "fedpara", "csg", "csg-frozen")
-ARMS = MODELS  # the arms without a codec; any MODEL+CODEC is an arm too
 SEPARATOR = "+"
 
 

@@ -33,6 +33,7 @@ from fedcsg.nn.csg import AGGREGATIONS as CSG_AGGREGATIONS
 from fedcsg.nn.csg import INITS as CSG_INITS
 from fedcsg.nn.csg import CSGConfig, SliceShape
 from fedcsg.nn.fedpara import DEFAULT_RATIO as FEDPARA_RATIO
+from fedcsg.nn.fedpara import check_ratio as check_fedpara_ratio
 from fedcsg.nn.fedpara import fedparafy
 from fedcsg.nn.models import build_model, default_csg_config, model_slice, model_spec
 from fedcsg.nn.training import SCHEDULES
@@ -91,7 +92,7 @@ class ModelSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "arm", Arm.parse(self.arm).model)
         _one_of("csg-init", self.csg_init, CSG_INITS)
-        _fraction("fedpara-ratio", self.fedpara_ratio, closed=True)
+        check_fedpara_ratio(self.fedpara_ratio)
         own = model_slice(self.model, self.slice or None, self.code_dim or None)
         spec = get_spec(self.dataset)
         object.__setattr__(self, "slice", str(own.shape))
@@ -267,8 +268,7 @@ class RunConfig:
         _one_of("csg-aggregation", self.csg_aggregation, CSG_AGGREGATIONS)
         _one_of("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
         _one_of("downlink", self.downlink, DOWNLINKS)
-        _fraction("fedpara-ratio", self.fedpara_ratio, closed=True)
-        _fraction("topk-fraction", self.topk_fraction, closed=False)
+        check_fedpara_ratio(self.fedpara_ratio)
         for name in ("server_momentum", "server_beta1", "server_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{_kebab(name)} = {getattr(self, name)!r} is not accepted: a number in [0, 1) is")
@@ -283,6 +283,7 @@ class RunConfig:
             SliceShape.parse(self.pointwise_slice)
         for name, low, high in (
             ("fraction_train", 0.0, 1.0),
+            ("topk_fraction", 0.0, 1.0),
             ("dirichlet_alpha", 0.0, float("inf")),
             ("lr", 0.0, float("inf")),
             ("round_timeout", 0.0, float("inf")),
@@ -384,14 +385,6 @@ def _names(cls: type) -> list[str]:
 
 def _kebab(name: str) -> str:
     return name.replace("_", "-")
-
-
-def _fraction(key: str, value: float, *, closed: bool) -> None:
-    """``value`` in [0, 1] (``closed``) or (0, 1], else a one-line ValueError."""
-    low_ok = 0 <= value if closed else 0 < value
-    if not (low_ok and value <= 1):
-        interval = "[0, 1]" if closed else "(0, 1]"
-        raise ValueError(f"{key} = {value!r} is not accepted: a number in {interval} is")
 
 
 def _one_of(key: str, value: str, accepted: tuple[str, ...]) -> None:

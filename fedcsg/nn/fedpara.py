@@ -40,6 +40,13 @@ from fedcsg.nn.convert import ComputedConv2d, ConversionReport, conversion_plan,
 DEFAULT_RATIO = 0.45
 
 
+def check_ratio(ratio: float) -> float:
+    """``ratio`` if it is in ``[0, 1]``, else a one-line ValueError (the one home of the rule)."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"fedpara-ratio {ratio!r} is outside [0, 1]")
+    return ratio
+
+
 def fedpara_rank(out_channels: int, in_channels: int, kernel_size: int, ratio: float) -> int:
     """FedPara's per-layer rank ``ceil((1 - ratio) r_min + ratio r_max)`` (see the module docstring).
 
@@ -48,8 +55,7 @@ def fedpara_rank(out_channels: int, in_channels: int, kernel_size: int, ratio: f
     ValueError
         If ``ratio`` is outside ``[0, 1]``.
     """
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"fedpara-ratio {ratio!r} is outside [0, 1]")
+    check_ratio(ratio)
     r_min = min(math.ceil(math.sqrt(out_channels)), math.ceil(math.sqrt(in_channels)))
     a, b, c = kernel_size**2, out_channels + in_channels, -out_channels * in_channels * kernel_size**2 / 2
     r_max = math.floor((-b + math.sqrt(b * b - 4 * a * c)) / (2 * a))
