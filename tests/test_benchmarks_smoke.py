@@ -16,7 +16,7 @@ def test_bench_bytes_smoke(tmp_path: Path, load_script: Callable[[str], ModuleTy
     report = json.loads(out.read_text())
     assert code == 0 and report["all_pass"] and report["round_trip_exact"]
     rows = {(r["model"], r["arm"]): r for r in report["rows"]}
-    assert set(rows) == {(m, a) for m in ("resnet20", "resnet56") for a in ("fedavg", "csg", "csg-frozen")}
+    assert set(rows) == {(m, a) for m in ("resnet20", "resnet56") for a in ("fedavg", "fedpara", "csg", "csg-frozen")}
     for row in report["rows"]:
         assert row["packing"] == "flat" and row["slice"] == "12x12x3x3" and row["code_dim"] == 72
         for key in ("up", "down", "up_distinct"):
@@ -29,6 +29,8 @@ def test_bench_bytes_smoke(tmp_path: Path, load_script: Callable[[str], ModuleTy
     assert fedavg_up / rows[("resnet56", "csg")]["wire_up"] >= 5.0
     assert fedavg_up / rows[("resnet56", "csg-frozen")]["wire_up"] >= 11.0
     assert rows[("resnet56", "csg")]["wire_ratio_up"] >= 5.0
+    # FedPara at its default ratio (0.45) sends about 2.4x fewer bytes than ResNet-20's full filters.
+    assert 2.0 < rows[("resnet20", "fedavg")]["wire_up"] / rows[("resnet20", "fedpara")]["wire_up"] < 3.0
 
 
 def test_bench_generation_smoke(tmp_path: Path, load_script: Callable[[str], ModuleType]) -> None:

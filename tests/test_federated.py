@@ -13,6 +13,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from fedcsg.cli import main
+from fedcsg.fl.arms import check_arm, model_part
 from fedcsg.fl.config import RunConfig, load_experiment
 from fedcsg.fl.payload import PayloadLayout, load_payload, model_payload, weighted_average
 from fedcsg.fl.strategy import CSGFedAvg
@@ -212,7 +213,10 @@ def test_pyproject_config_equals_run_config_defaults() -> None:
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_every_experiment_file_is_valid(path: Path) -> None:
     cfg = load_experiment(path)
-    assert cfg.arm_list == ["fedavg", "csg", "csg-frozen"]
+    # Every shipped comparison has the baseline first and each arm once, each a valid MODEL[+CODEC].
+    assert cfg.arm_list[0] == "fedavg" and len(set(cfg.arm_list)) == len(cfg.arm_list)
+    assert [check_arm(arm) for arm in cfg.arm_list] == cfg.arm_list
+    assert {model_part(arm) for arm in cfg.arm_list} >= {"fedavg", "csg"}
     for arm in cfg.arm_list:
         assert cfg.csg_config(arm) is None or cfg.csg_config(arm).slices
 

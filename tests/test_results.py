@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fedcsg.cli import main
-from fedcsg.fl.config import RunConfig, find_experiment, load_experiment, shipped_experiments
+from fedcsg.fl.config import RunConfig, find_experiment, identity_of, load_experiment, shipped_experiments
 from fedcsg.fl.records import ROUND_FIELDS, ArmRecorder
 from fedcsg.fl.report import write_report
 from fedcsg.io import strict_json
@@ -124,6 +124,12 @@ def test_settings_added_later_enter_the_identity_only_off_their_default() -> Non
     assert not {"downlink", "topk-fraction", "fedpara-ratio"} & set(identity) and "csg-init" in identity
     assert RunConfig(downlink="fp16").identity() == {**identity, "downlink": "fp16"}
     assert RunConfig(arm="csg+topk", topk_fraction=0.1).identity()["topk-fraction"] == 0.1
+    # A run file's full config record (out-dir, arms and the new keys at their defaults included)
+    # has the identity of the config that wrote it, whether it predates the new keys or not.
+    record = RunConfig(out_dir="elsewhere", arms="fedavg,csg").to_flower()
+    old_record = {k: v for k, v in record.items() if k not in ("downlink", "topk-fraction", "fedpara-ratio")}
+    assert identity_of(record) == identity_of(old_record) == identity
+    assert identity_of({**record, "fedpara-ratio": 0.3}) == {**identity, "fedpara-ratio": 0.3}
 
 
 def test_bad_seeds_on_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

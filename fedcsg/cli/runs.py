@@ -10,7 +10,7 @@ from typing import Any
 
 from fedcsg.fl.arms import MODELS, check_arm
 from fedcsg.fl.checkpoint import STATE_DIR, read_state
-from fedcsg.fl.config import DEFAULT_EXPERIMENT, RunConfig, load_experiment, shipped_experiments
+from fedcsg.fl.config import DEFAULT_EXPERIMENT, RunConfig, identity_of, load_experiment, shipped_experiments
 from fedcsg.fl.records import holds_arms, seed_dir, seed_dirs_in
 from fedcsg.fl.report import REPORT_FILES
 from fedcsg.io import read_json_object
@@ -71,8 +71,8 @@ def _run_files(out_dir: Path) -> list[Path]:
 
 def _same_run(cfg: RunConfig, other: dict[str, Any]) -> list[str]:
     """Keys (kebab-case) in which a recorded config differs from ``cfg``'s identity, the arm aside."""
-    mine = cfg.identity()
-    return sorted(k for k in set(mine) | set(other) if k != "arm" and other.get(k) != mine.get(k))
+    mine, theirs = cfg.identity(), identity_of(other)
+    return sorted(k for k in set(mine) | set(theirs) if k != "arm" and theirs.get(k) != mine.get(k))
 
 
 def prepare_out_dir(out_dir: Path, cfg: RunConfig, arms: list[str], overwrite: bool) -> None:

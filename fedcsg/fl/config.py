@@ -344,12 +344,7 @@ class RunConfig:
     def identity(self) -> dict[str, Any]:
         """The settings that decide what a run computes (kebab-case): a run may only be resumed
         under a config with the same identity."""
-        defaults = RunConfig().to_flower()
-        return {
-            k: v
-            for k, v in self.to_flower().items()
-            if k not in NOT_IDENTITY_KEYS and not (k in IDENTITY_ONLY_OFF_DEFAULT and v == defaults[k])
-        }
+        return identity_of(self.to_flower())
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
@@ -449,3 +444,14 @@ def load_experiment(name_or_path: str | Path, base: RunConfig | None = None) -> 
         return RunConfig.from_mapping(values, base)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
+
+
+def identity_of(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The identity (see :meth:`RunConfig.identity`) of a kebab-case config record, such as the
+    ``config`` a run file holds: its keys that decide what a run computes."""
+    defaults = RunConfig().to_flower()
+    return {
+        k: v
+        for k, v in record.items()
+        if k not in NOT_IDENTITY_KEYS and not (k in IDENTITY_ONLY_OFF_DEFAULT and v == defaults.get(k))
+    }
