@@ -31,6 +31,20 @@ def data_dir() -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def partition_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A partition cache of the session's own (``$FEDCSG_CACHE_DIR``), for this process and every
+    process a test starts: the tests never read or fill the user's ``~/.cache/fedcsg``."""
+    root = tmp_path_factory.mktemp("cache")
+    before = os.environ.get("FEDCSG_CACHE_DIR")
+    os.environ["FEDCSG_CACHE_DIR"] = str(root)
+    yield root / "partitions"
+    if before is None:
+        os.environ.pop("FEDCSG_CACHE_DIR", None)
+    else:
+        os.environ["FEDCSG_CACHE_DIR"] = before
+
+
 @pytest.fixture
 def data_env(monkeypatch: pytest.MonkeyPatch, data_dir: Path) -> Path:
     """Point ``FEDCSG_DATA_DIR`` at the data directory for one test."""

@@ -252,7 +252,9 @@ SCHEME_KWARGS = {
 
 
 @pytest.mark.parametrize("scheme", ["iid", "dirichlet", "shards"])
-def test_partitions_disjoint_covering_deterministic(scheme: str, cifar_train_labels: np.ndarray) -> None:
+def test_partitions_disjoint_covering_deterministic(
+    scheme: str, cifar_train_labels: np.ndarray, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     num = 10
     kwargs = SCHEME_KWARGS[scheme]
     parts = [partitions.partition_indices(cifar_train_labels, num, pid, scheme, **kwargs) for pid in range(num)]  # type: ignore[arg-type]
@@ -260,7 +262,12 @@ def test_partitions_disjoint_covering_deterministic(scheme: str, cifar_train_lab
     assert everything.dtype == np.int64
     assert everything.size == len(cifar_train_labels)  # disjoint and ...
     assert np.array_equal(np.sort(everything), np.arange(len(cifar_train_labels)))  # ... covering
-    partitions._partitioner.cache_clear()  # recompute from scratch, not from the cache
+    partitions._all_partitions.cache_clear()  # from the disk cache ...
+    again = partitions.partition_indices(cifar_train_labels, num, 3, scheme, **kwargs)  # type: ignore[arg-type]
+    assert np.array_equal(again, parts[3])
+    partitions._all_partitions.cache_clear()  # ... and computed from scratch
+    partitions._partitioner.cache_clear()
+    monkeypatch.setenv("FEDCSG_CACHE_DIR", str(tmp_path))
     again = partitions.partition_indices(cifar_train_labels, num, 3, scheme, **kwargs)  # type: ignore[arg-type]
     assert np.array_equal(again, parts[3])
     other_seed = partitions.partition_indices(cifar_train_labels, num, 3, scheme, seed=1, **kwargs)  # type: ignore[arg-type]
@@ -280,18 +287,65 @@ def test_partition_label_skew(cifar_train_labels: np.ndarray) -> None:
     assert counts.min() > 0.7 * counts.max()
 
 
-def test_partitioner_cached_across_partition_ids(cifar_train_labels: np.ndarray) -> None:
+def test_partitions_computed_once_and_read_from_disk_after(
+    cifar_train_labels: np.ndarray, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The first partition id asked for computes every partition and writes them to the cache; the
+    others come from memory; a fresh process (here: emptied memory caches) reads the file and
+    never builds a partitioner; an unreadable file is computed again, with the same rows."""
+    monkeypatch.setenv("FEDCSG_CACHE_DIR", str(tmp_path))
+    partitions._all_partitions.cache_clear()
     partitions._partitioner.cache_clear()
-    for pid in range(5):
-        partitions.partition_indices(cifar_train_labels, 5, pid, "dirichlet", alpha=0.5)
-    info = partitions._partitioner.cache_info()
-    assert (info.misses, info.hits) == (1, 4)
+    first = [partitions.partition_indices(cifar_train_labels, 5, pid, "dirichlet", alpha=0.5) for pid in range(5)]
+    assert partitions._partitioner.cache_info().misses == 1
+    assert (partitions._all_partitions.cache_info().misses, partitions._all_partitions.cache_info().hits) == (1, 4)
     # A copy of the labels (same contents, new object) hits the same entry.
     partitions.partition_indices(cifar_train_labels.copy(), 5, 0, "dirichlet", alpha=0.5)
-    assert partitions._partitioner.cache_info().hits == 5
+    assert partitions._all_partitions.cache_info().hits == 5
+    (held,) = (tmp_path / "partitions").glob("*.npz")
+    with np.load(held, allow_pickle=False) as arrays:
+        assert sorted(arrays.files) == ["bounds", "rows"]
+        assert list(np.diff(arrays["bounds"])) == [p.size for p in first]
+    for damage in (b"", held.read_bytes()[:100], b"PK\x03\x04 not a zip"):
+        held.write_bytes(damage)
+        partitions._all_partitions.cache_clear()
+        partitions._partitioner.cache_clear()
+        again = [partitions.partition_indices(cifar_train_labels, 5, pid, "dirichlet", alpha=0.5) for pid in range(5)]
+        assert all(np.array_equal(a, b) for a, b in zip(again, first, strict=True))
+        assert partitions._partitioner.cache_info().misses == 1  # computed again, and written again
+    partitions._all_partitions.cache_clear()
+    partitions._partitioner.cache_clear()
+    partitions.partition_indices(cifar_train_labels, 5, 2, "dirichlet", alpha=0.5)
+    assert partitions._partitioner.cache_info().misses == 0  # read from the file
 
 
-def test_partitions_identical_in_a_new_process(cifar_train_labels: np.ndarray, data_dir: Path) -> None:
+def test_a_client_with_the_cache_never_imports_flwr_datasets(
+    cifar_train_labels: np.ndarray, data_dir: Path, tmp_path: Path
+) -> None:
+    """Partitions cached by one process (as `fedcsg run` does before the first round) are read by
+    another without importing flwr_datasets or datasets, and are the same rows."""
+    env = {**os.environ, "FEDCSG_CACHE_DIR": str(tmp_path), "FEDCSG_DATA_DIR": str(data_dir)}
+    script = (
+        "import sys\n"
+        "from fedcsg.data.partitions import partition_indices\n"
+        "from fedcsg.data.readers import load_labels\n"
+        "labels = load_labels('cifar10', 'train')\n"
+        "rows = partition_indices(labels, 8, 3, 'shards', seed=2)\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'flwr_datasets', 'datasets'})\n"
+        "print(rows.size, rows[:20].tolist(), heavy)\n"
+    )
+    run = [sys.executable, "-c", script]
+    computed = subprocess.run(run, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300)
+    read = subprocess.run(run, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300)
+    assert computed.returncode == 0 and read.returncode == 0, computed.stderr[-2000:] + read.stderr[-2000:]
+    expected = partitions.partition_indices(cifar_train_labels, 8, 3, "shards", seed=2)
+    assert computed.stdout.split(" [")[0] == read.stdout.split(" [")[0] == str(expected.size)
+    assert f"{expected[:20].tolist()}" in read.stdout
+    assert computed.stdout.rstrip().endswith("['datasets', 'flwr_datasets']")
+    assert read.stdout.rstrip().endswith(" []")
+
+
+def test_partitions_identical_in_a_new_process(cifar_train_labels: np.ndarray, data_dir: Path, tmp_path: Path) -> None:
     script = (
         "import sys, numpy as np\n"
         "from fedcsg.data.partitions import partition_indices\n"
@@ -301,7 +355,9 @@ def test_partitions_identical_in_a_new_process(cifar_train_labels: np.ndarray, d
         "    rows = partition_indices(labels, 20, 7, scheme, seed=5, **kw)\n"
         "    sys.stdout.write(scheme + ' ' + ','.join(map(str, rows[:50])) + ' ' + str(rows.size) + '\\n')\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    # An empty cache of its own: the new process computes the partitions, it does not read ours.
+    env = {**os.environ, "PYTHONPATH": pythonpath, "FEDCSG_CACHE_DIR": str(tmp_path)}
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO_ROOT, check=False
     )

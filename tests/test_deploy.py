@@ -15,6 +15,7 @@ import os
 import socket
 import ssl
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -39,7 +40,15 @@ from fedcsg.deploy.federation import (
     wait_for_nodes,
 )
 from fedcsg.deploy.flwr_cli import flwr_env, list_nodes, superlink_command, supernode_command, write_connection
-from fedcsg.deploy.processes import ProcessRecord, descendants, free_port, start_process, stop_processes
+from fedcsg.deploy.processes import (
+    ProcessRecord,
+    adopting_orphans,
+    descendants,
+    free_port,
+    start_process,
+    stop_pids,
+    stop_processes,
+)
 from fedcsg.fl.config import RunConfig
 from fedcsg.fl.task import build_arm_model, payload_layout
 
@@ -300,6 +309,35 @@ def test_relay_counts_every_byte_each_way(load_script: Callable[[str], ModuleTyp
         server.close()
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=5)
+
+
+def test_orphans_below_an_adopting_process_stay_its_descendants() -> None:
+    """A grandchild whose parent exits (a Ray worker whose raylet was shut down) is still found below
+    this process inside :func:`adopting_orphans`, is stopped by PID and reaped at the block's end;
+    without it, the orphan goes to init and is lost to ``descendants``."""
+    script = (
+        "import subprocess, sys\n"
+        "quiet = {'stdout': subprocess.DEVNULL, 'stderr': subprocess.DEVNULL}\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], **quiet)\n"
+        "print(child.pid, flush=True)\n"
+    )
+
+    def orphan() -> int:
+        parent = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        return int(parent.stdout.split()[0])
+
+    lost = orphan()
+    try:
+        assert lost not in descendants(os.getpid())
+    finally:
+        stop_pids([lost], grace=5)
+    with adopting_orphans():
+        kept = orphan()
+        try:
+            assert kept in descendants(os.getpid())
+        finally:
+            assert stop_pids([kept], grace=5) == [kept]
+    assert not Path(f"/proc/{kept}").exists()  # reaped: not even a zombie is left
 
 
 def test_stop_processes_reaches_detached_children(tmp_path: Path) -> None:

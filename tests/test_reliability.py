@@ -40,11 +40,13 @@ from fedcsg.fl.checkpoint import (
 from fedcsg.fl.client_app import injected_fault
 from fedcsg.fl.config import RunConfig
 from fedcsg.fl.payload import PayloadLayout, model_payload
-from fedcsg.fl.records import ArmRecorder, RoundRecord
+from fedcsg.fl.records import ArmRecorder, RoundRecord, comparable
 from fedcsg.fl.server_app import recorded_config
 from fedcsg.fl.strategy import CSGFedAvg, sample_positions
 from fedcsg.fl.task import build_arm_model, payload_layout
 from fedcsg.fl.traffic import _ensure_task_identity, accounted_wire_bytes
+
+from .processes import kill_session, session_pids
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -554,38 +556,6 @@ def test_truncated_checkpoint_is_refused_on_resume(
 # -- end to end through Ray, in subprocesses ----------------------------------------------------
 
 
-def _session_pids(session: int) -> list[int]:
-    """Live processes of a session (zombies aside): the CLI, Ray's GCS, raylet and workers."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[3]) == session and fields[0] != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
-
-
-def _kill_session(proc: subprocess.Popen) -> None:
-    """SIGKILL the process group of ``proc`` (started in a session of its own), then any process of
-    its session that is left, by pid; never anything outside it (other people's Ray runs live here)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=60)
-    deadline = time.monotonic() + 60
-    while (left := _session_pids(proc.pid)) and time.monotonic() < deadline:
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.2)
-    assert not _session_pids(proc.pid), "processes of the killed run are still alive"
-
-
 def _launch(args: list[str], log: Path, data_dir: Path) -> subprocess.Popen:
     env = {**os.environ, "FEDCSG_DATA_DIR": str(data_dir)}
     with log.open("w") as handle:
@@ -604,7 +574,7 @@ def _finish(proc: subprocess.Popen, log: Path, timeout: float = 900) -> str:
         proc.wait(timeout=timeout)
     finally:
         if proc.poll() is None:
-            _kill_session(proc)
+            kill_session(proc)
     text = log.read_text()
     assert proc.returncode == 0, text[-4000:]
     return text
@@ -625,7 +595,7 @@ def background(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     yield procs
     for proc, _, _ in procs.values():
         if proc.poll() is None:
-            _kill_session(proc)
+            kill_session(proc)
 
 
 def _state_round(out: Path) -> int | None:
@@ -633,6 +603,40 @@ def _state_round(out: Path) -> int | None:
         return json.loads(state_path(out, "csg").read_text())["round"]
     except (OSError, ValueError, KeyError):
         return None
+
+
+def test_sigterm_stops_the_run_and_every_process_it_started(data_dir: Path, tmp_path: Path) -> None:
+    """SIGTERM to `fedcsg run` alone (not its group): it shuts down its private Ray and exits 143, no
+    process of its session is left a few seconds later, and the records are whole up to the last
+    completed round."""
+    out = tmp_path / "terminated"
+    log = tmp_path / "terminated.log"
+    victim = _launch(["run", "--arm", "csg", "--out", str(out), *_sets(KILL_RUN)], log, data_dir)
+    try:
+        deadline = time.monotonic() + 600
+        while (done := _state_round(out)) is None or done < 1:
+            assert victim.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "round 1 never completed"
+            time.sleep(0.1)
+        assert len(session_pids(victim.pid)) > 3  # the CLI, Ray's GCS and raylet, the client actors
+        victim.send_signal(signal.SIGTERM)
+        victim.wait(timeout=60)
+        deadline = time.monotonic() + 10
+        while (left := session_pids(victim.pid)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert left == [], [Path(f"/proc/{pid}/cmdline").read_bytes()[:120] for pid in left]
+    finally:
+        kill_session(victim)
+    text = log.read_text()
+    assert victim.returncode == 128 + signal.SIGTERM, text[-3000:]
+    assert "fedcsg run: SIGTERM: stopped; the records hold every completed round" in text
+    completed = _state_round(out)
+    rounds = json.loads((out / "arms" / "csg.json").read_text())["rounds"]
+    assert completed is not None and [r["round"] for r in rounds] in (
+        list(range(completed + 1)),
+        list(range(completed + 2)),
+    )
+    assert all(r["test_accuracy"] is not None for r in rounds)
 
 
 def test_sigkill_mid_round_then_resume_matches_an_uninterrupted_run(
@@ -647,7 +651,7 @@ def test_sigkill_mid_round_then_resume_matches_an_uninterrupted_run(
             assert time.monotonic() < deadline, "round 2 never completed"
             time.sleep(0.1)
     finally:
-        _kill_session(victim)  # SIGKILL while round 3 is under way
+        kill_session(victim)  # SIGKILL while round 3 is under way
     assert victim.returncode == -signal.SIGKILL
     killed_at = _state_round(out)
     assert killed_at is not None and 2 <= killed_at < 4
@@ -665,8 +669,7 @@ def test_sigkill_mid_round_then_resume_matches_an_uninterrupted_run(
     theirs = json.loads((reference / "arms" / "csg.json").read_text())
     assert mine["resumed_from"] == [killed_at] and theirs["resumed_from"] == []
     assert [r["round"] for r in mine["rounds"]] == [0, 1, 2, 3, 4]  # no round lost or counted twice
-    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in mine["rounds"]]
-    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in theirs["rounds"]]
+    assert comparable(mine["rounds"]) == comparable(theirs["rounds"])
     for key in ("cum_payload_up", "cum_payload_down", "cum_wire_up", "cum_wire_down"):
         assert mine["rounds"][-1][key] == theirs["rounds"][-1][key] > 0
     a, b = ({k: v.numpy() for k, v in load_checkpoint(d, "csg").arrays.items()} for d in (out, reference))

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import json
 import os
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from subprocess import PIPE, Popen
 
 import pytest
+
+from fedcsg.fl.config import identity_of
+from fedcsg.fl.records import comparable
+
+from .processes import kill_session
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +39,10 @@ SMALL_RUN = [
 # records on a rerun, mean and std over seeds), not learning: 256 images, one local epoch.
 TINY_RUN = ["num-clients=2", "num-rounds=2", "train-limit=256", "test-limit=128", "batch-size=32"]
 PEER_ARMS = ("fedavg+int8", "fedpara", "csg+topk")
+# Made twice (``tiny`` and seed 0 of ``seeds``) and compared digit for digit; csg-frozen's rebuild from
+# the seed is checked bit for bit in test_csg.py, and it runs (and learns) in ``compare``.
+RERUN_ARMS = ("fedavg", "csg")
+TINY_ARMS = (*RERUN_ARMS, *PEER_ARMS)
 
 
 def _fedcsg(*args: str, data_dir: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -45,11 +58,11 @@ def compare_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     starts Ray or evaluates on one thread; together they fill them):
 
     * ``compare``: `fedcsg compare` of the quick-start file named by its path, with SMALL_RUN;
-    * ``tiny``: the same command with TINY_RUN;
-    * ``seeds``: `fedcsg compare --seeds 0,1` with the shipped default experiment, from a
-      directory outside the checkout, with TINY_RUN: its seed 0 is ``tiny`` made a second time;
-    * ``peers``: the peer arms PEER_ARMS (a codec on fedavg, FedPara, topk with error feedback on
-      csg) with TINY_RUN, beside ``tiny``'s fedavg and csg.
+    * ``tiny``: the same command with TINY_RUN, the arms RERUN_ARMS followed by the peer arms
+      PEER_ARMS (a codec on fedavg, FedPara, topk with error feedback on csg);
+    * ``seeds``: `fedcsg compare --seeds 0,1 --arms` RERUN_ARMS with the shipped default
+      experiment, from a directory outside the checkout, with TINY_RUN: its seed 0 is ``tiny``'s
+      first arms made a second time.
     """
     root = tmp_path_factory.mktemp("compare")
     elsewhere = tmp_path_factory.mktemp("elsewhere")
@@ -57,18 +70,16 @@ def compare_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     env = {**os.environ, "FEDCSG_DATA_DIR": str(data_dir)}
     launches = {
         "compare": (["--config", quickstart, "--out", str(root / "run"), *_sets(SMALL_RUN)], ROOT),
-        "tiny": (["--config", quickstart, "--out", str(root / "tiny"), *_sets(TINY_RUN)], ROOT),
-        "seeds": (["--seeds", "0,1", *_sets(TINY_RUN)], elsewhere),
-        "peers": (
-            ["--config", quickstart, "--out", str(root / "peers"), "--arms", ",".join(PEER_ARMS), *_sets(TINY_RUN)],
+        "tiny": (
+            ["--config", quickstart, "--out", str(root / "tiny"), "--arms", ",".join(TINY_ARMS), *_sets(TINY_RUN)],
             ROOT,
         ),
+        "seeds": (["--seeds", "0,1", "--arms", ",".join(RERUN_ARMS), *_sets(TINY_RUN)], elsewhere),
     }
     outs = {
         "compare": root / "run",
         "tiny": root / "tiny",
         "seeds": elsewhere / "runs" / "quickstart",
-        "peers": root / "peers",
     }
     procs = {
         name: Popen(
@@ -110,11 +121,6 @@ def tiny_run(compare_runs: dict[str, tuple[Path, Popen]]) -> tuple[Path, subproc
 
 
 @pytest.fixture(scope="module")
-def peers_run(compare_runs: dict[str, tuple[Path, Popen]]) -> tuple[Path, subprocess.CompletedProcess]:
-    return _finished(*compare_runs["peers"])
-
-
-@pytest.fixture(scope="module")
 def seeds_run(compare_runs: dict[str, tuple[Path, Popen]]) -> tuple[Path, subprocess.CompletedProcess]:
     return _finished(*compare_runs["seeds"])
 
@@ -153,28 +159,24 @@ def test_compare_runs_all_arms_through_ray(compare_run: tuple[Path, subprocess.C
     assert len({json.dumps([r["partitions"] for r in d["rounds"]]) for d in results["arms"].values()}) == 1
 
 
-def _without_seconds(rounds: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in rounds]
-
-
 def test_a_rerun_on_this_machine_gives_identical_records_for_every_arm(
     tiny_run: tuple[Path, subprocess.CompletedProcess], seeds_run: tuple[Path, subprocess.CompletedProcess]
 ) -> None:
     """The two-round, two-client compare of ``tiny_run`` made a second time (as seed 0 of the
-    seeds run, in another process and directory, at the same time): every arm's round records are
-    identical, to the last digit, apart from the seconds they took."""
+    seeds run, in another process and directory, at the same time, without the peer arms): every
+    arm's round records are identical, to the last digit, apart from the seconds they took and the
+    Ray node's id."""
     first, proc = tiny_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     second, proc = seeds_run
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for arm in ("fedavg", "csg", "csg-frozen"):
+    for arm in RERUN_ARMS:
         a = json.loads((first / "arms" / f"{arm}.json").read_text())
         b = json.loads((second / "seed-0" / "arms" / f"{arm}.json").read_text())
         assert len(a["rounds"]) == 3
-        assert _without_seconds(a["rounds"]) == _without_seconds(b["rounds"]), arm
-        assert {k: v for k, v in a["config"].items() if k not in ("out-dir", "seeds")} == {
-            k: v for k, v in b["config"].items() if k not in ("out-dir", "seeds")
-        }
+        assert comparable(a["rounds"]) == comparable(b["rounds"]), arm
+        assert identity_of(a["config"]) == identity_of(b["config"])
+        assert (a["config"]["arms"], b["config"]["arms"]) == (",".join(TINY_ARMS), ",".join(RERUN_ARMS))
 
 
 def test_compare_over_seeds_reports_mean_and_std(seeds_run: tuple[Path, subprocess.CompletedProcess]) -> None:
@@ -182,7 +184,7 @@ def test_compare_over_seeds_reports_mean_and_std(seeds_run: tuple[Path, subproce
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "seed 1" in proc.stdout and "2 seeds" in proc.stdout  # progress, then the report's head
     results = json.loads((out / "results.json").read_text())
-    assert results["seeds"] == [0, 1] and list(results["summary"]) == ["fedavg", "csg", "csg-frozen"]
+    assert results["seeds"] == [0, 1] and list(results["summary"]) == list(RERUN_ARMS)
     for arm, figures in results["summary"].items():
         finals = [
             json.loads((out / f"seed-{seed}" / "arms" / f"{arm}.json").read_text())["rounds"][-1]["test_accuracy"]
@@ -194,7 +196,7 @@ def test_compare_over_seeds_reports_mean_and_std(seeds_run: tuple[Path, subproce
         assert spread["std"] == pytest.approx(abs(finals[0] - finals[1]) / 2**0.5)
     # Seeds change partitions, models and sampling: the two seeds do not give the same run (at this
     # size the accuracies may both sit at chance; the initial models' losses differ).
-    for arm in ("fedavg", "csg", "csg-frozen"):
+    for arm in RERUN_ARMS:
         losses = [results["per_seed"][seed]["arms"][arm]["rounds"][0]["test_loss"] for seed in ("0", "1")]
         assert losses[0] != losses[1], arm
     report = (out / "report.md").read_text()
@@ -271,22 +273,20 @@ def test_bad_input_through_the_console_entry_point(data_dir: Path, tmp_path: Pat
     assert not out.exists()
 
 
-def test_peer_arms_run_through_ray_with_honest_bytes(
-    peers_run: tuple[Path, subprocess.CompletedProcess], tiny_run: tuple[Path, subprocess.CompletedProcess]
-) -> None:
-    """fedavg+int8, fedpara and csg+topk through Flower's simulation engine on Ray, on the
-    partitions of ``tiny_run``: every encoded reply accepted, its bytes the encoded arrays' real
+def test_peer_arms_run_through_ray_with_honest_bytes(tiny_run: tuple[Path, subprocess.CompletedProcess]) -> None:
+    """fedavg+int8, fedpara and csg+topk through Flower's simulation engine on Ray, in the same
+    compare as fedavg and csg: every encoded reply accepted, its bytes the encoded arrays' real
     size (the offline messages of `fedcsg bytes`, to the byte), the downlink the full payload."""
     from fedcsg.fl.config import RunConfig
     from fedcsg.fl.traffic import arm_traffic
 
-    out, proc = peers_run
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    plain, proc = tiny_run
+    out, proc = tiny_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert list(results["arms"]) == list(PEER_ARMS)
-    base = {arm: json.loads((plain / "arms" / f"{arm}.json").read_text()) for arm in ("fedavg", "csg")}
+    assert sorted(results["arms"]) == sorted(TINY_ARMS) and results["config"]["arms"] == ",".join(TINY_ARMS)
+    base = {arm: json.loads((out / "arms" / f"{arm}.json").read_text()) for arm in RERUN_ARMS}
+    for arm in RERUN_ARMS:
+        del results["arms"][arm]
     cfg = RunConfig.from_mapping({k: v for k, v in results["config"].items() if k in RunConfig().to_flower()})
     for arm, data in results["arms"].items():
         rounds = data["rounds"]
@@ -311,3 +311,67 @@ def test_peer_arms_run_through_ray_with_honest_bytes(
     report = (out / "report.md").read_text()
     assert "| fedavg+int8 |" in report and "| csg+topk |" in report
     assert "Fewest wire bytes to the target accuracy" in report or "No arm reached the target accuracy" in report
+
+
+# -- an attached Ray cluster (last in the module: the compares above have finished by now) ------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ray_cluster(data_dir: Path, nodes: int = 2) -> Iterator[tuple[str, list[Popen]]]:
+    """A real Ray cluster on loopback: a head and ``nodes - 1`` raylets joined to it, one CPU each,
+    each `ray start --block` in a session of its own, with ``FEDCSG_DATA_DIR`` in its environment
+    (the clients' actors inherit the raylet's, not the driver's); always killed by session in the
+    end. Its files go to a short directory of its own: a Unix socket path holds at most 107 bytes."""
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    env = {**os.environ, "FEDCSG_DATA_DIR": str(data_dir)}
+    start = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--num-cpus=1", "--num-gpus=0"]
+    start += ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    procs: list[Popen] = []
+    with tempfile.TemporaryDirectory(prefix="fedcsg-ray-", dir="/tmp") as tmp:
+        head = [*start, "--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={tmp}/ray"]
+        try:
+            for i, command in enumerate([head] + [[*start, f"--address={address}"]] * (nodes - 1)):
+                log = Path(tmp) / f"node-{i}.log"
+                with log.open("w") as handle:
+                    node = Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                    procs.append(node)
+                deadline = time.monotonic() + 180
+                while "Ray runtime started" not in log.read_text():
+                    assert procs[-1].poll() is None, log.read_text()[-3000:]
+                    assert time.monotonic() < deadline, f"Ray node {i} did not start in 180 s"
+                    time.sleep(0.5)
+            yield address, procs
+        finally:
+            for proc in reversed(procs):
+                kill_session(proc)
+
+
+def test_run_on_an_attached_two_node_cluster_spreads_clients_and_matches_a_private_ray(
+    tiny_run: tuple[Path, subprocess.CompletedProcess], data_dir: Path, tmp_path: Path
+) -> None:
+    """`fedcsg run --set ray-address=HEAD` on a two-node cluster: the records name both nodes, equal
+    the same arm of ``tiny_run`` (a private Ray) in everything but where and how long, and the
+    cluster is still running after the run (fedcsg did not start it)."""
+    private, proc = tiny_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    quickstart = str(ROOT / "configs" / "quickstart.toml")
+    out = tmp_path / "cluster-run"
+    with ray_cluster(data_dir) as (address, nodes):
+        args = ["run", "--config", quickstart, "--arm", "csg", "--out", str(out), *_sets(TINY_RUN)]
+        run = _fedcsg(*args, "--set", f"ray-address={address}", data_dir=data_dir, cwd=ROOT)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert all(node.poll() is None for node in nodes)
+    attached = json.loads((out / "arms" / "csg.json").read_text())
+    reference = json.loads((private / "arms" / "csg.json").read_text())
+    ran_on = {node for r in attached["rounds"] for node in r["ray_nodes"]}
+    assert len(ran_on) == 2 and all(len(node) == 56 for node in ran_on)
+    assert all(len(r["ray_nodes"]) == len(r["partitions"]) for r in attached["rounds"])
+    assert comparable(attached["rounds"]) == comparable(reference["rounds"])
+    assert attached["config"]["ray-address"] == address

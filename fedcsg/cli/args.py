@@ -4,12 +4,14 @@ and running a parsed command (one-line errors, exit code 2)."""
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
 from fedcsg.nn.models import MODELS
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)  # printed on one line, exit code 2
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError)  # one line, exit code 2
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -64,3 +66,15 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = No
     except USER_ERRORS as error:
         print(f"fedcsg {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:
+        # Ctrl-C or SIGTERM (see fedcsg.fl.ray_cluster.interruptible); what the run started is stopped.
+        # Exit at once: the ServerApp thread of Flower's simulation engine is not a daemon and would
+        # hold the interpreter open waiting for replies that no longer come.
+        signum = getattr(stop, "signum", signal.SIGINT)
+        print(
+            f"fedcsg {args.command}: {signal.Signals(signum).name}: stopped; the records hold every completed round",
+            file=sys.stderr,
+        )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + signum)

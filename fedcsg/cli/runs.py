@@ -109,12 +109,15 @@ def prepare_out_dir(out_dir: Path, cfg: RunConfig, arms: list[str], overwrite: b
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def check_data(cfg: RunConfig) -> None:
-    """Find and read the labels of both splits (cheap), so a bad data path fails before anything runs."""
+def preflight(cfg: RunConfig) -> None:
+    """Find and read the labels of both splits (cheap), so a bad data path fails before anything runs;
+    and check that some Ray node can host a client of ``client-num-cpus``/``client-num-gpus``."""
     from fedcsg.data.readers import load_labels
+    from fedcsg.fl.ray_cluster import check_resources
 
     for split in ("train", "test"):
         load_labels(cfg.dataset, split, cfg.data_dir or None, hub_name=cfg.hub_name or None)
+    check_resources(cfg.ray_address, cfg.client_num_cpus, cfg.client_num_gpus)
 
 
 def _simulate_arm(cfg: RunConfig, arm: str, out_dir: Path, verbose: bool) -> None:
@@ -156,7 +159,7 @@ def _check_layout(out_dir: Path, cfg: RunConfig) -> None:
 
 
 def _run_arms(cfg: RunConfig, arms: list[str], out_dir: Path, overwrite: bool, verbose: bool) -> int:
-    check_data(cfg)
+    preflight(cfg)
     runs = seed_runs(cfg, out_dir)
     if overwrite:  # everything of an earlier run goes, whatever its seeds
         prepare_out_dir(out_dir, cfg, arms, overwrite=True)
@@ -258,7 +261,7 @@ def arm_progress(out_dir: Path, cfg: RunConfig, arm: str) -> int | None:
 def _resume_arms(cfg: RunConfig, arms: list[str], out_dir: Path, verbose: bool) -> int:
     """Skip the complete arms, continue the started one, run the missing ones (of every seed);
     everything is validated before anything runs or is written."""
-    check_data(cfg)
+    preflight(cfg)
     runs = seed_runs(cfg, out_dir)
     progress = [{arm: arm_progress(run_dir, run_cfg, arm) for arm in arms} for run_cfg, run_dir in runs]
     for (run_cfg, run_dir), done_by_arm in zip(runs, progress, strict=True):
@@ -307,6 +310,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     arms = [check_arm(a.strip()) for a in args.arms.split(",")] if args.arms else cfg.arm_list
     if not arms:
         raise ValueError("no arms to compare: give --arms fedavg,csg,csg-frozen or set arms in the config")
+    cfg = cfg.replace(arms=",".join(arms))  # the records name the arms this compare ran
     if args.resume:
         return _resume_arms(cfg, arms, out_dir, args.verbose)
     return _run_arms(cfg, arms, _default_out(args), args.overwrite, args.verbose)

@@ -12,12 +12,14 @@ name), so other people's Flower jobs on the same machine are left alone.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +99,33 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37  # prctl(2) options, <linux/prctl.h>
+
+
+@contextlib.contextmanager
+def adopting_orphans() -> Iterator[None]:
+    """Make this process the child subreaper (prctl(2)) for the block: a process below it whose
+    parent dies, such as a Ray worker whose raylet has just been shut down, becomes this process's
+    child instead of init's, so :func:`descendants` still finds it. Children that died in the block
+    and were adopted are reaped at its end (children this process had before are left to their
+    owners). Off Linux the block runs as is."""
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    before, was = set(_children().get(os.getpid(), [])), ctypes.c_int(0)
+    libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(was), 0, 0, 0)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    try:
+        yield
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, was.value, 0, 0, 0)
+        for pid in _children().get(os.getpid(), []):
+            if pid not in before and not _pid_alive(pid):
+                with contextlib.suppress(ChildProcessError, OSError):
+                    os.waitpid(pid, os.WNOHANG)
+
+
 def start_process(
     role: str, command: Sequence[str], log_path: str | Path, env: Mapping[str, str], cwd: str | Path | None = None
 ) -> tuple[subprocess.Popen, ProcessRecord]:
@@ -128,7 +157,13 @@ def stop_processes(records: Sequence[ProcessRecord], grace: float = 5.0) -> list
     for record in records:
         if record.alive():
             targets += [record.pid, *descendants(record.pid)]
-    targets = list(dict.fromkeys(targets))
+    return stop_pids(targets, grace)
+
+
+def stop_pids(pids: Sequence[int], grace: float = 5.0) -> list[int]:
+    """SIGTERM each live process of ``pids``, SIGKILL those still alive after ``grace`` seconds, and
+    reap those that are our children; returns the PIDs signalled."""
+    targets = [pid for pid in dict.fromkeys(pids) if _pid_alive(pid)]
     for pid in targets:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGTERM)
@@ -139,7 +174,7 @@ def stop_processes(records: Sequence[ProcessRecord], grace: float = 5.0) -> list
         if _pid_alive(pid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
-    for pid in targets:
+    for pid in dict.fromkeys(pids):
         # Reap our own children so they do not linger as zombies in a long-lived test process.
         with contextlib.suppress(ChildProcessError, OSError):
             os.waitpid(pid, os.WNOHANG)

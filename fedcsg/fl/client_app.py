@@ -15,12 +15,13 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
 from fedcsg.fl.config import RunConfig
 from fedcsg.fl.payload import PayloadLayout, load_payload, model_payload
+from fedcsg.fl.ray_cluster import PLACEMENT, placement_record
 from fedcsg.fl.task import TRAIN_FACTOR_KEY, build_arm_model, client_data, local_train, payload_layout
 from fedcsg.fl.uplink import Uplink, restore_downlink
 from fedcsg.nn.training import get_device
@@ -115,4 +116,5 @@ def train(msg: Message, context: Context) -> Message:
     )
     if residual is not None:
         context.state[RESIDUAL_KEY] = ArrayRecord({"residual": Array(residual)})
-    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    placement = ConfigRecord(placement_record())
+    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics, PLACEMENT: placement}), reply_to=msg)

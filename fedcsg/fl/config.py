@@ -27,6 +27,7 @@ from fedcsg.data.registry import get_spec
 from fedcsg.fl.arms import Arm, check_arm
 from fedcsg.fl.codecs import Codec
 from fedcsg.fl.payload import PACKINGS
+from fedcsg.fl.ray_cluster import check_address as check_ray_address
 from fedcsg.fl.server_opt import SERVER_OPTIMIZERS
 from fedcsg.fl.uplink import DOWNLINKS
 from fedcsg.nn.csg import AGGREGATIONS as CSG_AGGREGATIONS
@@ -43,7 +44,7 @@ DEVICES = ("auto", "cpu", "cuda")
 FAILED_ROUND_POLICIES = ("skip", "retry")  # fewer accepted replies than the minimum: keep the model, or resend once
 # Keys that say where or how a run is carried out, not what it computes: a resumed run may differ in them.
 # `seeds` only says how many runs to make; each run's own `seed` is part of its identity.
-NOT_IDENTITY_KEYS = ("out-dir", "arms", "resume", "seeds")
+NOT_IDENTITY_KEYS = ("out-dir", "arms", "resume", "seeds", "ray-address")
 # Keys added after runs were first checkpointed, whose default is what every earlier run did: they enter
 # a run's identity only when set otherwise, so a run checkpointed before they existed can still resume.
 IDENTITY_ONLY_OFF_DEFAULT = ("fedpara-ratio", "topk-fraction", "downlink")
@@ -245,6 +246,7 @@ class RunConfig:
     device: str = "auto"
     client_num_cpus: int = 1
     client_num_gpus: float = 0.0
+    ray_address: str = ""  # "" a private Ray, "auto" the cluster on this machine, HOST:PORT a head node
     target_accuracy: float = 0.5  # the report's "bytes to reach" threshold
     out_dir: str = ""  # where the ServerApp writes results; "" = runs/flwr-<run id>
     resume: bool = False  # continue from out-dir/state/<arm>.json when it exists (fedcsg run/compare --resume)
@@ -269,6 +271,7 @@ class RunConfig:
         _one_of("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
         _one_of("downlink", self.downlink, DOWNLINKS)
         check_fedpara_ratio(self.fedpara_ratio)
+        check_ray_address(self.ray_address)
         for name in ("server_momentum", "server_beta1", "server_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{_kebab(name)} = {getattr(self, name)!r} is not accepted: a number in [0, 1) is")

@@ -37,7 +37,9 @@ class RoundRecord:
     + ``failed`` (a client that raised, timed out or vanished has failed); ``rejected`` counts the
     replies that arrived but failed the checks; ``partitions`` are the clients whose updates were
     aggregated, ``failed_partitions`` those that failed (as far as the server can tell which
-    partition a node serves). ``status`` is ``initial`` (round 0), ``ok``, or ``failed`` when fewer
+    partition a node serves); ``ray_nodes`` names the Ray node that ran each of ``partitions``'
+    clients, in the same order ("" where it ran outside Ray, as on a deployed SuperNode). ``status``
+    is ``initial`` (round 0), ``ok``, or ``failed`` when fewer
     than the minimum of replies were accepted in every attempt and the global model was kept.
     ``started`` (when the round began, ``time.perf_counter``) is not recorded.
     """
@@ -53,6 +55,7 @@ class RoundRecord:
     failed: int = 0
     rejected: int = 0
     partitions: list[int] = field(default_factory=list)
+    ray_nodes: list[str] = field(default_factory=list)
     failed_partitions: list[int] = field(default_factory=list)
     status: str = "ok"
     attempts: int = 0
@@ -85,6 +88,14 @@ class RoundRecord:
 
 
 ROUND_FIELDS = tuple(f.name for f in dataclasses.fields(RoundRecord) if f.name != "started")
+# Fields that differ between two runs of the same config on the same data and seed: where and how
+# long it ran. Everything else in a round's record is a function of the config.
+RUN_SPECIFIC_FIELDS = ("seconds", "ray_nodes")
+
+
+def comparable(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Recorded rounds without :data:`RUN_SPECIFIC_FIELDS`: equal for equal runs."""
+    return [{k: v for k, v in r.items() if k not in RUN_SPECIFIC_FIELDS} for r in rounds]
 
 
 def seed_dir(out_dir: Path, seed: int) -> Path:

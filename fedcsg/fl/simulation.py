@@ -17,6 +17,8 @@ from pathlib import Path
 import tomli_w
 
 from fedcsg.fl.config import RunConfig
+from fedcsg.fl.ray_cluster import init_args, interruptible
+from fedcsg.fl.task import partition_rows
 
 SERVER_APP = "fedcsg.fl.server_app:app"
 CLIENT_APP = "fedcsg.fl.client_app:app"
@@ -39,16 +41,21 @@ def app_pyproject(cfg: RunConfig) -> dict:
 
 
 def backend_config(cfg: RunConfig) -> dict:
-    """Ray backend settings: per-client resources; Ray runs min(CPUs / num_cpus, GPUs / num_gpus)
+    """Ray backend settings: per-client resources, and the Ray to use (``ray-address``, see
+    :mod:`fedcsg.fl.ray_cluster`). On each node Ray runs min(CPUs / num_cpus, GPUs / num_gpus)
     clients at once and sets each actor's OMP_NUM_THREADS to its num_cpus."""
     return {
         "client_resources": {"num_cpus": cfg.client_num_cpus, "num_gpus": cfg.client_num_gpus},
-        "init_args": {"logging_level": "ERROR", "log_to_driver": True, "include_dashboard": False},
+        "init_args": init_args(cfg.ray_address),
     }
 
 
 def simulate(cfg: RunConfig, out_dir: Path, *, verbose: bool = False) -> None:
-    """Run ``cfg.arm`` on ``cfg.num_clients`` virtual SuperNodes; results go to ``out_dir/arms``."""
+    """Run ``cfg.arm`` on ``cfg.num_clients`` virtual SuperNodes; results go to ``out_dir/arms``.
+
+    SIGTERM, like Ctrl-C, ends the run with KeyboardInterrupt after shutting down what it started
+    (:func:`~fedcsg.fl.ray_cluster.interruptible`); the records hold every round completed before.
+    """
     from flwr.app import Context, RecordDict
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
     from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
@@ -63,7 +70,10 @@ def simulate(cfg: RunConfig, out_dir: Path, *, verbose: bool = False) -> None:
     cfg = cfg.replace(out_dir=str(Path(out_dir).absolute()))
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
-    with tempfile.TemporaryDirectory(prefix="fedcsg-app-") as app_dir:
+    # Every client's partition, computed once here and cached on disk: the clients read theirs from
+    # the cache without importing flwr-datasets (fedcsg.data.partitions).
+    partition_rows(cfg, 0, cfg.num_clients)
+    with interruptible(), tempfile.TemporaryDirectory(prefix="fedcsg-app-") as app_dir:
         (Path(app_dir) / "pyproject.toml").write_text(tomli_w.dumps(app_pyproject(cfg)))
         run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
         run = Run.create_empty(run_id=run_id)

@@ -20,6 +20,7 @@ from flwr.supercore import log
 
 from fedcsg.fl.config import FAILED_ROUND_POLICIES
 from fedcsg.fl.payload import PayloadLayout, check_specs, weighted_average
+from fedcsg.fl.ray_cluster import reported_node
 from fedcsg.fl.records import RoundRecord
 from fedcsg.fl.server_opt import Mask, ServerOptimizer
 from fedcsg.fl.traffic import accounted_wire_bytes, payload_bytes
@@ -357,7 +358,9 @@ class CSGFedAvg(FedAvg):
             return None, None
         traffic.status = "ok"
         accepted.sort(key=lambda item: item[0])
-        traffic.partitions = sorted(int(key[0]) for key, _, _ in accepted if key[0] != math.inf)
+        known = [(key, reply) for key, reply, _ in accepted if key[0] != math.inf]
+        traffic.partitions = [int(key[0]) for key, _ in known]
+        traffic.ray_nodes = [reported_node(reply.content) for _, reply in known]
         contents = [reply.content for _, reply, _ in accepted]
         weights = [int(next(iter(c.metric_records.values()))[WEIGHT_KEY]) for c in contents]
         arrays = weighted_average([decoded for _, _, decoded in accepted], weights)

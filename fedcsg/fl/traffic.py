@@ -14,6 +14,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedcsg.fl.config import RunConfig
 from fedcsg.fl.payload import model_payload
+from fedcsg.fl.ray_cluster import NODE_ID_HEX_LENGTH, NODE_ID_KEY, PLACEMENT
 from fedcsg.fl.task import build_arm_model, payload_layout
 from fedcsg.fl.uplink import Uplink, downlink_record, restore_downlink
 from fedcsg.nn.params import count_parameters
@@ -84,12 +85,15 @@ def train_replies(records: list[ArrayRecord], examples: list[object]) -> list[Me
     return replies
 
 
+# The placement record of a reply from a client run by Ray: a node id of Ray's width (a deployed
+# SuperNode's reply names no node and is NODE_ID_HEX_LENGTH bytes shorter).
+SIMULATED_PLACEMENT = ConfigRecord({NODE_ID_KEY: "0" * NODE_ID_HEX_LENGTH})
 UPDATE_SCALE = 1e-3  # std of the offline update that `round_messages` encodes (a small, non-zero step)
 
 
 def round_messages(cfg: RunConfig, node_id: int = 1) -> tuple[Message, Message]:
     """The train message a client receives and the reply it sends, as CSGFedAvg and the ClientApp
-    build them (same records, keys and metrics, downlink as ``cfg.downlink``).
+    build them in a simulation (same records, keys and metrics, downlink as ``cfg.downlink``).
 
     The reply of an arm with a codec is the real encoding of a non-zero update: the received
     payload's float entries moved by seeded noise of std :data:`UPDATE_SCALE`.
@@ -117,7 +121,7 @@ def round_messages(cfg: RunConfig, node_id: int = 1) -> tuple[Message, Message]:
     metrics = MetricRecord(
         {"num-examples": 5000, "train-loss": 1.0, "train-accuracy": 0.5, "train-seconds": 1.0, "partition-id": 0}
     )
-    up = Message(RecordDict({"arrays": reply, "metrics": metrics}), reply_to=down)
+    up = Message(RecordDict({"arrays": reply, "metrics": metrics, PLACEMENT: SIMULATED_PLACEMENT}), reply_to=down)
     return down, up
 
 

@@ -1,0 +1,205 @@
+"""Where a simulation's Ray runs, and how fedcsg leaves it.
+
+The run setting ``ray-address`` chooses the Ray that Flower's Ray backend uses:
+
+``""`` (default)
+    A private Ray started for the run and shut down after it. It is passed to ``ray.init`` as
+    Ray's own address ``"local"``, so a cluster that happens to run on this machine (``ray start``,
+    ``RAY_ADDRESS``) is never attached by accident.
+``"auto"``
+    The cluster started with ``ray start`` on this machine.
+``"HOST:PORT"``
+    The cluster whose head node (its GCS) listens there, e.g. ``10.0.0.5:6379``.
+
+An attached cluster is left running when the run ends (fedcsg did not start it): ``ray.shutdown``
+only disconnects this driver, and Ray removes the driver's actors with it. Every client reply names
+the Ray node that ran it (:func:`current_node_id`), and :class:`~fedcsg.fl.records.RoundRecord`
+keeps it (``ray_nodes``), so the spread of the work over the cluster is in the records.
+
+:func:`interruptible` turns SIGTERM into the KeyboardInterrupt that Ctrl-C raises (and so does the
+``sys.exit(SIGTERM)`` of the handler that ``ray.init`` installs), so that Flower's simulation engine
+runs its own shutdown (actors terminated, ``ray.shutdown()``); whatever this process started below
+it and is still alive a moment later is then stopped by PID. Ray workers outlive their raylet for a
+while on a busy machine; the run adopts them (Linux's child subreaper) so that they are found too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import threading
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+ACCEPTED_ADDRESSES = '"" (a private Ray), "auto" (the cluster on this machine) or HOST:PORT of a head node'
+CONNECT_TIMEOUT = 10.0  # seconds to reach a head node's port before the run is refused
+PRIVATE_RAY = "local"  # ray.init's address for "start a new local Ray, attach to nothing"
+
+
+def check_address(value: str) -> str:
+    """``value`` if it is an accepted ``ray-address``, else a one-line ValueError."""
+    if value in ("", "auto"):
+        return value
+    host, sep, port = value.rpartition(":")
+    if sep and host and port.isdigit() and 0 < int(port) < 65536 and "/" not in value:
+        return value
+    raise ValueError(f"ray-address = {value!r} is not accepted: {ACCEPTED_ADDRESSES} is")
+
+
+def init_args(address: str) -> dict[str, Any]:
+    """``ray.init`` arguments for Flower's Ray backend (its ``init_args``) to reach ``address``."""
+    return {
+        "address": address or PRIVATE_RAY,
+        "logging_level": "ERROR",
+        "log_to_driver": True,
+        "include_dashboard": False,
+    }
+
+
+def local_resources() -> dict[str, float]:
+    """What a private Ray on this machine offers: its usable CPUs and CUDA devices."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    except ImportError:
+        gpus = 0
+    return {"CPU": float(cpus), "GPU": float(gpus)}
+
+
+def cluster_resources(address: str) -> list[dict[str, float]]:
+    """The resources of every live node of the cluster at ``address`` ("auto" or HOST:PORT), read
+    through a short connection of this driver (closed again before the run starts)."""
+    import ray
+
+    if address != "auto":  # Ray itself retries an unreachable head for minutes
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT).close()
+        except OSError as error:
+            raise ConnectionError(
+                f"ray-address = {address!r}: no Ray head answers there ({error.strerror or error}); "
+                "start one with `ray start --head --port PORT` or pass the address it printed"
+            ) from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # Ray's tip about accelerator env vars
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False, include_dashboard=False)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConnectionError(f"ray-address = {address!r}: no Ray cluster could be reached there ({first})") from None
+    try:
+        return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive") and node.get("Resources")]
+    finally:
+        ray.shutdown()
+
+
+def check_client_resources(num_cpus: float, num_gpus: float, nodes: list[dict[str, float]]) -> None:
+    """Fail in one line unless at least one node can host a client asking for ``num_cpus`` CPUs and
+    ``num_gpus`` GPUs (Flower's actor pool would otherwise be empty and the run would wait forever)."""
+
+    def fits(node: dict[str, float]) -> bool:
+        return node.get("CPU", 0.0) >= num_cpus and (num_gpus == 0 or node.get("GPU", 0.0) >= num_gpus)
+
+    if any(fits(node) for node in nodes):
+        return
+    most_cpus = max((node.get("CPU", 0.0) for node in nodes), default=0.0)
+    most_gpus = max((node.get("GPU", 0.0) for node in nodes), default=0.0)
+    raise ValueError(
+        f"client-num-cpus = {num_cpus:g} with client-num-gpus = {num_gpus:g} fits on no Ray node "
+        f"({len(nodes)} node(s), at most {most_cpus:g} CPUs and {most_gpus:g} GPUs on one): "
+        "accepted are resources that one node has"
+    )
+
+
+def check_resources(address: str, num_cpus: float, num_gpus: float) -> None:
+    """:func:`check_client_resources` against the Ray that ``address`` names."""
+    nodes = [local_resources()] if not address else cluster_resources(address)
+    check_client_resources(num_cpus, num_gpus, nodes)
+
+
+PLACEMENT = "placement"  # the ConfigRecord of a train reply that names where the client ran
+NODE_ID_KEY = "ray-node-id"
+NODE_ID_HEX_LENGTH = 56  # Ray's NodeID is 28 bytes, written in hex
+
+
+def placement_record() -> dict[str, str]:
+    """The content of a train reply's :data:`PLACEMENT` record: the Ray node that ran the client."""
+    return {NODE_ID_KEY: current_node_id()}
+
+
+def reported_node(content: Any) -> str:
+    """The Ray node id a reply's RecordDict ``content`` names; "" if it names none."""
+    if PLACEMENT not in content.config_records:
+        return ""
+    value = content.config_records[PLACEMENT].get(NODE_ID_KEY, "")
+    return value if isinstance(value, str) else ""
+
+
+def current_node_id() -> str:
+    """The id (hex) of the Ray node this code runs on; "" outside Ray (a deployed SuperNode)."""
+    import sys
+
+    if "ray" not in sys.modules:
+        return ""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised in the main thread by SIGTERM (``signum`` says which signal), as Ctrl-C raises
+    KeyboardInterrupt, so that ``finally`` blocks and Flower's shutdown run."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def interruptible(grace: float = 5.0) -> Iterator[None]:
+    """Run the block with SIGTERM raising :class:`Interrupted`; if the block is interrupted, stop
+    every process this one started below it (a private Ray's GCS, raylet and actors) that Flower's
+    own shutdown left alive, SIGTERM first and SIGKILL after ``grace`` seconds, then re-raise.
+
+    Outside the main thread (where Python cannot install signal handlers) the block runs as is.
+    """
+    from fedcsg.deploy.processes import adopting_orphans, descendants, stop_pids
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum: int, _frame: object) -> None:
+        raise Interrupted(signum)
+
+    def clean_up() -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+        below = descendants(os.getpid())
+        with contextlib.suppress(Exception):
+            import ray
+
+            ray.shutdown()
+        stop_pids(below + descendants(os.getpid()), grace)  # and the workers adopted meanwhile
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    # Flower shuts Ray down before the interruption reaches us: its raylet is gone by then, and the
+    # workers it started are found below this process only because this process adopts them.
+    with adopting_orphans():
+        try:
+            yield
+        except KeyboardInterrupt:
+            clean_up()
+            raise
+        except SystemExit as stop:
+            # ray.init replaces the SIGTERM handler with one that calls sys.exit(SIGTERM).
+            if stop.code != signal.SIGTERM:
+                raise
+            clean_up()
+            raise Interrupted(signal.SIGTERM) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
