@@ -92,6 +92,30 @@ def secure_federation(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) 
         assert not any(federation.alive().values()), federation.alive()
 
 
+def test_the_app_bundle_holds_the_settings_and_entry_points_only() -> None:
+    """The FAB that `flwr run .` builds from the repository (Flower's own builder, with the
+    pyproject's ``fab-include``): the run settings and the two components, no file of tests/,
+    simulations/, docs/, the README or the package's sources; far under 100 kB. The two
+    components it names load from the fedcsg installed beside Flower (as on every node)."""
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.supercore.object_ref import load_app
+
+    fab = build_fab_from_disk(ROOT)
+    names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
+    assert sorted(names) == [".info/CONTENT", "pyproject.toml"]
+    assert len(fab) < 10_000
+    config = tomllib.loads(zipfile.ZipFile(io.BytesIO(fab)).read("pyproject.toml").decode())
+    components = config["tool"]["flwr"]["app"]["components"]
+    assert components == {"serverapp": "fedcsg.fl.server_app:app", "clientapp": "fedcsg.fl.client_app:app"}
+    assert set(config["tool"]["flwr"]["app"]["config"]) == set(RunConfig().to_flower())
+    for reference in components.values():
+        assert load_app(reference, ValueError) is not None
+    print(f"app bundle: {len(fab):,} bytes, {len(names)} files")
+
+
 def test_secure_federation_runs_two_rounds_of_csg(secure_federation: Federation, data_dir: Path) -> None:
     federation = secure_federation
     assert federation.secure and len(federation.node_ids) == 2

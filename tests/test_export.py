@@ -248,3 +248,49 @@ def test_export_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as error:
         _cli(["export", "--checkpoint", str(checkpoint), "--format", "tflite"])
     assert error.value.code == 2
+
+
+def test_compact_model_predicts_on_a_device_without_flower(tmp_path: Path, data_env: Path) -> None:
+    """`fedcsg.deploy.on_device` in a fresh interpreter: loads the compact files of csg and
+    csg-frozen ResNet-20 and predicts 500 CIFAR-10 test images (uint8, as stored) exactly as the
+    model that wrote them, without ever importing flwr, ray, datasets or matplotlib."""
+    import subprocess
+    import sys
+
+    from fedcsg.data.readers import load_split
+    from fedcsg.deploy.on_device import predict
+
+    test = load_split("cifar10", "test", limit=500, seed=0)
+    np.save(tmp_path / "images.npy", test.images.numpy())
+    expected = {}
+    for arm in ("csg", "csg-frozen"):
+        info = ModelSettings(model="resnet20", arm=arm)
+        model = calibrated(info)
+        export_model(model, info, "compact", tmp_path / f"{arm}.compact.safetensors")
+        metadata = {"mean": json.dumps(list(test.spec.mean)), "std": json.dumps(list(test.spec.std))}
+        expected[arm] = predict(model, test.images, metadata).tolist()
+    assert len(set(expected["csg"])) > 1  # predictions spread over classes: a real comparison
+    script = (
+        "import json, resource, sys\n"
+        "import numpy as np, torch\n"
+        "from fedcsg.deploy.on_device import load_compact, predict\n"
+        "images = torch.from_numpy(np.load(sys.argv[1]))\n"
+        "out = {}\n"
+        "for arm in ('csg', 'csg-frozen'):\n"
+        "    model, info, metadata = load_compact(sys.argv[2] + '/' + arm + '.compact.safetensors')\n"
+        "    out[arm] = predict(model, images, metadata).tolist()\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'flwr', 'ray', 'datasets', 'matplotlib'})\n"
+        "rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "print(json.dumps({'predictions': out, 'heavy': heavy, 'peak_rss_mib': rss}))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "images.npy"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout)
+    print(f"on-device load + predict of 500 images, two models: peak RSS {result['peak_rss_mib']:.0f} MiB")
+    assert result["heavy"] == []
+    assert result["predictions"] == expected

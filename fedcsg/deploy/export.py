@@ -40,33 +40,19 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from fedcsg.data.registry import get_spec
+from fedcsg.deploy.on_device import COMPACT_FORMAT, load_state, read_safetensors
 from fedcsg.fl.arms import MODELS
 from fedcsg.fl.config import ModelSettings
 from fedcsg.fl.model_file import CHECKPOINT_FORMAT, FORMAT_VERSION, cpu_tensors
 from fedcsg.fl.payload import PayloadLayout, load_payload
 from fedcsg.nn.csg import frozen_generator_keys, generators, is_csg, materialize
 
-COMPACT_FORMAT = "fedcsg-compact"
 EXPORT_FORMATS = ("compact", "torchscript", "onnx")
 SUFFIXES = {"compact": ".compact.safetensors", "torchscript": ".pt", "onnx": ".onnx"}
 ONNX_OPSET = 17
 
 
 # ------------------------------------------------------------------------------------- loading
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
-
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"{path} is not a safetensors file: {str(error).splitlines()[0]}") from None
-    return tensors, metadata
 
 
 def recorded_run_config(run_dir: Path, arm: str | None) -> dict[str, Any] | None:
@@ -151,7 +137,7 @@ def load_checkpoint(
         metadata: dict[str, str] = {}
         run_config = run_config or source
     else:
-        tensors, metadata = _read_safetensors(path)
+        tensors, metadata = read_safetensors(path)
     if metadata.get("format") in (CHECKPOINT_FORMAT, COMPACT_FORMAT) or "model" in metadata:
         info = ModelSettings.from_mapping(metadata)
     else:
@@ -167,30 +153,11 @@ def load_checkpoint(
     state = model.state_dict()
     frozen = frozen_generator_keys(model)
     if set(tensors) <= set(state):
-        _load_state(model, tensors, frozen, path)
+        load_state(model, tensors, frozen, path)
     else:
         _load_packed(model, tensors, path)
     model.eval()
     return model, info
-
-
-def _load_state(model: nn.Module, tensors: dict[str, torch.Tensor], frozen: set[str], path: Path) -> None:
-    state = model.state_dict()
-    missing = set(state) - set(tensors) - frozen
-    if missing:
-        raise ValueError(f"{path} lacks {len(missing)} tensor(s) of the model, e.g. {sorted(missing)[:3]}")
-    for key, value in tensors.items():
-        if value.shape != state[key].shape or value.dtype != state[key].dtype:
-            raise ValueError(
-                f"{path}: {key} is {value.dtype}{list(value.shape)}, the model's is "
-                f"{state[key].dtype}{list(state[key].shape)}"
-            )
-        if key in frozen and not torch.equal(value, state[key]):
-            # A stored frozen generator must be the one its seed draws, else the file and its
-            # metadata disagree and a compact export (seed only) would not rebuild this model.
-            seed = next((g.seed for g in generators(model).values()), None)
-            raise ValueError(f"{path}: the stored frozen generator {key} is not the one seed {seed} draws")
-    model.load_state_dict(tensors, strict=False)
 
 
 def _load_packed(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:

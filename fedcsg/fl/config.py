@@ -26,10 +26,6 @@ from fedcsg.data.registry import DATASETS as DATASET_SPECS
 from fedcsg.data.registry import get_spec
 from fedcsg.fl.arms import Arm, check_arm
 from fedcsg.fl.codecs import Codec
-from fedcsg.fl.payload import PACKINGS
-from fedcsg.fl.ray_cluster import check_address as check_ray_address
-from fedcsg.fl.server_opt import SERVER_OPTIMIZERS
-from fedcsg.fl.uplink import DOWNLINKS
 from fedcsg.nn.csg import AGGREGATIONS as CSG_AGGREGATIONS
 from fedcsg.nn.csg import INITS as CSG_INITS
 from fedcsg.nn.csg import CSGConfig, SliceShape
@@ -252,6 +248,13 @@ class RunConfig:
     resume: bool = False  # continue from out-dir/state/<arm>.json when it exists (fedcsg run/compare --resume)
 
     def __post_init__(self) -> None:
+        # Imported here: these modules import Flower, and ModelSettings (this module's other half)
+        # must load on a device that has none (fedcsg.deploy.on_device).
+        from fedcsg.fl.payload import PACKINGS
+        from fedcsg.fl.ray_cluster import check_address as check_ray_address
+        from fedcsg.fl.server_opt import SERVER_OPTIMIZERS
+        from fedcsg.fl.uplink import DOWNLINKS
+
         for name in POSITIVE_INTS:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{_kebab(name)} = {getattr(self, name)!r} is not accepted: a positive integer is")
