@@ -107,6 +107,18 @@ def test_labels_only_equal_decoded_labels_and_pixels(data_dir: Path, cifar_test_
     assert np.array_equal(subset.images[7].permute(1, 2, 0).numpy(), direct)
 
 
+def test_rows_are_read_a_batch_at_a_time_in_the_order_given(data_dir: Path) -> None:
+    """A client's rows, streamed PARQUET_BATCH_ROWS at a time, equal those taken from the whole file:
+    unsorted, repeated, on both sides of batch boundaries, and none at all."""
+    path = data_dir / "cifar10" / "test.parquet"
+    size = readers.PARQUET_BATCH_ROWS
+    rng = np.random.default_rng(3)
+    rows = np.concatenate([[size, size - 1, 0, 9999, size], rng.choice(10000, size=500, replace=False)])
+    whole = pq.read_table(path, columns=["img", "label"])
+    assert readers._take_parquet_rows(path, rows, ["img", "label"]).equals(whole.take(pa.array(rows)))
+    assert readers._take_parquet_rows(path, np.array([], dtype=np.int64), ["label"]).num_rows == 0
+
+
 def test_bad_index_and_limit(data_env: Path) -> None:
     with pytest.raises(ValueError, match="index 10000 out of range"):
         readers.load_split("cifar10", "test", indices=[0, 10000])

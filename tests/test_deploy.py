@@ -9,6 +9,7 @@ Every process is started on free ports with a temporary FLWR_HOME and stopped by
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+from flwr.cli.build import build_fab_from_disk
 
 from fedcsg.cli import deploy as deploy_cli
 from fedcsg.deploy.credentials import make_certificates, make_node_keys
@@ -50,6 +52,7 @@ from fedcsg.deploy.processes import (
     stop_processes,
 )
 from fedcsg.fl.config import RunConfig
+from fedcsg.fl.report import load_results, summarize
 from fedcsg.fl.task import build_arm_model, payload_layout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +103,6 @@ def test_the_app_bundle_holds_the_settings_and_entry_points_only() -> None:
     import io
     import zipfile
 
-    from flwr.cli.build import build_fab_from_disk
     from flwr.supercore.object_ref import load_app
 
     fab = build_fab_from_disk(ROOT)
@@ -157,9 +159,25 @@ def test_secure_federation_runs_two_rounds_of_csg(secure_federation: Federation,
         assert entry["wire_up"] > entry["payload_up"] and entry["wire_down"] > entry["payload_down"]
         assert 0.0 <= entry["test_accuracy"] <= 1.0 and math.isfinite(entry["train_loss"])
     assert (out_dir / "results.json").is_file() and (out_dir / "report.md").is_file()
+    # Each node downloaded the bundle `flwr run` built from the repository once: the report counts it
+    # beside the rounds' downlink, a node's share of each round (both nodes got the same message).
+    bundle = _get_fab_reply_bytes(build_fab_from_disk(ROOT))
+    assert record["bundle_bytes"] == bundle
+    node_total = bundle + sum(r["wire_down"] // 2 for r in record["rounds"][1:])
+    assert all(r["wire_down"] % 2 == 0 for r in record["rounds"][1:])
+    assert summarize(load_results(out_dir))["csg"]["node_download_bytes"] == node_total
+    assert f"| csg | {bundle:,} B |" in (out_dir / "report.md").read_text()
+    assert f"{node_total:,} B" in (out_dir / "report.md").read_text()
     log = Path(superlink.log).read_text(errors="replace")
     for node_id in federation.node_ids:
         assert f"Activated node_id={node_id}" in log
+
+
+def _get_fab_reply_bytes(fab: bytes) -> int:
+    """The serialized size of the SuperLink's reply to a SuperNode's GetFab request for ``fab``."""
+    from flwr.proto.fab_pb2 import Fab, GetFabResponse  # pylint: disable=E0611
+
+    return GetFabResponse(fab=Fab(hash_str=hashlib.sha256(fab).hexdigest(), content=fab)).ByteSize()
 
 
 def _assert_tls_only(federation: Federation) -> None:

@@ -55,6 +55,7 @@ def load_results(out_dir: Path) -> dict[str, Any]:
                 "config": arms[arm]["config"],
                 "parameters": arms[arm].get("parameters"),
                 "payload_bytes": arms[arm].get("payload_bytes"),
+                "bundle_bytes": arms[arm].get("bundle_bytes"),
                 "rounds": arms[arm]["rounds"],
             }
             for arm in order
@@ -74,12 +75,22 @@ def _wire_total(record: dict[str, Any] | None) -> int | None:
     return None if record is None else record["cum_wire_up"] + record["cum_wire_down"]
 
 
+def node_download_bytes(bundle_bytes: int | None, rounds: list[dict[str, Any]]) -> int | None:
+    """What one node sampled in every round downloads over the run: the app bundle (once) and its
+    share of each round's downlink (every sampled node gets the same message). None without a bundle
+    (a simulation)."""
+    if bundle_bytes is None:
+        return None
+    return bundle_bytes + sum(round(r["wire_down"] / r["sampled"]) for r in rounds if r["sampled"])
+
+
 def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per-arm figures of the report (see :func:`write_report`).
 
     Besides the arm's own figures: the wire bytes (up + down, cumulative) until the test accuracy
     first reaches ``target-accuracy``, and until it first reaches fedavg's final accuracy minus
-    :data:`MATCH_MARGIN` (when the run has a fedavg arm); ``None`` where it never did.
+    :data:`MATCH_MARGIN` (when the run has a fedavg arm); ``None`` where it never did. In a
+    deployment, the app bundle each node downloaded and :func:`node_download_bytes`.
     """
     target = float(results["config"].get("target-accuracy", 0.5))
     fedavg_rounds = [r for r in results["arms"].get("fedavg", {}).get("rounds", []) if r["round"] > 0]
@@ -113,6 +124,8 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "failed_rounds": sum(r.get("status") == "failed" for r in rounds),
             "failed_replies": sum(r.get("failed") or 0 for r in rounds),
             "rejected_replies": sum(r.get("rejected") or 0 for r in rounds),
+            "bundle_bytes": data.get("bundle_bytes"),
+            "node_download_bytes": node_download_bytes(data.get("bundle_bytes"), rounds),
         }
     if "fedavg" in summary:
         base = summary["fedavg"]
@@ -171,6 +184,30 @@ def _setup(cfg: dict[str, Any]) -> str:
     )
 
 
+def _node_download_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
+    """The deployment's table of what one node downloads in all (empty for a simulation)."""
+    deployed = {arm: s for arm, s in summary.items() if s["bundle_bytes"] is not None}
+    if not deployed:
+        return []
+    lines = [
+        "",
+        "## What one node downloads",
+        "",
+        "Each SuperNode downloaded the app bundle once for the run (the serialized `GetFab` reply) "
+        "before its first round; the total is that of a node sampled in every round.",
+        "",
+        "| arm | app bundle, once | wire down / round / node | rounds | total download / node |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for arm, s in deployed.items():
+        per_node = s["node_download_bytes"] - s["bundle_bytes"]
+        lines.append(
+            f"| {arm} | {s['bundle_bytes']:,} B | {_mb(per_node / s['rounds'])} | {s['rounds']} | "
+            f"{s['node_download_bytes']:,} B ({_mb(s['node_download_bytes'])}) |"
+        )
+    return lines
+
+
 def _report_markdown(results: dict[str, Any], summary: dict[str, dict[str, Any]]) -> str:
     cfg = results["config"]
     first = summary[next(iter(summary))]
@@ -202,6 +239,7 @@ def _report_markdown(results: dict[str, Any], summary: dict[str, dict[str, Any]]
     lines += ["", fewest_bytes_sentence({arm: s["wire_bytes_to_target"] for arm, s in summary.items()}, goal_target)]
     if first["match_accuracy"] is not None:
         lines.append(fewest_bytes_sentence({arm: s["wire_bytes_to_match"] for arm, s in summary.items()}, goal_match))
+    lines += _node_download_lines(summary)
     faults = [
         f"{arm}: {s['failed_rounds']} failed round(s), {s['failed_replies']} failed and "
         f"{s['rejected_replies']} rejected client replies"

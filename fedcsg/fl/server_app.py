@@ -22,6 +22,7 @@ from fedcsg.fl.report import write_report
 from fedcsg.fl.server_opt import Mask, ServerOptimizer
 from fedcsg.fl.strategy import CSGFedAvg, lr_schedule
 from fedcsg.fl.task import TRAIN_FACTOR_KEY, build_arm_model, evaluate_model, payload_layout, test_data
+from fedcsg.fl.traffic import bundle_download_bytes
 from fedcsg.fl.uplink import Uplink
 from fedcsg.nn.csg import FACTORS, factor_keys, frozen_keys, round_factor
 from fedcsg.nn.params import count_parameters
@@ -115,9 +116,15 @@ def resumable_checkpoint(cfg: RunConfig, out_dir: Path, layout: PayloadLayout) -
 
 
 def arm_recorder(
-    cfg: RunConfig, out_dir: Path, model: nn.Module, layout: PayloadLayout, resumed_from: list[int]
+    cfg: RunConfig,
+    out_dir: Path,
+    model: nn.Module,
+    layout: PayloadLayout,
+    resumed_from: list[int],
+    bundle_bytes: int | None = None,
 ) -> ArmRecorder:
-    """The recorder of ``out_dir/arms/<arm>.json``, with what the arm sends besides its rounds."""
+    """The recorder of ``out_dir/arms/<arm>.json``, with what the arm sends besides its rounds:
+    ``bundle_bytes`` is the app bundle each node downloads once per run (None in a simulation)."""
     return ArmRecorder(
         out_dir,
         cfg.arm,
@@ -127,6 +134,7 @@ def arm_recorder(
             "payload_bytes": layout.nbytes,
             "payload_keys": layout.keys,
             "resumed_from": resumed_from,
+            "bundle_bytes": bundle_bytes,
         },
     )
 
@@ -172,7 +180,7 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress: Callable
     test = test_data(cfg)
     strategy = build_strategy(cfg, layout, model)
     resumed_from = [*checkpoint.resumed_from, checkpoint.round] if checkpoint else []
-    recorder = arm_recorder(cfg, out_dir, model, layout, resumed_from)
+    recorder = arm_recorder(cfg, out_dir, model, layout, resumed_from, bundle_download_bytes(grid.run))
     if checkpoint is not None:
         recorder.rounds = [dict(r) for r in checkpoint.rounds]
         strategy.load_state_dict(checkpoint.strategy)

@@ -4,12 +4,15 @@ offline (no training)."""
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.serde_utils import error_to_proto, metadata_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
 from flwr.supercore.inflatable.inflatable_object import add_header_to_object_body, get_all_nested_objects
+from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedcsg.fl.config import RunConfig
@@ -36,6 +39,30 @@ def wire_bytes(message: Message) -> int:
     transport's own framing (gRPC/HTTP headers, polling, heartbeats).
     """
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+
+
+def bundle_download_bytes(run: Run) -> int | None:
+    """Bytes of the app bundle that each SuperNode downloads once per run: the serialized reply to
+    its ``GetFab`` request (the FAB and its hash; transport framing aside, as in :func:`wire_bytes`).
+
+    The ServerApp never sees the FAB itself, only the app the SuperLink installed from it under
+    ``FLWR_HOME``; Flower's builder is deterministic, so the FAB is rebuilt from that directory and
+    counted only if its SHA-256 is the run's ``fab_hash``. None in a simulation (no FAB) or when
+    the rebuilt bundle is not the run's.
+    """
+    if not run.fab_hash:
+        return None
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.common.config import get_project_dir
+    from flwr.proto.fab_pb2 import Fab, GetFabResponse  # pylint: disable=E0611
+
+    try:
+        fab = build_fab_from_disk(get_project_dir(run.fab_id, run.fab_version, run.fab_hash))
+    except (OSError, ValueError):
+        return None
+    if hashlib.sha256(fab).hexdigest() != run.fab_hash:
+        return None
+    return GetFabResponse(fab=Fab(hash_str=run.fab_hash, content=fab)).ByteSize()
 
 
 def _canonical_deflate(message: Message) -> bytes:
