@@ -10,8 +10,8 @@ same core. Measured per run:
 ``cgroup peak``
     ``memory.max_usage_in_bytes`` of the group (RSS and page cache of every process in it);
 ``tree RSS peak``
-    the largest sum of the resident memory of the SuperNode's process tree, sampled every 0.1 s
-    (pages shared between the processes, such as torch's libraries, are counted in each);
+    the largest sum of the resident memory of the SuperNode and every process below it, sampled
+    every 0.1 s (pages shared between the processes, such as torch's libraries, are counted in each);
 ``supernode / superexec / clientapp peak RSS``
     the kernel's own peak RSS (``VmHWM``) of the SuperNode, of the SuperExec it starts, and of the
     ClientApp process the SuperExec starts for the run (all three in the group, on the one core);
@@ -48,9 +48,10 @@ import threading
 import time
 from pathlib import Path
 
-from benchlib import print_table, tree_rss, write_json
+from benchlib import print_table, write_json
 
 from fedcsg.deploy.federation import FederationPlan, run_app, start_federation, wait_for_nodes
+from fedcsg.deploy.processes import descendants
 
 ROOT = Path(__file__).resolve().parents[1]
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
@@ -58,6 +59,7 @@ MIB = 1024 * 1024
 # The node's processes: the SuperNode, the SuperExec it starts, and the ClientApp process the SuperExec
 # starts for the run.
 ROLES = ("supernode", "superexec", "clientapp")
+MEMORY = ("VmRSS", "VmHWM")  # the fields of /proc/PID/status read, in kB
 # The model and the data set it trains on.
 MODELS = {"resnet20": "cifar10", "fmnist-cnn": "fashion-mnist"}
 
@@ -103,36 +105,28 @@ def _role(pid: int) -> str:
     return Path(argv[0].decode(errors="replace")).name
 
 
-def process_peaks(root: int) -> dict[str, int]:
-    """The kernel's peak RSS (``VmHWM``) of each process under ``root`` (itself included), by role."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        try:
-            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
-        except OSError:
-            continue
-        if stat:
-            children.setdefault(int(stat[stat.rfind(")") + 2 :].split()[1]), []).append(int(entry.name))
-    peaks: dict[str, int] = {}
-    todo = [root]
-    while todo:
-        pid = todo.pop()
-        todo += children.get(pid, [])
+def sample_tree(root: int) -> tuple[int, dict[str, int]]:
+    """One look at ``root`` and every process below it: the sum of their resident memory now
+    (``VmRSS``), and the kernel's peak RSS (``VmHWM``) of each, by role."""
+    rss, peaks = 0, {}
+    for pid in [root, *descendants(root)]:
         try:
             status = Path(f"/proc/{pid}/status").read_text()
             role = _role(pid)
         except OSError:
-            continue
-        hwm = next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:")), 0)
-        if hwm:  # a zombie has no memory and no command line
-            peaks[role] = max(peaks.get(role, 0), hwm)
-    return peaks
+            continue  # gone since the walk
+        kib = {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in status.splitlines()) if k in MEMORY}
+        rss += kib.get("VmRSS", 0) * 1024
+        if kib.get("VmHWM"):  # a zombie has no memory and no command line
+            peaks[role] = max(peaks.get(role, 0), kib["VmHWM"] * 1024)
+    return rss, peaks
 
 
 def _sample_peak(pid: int, stop: threading.Event, peak: list[int], by_role: dict[str, int]) -> None:
     while not stop.is_set():
-        peak[0] = max(peak[0], tree_rss(pid))
-        for role, hwm in process_peaks(pid).items():
+        rss, peaks = sample_tree(pid)
+        peak[0] = max(peak[0], rss)
+        for role, hwm in peaks.items():
             by_role[role] = max(by_role.get(role, 0), hwm)
         stop.wait(0.1)
 

@@ -48,11 +48,11 @@ def _check_parquet_schema(path: Path, schema: pa.Schema) -> None:
 def _checked_parquet(path: Path) -> pq.ParquetFile:
     """A CIFAR-style parquet file, opened (memory-mapped) after checking its schema."""
     try:
-        schema = pq.read_schema(path)
+        parquet = pq.ParquetFile(path, memory_map=True)
     except (pa.ArrowException, OSError) as exc:
         raise _parquet_schema_error(path, f"not a readable parquet file ({type(exc).__name__})") from exc
-    _check_parquet_schema(path, schema)
-    return pq.ParquetFile(path, memory_map=True)
+    _check_parquet_schema(path, parquet.schema_arrow)
+    return parquet
 
 
 def _read_parquet(path: Path, columns: Sequence[str]) -> pa.Table:
