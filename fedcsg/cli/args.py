@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
+from fedcsg.fl.records import RunFailed
 from fedcsg.nn.models import MODELS
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError)  # one line, exit code 2
@@ -66,6 +67,9 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = No
     except USER_ERRORS as error:
         print(f"fedcsg {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except RunFailed as error:  # nothing trained: its records are written, the exit code says it failed
+        print(f"fedcsg {args.command}: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as stop:
         # Ctrl-C or SIGTERM (see fedcsg.fl.ray_cluster.interruptible); what the run started is stopped.
         # Exit at once: the ServerApp thread of Flower's simulation engine is not a daemon and would

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -120,24 +119,36 @@ def preflight(cfg: RunConfig) -> None:
     check_resources(cfg.ray_address, cfg.client_num_cpus, cfg.client_num_gpus)
 
 
-def _simulate_arm(cfg: RunConfig, arm: str, out_dir: Path, verbose: bool) -> None:
+def _simulate(runs: list[RunConfig], out_dir: Path, verbose: bool) -> None:
+    """Run ``runs`` (one arm of one seed each, with its ``out_dir``) in one Flower simulation and
+    check that each recorded every round; if one of them trained nothing
+    (:class:`~fedcsg.fl.records.RunFailed`), the report of what was recorded is written first."""
+    from fedcsg.fl.records import RunFailed
     from fedcsg.fl.simulation import simulate
 
-    seed = f", seed {cfg.seed}" if cfg.seeds else ""
-    print(
-        f"== arm {arm}: {cfg.model} on {cfg.dataset}, {cfg.num_clients} clients, {cfg.num_rounds} rounds{seed}",
-        flush=True,
-    )
-    simulate(cfg.replace(arm=arm), out_dir, verbose=verbose)
-    rounds = json.loads((out_dir / "arms" / f"{arm}.json").read_text())["rounds"]
-    if [r["round"] for r in rounds] != list(range(cfg.num_rounds + 1)):
-        raise RuntimeError(f"arm {arm!r} recorded rounds {[r['round'] for r in rounds]}, not 0..{cfg.num_rounds}")
+    if not runs:
+        return
+    try:
+        simulate(runs, verbose=verbose)
+    except RunFailed:
+        _write_report(out_dir)
+        raise
+    for cfg in runs:
+        rounds = read_json_object(Path(cfg.out_dir) / "arms" / f"{cfg.arm}.json")["rounds"]
+        if [r["round"] for r in rounds] != list(range(cfg.num_rounds + 1)):
+            raise RuntimeError(
+                f"arm {cfg.arm!r} recorded rounds {[r['round'] for r in rounds]}, not 0..{cfg.num_rounds}"
+            )
 
 
-def _finish(out_dir: Path) -> int:
+def _write_report(out_dir: Path) -> None:
     from fedcsg.fl.report import write_report
 
     write_report(out_dir)
+
+
+def _finish(out_dir: Path) -> int:
+    _write_report(out_dir)
     print(f"results in {out_dir}: results.json, results.csv, report.md, accuracy_vs_bytes.png, accuracy_vs_round.png")
     print((out_dir / "report.md").read_text().split("## Test accuracy")[0].strip())
     return 0
@@ -167,9 +178,8 @@ def _run_arms(cfg: RunConfig, arms: list[str], out_dir: Path, overwrite: bool, v
         _check_layout(out_dir, cfg)
     for run_cfg, run_dir in runs:
         prepare_out_dir(run_dir, run_cfg, arms, overwrite=False)
-    for run_cfg, run_dir in runs:
-        for arm in arms:
-            _simulate_arm(run_cfg, arm, run_dir, verbose)
+    planned = [run_cfg.replace(arm=arm, out_dir=str(run_dir)) for run_cfg, run_dir in runs for arm in arms]
+    _simulate(planned, out_dir, verbose)
     return _finish(out_dir)
 
 
@@ -264,6 +274,7 @@ def _resume_arms(cfg: RunConfig, arms: list[str], out_dir: Path, verbose: bool) 
     preflight(cfg)
     runs = seed_runs(cfg, out_dir)
     progress = [{arm: arm_progress(run_dir, run_cfg, arm) for arm in arms} for run_cfg, run_dir in runs]
+    planned = []
     for (run_cfg, run_dir), done_by_arm in zip(runs, progress, strict=True):
         seed = f" (seed {run_cfg.seed})" if cfg.seeds else ""
         for arm in arms:
@@ -273,7 +284,8 @@ def _resume_arms(cfg: RunConfig, arms: list[str], out_dir: Path, verbose: bool) 
                 continue
             if done is not None:
                 print(f"== arm {arm}{seed}: resuming after round {done}", flush=True)
-            _simulate_arm(run_cfg, arm, run_dir, verbose)
+            planned.append(run_cfg.replace(arm=arm, out_dir=str(run_dir)))
+    _simulate(planned, out_dir, verbose)
     return _finish(out_dir)
 
 

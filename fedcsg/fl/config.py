@@ -301,8 +301,8 @@ class RunConfig:
             value = getattr(self, name)
             if not 0 <= value < float("inf"):  # written so that NaN fails too
                 raise ValueError(f"{_kebab(name)} = {value!r} is not accepted: a finite number >= 0 is")
-        if not 0 <= self.fault_probability < 1:
-            raise ValueError(f"fault-probability = {self.fault_probability!r} is not accepted: a number in [0, 1) is")
+        if not 0 <= self.fault_probability <= 1:
+            raise ValueError(f"fault-probability = {self.fault_probability!r} is not accepted: a number in [0, 1] is")
         self.seed_list  # noqa: B018 - validates `seeds`
         if self.clients_per_round > self.num_clients:
             raise ValueError(

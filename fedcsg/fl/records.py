@@ -40,7 +40,8 @@ class RoundRecord:
     partition a node serves); ``ray_nodes`` names the Ray node that ran each of ``partitions``'
     clients, in the same order ("" where it ran outside Ray, as on a deployed SuperNode). ``status``
     is ``initial`` (round 0), ``ok``, or ``failed`` when fewer
-    than the minimum of replies were accepted in every attempt and the global model was kept.
+    than the minimum of replies were accepted in every attempt and the global model was kept;
+    ``first_error`` is the first client failure or rejection of the round, on one line (None if none).
     ``started`` (when the round began, ``time.perf_counter``) is not recorded.
     """
 
@@ -58,6 +59,7 @@ class RoundRecord:
     ray_nodes: list[str] = field(default_factory=list)
     failed_partitions: list[int] = field(default_factory=list)
     status: str = "ok"
+    first_error: str | None = None
     attempts: int = 0
     payload_up: int = 0
     payload_down: int = 0
@@ -96,6 +98,27 @@ RUN_SPECIFIC_FIELDS = ("seconds", "ray_nodes")
 def comparable(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Recorded rounds without :data:`RUN_SPECIFIC_FIELDS`: equal for equal runs."""
     return [{k: v for k, v in r.items() if k not in RUN_SPECIFIC_FIELDS} for r in rounds]
+
+
+class RunFailed(RuntimeError):
+    """A run in which nothing worked: no round of an arm aggregated a client update, so its
+    "final" model is the initial one. The message is one line naming the arm, the round and the
+    first client error."""
+
+
+def check_trained(arm: str, rounds: list[dict[str, Any]]) -> None:
+    """Raise :class:`RunFailed` unless some round of ``arm`` (of the recorded ``rounds``) aggregated
+    client updates: every client failed in every round, or too few replies were ever accepted."""
+    trained = [r for r in rounds if r["round"] > 0]
+    if not trained or any(r["status"] == "ok" for r in trained):
+        return
+    accepted = sum(r["replied"] - r["rejected"] for r in trained)
+    failing = next((r for r in trained if r.get("first_error")), trained[0])
+    reason = failing.get("first_error") or "no client was sampled"
+    raise RunFailed(
+        f"arm {arm!r} aggregated no client update in rounds {trained[0]['round']}..{trained[-1]['round']} "
+        f"({accepted} replies accepted in all); round {failing['round']}: {reason}"
+    )
 
 
 def seed_dir(out_dir: Path, seed: int) -> Path:

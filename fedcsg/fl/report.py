@@ -130,9 +130,18 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if "fedavg" in summary:
         base = summary["fedavg"]
         for figures in summary.values():
-            figures["upload_ratio_vs_fedavg"] = base["wire_up_per_round"] / figures["wire_up_per_round"]
-            figures["total_ratio_vs_fedavg"] = base["total_wire_bytes"] / figures["total_wire_bytes"]
+            figures["upload_ratio_vs_fedavg"] = _ratio(base["wire_up_per_round"], figures["wire_up_per_round"])
+            figures["total_ratio_vs_fedavg"] = _ratio(base["total_wire_bytes"], figures["total_wire_bytes"])
     return summary
+
+
+def _ratio(base: float | None, value: float | None) -> float | None:
+    """``base / value``, or None where either is missing or ``value`` is 0 (an arm that sent nothing)."""
+    return base / value if base is not None and value else None
+
+
+def _times(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
 
 
 def _mb(value: float | None) -> str:
@@ -226,8 +235,7 @@ def _report_markdown(results: dict[str, Any], summary: dict[str, dict[str, Any]]
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for arm, s in summary.items():
-        up_ratio = f"{s['upload_ratio_vs_fedavg']:.2f}x" if "upload_ratio_vs_fedavg" in s else "-"
-        total_ratio = f"{s['total_ratio_vs_fedavg']:.2f}x" if "total_ratio_vs_fedavg" in s else "-"
+        up_ratio, total_ratio = _times(s.get("upload_ratio_vs_fedavg")), _times(s.get("total_ratio_vs_fedavg"))
         match = _reach(s["wire_bytes_to_match"], s["round_to_match"]) if s["match_accuracy"] is not None else "-"
         lines.append(
             f"| {arm} | {s['final_accuracy']:.4f} | {s['best_accuracy']:.4f} | {_mb(s['payload_up_per_round'])} | "
@@ -335,8 +343,12 @@ def summarize_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[str, 
     if "fedavg" in out:
         base = out["fedavg"]
         for figures in out.values():
-            figures["upload_ratio_vs_fedavg"] = base["wire_up_per_round"]["mean"] / figures["wire_up_per_round"]["mean"]
-            figures["total_ratio_vs_fedavg"] = base["total_wire_bytes"]["mean"] / figures["total_wire_bytes"]["mean"]
+            figures["upload_ratio_vs_fedavg"] = _ratio(
+                base["wire_up_per_round"]["mean"], figures["wire_up_per_round"]["mean"]
+            )
+            figures["total_ratio_vs_fedavg"] = _ratio(
+                base["total_wire_bytes"]["mean"], figures["total_wire_bytes"]["mean"]
+            )
     return out
 
 
@@ -375,7 +387,7 @@ def _seeds_markdown(config: dict[str, Any], per_seed: dict[int, dict[str, Any]],
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for arm, s in summary.items():
-        ratio = f"{s['total_ratio_vs_fedavg']:.2f}x" if "total_ratio_vs_fedavg" in s else "-"
+        ratio = _times(s.get("total_ratio_vs_fedavg"))
         finals = ", ".join("-" if v is None else f"{v:.4f}" for v in s["final_accuracy"]["values"])
         lines.append(
             f"| {arm} | {_pm(s['final_accuracy'], '.4f')} | {_pm(s['best_accuracy'], '.4f')} | "

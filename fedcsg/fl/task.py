@@ -18,6 +18,7 @@ from fedcsg.nn.csg import freeze_factor
 from fedcsg.nn.training import PassStats, evaluate, make_optimizer, train_epoch, tune_malloc
 
 TRAIN_FACTOR_KEY = "train-factor"  # train-config entry: which CSG factor trains this round (fedcsg.nn.csg.FACTORS)
+RUN_ARM_KEY, RUN_SEED_KEY = "arm", "seed"  # train-config entries: the run a message belongs to
 
 
 def build_arm_model(cfg: RunConfig, arm: str | None = None) -> nn.Module:
