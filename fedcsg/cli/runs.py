@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -110,13 +111,17 @@ def prepare_out_dir(out_dir: Path, cfg: RunConfig, arms: list[str], overwrite: b
 
 def preflight(cfg: RunConfig) -> None:
     """Find and read the labels of both splits (cheap), so a bad data path fails before anything runs;
-    and check that some Ray node can host a client of ``client-num-cpus``/``client-num-gpus``."""
+    check that some Ray node can host a client of ``client-num-cpus``/``client-num-gpus``, and on an
+    attached cluster that every node can open the data too (a node started without them fails here,
+    in seconds, not in every client of every round)."""
     from fedcsg.data.readers import load_labels
     from fedcsg.fl.ray_cluster import check_resources
+    from fedcsg.fl.task import data_problem
 
     for split in ("train", "test"):
         load_labels(cfg.dataset, split, cfg.data_dir or None, hub_name=cfg.hub_name or None)
-    check_resources(cfg.ray_address, cfg.client_num_cpus, cfg.client_num_gpus)
+    probe = functools.partial(data_problem, cfg.data_settings)
+    check_resources(cfg.ray_address, cfg.client_num_cpus, cfg.client_num_gpus, probe)
 
 
 def _simulate(runs: list[RunConfig], out_dir: Path, verbose: bool) -> None:

@@ -42,6 +42,17 @@ def train_rows(data: DataSettings) -> np.ndarray:
     return np.sort(np.random.default_rng(data.seed).permutation(len(labels))[: data.train_limit])
 
 
+def data_problem(data: DataSettings) -> str:
+    """Why this process cannot open the labels of both splits of ``data`` ("" if it can): the check
+    each Ray node runs before a run's first round (:func:`fedcsg.fl.ray_cluster.cluster_resources`)."""
+    try:
+        for split in ("train", "test"):
+            load_labels(data.dataset, split, **data.source)
+    except Exception as error:  # noqa: BLE001 - the node reports whatever stops it
+        return " ".join(str(error).split()) or type(error).__name__
+    return ""
+
+
 @functools.lru_cache(maxsize=8)
 def _partition_rows(data: DataSettings, partition_id: int, num_partitions: int) -> np.ndarray:
     rows = train_rows(data)
