@@ -256,6 +256,10 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress: Callable
     return recorder.rounds
 
 
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 PLAN_KEY = "fedcsg-plan"  # Context.state record of a simulation's runs (fedcsg.fl.simulation.simulate)
 
 
@@ -287,10 +291,10 @@ def main(grid: Grid, context: Context) -> None:
     if PLAN_KEY in context.state:
         for cfg in planned_runs(context):
             print(run_header(cfg), flush=True)
-            check_trained(cfg.arm, run_federation(grid, cfg, Path(cfg.out_dir)))
+            check_trained(cfg.arm, run_federation(grid, cfg, Path(cfg.out_dir), progress=_to_stderr))
         return
     (cfg,) = planned_runs(context)
     out_dir = Path(cfg.out_dir or f"runs/flwr-{context.run_id}")
-    rounds = run_federation(grid, cfg, out_dir, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    rounds = run_federation(grid, cfg, out_dir, progress=_to_stderr)
     write_report(out_dir)
     check_trained(cfg.arm, rounds)
