@@ -64,6 +64,8 @@ FAULT_RUN = [
     "fault-probability=0.3",
     "seed=1",
 ]
+# Every client fails in every round (the issue's reproduction: it used to exit 0, or with a traceback).
+ALL_FAIL_RUN = ["num-clients=2", "num-rounds=2", "train-limit=128", "test-limit=64", "fault-probability=1.0"]
 
 
 def _sets(pairs: list[str]) -> list[str]:
@@ -393,8 +395,12 @@ def test_fault_rule_is_deterministic() -> None:
 
 
 def _tiny_cfg(out: Path, **changes: object) -> RunConfig:
+    """KILL_RUN on the default experiment, as `fedcsg run --set ...` makes it."""
+    from fedcsg.fl.config import DEFAULT_EXPERIMENT, load_experiment
+
     values = {pair.split("=")[0]: int(pair.split("=")[1]) for pair in KILL_RUN}
-    return RunConfig.from_mapping(values).replace(arm="csg", out_dir=str(out.absolute()), **changes)
+    base = load_experiment(DEFAULT_EXPERIMENT)
+    return RunConfig.from_mapping(values, base).replace(arm="csg", out_dir=str(out.absolute()), **changes)
 
 
 def _checkpointed(out: Path, cfg: RunConfig | None = None, last_round: int = 0) -> tuple[RunConfig, ArrayRecord]:
@@ -520,7 +526,7 @@ def test_data_dir_with_the_wrong_schema(tmp_path: Path, data_env: Path, capsys: 
     for split in ("train", "test"):
         pq.write_table(pa.table({"image": [b"x"], "target": [1]}), bad / f"{split}.parquet")
     out = tmp_path / "out"
-    args = ["run", "--out", str(out), "--set", f"data-dir='{bad.parent}'"]
+    args = ["run", "--out", str(out), "--set", f"data-dir='{bad.parent}'", "--set", "dataset='cifar10'"]
     _one_line_exit_2(args, "found columns ['image', 'target']; expected parquet columns img", tmp_path, capsys)
     assert not out.exists()
 
@@ -637,11 +643,16 @@ def _finish(proc: subprocess.Popen, log: Path, timeout: float = 900) -> str:
 
 @pytest.fixture(scope="module")
 def background(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterable[dict]:
-    """The uninterrupted reference of the SIGKILL test and the fault-injection run, started at once."""
+    """The uninterrupted reference of the SIGKILL test, the fault-injection run and a run in which
+    every client fails, started at once."""
     root = tmp_path_factory.mktemp("reliability")
     runs = {
         "reference": (["run", "--arm", "csg", *_sets(KILL_RUN)], root / "reference"),
         "faults": (["run", "--arm", "csg", *_sets(FAULT_RUN)], root / "faults"),
+        "all-fail": (
+            ["run", "--arm", "fedavg", *_sets([*KILL_RUN[:1], "num-rounds=2", "fault-probability=1.0"])],
+            root / "all-fail",
+        ),
     }
     procs = {}
     for name, (args, out) in runs.items():
@@ -761,3 +772,30 @@ def test_fault_injection_run_completes_and_records_the_failures(background: dict
     assert rounds[2]["test_accuracy"] == rounds[1]["test_accuracy"]
     assert results["summary"]["csg"]["failed_rounds"] == 1 and results["summary"]["csg"]["failed_replies"] == 4
     assert "client node" in log.read_text() and "injected fault" in log.read_text()
+
+
+def test_a_run_in_which_every_client_fails_exits_non_zero_with_one_line(background: dict) -> None:
+    """Through Ray: every client of both rounds raises, so `fedcsg run` exits 1 with one line naming
+    the arm, the round and the first client error, after writing the records and the report
+    (whose ratios do not divide by the 0 bytes fedavg sent up)."""
+    proc, out, log = background["all-fail"]
+    try:
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            kill_session(proc)
+    text = log.read_text()
+    assert proc.returncode == 1, text[-3000:]
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("fedcsg run: error: arm 'fedavg' aggregated no client update in rounds 1..2 (0 replies"), (
+        last
+    )
+    assert "round 1: client node" in last and "injected fault: partition" in last, last
+    rounds = json.loads((out / "arms" / "fedavg.json").read_text())["rounds"]
+    assert [(r["round"], r["status"], r["replied"], r["failed"]) for r in rounds] == [
+        (0, "initial", 0, 0),
+        (1, "failed", 0, 2),
+        (2, "failed", 0, 2),
+    ]
+    assert "| fedavg |" in (out / "report.md").read_text()
+    assert "Traceback" not in text.split("== arm fedavg")[-1].split("[fedavg] round 2/2")[-1]
