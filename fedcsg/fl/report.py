@@ -227,7 +227,9 @@ def _report_markdown(results: dict[str, Any], summary: dict[str, dict[str, Any]]
         + ", ".join(f"{k} {v}" for k, v in results.get("versions", {}).items()),
         "",
         "Bytes are per round, summed over the sampled clients. *Payload* is raw tensor bytes; *wire* is the "
-        "serialized Flower messages (payload, array headers, keys, config and metadata).",
+        "serialized Flower messages (payload, array headers, keys, config and metadata). Accuracies are one "
+        "seed: byte counts are exact, but a difference of a few points between arms can be noise (`--seeds 0,1,2` "
+        "gives the spread).",
         "",
         "| arm | final acc | best acc | payload up / round | payload down / round | wire up / round | "
         "wire down / round | total wire | upload ratio vs fedavg | total ratio vs fedavg | "
