@@ -25,19 +25,10 @@ from .processes import kill_session
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The tests' runs take the quick-start file by its path, with ResNet-20 on CIFAR-10 in place of its
-# small Fashion-MNIST CNN: the byte counts they check are ResNet-20's.
+# The quick-start file as it ships (Fashion-MNIST's small CNN), 2 clients, 2 rounds, 2,000 images.
+SMALL_RUN = ["num-clients=2", "num-rounds=2", "train-limit=2000", "test-limit=500", "batch-size=32"]
+# The runs that check bytes take ResNet-20 on CIFAR-10 instead: the counts they assert are its.
 RESNET20 = ["model='resnet20'", "dataset='cifar10'", "slice='12x12x3x3'", "code-dim=72", "target-accuracy=0.15"]
-# 2 clients, 2 rounds, a 1,600-image CIFAR-10 subset; two local epochs so that every arm learns.
-SMALL_RUN = [
-    *RESNET20,
-    "num-clients=2",
-    "num-rounds=2",
-    "train-limit=1600",
-    "test-limit=500",
-    "local-epochs=2",
-    "batch-size=32",
-]
 # The same two-round, two-client compare at a size where only exactness is asserted (identical
 # records on a rerun, mean and std over seeds), not learning: 256 images, one local epoch.
 TINY_RUN = [*RESNET20, "num-clients=2", "num-rounds=2", "train-limit=256", "test-limit=128", "batch-size=32"]
@@ -60,7 +51,8 @@ def compare_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     """The module's end-to-end runs, started at once (each leaves cores idle while it imports,
     starts Ray or evaluates on one thread; together they fill them):
 
-    * ``compare``: `fedcsg compare` of the quick-start file named by its path, with SMALL_RUN;
+    * ``compare``: `fedcsg compare` of the quick-start file named by its path, with SMALL_RUN: every
+      arm learns;
     * ``tiny``: the same command with TINY_RUN, the arms RERUN_ARMS followed by the peer arms
       PEER_ARMS (a codec on fedavg, FedPara, topk with error feedback on csg);
     * ``seeds``: `fedcsg compare --seeds 0,1 --arms` RERUN_ARMS with the shipped default
@@ -138,12 +130,12 @@ def test_compare_runs_all_arms_through_ray(compare_run: tuple[Path, subprocess.C
         rounds = data["rounds"]
         assert [r["round"] for r in rounds] == [0, 1, 2]
         final = rounds[-1]
-        assert final["test_accuracy"] > 0.15, (arm, final)  # chance is 0.10
+        assert final["test_accuracy"] > 0.25, (arm, final)  # chance is 0.10
         assert final["sampled"] == final["replied"] == 2 and final["partitions"] == [0, 1]
         assert final["cum_wire_up"] == sum(r["wire_up"] for r in rounds)
         # Same payload to each client; bytes are sums over clients, never weighted averages.
         assert final["payload_down"] == 2 * data["payload_bytes"] == final["payload_up"]
-        assert final["payload_up"] < final["wire_up"] < 1.03 * final["payload_up"]
+        assert final["payload_up"] < final["wire_up"] < final["payload_up"] + 2 * 4096  # framing: < 4 kB a message
     # `fedcsg bytes` builds the same messages offline; only the ids a message gets when it is sent
     # (group id, reply-to id, task ids) are missing there: less than 100 bytes per message.
     from fedcsg.fl.config import RunConfig
