@@ -33,6 +33,22 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def writable_dir(path: Path, what: str = "output directory") -> Path:
+    """Make ``path`` (and its parents) a directory this process can write files in, or raise a one-line
+    ValueError naming it: an existing non-directory, a parent that cannot be made (permission, a
+    read-only or virtual file system, a file in the way) or a directory without write access."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} exists and is not a directory: accepted is a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{what} {str(path)!r} cannot be made: {error.strerror or error}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {str(path)!r} cannot be written: permission denied")
+    return path
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically, as :func:`atomic_write_bytes`."""
     atomic_write_bytes(path, text.encode("utf-8"))
