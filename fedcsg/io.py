@@ -102,3 +102,67 @@ def read_json_object(path: Path) -> dict[str, Any]:
     if not isinstance(document, dict):
         raise ValueError(f"{str(path)!r} is not a fedcsg record (a JSON object is accepted)")
     return document
+
+
+Schema = type | tuple | dict | list  # see check_schema
+
+
+def check_schema(value: Any, schema: Schema, where: str) -> None:
+    """Raise a one-line ValueError naming ``where`` and the path of the first field of ``value`` (a
+    parsed JSON document) that does not fit ``schema``.
+
+    ``schema`` is a type or a tuple of types (``int`` excludes bool; ``float`` takes an int; ``None``
+    in a tuple allows null; ``([int], None)``: a list or null), a dict ``{key: schema}`` (an object holding those keys, more allowed; a
+    key ending in ``?`` may be absent), or a one-item list ``[schema]`` (a list of such items).
+    """
+    _check(value, schema, where, "")
+
+
+def _kind_name(schema: Schema) -> str:
+    if isinstance(schema, dict):
+        return "an object"
+    if isinstance(schema, list):
+        return "a list"
+    kinds = schema if isinstance(schema, tuple) else (schema,)
+    return " or ".join("null" if k is None else k.__name__ for k in kinds)
+
+
+def _fits(value: Any, kinds: tuple) -> bool:
+    for kind in kinds:
+        if kind is None and value is None:
+            return True
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return True
+        if kind not in (None, int, float) and isinstance(value, kind):
+            return True
+    return False
+
+
+def _check(value: Any, schema: Schema, where: str, at: str) -> None:
+    def fail() -> None:
+        shown = repr(value) if len(repr(value)) <= 40 else f"{type(value).__name__} {repr(value)[:30]}..."
+        raise ValueError(f"{where} is not a fedcsg record: {at or 'the document'} is {shown}, accepted is {_kind_name(schema)}")
+
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            fail()
+        for key, sub in schema.items():
+            name = key.removesuffix("?")
+            if name not in value:
+                if key.endswith("?"):
+                    continue
+                raise ValueError(f"{where} is not a fedcsg record: {at + '.' if at else ''}{name} is missing")
+            _check(value[name], sub, where, f"{at}.{name}" if at else name)
+    elif isinstance(schema, list):
+        if not isinstance(value, list):
+            fail()
+        for i, item in enumerate(value):
+            _check(item, schema[0], where, f"{at}[{i}]")
+    elif isinstance(schema, tuple) and any(isinstance(k, list | dict) for k in schema):
+        if value is None and None in schema:
+            return
+        _check(value, next(k for k in schema if isinstance(k, list | dict)), where, at)
+    elif not _fits(value, schema if isinstance(schema, tuple) else (schema,)):
+        fail()

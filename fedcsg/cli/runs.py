@@ -189,6 +189,8 @@ def _check_resume_flags(args: argparse.Namespace) -> Path:
         raise ValueError("--resume and --overwrite exclude each other: pass one of them")
     if args.out and Path(args.out).resolve() != out_dir.resolve():
         raise ValueError(f"--out {args.out!r} is not --resume {args.resume!r}: a run resumes in its own directory")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"resume directory {str(out_dir)!r} is not a directory: accepted is the --out of an earlier run")
     if not out_dir.is_dir():
         raise FileNotFoundError(f"resume directory {str(out_dir)!r} does not exist")
     return out_dir

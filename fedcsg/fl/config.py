@@ -476,6 +476,8 @@ def find_experiment(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise FileNotFoundError(f"config file {str(name_or_path)!r} is a directory; accepted: a TOML file or a shipped experiment")
     shipped = shipped_experiments()
     name = path.name.removesuffix(".toml")
     if path.parent == Path(".") and name in shipped:
@@ -492,8 +494,8 @@ def load_experiment(name_or_path: str | Path, base: RunConfig | None = None) -> 
     path = find_experiment(name_or_path)
     try:
         values = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"config file {str(path)!r} is not valid TOML: {error}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"config file {str(path)!r} is not valid TOML (UTF-8 text): {error}") from None
     nested = [k for k, v in values.items() if isinstance(v, dict)]
     if nested:
         raise ValueError(f"config file {str(path)!r} has table(s) {nested}: only flat kebab-case keys are accepted")
