@@ -6,10 +6,12 @@ Every file fedcsg writes for later (round records, checkpoints, reports) goes th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -166,3 +168,21 @@ def _check(value: Any, schema: Schema, where: str, at: str) -> None:
         _check(value, next(k for k in schema if isinstance(k, list | dict)), where, at)
     elif not _fits(value, schema if isinstance(schema, tuple) else (schema,)):
         fail()
+
+
+DIGEST_KEY = "tensors-sha256"  # safetensors metadata: the file's own digest of its tensors (tensors_digest)
+
+
+def tensors_digest(arrays: Mapping[str, Any]) -> str:
+    """sha256 over the tensors of a model file, by key in sorted order: key, dtype, shape and bytes of
+    each array (NumPy arrays, or anything with ``.numpy()``). Every safetensors file fedcsg writes
+    carries it as :data:`DIGEST_KEY` metadata, and every path that loads one checks it."""
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for key in sorted(arrays):
+        value = arrays[key]
+        array = np.ascontiguousarray(value if isinstance(value, np.ndarray) else value.numpy())
+        digest.update(f"{key}\0{array.dtype.str}\0{list(array.shape)}\0".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()

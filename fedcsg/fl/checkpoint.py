@@ -31,7 +31,7 @@ from flwr.app import Array, ArrayRecord
 
 from fedcsg.fl.payload import PayloadLayout, check_record
 from fedcsg.fl.records import ROUND_SCHEMA
-from fedcsg.io import atomic_write_bytes, atomic_write_text, check_schema, strict_json
+from fedcsg.io import DIGEST_KEY, atomic_write_bytes, atomic_write_text, check_schema, strict_json, tensors_digest
 
 STATE_DIR = "state"
 FORMAT = 1
@@ -120,7 +120,8 @@ def save_checkpoint(
     from safetensors.numpy import save
 
     keys = list(arrays.keys())
-    data = save({key: np.ascontiguousarray(arrays[key].numpy()) for key in keys}, metadata={"arm": arm})
+    tensors = {key: np.ascontiguousarray(arrays[key].numpy()) for key in keys}
+    data = save(tensors, metadata={"arm": arm, DIGEST_KEY: tensors_digest(tensors)})
     weights = weights_path(out_dir, arm, server_round)
     atomic_write_bytes(weights, data)
     document = {
