@@ -114,8 +114,9 @@ def check_schema(value: Any, schema: Schema, where: str) -> None:
     parsed JSON document) that does not fit ``schema``.
 
     ``schema`` is a type or a tuple of types (``int`` excludes bool; ``float`` takes an int; ``None``
-    in a tuple allows null; ``([int], None)``: a list or null), a dict ``{key: schema}`` (an object holding those keys, more allowed; a
-    key ending in ``?`` may be absent), or a one-item list ``[schema]`` (a list of such items).
+    in a tuple allows null; ``([int], None)``: a list or null), a dict ``{key: schema}`` (an object
+    holding those keys, more allowed; a key ending in ``?`` may be absent), or a one-item list
+    ``[schema]`` (a list of such items).
     """
     _check(value, schema, where, "")
 
@@ -145,7 +146,9 @@ def _fits(value: Any, kinds: tuple) -> bool:
 def _check(value: Any, schema: Schema, where: str, at: str) -> None:
     def fail() -> None:
         shown = repr(value) if len(repr(value)) <= 40 else f"{type(value).__name__} {repr(value)[:30]}..."
-        raise ValueError(f"{where} is not a fedcsg record: {at or 'the document'} is {shown}, accepted is {_kind_name(schema)}")
+        raise ValueError(
+            f"{where} is not a fedcsg record: {at or 'the document'} is {shown}, accepted is {_kind_name(schema)}"
+        )
 
     if isinstance(schema, dict):
         if not isinstance(value, dict):

@@ -27,7 +27,7 @@ from fedcsg.fl.config import MAX_BATCH_SIZE, SEED_LIMIT, ModelSettings, RunConfi
 from fedcsg.fl.model_file import save_checkpoint
 from fedcsg.io import DIGEST_KEY, tensors_digest
 
-from .test_reliability import KILL_RUN, ScriptedGrid, _checkpointed, _reply, _run_rounds, _shifted, _small
+from .test_reliability import ScriptedGrid, _checkpointed, _reply, _run_rounds, _shifted, _small
 
 Cli = Callable[..., tuple[int, str, str]]
 TINY = ["num-clients=2", "num-rounds=1", "train-limit=128", "test-limit=64", "batch-size=32"]
@@ -79,11 +79,15 @@ def _edit_state(out: Path, **changes: object) -> None:
 
 def test_1_unwritable_output(tmp_path: Path, data_env: Path, cli: Cli) -> None:
     # /sys refuses a new directory even to root, as a read-only or permission-less place does to a user.
-    refused(cli, ["run", *_sets(TINY), "--out", "/sys/fedcsg-test/out"], "'/sys/fedcsg-test/out' cannot be made", tmp_path)
+    refused(
+        cli, ["run", *_sets(TINY), "--out", "/sys/fedcsg-test/out"], "'/sys/fedcsg-test/out' cannot be made", tmp_path
+    )
     blocker = tmp_path / "file"
     blocker.write_text("x")
     refused(cli, ["run", *_sets(TINY), "--out", str(blocker / "out")], f"'{blocker / 'out'}' cannot be made", tmp_path)
-    checkpoint = save_checkpoint(ModelSettings("resnet20", "csg").build(), tmp_path / "m.safetensors", ModelSettings("resnet20", "csg"))
+    checkpoint = save_checkpoint(
+        ModelSettings("resnet20", "csg").build(), tmp_path / "m.safetensors", ModelSettings("resnet20", "csg")
+    )
     export = ["export", "--checkpoint", str(checkpoint), "--format", "compact", "--out"]
     refused(cli, [*export, "/sys/fedcsg-test/m.compact.safetensors"], "'/sys/fedcsg-test' cannot be made", tmp_path)
     refused(cli, [*export, str(tmp_path)], f"output '{tmp_path}' is a directory", tmp_path)
@@ -102,7 +106,9 @@ def test_1_unwritable_output(tmp_path: Path, data_env: Path, cli: Cli) -> None:
         ("rng", {"python": [], "numpy": {}, "torch": ""}, "RNG state that does not load"),
     ],
 )
-def test_2_malformed_state_json(field: str, value: object, message: str, tmp_path: Path, data_env: Path, cli: Cli) -> None:
+def test_2_malformed_state_json(
+    field: str, value: object, message: str, tmp_path: Path, data_env: Path, cli: Cli
+) -> None:
     out = tmp_path / "run"
     _checkpointed(out)
     _edit_state(out, **{field: value})
@@ -121,7 +127,12 @@ def test_2_malformed_arm_record_in_report(document: object, tmp_path: Path, cli:
 @pytest.mark.parametrize("action", ["down", "status", "run"])
 def test_2_malformed_federation_json(action: str, tmp_path: Path, cli: Cli) -> None:
     (tmp_path / "federation.json").write_text('{"x": 1}')
-    refused(cli, ["deploy", action, "--dir", str(tmp_path)], "federation.json' is not a fedcsg record: directory is missing", tmp_path)
+    refused(
+        cli,
+        ["deploy", action, "--dir", str(tmp_path)],
+        "federation.json' is not a fedcsg record: directory is missing",
+        tmp_path,
+    )
     (tmp_path / "federation.json").write_text('{"directory": 5}')
     refused(cli, ["deploy", action, "--dir", str(tmp_path)], "directory is 5, accepted is str", tmp_path)
 
@@ -144,7 +155,12 @@ def test_3_weights_outside_the_run_directory(named: str, tmp_path: Path, data_en
     _checkpointed(out)
     (tmp_path / "outside.safetensors").write_bytes(weights_path(out, "csg", 0).read_bytes())
     _edit_state(out, **{"weights.file": named})
-    line = refused(cli, ["run", "--resume", str(out)], f"names weights file {named!r}: accepted is 'csg-round-0000.safetensors'", tmp_path)
+    line = refused(
+        cli,
+        ["run", "--resume", str(out)],
+        f"names weights file {named!r}: accepted is 'csg-round-0000.safetensors'",
+        tmp_path,
+    )
     assert "bytes" not in line  # nothing of the named file is read or echoed
     refused(cli, ["export", "--checkpoint", str(out), "--format", "compact"], "names weights file", tmp_path)
 
@@ -169,7 +185,12 @@ def test_4_non_finite_weights_with_a_valid_digest(tmp_path: Path, cli: Cli) -> N
     path, info = _model_file(tmp_path)
     tensors = load_file(str(path))
     tensors = {k: torch.full_like(v, math.nan) if v.is_floating_point() else v for k, v in tensors.items()}
-    metadata = {**info.to_metadata(), "format": "fedcsg-checkpoint", "format-version": "1", DIGEST_KEY: tensors_digest(tensors)}
+    metadata = {
+        **info.to_metadata(),
+        "format": "fedcsg-checkpoint",
+        "format-version": "1",
+        DIGEST_KEY: tensors_digest(tensors),
+    }
     save_file(tensors, str(path), metadata=metadata)
     refused(cli, ["export", "--checkpoint", str(path), "--format", "compact"], "holds non-finite weights", tmp_path)
 
@@ -177,7 +198,9 @@ def test_4_non_finite_weights_with_a_valid_digest(tmp_path: Path, cli: Cli) -> N
 def test_4_a_model_file_without_its_digest(tmp_path: Path, cli: Cli) -> None:
     path, info = _model_file(tmp_path)
     save_file(load_file(str(path)), str(path), metadata={**info.to_metadata(), "format": "fedcsg-checkpoint"})
-    refused(cli, ["export", "--checkpoint", str(path), "--format", "compact"], f"has no {DIGEST_KEY} metadata", tmp_path)
+    refused(
+        cli, ["export", "--checkpoint", str(path), "--format", "compact"], f"has no {DIGEST_KEY} metadata", tmp_path
+    )
 
 
 def test_4_the_bare_state_file_is_checked_against_its_state_json(tmp_path: Path, cli: Cli) -> None:
@@ -205,7 +228,9 @@ def test_5_crafted_export_metadata(changes: dict[str, str], tmp_path: Path, cli:
     tensors = load_file(str(path))
     metadata = {**info.to_metadata(), "format": "fedcsg-checkpoint", **changes, DIGEST_KEY: tensors_digest(tensors)}
     save_file(tensors, str(path), metadata=metadata)
-    line = refused(cli, ["export", "--checkpoint", str(path), "--format", "compact"], "above this machine's limit", tmp_path)
+    line = refused(
+        cli, ["export", "--checkpoint", str(path), "--format", "compact"], "above this machine's limit", tmp_path
+    )
     assert next(iter(changes.values())).split("x")[0] in line
 
 
@@ -224,7 +249,9 @@ def test_5_params_of_a_model_too_large(args: list[str], named: str, tmp_path: Pa
 
 def test_5_a_run_of_a_model_too_large_writes_nothing(tmp_path: Path, data_env: Path, cli: Cli) -> None:
     out = tmp_path / "out"
-    refused(cli, ["run", *_sets([*TINY, "model='densenet40-k99999'"]), "--out", str(out)], "densenet40-k99999", tmp_path)
+    refused(
+        cli, ["run", *_sets([*TINY, "model='densenet40-k99999'"]), "--out", str(out)], "densenet40-k99999", tmp_path
+    )
 
 
 # -- 6: values that make no sense -----------------------------------------------------------------
@@ -270,7 +297,9 @@ def test_6_bytes_with_a_seed_too_large(tmp_path: Path, cli: Cli) -> None:
         ),
     ],
 )
-def test_7_checked_before_anything_is_written(pairs: list[str], message: str, tmp_path: Path, data_env: Path, cli: Cli) -> None:
+def test_7_checked_before_anything_is_written(
+    pairs: list[str], message: str, tmp_path: Path, data_env: Path, cli: Cli
+) -> None:
     out = tmp_path / "o"
     refused(cli, ["run", "--out", str(out), *_sets([*TINY, *pairs])], message, tmp_path)
     assert not out.exists()
@@ -291,7 +320,11 @@ def test_8_a_mistyped_data_dir_is_an_error_not_a_download(
     hub_calls: list[str] = []
     monkeypatch.setattr(registry, "load_hub", lambda name: hub_calls.append(name))
     monkeypatch.setenv("FEDCSG_DATA_DIR", str(named))
-    message = "not found: looked in" if kind == "empty" else f"$FEDCSG_DATA_DIR = '{named}' does not exist or is not a directory"
+    message = (
+        "not found: looked in"
+        if kind == "empty"
+        else f"$FEDCSG_DATA_DIR = '{named}' does not exist or is not a directory"
+    )
     line = refused(cli, ["run", *_sets(TINY), "--out", str(tmp_path / "out")], message, tmp_path)
     assert hub_calls == [] and str(named) in line
 
@@ -309,12 +342,19 @@ def test_9_config_and_resume_messages(tmp_path: Path, data_env: Path, cli: Cli) 
 
 def test_9_corrupt_federation_json_names_the_file(tmp_path: Path, cli: Cli) -> None:
     (tmp_path / "federation.json").write_bytes(b'{"directory": ')
-    refused(cli, ["deploy", "down", "--dir", str(tmp_path)], f"'{tmp_path / 'federation.json'}' is not valid JSON", tmp_path)
+    refused(
+        cli, ["deploy", "down", "--dir", str(tmp_path)], f"'{tmp_path / 'federation.json'}' is not valid JSON", tmp_path
+    )
 
 
 def test_9_certificate_days_and_hosts(tmp_path: Path, cli: Cli) -> None:
     out = tmp_path / "certs"
-    refused(cli, ["deploy", "certs", "--out", str(out), "--days", "1000000000"], "days = 1000000000 are not accepted", tmp_path)
+    refused(
+        cli,
+        ["deploy", "certs", "--out", str(out), "--days", "1000000000"],
+        "days = 1000000000 are not accepted",
+        tmp_path,
+    )
     refused(cli, ["deploy", "certs", "--out", str(out), "--host", ""], "host '' is not accepted", tmp_path)
     refused(cli, ["deploy", "certs", "--out", str(out), "--host", " a b"], "host ' a b' is not accepted", tmp_path)
 
@@ -368,14 +408,28 @@ def test_12_a_round_about_to_be_retried_says_so() -> None:
     finally:
         logger.removeHandler(handler)
     failed = [line for line in lines if "replies accepted" in line]
-    assert failed == ["round 1: 0 of 2 replies accepted, fewer than the minimum 2: sending the round once more (failed-round = retry)"]
+    assert failed == [
+        "round 1: 0 of 2 replies accepted, fewer than the minimum 2: sending the round once more (failed-round = retry)"
+    ]
     assert strategy.traffic[1].status == "ok"
 
 
 # -- every run setting: a valid config or one line ------------------------------------------------
 
 _FIELDS = {f.name.replace("_", "-"): type(getattr(RunConfig(), f.name)) for f in dataclasses.fields(RunConfig)}
-_WORDS = ["csg", "fedavg+int8", "resnet20", "densenet40-k99999", "12x12x3x3", "0x0x3x3", "100000x100000x3x3", "1,2", "auto", ":1", "a:b"]
+_WORDS = [
+    "csg",
+    "fedavg+int8",
+    "resnet20",
+    "densenet40-k99999",
+    "12x12x3x3",
+    "0x0x3x3",
+    "100000x100000x3x3",
+    "1,2",
+    "auto",
+    ":1",
+    "a:b",
+]
 _VALUES = {
     int: st.one_of(st.integers(-3, 70), st.integers(-(2**80), 2**80)),
     float: st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 5)),
@@ -383,7 +437,9 @@ _VALUES = {
     bool: st.booleans(),
 }
 _SETTING = st.sampled_from(sorted(_FIELDS)).flatmap(
-    lambda key: st.tuples(st.just(key), st.one_of(_VALUES[_FIELDS[key]], _VALUES[str], st.none(), st.lists(st.integers(), max_size=2)))
+    lambda key: st.tuples(
+        st.just(key), st.one_of(_VALUES[_FIELDS[key]], _VALUES[str], st.none(), st.lists(st.integers(), max_size=2))
+    )
 )
 
 

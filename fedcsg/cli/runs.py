@@ -118,7 +118,10 @@ def preflight(cfg: RunConfig, arms: list[str]) -> None:
     from fedcsg.data.readers import load_labels
     from fedcsg.fl.ray_cluster import check_resources
 
-    sizes = [len(load_labels(cfg.dataset, split, cfg.data_dir or None, hub_name=cfg.hub_name or None)) for split in ("train", "test")]
+    sizes = [
+        len(load_labels(cfg.dataset, split, cfg.data_dir or None, hub_name=cfg.hub_name or None))
+        for split in ("train", "test")
+    ]
     cfg.data_settings.check_sizes(*sizes, num_clients=cfg.num_clients)
     for arm in arms:
         cfg.model_settings(arm).check_size()
@@ -190,7 +193,9 @@ def _check_resume_flags(args: argparse.Namespace) -> Path:
     if args.out and Path(args.out).resolve() != out_dir.resolve():
         raise ValueError(f"--out {args.out!r} is not --resume {args.resume!r}: a run resumes in its own directory")
     if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"resume directory {str(out_dir)!r} is not a directory: accepted is the --out of an earlier run")
+        raise ValueError(
+            f"resume directory {str(out_dir)!r} is not a directory: accepted is the --out of an earlier run"
+        )
     if not out_dir.is_dir():
         raise FileNotFoundError(f"resume directory {str(out_dir)!r} does not exist")
     return out_dir

@@ -22,6 +22,7 @@ from pathlib import Path
 
 MAX_DAYS = 36500  # a certificate's validity: 100 years at most (X.509 dates end in 9999)
 
+
 @dataclass(frozen=True)
 class TlsFiles:
     """PEM files of a test federation's public-key infrastructure.

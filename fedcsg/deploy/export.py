@@ -45,9 +45,9 @@ from fedcsg.fl.arms import MODELS
 from fedcsg.fl.checkpoint import read_state
 from fedcsg.fl.config import ModelSettings
 from fedcsg.fl.model_file import CHECKPOINT_FORMAT, FORMAT_VERSION, cpu_tensors
-from fedcsg.io import DIGEST_KEY, tensors_digest, writable_dir
 from fedcsg.fl.payload import PayloadLayout, load_payload
 from fedcsg.fl.records import read_arm_record
+from fedcsg.io import DIGEST_KEY, tensors_digest, writable_dir
 from fedcsg.nn.csg import frozen_generator_keys, generators, is_csg, materialize
 
 EXPORT_FORMATS = ("compact", "torchscript", "onnx")

@@ -23,8 +23,8 @@ from fedcsg.deploy.flwr_cli import (
     supernode_command,
     write_connection,
 )
-from fedcsg.io import check_schema, read_json_object
 from fedcsg.deploy.processes import ProcessRecord, free_port, start_process, stop_processes, wait_for_port
+from fedcsg.io import check_schema, read_json_object
 
 STATE_FILE = "federation.json"
 FEDERATION_SCHEMA = {  # federation.json's fields and their JSON types (fedcsg.io.check_schema)
@@ -99,7 +99,9 @@ class Federation:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"federation state {str(path)!r} is not a fedcsg record: unknown key {unknown[0]!r}")
-        processes = [ProcessRecord(**{k: p[k] for k in ("role", "pid", "command", "log")}) for p in data.get("processes", [])]
+        processes = [
+            ProcessRecord(**{k: p[k] for k in ("role", "pid", "command", "log")}) for p in data.get("processes", [])
+        ]
         return cls(**{**data, "processes": processes})
 
     def stop(self) -> list[int]:

@@ -203,7 +203,9 @@ def _check_consistent(document: dict[str, Any], out_dir: Path, arm: str, where: 
     try:
         set_rng_state(document["rng"])
     except (TypeError, ValueError, KeyError, IndexError, OverflowError, RuntimeError) as error:
-        raise ValueError(f"{where} holds an RNG state that does not load: {' '.join(str(error).split())[:120]}") from None
+        raise ValueError(
+            f"{where} holds an RNG state that does not load: {' '.join(str(error).split())[:120]}"
+        ) from None
     finally:
         set_rng_state(current)
 

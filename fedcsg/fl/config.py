@@ -477,7 +477,9 @@ def find_experiment(name_or_path: str | Path) -> Path:
     if path.is_file():
         return path
     if path.is_dir():
-        raise FileNotFoundError(f"config file {str(name_or_path)!r} is a directory; accepted: a TOML file or a shipped experiment")
+        raise FileNotFoundError(
+            f"config file {str(name_or_path)!r} is a directory; accepted: a TOML file or a shipped experiment"
+        )
     shipped = shipped_experiments()
     name = path.name.removesuffix(".toml")
     if path.parent == Path(".") and name in shipped:

@@ -94,7 +94,9 @@ _JSON_TYPES = {"int": (int, None), "str": (str, None), "float": (float, None), "
 ROUND_SCHEMA = {
     "round": int,
     **{
-        f"{f.name}?": ([int] if f.type == "list[int]" else [str], None) if f.type.startswith("list") else _JSON_TYPES[f.type]
+        f"{f.name}?": ([int] if f.type == "list[int]" else [str], None)
+        if f.type.startswith("list")
+        else _JSON_TYPES[f.type]
         for f in dataclasses.fields(RoundRecord)
         if f.name not in ("round", "started")
     },
