@@ -414,6 +414,21 @@ def test_12_a_round_about_to_be_retried_says_so() -> None:
     assert strategy.traffic[1].status == "ok"
 
 
+def test_12_client_tracebacks_are_left_to_the_one_line_report() -> None:
+    from fedcsg.fl.simulation import REPORTED_CLIENT_ERRORS
+
+    def record(path: str, func: str, level: int = logging.ERROR) -> logging.LogRecord:
+        return logging.LogRecord("flwr", level, path, 1, "Traceback ...", None, None, func)
+
+    vce = "/site-packages/flwr/server/superlink/fleet/vce/vce_api.py"
+    ray = "/site-packages/flwr/server/superlink/fleet/vce/backend/raybackend.py"
+    assert not REPORTED_CLIENT_ERRORS.filter(record(vce, "worker"))
+    assert not REPORTED_CLIENT_ERRORS.filter(record(ray, "process_message"))
+    assert REPORTED_CLIENT_ERRORS.filter(record(vce, "start_and_shutdown"))  # the engine itself failing: shown
+    assert REPORTED_CLIENT_ERRORS.filter(record(vce, "worker", logging.WARNING))
+    assert REPORTED_CLIENT_ERRORS.filter(record("/fedcsg/fl/strategy.py", "aggregate_train"))
+
+
 # -- every run setting: a valid config or one line ------------------------------------------------
 
 _FIELDS = {f.name.replace("_", "-"): type(getattr(RunConfig(), f.name)) for f in dataclasses.fields(RunConfig)}

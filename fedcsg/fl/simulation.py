@@ -40,6 +40,20 @@ def app_pyproject(cfg: RunConfig) -> dict:
     }
 
 
+class ReportedClientErrors(logging.Filter):
+    """Drops the tracebacks Flower's simulation engine logs at ERROR for a ClientApp that raised
+    (about 30 lines each): the reply becomes an Error message, which the strategy reports in one line
+    (round, node, partition, reason). Installed on the ``flwr`` logger unless ``--verbose``."""
+
+    SOURCES = (("vce_api.py", "worker"), ("raybackend.py", "process_message"))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR or (Path(record.pathname).name, record.funcName) not in self.SOURCES
+
+
+REPORTED_CLIENT_ERRORS = ReportedClientErrors()
+
+
 def backend_config(cfg: RunConfig) -> dict:
     """Ray backend settings: per-client resources, and the Ray to use (``ray-address``, see
     :mod:`fedcsg.fl.ray_cluster`). On each node Ray runs min(CPUs / num_cpus, GPUs / num_gpus)
@@ -70,6 +84,7 @@ def simulate(cfg: RunConfig, out_dir: Path, *, verbose: bool = False) -> None:
     cfg = cfg.replace(out_dir=str(Path(out_dir).absolute()))
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
+        logging.getLogger("flwr").addFilter(REPORTED_CLIENT_ERRORS)
     # Every client's partition, computed once here and cached on disk: the clients read theirs from
     # the cache without importing flwr-datasets (fedcsg.data.partitions).
     partition_rows(cfg, 0, cfg.num_clients)
