@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -373,6 +374,31 @@ def test_10_overwrite_makes_every_private_key_0600(tmp_path: Path, cli: Cli) -> 
     assert cli("deploy", "certs", "--out", str(certs), "--nodes", "1", "--overwrite")[0] == 0
     for path in [*loose, keys / "node-1.key"]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+# -- 11: a signal to the whole process group reaches fedcsg alone -------------------------------
+
+
+def test_11_a_private_rays_processes_leave_our_process_group() -> None:
+    """What ``timeout`` sends to its process group must not reach Ray's GCS and raylet (the workers
+    follow the raylet): then fedcsg alone is signalled and stops Ray in order (measured in the note:
+    `timeout 30 fedcsg run ...` exits 143, prints no traceback, leaves no fedcsg-app-* directory and
+    no Ray process)."""
+    import subprocess
+
+    from ray._private import services
+
+    from fedcsg.fl.ray_cluster import ray_out_of_our_process_group
+
+    with ray_out_of_our_process_group():
+        child = services.ConsolePopen(["sleep", "5"])
+    try:
+        assert os.getpgid(child.pid) == child.pid != os.getpgrp()
+        assert os.getsid(child.pid) == os.getsid(0)  # the same session: a terminal hang-up still reaches it
+    finally:
+        child.kill()
+        child.wait()
+    assert services.ConsolePopen is subprocess.Popen or services.ConsolePopen.__name__ == "ConsolePopen"
 
 
 # -- 12: what a user reads ----------------------------------------------------------------------
