@@ -127,10 +127,10 @@ def make_certificates(
     for host in hosts:
         if not host.strip() or host != host.strip() or any(c in host for c in " /,"):
             raise ValueError(f"host {host!r} is not accepted: a DNS name or an IP address is")
-    if nodes < 0 or not 0 < days <= MAX_DAYS:
-        raise ValueError(
-            f"nodes = {nodes} and days = {days} are not accepted: nodes >= 0 and days in 1..{MAX_DAYS} are"
-        )
+    if nodes < 0:
+        raise ValueError(f"nodes = {nodes} is not accepted: 0 or a positive integer is")
+    if not 0 < days <= MAX_DAYS:
+        raise ValueError(f"days = {days} is not accepted: an integer in 1..{MAX_DAYS} is")
     files = TlsFiles.in_dir(out_dir, nodes)
     if files.ca_cert.exists() and not overwrite:
         raise FileExistsError(f"{str(files.ca_cert)!r} exists; pass overwrite (--overwrite) to make a new CA")
