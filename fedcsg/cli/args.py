@@ -12,7 +12,17 @@ from collections.abc import Callable, Sequence
 from fedcsg.fl.records import RunFailed
 from fedcsg.nn.models import MODELS
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError)  # one line, exit code 2
+# One line, exit code 2. An OSError that names a file the user gave (no permission to write it, a
+# directory where a file was asked for) is the user's too: the checks before writing should catch it first.
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    ConnectionError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -82,3 +92,17 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = No
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(128 + signum)
+
+
+def table(rows: Sequence[Sequence[object]], left: int = 1) -> list[str]:
+    """Lines of a plain-text table: integers with thousands separators, the first ``left`` columns
+    left-aligned and the others right-aligned, every column as wide as its widest cell plus two spaces,
+    so that no two numbers ever run together."""
+    cells = [[f"{c:,}" if isinstance(c, int) and not isinstance(c, bool) else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    return [
+        "".join(
+            cell.ljust(widths[i] + 2) if i < left else cell.rjust(widths[i] + 2) for i, cell in enumerate(row)
+        ).rstrip()
+        for row in cells
+    ]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from fedcsg.cli.args import add_model_options, positive_int
+from fedcsg.cli.args import add_model_options, positive_int, table
 from fedcsg.fl.arms import all_arms
 from fedcsg.fl.config import ModelSettings, RunConfig
 from fedcsg.fl.payload import PACKINGS
@@ -59,9 +59,8 @@ def cmd_params(args: argparse.Namespace) -> int:
     slices = ", ".join(f"{s['shape']} / {s['code_dim']}" for s in result["slices"])
     kind = "frozen binary" if config.frozen else "trainable"
     print(f"{args.model}: CSG {slices}, {kind} generator")
-    print(f"{'':<12}{'plain':>12}{'csg':>12}")
-    for key in ("total", "generator", "codes", "other", "buffers", "sendable"):
-        print(f"{key:<12}{getattr(plain, key):>12,}{getattr(csg, key):>12,}")
+    keys = ("total", "generator", "codes", "other", "buffers", "sendable")
+    print("\n".join(table([("", "plain", "csg"), *((key, getattr(plain, key), getattr(csg, key)) for key in keys)])))
     print(f"reduction (total): {result['reduction']:.2f}x; reduction (sendable): {result['sendable_reduction']:.2f}x")
     return 0
 
@@ -106,12 +105,15 @@ def cmd_bytes(args: argparse.Namespace) -> int:
         f"{cfg.payload_packing} packing: bytes per round (an update of a non-zero step, really encoded)"
     )
     header = ("arm", "payload up", "payload down", "wire up", "wire down", "up vs fedavg", "total vs fedavg")
-    print("".join(f"{h:>17}" for h in header))
-    for row in rows:
-        print(
-            f"{row['arm']:>17}{row['payload_up']:>17,}{row['payload_down']:>17,}{row['wire_up']:>17,}"
-            f"{row['wire_down']:>17,}{row['upload_ratio_vs_fedavg']:>16.2f}x{row['total_ratio_vs_fedavg']:>16.2f}x"
+    cells = [
+        (
+            *(row[key] for key in ("arm", "payload_up", "payload_down", "wire_up", "wire_down")),
+            f"{row['upload_ratio_vs_fedavg']:.2f}x",
+            f"{row['total_ratio_vs_fedavg']:.2f}x",
         )
+        for row in rows
+    ]
+    print("\n".join(table([header, *cells])))
     return 0
 
 

@@ -194,6 +194,32 @@ def current_node_id() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
+@contextlib.contextmanager
+def ray_out_of_our_process_group() -> Iterator[None]:
+    """Start the processes of a private Ray (GCS, raylet, and through the raylet its workers) each in a
+    process group of its own, not in this one. A signal to this whole process group (``timeout``, a
+    job controller) then reaches this process alone, which stops Ray in order (:func:`interruptible`);
+    otherwise the raylet died with it, Ray's driver exited at once, its temporary app directory stayed
+    and client actors lived on under init. Ctrl-C is unchanged: Ray's processes block SIGINT anyway."""
+    try:
+        from ray._private import services
+    except ImportError:  # no Ray here: nothing to start
+        yield
+        return
+    original = services.ConsolePopen
+
+    class OwnGroupPopen(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("process_group", 0)
+            super().__init__(*args, **kwargs)
+
+    services.ConsolePopen = OwnGroupPopen
+    try:
+        yield
+    finally:
+        services.ConsolePopen = original
+
+
 class Interrupted(KeyboardInterrupt):
     """Raised in the main thread by SIGTERM (``signum`` says which signal), as Ctrl-C raises
     KeyboardInterrupt, so that ``finally`` blocks and Flower's shutdown run."""
@@ -232,7 +258,7 @@ def interruptible(grace: float = 5.0) -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, on_term)
     # Flower shuts Ray down before the interruption reaches us: its raylet is gone by then, and the
     # workers it started are found below this process only because this process adopts them.
-    with adopting_orphans():
+    with adopting_orphans(), ray_out_of_our_process_group():
         try:
             yield
         except KeyboardInterrupt:

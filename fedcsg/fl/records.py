@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedcsg.io import atomic_write_text, strict_json
+from fedcsg.io import atomic_write_text, check_schema, read_json_object, strict_json
 
 BYTE_FIELDS = ("payload_up", "payload_down", "wire_up", "wire_down")
 SEED_DIR_PREFIX = "seed-"
@@ -90,6 +90,20 @@ class RoundRecord:
 
 
 ROUND_FIELDS = tuple(f.name for f in dataclasses.fields(RoundRecord) if f.name != "started")
+# The JSON types of a recorded round (check_schema): every field but ``round`` may be absent or null
+# (older records; a non-finite float is written as null).
+_JSON_TYPES = {"int": (int, None), "str": (str, None), "float": (float, None), "float | None": (float, None)}
+ROUND_SCHEMA = {
+    "round": int,
+    **{
+        f"{f.name}?": ([int] if f.type == "list[int]" else [str], None)
+        if f.type.startswith("list")
+        else _JSON_TYPES[f.type]
+        for f in dataclasses.fields(RoundRecord)
+        if f.name not in ("round", "started")
+    },
+}
+ARM_SCHEMA = {"arm?": str, "config": dict, "versions?": dict, "rounds": [ROUND_SCHEMA]}
 # Fields that differ between two runs of the same config on the same data and seed: where and how
 # long it ran. Everything else in a round's record is a function of the config.
 RUN_SPECIFIC_FIELDS = ("seconds", "ray_nodes")
@@ -119,6 +133,17 @@ def check_trained(arm: str, rounds: list[dict[str, Any]]) -> None:
         f"arm {arm!r} aggregated no client update in rounds {trained[0]['round']}..{trained[-1]['round']} "
         f"({accepted} replies accepted in all); round {failing['round']}: {reason}"
     )
+
+
+def read_arm_record(path: Path) -> dict[str, Any]:
+    """``DIR/arms/ARM.json``, checked against :data:`ARM_SCHEMA` and for rounds 0, 1, 2, ... in order;
+    a one-line ValueError naming the file and the field otherwise."""
+    document = read_json_object(path)
+    check_schema(document, ARM_SCHEMA, repr(str(path)))
+    numbers = [r["round"] for r in document["rounds"]]
+    if numbers != list(range(len(numbers))):
+        raise ValueError(f"{str(path)!r} is not a fedcsg record: it records rounds {numbers[:8]}, not 0, 1, 2, ...")
+    return document
 
 
 def seed_dir(out_dir: Path, seed: int) -> Path:

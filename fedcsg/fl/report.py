@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
 from fedcsg.fl.arms import MODELS, Arm, arm_order
-from fedcsg.fl.records import ROUND_FIELDS, holds_arms, seed_dirs_in
+from fedcsg.fl.records import ROUND_FIELDS, holds_arms, read_arm_record, seed_dirs_in
 from fedcsg.io import atomic_write_text, strict_json
 
 REPORT_FILES = ("results.json", "results.csv", "report.md", "accuracy_vs_bytes.png", "accuracy_vs_round.png")
@@ -37,12 +36,7 @@ def load_results(out_dir: Path) -> dict[str, Any]:
         raise FileNotFoundError(
             f"no arm results in {str(Path(out_dir) / 'arms')!r}: run `fedcsg run` or `compare` first"
         )
-    arms = {}
-    for path in arm_files:
-        try:
-            arms[path.stem] = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from None
+    arms = {path.stem: read_arm_record(path) for path in arm_files}
     order = arm_order(list(arms))
     first = arms[order[0]]
     config = {k: v for k, v in first["config"].items() if k != "arm"}
@@ -282,6 +276,9 @@ def write_report(out_dir: str | Path) -> dict[str, Any]:
     for a run over several seeds, each ``DIR/seed-N`` and then ``DIR``'s files over the seeds."""
     out_dir = Path(out_dir)
     seeds = {seed: path for seed, path in seed_dirs_in(out_dir).items() if holds_arms(path)}
+    for directory in (out_dir, *seeds.values()):  # every record checked before any file is written
+        for path in sorted((directory / "arms").glob("*.json")):
+            read_arm_record(path)
     if seeds and not holds_arms(out_dir):
         return write_seeds_report(out_dir, {seed: write_report(path) for seed, path in seeds.items()})
     results = load_results(out_dir)

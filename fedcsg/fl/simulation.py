@@ -42,6 +42,20 @@ def app_pyproject(cfg: RunConfig) -> dict:
     }
 
 
+class ReportedClientErrors(logging.Filter):
+    """Drops the tracebacks Flower's simulation engine logs at ERROR for a ClientApp that raised
+    (about 30 lines each): the reply becomes an Error message, which the strategy reports in one line
+    (round, node, partition, reason). Installed on the ``flwr`` logger unless ``--verbose``."""
+
+    SOURCES = (("vce_api.py", "worker"), ("raybackend.py", "process_message"))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR or (Path(record.pathname).name, record.funcName) not in self.SOURCES
+
+
+REPORTED_CLIENT_ERRORS = ReportedClientErrors()
+
+
 def backend_config(cfg: RunConfig) -> dict:
     """Ray backend settings: per-client resources, and the Ray to use (``ray-address``, see
     :mod:`fedcsg.fl.ray_cluster`). On each node Ray runs min(CPUs / num_cpus, GPUs / num_gpus)
@@ -97,6 +111,7 @@ def simulate(runs: Sequence[RunConfig], *, verbose: bool = False) -> None:
     first = check_engine(runs)
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
+        logging.getLogger("flwr").addFilter(REPORTED_CLIENT_ERRORS)
     # Every client's partition of every seed, computed once here and cached on disk: the clients read
     # theirs from the cache without importing flwr-datasets (fedcsg.data.partitions).
     for cfg in {cfg.data_settings: cfg for cfg in runs}.values():

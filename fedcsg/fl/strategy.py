@@ -346,13 +346,15 @@ class CSGFedAvg(FedAvg):
             accepted.append(((math.inf if partition is None else partition, node), reply, decoded))
         if len(accepted) < self.min_replies:
             traffic.status = "failed"
+            retried = self.failed_round == "retry" and traffic.attempts < 2  # start() sends it once more
             log(
                 WARNING,
-                "round %d: %d of %d replies accepted, fewer than the minimum %d: the global model is kept",
+                "round %d: %d of %d replies accepted, fewer than the minimum %d: %s",
                 server_round,
                 len(accepted),
                 len(replies),
                 self.min_replies,
+                "sending the round once more (failed-round = retry)" if retried else "the global model is kept",
             )
             return None, None
         traffic.status = "ok"
