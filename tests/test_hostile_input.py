@@ -272,8 +272,8 @@ def test_5_a_run_of_a_model_too_large_writes_nothing(tmp_path: Path, data_env: P
         (f"seed={2**70}", f"seed = {2**70} is not accepted: an integer in 0..{SEED_LIMIT - 1} is"),
         (f"seeds='0,{2**40}'", f"seeds = '0,{2**40}' is not accepted"),
         ("dirichlet-alpha=inf", "dirichlet-alpha = inf is not accepted: a finite number > 0 is"),
-        ("train-limit=10000000", "train-limit = 10000000 is not accepted: the train split of cifar10 has 50,000 rows"),
-        ("test-limit=10000000", "test-limit = 10000000 is not accepted: the test split of cifar10 has 10,000 rows"),
+        ("train-limit=10000000", "train-limit = 10000000 is not accepted: the train split of fashion-mnist has 60,000"),
+        ("test-limit=10000000", "test-limit = 10000000 is not accepted: the test split of fashion-mnist has 10,000"),
     ],
 )
 def test_6_values_that_make_no_sense(pair: str, message: str, tmp_path: Path, data_env: Path, cli: Cli) -> None:

@@ -92,16 +92,20 @@ class RoundRecord:
 ROUND_FIELDS = tuple(f.name for f in dataclasses.fields(RoundRecord) if f.name != "started")
 # The JSON types of a recorded round (check_schema): every field but ``round`` may be absent or null
 # (older records; a non-finite float is written as null).
-_JSON_TYPES = {"int": (int, None), "str": (str, None), "float": (float, None), "float | None": (float, None)}
+_JSON_TYPES = {"int": int, "str": str, "float": float}
+
+
+def _json_type(annotation: str) -> Any:
+    """The check_schema type of a RoundRecord field's annotation (``list[int]``, ``float | None``, ...)."""
+    base = annotation.removesuffix(" | None")
+    if base.startswith("list["):
+        return ([_JSON_TYPES[base.removeprefix("list[").removesuffix("]")]], None)
+    return (_JSON_TYPES[base], None)
+
+
 ROUND_SCHEMA = {
     "round": int,
-    **{
-        f"{f.name}?": ([int] if f.type == "list[int]" else [str], None)
-        if f.type.startswith("list")
-        else _JSON_TYPES[f.type]
-        for f in dataclasses.fields(RoundRecord)
-        if f.name not in ("round", "started")
-    },
+    **{f"{f.name}?": _json_type(f.type) for f in dataclasses.fields(RoundRecord) if f.name not in ("round", "started")},
 }
 ARM_SCHEMA = {"arm?": str, "config": dict, "versions?": dict, "rounds": [ROUND_SCHEMA]}
 # Fields that differ between two runs of the same config on the same data and seed: where and how
