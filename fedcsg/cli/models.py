@@ -8,10 +8,9 @@ import argparse
 import json
 
 from fedcsg.cli.args import add_model_options, positive_int
-from fedcsg.fl.arms import all_arms
+from fedcsg.fl.arms import DOWNLINKS, all_arms, two_way_arms
 from fedcsg.fl.config import ModelSettings, RunConfig
 from fedcsg.fl.payload import PACKINGS
-from fedcsg.fl.uplink import DOWNLINKS
 from fedcsg.nn.params import count_parameters
 
 
@@ -75,7 +74,8 @@ def cmd_bytes(args: argparse.Namespace) -> int:
         downlink=args.downlink,
         topk_fraction=args.topk_fraction,
     )
-    rows = [arm_traffic(cfg.replace(arm=arm), args.clients_per_round) for arm in all_arms()]
+    arms = [*all_arms(), *two_way_arms()]
+    rows = [arm_traffic(cfg.replace(arm=arm), args.clients_per_round) for arm in arms]
     base = rows[0]
     for row in rows:
         row["upload_ratio_vs_fedavg"] = base["wire_up"] / row["wire_up"]
@@ -103,14 +103,17 @@ def cmd_bytes(args: argparse.Namespace) -> int:
     print(
         f"{cfg.model}, csg slice {cfg.slice} / {cfg.code_dim}, fedpara-ratio {cfg.fedpara_ratio}, topk-fraction "
         f"{cfg.topk_fraction}, downlink {cfg.downlink}, {args.clients_per_round} clients per round, "
-        f"{cfg.payload_packing} packing: bytes per round (an update of a non-zero step, really encoded)"
+        f"{cfg.payload_packing} packing: bytes per round (an update of a non-zero step, really encoded; a delta "
+        "downlink's in-sync message is the change between two broadcasts, its resync message x̂ in full, per client)"
     )
-    header = ("arm", "payload up", "payload down", "wire up", "wire down", "up vs fedavg", "total vs fedavg")
-    print("".join(f"{h:>17}" for h in header))
+    header = ("arm", "down", "payload up", "payload down", "wire up", "wire down", "resync down/client")
+    header += ("up vs fedavg", "total vs fedavg")
+    print(f"{header[0]:>26}{header[1]:>11}" + "".join(f"{h:>19}" for h in header[2:]))
     for row in rows:
         print(
-            f"{row['arm']:>17}{row['payload_up']:>17,}{row['payload_down']:>17,}{row['wire_up']:>17,}"
-            f"{row['wire_down']:>17,}{row['upload_ratio_vs_fedavg']:>16.2f}x{row['total_ratio_vs_fedavg']:>16.2f}x"
+            f"{row['arm']:>26}{row['downlink']:>11}{row['payload_up']:>19,}{row['payload_down']:>19,}"
+            f"{row['wire_up']:>19,}{row['wire_down']:>19,}{row['wire_down_resync_per_client']:>19,}"
+            f"{row['upload_ratio_vs_fedavg']:>18.2f}x{row['total_ratio_vs_fedavg']:>18.2f}x"
         )
     return 0
 
@@ -126,7 +129,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_options(bytes_, shape=False)
     bytes_.add_argument("--clients-per-round", type=positive_int, default=10)
     bytes_.add_argument("--packing", choices=PACKINGS, default="flat", help="payload packing (default: flat)")
-    bytes_.add_argument("--downlink", choices=DOWNLINKS, default="full", help="global payload as sent (default: full)")
+    bytes_.add_argument(
+        "--downlink", choices=DOWNLINKS, default="full", help="downlink of the arms that name none (default: full)"
+    )
     bytes_.add_argument("--topk-fraction", type=float, default=RunConfig.topk_fraction, help="topk codec's fraction")
     bytes_.add_argument("--seed", type=int, default=0)
     bytes_.set_defaults(handler=cmd_bytes)

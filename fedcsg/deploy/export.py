@@ -41,7 +41,7 @@ from torch import nn
 
 from fedcsg.data.registry import get_spec
 from fedcsg.deploy.on_device import COMPACT_FORMAT, load_state, read_safetensors
-from fedcsg.fl.arms import MODELS
+from fedcsg.fl.arms import MODELS, arm_of_stem, file_stem
 from fedcsg.fl.config import ModelSettings
 from fedcsg.fl.model_file import CHECKPOINT_FORMAT, FORMAT_VERSION, cpu_tensors
 from fedcsg.fl.payload import PayloadLayout, load_payload
@@ -64,13 +64,13 @@ def recorded_run_config(run_dir: Path, arm: str | None) -> dict[str, Any] | None
     for sub in ("arms", "state"):
         records = sorted((run_dir / sub).glob("*.json"))
         if arm is not None:
-            records = [r for r in records if r.stem == arm]
+            records = [r for r in records if arm_of_stem(r.stem) == arm]
         if len(records) > 1:
-            names = [r.stem for r in records]
+            names = [arm_of_stem(r.stem) for r in records]
             raise ValueError(f"{run_dir / sub} holds arms {names}: say which with --arm ({', '.join(MODELS)})")
         if records:
             document = json.loads(records[0].read_text())
-            return {**document.get("config", {}), "arm": document.get("arm", records[0].stem)}
+            return {**document.get("config", {}), "arm": document.get("arm", arm_of_stem(records[0].stem))}
     return None
 
 
@@ -92,12 +92,14 @@ def _from_run_directory(run_dir: Path, arm: str | None) -> tuple[dict[str, torch
 
     states = sorted((run_dir / STATE_DIR).glob("*.json"))
     if arm is not None:
-        states = [s for s in states if s.stem == arm]
+        states = [s for s in states if arm_of_stem(s.stem) == arm]
     if not states:
         raise FileNotFoundError(f"no checkpoint {STATE_DIR}/{arm or '*'}.json in run directory {str(run_dir)!r}")
     if len(states) > 1:
-        raise ValueError(f"{run_dir} holds checkpoints of arms {[s.stem for s in states]}: say which with --arm")
-    checkpoint = load_run_checkpoint(run_dir, states[0].stem)
+        raise ValueError(
+            f"{run_dir} holds checkpoints of arms {[arm_of_stem(s.stem) for s in states]}: say which with --arm"
+        )
+    checkpoint = load_run_checkpoint(run_dir, arm_of_stem(states[0].stem))
     assert checkpoint is not None  # the state file exists
     tensors = {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in checkpoint.arrays.items()}
     return tensors, {**checkpoint.config, "arm": checkpoint.arm}
@@ -292,7 +294,7 @@ def default_output(checkpoint: Path, fmt: str, directory: Path | None = None, ar
     """``NAME.compact.safetensors``, ``NAME.pt`` or ``NAME.onnx`` beside the checkpoint (or in
     ``directory``); for a run directory, ``RUN/export/ARM.*``."""
     if checkpoint.is_dir():
-        return (directory or checkpoint / "export") / f"{arm}{SUFFIXES[fmt]}"
+        return (directory or checkpoint / "export") / f"{file_stem(arm)}{SUFFIXES[fmt]}"
     name = checkpoint.name.removesuffix(".safetensors") + SUFFIXES[fmt]
     return (directory or checkpoint.parent) / name
 

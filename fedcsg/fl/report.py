@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fedcsg.fl.arms import MODELS, Arm, arm_order
+from fedcsg.fl.arms import MODELS, Arm, arm_of_stem, arm_order
 from fedcsg.fl.records import ROUND_FIELDS, holds_arms, seed_dirs_in
 from fedcsg.io import atomic_write_text, strict_json
 
@@ -40,7 +40,7 @@ def load_results(out_dir: Path) -> dict[str, Any]:
     arms = {}
     for path in arm_files:
         try:
-            arms[path.stem] = json.loads(path.read_text())
+            arms[arm_of_stem(path.stem)] = json.loads(path.read_text())
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} is not valid JSON: {error}") from None
     order = arm_order(list(arms))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import tomli_w
 
+from fedcsg.fl.arms import file_stem
 from fedcsg.fl.config import RunConfig
 from fedcsg.fl.ray_cluster import init_args, interruptible
 from fedcsg.fl.task import partition_rows
@@ -96,6 +97,6 @@ def simulate(cfg: RunConfig, out_dir: Path, *, verbose: bool = False) -> None:
             verbose_logging=verbose,
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
         )
-    arm_file = Path(out_dir) / "arms" / f"{cfg.arm}.json"
+    arm_file = Path(out_dir) / "arms" / f"{file_stem(cfg.arm)}.json"
     if not arm_file.is_file():
         raise RuntimeError(f"the simulation of arm {cfg.arm!r} ended without results (see the log above)")
