@@ -22,10 +22,10 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from fedcsg.fl.config import RunConfig
+from fedcsg.fl.downlink import VERSION_KEY, Downlink, receive
 from fedcsg.fl.payload import PayloadLayout, load_payload, model_payload
 from fedcsg.fl.ray_cluster import PLACEMENT, placement_record
 from fedcsg.fl.task import TRAIN_FACTOR_KEY, build_arm_model, client_data, local_train, payload_layout
-from fedcsg.fl.downlink import VERSION_KEY, Downlink, receive
 from fedcsg.fl.uplink import Uplink
 from fedcsg.nn.training import get_device
 

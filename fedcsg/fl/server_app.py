@@ -13,8 +13,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
-from fedcsg.fl.checkpoint import Checkpoint, config_hash, load_checkpoint, save_checkpoint, set_rng_state
 from fedcsg.fl.arms import file_stem
+from fedcsg.fl.checkpoint import Checkpoint, config_hash, load_checkpoint, save_checkpoint, set_rng_state
 from fedcsg.fl.config import RunConfig
 from fedcsg.fl.downlink import Downlink
 from fedcsg.fl.model_file import save_global_model

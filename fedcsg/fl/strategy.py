@@ -19,12 +19,12 @@ from flwr.serverapp.strategy import FedAvg, Result
 from flwr.supercore import log
 
 from fedcsg.fl.config import FAILED_ROUND_POLICIES
+from fedcsg.fl.downlink import Broadcaster, Downlink
 from fedcsg.fl.payload import PayloadLayout, check_specs, weighted_average
 from fedcsg.fl.ray_cluster import reported_node
 from fedcsg.fl.records import RoundRecord
 from fedcsg.fl.server_opt import Mask, ServerOptimizer
 from fedcsg.fl.traffic import accounted_wire_bytes, payload_bytes
-from fedcsg.fl.downlink import Broadcaster, Downlink
 from fedcsg.fl.uplink import Uplink
 
 WEIGHT_KEY = "num-examples"

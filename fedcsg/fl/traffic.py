@@ -16,10 +16,10 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedcsg.fl.config import RunConfig
+from fedcsg.fl.downlink import VERSION_KEY, Broadcaster, Downlink
 from fedcsg.fl.payload import model_payload
 from fedcsg.fl.ray_cluster import NODE_ID_HEX_LENGTH, NODE_ID_KEY, PLACEMENT
 from fedcsg.fl.task import build_arm_model, payload_layout
-from fedcsg.fl.downlink import VERSION_KEY, Broadcaster, Downlink
 from fedcsg.fl.uplink import Uplink
 from fedcsg.nn.params import count_parameters
 
