@@ -218,7 +218,9 @@ def test_a_node_that_lost_its_state_fails_loudly_and_is_resynced_next_round() ->
 def test_a_fresh_context_does_not_train_from_a_stale_model(data_dir: Path) -> None:
     """The ClientApp sent a delta with nothing (or another version) in its Context.state raises before
     it trains: the model cached in its process holds some other node's weights."""
-    cfg = RunConfig(**SMALL, arm="csg+int8/delta-int8", num_clients=2, data_dir=str(data_dir))
+    cfg = RunConfig(
+        **SMALL, arm="csg+int8/delta-int8", num_clients=2, train_limit=64, batch_size=32, data_dir=str(data_dir)
+    )
     down, _ = round_messages(cfg)
     assert down.content["config"]["downlink-kind"] == "delta"
     context = Context(

@@ -231,9 +231,9 @@ def test_bad_arm_on_the_command_line_is_one_line_exit_2(cli) -> None:
     code, out, err = cli("compare", "--arms", "fedavg,csg+int9")
     assert code == 2 and out == ""
     assert err.strip().splitlines() == [
-        "fedcsg compare: error: unknown arm 'csg+int9': accepted are MODEL[+UPCODEC][/DOWNLINK] with MODEL one of fedavg, "
-        "fedpara, csg, csg-frozen, UPCODEC one of fp16, int8, topk and DOWNLINK one of full, fp16, int8, delta-int8, "
-        "delta-topk (e.g. csg+int8/int8, fedavg/delta-int8)"
+        "fedcsg compare: error: unknown arm 'csg+int9': accepted are MODEL[+UPCODEC][/DOWNLINK] with MODEL one of "
+        "fedavg, fedpara, csg, csg-frozen, UPCODEC one of fp16, int8, topk and DOWNLINK one of full, fp16, int8, "
+        "delta-int8, delta-topk (e.g. csg+int8/int8, fedavg/delta-int8)"
     ]
 
 

@@ -84,6 +84,16 @@ def node_download_bytes(bundle_bytes: int | None, rounds: list[dict[str, Any]]) 
     return bundle_bytes + sum(round(r["wire_down"] / r["sampled"]) for r in rounds if r["sampled"])
 
 
+def directions(arm: str, config: dict[str, Any]) -> tuple[str, str]:
+    """(uplink, downlink) of an arm as it ran: its codec (``full`` without one) and its downlink (the
+    one it names, else the run's ``downlink``); ``?`` for a name that is not an arm."""
+    try:
+        parsed = Arm.parse(arm)
+    except ValueError:
+        return "?", "?"
+    return parsed.codec or "full", parsed.downlink_or(str(config.get("downlink", "full")))
+
+
 def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per-arm figures of the report (see :func:`write_report`).
 
@@ -104,7 +114,10 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         last = rounds[-1]
         reached = _first_reaching(rounds, target)
         matched = _first_reaching(rounds, match) if match is not None else None
+        up, down = directions(arm, data.get("config", {}))
         summary[arm] = {
+            "uplink": up,
+            "downlink": down,
             "rounds": len(rounds),
             "final_accuracy": last["test_accuracy"],
             "best_accuracy": max(accuracies),
@@ -124,6 +137,8 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "failed_rounds": sum(r.get("status") == "failed" for r in rounds),
             "failed_replies": sum(r.get("failed") or 0 for r in rounds),
             "rejected_replies": sum(r.get("rejected") or 0 for r in rounds),
+            "resynced": sum(r.get("resynced") or 0 for r in rounds),
+            "wire_down_resync": sum(r.get("wire_down_resync") or 0 for r in rounds),
             "bundle_bytes": data.get("bundle_bytes"),
             "node_download_bytes": node_download_bytes(data.get("bundle_bytes"), rounds),
         }
@@ -133,6 +148,10 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
             figures["upload_ratio_vs_fedavg"] = base["wire_up_per_round"] / figures["wire_up_per_round"]
             figures["total_ratio_vs_fedavg"] = base["total_wire_bytes"] / figures["total_wire_bytes"]
     return summary
+
+
+def _resync(s: dict[str, Any]) -> str:
+    return f"{s['resynced']} ({_mb(s['wire_down_resync'])})" if s["resynced"] else "-"
 
 
 def _mb(value: float | None) -> str:
@@ -220,19 +239,25 @@ def _report_markdown(results: dict[str, Any], summary: dict[str, dict[str, Any]]
         "Bytes are per round, summed over the sampled clients. *Payload* is raw tensor bytes; *wire* is the "
         "serialized Flower messages (payload, array headers, keys, config and metadata).",
         "",
-        "| arm | final acc | best acc | payload up / round | payload down / round | wire up / round | "
-        "wire down / round | total wire | upload ratio vs fedavg | total ratio vs fedavg | "
+        "*up* / *down* say how each arm's updates and global model travelled (fedcsg.fl.codecs, "
+        "fedcsg.fl.downlink). *Resynced* counts the messages of a delta downlink that carried the model in full "
+        "(a node not known to hold the previous one) and their wire bytes, over the run; results.csv has them "
+        "per round (`resynced`, `wire_down_resync`; the in-sync share is `wire_down - wire_down_resync`).",
+        "",
+        "| arm | up | down | final acc | best acc | payload up / round | payload down / round | wire up / round | "
+        "wire down / round | resynced | total wire | upload ratio vs fedavg | total ratio vs fedavg | "
         f"wire bytes to {first['target_accuracy']:.0%} acc | wire bytes to fedavg - 1 pt | seconds |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | --- |" + " ---: |" * 13,
     ]
     for arm, s in summary.items():
         up_ratio = f"{s['upload_ratio_vs_fedavg']:.2f}x" if "upload_ratio_vs_fedavg" in s else "-"
         total_ratio = f"{s['total_ratio_vs_fedavg']:.2f}x" if "total_ratio_vs_fedavg" in s else "-"
         match = _reach(s["wire_bytes_to_match"], s["round_to_match"]) if s["match_accuracy"] is not None else "-"
         lines.append(
-            f"| {arm} | {s['final_accuracy']:.4f} | {s['best_accuracy']:.4f} | {_mb(s['payload_up_per_round'])} | "
-            f"{_mb(s['payload_down_per_round'])} | {_mb(s['wire_up_per_round'])} | {_mb(s['wire_down_per_round'])} | "
-            f"{_mb(s['total_wire_bytes'])} | {up_ratio} | {total_ratio} | "
+            f"| {arm} | {s['uplink']} | {s['downlink']} | {s['final_accuracy']:.4f} | {s['best_accuracy']:.4f} | "
+            f"{_mb(s['payload_up_per_round'])} | {_mb(s['payload_down_per_round'])} | {_mb(s['wire_up_per_round'])} | "
+            f"{_mb(s['wire_down_per_round'])} | {_resync(s)} | {_mb(s['total_wire_bytes'])} | {up_ratio} | "
+            f"{total_ratio} | "
             f"{_reach(s['wire_bytes_to_target'], s['round_to_target'])} | {match} | {s['seconds']:.1f} |"
         )
     goal_target, goal_match = _goal_names(first["target_accuracy"], first["match_accuracy"])
