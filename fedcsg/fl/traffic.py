@@ -14,9 +14,10 @@ from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0
 from flwr.supercore.inflatable.inflatable_object import add_header_to_object_body, get_all_nested_objects
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+from torch import nn
 
 from fedcsg.fl.config import RunConfig
-from fedcsg.fl.downlink import VERSION_KEY, Broadcaster, Downlink
+from fedcsg.fl.downlink import STATELESS, VERSION_KEY, Broadcaster, Downlink
 from fedcsg.fl.payload import model_payload
 from fedcsg.fl.ray_cluster import NODE_ID_HEX_LENGTH, NODE_ID_KEY, PLACEMENT
 from fedcsg.fl.task import build_arm_model, payload_layout
@@ -131,7 +132,9 @@ def _moved(record: ArrayRecord, floating: list[str], rng: np.random.Generator) -
     )
 
 
-def round_messages(cfg: RunConfig, node_id: int = 1, *, resync: bool = False) -> tuple[Message, Message]:
+def round_messages(
+    cfg: RunConfig, node_id: int = 1, *, resync: bool = False, model: nn.Module | None = None
+) -> tuple[Message, Message]:
     """The train message a client receives and the reply it sends, as CSGFedAvg and the ClientApp
     build them in a simulation (same records, keys and metrics, downlink as the arm's).
 
@@ -139,9 +142,10 @@ def round_messages(cfg: RunConfig, node_id: int = 1, *, resync: bool = False) ->
     payload's float entries moved by seeded noise of std :data:`UPDATE_SCALE`. For a delta
     downlink the message is that of a node in sync (the compressed change between two broadcasts,
     the global model moved by such noise), or with ``resync`` that of a node sent x̂ in full.
+    ``model`` is the arm's initial model if already built.
     """
     _ensure_task_identity()
-    model = build_arm_model(cfg)
+    model = model if model is not None else build_arm_model(cfg)
     layout = payload_layout(cfg, model)
     arrays = model_payload(model, layout)
     rng = np.random.default_rng(cfg.seed)
@@ -182,9 +186,9 @@ def round_messages(cfg: RunConfig, node_id: int = 1, *, resync: bool = False) ->
 
 def arm_traffic(cfg: RunConfig, clients_per_round: int) -> dict:
     """Payload and wire bytes of one round of ``cfg.arm`` with ``clients_per_round`` clients."""
-    down, up = round_messages(cfg)
-    resync, _ = round_messages(cfg, resync=True)
     model = build_arm_model(cfg)
+    down, up = round_messages(cfg, model=model)
+    resync = round_messages(cfg, resync=True, model=model)[0] if cfg.downlink_mode not in STATELESS else down
     payload_down = payload_bytes(down.content["arrays"])
     payload_up = payload_bytes(up.content["arrays"])
     return {
