@@ -441,15 +441,21 @@ def _seeds_markdown(config: dict[str, Any], per_seed: dict[int, dict[str, Any]],
 
 
 CODEC_LINESTYLES = {"": "-", "fp16": "--", "int8": ":", "topk": "-."}
+DOWNLINK_MARKERS = {"": "o", "full": "o", "fp16": "s", "int8": "^", "delta-int8": "v", "delta-topk": "D"}
 
 
 def _style(arm: str) -> dict[str, Any]:
-    """One colour per model, one line style per codec, so ``csg`` and ``csg+int8`` read as kin."""
+    """One colour per model, one line style per codec and one marker per downlink, so ``csg``,
+    ``csg+int8`` and ``csg+int8/int8`` read as kin."""
     try:
         parsed = Arm.parse(arm)
     except ValueError:  # an older run's arm name
-        return {}
-    return {"color": f"C{MODELS.index(parsed.model)}", "linestyle": CODEC_LINESTYLES[parsed.codec]}
+        return {"marker": "o"}
+    return {
+        "color": f"C{MODELS.index(parsed.model)}",
+        "linestyle": CODEC_LINESTYLES[parsed.codec],
+        "marker": DOWNLINK_MARKERS[parsed.downlink],
+    }
 
 
 def _plots(per_seed: dict[int, dict[str, Any]], arms: list[str], title: str, out_dir: Path) -> None:
@@ -475,7 +481,7 @@ def _plots(per_seed: dict[int, dict[str, Any]], arms: list[str], title: str, out
                 for r, recs in rounds.items()
             ]
             accs = [[x["test_accuracy"] for x in recs] for recs in rounds.values()]
-            (line,) = ax.plot(xs, [sum(a) / len(a) for a in accs], marker="o", markersize=3, label=arm, **_style(arm))
+            (line,) = ax.plot(xs, [sum(a) / len(a) for a in accs], markersize=3, label=arm, **_style(arm))
             if several:
                 ax.fill_between(xs, [min(a) for a in accs], [max(a) for a in accs], color=line.get_color(), alpha=0.2)
         if by_bytes:
