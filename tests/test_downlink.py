@@ -174,13 +174,16 @@ def test_delta_clients_hold_the_servers_x_hat_bit_for_bit_and_skipped_clients_ar
     resyncs = sum(r[4] for r in nodes.received)
     assert 2 <= resyncs < 12  # round 1 resyncs both; with 4 nodes and 2 sampled some are in sync later
     # The records split the downlink bytes into in-sync and resync messages, each counted as sent.
-    full_wire = {m.metadata.dst_node_id: accounted_wire_bytes(m) for m in grid.sent}
+    wire = {
+        kind: [accounted_wire_bytes(m) for m in grid.sent if m.content["config"]["downlink-kind"] == kind]
+        for kind in ("delta", "full")
+    }
+    assert len(wire["full"]) == resyncs and len(wire["delta"]) == 12 - resyncs
+    assert max(wire["delta"]) < 0.5 * min(wire["full"])  # a compressed change against the whole x̂
     assert sum(strategy.traffic[r].resynced for r in range(1, 7)) == resyncs
+    assert sum(strategy.traffic[r].wire_down_resync for r in range(1, 7)) == sum(wire["full"])
+    assert sum(strategy.traffic[r].wire_down for r in range(1, 7)) == sum(wire["full"]) + sum(wire["delta"])
     assert strategy.traffic[1].wire_down_resync == strategy.traffic[1].wire_down > 0
-    assert sum(strategy.traffic[r].wire_down for r in range(1, 7)) == sum(accounted_wire_bytes(m) for m in grid.sent)
-    assert full_wire  # the grid saw the messages
-    in_sync = [strategy.traffic[r] for r in range(2, 7) if strategy.traffic[r].resynced < 2]
-    assert in_sync and all(t.wire_down - t.wire_down_resync < t.wire_down_resync or not t.resynced for t in in_sync)
     # The nodes of the last round hold the server's x̂; the server's own model is not x̂ (error fed back).
     for node in {n for r, n, *_ in nodes.received if r == 6}:
         held = nodes.states[node][STATE_MODEL]
