@@ -38,6 +38,7 @@ from fedcsg.deploy.federation import (
     Federation,
     FederationPlan,
     run_app,
+    run_config_text,
     start_federation,
     wait_for_nodes,
 )
@@ -171,6 +172,34 @@ def test_secure_federation_runs_two_rounds_of_csg(secure_federation: Federation,
     log = Path(superlink.log).read_text(errors="replace")
     for node_id in federation.node_ids:
         assert f"Activated node_id={node_id}" in log
+
+
+def test_deploy_run_of_a_run_that_trained_nothing_exits_non_zero(
+    secure_federation: Federation, data_dir: Path, tmp_path: Path, cli
+) -> None:
+    """`fedcsg deploy run` reads the run's final status from `flwr ls` (`flwr run --stream` exits 0
+    even for a failed run): every client of the one round fails, the ServerApp raises RunFailed
+    after writing the records, Flower marks the run failed, and the command exits 1 saying so."""
+    out_dir = tmp_path / "failed-run"
+    run_config = {
+        "arm": "fedavg",
+        "num-rounds": 1,
+        "num-clients": 2,
+        "train-limit": 64,
+        "test-limit": 50,
+        "fault-probability": 1.0,
+        "device": "cpu",
+        "data-dir": str(data_dir),
+        "out-dir": str(out_dir),
+        "round-timeout": RUN_TIMEOUT,
+    }
+    args = ["deploy", "run", "--dir", str(secure_federation.directory), "--app", str(ROOT)]
+    code, stdout, _ = cli(*args, "--run-config", run_config_text(run_config), "--timeout", str(RUN_TIMEOUT))
+    assert code == 1 and ": finished:failed in " in stdout, stdout
+    rounds = json.loads((out_dir / "arms" / "fedavg.json").read_text())["rounds"]
+    assert [(r["round"], r["status"], r["failed"]) for r in rounds] == [(0, "initial", 0), (1, "failed", 2)]
+    assert "injected fault" in rounds[1]["first_error"]
+    assert (out_dir / "report.md").is_file()
 
 
 def _get_fab_reply_bytes(fab: bytes) -> int:

@@ -24,8 +24,10 @@ from fedcsg.fl.downlink import (
     DownlinkOutOfSync,
     model_hash,
     receive,
+    state_keys,
 )
 from fedcsg.fl.payload import flat_floats, model_payload
+from fedcsg.fl.records import RoundRecord
 from fedcsg.fl.server_app import build_strategy
 from fedcsg.fl.strategy import CSGFedAvg
 from fedcsg.fl.task import build_arm_model, payload_layout
@@ -235,11 +237,14 @@ def test_a_fresh_context_does_not_train_from_a_stale_model(data_dir: Path) -> No
     )
     with pytest.raises(DownlinkOutOfSync, match="this client holds no model"):
         train(down, context)
-    assert STATE_MODEL not in context.state
+    model_key, _ = state_keys(f"{cfg.arm}:{cfg.seed}")
+    assert model_key not in context.state
     resync, _ = round_messages(cfg, resync=True)
     reply = train(resync, context)  # a resync trains, and the reply says which version the node holds
     assert reply.content["metrics"][VERSION_KEY] == int(resync.content["config"]["downlink-version"])
-    assert model_hash(context.state[STATE_MODEL]) == resync.content["config"]["downlink-hash"]
+    assert model_hash(context.state[model_key]) == resync.content["config"]["downlink-hash"]
+    # One node serves every run of a simulation: another arm's x̂ is kept apart.
+    assert list(context.state) == [model_key, state_keys(f"{cfg.arm}:{cfg.seed}")[1]]
 
 
 # -- bytes and checkpoints --------------------------------------------------------------------------
@@ -282,7 +287,7 @@ def test_a_resumed_delta_run_resyncs_everyone_and_trains_from_the_uninterrupted_
         2,
         arrays,
         num_rounds=4,
-        rounds=[],
+        rounds=[RoundRecord(r).as_dict() for r in range(3)],
         config={},
         identity=cfg.identity(),
         strategy=strategy.state_dict(),

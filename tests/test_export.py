@@ -23,6 +23,7 @@ from fedcsg.deploy.export import (
 from fedcsg.fl.config import ModelSettings, RunConfig
 from fedcsg.fl.model_file import save_checkpoint, save_global_model
 from fedcsg.fl.payload import PayloadLayout, model_payload
+from fedcsg.io import DIGEST_KEY, tensors_digest
 
 GENERATOR_KEY = "csg_generators.3x3.weight"
 
@@ -170,8 +171,8 @@ def test_serverapp_payloads_and_run_directories(tmp_path: Path) -> None:
     record = model_payload(model, PayloadLayout.for_model(model, "flat"))
     run_dir = tmp_path / "run"
     state = save_run_checkpoint(
-        run_dir, "csg-frozen", 2, record, num_rounds=2, rounds=[], config=cfg.to_flower(),
-        identity=cfg.identity(), strategy={},
+        run_dir, "csg-frozen", 2, record, num_rounds=cfg.num_rounds, rounds=[{"round": r} for r in range(3)],
+        config=cfg.to_flower(), identity=cfg.identity(), strategy={},
     )  # fmt: skip
     payload_file = next(state.parent.glob("csg-frozen-round-*.safetensors"))
     x = torch.randn(4, 3, 32, 32)
@@ -220,7 +221,8 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path: Path) -> None:
     state = {k: v.clone() for k, v in model.state_dict().items()}
     state[GENERATOR_KEY] = -state[GENERATOR_KEY]
     forged = tmp_path / "forged.safetensors"
-    save_file(state, str(forged), metadata={"format": "fedcsg-checkpoint", **info.to_metadata()})
+    metadata = {"format": "fedcsg-checkpoint", **info.to_metadata(), DIGEST_KEY: tensors_digest(state)}
+    save_file(state, str(forged), metadata=metadata)  # its digest vouches for the forged tensors
     with pytest.raises(ValueError, match="frozen generator"):
         load_checkpoint(forged)
     wrong = tmp_path / "wrong.safetensors"

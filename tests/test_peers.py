@@ -422,10 +422,16 @@ def test_client_carries_the_topk_residual_in_its_context(data_env, monkeypatch) 
         down = Message(RecordDict({"arrays": sent, "config": config}), dst_node_id=1, message_type=MessageType.TRAIN)
         reply = client_app.train(down, context)
         assert set(reply.content["arrays"]) == set(Uplink(layout, cfg.codec).specs())
-        residuals.append(client_app.carried_residual(context).copy())
+        residuals.append(client_app.carried_residual(context, client_app.residual_key(cfg)).copy())
     assert seen[0] is None and np.linalg.norm(residuals[0]) > 0
     np.testing.assert_array_equal(seen[1], residuals[0])
     assert not np.array_equal(residuals[1], residuals[0])
+    # The same node serves the next run of the simulation (another seed): it starts without a residual.
+    config = ConfigRecord({"lr": 0.05, "server-round": 1, "attempt": 0, "arm": cfg.arm, "seed": 1})
+    client_app.train(
+        Message(RecordDict({"arrays": sent, "config": config}), dst_node_id=1, message_type=MessageType.TRAIN), context
+    )
+    assert seen[2] is None and client_app.residual_key(cfg.replace(seed=1)) in context.state
 
 
 def test_report_names_the_arm_with_the_fewest_bytes() -> None:

@@ -64,6 +64,8 @@ FAULT_RUN = [
     "fault-probability=0.3",
     "seed=1",
 ]
+# Every client fails in every round (the issue's reproduction: it used to exit 0, or with a traceback).
+ALL_FAIL_RUN = ["num-clients=2", "num-rounds=2", "train-limit=128", "test-limit=64", "fault-probability=1.0"]
 
 
 def _sets(pairs: list[str]) -> list[str]:
@@ -278,6 +280,61 @@ def test_failed_clients_are_counted_and_the_round_aggregates_the_rest() -> None:
     assert traffic.status == "ok" and _equal(seen[1], good)
 
 
+class RunGrid(ScriptedGrid):
+    """A :class:`ScriptedGrid` with a run (no app bundle), as the ServerApp asks its grid for one."""
+
+    @property
+    def run(self):  # noqa: ANN201
+        from flwr.supercore.run import Run
+
+        return Run.create_empty(run_id=1)
+
+
+# What Flower hands the server when a ClientApp raised (the client's exception inside).
+MISSING_DATA = (
+    "<class 'flwr.clientapp.client_app.ClientAppException'>:<'Exception ClientAppException occurred. "
+    "Message: cifar10 not found: looked in $FEDCSG_DATA_DIR=/srv/none'>"
+)
+
+
+def test_a_run_in_which_every_client_fails_raises_after_writing_its_records(tmp_path: Path, data_env: Path) -> None:
+    """The ServerApp of a simulation plan: every client of every round fails (its data directory is
+    missing), so the run stops with RunFailed naming the arm, the round and the first client error,
+    after its records and checkpoint are written; a later run of the plan never starts."""
+    from flwr.app import ConfigRecord, Context
+
+    from fedcsg.fl.records import RunFailed
+    from fedcsg.fl.server_app import PLAN_KEY
+    from fedcsg.fl.server_app import main as server_main
+
+    _ensure_task_identity()
+    cfg = _tiny_cfg(tmp_path / "out", num_rounds=2, round_timeout=5.0).replace(arm="fedavg")
+    plan = [json.dumps(c.to_flower()) for c in (cfg, cfg.replace(arm="csg"))]
+    context = Context(1, 0, {}, RecordDict({PLAN_KEY: ConfigRecord({"runs": plan})}), cfg.to_flower())
+    grid = RunGrid([11, 12], lambda pos, node, msg: Error(code=0, reason=MISSING_DATA))
+    with pytest.raises(RunFailed) as failed:
+        server_main(grid, context)
+    message = str(failed.value)
+    assert "\n" not in message
+    assert message == (
+        "arm 'fedavg' aggregated no client update in rounds 1..2 (0 replies accepted in all); round 1: client "
+        "node 11 (partition 0) failed: cifar10 not found: looked in $FEDCSG_DATA_DIR=/srv/none"
+    )
+    rounds = json.loads((tmp_path / "out" / "arms" / "fedavg.json").read_text())["rounds"]
+    assert [(r["round"], r["status"], r["failed"]) for r in rounds] == [
+        (0, "initial", 0),
+        (1, "failed", 2),
+        (2, "failed", 2),
+    ]
+    assert load_checkpoint(tmp_path / "out", "fedavg").round == 2
+    assert not (tmp_path / "out" / "arms" / "csg.json").exists()
+    # The report of such a run names it and divides by nothing (fedavg sent no byte up).
+    from fedcsg.fl.report import write_report
+
+    write_report(tmp_path / "out")
+    assert "| fedavg |" in (tmp_path / "out" / "report.md").read_text()
+
+
 @pytest.mark.parametrize("policy", ["skip", "retry"])
 def test_a_round_with_too_few_replies_is_skipped_or_retried(policy: str) -> None:
     _, layout, initial = _small()
@@ -338,8 +395,12 @@ def test_fault_rule_is_deterministic() -> None:
 
 
 def _tiny_cfg(out: Path, **changes: object) -> RunConfig:
+    """KILL_RUN on the default experiment, as `fedcsg run --set ...` makes it."""
+    from fedcsg.fl.config import DEFAULT_EXPERIMENT, load_experiment
+
     values = {pair.split("=")[0]: int(pair.split("=")[1]) for pair in KILL_RUN}
-    return RunConfig.from_mapping(values).replace(arm="csg", out_dir=str(out.absolute()), **changes)
+    base = load_experiment(DEFAULT_EXPERIMENT)
+    return RunConfig.from_mapping(values, base).replace(arm="csg", out_dir=str(out.absolute()), **changes)
 
 
 def _checkpointed(out: Path, cfg: RunConfig | None = None, last_round: int = 0) -> tuple[RunConfig, ArrayRecord]:
@@ -444,7 +505,7 @@ def _one_line_exit_2(args: list[str], message: str, watched: Path, capsys: pytes
         (["train-limit=-5"], "train-limit = -5 is not accepted: 0 or a positive integer is"),
         (["batch-size=-1"], "batch-size = -1 is not accepted: a positive integer is"),
         (["slice=12x12"], "slice shape '12x12' does not parse"),
-        (["fault-probability=1.0"], "fault-probability = 1.0 is not accepted: a number in [0, 1) is"),
+        (["fault-probability=1.5"], "fault-probability = 1.5 is not accepted: a number in [0, 1] is"),
         (["failed-round=never"], "failed-round = 'never' is not accepted: one of skip, retry is"),
         (["max-update-norm=-1.0"], "max-update-norm = -1.0 is not accepted: a finite number >= 0 is"),
         (["seed=-1"], "seed = -1 is not accepted: 0 or a positive integer is"),
@@ -465,7 +526,7 @@ def test_data_dir_with_the_wrong_schema(tmp_path: Path, data_env: Path, capsys: 
     for split in ("train", "test"):
         pq.write_table(pa.table({"image": [b"x"], "target": [1]}), bad / f"{split}.parquet")
     out = tmp_path / "out"
-    args = ["run", "--out", str(out), "--set", f"data-dir='{bad.parent}'"]
+    args = ["run", "--out", str(out), "--set", f"data-dir='{bad.parent}'", "--set", "dataset='cifar10'"]
     _one_line_exit_2(args, "found columns ['image', 'target']; expected parquet columns img", tmp_path, capsys)
     assert not out.exists()
 
@@ -510,7 +571,7 @@ def test_compare_resume_skips_complete_arms_continues_started_ones_runs_missing_
     _checkpointed(out, cfg, last_round=cfg.num_rounds)  # csg: complete
     _checkpointed(out, cfg.replace(arm="csg-frozen"), last_round=1)  # csg-frozen: killed after round 1
     simulated: list[tuple[str, bool]] = []
-    monkeypatch.setattr(commands, "_simulate_arm", lambda c, arm, o, v: simulated.append((arm, c.resume)))
+    monkeypatch.setattr(commands, "_simulate", lambda runs, o, v: simulated.extend((c.arm, c.resume) for c in runs))
     monkeypatch.setattr(commands, "_finish", lambda o: 0)
     assert main(["compare", "--resume", str(out)]) == 0
     assert simulated == [("fedavg", True), ("csg-frozen", True)]  # the config's order; fedavg starts at round 0
@@ -582,11 +643,16 @@ def _finish(proc: subprocess.Popen, log: Path, timeout: float = 900) -> str:
 
 @pytest.fixture(scope="module")
 def background(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterable[dict]:
-    """The uninterrupted reference of the SIGKILL test and the fault-injection run, started at once."""
+    """The uninterrupted reference of the SIGKILL test, the fault-injection run and a run in which
+    every client fails, started at once."""
     root = tmp_path_factory.mktemp("reliability")
     runs = {
         "reference": (["run", "--arm", "csg", *_sets(KILL_RUN)], root / "reference"),
         "faults": (["run", "--arm", "csg", *_sets(FAULT_RUN)], root / "faults"),
+        "all-fail": (
+            ["run", "--arm", "fedavg", *_sets([*KILL_RUN[:1], "num-rounds=2", "fault-probability=1.0"])],
+            root / "all-fail",
+        ),
     }
     procs = {}
     for name, (args, out) in runs.items():
@@ -706,3 +772,30 @@ def test_fault_injection_run_completes_and_records_the_failures(background: dict
     assert rounds[2]["test_accuracy"] == rounds[1]["test_accuracy"]
     assert results["summary"]["csg"]["failed_rounds"] == 1 and results["summary"]["csg"]["failed_replies"] == 4
     assert "client node" in log.read_text() and "injected fault" in log.read_text()
+
+
+def test_a_run_in_which_every_client_fails_exits_non_zero_with_one_line(background: dict) -> None:
+    """Through Ray: every client of both rounds raises, so `fedcsg run` exits 1 with one line naming
+    the arm, the round and the first client error, after writing the records and the report
+    (whose ratios do not divide by the 0 bytes fedavg sent up)."""
+    proc, out, log = background["all-fail"]
+    try:
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            kill_session(proc)
+    text = log.read_text()
+    assert proc.returncode == 1, text[-3000:]
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("fedcsg run: error: arm 'fedavg' aggregated no client update in rounds 1..2 (0 replies"), (
+        last
+    )
+    assert "round 1: client node" in last and "injected fault: partition" in last, last
+    rounds = json.loads((out / "arms" / "fedavg.json").read_text())["rounds"]
+    assert [(r["round"], r["status"], r["replied"], r["failed"]) for r in rounds] == [
+        (0, "initial", 0, 0),
+        (1, "failed", 0, 2),
+        (2, "failed", 0, 2),
+    ]
+    assert "| fedavg |" in (out / "report.md").read_text()
+    assert "Traceback" not in text.split("== arm fedavg")[-1].split("[fedavg] round 2/2")[-1]

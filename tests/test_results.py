@@ -190,7 +190,7 @@ def test_configs_command_lists_the_shipped_files(capsys: pytest.CaptureFixture[s
     lines = capsys.readouterr().out.splitlines()
     names = [line.split()[0] for line in lines if line.strip()]
     assert names == list(shipped_experiments())
-    assert any(line.startswith("quickstart") and "ResNet-20" in line for line in lines)
+    assert any(line.startswith("quickstart") and "Fashion-MNIST" in line for line in lines)
 
 
 def test_report_says_how_the_run_was_made(tmp_path: Path) -> None:

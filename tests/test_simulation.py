@@ -25,19 +25,13 @@ from .processes import kill_session
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# 2 clients, 2 rounds, a 1,600-image CIFAR-10 subset; two local epochs so that every arm learns.
-SMALL_RUN = [
-    "num-clients=2",
-    "num-rounds=2",
-    "train-limit=1600",
-    "test-limit=500",
-    "local-epochs=2",
-    "batch-size=32",
-    "target-accuracy=0.15",
-]
+# The quick-start file as it ships (Fashion-MNIST's small CNN), 2 clients, 2 rounds, 2,000 images.
+SMALL_RUN = ["num-clients=2", "num-rounds=2", "train-limit=2000", "test-limit=500", "batch-size=32"]
+# The runs that check bytes take ResNet-20 on CIFAR-10 instead: the counts they assert are its.
+RESNET20 = ["model='resnet20'", "dataset='cifar10'", "slice='12x12x3x3'", "code-dim=72", "target-accuracy=0.15"]
 # The same two-round, two-client compare at a size where only exactness is asserted (identical
 # records on a rerun, mean and std over seeds), not learning: 256 images, one local epoch.
-TINY_RUN = ["num-clients=2", "num-rounds=2", "train-limit=256", "test-limit=128", "batch-size=32"]
+TINY_RUN = [*RESNET20, "num-clients=2", "num-rounds=2", "train-limit=256", "test-limit=128", "batch-size=32"]
 PEER_ARMS = ("fedavg+int8", "fedpara", "csg+topk", "csg+int8/delta-int8")
 # Made twice (``tiny`` and seed 0 of ``seeds``) and compared digit for digit; csg-frozen's rebuild from
 # the seed is checked bit for bit in test_csg.py, and it runs (and learns) in ``compare``.
@@ -57,7 +51,8 @@ def compare_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     """The module's end-to-end runs, started at once (each leaves cores idle while it imports,
     starts Ray or evaluates on one thread; together they fill them):
 
-    * ``compare``: `fedcsg compare` of the quick-start file named by its path, with SMALL_RUN;
+    * ``compare``: `fedcsg compare` of the quick-start file named by its path, with SMALL_RUN: every
+      arm learns;
     * ``tiny``: the same command with TINY_RUN, the arms RERUN_ARMS followed by the peer arms
       PEER_ARMS (a codec on fedavg, FedPara, topk with error feedback on csg, csg compressed both
       ways with a delta downlink whose x̂ lives in the virtual nodes' Context.state);
@@ -136,12 +131,12 @@ def test_compare_runs_all_arms_through_ray(compare_run: tuple[Path, subprocess.C
         rounds = data["rounds"]
         assert [r["round"] for r in rounds] == [0, 1, 2]
         final = rounds[-1]
-        assert final["test_accuracy"] > 0.15, (arm, final)  # chance is 0.10
+        assert final["test_accuracy"] > 0.25, (arm, final)  # chance is 0.10
         assert final["sampled"] == final["replied"] == 2 and final["partitions"] == [0, 1]
         assert final["cum_wire_up"] == sum(r["wire_up"] for r in rounds)
         # Same payload to each client; bytes are sums over clients, never weighted averages.
         assert final["payload_down"] == 2 * data["payload_bytes"] == final["payload_up"]
-        assert final["payload_up"] < final["wire_up"] < 1.03 * final["payload_up"]
+        assert final["payload_up"] < final["wire_up"] < final["payload_up"] + 2 * 4096  # framing: < 4 kB a message
     # `fedcsg bytes` builds the same messages offline; only the ids a message gets when it is sent
     # (group id, reply-to id, task ids) are missing there: less than 100 bytes per message.
     from fedcsg.fl.config import RunConfig
@@ -330,12 +325,26 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _start_raylet(command: list[str], log: Path, env: dict[str, str]) -> Popen:
+    """`ray start --block` in a session of its own; returns once the node says it started."""
+    with log.open("w") as handle:
+        node = Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while "Ray runtime started" not in log.read_text():
+        assert node.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"Ray node {log.stem} did not start in 180 s"
+        time.sleep(0.5)
+    return node
+
+
 @contextlib.contextmanager
-def ray_cluster(data_dir: Path, nodes: int = 2) -> Iterator[tuple[str, list[Popen]]]:
+def ray_cluster(data_dir: Path, nodes: int = 2) -> Iterator[tuple[str, list[Popen], Callable[[dict], Popen]]]:
     """A real Ray cluster on loopback: a head and ``nodes - 1`` raylets joined to it, one CPU each,
     each `ray start --block` in a session of its own, with ``FEDCSG_DATA_DIR`` in its environment
     (the clients' actors inherit the raylet's, not the driver's); always killed by session in the
-    end. Its files go to a short directory of its own: a Unix socket path holds at most 107 bytes."""
+    end. Yields the address, the nodes and ``join(env)``, which starts one more raylet with the
+    environment ``env``. Its files go to a short directory of its own: a Unix socket path holds at
+    most 107 bytes."""
     port = _free_port()
     address = f"127.0.0.1:{port}"
     env = {**os.environ, "FEDCSG_DATA_DIR": str(data_dir)}
@@ -343,19 +352,19 @@ def ray_cluster(data_dir: Path, nodes: int = 2) -> Iterator[tuple[str, list[Pope
     start += ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
     procs: list[Popen] = []
     with tempfile.TemporaryDirectory(prefix="fedcsg-ray-", dir="/tmp") as tmp:
+
+        def join(node_env: dict[str, str]) -> Popen:
+            procs.append(
+                _start_raylet([*start, f"--address={address}"], Path(tmp) / f"node-{len(procs)}.log", node_env)
+            )
+            return procs[-1]
+
         head = [*start, "--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={tmp}/ray"]
         try:
-            for i, command in enumerate([head] + [[*start, f"--address={address}"]] * (nodes - 1)):
-                log = Path(tmp) / f"node-{i}.log"
-                with log.open("w") as handle:
-                    node = Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-                    procs.append(node)
-                deadline = time.monotonic() + 180
-                while "Ray runtime started" not in log.read_text():
-                    assert procs[-1].poll() is None, log.read_text()[-3000:]
-                    assert time.monotonic() < deadline, f"Ray node {i} did not start in 180 s"
-                    time.sleep(0.5)
-            yield address, procs
+            procs.append(_start_raylet(head, Path(tmp) / "node-0.log", env))
+            for _ in range(nodes - 1):
+                join(env)
+            yield address, procs, join
         finally:
             for proc in reversed(procs):
                 kill_session(proc)
@@ -366,16 +375,29 @@ def test_run_on_an_attached_two_node_cluster_spreads_clients_and_matches_a_priva
 ) -> None:
     """`fedcsg run --set ray-address=HEAD` on a two-node cluster: the records name both nodes, equal
     the same arm of ``tiny_run`` (a private Ray) in everything but where and how long, and the
-    cluster is still running after the run (fedcsg did not start it)."""
+    cluster is still running after the run (fedcsg did not start it). Then a third node joins
+    without the data: the next run fails before its first round, in one line naming that node."""
     private, proc = tiny_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     quickstart = str(ROOT / "configs" / "quickstart.toml")
     out = tmp_path / "cluster-run"
-    with ray_cluster(data_dir) as (address, nodes):
+    with ray_cluster(data_dir) as (address, nodes, join):
         args = ["run", "--config", quickstart, "--arm", "csg", "--out", str(out), *_sets(TINY_RUN)]
         run = _fedcsg(*args, "--set", f"ray-address={address}", data_dir=data_dir, cwd=ROOT)
         assert run.returncode == 0, run.stderr[-3000:]
         assert all(node.poll() is None for node in nodes)
+        # No FEDCSG_DATA_DIR on this node, and no hub to fall back on.
+        bare = {k: v for k, v in os.environ.items() if k != "FEDCSG_DATA_DIR"}
+        join({**bare, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+        refused = tmp_path / "refused"
+        args = ["run", "--config", quickstart, "--arm", "csg", "--out", str(refused), *_sets(TINY_RUN)]
+        started = time.monotonic()
+        run = _fedcsg(*args, "--set", f"ray-address={address}", data_dir=data_dir, cwd=ROOT)
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode == 2 and len(lines) == 1, run.stderr[-3000:]
+        assert lines[0].startswith("fedcsg run: error: Ray node ") and "cannot host this run's clients" in lines[0]
+        assert "cifar10" in lines[0] and time.monotonic() - started < 120
+        assert not (refused / "arms").exists()
     attached = json.loads((out / "arms" / "csg.json").read_text())
     reference = json.loads((private / "arms" / "csg.json").read_text())
     ran_on = {node for r in attached["rounds"] for node in r["ray_nodes"]}

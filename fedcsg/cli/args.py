@@ -9,9 +9,20 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
+from fedcsg.fl.records import RunFailed
 from fedcsg.nn.models import MODELS
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError)  # one line, exit code 2
+# One line, exit code 2. An OSError that names a file the user gave (no permission to write it, a
+# directory where a file was asked for) is the user's too: the checks before writing should catch it first.
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    ConnectionError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -66,6 +77,9 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = No
     except USER_ERRORS as error:
         print(f"fedcsg {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except RunFailed as error:  # nothing trained: its records are written, the exit code says it failed
+        print(f"fedcsg {args.command}: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as stop:
         # Ctrl-C or SIGTERM (see fedcsg.fl.ray_cluster.interruptible); what the run started is stopped.
         # Exit at once: the ServerApp thread of Flower's simulation engine is not a daemon and would
@@ -78,3 +92,17 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = No
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(128 + signum)
+
+
+def table(rows: Sequence[Sequence[object]], left: int = 1) -> list[str]:
+    """Lines of a plain-text table: integers with thousands separators, the first ``left`` columns
+    left-aligned and the others right-aligned, every column as wide as its widest cell plus two spaces,
+    so that no two numbers ever run together."""
+    cells = [[f"{c:,}" if isinstance(c, int) and not isinstance(c, bool) else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    return [
+        "".join(
+            cell.ljust(widths[i] + 2) if i < left else cell.rjust(widths[i] + 2) for i, cell in enumerate(row)
+        ).rstrip()
+        for row in cells
+    ]

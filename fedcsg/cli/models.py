@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from fedcsg.cli.args import add_model_options, positive_int
+from fedcsg.cli.args import add_model_options, positive_int, table
 from fedcsg.fl.arms import DOWNLINKS, all_arms, two_way_arms
 from fedcsg.fl.config import ModelSettings, RunConfig
 from fedcsg.fl.payload import PACKINGS
@@ -58,9 +58,8 @@ def cmd_params(args: argparse.Namespace) -> int:
     slices = ", ".join(f"{s['shape']} / {s['code_dim']}" for s in result["slices"])
     kind = "frozen binary" if config.frozen else "trainable"
     print(f"{args.model}: CSG {slices}, {kind} generator")
-    print(f"{'':<12}{'plain':>12}{'csg':>12}")
-    for key in ("total", "generator", "codes", "other", "buffers", "sendable"):
-        print(f"{key:<12}{getattr(plain, key):>12,}{getattr(csg, key):>12,}")
+    keys = ("total", "generator", "codes", "other", "buffers", "sendable")
+    print("\n".join(table([("", "plain", "csg"), *((key, getattr(plain, key), getattr(csg, key)) for key in keys)])))
     print(f"reduction (total): {result['reduction']:.2f}x; reduction (sendable): {result['sendable_reduction']:.2f}x")
     return 0
 
@@ -108,13 +107,16 @@ def cmd_bytes(args: argparse.Namespace) -> int:
     )
     header = ("arm", "down", "payload up", "payload down", "wire up", "wire down", "resync down/client")
     header += ("up vs fedavg", "total vs fedavg")
-    print(f"{header[0]:>26}{header[1]:>11}" + "".join(f"{h:>19}" for h in header[2:]))
-    for row in rows:
-        print(
-            f"{row['arm']:>26}{row['downlink']:>11}{row['payload_up']:>19,}{row['payload_down']:>19,}"
-            f"{row['wire_up']:>19,}{row['wire_down']:>19,}{row['wire_down_resync_per_client']:>19,}"
-            f"{row['upload_ratio_vs_fedavg']:>18.2f}x{row['total_ratio_vs_fedavg']:>18.2f}x"
+    cells = [
+        (
+            *(row[key] for key in ("arm", "downlink", "payload_up", "payload_down", "wire_up", "wire_down")),
+            row["wire_down_resync_per_client"],
+            f"{row['upload_ratio_vs_fedavg']:.2f}x",
+            f"{row['total_ratio_vs_fedavg']:.2f}x",
         )
+        for row in rows
+    ]
+    print("\n".join(table([header, *cells], left=2)))
     return 0
 
 

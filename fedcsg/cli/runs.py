@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,7 @@ from fedcsg.fl.checkpoint import STATE_DIR, read_state
 from fedcsg.fl.config import DEFAULT_EXPERIMENT, RunConfig, identity_of, load_experiment, shipped_experiments
 from fedcsg.fl.records import holds_arms, seed_dir, seed_dirs_in
 from fedcsg.fl.report import REPORT_FILES
-from fedcsg.io import read_json_object
+from fedcsg.io import read_json_object, writable_dir
 
 
 def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -75,10 +75,10 @@ def _same_run(cfg: RunConfig, other: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(mine) | set(theirs) if k != "arm" and theirs.get(k) != mine.get(k))
 
 
-def prepare_out_dir(out_dir: Path, cfg: RunConfig, arms: list[str], overwrite: bool) -> None:
+def prepare_out_dir(out_dir: Path, cfg: RunConfig, arms: list[str], overwrite: bool, make: bool = True) -> None:
     """Refuse a directory that already holds results of these arms or of another config, unless
     ``overwrite`` (which deletes them, its seed directories' included); nothing is written before
-    this check passes."""
+    this check passes. With ``make``, the directory is then made (and must be writable)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"output path {str(out_dir)!r} exists and is not a directory")
     existing = _run_files(out_dir) if out_dir.is_dir() else []
@@ -106,38 +106,62 @@ def prepare_out_dir(out_dir: Path, cfg: RunConfig, arms: list[str], overwrite: b
                     path.unlink()
             for name in REPORT_FILES:
                 (directory / name).unlink(missing_ok=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if make:
+        writable_dir(out_dir)
 
 
-def preflight(cfg: RunConfig) -> None:
-    """Find and read the labels of both splits (cheap), so a bad data path fails before anything runs;
-    and check that some Ray node can host a client of ``client-num-cpus``/``client-num-gpus``."""
+def preflight(cfg: RunConfig, arms: list[str]) -> None:
+    """Everything checkable before a byte is written: find and read the labels of both splits (cheap),
+    so a bad data path fails before anything runs, and check the settings against their sizes
+    (:meth:`~fedcsg.fl.config.DataSettings.check_sizes`); check that each arm's model fits in memory;
+    that some Ray node can host a client of ``client-num-cpus``/``client-num-gpus``; and on an
+    attached cluster that every node can open the data too (a node started without them fails here,
+    in seconds, not in every client of every round)."""
     from fedcsg.data.readers import load_labels
     from fedcsg.fl.ray_cluster import check_resources
+    from fedcsg.fl.task import data_problem
 
-    for split in ("train", "test"):
-        load_labels(cfg.dataset, split, cfg.data_dir or None, hub_name=cfg.hub_name or None)
-    check_resources(cfg.ray_address, cfg.client_num_cpus, cfg.client_num_gpus)
+    sizes = [
+        len(load_labels(cfg.dataset, split, cfg.data_dir or None, hub_name=cfg.hub_name or None))
+        for split in ("train", "test")
+    ]
+    cfg.data_settings.check_sizes(*sizes, num_clients=cfg.num_clients)
+    for arm in arms:
+        cfg.model_settings(arm).check_size()
+    probe = functools.partial(data_problem, cfg.data_settings)
+    check_resources(cfg.ray_address, cfg.client_num_cpus, cfg.client_num_gpus, probe)
 
 
-def _simulate_arm(cfg: RunConfig, arm: str, out_dir: Path, verbose: bool) -> None:
+def _simulate(runs: list[RunConfig], out_dir: Path, verbose: bool) -> None:
+    """Run ``runs`` (one arm of one seed each, with its ``out_dir``) in one Flower simulation and
+    check that each recorded every round; if one of them trained nothing
+    (:class:`~fedcsg.fl.records.RunFailed`), the report of what was recorded is written first."""
+    from fedcsg.fl.records import RunFailed
     from fedcsg.fl.simulation import simulate
 
-    seed = f", seed {cfg.seed}" if cfg.seeds else ""
-    print(
-        f"== arm {arm}: {cfg.model} on {cfg.dataset}, {cfg.num_clients} clients, {cfg.num_rounds} rounds{seed}",
-        flush=True,
-    )
-    simulate(cfg.replace(arm=arm), out_dir, verbose=verbose)
-    rounds = json.loads((out_dir / "arms" / f"{file_stem(arm)}.json").read_text())["rounds"]
-    if [r["round"] for r in rounds] != list(range(cfg.num_rounds + 1)):
-        raise RuntimeError(f"arm {arm!r} recorded rounds {[r['round'] for r in rounds]}, not 0..{cfg.num_rounds}")
+    if not runs:
+        return
+    try:
+        simulate(runs, verbose=verbose)
+    except RunFailed:
+        _write_report(out_dir)
+        raise
+    for cfg in runs:
+        rounds = read_json_object(Path(cfg.out_dir) / "arms" / f"{file_stem(cfg.arm)}.json")["rounds"]
+        if [r["round"] for r in rounds] != list(range(cfg.num_rounds + 1)):
+            raise RuntimeError(
+                f"arm {cfg.arm!r} recorded rounds {[r['round'] for r in rounds]}, not 0..{cfg.num_rounds}"
+            )
 
 
-def _finish(out_dir: Path) -> int:
+def _write_report(out_dir: Path) -> None:
     from fedcsg.fl.report import write_report
 
     write_report(out_dir)
+
+
+def _finish(out_dir: Path) -> int:
+    _write_report(out_dir)
     print(f"results in {out_dir}: results.json, results.csv, report.md, accuracy_vs_bytes.png, accuracy_vs_round.png")
     print((out_dir / "report.md").read_text().split("## Test accuracy")[0].strip())
     return 0
@@ -159,17 +183,18 @@ def _check_layout(out_dir: Path, cfg: RunConfig) -> None:
 
 
 def _run_arms(cfg: RunConfig, arms: list[str], out_dir: Path, overwrite: bool, verbose: bool) -> int:
-    preflight(cfg)
+    preflight(cfg, arms)
     runs = seed_runs(cfg, out_dir)
     if overwrite:  # everything of an earlier run goes, whatever its seeds
         prepare_out_dir(out_dir, cfg, arms, overwrite=True)
     else:
         _check_layout(out_dir, cfg)
-    for run_cfg, run_dir in runs:
-        prepare_out_dir(run_dir, run_cfg, arms, overwrite=False)
-    for run_cfg, run_dir in runs:
-        for arm in arms:
-            _simulate_arm(run_cfg, arm, run_dir, verbose)
+    for run_cfg, run_dir in runs:  # every seed's directory checked before any is made
+        prepare_out_dir(run_dir, run_cfg, arms, overwrite=False, make=False)
+    for _, run_dir in runs:
+        writable_dir(run_dir)
+    planned = [run_cfg.replace(arm=arm, out_dir=str(run_dir)) for run_cfg, run_dir in runs for arm in arms]
+    _simulate(planned, out_dir, verbose)
     return _finish(out_dir)
 
 
@@ -182,6 +207,10 @@ def _check_resume_flags(args: argparse.Namespace) -> Path:
         raise ValueError("--resume and --overwrite exclude each other: pass one of them")
     if args.out and Path(args.out).resolve() != out_dir.resolve():
         raise ValueError(f"--out {args.out!r} is not --resume {args.resume!r}: a run resumes in its own directory")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(
+            f"resume directory {str(out_dir)!r} is not a directory: accepted is the --out of an earlier run"
+        )
     if not out_dir.is_dir():
         raise FileNotFoundError(f"resume directory {str(out_dir)!r} does not exist")
     return out_dir
@@ -261,9 +290,10 @@ def arm_progress(out_dir: Path, cfg: RunConfig, arm: str) -> int | None:
 def _resume_arms(cfg: RunConfig, arms: list[str], out_dir: Path, verbose: bool) -> int:
     """Skip the complete arms, continue the started one, run the missing ones (of every seed);
     everything is validated before anything runs or is written."""
-    preflight(cfg)
+    preflight(cfg, arms)
     runs = seed_runs(cfg, out_dir)
     progress = [{arm: arm_progress(run_dir, run_cfg, arm) for arm in arms} for run_cfg, run_dir in runs]
+    planned = []
     for (run_cfg, run_dir), done_by_arm in zip(runs, progress, strict=True):
         seed = f" (seed {run_cfg.seed})" if cfg.seeds else ""
         for arm in arms:
@@ -273,7 +303,8 @@ def _resume_arms(cfg: RunConfig, arms: list[str], out_dir: Path, verbose: bool) 
                 continue
             if done is not None:
                 print(f"== arm {arm}{seed}: resuming after round {done}", flush=True)
-            _simulate_arm(run_cfg, arm, run_dir, verbose)
+            planned.append(run_cfg.replace(arm=arm, out_dir=str(run_dir)))
+    _simulate(planned, out_dir, verbose)
     return _finish(out_dir)
 
 

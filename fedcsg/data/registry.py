@@ -174,13 +174,15 @@ def resolve_source(
     -------
     DataSource
         The first location, in the order data_dir / ``FEDCSG_DATA_DIR`` / system directory / hub,
-        that holds both splits.
+        that holds both splits. The hub is tried only when neither data_dir nor ``FEDCSG_DATA_DIR``
+        is set: a named local place that lacks the data is an error, never a download.
 
     Raises
     ------
     FileNotFoundError
-        If ``data_dir`` lacks the files, or if no location holds the data and the hub data set
-        cannot be loaded; the message lists every place searched.
+        If ``data_dir`` lacks the files, if ``FEDCSG_DATA_DIR`` is not a directory or it and the
+        system directory lack them, or if no location holds the data and the hub data set cannot be
+        loaded; the message lists every place searched.
     """
     spec = get_spec(dataset)
     if data_dir is not None:
@@ -196,6 +198,8 @@ def resolve_source(
     candidates: list[Path] = []
     env_dir = os.environ.get(DATA_DIR_ENV)
     if env_dir:
+        if not Path(env_dir).is_dir():
+            raise FileNotFoundError(f"${DATA_DIR_ENV} = {env_dir!r} does not exist or is not a directory")
         candidates.append(Path(env_dir) / spec.local_dirname)
     else:
         searched.append(f"${DATA_DIR_ENV} (unset)")
@@ -205,6 +209,12 @@ def resolve_source(
         if not _missing_files(directory, spec):
             return DataSource(spec, spec.local_format, str(directory))
         searched.append(str(directory))
+    if env_dir:  # a local place was named: never the network instead
+        raise FileNotFoundError(
+            f"{spec.name} not found: looked in {'; '.join(searched)} (${DATA_DIR_ENV} is set, so the hub is not "
+            f"tried; accepted is a directory holding {spec.local_dirname}/{', '.join(spec.local_files('train'))} "
+            "and the test files)"
+        )
 
     name = hub_name or spec.hub_name
     try:

@@ -20,6 +20,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+MAX_DAYS = 36500  # a certificate's validity: 100 years at most (X.509 dates end in 9999)
+
 
 @dataclass(frozen=True)
 class TlsFiles:
@@ -64,10 +66,13 @@ class TlsFiles:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    # Private keys are created with mode 0600 from the start, never readable by others even briefly.
+    # Private keys are mode 0600 before a byte of them is written, never readable by others even
+    # briefly: os.open applies its mode only when it creates the file, so an existing file (an
+    # --overwrite of a key someone made 0644) is set to 0600 on its open handle first.
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
+        os.fchmod(handle.fileno(), 0o600)
         handle.write(data)
 
 
@@ -119,8 +124,13 @@ def make_certificates(
 
     if not hosts:
         raise ValueError("make_certificates needs at least one host name or IP address for the SuperLink")
-    if nodes < 0 or days <= 0:
-        raise ValueError(f"nodes = {nodes} and days = {days} are not accepted: nodes >= 0 and days > 0 are")
+    for host in hosts:
+        if not host.strip() or host != host.strip() or any(c in host for c in " /,"):
+            raise ValueError(f"host {host!r} is not accepted: a DNS name or an IP address is")
+    if nodes < 0:
+        raise ValueError(f"nodes = {nodes} is not accepted: 0 or a positive integer is")
+    if not 0 < days <= MAX_DAYS:
+        raise ValueError(f"days = {days} is not accepted: an integer in 1..{MAX_DAYS} is")
     files = TlsFiles.in_dir(out_dir, nodes)
     if files.ca_cert.exists() and not overwrite:
         raise FileExistsError(f"{str(files.ca_cert)!r} exists; pass overwrite (--overwrite) to make a new CA")

@@ -40,11 +40,14 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from fedcsg.data.registry import get_spec
-from fedcsg.deploy.on_device import COMPACT_FORMAT, load_state, read_safetensors
+from fedcsg.deploy.on_device import COMPACT_FORMAT, check_finite, load_state, read_safetensors
 from fedcsg.fl.arms import MODELS, arm_of_stem, file_stem
+from fedcsg.fl.checkpoint import read_state
 from fedcsg.fl.config import ModelSettings
 from fedcsg.fl.model_file import CHECKPOINT_FORMAT, FORMAT_VERSION, cpu_tensors
 from fedcsg.fl.payload import PayloadLayout, load_payload
+from fedcsg.fl.records import read_arm_record
+from fedcsg.io import DIGEST_KEY, tensors_digest, writable_dir
 from fedcsg.nn.csg import frozen_generator_keys, generators, is_csg, materialize
 
 EXPORT_FORMATS = ("compact", "torchscript", "onnx")
@@ -69,8 +72,11 @@ def recorded_run_config(run_dir: Path, arm: str | None) -> dict[str, Any] | None
             names = [arm_of_stem(r.stem) for r in records]
             raise ValueError(f"{run_dir / sub} holds arms {names}: say which with --arm ({', '.join(MODELS)})")
         if records:
-            document = json.loads(records[0].read_text())
-            return {**document.get("config", {}), "arm": document.get("arm", arm_of_stem(records[0].stem))}
+            document = (
+                read_arm_record(records[0]) if sub == "arms" else read_state(run_dir, arm_of_stem(records[0].stem))
+            )
+            assert document is not None  # the state file exists
+            return {**document["config"], "arm": document.get("arm", arm_of_stem(records[0].stem))}
     return None
 
 
@@ -81,6 +87,20 @@ def _run_config_near(path: Path, arm: str | None) -> dict[str, Any] | None:
         found = recorded_run_config(directory, arm)
         if found is not None:
             return found
+    return None
+
+
+def _arm_naming(path: Path) -> str | None:
+    """The arm whose state JSON (``RUN/state/ARM.json``) names the payload file ``path``, if any: such a
+    file is loaded as its run directory's checkpoint, its size and sha256 checked against that JSON."""
+    from fedcsg.fl.checkpoint import STATE_DIR
+
+    if path.parent.name != STATE_DIR:
+        return None
+    for state in sorted(path.parent.glob("*.json")):
+        document = read_state(path.parent.parent, arm_of_stem(state.stem))
+        if document is not None and document["weights"]["file"] == path.name:
+            return arm_of_stem(state.stem)
     return None
 
 
@@ -134,8 +154,10 @@ def load_checkpoint(
         A missing file, a file that is not safetensors, or tensors that do not fit the model.
     """
     path = Path(path)
-    if path.is_dir():
-        tensors, source = _from_run_directory(path, arm)
+    named_by = None if path.is_dir() else _arm_naming(path)
+    if path.is_dir() or named_by is not None:  # a run directory, or the payload its state JSON names
+        tensors, source = _from_run_directory(path if named_by is None else path.parent.parent, named_by or arm)
+        check_finite(tensors, path)
         metadata: dict[str, str] = {}
         run_config = run_config or source
     else:
@@ -200,7 +222,8 @@ def save_compact(model: nn.Module, info: ModelSettings, path: str | Path) -> Pat
         **info.to_metadata(),
         **_input_metadata(info),
     }
-    save_file(compact_tensors(model), str(path), metadata=metadata)
+    tensors = compact_tensors(model)
+    save_file(tensors, str(path), metadata={**metadata, DIGEST_KEY: tensors_digest(tensors)})
     return path
 
 
@@ -319,7 +342,7 @@ def export_checkpoint(
         raise ValueError(f"unknown export format {unknown[0]!r}: accepted are {', '.join(EXPORT_FORMATS)}")
     checkpoint = Path(checkpoint)
     model, info = load_checkpoint(checkpoint, run_config=run_config, arm=arm)
-    paths = []
+    targets = []
     for fmt in formats:
         if out is not None and len(formats) == 1:
             target = Path(out)
@@ -327,8 +350,14 @@ def export_checkpoint(
             target = default_output(checkpoint, fmt, Path(out) if out is not None else None, arm=info.arm)
         if target.resolve() == checkpoint.resolve():
             raise ValueError(f"output {str(target)!r} would overwrite the checkpoint")
-        paths.append(export_model(model, info, fmt, target))
-    return info, paths
+        if target.is_dir():
+            raise ValueError(
+                f"output {str(target)!r} is a directory: accepted is a file path (a directory with --format all)"
+            )
+        targets.append(target)
+    for target in targets:  # every output checked before any is written
+        writable_dir(target.parent, "output directory")
+    return info, [export_model(model, info, fmt, target) for fmt, target in zip(formats, targets, strict=True)]
 
 
 def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, str]]:

@@ -24,8 +24,19 @@ from fedcsg.deploy.flwr_cli import (
     write_connection,
 )
 from fedcsg.deploy.processes import ProcessRecord, free_port, start_process, stop_processes, wait_for_port
+from fedcsg.io import check_schema, read_json_object
 
 STATE_FILE = "federation.json"
+FEDERATION_SCHEMA = {  # federation.json's fields and their JSON types (fedcsg.io.check_schema)
+    "directory": str,
+    "connection": str,
+    "flwr_home": str,
+    "address": str,
+    "fleet_address": str,
+    "secure": bool,
+    "node_ids?": [int],
+    "processes?": [{"role": str, "pid": int, "command": [str], "log": str}],
+}
 INSECURE_WARNING = (
     "WARNING: --insecure: TLS and SuperNode authentication are OFF. Model updates travel in clear text and "
     "ANY process that can reach the SuperLink can join the federation and send updates. Use it only on a "
@@ -82,9 +93,16 @@ class Federation:
         path = Path(directory) / STATE_FILE
         if not path.is_file():
             raise FileNotFoundError(f"no federation state {str(path)!r} (start one with `fedcsg deploy up`)")
-        data = json.loads(path.read_text())
-        data["processes"] = [ProcessRecord(**p) for p in data.get("processes", [])]
-        return cls(**data)
+        data = read_json_object(path)
+        check_schema(data, FEDERATION_SCHEMA, f"federation state {str(path)!r}")
+        known = {key.removesuffix("?") for key in FEDERATION_SCHEMA}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"federation state {str(path)!r} is not a fedcsg record: unknown key {unknown[0]!r}")
+        processes = [
+            ProcessRecord(**{k: p[k] for k in ("role", "pid", "command", "log")}) for p in data.get("processes", [])
+        ]
+        return cls(**{**data, "processes": processes})
 
     def stop(self) -> list[int]:
         """Stop every recorded process (and their children) by PID; the state file stays."""

@@ -26,9 +26,11 @@ import torch
 from torch import nn
 
 from fedcsg.fl.config import ModelSettings
+from fedcsg.io import DIGEST_KEY, tensors_digest
 from fedcsg.nn.csg import frozen_generator_keys, generators
 
 COMPACT_FORMAT = "fedcsg-compact"
+CHECKPOINT_FORMAT = "fedcsg-checkpoint"  # a run's model file (fedcsg.fl.model_file, which imports Flower)
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -43,7 +45,23 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as error:
         raise ValueError(f"{path} is not a safetensors file: {str(error).splitlines()[0]}") from None
+    recorded = metadata.get(DIGEST_KEY)
+    if recorded is None and (metadata.get("format") in (COMPACT_FORMAT, CHECKPOINT_FORMAT) or "model" in metadata):
+        raise ValueError(
+            f"{path} has no {DIGEST_KEY} metadata, so its weights cannot be checked: accepted is a file that "
+            "fedcsg wrote (fedcsg export, or the model file of a run)"
+        )
+    if recorded is not None and tensors_digest(tensors) != recorded:
+        raise ValueError(f"{path} is damaged or was altered: its tensors' sha256 differs from its {DIGEST_KEY}")
+    check_finite(tensors, path)
     return tensors, metadata
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Raise a one-line ValueError naming the first floating-point tensor holding NaN or infinity."""
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{path}: {key} holds non-finite weights (NaN or infinity); accepted are finite ones")
 
 
 def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], frozen: set[str], path: Path) -> None:

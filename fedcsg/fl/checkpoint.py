@@ -32,11 +32,25 @@ from flwr.app import Array, ArrayRecord
 
 from fedcsg.fl.arms import file_stem
 from fedcsg.fl.payload import PayloadLayout, check_record
-from fedcsg.io import atomic_write_bytes, atomic_write_text, strict_json
+from fedcsg.fl.records import ROUND_SCHEMA
+from fedcsg.io import DIGEST_KEY, atomic_write_bytes, atomic_write_text, check_schema, strict_json, tensors_digest
 
 STATE_DIR = "state"
 FORMAT = 1
 X_HAT_PREFIX = "x-hat:"  # keys of a delta downlink's x̂ in the weights file (fedcsg.fl.downlink)
+STATE_SCHEMA = {  # the state JSON's fields and their JSON types (fedcsg.io.check_schema)
+    "format": int,
+    "arm": str,
+    "round": int,
+    "num_rounds": int,
+    "config": dict,
+    "config_hash": str,
+    "weights": {"file": str, "bytes": int, "sha256": str, "keys": [str]},
+    "strategy": dict,
+    "rng": {"python": list, "numpy": dict, "torch": str},
+    "resumed_from?": [int],
+    "rounds": [ROUND_SCHEMA],
+}
 
 
 @dataclass(frozen=True)
@@ -115,7 +129,7 @@ def save_checkpoint(
     for key, array in (downlink_arrays or ArrayRecord()).items():
         tensors[X_HAT_PREFIX + key] = np.ascontiguousarray(array.numpy())
     keys = list(tensors)
-    data = save(tensors, metadata={"arm": arm})
+    data = save(tensors, metadata={"arm": arm, DIGEST_KEY: tensors_digest(tensors)})
     weights = weights_path(out_dir, arm, server_round)
     atomic_write_bytes(weights, data)
     document = {
@@ -160,17 +174,49 @@ def read_state(out_dir: Path, arm: str) -> dict[str, Any] | None:
         document = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"checkpoint state {str(path)!r} is not valid JSON: {error}") from None
-    required = ("format", "arm", "round", "num_rounds", "config", "config_hash", "weights", "strategy", "rng", "rounds")
-    missing = [key for key in required if key not in document] if isinstance(document, dict) else list(required)
-    if missing:
-        raise ValueError(f"checkpoint state {str(path)!r} is not a fedcsg checkpoint: missing {', '.join(missing)}")
-    if document["format"] != FORMAT:
-        raise ValueError(
-            f"checkpoint state {str(path)!r} has format {document['format']!r}: only format {FORMAT} is accepted"
-        )
+    where = f"checkpoint state {str(path)!r}"
+    if isinstance(document, dict) and "format" in document and document["format"] != FORMAT:
+        raise ValueError(f"{where} has format {document['format']!r}: only format {FORMAT} is accepted")
+    check_schema(document, STATE_SCHEMA, where)
     if document["arm"] != arm:
-        raise ValueError(f"checkpoint state {str(path)!r} belongs to arm {document['arm']!r}, not {arm!r}")
+        raise ValueError(f"{where} belongs to arm {document['arm']!r}, not {arm!r}")
+    _check_consistent(document, out_dir, arm, where)
     return document
+
+
+def _check_consistent(document: dict[str, Any], out_dir: Path, arm: str, where: str) -> None:
+    """Refuse a state JSON whose fields contradict each other or its files (a hand edit): its round
+    must be the last of its round records and within ``num_rounds``, and the weights it names
+    the file of that round in its own ``state/`` directory (nothing outside the run directory)."""
+    server_round, rounds = document["round"], document["rounds"]
+    numbers = [r["round"] for r in rounds]
+    if not 0 <= server_round <= document["num_rounds"] or numbers != list(range(server_round + 1)):
+        raise ValueError(
+            f"{where} is not consistent: round {server_round} of {document['num_rounds']}, but it records rounds "
+            f"{numbers[:8]}; accepted is the file as the run wrote it (--overwrite to start again)"
+        )
+    recorded_rounds = document["config"].get("num-rounds", document["num_rounds"])
+    if recorded_rounds != document["num_rounds"]:
+        raise ValueError(
+            f"{where} is not consistent: num_rounds {document['num_rounds']}, its config's num-rounds "
+            f"{recorded_rounds!r}"
+        )
+    expected = weights_path(out_dir, arm, server_round)
+    named = Path(out_dir) / STATE_DIR / document["weights"]["file"]
+    if named.resolve() != expected.resolve() or named.name != expected.name:
+        raise ValueError(
+            f"{where} names weights file {document['weights']['file']!r}: accepted is {expected.name!r}, the file "
+            f"of its round {server_round} in its own {STATE_DIR}/ directory"
+        )
+    current = rng_state()
+    try:
+        set_rng_state(document["rng"])
+    except (TypeError, ValueError, KeyError, IndexError, OverflowError, RuntimeError) as error:
+        raise ValueError(
+            f"{where} holds an RNG state that does not load: {' '.join(str(error).split())[:120]}"
+        ) from None
+    finally:
+        set_rng_state(current)
 
 
 def load_checkpoint(out_dir: Path, arm: str, layout: PayloadLayout | None = None) -> Checkpoint | None:

@@ -25,7 +25,15 @@ from fedcsg.fl.config import RunConfig
 from fedcsg.fl.downlink import VERSION_KEY, Downlink, receive
 from fedcsg.fl.payload import PayloadLayout, load_payload, model_payload
 from fedcsg.fl.ray_cluster import PLACEMENT, placement_record
-from fedcsg.fl.task import TRAIN_FACTOR_KEY, build_arm_model, client_data, local_train, payload_layout
+from fedcsg.fl.task import (
+    RUN_ARM_KEY,
+    RUN_SEED_KEY,
+    TRAIN_FACTOR_KEY,
+    build_arm_model,
+    client_data,
+    local_train,
+    payload_layout,
+)
 from fedcsg.fl.uplink import Uplink
 from fedcsg.nn.training import get_device
 
@@ -58,27 +66,39 @@ def injected_fault(seed: int, server_round: int, partition_id: int, probability:
     return bool(np.random.default_rng(key).random() < probability)
 
 
-def carried_residual(context: Context) -> np.ndarray | None:
-    """The residual this node's error-feedback codec carried from its last round, if any."""
-    if RESIDUAL_KEY not in context.state:
+def carried_residual(context: Context, key: str) -> np.ndarray | None:
+    """The residual this node's error-feedback codec carried from its last round (in the state
+    record ``key``, :func:`residual_key`), if any."""
+    if key not in context.state:
         return None
-    record = context.state[RESIDUAL_KEY]
+    record = context.state[key]
     assert isinstance(record, ArrayRecord)
     return record["residual"].numpy()
 
 
-def client_config(context: Context) -> RunConfig:
+def client_config(context: Context, config: ConfigRecord | None = None) -> RunConfig:
+    """The run config of this node's message: the run config, with the arm and seed that the train
+    ``config`` names (one simulation may run several arms and seeds in turn) and the node's own
+    ``data-dir`` when it has one."""
     cfg = RunConfig.from_mapping(dict(context.run_config))
+    if config is not None and RUN_ARM_KEY in config:
+        cfg = cfg.replace(arm=str(config[RUN_ARM_KEY]), seed=int(config[RUN_SEED_KEY]))
     node_data_dir = context.node_config.get("data-dir")
     return cfg.replace(data_dir=str(node_data_dir)) if node_data_dir else cfg
 
 
+def residual_key(cfg: RunConfig) -> str:
+    """The ``Context.state`` record of the error-feedback residual of ``cfg``'s run on this node:
+    one per arm and seed, as one node serves every run of a simulation."""
+    return f"{RESIDUAL_KEY}:{cfg.arm}:{cfg.seed}"
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg = client_config(context)
+    config = msg.content["config"]
+    cfg = client_config(context, config)
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config["num-partitions"])
-    config = msg.content["config"]
     server_round = int(config["server-round"])
     attempt = int(config.get("attempt", 0))
     if injected_fault(cfg.seed, server_round, partition_id, cfg.fault_probability, attempt):
@@ -90,7 +110,7 @@ def train(msg: Message, context: Context) -> Message:
     model, layout = _model_and_layout(cfg)
     downlink = Downlink.of_config(cfg, layout)
     # A delta downlink's x̂ lives in context.state; out of sync, this raises and the round fails.
-    received = receive(downlink, msg.content["arrays"], config, context.state)
+    received = receive(downlink, msg.content["arrays"], config, context.state, f"{cfg.arm}:{cfg.seed}")
     load_payload(model, received, layout)
     stats = local_train(
         model,
@@ -117,10 +137,10 @@ def train(msg: Message, context: Context) -> Message:
     arrays, residual = Uplink(layout, cfg.codec).encode(
         model_payload(model, layout),
         received,
-        carried_residual(context),
+        carried_residual(context, residual_key(cfg)),
         np.random.default_rng((cfg.seed, server_round, partition_id, attempt)),
     )
     if residual is not None:
-        context.state[RESIDUAL_KEY] = ArrayRecord({"residual": Array(residual)})
+        context.state[residual_key(cfg)] = ArrayRecord({"residual": Array(residual)})
     placement = ConfigRecord(placement_record())
     return Message(content=RecordDict({"arrays": arrays, "metrics": metrics, PLACEMENT: placement}), reply_to=msg)

@@ -33,6 +33,7 @@ from fedcsg.nn.fedpara import DEFAULT_RATIO as FEDPARA_RATIO
 from fedcsg.nn.fedpara import check_ratio as check_fedpara_ratio
 from fedcsg.nn.fedpara import fedparafy
 from fedcsg.nn.models import build_model, default_csg_config, model_slice, model_spec
+from fedcsg.nn.params import check_model_size, planned_bytes
 from fedcsg.nn.training import SCHEDULES
 
 DATASETS = tuple(DATASET_SPECS)
@@ -58,6 +59,8 @@ POSITIVE_INTS = (
     "client_num_cpus",
 )
 DEFAULT_EXPERIMENT = "quickstart"
+SEED_LIMIT = 2**32  # seeds are in [0, 2**32): NumPy's legacy seeding (fedcsg.nn.training.set_seed) accepts no more
+MAX_BATCH_SIZE = 65536  # batch-size and eval-batch-size: far above any partition a simulation holds
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,8 @@ class ModelSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "arm", Arm.parse(self.arm).model)
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"seed = {self.seed!r} is not accepted: an integer in 0..{SEED_LIMIT - 1} is")
         _one_of("csg-init", self.csg_init, CSG_INITS)
         check_fedpara_ratio(self.fedpara_ratio)
         own = model_slice(self.model, self.slice or None, self.code_dim or None)
@@ -145,8 +150,22 @@ class ModelSettings:
         shared = {name: getattr(self, name) for name in _names(ModelSettings) if name in _names(RunConfig)}
         return RunConfig(**shared, **changes)
 
+    def check_size(self) -> None:
+        """Raise a one-line ValueError, before any tensor is made, when the model is too large for this
+        machine (:func:`~fedcsg.nn.params.check_model_size`)."""
+        planned = planned_bytes(
+            self.model, self.num_classes, self.in_channels, self.csg_config(), fedpara=self.arm == "fedpara"
+        )
+        described = (
+            f"model {self.model} ({self.arm}, slice {self.slice} / code-dim {self.code_dim}, "
+            f"num-classes = {self.num_classes}, in-channels = {self.in_channels})"
+        )
+        check_model_size(planned, described)
+
     def build(self) -> nn.Module:
-        """A fresh model of these settings, initialised from the seed (its frozen generator, if any, drawn)."""
+        """A fresh model of these settings, initialised from the seed (its frozen generator, if any, drawn);
+        refused first when it would not fit in memory (:meth:`check_size`)."""
+        self.check_size()
         torch.manual_seed(self.seed)
         model = build_model(self.model, self.num_classes, self.in_channels, csg=self.csg_config())
         if self.arm == "fedpara":
@@ -168,6 +187,31 @@ class DataSettings:
     train_limit: int
     test_limit: int
     seed: int
+
+    def check_sizes(self, train_size: int, test_size: int, num_clients: int) -> None:
+        """Raise a one-line ValueError naming the setting when the splits (``train_size`` and
+        ``test_size`` rows) cannot give what these settings ask of them for ``num_clients`` clients."""
+        for key, limit, size, split in (
+            ("train-limit", self.train_limit, train_size, "train"),
+            ("test-limit", self.test_limit, test_size, "test"),
+        ):
+            if limit > size:
+                raise ValueError(
+                    f"{key} = {limit} is not accepted: the {split} split of {self.dataset} has {size:,} rows "
+                    f"(accepted is 0..{size}; 0 = all of them)"
+                )
+        rows = self.train_limit or train_size
+        if num_clients > rows:
+            raise ValueError(
+                f"num-clients = {num_clients} is not accepted: there are {rows:,} train rows to partition "
+                "(train-limit); accepted is at most one client per row"
+            )
+        if self.partitioner == "shards" and num_clients * self.shards_per_client > rows:
+            raise ValueError(
+                f"shards-per-client = {self.shards_per_client} is not accepted: {num_clients} clients x "
+                f"{self.shards_per_client} shards exceed the {rows:,} train rows (train-limit); accepted is at most "
+                f"{rows // num_clients}"
+            )
 
     @property
     def source(self) -> dict[str, str | None]:
@@ -264,6 +308,13 @@ class RunConfig:
                 raise ValueError(
                     f"{_kebab(name)} = {getattr(self, name)!r} is not accepted: 0 or a positive integer is"
                 )
+        if self.seed >= SEED_LIMIT:
+            raise ValueError(f"seed = {self.seed!r} is not accepted: an integer in 0..{SEED_LIMIT - 1} is")
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(self, name) > MAX_BATCH_SIZE:
+                raise ValueError(
+                    f"{_kebab(name)} = {getattr(self, name)!r} is not accepted: an integer in 1..{MAX_BATCH_SIZE} is"
+                )
         _one_of("dataset", self.dataset, DATASETS)
         _one_of("partitioner", self.partitioner, PARTITION_SCHEMES)
         _one_of("lr-schedule", self.lr_schedule, SCHEDULES)
@@ -288,23 +339,22 @@ class RunConfig:
         SliceShape.parse(self.slice)
         if self.pointwise_slice:
             SliceShape.parse(self.pointwise_slice)
-        for name, low, high in (
-            ("fraction_train", 0.0, 1.0),
-            ("topk_fraction", 0.0, 1.0),
-            ("downlink_topk_fraction", 0.0, 1.0),
-            ("dirichlet_alpha", 0.0, float("inf")),
-            ("lr", 0.0, float("inf")),
-            ("round_timeout", 0.0, float("inf")),
-        ):
+        for name in ("fraction_train", "topk_fraction", "downlink_topk_fraction", "target_accuracy"):
             value = getattr(self, name)
-            if not low < value <= high:
-                raise ValueError(f"{_kebab(name)} = {value!r} is not accepted: a number in ({low}, {high}] is")
-        for name in ("momentum", "weight_decay", "client_num_gpus", "target_accuracy", "max_update_norm", "server_lr"):
+            if not 0 < value <= 1:
+                raise ValueError(f"{_kebab(name)} = {value!r} is not accepted: a number in (0, 1] is")
+        for name in ("dirichlet_alpha", "lr", "round_timeout"):
+            value = getattr(self, name)
+            if not 0 < value < float("inf"):  # written so that NaN fails too
+                raise ValueError(f"{_kebab(name)} = {value!r} is not accepted: a finite number > 0 is")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum = {self.momentum!r} is not accepted: a number in [0, 1) is")
+        for name in ("weight_decay", "client_num_gpus", "max_update_norm", "server_lr"):
             value = getattr(self, name)
             if not 0 <= value < float("inf"):  # written so that NaN fails too
                 raise ValueError(f"{_kebab(name)} = {value!r} is not accepted: a finite number >= 0 is")
-        if not 0 <= self.fault_probability < 1:
-            raise ValueError(f"fault-probability = {self.fault_probability!r} is not accepted: a number in [0, 1) is")
+        if not 0 <= self.fault_probability <= 1:
+            raise ValueError(f"fault-probability = {self.fault_probability!r} is not accepted: a number in [0, 1] is")
         self.seed_list  # noqa: B018 - validates `seeds`
         if self.clients_per_round > self.num_clients:
             raise ValueError(
@@ -320,12 +370,12 @@ class RunConfig:
         """The seeds of the runs to make: ``seeds`` parsed, else ``[seed]``."""
         if not self.seeds.strip():
             return [self.seed]
-        accepted = "comma-separated integers >= 0 without repeats, e.g. 0,1,2"
+        accepted = f"comma-separated integers in 0..{SEED_LIMIT - 1} without repeats, e.g. 0,1,2"
         try:
             values = [int(part) for part in self.seeds.split(",")]
         except ValueError:
             raise ValueError(f"seeds = {self.seeds!r} is not accepted: {accepted} are") from None
-        if any(v < 0 for v in values) or len(set(values)) != len(values):
+        if any(not 0 <= v < SEED_LIMIT for v in values) or len(set(values)) != len(values):
             raise ValueError(f"seeds = {self.seeds!r} is not accepted: {accepted} are")
         return values
 
@@ -432,6 +482,10 @@ def find_experiment(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise FileNotFoundError(
+            f"config file {str(name_or_path)!r} is a directory; accepted: a TOML file or a shipped experiment"
+        )
     shipped = shipped_experiments()
     name = path.name.removesuffix(".toml")
     if path.parent == Path(".") and name in shipped:
@@ -448,8 +502,8 @@ def load_experiment(name_or_path: str | Path, base: RunConfig | None = None) -> 
     path = find_experiment(name_or_path)
     try:
         values = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"config file {str(path)!r} is not valid TOML: {error}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"config file {str(path)!r} is not valid TOML (UTF-8 text): {error}") from None
     nested = [k for k, v in values.items() if isinstance(v, dict)]
     if nested:
         raise ValueError(f"config file {str(path)!r} has table(s) {nested}: only flat kebab-case keys are accepted")

@@ -204,18 +204,28 @@ class Downlink:
 # -- the client's side ----------------------------------------------------------------------------
 
 
-def held_version(state: RecordDict) -> tuple[int, str] | None:
-    """(version, hash) of the x̂ a client's ``Context.state`` holds, or None."""
-    if STATE_HELD not in state or STATE_MODEL not in state:
+def state_keys(run: str = "") -> tuple[str, str]:
+    """The ``Context.state`` records of x̂ and its version for ``run`` (one per arm and seed: one
+    node serves every run of a simulation in turn)."""
+    return (f"{STATE_MODEL}:{run}", f"{STATE_HELD}:{run}") if run else (STATE_MODEL, STATE_HELD)
+
+
+def held_version(state: RecordDict, run: str = "") -> tuple[int, str] | None:
+    """(version, hash) of the x̂ a client's ``Context.state`` holds for ``run``, or None."""
+    model_key, held_key = state_keys(run)
+    if held_key not in state or model_key not in state:
         return None
-    held = state[STATE_HELD]
+    held = state[held_key]
     assert isinstance(held, ConfigRecord)
     return int(held["version"]), str(held["hash"])
 
 
-def receive(downlink: Downlink, record: ArrayRecord, config: ConfigRecord, state: RecordDict) -> ArrayRecord:
+def receive(
+    downlink: Downlink, record: ArrayRecord, config: ConfigRecord, state: RecordDict, run: str = ""
+) -> ArrayRecord:
     """The payload a client trains from: the decoded message (stateless), or its new x̂ (delta), which
-    it keeps in ``state`` (its ``Context.state``) with the version and hash.
+    it keeps in ``state`` (its ``Context.state``, under :func:`state_keys` of ``run``) with the
+    version and hash.
 
     Raises
     ------
@@ -231,13 +241,13 @@ def receive(downlink: Downlink, record: ArrayRecord, config: ConfigRecord, state
         check_specs(record, downlink.layout.array_specs())
         model = record
     elif kind == "delta":
-        base, held = int(config[BASE_KEY]), held_version(state)
+        base, held = int(config[BASE_KEY]), held_version(state, run)
         if held is None or held[0] != base:
             what = "no model" if held is None else f"version {held[0]}"
             raise DownlinkOutOfSync(
                 f"{downlink.mode} downlink: sent a delta against version {base}, this client holds {what}"
             )
-        previous = state[STATE_MODEL]
+        previous = state[state_keys(run)[0]]
         assert isinstance(previous, ArrayRecord)
         model = downlink.apply(previous, record)
     else:
@@ -246,8 +256,9 @@ def receive(downlink: Downlink, record: ArrayRecord, config: ConfigRecord, state
         raise DownlinkOutOfSync(
             f"{downlink.mode} downlink: decoded version {version} has hash {model_hash(model)}, the server's {digest}"
         )
-    state[STATE_MODEL] = model
-    state[STATE_HELD] = ConfigRecord({"version": version, "hash": digest})
+    model_key, held_key = state_keys(run)
+    state[model_key] = model
+    state[held_key] = ConfigRecord({"version": version, "hash": digest})
     return model
 
 

@@ -11,10 +11,11 @@ import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
+from fedcsg.deploy.on_device import CHECKPOINT_FORMAT
 from fedcsg.fl.config import ModelSettings, RunConfig
 from fedcsg.fl.payload import PayloadLayout, load_payload
+from fedcsg.io import DIGEST_KEY, tensors_digest
 
-CHECKPOINT_FORMAT = "fedcsg-checkpoint"
 FORMAT_VERSION = "1"
 
 
@@ -49,7 +50,8 @@ def save_checkpoint(
     if clash:
         raise ValueError(f"extra metadata keys {sorted(clash)} clash with the checkpoint's own keys")
     metadata.update({str(k): str(v) for k, v in (extra or {}).items()})
-    save_file(cpu_tensors(model.state_dict()), str(path), metadata=metadata)
+    tensors = cpu_tensors(model.state_dict())
+    save_file(tensors, str(path), metadata={**metadata, DIGEST_KEY: tensors_digest(tensors)})
     return path
 
 

@@ -29,13 +29,15 @@ import contextlib
 import os
 import signal
 import socket
+import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 ACCEPTED_ADDRESSES = '"" (a private Ray), "auto" (the cluster on this machine) or HOST:PORT of a head node'
 CONNECT_TIMEOUT = 10.0  # seconds to reach a head node's port before the run is refused
+PROBE_TIMEOUT = 120.0  # seconds for a node to answer the pre-run probe (it may have to start a worker)
 PRIVATE_RAY = "local"  # ray.init's address for "start a new local Ray, attach to nothing"
 
 
@@ -71,9 +73,14 @@ def local_resources() -> dict[str, float]:
     return {"CPU": float(cpus), "GPU": float(gpus)}
 
 
-def cluster_resources(address: str) -> list[dict[str, float]]:
+def cluster_resources(address: str, probe: Callable[[], str] | None = None) -> list[dict[str, float]]:
     """The resources of every live node of the cluster at ``address`` ("auto" or HOST:PORT), read
-    through a short connection of this driver (closed again before the run starts)."""
+    through a short connection of this driver (closed again before the run starts).
+
+    With ``probe``, it also runs on every live node that has a CPU (a Ray task pinned to the node,
+    asking for no resources, with this driver's ``sys.path`` as Flower's backend gives its actors),
+    and the first node on which it returns a non-empty problem fails the check in one line.
+    """
     import ray
 
     if address != "auto":  # Ray itself retries an unreachable head for minutes
@@ -88,14 +95,48 @@ def cluster_resources(address: str) -> list[dict[str, float]]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # Ray's tip about accelerator env vars
-            ray.init(address=address, logging_level="ERROR", log_to_driver=False, include_dashboard=False)
+            ray.init(
+                address=address,
+                logging_level="ERROR",
+                log_to_driver=False,
+                include_dashboard=False,
+                runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}},
+            )
     except (ConnectionError, RuntimeError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConnectionError(f"ray-address = {address!r}: no Ray cluster could be reached there ({first})") from None
     try:
-        return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive") and node.get("Resources")]
+        nodes = [node for node in ray.nodes() if node.get("Alive") and node.get("Resources")]
+        if probe is not None:
+            _probe_nodes(ray, [node for node in nodes if node["Resources"].get("CPU", 0) > 0], probe)
+        return [dict(node["Resources"]) for node in nodes]
     finally:
         ray.shutdown()
+
+
+def _call(probe: Callable[[], str]) -> str:
+    return probe()
+
+
+def _probe_nodes(ray: Any, nodes: list[dict[str, Any]], probe: Callable[[], str]) -> None:
+    """Run ``probe`` on each of ``nodes`` at once; a one-line ValueError names the first that fails."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(num_cpus=0, max_retries=0)(_call)
+    futures = {
+        node["NodeID"]: task.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        ).remote(probe)
+        for node in nodes
+    }
+    for node in nodes:
+        where = f"Ray node {node['NodeID'][:12]} ({node.get('NodeManagerAddress', '?')})"
+        try:
+            problem = ray.get(futures[node["NodeID"]], timeout=PROBE_TIMEOUT)
+        except Exception as error:  # noqa: BLE001 - any failure of the probe is the node's problem
+            problem = " ".join(str(error).split())[-300:] or type(error).__name__
+        if problem:
+            raise ValueError(f"{where} cannot host this run's clients: {problem}")
 
 
 def check_client_resources(num_cpus: float, num_gpus: float, nodes: list[dict[str, float]]) -> None:
@@ -116,9 +157,11 @@ def check_client_resources(num_cpus: float, num_gpus: float, nodes: list[dict[st
     )
 
 
-def check_resources(address: str, num_cpus: float, num_gpus: float) -> None:
-    """:func:`check_client_resources` against the Ray that ``address`` names."""
-    nodes = [local_resources()] if not address else cluster_resources(address)
+def check_resources(address: str, num_cpus: float, num_gpus: float, probe: Callable[[], str] | None = None) -> None:
+    """:func:`check_client_resources` against the Ray that ``address`` names; on an attached
+    cluster, also ``probe`` on every node (:func:`cluster_resources`): a private Ray runs on this
+    machine, where the caller checks what it needs itself."""
+    nodes = [local_resources()] if not address else cluster_resources(address, probe)
     check_client_resources(num_cpus, num_gpus, nodes)
 
 
@@ -149,6 +192,32 @@ def current_node_id() -> str:
     import ray
 
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
+@contextlib.contextmanager
+def ray_out_of_our_process_group() -> Iterator[None]:
+    """Start the processes of a private Ray (GCS, raylet, and through the raylet its workers) each in a
+    process group of its own, not in this one. A signal to this whole process group (``timeout``, a
+    job controller) then reaches this process alone, which stops Ray in order (:func:`interruptible`);
+    otherwise the raylet died with it, Ray's driver exited at once, its temporary app directory stayed
+    and client actors lived on under init. Ctrl-C is unchanged: Ray's processes block SIGINT anyway."""
+    try:
+        from ray._private import services
+    except ImportError:  # no Ray here: nothing to start
+        yield
+        return
+    original = services.ConsolePopen
+
+    class OwnGroupPopen(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("process_group", 0)
+            super().__init__(*args, **kwargs)
+
+    services.ConsolePopen = OwnGroupPopen
+    try:
+        yield
+    finally:
+        services.ConsolePopen = original
 
 
 class Interrupted(KeyboardInterrupt):
@@ -189,7 +258,7 @@ def interruptible(grace: float = 5.0) -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, on_term)
     # Flower shuts Ray down before the interruption reaches us: its raylet is gone by then, and the
     # workers it started are found below this process only because this process adopts them.
-    with adopting_orphans():
+    with adopting_orphans(), ray_out_of_our_process_group():
         try:
             yield
         except KeyboardInterrupt:

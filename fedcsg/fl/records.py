@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcsg.fl.arms import file_stem
-from fedcsg.io import atomic_write_text, strict_json
+from fedcsg.io import atomic_write_text, check_schema, read_json_object, strict_json
 
 BYTE_FIELDS = ("payload_up", "payload_down", "wire_up", "wire_down")
 SEED_DIR_PREFIX = "seed-"
@@ -41,7 +41,8 @@ class RoundRecord:
     partition a node serves); ``ray_nodes`` names the Ray node that ran each of ``partitions``'
     clients, in the same order ("" where it ran outside Ray, as on a deployed SuperNode). ``status``
     is ``initial`` (round 0), ``ok``, or ``failed`` when fewer
-    than the minimum of replies were accepted in every attempt and the global model was kept.
+    than the minimum of replies were accepted in every attempt and the global model was kept;
+    ``first_error`` is the first client failure or rejection of the round, on one line (None if none).
     ``resynced`` counts the sampled nodes of a delta downlink that were sent x̂ in full (not known
     to hold the previous one) and ``wire_down_resync`` their share of ``wire_down``; the in-sync
     nodes' share is the rest. ``started`` (when the round began, ``time.perf_counter``) is not recorded.
@@ -61,6 +62,7 @@ class RoundRecord:
     ray_nodes: list[str] = field(default_factory=list)
     failed_partitions: list[int] = field(default_factory=list)
     status: str = "ok"
+    first_error: str | None = None
     attempts: int = 0
     payload_up: int = 0
     payload_down: int = 0
@@ -93,6 +95,26 @@ class RoundRecord:
 
 
 ROUND_FIELDS = tuple(f.name for f in dataclasses.fields(RoundRecord) if f.name != "started")
+# The JSON types of a recorded round (check_schema): every field but ``round`` may be absent or null
+# (older records; a non-finite float is written as null).
+_JSON_TYPES = {
+    "int": (int, None),
+    "str": (str, None),
+    "str | None": (str, None),
+    "float": (float, None),
+    "float | None": (float, None),
+}
+ROUND_SCHEMA = {
+    "round": int,
+    **{
+        f"{f.name}?": ([int] if f.type == "list[int]" else [str], None)
+        if f.type.startswith("list")
+        else _JSON_TYPES[f.type]
+        for f in dataclasses.fields(RoundRecord)
+        if f.name not in ("round", "started")
+    },
+}
+ARM_SCHEMA = {"arm?": str, "config": dict, "versions?": dict, "rounds": [ROUND_SCHEMA]}
 # Fields that differ between two runs of the same config on the same data and seed: where and how
 # long it ran. Everything else in a round's record is a function of the config.
 RUN_SPECIFIC_FIELDS = ("seconds", "ray_nodes")
@@ -101,6 +123,38 @@ RUN_SPECIFIC_FIELDS = ("seconds", "ray_nodes")
 def comparable(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Recorded rounds without :data:`RUN_SPECIFIC_FIELDS`: equal for equal runs."""
     return [{k: v for k, v in r.items() if k not in RUN_SPECIFIC_FIELDS} for r in rounds]
+
+
+class RunFailed(RuntimeError):
+    """A run in which nothing worked: no round of an arm aggregated a client update, so its
+    "final" model is the initial one. The message is one line naming the arm, the round and the
+    first client error."""
+
+
+def check_trained(arm: str, rounds: list[dict[str, Any]]) -> None:
+    """Raise :class:`RunFailed` unless some round of ``arm`` (of the recorded ``rounds``) aggregated
+    client updates: every client failed in every round, or too few replies were ever accepted."""
+    trained = [r for r in rounds if r["round"] > 0]
+    if not trained or any(r["status"] == "ok" for r in trained):
+        return
+    accepted = sum(r["replied"] - r["rejected"] for r in trained)
+    failing = next((r for r in trained if r.get("first_error")), trained[0])
+    reason = failing.get("first_error") or "no client was sampled"
+    raise RunFailed(
+        f"arm {arm!r} aggregated no client update in rounds {trained[0]['round']}..{trained[-1]['round']} "
+        f"({accepted} replies accepted in all); round {failing['round']}: {reason}"
+    )
+
+
+def read_arm_record(path: Path) -> dict[str, Any]:
+    """``DIR/arms/ARM.json``, checked against :data:`ARM_SCHEMA` and for rounds 0, 1, 2, ... in order;
+    a one-line ValueError naming the file and the field otherwise."""
+    document = read_json_object(path)
+    check_schema(document, ARM_SCHEMA, repr(str(path)))
+    numbers = [r["round"] for r in document["rounds"]]
+    if numbers != list(range(len(numbers))):
+        raise ValueError(f"{str(path)!r} is not a fedcsg record: it records rounds {numbers[:8]}, not 0, 1, 2, ...")
+    return document
 
 
 def seed_dir(out_dir: Path, seed: int) -> Path:

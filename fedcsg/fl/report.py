@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
 from fedcsg.fl.arms import MODELS, Arm, arm_of_stem, arm_order
-from fedcsg.fl.records import ROUND_FIELDS, holds_arms, seed_dirs_in
+from fedcsg.fl.records import ROUND_FIELDS, holds_arms, read_arm_record, seed_dirs_in
 from fedcsg.io import atomic_write_text, strict_json
 
 REPORT_FILES = ("results.json", "results.csv", "report.md", "accuracy_vs_bytes.png", "accuracy_vs_round.png")
@@ -37,12 +36,7 @@ def load_results(out_dir: Path) -> dict[str, Any]:
         raise FileNotFoundError(
             f"no arm results in {str(Path(out_dir) / 'arms')!r}: run `fedcsg run` or `compare` first"
         )
-    arms = {}
-    for path in arm_files:
-        try:
-            arms[arm_of_stem(path.stem)] = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from None
+    arms = {arm_of_stem(path.stem): read_arm_record(path) for path in arm_files}
     order = arm_order(list(arms))
     first = arms[order[0]]
     config = {k: v for k, v in first["config"].items() if k != "arm"}
@@ -145,13 +139,22 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if "fedavg" in summary:
         base = summary["fedavg"]
         for figures in summary.values():
-            figures["upload_ratio_vs_fedavg"] = base["wire_up_per_round"] / figures["wire_up_per_round"]
-            figures["total_ratio_vs_fedavg"] = base["total_wire_bytes"] / figures["total_wire_bytes"]
+            figures["upload_ratio_vs_fedavg"] = _ratio(base["wire_up_per_round"], figures["wire_up_per_round"])
+            figures["total_ratio_vs_fedavg"] = _ratio(base["total_wire_bytes"], figures["total_wire_bytes"])
     return summary
 
 
 def _resync(s: dict[str, Any]) -> str:
     return f"{s['resynced']} ({_mb(s['wire_down_resync'])})" if s["resynced"] else "-"
+
+
+def _ratio(base: float | None, value: float | None) -> float | None:
+    """``base / value``, or None where either is missing or ``value`` is 0 (an arm that sent nothing)."""
+    return base / value if base is not None and value else None
+
+
+def _times(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
 
 
 def _mb(value: float | None) -> str:
@@ -237,7 +240,9 @@ def _report_markdown(results: dict[str, Any], summary: dict[str, dict[str, Any]]
         + ", ".join(f"{k} {v}" for k, v in results.get("versions", {}).items()),
         "",
         "Bytes are per round, summed over the sampled clients. *Payload* is raw tensor bytes; *wire* is the "
-        "serialized Flower messages (payload, array headers, keys, config and metadata).",
+        "serialized Flower messages (payload, array headers, keys, config and metadata). Accuracies are one "
+        "seed: byte counts are exact, but a difference of a few points between arms can be noise (`--seeds 0,1,2` "
+        "gives the spread).",
         "",
         "*up* / *down* say how each arm's updates and global model travelled (fedcsg.fl.codecs, "
         "fedcsg.fl.downlink). *Resynced* counts the messages of a delta downlink that carried the model in full "
@@ -250,8 +255,7 @@ def _report_markdown(results: dict[str, Any], summary: dict[str, dict[str, Any]]
         "| --- | --- | --- |" + " ---: |" * 13,
     ]
     for arm, s in summary.items():
-        up_ratio = f"{s['upload_ratio_vs_fedavg']:.2f}x" if "upload_ratio_vs_fedavg" in s else "-"
-        total_ratio = f"{s['total_ratio_vs_fedavg']:.2f}x" if "total_ratio_vs_fedavg" in s else "-"
+        up_ratio, total_ratio = _times(s.get("upload_ratio_vs_fedavg")), _times(s.get("total_ratio_vs_fedavg"))
         match = _reach(s["wire_bytes_to_match"], s["round_to_match"]) if s["match_accuracy"] is not None else "-"
         lines.append(
             f"| {arm} | {s['uplink']} | {s['downlink']} | {s['final_accuracy']:.4f} | {s['best_accuracy']:.4f} | "
@@ -297,6 +301,9 @@ def write_report(out_dir: str | Path) -> dict[str, Any]:
     for a run over several seeds, each ``DIR/seed-N`` and then ``DIR``'s files over the seeds."""
     out_dir = Path(out_dir)
     seeds = {seed: path for seed, path in seed_dirs_in(out_dir).items() if holds_arms(path)}
+    for directory in (out_dir, *seeds.values()):  # every record checked before any file is written
+        for path in sorted((directory / "arms").glob("*.json")):
+            read_arm_record(path)
     if seeds and not holds_arms(out_dir):
         return write_seeds_report(out_dir, {seed: write_report(path) for seed, path in seeds.items()})
     results = load_results(out_dir)
@@ -360,8 +367,12 @@ def summarize_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[str, 
     if "fedavg" in out:
         base = out["fedavg"]
         for figures in out.values():
-            figures["upload_ratio_vs_fedavg"] = base["wire_up_per_round"]["mean"] / figures["wire_up_per_round"]["mean"]
-            figures["total_ratio_vs_fedavg"] = base["total_wire_bytes"]["mean"] / figures["total_wire_bytes"]["mean"]
+            figures["upload_ratio_vs_fedavg"] = _ratio(
+                base["wire_up_per_round"]["mean"], figures["wire_up_per_round"]["mean"]
+            )
+            figures["total_ratio_vs_fedavg"] = _ratio(
+                base["total_wire_bytes"]["mean"], figures["total_wire_bytes"]["mean"]
+            )
     return out
 
 
@@ -400,7 +411,7 @@ def _seeds_markdown(config: dict[str, Any], per_seed: dict[int, dict[str, Any]],
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for arm, s in summary.items():
-        ratio = f"{s['total_ratio_vs_fedavg']:.2f}x" if "total_ratio_vs_fedavg" in s else "-"
+        ratio = _times(s.get("total_ratio_vs_fedavg"))
         finals = ", ".join("-" if v is None else f"{v:.4f}" for v in s["final_accuracy"]["values"])
         lines.append(
             f"| {arm} | {_pm(s['final_accuracy'], '.4f')} | {_pm(s['best_accuracy'], '.4f')} | "

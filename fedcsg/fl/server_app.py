@@ -4,6 +4,7 @@ test split after every round, and per-round records with bytes in both direction
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -19,11 +20,19 @@ from fedcsg.fl.config import RunConfig
 from fedcsg.fl.downlink import Downlink
 from fedcsg.fl.model_file import save_global_model
 from fedcsg.fl.payload import PayloadLayout, load_payload, model_payload
-from fedcsg.fl.records import ArmRecorder, RoundRecord
+from fedcsg.fl.records import ArmRecorder, RoundRecord, check_trained
 from fedcsg.fl.report import write_report
 from fedcsg.fl.server_opt import Mask, ServerOptimizer
 from fedcsg.fl.strategy import CSGFedAvg, lr_schedule
-from fedcsg.fl.task import TRAIN_FACTOR_KEY, build_arm_model, evaluate_model, payload_layout, test_data
+from fedcsg.fl.task import (
+    RUN_ARM_KEY,
+    RUN_SEED_KEY,
+    TRAIN_FACTOR_KEY,
+    build_arm_model,
+    evaluate_model,
+    payload_layout,
+    test_data,
+)
 from fedcsg.fl.traffic import bundle_download_bytes
 from fedcsg.fl.uplink import Uplink
 from fedcsg.nn.csg import FACTORS, factor_keys, frozen_keys, round_factor
@@ -157,6 +166,18 @@ def measured_round(strategy: CSGFedAvg, server_round: int, stats: PassStats, sta
     )
 
 
+def train_config(cfg: RunConfig) -> dict[str, int | str]:
+    """What every train message tells its client besides the round: the local training settings
+    and which run it belongs to (arm and seed: one simulation may hold several runs,
+    :func:`planned_runs`, whose clients share the run config of the first)."""
+    return {
+        "local-epochs": cfg.local_epochs,
+        "batch-size": cfg.batch_size,
+        RUN_ARM_KEY: cfg.arm,
+        RUN_SEED_KEY: cfg.seed,
+    }
+
+
 def progress_line(cfg: RunConfig, record: dict, elapsed: float) -> str:
     """One line per round for the log: accuracy, loss, bytes so far, time."""
     total_mb = (record["cum_wire_up"] + record["cum_wire_down"]) / 1e6
@@ -227,7 +248,7 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress: Callable
         initial_arrays=checkpoint.arrays if checkpoint else model_payload(model, layout),
         num_rounds=cfg.num_rounds,
         timeout=cfg.round_timeout,
-        train_config=ConfigRecord({"local-epochs": cfg.local_epochs, "batch-size": cfg.batch_size}),
+        train_config=ConfigRecord(train_config(cfg)),
         evaluate_fn=evaluate_fn,
         first_round=first_round,
         evaluate_initial=checkpoint is None,
@@ -238,10 +259,45 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress: Callable
     return recorder.rounds
 
 
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+PLAN_KEY = "fedcsg-plan"  # Context.state record of a simulation's runs (fedcsg.fl.simulation.simulate)
+
+
+def planned_runs(context: Context) -> list[RunConfig]:
+    """The runs this ServerApp is to run in turn: the plan that :func:`fedcsg.fl.simulation.simulate`
+    puts in the server's ``Context.state``, else (``flwr run``) the one run of the run config."""
+    if PLAN_KEY not in context.state:
+        return [RunConfig.from_mapping(dict(context.run_config))]
+    record = context.state[PLAN_KEY]
+    assert isinstance(record, ConfigRecord)
+    return [RunConfig.from_mapping(json.loads(text)) for text in record["runs"]]
+
+
+def run_header(cfg: RunConfig) -> str:
+    """The line that opens a run of one arm in the log."""
+    seed = f", seed {cfg.seed}" if cfg.seeds else ""
+    return f"== arm {cfg.arm}: {cfg.model} on {cfg.dataset}, {cfg.num_clients} clients, {cfg.num_rounds} rounds{seed}"
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point of `flwr run .`: the run config comes from [tool.flwr.app.config] and --run-config."""
-    cfg = RunConfig.from_mapping(dict(context.run_config))
+    """Entry point of the ServerApp: every planned run in turn (a simulation of ``fedcsg run`` or
+    ``compare``, whose CLI writes the report), or the one run of `flwr run .`, whose config comes
+    from [tool.flwr.app.config] and --run-config and whose report is written here.
+
+    A run in which no round aggregated a client update raises :class:`~fedcsg.fl.records.RunFailed`
+    once its records (and, for `flwr run`, its report) are written: Flower then marks the run failed.
+    """
+    if PLAN_KEY in context.state:
+        for cfg in planned_runs(context):
+            print(run_header(cfg), flush=True)
+            check_trained(cfg.arm, run_federation(grid, cfg, Path(cfg.out_dir), progress=_to_stderr))
+        return
+    (cfg,) = planned_runs(context)
     out_dir = Path(cfg.out_dir or f"runs/flwr-{context.run_id}")
-    run_federation(grid, cfg, out_dir, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    rounds = run_federation(grid, cfg, out_dir, progress=_to_stderr)
     write_report(out_dir)
+    check_trained(cfg.arm, rounds)

@@ -9,9 +9,11 @@ every virtual ClientApp's ``context.run_config`` are exactly that config.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import tomli_w
@@ -41,6 +43,20 @@ def app_pyproject(cfg: RunConfig) -> dict:
     }
 
 
+class ReportedClientErrors(logging.Filter):
+    """Drops the tracebacks Flower's simulation engine logs at ERROR for a ClientApp that raised
+    (about 30 lines each): the reply becomes an Error message, which the strategy reports in one line
+    (round, node, partition, reason). Installed on the ``flwr`` logger unless ``--verbose``."""
+
+    SOURCES = (("vce_api.py", "worker"), ("raybackend.py", "process_message"))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR or (Path(record.pathname).name, record.funcName) not in self.SOURCES
+
+
+REPORTED_CLIENT_ERRORS = ReportedClientErrors()
+
+
 def backend_config(cfg: RunConfig) -> dict:
     """Ray backend settings: per-client resources, and the Ray to use (``ray-address``, see
     :mod:`fedcsg.fl.ray_cluster`). On each node Ray runs min(CPUs / num_cpus, GPUs / num_gpus)
@@ -51,13 +67,35 @@ def backend_config(cfg: RunConfig) -> dict:
     }
 
 
-def simulate(cfg: RunConfig, out_dir: Path, *, verbose: bool = False) -> None:
-    """Run ``cfg.arm`` on ``cfg.num_clients`` virtual SuperNodes; results go to ``out_dir/arms``.
+ENGINE_KEYS = ("num-clients", "client-num-cpus", "client-num-gpus", "ray-address")
 
-    SIGTERM, like Ctrl-C, ends the run with KeyboardInterrupt after shutting down what it started
+
+def check_engine(runs: Sequence[RunConfig]) -> RunConfig:
+    """The first of ``runs``, after checking that all of them can share one simulation: the same
+    number of virtual SuperNodes, client resources and Ray (arms and seeds may differ)."""
+    if not runs:
+        raise ValueError("no run to simulate")
+    first = runs[0].to_flower()
+    for cfg in runs[1:]:
+        other = cfg.to_flower()
+        differing = [key for key in ENGINE_KEYS if first[key] != other[key]]
+        if differing:
+            raise ValueError(f"runs of one simulation must share {', '.join(differing)}")
+    return runs[0]
+
+
+def simulate(runs: Sequence[RunConfig], *, verbose: bool = False) -> None:
+    """Run every config of ``runs`` in turn (an arm of one seed each, its records in its ``out_dir``)
+    in ONE Flower simulation on ``num-clients`` virtual SuperNodes: Ray and its pool of client
+    actors start once for all of them, and each actor keeps the data it decoded.
+
+    The ServerApp runs them one after the other (:func:`fedcsg.fl.server_app.planned_runs`), each
+    through its own strategy; a run in which no round aggregated a client update stops the plan with
+    :class:`~fedcsg.fl.records.RunFailed` after its records are written. SIGTERM, like Ctrl-C, ends
+    the simulation with KeyboardInterrupt after shutting down what it started
     (:func:`~fedcsg.fl.ray_cluster.interruptible`); the records hold every round completed before.
     """
-    from flwr.app import Context, RecordDict
+    from flwr.app import ConfigRecord, Context, RecordDict
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
     from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
     from flwr.simulation.run_simulation import _run_simulation
@@ -66,16 +104,22 @@ def simulate(cfg: RunConfig, out_dir: Path, *, verbose: bool = False) -> None:
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
 
+    from fedcsg.fl.server_app import PLAN_KEY
+
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    cfg = cfg.replace(out_dir=str(Path(out_dir).absolute()))
+    runs = [cfg.replace(out_dir=str(Path(cfg.out_dir).absolute())) for cfg in runs]
+    first = check_engine(runs)
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
-    # Every client's partition, computed once here and cached on disk: the clients read theirs from
-    # the cache without importing flwr-datasets (fedcsg.data.partitions).
-    partition_rows(cfg, 0, cfg.num_clients)
+        logging.getLogger("flwr").addFilter(REPORTED_CLIENT_ERRORS)
+    # Every client's partition of every seed, computed once here and cached on disk: the clients read
+    # theirs from the cache without importing flwr-datasets (fedcsg.data.partitions).
+    for cfg in {cfg.data_settings: cfg for cfg in runs}.values():
+        partition_rows(cfg, 0, cfg.num_clients)
+    plan = RecordDict({PLAN_KEY: ConfigRecord({"runs": [json.dumps(cfg.to_flower()) for cfg in runs]})})
     with interruptible(), tempfile.TemporaryDirectory(prefix="fedcsg-app-") as app_dir:
-        (Path(app_dir) / "pyproject.toml").write_text(tomli_w.dumps(app_pyproject(cfg)))
+        (Path(app_dir) / "pyproject.toml").write_text(tomli_w.dumps(app_pyproject(first)))
         run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
         run = Run.create_empty(run_id=run_id)
         run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
@@ -83,13 +127,13 @@ def simulate(cfg: RunConfig, out_dir: Path, *, verbose: bool = False) -> None:
         TaskIdentity.task_id = run.primary_task_id
         TaskIdentity.run_id = run_id
         TaskIdentity.node_id = SUPERLINK_NODE_ID
-        context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_flower())
+        context = Context(run_id=run_id, node_id=0, node_config={}, state=plan, run_config=first.to_flower())
         _run_simulation(
-            num_supernodes=cfg.num_clients,
+            num_supernodes=first.num_clients,
             server_app_attr=SERVER_APP,
             client_app_attr=CLIENT_APP,
             backend_name="ray",
-            backend_config=backend_config(cfg),
+            backend_config=backend_config(first),
             app_dir=app_dir,
             run=run,
             server_app_context=context,
@@ -97,6 +141,6 @@ def simulate(cfg: RunConfig, out_dir: Path, *, verbose: bool = False) -> None:
             verbose_logging=verbose,
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
         )
-    arm_file = Path(out_dir) / "arms" / f"{file_stem(cfg.arm)}.json"
-    if not arm_file.is_file():
-        raise RuntimeError(f"the simulation of arm {cfg.arm!r} ended without results (see the log above)")
+    for cfg in runs:
+        if not (Path(cfg.out_dir) / "arms" / f"{file_stem(cfg.arm)}.json").is_file():
+            raise RuntimeError(f"the simulation of arm {cfg.arm!r} ended without results (see the log above)")

@@ -322,15 +322,10 @@ class CSGFedAvg(FedAvg):
             partition = self._partition(node)
             if partition is not None:
                 traffic.failed_partitions.append(partition)
-            reason = errors.get(node, "no reply within round-timeout")
-            log(
-                WARNING,
-                "round %d: client node %d (partition %s) failed: %s",
-                server_round,
-                node,
-                "unknown" if partition is None else partition,
-                _short_reason(reason),
-            )
+            reason = _short_reason(errors.get(node, "no reply within round-timeout"))
+            where = "unknown" if partition is None else partition
+            traffic.first_error = traffic.first_error or f"client node {node} (partition {where}) failed: {reason}"
+            log(WARNING, "round %d: client node %d (partition %s) failed: %s", server_round, node, where, reason)
         return len(missing) if sent is not None else len(replies) - len(valid)
 
     def aggregate_train(
@@ -356,12 +351,16 @@ class CSGFedAvg(FedAvg):
             decoded, problem = checked_reply(reply, self.uplink, self.global_arrays, self.max_update_norm)
             if decoded is None:
                 traffic.rejected += 1
+                where = "unknown" if partition is None else partition
+                traffic.first_error = (
+                    traffic.first_error or f"reply of node {node} (partition {where}) rejected: {problem}"
+                )
                 log(
                     WARNING,
                     "round %d: rejected reply from node %d (partition %s): %s",
                     server_round,
                     node,
-                    "unknown" if partition is None else partition,
+                    where,
                     problem,
                 )
                 continue
@@ -369,13 +368,15 @@ class CSGFedAvg(FedAvg):
             accepted.append(((math.inf if partition is None else partition, node), reply, decoded))
         if len(accepted) < self.min_replies:
             traffic.status = "failed"
+            retried = self.failed_round == "retry" and traffic.attempts < 2  # start() sends it once more
             log(
                 WARNING,
-                "round %d: %d of %d replies accepted, fewer than the minimum %d: the global model is kept",
+                "round %d: %d of %d replies accepted, fewer than the minimum %d: %s",
                 server_round,
                 len(accepted),
                 len(replies),
                 self.min_replies,
+                "sending the round once more (failed-round = retry)" if retried else "the global model is kept",
             )
             return None, None
         traffic.status = "ok"

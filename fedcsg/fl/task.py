@@ -18,6 +18,7 @@ from fedcsg.nn.csg import freeze_factor
 from fedcsg.nn.training import PassStats, evaluate, make_optimizer, train_epoch, tune_malloc
 
 TRAIN_FACTOR_KEY = "train-factor"  # train-config entry: which CSG factor trains this round (fedcsg.nn.csg.FACTORS)
+RUN_ARM_KEY, RUN_SEED_KEY = "arm", "seed"  # train-config entries: the run a message belongs to
 
 
 def build_arm_model(cfg: RunConfig, arm: str | None = None) -> nn.Module:
@@ -39,6 +40,17 @@ def train_rows(data: DataSettings) -> np.ndarray:
     if data.train_limit == 0 or data.train_limit >= len(labels):
         return np.arange(len(labels))
     return np.sort(np.random.default_rng(data.seed).permutation(len(labels))[: data.train_limit])
+
+
+def data_problem(data: DataSettings) -> str:
+    """Why this process cannot open the labels of both splits of ``data`` ("" if it can): the check
+    each Ray node runs before a run's first round (:func:`fedcsg.fl.ray_cluster.cluster_resources`)."""
+    try:
+        for split in ("train", "test"):
+            load_labels(data.dataset, split, **data.source)
+    except Exception as error:  # noqa: BLE001 - the node reports whatever stops it
+        return " ".join(str(error).split()) or type(error).__name__
+    return ""
 
 
 @functools.lru_cache(maxsize=8)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
+import torch
 from torch import nn
 
-from fedcsg.nn.csg import CSGConv2d, generators
+from fedcsg.nn.csg import CSGConfig, CSGConv2d, generators
 
 
 @dataclass(frozen=True)
@@ -58,3 +60,44 @@ def count_parameters(model: nn.Module) -> ParameterCounts:
         buffers=sum(b.numel() for b in model.buffers()),
         sendable=total - frozen,
     )
+
+
+MEMORY_SHARE = 4  # a model's weights may take at most 1/4 of physical memory: training holds grads, momentum, filters
+
+
+def memory_limit() -> int:
+    """The most bytes of weights one model may hold here: physical memory / :data:`MEMORY_SHARE`."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // MEMORY_SHARE
+
+
+def planned_bytes(name: str, num_classes: int, in_channels: int, csg: CSGConfig | None, fedpara: bool) -> int:
+    """Bytes of the weights and buffers (float32) that :func:`~fedcsg.nn.models.build_model` would make,
+    found without allocating any: the plain model is built on torch's meta device, a CSG model adds
+    its generators (slice numel x code dim each) and codes of at most code dim / slice numel of the
+    plain filters; fedpara's factors are counted as twice the plain model. An upper bound."""
+    from fedcsg.nn.models import build_model
+
+    try:
+        with torch.device("meta"):
+            plain = build_model(name, num_classes, in_channels)
+        numel = sum(t.numel() for t in (*plain.parameters(), *plain.buffers()))
+    except RuntimeError:  # a size torch cannot even describe ("Storage size calculation overflowed")
+        return 2**64
+    if csg is not None:
+        numel += sum(s.shape.numel * s.code_dim for s in csg.slices)
+        numel += numel * max(s.code_dim / s.shape.numel for s in csg.slices)
+    if fedpara:
+        numel *= 2
+    return int(numel) * 4
+
+
+def check_model_size(planned: int, described: str) -> None:
+    """Raise a one-line ValueError when ``planned`` bytes (:func:`planned_bytes`) exceed :func:`memory_limit`;
+    ``described`` names the settings (e.g. ``resnet20 with in-channels = 10000000``)."""
+    limit = memory_limit()
+    if planned > limit:
+        shown = f"{planned:,} bytes" if planned < 2**64 else "over 2**64 bytes"
+        raise ValueError(
+            f"{described} is not accepted: its weights would take {shown}, above this machine's limit of "
+            f"{limit:,} (a quarter of its memory); accepted is a model that fits"
+        )
