@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedcsg.fl.arms import file_stem
 from fedcsg.io import strict_json
 from fedcsg.nn.models import model_spec
 
@@ -118,7 +119,7 @@ def run_fedcsg(arm: str, sets: dict[str, object], timeout: float) -> tuple[Logge
         if run.returncode != 0:
             tail = "\n".join(line for _, line in run.lines[-30:])
             raise RuntimeError(f"fedcsg run {' '.join(cmd[5:])} failed ({run.returncode}):\n{tail}")
-        rounds = json.loads((out / "arms" / f"{arm}.json").read_text())["rounds"]
+        rounds = json.loads((out / "arms" / f"{file_stem(arm)}.json").read_text())["rounds"]
     return run, rounds
 
 

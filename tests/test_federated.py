@@ -13,11 +13,13 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from fedcsg.cli import main
-from fedcsg.fl.arms import check_arm, model_part
+from fedcsg.fl.arms import check_arm, model_part, two_way_arms
+from fedcsg.fl.codecs import block_lengths
 from fedcsg.fl.config import RunConfig, load_experiment
+from fedcsg.fl.downlink import BLOCK
 from fedcsg.fl.payload import PayloadLayout, load_payload, model_payload, weighted_average
 from fedcsg.fl.strategy import CSGFedAvg
-from fedcsg.fl.task import build_arm_model, partition_rows
+from fedcsg.fl.task import build_arm_model, partition_rows, payload_layout
 from fedcsg.fl.traffic import accounted_wire_bytes, payload_bytes, round_messages, train_replies, wire_bytes
 from fedcsg.nn.csg import csg_layers, generators
 
@@ -93,12 +95,29 @@ def test_bytes_command_ratios(capsys: pytest.CaptureFixture[str]) -> None:
     # Every arm, MODEL and MODEL+CODEC, from real encoded messages: int8 sends 1 byte an element of
     # the 277 float tensors and a float32 scale per tensor, topk 1% of them as int32 index + float32
     # value; the integer counters travel as they are, and the downlink stays the full payload.
-    assert list(arms) == [f"{m}{c}" for m in ("fedavg", "fedpara", "csg", "csg-frozen") for c in CODEC_SUFFIXES]
+    assert list(arms)[:16] == [f"{m}{c}" for m in ("fedavg", "fedpara", "csg", "csg-frozen") for c in CODEC_SUFFIXES]
     floats = 853_018 + 4_064
     assert arms["fedavg+fp16"]["payload_up"] == 10 * (floats * 2 + 55 * 8)
     assert arms["fedavg+int8"]["payload_up"] == 10 * (floats + 277 * 4 + 55 * 8)
     assert arms["fedavg+topk"]["payload_up"] == 10 * (math.ceil(0.01 * floats) * 8 + 55 * 8)
     assert all(arms[f"{m}+int8"]["payload_down"] == arms[m]["payload_down"] for m in ("fedavg", "csg"))
+    # Then the arms compressed both ways: blockwise int8 down is a byte an element and a float32 scale
+    # a block of 256 (never straddling two tensors); a delta downlink's in-sync message the same size,
+    # its resync message the full payload.
+    assert list(arms)[16:] == two_way_arms()
+    blocks = len(block_lengths([*_resnet56_float_sizes()], BLOCK))
+    assert arms["fedavg+int8/int8"]["payload_down"] == 10 * (floats + 4 * blocks + 55 * 8)
+    delta = arms["fedavg+int8/delta-int8"]
+    assert delta["payload_down"] == arms["fedavg+int8/int8"]["payload_down"]
+    assert delta["wire_down_resync_per_client"] == arms["fedavg"]["wire_down_per_client"] + 108  # four config keys
+    # The targets, up + down per round: fedavg / csg-frozen+int8/int8 >= 40x, / csg+int8/int8 >= 15x
+    assert arms["csg-frozen+int8/int8"]["total_ratio_vs_fedavg"] >= 40
+    assert arms["csg+int8/int8"]["total_ratio_vs_fedavg"] >= 15
+
+
+def _resnet56_float_sizes() -> list[int]:
+    cfg = RunConfig(model="resnet56", arm="fedavg")
+    return [e.numel for e in payload_layout(cfg, build_arm_model(cfg)).floating]
 
 
 CODEC_SUFFIXES = ("", "+fp16", "+int8", "+topk")

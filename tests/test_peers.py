@@ -15,12 +15,13 @@ from fedcsg.fl import uplink as uplink_module
 from fedcsg.fl.arms import Arm, all_arms, arm_order, check_arm
 from fedcsg.fl.codecs import CODECS, Codec, encode_with_feedback
 from fedcsg.fl.config import RunConfig
+from fedcsg.fl.downlink import Downlink
 from fedcsg.fl.payload import model_payload, weighted_average
 from fedcsg.fl.report import fewest_bytes_sentence
 from fedcsg.fl.server_app import build_strategy
 from fedcsg.fl.task import build_arm_model, payload_layout
 from fedcsg.fl.traffic import accounted_wire_bytes, arm_traffic, payload_bytes, round_messages, train_replies
-from fedcsg.fl.uplink import Uplink, downlink_record, restore_downlink
+from fedcsg.fl.uplink import Uplink
 from fedcsg.nn.fedpara import FedParaConv2d, fedpara_rank, fedparafy
 from fedcsg.nn.models import build_model
 
@@ -214,8 +215,9 @@ def test_arm_names_model_plus_codec() -> None:
         with pytest.raises(ValueError) as error:
             check_arm(bad)
         assert str(error.value) == (
-            f"unknown arm {bad!r}: accepted are MODEL or MODEL+CODEC with MODEL one of fedavg, fedpara, csg, "
-            "csg-frozen and CODEC one of fp16, int8, topk (e.g. csg+int8)"
+            f"unknown arm {bad!r}: accepted are MODEL[+UPCODEC][/DOWNLINK] with MODEL one of fedavg, fedpara, csg, "
+            "csg-frozen, UPCODEC one of fp16, int8, topk and DOWNLINK one of full, fp16, int8, delta-int8, delta-topk "
+            "(e.g. csg+int8/int8, fedavg/delta-int8)"
         )
     with pytest.raises(ValueError, match="unknown arm 'csg\\+int4'"):
         RunConfig(arms="fedavg,csg+int4")
@@ -229,8 +231,9 @@ def test_bad_arm_on_the_command_line_is_one_line_exit_2(cli) -> None:
     code, out, err = cli("compare", "--arms", "fedavg,csg+int9")
     assert code == 2 and out == ""
     assert err.strip().splitlines() == [
-        "fedcsg compare: error: unknown arm 'csg+int9': accepted are MODEL or MODEL+CODEC with MODEL one of fedavg, "
-        "fedpara, csg, csg-frozen and CODEC one of fp16, int8, topk (e.g. csg+int8)"
+        "fedcsg compare: error: unknown arm 'csg+int9': accepted are MODEL[+UPCODEC][/DOWNLINK] with MODEL one of "
+        "fedavg, fedpara, csg, csg-frozen, UPCODEC one of fp16, int8, topk and DOWNLINK one of full, fp16, int8, "
+        "delta-int8, delta-topk (e.g. csg+int8/int8, fedavg/delta-int8)"
     ]
 
 
@@ -294,24 +297,24 @@ def test_fp16_downlink_is_restored_to_the_layouts_dtypes() -> None:
     cfg = RunConfig(model="resnet20", arm="csg")
     layout = payload_layout(cfg, build_arm_model(cfg))
     arrays = model_payload(build_arm_model(cfg), layout)
-    sent = downlink_record(arrays, "fp16")
+    sent = Downlink(layout, "fp16").encode(arrays)
     assert sent["float32"].dtype == "float16" and sent["int64"].dtype == "int64"
     assert payload_bytes(sent) == payload_bytes(arrays) - 2 * sent["float32"].shape[0]
-    back = restore_downlink(sent, layout)
+    back = Downlink(layout, "fp16").decode(sent)
     np.testing.assert_array_equal(back["float32"].numpy(), arrays["float32"].numpy().astype(np.float16))
-    assert downlink_record(arrays, "full") is arrays
-    with pytest.raises(ValueError, match="downlink = 'bf16' is not accepted: one of full, fp16 is"):
-        downlink_record(arrays, "bf16")
+    assert Downlink(layout).encode(arrays) is arrays
+    with pytest.raises(ValueError, match="downlink = 'bf16' is not accepted: one of full, fp16, int8, delta-int8"):
+        Downlink(layout, "bf16")
 
 
 def _strategy_round(cfg: RunConfig, replies_of: list[ArrayRecord], examples: list[int]):
     """Aggregate ``replies_of`` as round 1 of ``cfg``'s strategy, the clients having been sent its
-    initial payload; returns (strategy, aggregated arrays, the global payload sent)."""
+    initial payload; returns (strategy, aggregated arrays, the global payload as received)."""
     model = build_arm_model(cfg)
     layout = payload_layout(cfg, model)
     strategy = build_strategy(cfg, layout, model)
     arrays = model_payload(model, layout)
-    strategy.global_arrays = restore_downlink(downlink_record(arrays, cfg.downlink), layout)
+    strategy.server_arrays, strategy.global_arrays = arrays, strategy.broadcaster.prepare(arrays)
     strategy._round_traffic(1)
     aggregated, _ = strategy.aggregate_train(1, train_replies(replies_of, examples))
     return strategy, aggregated, strategy.global_arrays
@@ -322,7 +325,8 @@ def test_server_averages_decoded_updates_exactly(arm: str) -> None:
     cfg = RunConfig(model="fmnist-cnn", dataset="fashion-mnist", arm=arm, downlink="fp16")
     model = build_arm_model(cfg)
     layout = payload_layout(cfg, model)
-    sent = restore_downlink(downlink_record(model_payload(model, layout), "fp16"), layout)
+    fp16 = Downlink(layout, "fp16")
+    sent = fp16.decode(fp16.encode(model_payload(model, layout)))
     uplink = Uplink(layout, cfg.codec)
     rng = np.random.default_rng(0)
     locals_ = [_moved(sent, layout.floating_keys(), 1e-2, seed=i) for i in range(3)]
@@ -330,7 +334,13 @@ def test_server_averages_decoded_updates_exactly(arm: str) -> None:
     strategy, aggregated, reference = _strategy_round(cfg, encoded, [10, 20, 30])
     assert strategy.traffic[1].rejected == 0
     exact = weighted_average([uplink.decode(r, reference) for r in encoded], [10, 20, 30])
-    for key in exact:
+    # The server's own float32 model moves by the exact average update (decoded against the fp16
+    # model the clients received); the integer counters are the average's.
+    full = model_payload(model, layout)
+    moved = uplink.flat_floats(full) + uplink.flat_floats(exact) - uplink.flat_floats(reference)
+    np.testing.assert_array_equal(uplink.flat_floats(aggregated), moved.astype(np.float32))
+    assert not np.array_equal(uplink.flat_floats(aggregated), uplink.flat_floats(exact))  # not the fp16 base
+    for key in set(exact) - set(layout.floating_keys()):
         np.testing.assert_array_equal(aggregated[key].numpy(), exact[key].numpy())
     assert strategy.traffic[1].payload_up == sum(payload_bytes(r) for r in encoded)
 

@@ -32,7 +32,7 @@ RESNET20 = ["model='resnet20'", "dataset='cifar10'", "slice='12x12x3x3'", "code-
 # The same two-round, two-client compare at a size where only exactness is asserted (identical
 # records on a rerun, mean and std over seeds), not learning: 256 images, one local epoch.
 TINY_RUN = [*RESNET20, "num-clients=2", "num-rounds=2", "train-limit=256", "test-limit=128", "batch-size=32"]
-PEER_ARMS = ("fedavg+int8", "fedpara", "csg+topk")
+PEER_ARMS = ("fedavg+int8", "fedpara", "csg+topk", "csg+int8/delta-int8")
 # Made twice (``tiny`` and seed 0 of ``seeds``) and compared digit for digit; csg-frozen's rebuild from
 # the seed is checked bit for bit in test_csg.py, and it runs (and learns) in ``compare``.
 RERUN_ARMS = ("fedavg", "csg")
@@ -54,7 +54,8 @@ def compare_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     * ``compare``: `fedcsg compare` of the quick-start file named by its path, with SMALL_RUN: every
       arm learns;
     * ``tiny``: the same command with TINY_RUN, the arms RERUN_ARMS followed by the peer arms
-      PEER_ARMS (a codec on fedavg, FedPara, topk with error feedback on csg);
+      PEER_ARMS (a codec on fedavg, FedPara, topk with error feedback on csg, csg compressed both
+      ways with a delta downlink whose x̂ lives in the virtual nodes' Context.state);
     * ``seeds``: `fedcsg compare --seeds 0,1 --arms` RERUN_ARMS with the shipped default
       experiment, from a directory outside the checkout, with TINY_RUN: its seed 0 is ``tiny``'s
       first arms made a second time.
@@ -290,7 +291,11 @@ def test_peer_arms_run_through_ray_with_honest_bytes(tiny_run: tuple[Path, subpr
             assert (r["replied"], r["rejected"], r["partitions"]) == (2, 0, [0, 1]), (arm, r)
         offline = arm_traffic(cfg.replace(arm=arm), 2)
         assert rounds[1]["payload_up"] == offline["payload_up"]  # encoded sizes follow from the layout alone
-        assert rounds[1]["payload_down"] == offline["payload_down"]
+        # A delta downlink resyncs both nodes in full in round 1 and sends both the delta in round 2.
+        delta = arm.endswith("/delta-int8")
+        assert [r["resynced"] for r in rounds[1:]] == ([2, 0] if delta else [0, 0])
+        assert rounds[2 if delta else 1]["payload_down"] == offline["payload_down"]
+        assert rounds[1]["wire_down_resync"] == (rounds[1]["wire_down"] if delta else 0)
         assert 0 <= rounds[1]["wire_up"] - offline["wire_up"] < 2 * 100
     int8, fedavg = results["arms"]["fedavg+int8"]["rounds"], base["fedavg"]["rounds"]
     assert [r["partitions"] for r in int8] == [r["partitions"] for r in fedavg]
@@ -304,7 +309,10 @@ def test_peer_arms_run_through_ray_with_honest_bytes(tiny_run: tuple[Path, subpr
     sendable = {arm: d["parameters"]["sendable"] for arm, d in {**base, **results["arms"]}.items()}
     assert abs(sendable["fedpara"] / sendable["csg"] - 1) < 0.10
     report = (out / "report.md").read_text()
-    assert "| fedavg+int8 |" in report and "| csg+topk |" in report
+    assert "| fedavg+int8 |" in report and "| csg+topk |" in report and "| csg+int8/delta-int8 |" in report
+    two_way = results["arms"]["csg+int8/delta-int8"]["rounds"]
+    assert two_way[2]["payload_down"] < 0.3 * base["csg"]["rounds"][2]["payload_down"]
+    assert two_way[0]["test_loss"] == base["csg"]["rounds"][0]["test_loss"]
     assert "Fewest wire bytes to the target accuracy" in report or "No arm reached the target accuracy" in report
 
 

@@ -8,10 +8,9 @@ import argparse
 import json
 
 from fedcsg.cli.args import add_model_options, positive_int, table
-from fedcsg.fl.arms import all_arms
+from fedcsg.fl.arms import DOWNLINKS, all_arms, two_way_arms
 from fedcsg.fl.config import ModelSettings, RunConfig
 from fedcsg.fl.payload import PACKINGS
-from fedcsg.fl.uplink import DOWNLINKS
 from fedcsg.nn.params import count_parameters
 
 
@@ -74,7 +73,8 @@ def cmd_bytes(args: argparse.Namespace) -> int:
         downlink=args.downlink,
         topk_fraction=args.topk_fraction,
     )
-    rows = [arm_traffic(cfg.replace(arm=arm), args.clients_per_round) for arm in all_arms()]
+    arms = [*all_arms(), *two_way_arms()]
+    rows = [arm_traffic(cfg.replace(arm=arm), args.clients_per_round) for arm in arms]
     base = rows[0]
     for row in rows:
         row["upload_ratio_vs_fedavg"] = base["wire_up"] / row["wire_up"]
@@ -102,18 +102,21 @@ def cmd_bytes(args: argparse.Namespace) -> int:
     print(
         f"{cfg.model}, csg slice {cfg.slice} / {cfg.code_dim}, fedpara-ratio {cfg.fedpara_ratio}, topk-fraction "
         f"{cfg.topk_fraction}, downlink {cfg.downlink}, {args.clients_per_round} clients per round, "
-        f"{cfg.payload_packing} packing: bytes per round (an update of a non-zero step, really encoded)"
+        f"{cfg.payload_packing} packing: bytes per round (an update of a non-zero step, really encoded; a delta "
+        "downlink's in-sync message is the change between two broadcasts, its resync message x̂ in full, per client)"
     )
-    header = ("arm", "payload up", "payload down", "wire up", "wire down", "up vs fedavg", "total vs fedavg")
+    header = ("arm", "down", "payload up", "payload down", "wire up", "wire down", "resync down/client")
+    header += ("up vs fedavg", "total vs fedavg")
     cells = [
         (
-            *(row[key] for key in ("arm", "payload_up", "payload_down", "wire_up", "wire_down")),
+            *(row[key] for key in ("arm", "downlink", "payload_up", "payload_down", "wire_up", "wire_down")),
+            row["wire_down_resync_per_client"],
             f"{row['upload_ratio_vs_fedavg']:.2f}x",
             f"{row['total_ratio_vs_fedavg']:.2f}x",
         )
         for row in rows
     ]
-    print("\n".join(table([header, *cells])))
+    print("\n".join(table([header, *cells], left=2)))
     return 0
 
 
@@ -128,7 +131,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_options(bytes_, shape=False)
     bytes_.add_argument("--clients-per-round", type=positive_int, default=10)
     bytes_.add_argument("--packing", choices=PACKINGS, default="flat", help="payload packing (default: flat)")
-    bytes_.add_argument("--downlink", choices=DOWNLINKS, default="full", help="global payload as sent (default: full)")
+    bytes_.add_argument(
+        "--downlink", choices=DOWNLINKS, default="full", help="downlink of the arms that name none (default: full)"
+    )
     bytes_.add_argument("--topk-fraction", type=float, default=RunConfig.topk_fraction, help="topk codec's fraction")
     bytes_.add_argument("--seed", type=int, default=0)
     bytes_.set_defaults(handler=cmd_bytes)

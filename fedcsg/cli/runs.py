@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from fedcsg.fl.arms import MODELS, check_arm
+from fedcsg.fl.arms import MODELS, arm_of_stem, check_arm, file_stem
 from fedcsg.fl.checkpoint import STATE_DIR, read_state
 from fedcsg.fl.config import DEFAULT_EXPERIMENT, RunConfig, identity_of, load_experiment, shipped_experiments
 from fedcsg.fl.records import holds_arms, seed_dir, seed_dirs_in
@@ -83,7 +83,7 @@ def prepare_out_dir(out_dir: Path, cfg: RunConfig, arms: list[str], overwrite: b
         raise FileExistsError(f"output path {str(out_dir)!r} exists and is not a directory")
     existing = _run_files(out_dir) if out_dir.is_dir() else []
     if existing and not overwrite:
-        clash = sorted({p.stem for p in existing if p.stem in arms})
+        clash = sorted({arm_of_stem(p.stem) for p in existing if arm_of_stem(p.stem) in arms})
         if clash:
             raise FileExistsError(
                 f"output directory {str(out_dir)!r} already holds results of {', '.join(clash)}: "
@@ -147,7 +147,7 @@ def _simulate(runs: list[RunConfig], out_dir: Path, verbose: bool) -> None:
         _write_report(out_dir)
         raise
     for cfg in runs:
-        rounds = read_json_object(Path(cfg.out_dir) / "arms" / f"{cfg.arm}.json")["rounds"]
+        rounds = read_json_object(Path(cfg.out_dir) / "arms" / f"{file_stem(cfg.arm)}.json")["rounds"]
         if [r["round"] for r in rounds] != list(range(cfg.num_rounds + 1)):
             raise RuntimeError(
                 f"arm {cfg.arm!r} recorded rounds {[r['round'] for r in rounds]}, not 0..{cfg.num_rounds}"
@@ -275,7 +275,7 @@ def arm_progress(out_dir: Path, cfg: RunConfig, arm: str) -> int | None:
                 "accepted is --overwrite or another --out"
             )
         return checkpoint.round
-    record = out_dir / "arms" / f"{arm}.json"
+    record = out_dir / "arms" / f"{file_stem(arm)}.json"
     if not record.is_file():
         return None
     rounds = read_json_object(record).get("rounds", [])
@@ -309,7 +309,7 @@ def _resume_arms(cfg: RunConfig, arms: list[str], out_dir: Path, verbose: bool) 
 
 
 def _arms_in(out_dir: Path) -> list[str]:
-    return sorted({p.stem for p in _run_files(out_dir)})
+    return sorted({arm_of_stem(p.stem) for p in _run_files(out_dir)})
 
 
 def _default_out(args: argparse.Namespace) -> Path:

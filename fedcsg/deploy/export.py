@@ -41,7 +41,7 @@ from torch import nn
 
 from fedcsg.data.registry import get_spec
 from fedcsg.deploy.on_device import COMPACT_FORMAT, check_finite, load_state, read_safetensors
-from fedcsg.fl.arms import MODELS
+from fedcsg.fl.arms import MODELS, arm_of_stem, file_stem
 from fedcsg.fl.checkpoint import read_state
 from fedcsg.fl.config import ModelSettings
 from fedcsg.fl.model_file import CHECKPOINT_FORMAT, FORMAT_VERSION, cpu_tensors
@@ -67,14 +67,16 @@ def recorded_run_config(run_dir: Path, arm: str | None) -> dict[str, Any] | None
     for sub in ("arms", "state"):
         records = sorted((run_dir / sub).glob("*.json"))
         if arm is not None:
-            records = [r for r in records if r.stem == arm]
+            records = [r for r in records if arm_of_stem(r.stem) == arm]
         if len(records) > 1:
-            names = [r.stem for r in records]
+            names = [arm_of_stem(r.stem) for r in records]
             raise ValueError(f"{run_dir / sub} holds arms {names}: say which with --arm ({', '.join(MODELS)})")
         if records:
-            document = read_arm_record(records[0]) if sub == "arms" else read_state(run_dir, records[0].stem)
+            document = (
+                read_arm_record(records[0]) if sub == "arms" else read_state(run_dir, arm_of_stem(records[0].stem))
+            )
             assert document is not None  # the state file exists
-            return {**document["config"], "arm": document.get("arm", records[0].stem)}
+            return {**document["config"], "arm": document.get("arm", arm_of_stem(records[0].stem))}
     return None
 
 
@@ -96,9 +98,9 @@ def _arm_naming(path: Path) -> str | None:
     if path.parent.name != STATE_DIR:
         return None
     for state in sorted(path.parent.glob("*.json")):
-        document = read_state(path.parent.parent, state.stem)
+        document = read_state(path.parent.parent, arm_of_stem(state.stem))
         if document is not None and document["weights"]["file"] == path.name:
-            return state.stem
+            return arm_of_stem(state.stem)
     return None
 
 
@@ -110,12 +112,14 @@ def _from_run_directory(run_dir: Path, arm: str | None) -> tuple[dict[str, torch
 
     states = sorted((run_dir / STATE_DIR).glob("*.json"))
     if arm is not None:
-        states = [s for s in states if s.stem == arm]
+        states = [s for s in states if arm_of_stem(s.stem) == arm]
     if not states:
         raise FileNotFoundError(f"no checkpoint {STATE_DIR}/{arm or '*'}.json in run directory {str(run_dir)!r}")
     if len(states) > 1:
-        raise ValueError(f"{run_dir} holds checkpoints of arms {[s.stem for s in states]}: say which with --arm")
-    checkpoint = load_run_checkpoint(run_dir, states[0].stem)
+        raise ValueError(
+            f"{run_dir} holds checkpoints of arms {[arm_of_stem(s.stem) for s in states]}: say which with --arm"
+        )
+    checkpoint = load_run_checkpoint(run_dir, arm_of_stem(states[0].stem))
     assert checkpoint is not None  # the state file exists
     tensors = {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in checkpoint.arrays.items()}
     return tensors, {**checkpoint.config, "arm": checkpoint.arm}
@@ -313,7 +317,7 @@ def default_output(checkpoint: Path, fmt: str, directory: Path | None = None, ar
     """``NAME.compact.safetensors``, ``NAME.pt`` or ``NAME.onnx`` beside the checkpoint (or in
     ``directory``); for a run directory, ``RUN/export/ARM.*``."""
     if checkpoint.is_dir():
-        return (directory or checkpoint / "export") / f"{arm}{SUFFIXES[fmt]}"
+        return (directory or checkpoint / "export") / f"{file_stem(arm)}{SUFFIXES[fmt]}"
     name = checkpoint.name.removesuffix(".safetensors") + SUFFIXES[fmt]
     return (directory or checkpoint.parent) / name
 

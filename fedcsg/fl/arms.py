@@ -1,8 +1,10 @@
-"""The arms of a comparison, defined once: ``MODEL[+CODEC]``.
+"""The arms of a comparison, defined once: ``MODEL[+UPCODEC][/DOWNLINK]``.
 
 The model part says how the network is parameterised and what its payload is
 (:mod:`fedcsg.fl.payload`); the codec part, if any, says how a client's update travels up
-(:mod:`fedcsg.fl.codecs`, :mod:`fedcsg.fl.uplink`).
+(:mod:`fedcsg.fl.codecs`, :mod:`fedcsg.fl.uplink`); the downlink part, if any, says how the global
+model travels down (:mod:`fedcsg.fl.downlink`). An arm that names no downlink uses the run-wide
+``downlink`` setting (default ``full``).
 
 Models
 ------
@@ -16,8 +18,16 @@ Models
 ``csg-frozen``
     The CSG model with the seeded random binary generator, which is never sent.
 
-Codecs (uplink only): ``fp16``, ``int8`` (stochastic rounding) and ``topk`` (with error feedback).
-``csg+int8`` is the CSG model whose clients send an int8-coded update.
+Uplink codecs: ``fp16``, ``int8`` (stochastic rounding) and ``topk`` (with error feedback).
+Downlinks: ``full``, ``fp16``, ``int8`` (blockwise, stateless), ``delta-int8`` and ``delta-topk``
+(compressed change of the model the clients hold, with error feedback on the server).
+
+``csg+int8`` is the CSG model whose clients send an int8-coded update (and receive the run-wide
+downlink); ``csg+int8/int8`` the same arm with a blockwise int8 downlink; ``fedavg/delta-int8`` the
+plain model with a full uplink and a delta downlink.
+
+Arm names are also file names (``arms/<arm>.json``, ``state/<arm>.json``): :func:`file_stem` spells
+the ``/`` as ``~`` there (``csg+int8~int8.json``) and :func:`arm_of_stem` reads it back.
 """
 
 from __future__ import annotations
@@ -27,19 +37,26 @@ from dataclasses import dataclass
 from fedcsg.fl.codecs import CODECS
 
 MODELS = ("fedavg", "fedpara", "csg", "csg-frozen")
+# The downlinks an arm may name (fedcsg.fl.downlink holds their code and imports this tuple).
+DOWNLINKS = ("full", "fp16", "int8", "delta-int8", "delta-topk")
 SEPARATOR = "+"
+DOWN_SEPARATOR = "/"
+STEM_DOWN_SEPARATOR = "~"  # how a file name spells DOWN_SEPARATOR
 
 
 @dataclass(frozen=True)
 class Arm:
-    """One arm: a model part (one of :data:`MODELS`) and an optional uplink codec (one of :data:`CODECS`)."""
+    """One arm: a model part (one of :data:`MODELS`), an optional uplink codec (one of
+    :data:`CODECS`) and an optional downlink (one of :data:`DOWNLINKS`; "" = the run's default)."""
 
     model: str
     codec: str = ""
+    downlink: str = ""
 
     @property
     def name(self) -> str:
-        return f"{self.model}{SEPARATOR}{self.codec}" if self.codec else self.model
+        name = f"{self.model}{SEPARATOR}{self.codec}" if self.codec else self.model
+        return f"{name}{DOWN_SEPARATOR}{self.downlink}" if self.downlink else name
 
     @classmethod
     def parse(cls, name: str) -> Arm:
@@ -50,17 +67,28 @@ class Arm:
         ValueError
             One line naming the bad arm and what is accepted.
         """
-        model, _, codec = str(name).strip().partition(SEPARATOR)
-        if model not in MODELS or (SEPARATOR in str(name) and codec not in CODECS):
+        text = str(name).strip()
+        head, down_sep, downlink = text.partition(DOWN_SEPARATOR)
+        model, up_sep, codec = head.partition(SEPARATOR)
+        if model not in MODELS or (up_sep and codec not in CODECS) or (down_sep and downlink not in DOWNLINKS):
             raise ValueError(
-                f"unknown arm {name!r}: accepted are MODEL or MODEL+CODEC with MODEL one of "
-                f"{', '.join(MODELS)} and CODEC one of {', '.join(CODECS)} (e.g. csg+int8)"
+                f"unknown arm {name!r}: accepted are MODEL[+UPCODEC][/DOWNLINK] with MODEL one of "
+                f"{', '.join(MODELS)}, UPCODEC one of {', '.join(CODECS)} and DOWNLINK one of "
+                f"{', '.join(DOWNLINKS)} (e.g. csg+int8/int8, fedavg/delta-int8)"
             )
-        return cls(model, codec)
+        return cls(model, codec, downlink)
+
+    def downlink_or(self, default: str) -> str:
+        """The downlink this arm uses when the run-wide setting is ``default``."""
+        return self.downlink or default
 
     @property
-    def sort_key(self) -> tuple[int, int]:
-        return MODELS.index(self.model), (CODECS.index(self.codec) + 1) if self.codec else 0
+    def sort_key(self) -> tuple[int, int, int]:
+        return (
+            MODELS.index(self.model),
+            (CODECS.index(self.codec) + 1) if self.codec else 0,
+            (DOWNLINKS.index(self.downlink) + 1) if self.downlink else 0,
+        )
 
 
 def check_arm(name: str) -> str:
@@ -74,8 +102,26 @@ def model_part(name: str) -> str:
 
 
 def all_arms() -> list[str]:
-    """Every arm: each model alone, then with each codec."""
+    """Every one-way arm: each model alone, then with each uplink codec (downlink: the run's)."""
     return [Arm(m, c).name for m in MODELS for c in ("", *CODECS)]
+
+
+TWO_WAY = (("int8", "int8"), ("int8", "delta-int8"), ("topk", "delta-topk"))  # what `fedcsg bytes` lists
+
+
+def two_way_arms() -> list[str]:
+    """The arms compressed both ways that ``fedcsg bytes`` lists: each model with :data:`TWO_WAY`."""
+    return [Arm(m, up, down).name for m in MODELS for up, down in TWO_WAY]
+
+
+def file_stem(name: str) -> str:
+    """The file-name form of an arm (``csg+int8/int8`` -> ``csg+int8~int8``)."""
+    return str(name).replace(DOWN_SEPARATOR, STEM_DOWN_SEPARATOR)
+
+
+def arm_of_stem(stem: str) -> str:
+    """The arm a file name's stem spells (inverse of :func:`file_stem`)."""
+    return str(stem).replace(STEM_DOWN_SEPARATOR, DOWN_SEPARATOR)
 
 
 def arm_order(names: list[str]) -> list[str]:

@@ -2,7 +2,8 @@
 
 After every round (round 0, the initial model, included) the ServerApp writes, for its arm::
 
-    DIR/state/<arm>-round-NNNN.safetensors   the global payload after round NNNN (safetensors, never pickle)
+    DIR/state/<arm>-round-NNNN.safetensors   the global payload after round NNNN (safetensors, never pickle),
+                                             and a delta downlink's x̂ under keys ``x-hat:KEY``
     DIR/state/<arm>.json                     round, config and its hash, strategy state, RNG states, the round
                                              records so far, and the size and sha256 of the weights file
 
@@ -29,12 +30,14 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from fedcsg.fl.arms import file_stem
 from fedcsg.fl.payload import PayloadLayout, check_record
 from fedcsg.fl.records import ROUND_SCHEMA
 from fedcsg.io import DIGEST_KEY, atomic_write_bytes, atomic_write_text, check_schema, strict_json, tensors_digest
 
 STATE_DIR = "state"
 FORMAT = 1
+X_HAT_PREFIX = "x-hat:"  # keys of a delta downlink's x̂ in the weights file (fedcsg.fl.downlink)
 STATE_SCHEMA = {  # the state JSON's fields and their JSON types (fedcsg.io.check_schema)
     "format": int,
     "arm": str,
@@ -65,14 +68,15 @@ class Checkpoint:
     rng: dict[str, Any]
     resumed_from: list[int]
     weights_path: Path
+    downlink_arrays: ArrayRecord | None = None  # a delta downlink's x̂
 
 
 def state_path(out_dir: Path, arm: str) -> Path:
-    return Path(out_dir) / STATE_DIR / f"{arm}.json"
+    return Path(out_dir) / STATE_DIR / f"{file_stem(arm)}.json"
 
 
 def weights_path(out_dir: Path, arm: str, server_round: int) -> Path:
-    return Path(out_dir) / STATE_DIR / f"{arm}-round-{server_round:04d}.safetensors"
+    return Path(out_dir) / STATE_DIR / f"{file_stem(arm)}-round-{server_round:04d}.safetensors"
 
 
 def config_hash(identity: dict[str, Any]) -> str:
@@ -115,12 +119,16 @@ def save_checkpoint(
     identity: dict[str, Any],
     strategy: dict[str, Any],
     resumed_from: list[int] | None = None,
+    downlink_arrays: ArrayRecord | None = None,
 ) -> Path:
-    """Write the checkpoint of ``arm`` after ``server_round``; returns the state JSON's path."""
+    """Write the checkpoint of ``arm`` after ``server_round`` (with a delta downlink's x̂,
+    ``downlink_arrays``, if any); returns the state JSON's path."""
     from safetensors.numpy import save
 
-    keys = list(arrays.keys())
-    tensors = {key: np.ascontiguousarray(arrays[key].numpy()) for key in keys}
+    tensors = {key: np.ascontiguousarray(arrays[key].numpy()) for key in arrays.keys()}
+    for key, array in (downlink_arrays or ArrayRecord()).items():
+        tensors[X_HAT_PREFIX + key] = np.ascontiguousarray(array.numpy())
+    keys = list(tensors)
     data = save(tensors, metadata={"arm": arm, DIGEST_KEY: tensors_digest(tensors)})
     weights = weights_path(out_dir, arm, server_round)
     atomic_write_bytes(weights, data)
@@ -144,11 +152,12 @@ def save_checkpoint(
     }
     path = state_path(out_dir, arm)
     atomic_write_text(path, strict_json(document))
-    for stale in path.parent.glob(f"{arm}-round-*.safetensors"):
+    stem = file_stem(arm)
+    for stale in path.parent.glob(f"{stem}-round-*.safetensors"):
         if stale != weights:
             stale.unlink(missing_ok=True)
-    for torn in path.parent.glob(f".{arm}[.-]*.tmp"):  # left by a write that a kill interrupted
-        if torn.name.startswith((f".{arm}.json.", f".{arm}-round-")):
+    for torn in path.parent.glob(f".{stem}[.-]*.tmp"):  # left by a write that a kill interrupted
+        if torn.name.startswith((f".{stem}.json.", f".{stem}-round-")):
             torn.unlink(missing_ok=True)
     return path
 
@@ -232,7 +241,9 @@ def load_checkpoint(out_dir: Path, arm: str, layout: PayloadLayout | None = None
         )
     if hashlib.sha256(data).hexdigest() != document["weights"]["sha256"]:
         raise ValueError(f"checkpoint weights {str(weights)!r} are damaged: sha256 differs from the recorded one")
-    arrays = parse_weights(data, weights, list(document["weights"]["keys"]))
+    everything = parse_weights(data, weights, list(document["weights"]["keys"]))
+    arrays = ArrayRecord({k: a for k, a in everything.items() if not k.startswith(X_HAT_PREFIX)})
+    x_hat = {k.removeprefix(X_HAT_PREFIX): a for k, a in everything.items() if k.startswith(X_HAT_PREFIX)}
     if layout is not None:
         try:
             check_record(arrays, layout)
@@ -250,6 +261,7 @@ def load_checkpoint(out_dir: Path, arm: str, layout: PayloadLayout | None = None
         rng=dict(document["rng"]),
         resumed_from=list(document.get("resumed_from", [])),
         weights_path=weights,
+        downlink_arrays=ArrayRecord(x_hat) if x_hat else None,
     )
 
 

@@ -7,7 +7,9 @@ It only trains: evaluation is server-side, on the test split (the strategy sends
 messages). An arm with a codec (``csg+int8``) replies with its encoded update
 (:class:`~fedcsg.fl.uplink.Uplink`); a codec with error feedback keeps the part it did not send
 in the node's ``Context.state`` and adds it to its next update. That residual lives as long as
-the node's context: a resumed run starts it again from zero.
+the node's context: a resumed run starts it again from zero. An arm with a delta downlink
+(``csg+int8/delta-int8``) keeps the model it holds, x̂, in ``Context.state`` too
+(:func:`fedcsg.fl.downlink.receive`), and its reply says which version it holds.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from fedcsg.fl.config import RunConfig
+from fedcsg.fl.downlink import VERSION_KEY, Downlink, receive
 from fedcsg.fl.payload import PayloadLayout, load_payload, model_payload
 from fedcsg.fl.ray_cluster import PLACEMENT, placement_record
 from fedcsg.fl.task import (
@@ -31,7 +34,7 @@ from fedcsg.fl.task import (
     local_train,
     payload_layout,
 )
-from fedcsg.fl.uplink import Uplink, restore_downlink
+from fedcsg.fl.uplink import Uplink
 from fedcsg.nn.training import get_device
 
 app = ClientApp()
@@ -105,7 +108,9 @@ def train(msg: Message, context: Context) -> Message:
         )
     device = get_device(cfg.device)
     model, layout = _model_and_layout(cfg)
-    received = restore_downlink(msg.content["arrays"], layout)
+    downlink = Downlink.of_config(cfg, layout)
+    # A delta downlink's x̂ lives in context.state; out of sync, this raises and the round fails.
+    received = receive(downlink, msg.content["arrays"], config, context.state, f"{cfg.arm}:{cfg.seed}")
     load_payload(model, received, layout)
     stats = local_train(
         model,
@@ -126,6 +131,7 @@ def train(msg: Message, context: Context) -> Message:
             "train-accuracy": stats.accuracy,
             "train-seconds": stats.seconds,
             "partition-id": partition_id,
+            **({VERSION_KEY: int(config[VERSION_KEY])} if downlink.is_delta else {}),
         }
     )
     arrays, residual = Uplink(layout, cfg.codec).encode(

@@ -83,7 +83,7 @@ class Codec:
         if self.name == "fp16":
             return {"fp16": delta.astype(np.float16)}
         if self.name == "int8":
-            return _int8_encode(delta, segments, rng)
+            return int8_quantize(delta, segments, rng)
         k = self.k(delta.size)
         index = np.sort(np.argpartition(-np.abs(delta), k - 1)[:k]) if k else np.zeros(0, dtype=np.int64)
         dtype = self.specs(delta.size, segments)["index"][1]
@@ -94,8 +94,7 @@ class Codec:
         if self.name == "fp16":
             return arrays["fp16"].astype(np.float64)
         if self.name == "int8":
-            scales = np.repeat(arrays["scale"].astype(np.float64), segments)
-            return arrays["int8"].astype(np.float64) * scales
+            return int8_dequantize(arrays, segments)
         index = arrays["index"]
         if index.size and (index.min() < 0 or index.max() >= size or np.any(np.diff(index) <= 0)):
             raise ValueError("topk indices are not strictly increasing positions inside the delta")
@@ -104,14 +103,38 @@ class Codec:
         return out
 
 
-def _int8_encode(delta: np.ndarray, segments: Sequence[int], rng: np.random.Generator) -> dict[str, np.ndarray]:
-    bounds = np.cumsum([0, *segments])
-    peaks = np.array([np.abs(delta[a:b]).max(initial=0.0) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+def block_lengths(segments: Sequence[int], block: int = 0) -> list[int]:
+    """The lengths of the quantization blocks of values made of ``segments``: each segment cut into
+    blocks of ``block`` values (its last block shorter), or whole (``block`` 0: one block a segment).
+    Blocks never straddle two segments (two state-dict entries)."""
+    if block <= 0:
+        return list(segments)
+    lengths: list[int] = []
+    for n in segments:
+        lengths += [block] * (n // block) + ([n % block] if n % block else [])
+    return lengths
+
+
+def int8_quantize(
+    values: np.ndarray, blocks: Sequence[int], rng: np.random.Generator | None = None
+) -> dict[str, np.ndarray]:
+    """Absolute int8 quantization of flat ``values`` in ``blocks`` (lengths): per block a float32
+    scale ``max|v| / 127`` and int8 ``q``, rounded stochastically with ``rng`` (unbiased:
+    ``E[q * scale] = v``, error below one step) or to the nearest level without (error at most half
+    a step). Decoded by :func:`int8_dequantize`."""
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    bounds = np.cumsum([0, *blocks])
+    peaks = np.array([np.abs(values[a:b]).max(initial=0.0) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
     scales = (peaks / INT8_LEVELS).astype(np.float32)
-    step = np.repeat(scales.astype(np.float64), segments)
-    scaled = np.divide(delta, step, out=np.zeros_like(delta), where=step > 0)
-    q = np.floor(scaled + rng.random(delta.size))
+    step = np.repeat(scales.astype(np.float64), blocks)
+    scaled = np.divide(values, step, out=np.zeros_like(values), where=step > 0)
+    q = np.floor(scaled + rng.random(values.size)) if rng is not None else np.rint(scaled)
     return {"int8": np.clip(q, -INT8_LEVELS, INT8_LEVELS).astype(np.int8), "scale": scales}
+
+
+def int8_dequantize(arrays: dict[str, np.ndarray], blocks: Sequence[int]) -> np.ndarray:
+    """The float64 values :func:`int8_quantize` encoded in ``blocks``."""
+    return arrays["int8"].astype(np.float64) * np.repeat(arrays["scale"].astype(np.float64), blocks)
 
 
 def encode_with_feedback(

@@ -24,7 +24,7 @@ from torch import nn
 from fedcsg.data.partitions import SCHEMES as PARTITION_SCHEMES
 from fedcsg.data.registry import DATASETS as DATASET_SPECS
 from fedcsg.data.registry import get_spec
-from fedcsg.fl.arms import Arm, check_arm
+from fedcsg.fl.arms import DOWNLINKS, Arm, check_arm
 from fedcsg.fl.codecs import Codec
 from fedcsg.nn.csg import AGGREGATIONS as CSG_AGGREGATIONS
 from fedcsg.nn.csg import INITS as CSG_INITS
@@ -44,7 +44,7 @@ FAILED_ROUND_POLICIES = ("skip", "retry")  # fewer accepted replies than the min
 NOT_IDENTITY_KEYS = ("out-dir", "arms", "resume", "seeds", "ray-address")
 # Keys added after runs were first checkpointed, whose default is what every earlier run did: they enter
 # a run's identity only when set otherwise, so a run checkpointed before they existed can still resume.
-IDENTITY_ONLY_OFF_DEFAULT = ("fedpara-ratio", "topk-fraction", "downlink")
+IDENTITY_ONLY_OFF_DEFAULT = ("fedpara-ratio", "topk-fraction", "downlink", "downlink-topk-fraction")
 POSITIVE_INTS = (
     "code_dim",
     "pointwise_code_dim",
@@ -240,9 +240,11 @@ class RunConfig:
     csg_init: str = "kaiming"  # kaiming: generated filters start at std sqrt(2/fan_in); paper: codes N(0.001, 1)
     csg_aggregation: str = "factors"  # factors: average generator and codes; alternate: one factor per round
     fedpara_ratio: float = FEDPARA_RATIO  # fedpara's rank between its minimum (0) and the plain conv's size (1)
-    # Traffic: an arm MODEL+CODEC sends its update through the codec; the downlink applies to every arm
+    # Traffic: an arm MODEL+CODEC sends its update through the codec; MODEL[+CODEC]/DOWNLINK receives the
+    # global model through DOWNLINK, an arm that names none through `downlink`
     topk_fraction: float = 0.01  # topk codec: the fraction of the update's entries sent
-    downlink: str = "full"  # full: the global payload as it is; fp16: its float entries as float16
+    downlink: str = "full"  # full, fp16, int8 (blockwise), delta-int8, delta-topk (fedcsg.fl.downlink)
+    downlink_topk_fraction: float = 0.05  # delta-topk downlink: the fraction of the model's change sent
     # Data and partitions
     dataset: str = "cifar10"
     data_dir: str = ""  # "" = $FEDCSG_DATA_DIR, else the hub
@@ -297,7 +299,6 @@ class RunConfig:
         from fedcsg.fl.payload import PACKINGS
         from fedcsg.fl.ray_cluster import check_address as check_ray_address
         from fedcsg.fl.server_opt import SERVER_OPTIMIZERS
-        from fedcsg.fl.uplink import DOWNLINKS
 
         for name in POSITIVE_INTS:
             if getattr(self, name) <= 0:
@@ -338,7 +339,7 @@ class RunConfig:
         SliceShape.parse(self.slice)
         if self.pointwise_slice:
             SliceShape.parse(self.pointwise_slice)
-        for name in ("fraction_train", "topk_fraction", "target_accuracy"):
+        for name in ("fraction_train", "topk_fraction", "downlink_topk_fraction", "target_accuracy"):
             value = getattr(self, name)
             if not 0 < value <= 1:
                 raise ValueError(f"{_kebab(name)} = {value!r} is not accepted: a number in (0, 1] is")
@@ -388,6 +389,11 @@ class RunConfig:
         """The uplink codec of this run's arm (``csg+int8``: int8), None for an arm without one."""
         name = Arm.parse(self.arm).codec
         return Codec(name, self.topk_fraction) if name else None
+
+    @property
+    def downlink_mode(self) -> str:
+        """The downlink of this run's arm: the one it names (``csg+int8/int8``: int8), else ``downlink``."""
+        return Arm.parse(self.arm).downlink_or(self.downlink)
 
     @property
     def data_settings(self) -> DataSettings:

@@ -146,6 +146,28 @@ def check_specs(record: ArrayRecord, expected: dict[str, tuple[tuple[int, ...], 
             )
 
 
+def flat_floats(record: ArrayRecord, layout: PayloadLayout) -> np.ndarray:
+    """The floating entries of a payload record, concatenated in payload order (float64)."""
+    state = layout.unpack(record)
+    parts = [state[e.key].reshape(-1).to(torch.float64).numpy() for e in layout.floating]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def assemble(layout: PayloadLayout, plain: ArrayRecord, floats: np.ndarray) -> ArrayRecord:
+    """The payload whose floating entries are ``floats`` (float64, in payload order, cast to each
+    entry's dtype) and whose other entries are ``plain``'s (a record holding at least those keys)."""
+    specs = layout.array_specs()
+    floating = set(layout.floating_keys())
+    filler = {k: Array(np.zeros(shape, dtype=dtype)) for k, (shape, dtype) in specs.items() if k in floating}
+    state = layout.unpack(ArrayRecord({k: filler[k] if k in floating else plain[k] for k in specs}))
+    offset = 0
+    for entry in layout.floating:
+        part = torch.from_numpy(np.ascontiguousarray(floats[offset : offset + entry.numel]))
+        state[entry.key] = part.view(entry.shape).to(entry.dtype)
+        offset += entry.numel
+    return layout.pack(state)
+
+
 def model_payload(model: nn.Module, layout: PayloadLayout) -> ArrayRecord:
     return layout.pack(model.state_dict())
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedcsg.fl.arms import file_stem
 from fedcsg.io import atomic_write_text, check_schema, read_json_object, strict_json
 
 BYTE_FIELDS = ("payload_up", "payload_down", "wire_up", "wire_down")
@@ -42,7 +43,9 @@ class RoundRecord:
     is ``initial`` (round 0), ``ok``, or ``failed`` when fewer
     than the minimum of replies were accepted in every attempt and the global model was kept;
     ``first_error`` is the first client failure or rejection of the round, on one line (None if none).
-    ``started`` (when the round began, ``time.perf_counter``) is not recorded.
+    ``resynced`` counts the sampled nodes of a delta downlink that were sent x̂ in full (not known
+    to hold the previous one) and ``wire_down_resync`` their share of ``wire_down``; the in-sync
+    nodes' share is the rest. ``started`` (when the round began, ``time.perf_counter``) is not recorded.
     """
 
     round: int
@@ -65,6 +68,8 @@ class RoundRecord:
     payload_down: int = 0
     wire_up: int = 0
     wire_down: int = 0
+    resynced: int = 0
+    wire_down_resync: int = 0
     cum_payload_up: int = 0
     cum_payload_down: int = 0
     cum_wire_up: int = 0
@@ -182,7 +187,7 @@ class ArmRecorder:
     """Collects one arm's round records and rewrites ``DIR/arms/<arm>.json`` after each round."""
 
     def __init__(self, out_dir: Path, arm: str, config: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
-        self.path = Path(out_dir) / "arms" / f"{arm}.json"
+        self.path = Path(out_dir) / "arms" / f"{file_stem(arm)}.json"
         self.arm = arm
         self.config = config
         self.extra = extra or {}

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fedcsg.fl.arms import MODELS, Arm, arm_order
+from fedcsg.fl.arms import MODELS, Arm, arm_of_stem, arm_order
 from fedcsg.fl.records import ROUND_FIELDS, holds_arms, read_arm_record, seed_dirs_in
 from fedcsg.io import atomic_write_text, strict_json
 
@@ -36,7 +36,7 @@ def load_results(out_dir: Path) -> dict[str, Any]:
         raise FileNotFoundError(
             f"no arm results in {str(Path(out_dir) / 'arms')!r}: run `fedcsg run` or `compare` first"
         )
-    arms = {path.stem: read_arm_record(path) for path in arm_files}
+    arms = {arm_of_stem(path.stem): read_arm_record(path) for path in arm_files}
     order = arm_order(list(arms))
     first = arms[order[0]]
     config = {k: v for k, v in first["config"].items() if k != "arm"}
@@ -78,6 +78,16 @@ def node_download_bytes(bundle_bytes: int | None, rounds: list[dict[str, Any]]) 
     return bundle_bytes + sum(round(r["wire_down"] / r["sampled"]) for r in rounds if r["sampled"])
 
 
+def directions(arm: str, config: dict[str, Any]) -> tuple[str, str]:
+    """(uplink, downlink) of an arm as it ran: its codec (``full`` without one) and its downlink (the
+    one it names, else the run's ``downlink``); ``?`` for a name that is not an arm."""
+    try:
+        parsed = Arm.parse(arm)
+    except ValueError:
+        return "?", "?"
+    return parsed.codec or "full", parsed.downlink_or(str(config.get("downlink", "full")))
+
+
 def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per-arm figures of the report (see :func:`write_report`).
 
@@ -98,7 +108,10 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         last = rounds[-1]
         reached = _first_reaching(rounds, target)
         matched = _first_reaching(rounds, match) if match is not None else None
+        up, down = directions(arm, data.get("config", {}))
         summary[arm] = {
+            "uplink": up,
+            "downlink": down,
             "rounds": len(rounds),
             "final_accuracy": last["test_accuracy"],
             "best_accuracy": max(accuracies),
@@ -118,6 +131,8 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "failed_rounds": sum(r.get("status") == "failed" for r in rounds),
             "failed_replies": sum(r.get("failed") or 0 for r in rounds),
             "rejected_replies": sum(r.get("rejected") or 0 for r in rounds),
+            "resynced": sum(r.get("resynced") or 0 for r in rounds),
+            "wire_down_resync": sum(r.get("wire_down_resync") or 0 for r in rounds),
             "bundle_bytes": data.get("bundle_bytes"),
             "node_download_bytes": node_download_bytes(data.get("bundle_bytes"), rounds),
         }
@@ -127,6 +142,10 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
             figures["upload_ratio_vs_fedavg"] = _ratio(base["wire_up_per_round"], figures["wire_up_per_round"])
             figures["total_ratio_vs_fedavg"] = _ratio(base["total_wire_bytes"], figures["total_wire_bytes"])
     return summary
+
+
+def _resync(s: dict[str, Any]) -> str:
+    return f"{s['resynced']} ({_mb(s['wire_down_resync'])})" if s["resynced"] else "-"
 
 
 def _ratio(base: float | None, value: float | None) -> float | None:
@@ -225,18 +244,24 @@ def _report_markdown(results: dict[str, Any], summary: dict[str, dict[str, Any]]
         "seed: byte counts are exact, but a difference of a few points between arms can be noise (`--seeds 0,1,2` "
         "gives the spread).",
         "",
-        "| arm | final acc | best acc | payload up / round | payload down / round | wire up / round | "
-        "wire down / round | total wire | upload ratio vs fedavg | total ratio vs fedavg | "
+        "*up* / *down* say how each arm's updates and global model travelled (fedcsg.fl.codecs, "
+        "fedcsg.fl.downlink). *Resynced* counts the messages of a delta downlink that carried the model in full "
+        "(a node not known to hold the previous one) and their wire bytes, over the run; results.csv has them "
+        "per round (`resynced`, `wire_down_resync`; the in-sync share is `wire_down - wire_down_resync`).",
+        "",
+        "| arm | up | down | final acc | best acc | payload up / round | payload down / round | wire up / round | "
+        "wire down / round | resynced | total wire | upload ratio vs fedavg | total ratio vs fedavg | "
         f"wire bytes to {first['target_accuracy']:.0%} acc | wire bytes to fedavg - 1 pt | seconds |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | --- |" + " ---: |" * 13,
     ]
     for arm, s in summary.items():
         up_ratio, total_ratio = _times(s.get("upload_ratio_vs_fedavg")), _times(s.get("total_ratio_vs_fedavg"))
         match = _reach(s["wire_bytes_to_match"], s["round_to_match"]) if s["match_accuracy"] is not None else "-"
         lines.append(
-            f"| {arm} | {s['final_accuracy']:.4f} | {s['best_accuracy']:.4f} | {_mb(s['payload_up_per_round'])} | "
-            f"{_mb(s['payload_down_per_round'])} | {_mb(s['wire_up_per_round'])} | {_mb(s['wire_down_per_round'])} | "
-            f"{_mb(s['total_wire_bytes'])} | {up_ratio} | {total_ratio} | "
+            f"| {arm} | {s['uplink']} | {s['downlink']} | {s['final_accuracy']:.4f} | {s['best_accuracy']:.4f} | "
+            f"{_mb(s['payload_up_per_round'])} | {_mb(s['payload_down_per_round'])} | {_mb(s['wire_up_per_round'])} | "
+            f"{_mb(s['wire_down_per_round'])} | {_resync(s)} | {_mb(s['total_wire_bytes'])} | {up_ratio} | "
+            f"{total_ratio} | "
             f"{_reach(s['wire_bytes_to_target'], s['round_to_target'])} | {match} | {s['seconds']:.1f} |"
         )
     goal_target, goal_match = _goal_names(first["target_accuracy"], first["match_accuracy"])
@@ -427,15 +452,21 @@ def _seeds_markdown(config: dict[str, Any], per_seed: dict[int, dict[str, Any]],
 
 
 CODEC_LINESTYLES = {"": "-", "fp16": "--", "int8": ":", "topk": "-."}
+DOWNLINK_MARKERS = {"": "o", "full": "o", "fp16": "s", "int8": "^", "delta-int8": "v", "delta-topk": "D"}
 
 
 def _style(arm: str) -> dict[str, Any]:
-    """One colour per model, one line style per codec, so ``csg`` and ``csg+int8`` read as kin."""
+    """One colour per model, one line style per codec and one marker per downlink, so ``csg``,
+    ``csg+int8`` and ``csg+int8/int8`` read as kin."""
     try:
         parsed = Arm.parse(arm)
     except ValueError:  # an older run's arm name
-        return {}
-    return {"color": f"C{MODELS.index(parsed.model)}", "linestyle": CODEC_LINESTYLES[parsed.codec]}
+        return {"marker": "o"}
+    return {
+        "color": f"C{MODELS.index(parsed.model)}",
+        "linestyle": CODEC_LINESTYLES[parsed.codec],
+        "marker": DOWNLINK_MARKERS[parsed.downlink],
+    }
 
 
 def _plots(per_seed: dict[int, dict[str, Any]], arms: list[str], title: str, out_dir: Path) -> None:
@@ -461,7 +492,7 @@ def _plots(per_seed: dict[int, dict[str, Any]], arms: list[str], title: str, out
                 for r, recs in rounds.items()
             ]
             accs = [[x["test_accuracy"] for x in recs] for recs in rounds.values()]
-            (line,) = ax.plot(xs, [sum(a) / len(a) for a in accs], marker="o", markersize=3, label=arm, **_style(arm))
+            (line,) = ax.plot(xs, [sum(a) / len(a) for a in accs], markersize=3, label=arm, **_style(arm))
             if several:
                 ax.fill_between(xs, [min(a) for a in accs], [max(a) for a in accs], color=line.get_color(), alpha=0.2)
         if by_bytes:

@@ -14,8 +14,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
+from fedcsg.fl.arms import file_stem
 from fedcsg.fl.checkpoint import Checkpoint, config_hash, load_checkpoint, save_checkpoint, set_rng_state
 from fedcsg.fl.config import RunConfig
+from fedcsg.fl.downlink import Downlink
 from fedcsg.fl.model_file import save_global_model
 from fedcsg.fl.payload import PayloadLayout, load_payload, model_payload
 from fedcsg.fl.records import ArmRecorder, RoundRecord, check_trained
@@ -104,7 +106,7 @@ def build_strategy(cfg: RunConfig, layout: PayloadLayout, model: nn.Module | Non
         mask_fn=optimizer_mask_fn(cfg, model, layout),
         round_config_fn=lambda server_round: {TRAIN_FACTOR_KEY: factor_of(server_round)},
         uplink=Uplink(layout, cfg.codec),
-        downlink=cfg.downlink,
+        downlink=Downlink.of_config(cfg, layout),
         **sampling(cfg),
     )
 
@@ -204,7 +206,7 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress: Callable
     recorder = arm_recorder(cfg, out_dir, model, layout, resumed_from, bundle_download_bytes(grid.run))
     if checkpoint is not None:
         recorder.rounds = [dict(r) for r in checkpoint.rounds]
-        strategy.load_state_dict(checkpoint.strategy)
+        strategy.load_state_dict(checkpoint.strategy, checkpoint.downlink_arrays)
         set_rng_state(checkpoint.rng)
         progress(f"[{cfg.arm}] resuming after round {checkpoint.round}/{cfg.num_rounds} from {checkpoint.weights_path}")
     started = time.perf_counter()
@@ -234,6 +236,7 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress: Callable
             identity=cfg.identity(),
             strategy=strategy.state_dict(),
             resumed_from=resumed_from,
+            downlink_arrays=strategy.downlink_arrays(),
         )
 
     first_round = checkpoint.round + 1 if checkpoint else 1
@@ -252,7 +255,7 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress: Callable
         round_end_fn=round_end_fn,
     )
     # The final global model, with its settings in the metadata: `fedcsg export --checkpoint` reads it.
-    save_global_model(out_dir, cfg, result.arrays, name=f"model-{cfg.arm}.safetensors")
+    save_global_model(out_dir, cfg, result.arrays, name=f"model-{file_stem(cfg.arm)}.safetensors")
     return recorder.rounds
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import tomli_w
 
+from fedcsg.fl.arms import file_stem
 from fedcsg.fl.config import RunConfig
 from fedcsg.fl.ray_cluster import init_args, interruptible
 from fedcsg.fl.task import partition_rows
@@ -141,5 +142,5 @@ def simulate(runs: Sequence[RunConfig], *, verbose: bool = False) -> None:
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
         )
     for cfg in runs:
-        if not (Path(cfg.out_dir) / "arms" / f"{cfg.arm}.json").is_file():
+        if not (Path(cfg.out_dir) / "arms" / f"{file_stem(cfg.arm)}.json").is_file():
             raise RuntimeError(f"the simulation of arm {cfg.arm!r} ended without results (see the log above)")

@@ -19,12 +19,13 @@ from flwr.serverapp.strategy import FedAvg, Result
 from flwr.supercore import log
 
 from fedcsg.fl.config import FAILED_ROUND_POLICIES
+from fedcsg.fl.downlink import Broadcaster, Downlink
 from fedcsg.fl.payload import PayloadLayout, check_specs, weighted_average
 from fedcsg.fl.ray_cluster import reported_node
 from fedcsg.fl.records import RoundRecord
 from fedcsg.fl.server_opt import Mask, ServerOptimizer
 from fedcsg.fl.traffic import accounted_wire_bytes, payload_bytes
-from fedcsg.fl.uplink import Uplink, check_downlink, downlink_record, restore_downlink
+from fedcsg.fl.uplink import Uplink
 
 WEIGHT_KEY = "num-examples"
 TRAIN_METRICS = ("train-loss", "train-accuracy", "train-seconds")  # what aggregate_train_metrics reads
@@ -144,7 +145,9 @@ class CSGFedAvg(FedAvg):
         reply is an encoded update, checked as strictly and decoded against the payload the
         client received before it is averaged.
     downlink
-        ``full`` (the global payload as it is) or ``fp16`` (its float entries as float16).
+        How the global payload travels down (:class:`~fedcsg.fl.downlink.Downlink`; default: as it
+        is); a lossy one moves the server's full-precision model by the clients' average update,
+        a delta one keeps x̂ and resyncs in full the nodes not known to hold it.
     lr_fn
         Learning rate of a round (``server_round -> lr``), sent in the train config.
     seed
@@ -183,7 +186,7 @@ class CSGFedAvg(FedAvg):
         mask_fn: Callable[[int], Mask] | None = None,
         round_config_fn: Callable[[int], dict[str, Any]] | None = None,
         uplink: Uplink | None = None,
-        downlink: str = "full",
+        downlink: Downlink | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         if failed_round not in FAILED_ROUND_POLICIES:
@@ -197,8 +200,11 @@ class CSGFedAvg(FedAvg):
         self.uplink = uplink or Uplink(layout)
         if self.uplink.layout != layout:
             raise ValueError("the uplink's payload layout is not the strategy's")
-        self.downlink = downlink
-        check_downlink(downlink)
+        # -- downlink (fedcsg.fl.downlink): what each node is sent, x̂ and who holds it --------------
+        self.broadcaster = Broadcaster(downlink or Downlink(layout))
+        if self.broadcaster.downlink.layout != layout:
+            raise ValueError("the downlink's payload layout is not the strategy's")
+        self.server_arrays: ArrayRecord | None = None  # the server's own global payload of this round
         self.lr_fn = lr_fn
         self.seed = seed
         self.min_replies = max(1, min_replies)
@@ -224,9 +230,16 @@ class CSGFedAvg(FedAvg):
         state: dict[str, Any] = {"failed_rounds": sorted(r for r, t in self.traffic.items() if t.status == "failed")}
         if self.server_optimizer.stateful:
             state["server_optimizer"] = self.server_optimizer.state_dict()
+        if self.broadcaster.downlink.is_delta:  # x̂ itself: downlink_arrays()
+            state["downlink"] = self.broadcaster.state_dict()
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def downlink_arrays(self) -> ArrayRecord | None:
+        """The arrays a checkpoint keeps beside the global payload: a delta downlink's x̂, else None."""
+        return self.broadcaster.state_arrays()
+
+    def load_state_dict(self, state: dict[str, Any], downlink_arrays: ArrayRecord | None = None) -> None:
+        self.broadcaster.load_state(state.get("downlink", {}), downlink_arrays)
         for server_round in state.get("failed_rounds", []):
             self.traffic.setdefault(int(server_round), RoundRecord(int(server_round), status="failed"))
         if self.server_optimizer.stateful:
@@ -261,8 +274,8 @@ class CSGFedAvg(FedAvg):
         traffic = self._round_traffic(server_round)
         attempt = traffic.attempts
         traffic.attempts += 1
-        sent = downlink_record(arrays, self.downlink)
-        self.global_arrays = arrays if sent is arrays else restore_downlink(sent, self.layout)
+        self.server_arrays = arrays
+        self.global_arrays = self.broadcaster.prepare(arrays)
         if self.fraction_train == 0.0:
             self._sent[server_round] = []
             return []
@@ -279,12 +292,20 @@ class CSGFedAvg(FedAvg):
                 **(self.round_config_fn(server_round) if self.round_config_fn else {}),
             }
         )
-        record = RecordDict({self.arrayrecord_key: sent, self.configrecord_key: round_config})
-        messages = list(self._construct_messages(record, node_ids, MessageType.TRAIN))
+        messages = []
+        for group in self.broadcaster.groups(node_ids):
+            config_of_group = ConfigRecord({**round_config, **group.config})
+            record = RecordDict({self.arrayrecord_key: group.record, self.configrecord_key: config_of_group})
+            sent = list(self._construct_messages(record, group.nodes, MessageType.TRAIN))
+            wire = sum(accounted_wire_bytes(m) for m in sent)
+            traffic.payload_down += payload_bytes(group.record) * len(sent)
+            traffic.wire_down += wire
+            if group.resync:
+                traffic.resynced += len(sent)
+                traffic.wire_down_resync += wire
+            messages += sent
         self._sent[server_round] = node_ids
         traffic.sampled += len(messages)
-        traffic.payload_down += payload_bytes(sent) * len(messages)
-        traffic.wire_down += sum(accounted_wire_bytes(m) for m in messages)
         return messages
 
     def _partition(self, node_id: int) -> int | None:
@@ -313,6 +334,7 @@ class CSGFedAvg(FedAvg):
         traffic = self._round_traffic(server_round)
         replies = list(replies)
         valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
+        self.broadcaster.settle(self._sent.get(server_round, []), valid)
         traffic.failed += self._note_failures(server_round, replies, valid)
         traffic.replied += len(valid)
         accepted: list[tuple[tuple[float, int], Message, ArrayRecord]] = []
@@ -365,8 +387,11 @@ class CSGFedAvg(FedAvg):
         contents = [reply.content for _, reply, _ in accepted]
         weights = [int(next(iter(c.metric_records.values()))[WEIGHT_KEY]) for c in contents]
         arrays = weighted_average([decoded for _, _, decoded in accepted], weights)
-        if self.server_optimizer.stateful and self.global_arrays is not None and self.mask_fn is not None:
-            arrays = self.server_optimizer(server_round, self.global_arrays, arrays, self.mask_fn(server_round))
+        server_arrays = self.server_arrays if self.server_arrays is not None else self.global_arrays
+        if server_arrays is not None:
+            arrays = self.broadcaster.server_update(server_arrays, arrays)
+        if self.server_optimizer.stateful and server_arrays is not None and self.mask_fn is not None:
+            arrays = self.server_optimizer(server_round, server_arrays, arrays, self.mask_fn(server_round))
         metrics = self.train_metrics_aggr_fn(contents, WEIGHT_KEY)
         self.train_metrics[server_round] = metrics
         return arrays, metrics

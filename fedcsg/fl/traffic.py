@@ -14,12 +14,14 @@ from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0
 from flwr.supercore.inflatable.inflatable_object import add_header_to_object_body, get_all_nested_objects
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+from torch import nn
 
 from fedcsg.fl.config import RunConfig
+from fedcsg.fl.downlink import STATELESS, VERSION_KEY, Broadcaster, Downlink
 from fedcsg.fl.payload import model_payload
 from fedcsg.fl.ray_cluster import NODE_ID_HEX_LENGTH, NODE_ID_KEY, PLACEMENT
 from fedcsg.fl.task import build_arm_model, payload_layout
-from fedcsg.fl.uplink import Uplink, downlink_record, restore_downlink
+from fedcsg.fl.uplink import Uplink
 from fedcsg.nn.params import count_parameters
 
 RANDOM_ID_FIELDS = ("run_id", "src_node_id", "dst_node_id", "src_task_id", "dst_task_id")  # Metadata's uint64s
@@ -118,35 +120,65 @@ SIMULATED_PLACEMENT = ConfigRecord({NODE_ID_KEY: "0" * NODE_ID_HEX_LENGTH})
 UPDATE_SCALE = 1e-3  # std of the offline update that `round_messages` encodes (a small, non-zero step)
 
 
-def round_messages(cfg: RunConfig, node_id: int = 1) -> tuple[Message, Message]:
-    """The train message a client receives and the reply it sends, as CSGFedAvg and the ClientApp
-    build them in a simulation (same records, keys and metrics, downlink as ``cfg.downlink``).
-
-    The reply of an arm with a codec is the real encoding of a non-zero update: the received
-    payload's float entries moved by seeded noise of std :data:`UPDATE_SCALE`.
-    """
-    _ensure_task_identity()
-    model = build_arm_model(cfg)
-    layout = payload_layout(cfg, model)
-    arrays = model_payload(model, layout)
-    sent = downlink_record(arrays, cfg.downlink)
-    config = ConfigRecord(
-        {"local-epochs": cfg.local_epochs, "batch-size": cfg.batch_size, "lr": cfg.lr, "attempt": 0, "server-round": 1}
-    )
-    down = Message(RecordDict({"arrays": sent, "config": config}), dst_node_id=node_id, message_type=MessageType.TRAIN)
-    received = restore_downlink(sent, layout)
-    rng = np.random.default_rng(cfg.seed)
-    local = ArrayRecord(
+def _moved(record: ArrayRecord, floating: list[str], rng: np.random.Generator) -> ArrayRecord:
+    """``record`` with its floating entries moved by seeded noise of std :data:`UPDATE_SCALE`."""
+    return ArrayRecord(
         {
             key: Array((a.numpy() + rng.normal(0, UPDATE_SCALE, a.shape)).astype(a.numpy().dtype))
-            if key in layout.floating_keys()
+            if key in floating
             else a
-            for key, a in received.items()
+            for key, a in record.items()
         }
     )
+
+
+def round_messages(
+    cfg: RunConfig, node_id: int = 1, *, resync: bool = False, model: nn.Module | None = None
+) -> tuple[Message, Message]:
+    """The train message a client receives and the reply it sends, as CSGFedAvg and the ClientApp
+    build them in a simulation (same records, keys and metrics, downlink as the arm's).
+
+    The reply of an arm with a codec is the real encoding of a non-zero update: the received
+    payload's float entries moved by seeded noise of std :data:`UPDATE_SCALE`. For a delta
+    downlink the message is that of a node in sync (the compressed change between two broadcasts,
+    the global model moved by such noise), or with ``resync`` that of a node sent x̂ in full.
+    ``model`` is the arm's initial model if already built.
+    """
+    _ensure_task_identity()
+    model = model if model is not None else build_arm_model(cfg)
+    layout = payload_layout(cfg, model)
+    arrays = model_payload(model, layout)
+    rng = np.random.default_rng(cfg.seed)
+    broadcaster = Broadcaster(Downlink.of_config(cfg, layout))
+    received = broadcaster.prepare(arrays)
+    if broadcaster.downlink.is_delta and not resync:
+        broadcaster.held[node_id] = broadcaster.version
+        received = broadcaster.prepare(_moved(arrays, layout.floating_keys(), rng))
+    group = broadcaster.groups([node_id])[0]
+    config = ConfigRecord(
+        {
+            "local-epochs": cfg.local_epochs,
+            "batch-size": cfg.batch_size,
+            "lr": cfg.lr,
+            "attempt": 0,
+            "server-round": 1,
+            **group.config,
+        }
+    )
+    down = Message(
+        RecordDict({"arrays": group.record, "config": config}), dst_node_id=node_id, message_type=MessageType.TRAIN
+    )
+    local = _moved(received, layout.floating_keys(), rng)
     reply, _ = Uplink(layout, cfg.codec).encode(local, received, None, rng)
     metrics = MetricRecord(
-        {"num-examples": 5000, "train-loss": 1.0, "train-accuracy": 0.5, "train-seconds": 1.0, "partition-id": 0}
+        {
+            "num-examples": 5000,
+            "train-loss": 1.0,
+            "train-accuracy": 0.5,
+            "train-seconds": 1.0,
+            "partition-id": 0,
+            **({VERSION_KEY: broadcaster.version} if broadcaster.downlink.is_delta else {}),
+        }
     )
     up = Message(RecordDict({"arrays": reply, "metrics": metrics, PLACEMENT: SIMULATED_PLACEMENT}), reply_to=down)
     return down, up
@@ -154,13 +186,14 @@ def round_messages(cfg: RunConfig, node_id: int = 1) -> tuple[Message, Message]:
 
 def arm_traffic(cfg: RunConfig, clients_per_round: int) -> dict:
     """Payload and wire bytes of one round of ``cfg.arm`` with ``clients_per_round`` clients."""
-    down, up = round_messages(cfg)
     model = build_arm_model(cfg)
+    down, up = round_messages(cfg, model=model)
+    resync = round_messages(cfg, resync=True, model=model)[0] if cfg.downlink_mode not in STATELESS else down
     payload_down = payload_bytes(down.content["arrays"])
     payload_up = payload_bytes(up.content["arrays"])
     return {
         "arm": cfg.arm,
-        "downlink": cfg.downlink,
+        "downlink": cfg.downlink_mode,
         "parameters_sendable": count_parameters(model).sendable,
         "tensors": len(payload_layout(cfg, model).entries),
         "arrays_per_message": len(up.content["arrays"]),
@@ -168,6 +201,7 @@ def arm_traffic(cfg: RunConfig, clients_per_round: int) -> dict:
         "payload_down_per_client": payload_down,
         "wire_up_per_client": accounted_wire_bytes(up),
         "wire_down_per_client": accounted_wire_bytes(down),
+        "wire_down_resync_per_client": accounted_wire_bytes(resync),
         "payload_up": payload_up * clients_per_round,
         "payload_down": payload_down * clients_per_round,
         "wire_up": accounted_wire_bytes(up) * clients_per_round,

@@ -1,5 +1,5 @@
-"""How payloads travel: a client's update up (as it is, or as a codec's encoded delta) and the
-global payload down (as it is, or as float16).
+"""How a client's update travels up: as it is, or as a codec's encoded delta (the global payload's
+way down is :mod:`fedcsg.fl.downlink`).
 
 Uplink
 ------
@@ -10,12 +10,6 @@ order, are encoded by the codec into arrays keyed ``delta.<part>`` (``delta.int8
 own keys. The server decodes against the payload it sent, so the result is again a payload of
 the arm, and averages it as any other reply. Every encoded array's shape and dtype follow from the
 layout and the codec (:meth:`Uplink.specs`): a reply that differs is rejected as a plain one is.
-
-Downlink
---------
-``full`` sends the global payload as it is. ``fp16`` sends its floating entries as float16 and the
-client casts them back to the layout's dtype; the server keeps its own payload in full precision
-and decodes updates against what the clients actually received.
 """
 
 from __future__ import annotations
@@ -23,13 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord
 
 from fedcsg.fl.codecs import ArraySpecs, Codec, encode_with_feedback
-from fedcsg.fl.payload import PayloadLayout, check_specs
+from fedcsg.fl.payload import PayloadLayout, assemble, check_specs, flat_floats
 
-DOWNLINKS = ("full", "fp16")
 DELTA_PREFIX = "delta."
 
 
@@ -70,9 +62,7 @@ class Uplink:
 
     def flat_floats(self, record: ArrayRecord) -> np.ndarray:
         """The floating entries of a payload record, concatenated in payload order (float64)."""
-        state = self.layout.unpack(record)
-        parts = [state[e.key].reshape(-1).to(torch.float64).numpy() for e in self.layout.floating]
-        return np.concatenate(parts) if parts else np.zeros(0)
+        return flat_floats(record, self.layout)
 
     def encode(
         self,
@@ -83,7 +73,7 @@ class Uplink:
     ) -> tuple[ArrayRecord, np.ndarray | None]:
         """The reply record for the client's ``local`` payload, and the residual to carry.
 
-        ``received`` is the global payload as the client got it (after :func:`restore_downlink`);
+        ``received`` is the global payload as the client got it (after :func:`fedcsg.fl.downlink.receive`);
         ``residual`` the carried error of an error-feedback codec (None at first).
         """
         if self.codec is None:
@@ -105,51 +95,5 @@ class Uplink:
         size, segments = sum(self.segments), self.segments
         parts = {k.removeprefix(DELTA_PREFIX): a.numpy() for k, a in reply.items() if k.startswith(DELTA_PREFIX)}
         delta = self.codec.decode(parts, size, segments)
-        merged = ArrayRecord(
-            {**{k: sent[k] for k in self.layout.floating_keys()}, **{k: reply[k] for k in self._plain_keys()}}
-        )
-        state = self.layout.unpack(merged)
-        offset = 0
-        for entry in self.layout.floating:
-            base = state[entry.key].to(torch.float64)
-            change = torch.from_numpy(delta[offset : offset + entry.numel]).view(entry.shape)
-            state[entry.key] = (base + change).to(entry.dtype)
-            offset += entry.numel
-        return self.layout.pack(state)
-
-
-def check_downlink(mode: str) -> str:
-    if mode not in DOWNLINKS:
-        raise ValueError(f"downlink = {mode!r} is not accepted: one of {', '.join(DOWNLINKS)} is")
-    return mode
-
-
-def downlink_record(arrays: ArrayRecord, mode: str) -> ArrayRecord:
-    """The global payload as it is sent: unchanged (``full``) or with float entries as float16 (``fp16``)."""
-    if check_downlink(mode) == "full":
-        return arrays
-    return ArrayRecord(
-        {
-            key: Array(array.numpy().astype(np.float16)) if np.issubdtype(array.numpy().dtype, np.floating) else array
-            for key, array in arrays.items()
-        }
-    )
-
-
-def restore_downlink(record: ArrayRecord, layout: PayloadLayout) -> ArrayRecord:
-    """A received global payload in the layout's dtypes (float16 entries cast back).
-
-    Raises ValueError if a key or shape differs from the layout, or a dtype is neither the
-    layout's nor float16 for a floating entry.
-    """
-    expected = layout.array_specs()
-    floating = set(layout.floating_keys())
-    restored = {}
-    for key, array in record.items():
-        if key in floating and array.dtype == "float16":
-            restored[key] = Array(array.numpy().astype(expected[key][1]))
-        else:
-            restored[key] = array
-    out = ArrayRecord(restored)
-    check_specs(out, expected)
-    return out
+        plain = ArrayRecord({k: reply[k] for k in self._plain_keys()})
+        return assemble(self.layout, plain, self.flat_floats(sent) + delta)
