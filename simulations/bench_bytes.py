@@ -45,15 +45,15 @@ import torch
 from benchlib import parse_models, write_json
 from flwr.app import Message, RecordDict
 
-from fedcsg.fl.arms import MODELS
-from fedcsg.fl.config import RunConfig
-from fedcsg.fl.payload import PACKINGS, PayloadLayout
-from fedcsg.fl.records import versions
 from fedcsg.fl.task import build_arm_model
 from fedcsg.fl.traffic import arm_traffic, payload_bytes, round_messages, wire_bytes
 from fedcsg.nn.csg import SliceShape, generators
 from fedcsg.nn.models import default_code_dim
 from fedcsg.nn.params import count_parameters
+from fedcsg.runs.records import versions
+from fedcsg.spec.arms import MODELS
+from fedcsg.spec.config import RunConfig
+from fedcsg.wire.payload import PACKINGS, PayloadLayout
 
 
 def parse_slices(text: str) -> list[tuple[str, int]]:

@@ -46,7 +46,8 @@ from benchlib import write_json
 from relay import ByteCountingRelay, Traffic
 
 from fedcsg.deploy.federation import FederationPlan, RunOutcome, run_app, start_federation, wait_for_nodes
-from fedcsg.deploy.processes import free_port
+from fedcsg.processes import free_port
+from fedcsg.runs.layout import arm_record_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,7 +109,7 @@ def measure_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
             run_config["data-dir"] = str(Path(args.data_dir).resolve())
         times: dict[int, float] = {}
         stop = threading.Event()
-        watcher = threading.Thread(target=_watch_rounds, args=(out_dir / "arms" / f"{arm}.json", times, stop))
+        watcher = threading.Thread(target=_watch_rounds, args=(arm_record_path(out_dir, arm), times, stop))
         run_start = relay.now()
         watcher.start()
         try:
@@ -119,7 +120,7 @@ def measure_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
         run_end = relay.now()
         if (outcome.status, outcome.sub_status) != ("finished", "completed"):
             raise RuntimeError(f"{arm}: run {outcome.run_id} ended {outcome.status}:{outcome.sub_status}")
-        document = json.loads((out_dir / "arms" / f"{arm}.json").read_text())
+        document = json.loads((arm_record_path(out_dir, arm)).read_text())
         missing = [r for r in range(args.rounds + 1) if r not in times]
         if missing:
             raise RuntimeError(f"{arm}: no record time for rounds {missing}")

@@ -51,7 +51,8 @@ from pathlib import Path
 from benchlib import print_table, write_json
 
 from fedcsg.deploy.federation import FederationPlan, run_app, start_federation, wait_for_nodes
-from fedcsg.deploy.processes import descendants
+from fedcsg.processes import descendants
+from fedcsg.runs.layout import arm_record_path
 
 ROOT = Path(__file__).resolve().parents[1]
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
@@ -209,7 +210,7 @@ def run_capped(model: str, cap_mib: int, args: argparse.Namespace, work: Path) -
                 oom_kills=group.oom_kills(),
                 failcnt=group.read("memory.failcnt"),
             )
-            record = out_dir / "arms" / "csg.json"
+            record = arm_record_path(out_dir, "csg")
             rounds = json.loads(record.read_text())["rounds"][1:] if record.is_file() else []
             trained = [r for r in rounds if r["status"] == "ok" and r["replied"] == 1]
             row["completed"] = row["status"] == "finished:completed" and len(trained) == 2 and row["oom_kills"] == 0

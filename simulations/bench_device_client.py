@@ -63,8 +63,8 @@ def child(args: argparse.Namespace) -> None:
     from flwr.app import Context, RecordDict
 
     from fedcsg.fl.client_app import train
-    from fedcsg.fl.config import RunConfig
     from fedcsg.fl.traffic import round_messages
+    from fedcsg.spec.config import RunConfig
 
     imported = time.perf_counter()
     rss_after_import = _status_kib("VmRSS")

@@ -4,7 +4,7 @@ costs in ``Context.state``.
 Part 1: for each model and arm (the global payload of the initial model, Kaiming init, BatchNorm
 statistics at their start values) and each block size (0 = one scale per state-dict entry, the
 per-tensor scale of the int8 uplink), the blockwise int8 encoding of the payload's float entries
-(:func:`fedcsg.fl.codecs.int8_quantize`, round to nearest) is decoded and compared:
+(:func:`fedcsg.spec.codecs.int8_quantize`, round to nearest) is decoded and compared:
 
 * ``rel l2``: ``||Q(x) - x|| / ||x||`` over all float entries;
 * ``worst rel``: the largest per-entry ``||Q(x_e) - x_e|| / ||x_e||`` over the state-dict entries
@@ -12,7 +12,7 @@ per-tensor scale of the int8 uplink), the blockwise int8 encoding of the payload
 * ``bytes``: int8 values and float32 scales, and their share of the float32 payload.
 
 Part 2: ``--state-clients N`` puts the x̂ of a delta downlink into N fresh ``Context`` objects as
-:func:`fedcsg.fl.downlink.receive` does on a resync, and reports the resident memory that took in
+:func:`fedcsg.wire.downlink.receive` does on a resync, and reports the resident memory that took in
 this process (``/proc/self/statm``) beside the arithmetic N x payload bytes.
 
 Usage::
@@ -30,11 +30,11 @@ import sys
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
-from fedcsg.fl.codecs import block_lengths, int8_dequantize, int8_quantize
-from fedcsg.fl.config import RunConfig
-from fedcsg.fl.downlink import Broadcaster, Downlink, receive
-from fedcsg.fl.payload import flat_floats, model_payload
 from fedcsg.fl.task import build_arm_model, payload_layout
+from fedcsg.spec.codecs import block_lengths, int8_dequantize, int8_quantize
+from fedcsg.spec.config import RunConfig
+from fedcsg.wire.downlink import Broadcaster, Downlink, receive
+from fedcsg.wire.payload import flat_floats, model_payload
 
 BLOCKS = (0, 64, 128, 256, 1024, 4096)
 

@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 from benchlib import print_table, run_fedcsg, write_json
 
-from fedcsg.fl.config import RunConfig
-from fedcsg.fl.payload import load_payload, model_payload, weighted_average
 from fedcsg.fl.task import build_arm_model, client_data, evaluate_model, local_train, payload_layout, test_data
 from fedcsg.nn.training import get_device
+from fedcsg.spec.config import RunConfig
+from fedcsg.wire.payload import load_payload, model_payload, weighted_average
 
 ROOT = Path(__file__).resolve().parents[1]
 

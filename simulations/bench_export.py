@@ -32,8 +32,8 @@ import torch
 from benchlib import parse_models, write_json
 
 from fedcsg.deploy.export import EXPORT_FORMATS, export_model, load_torchscript
-from fedcsg.fl.config import ModelSettings
-from fedcsg.fl.model_file import save_checkpoint
+from fedcsg.runs.model_file import save_checkpoint
+from fedcsg.spec.config import ModelSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,8 +73,8 @@ def agreement(args: argparse.Namespace, work: Path) -> dict:
 
     from fedcsg.data.batches import TensorBatches
     from fedcsg.data.readers import load_split
-    from fedcsg.fl.config import RunConfig
     from fedcsg.fl.task import build_arm_model, local_train
+    from fedcsg.spec.config import RunConfig
 
     torch.set_num_threads(args.threads)
     cfg = RunConfig(arm=args.arm, model="resnet20", device="cpu", data_dir=args.data_dir, seed=0)

@@ -4,7 +4,7 @@ For each model the plain network and its CSG form (the registry's default slice 
 ``--slice``/``--code-dim``) are timed on the same synthetic CIFAR-shaped batch:
 
 * train step: ``zero_grad``, forward, cross-entropy, backward and an SGD step (momentum and weight
-  decay as in :class:`fedcsg.fl.config.RunConfig`), batch ``--train-batch``;
+  decay as in :class:`fedcsg.spec.config.RunConfig`), batch ``--train-batch``;
 * evaluation pass: ``model.eval()`` and ``torch.no_grad()`` over ``--eval-batches`` batches of
   ``--eval-batch`` images. The CSG model's generated-weight cache is cleared before every pass, as
   after loading a new global model, so each pass pays one generation (the worst case for one batch);
@@ -47,11 +47,11 @@ import torch.nn.functional as F
 from benchlib import parse_models, write_json
 from torch import nn
 
-from fedcsg.fl.config import RunConfig
 from fedcsg.nn.csg import clear_generated_cache, csg_layers, generators
 from fedcsg.nn.models import build_model, default_csg_config
 from fedcsg.nn.params import count_parameters
 from fedcsg.nn.training import get_device, make_optimizer, tune_malloc
+from fedcsg.spec.config import RunConfig
 
 CLOCKS = ("wall", "cpu")  # what a sample records: wall-clock and process CPU seconds
 

@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedcsg.fl.arms import file_stem
 from fedcsg.io import strict_json
 from fedcsg.nn.models import model_spec
+from fedcsg.runs.layout import arm_record_path
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -119,7 +119,7 @@ def run_fedcsg(arm: str, sets: dict[str, object], timeout: float) -> tuple[Logge
         if run.returncode != 0:
             tail = "\n".join(line for _, line in run.lines[-30:])
             raise RuntimeError(f"fedcsg run {' '.join(cmd[5:])} failed ({run.returncode}):\n{tail}")
-        rounds = json.loads((out / "arms" / f"{file_stem(arm)}.json").read_text())["rounds"]
+        rounds = json.loads((arm_record_path(out, arm)).read_text())["rounds"]
     return run, rounds
 
 

@@ -13,8 +13,6 @@ from flwr.serverapp.strategy import FedAdam, FedAvgM, FedYogi
 
 from fedcsg.data.readers import ImageData, load_split
 from fedcsg.data.registry import get_spec
-from fedcsg.fl.config import RunConfig
-from fedcsg.fl.payload import PayloadEntry, PayloadLayout, load_payload, model_payload, weighted_average
 from fedcsg.fl.server_app import build_strategy
 from fedcsg.fl.server_opt import ServerOptimizer, default_server_lr
 from fedcsg.fl.strategy import CSGFedAvg
@@ -22,6 +20,8 @@ from fedcsg.fl.task import build_arm_model, evaluate_model, local_train
 from fedcsg.fl.traffic import train_replies
 from fedcsg.nn.csg import csg_layers, factor_keys, generators, kaiming_std, round_factor
 from fedcsg.nn.models import MODELS, build_model, default_csg_config
+from fedcsg.spec.config import RunConfig
+from fedcsg.wire.payload import PayloadEntry, PayloadLayout, load_payload, model_payload, weighted_average
 
 
 @pytest.mark.parametrize("name", list(MODELS))

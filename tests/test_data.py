@@ -153,7 +153,7 @@ def test_no_source_anywhere_lists_every_place(monkeypatch: pytest.MonkeyPatch, t
 
     # Stand-in for the real offline failure, which retries for ~25 s before giving up.
     monkeypatch.setattr(registry, "load_hub", offline)
-    monkeypatch.delenv("FEDCSG_DATA_DIR")
+    monkeypatch.delenv("FEDCSG_DATA_DIR", raising=False)
     with pytest.raises(FileNotFoundError) as info:
         registry.resolve_source("cifar10", hub_name="someone/cifar10-mirror")
     message = str(info.value)

@@ -43,7 +43,8 @@ from fedcsg.deploy.federation import (
     wait_for_nodes,
 )
 from fedcsg.deploy.flwr_cli import flwr_env, list_nodes, superlink_command, supernode_command, write_connection
-from fedcsg.deploy.processes import (
+from fedcsg.fl.task import build_arm_model, payload_layout
+from fedcsg.processes import (
     ProcessRecord,
     adopting_orphans,
     descendants,
@@ -52,9 +53,8 @@ from fedcsg.deploy.processes import (
     stop_pids,
     stop_processes,
 )
-from fedcsg.fl.config import RunConfig
-from fedcsg.fl.report import load_results, summarize
-from fedcsg.fl.task import build_arm_model, payload_layout
+from fedcsg.runs.report import load_results, summarize
+from fedcsg.spec.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # Bounds of the integration tests: generous for a loaded 2-core machine, far from "hangs for ever".

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from fedcsg.data import partitions
 from fedcsg.fl import task
-from fedcsg.fl.config import RunConfig
 from fedcsg.fl.task import partition_rows
+from fedcsg.spec.config import RunConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("flwr_datasets", "datasets", "matplotlib", "torchvision")
@@ -23,8 +23,8 @@ import json, resource, sys
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from fedcsg.fl import client_app
-from fedcsg.fl.config import RunConfig
-from fedcsg.fl.payload import model_payload
+from fedcsg.spec.config import RunConfig
+from fedcsg.wire.payload import model_payload
 from fedcsg.fl.task import build_arm_model, payload_layout
 
 TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # as a SuperNode sets them

@@ -1,4 +1,4 @@
-"""Downlinks per arm (fedcsg.fl.downlink): the arm grammar, the blockwise int8 broadcast, and the delta
+"""Downlinks per arm (fedcsg.wire.downlink): the arm grammar, the blockwise int8 broadcast, and the delta
 downlinks' x̂ (bit-for-bit agreement, resync in full, loud failures, checkpoints), all in-process: the
 strategy's round loop over an in-memory grid whose nodes run the client's downlink code."""
 
@@ -10,12 +10,17 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
-from fedcsg.fl.arms import Arm, arm_of_stem, check_arm, file_stem, two_way_arms
-from fedcsg.fl.checkpoint import load_checkpoint, save_checkpoint
 from fedcsg.fl.client_app import train
-from fedcsg.fl.codecs import block_lengths
-from fedcsg.fl.config import RunConfig
-from fedcsg.fl.downlink import (
+from fedcsg.fl.server_app import build_strategy
+from fedcsg.fl.strategy import CSGFedAvg
+from fedcsg.fl.task import build_arm_model, payload_layout
+from fedcsg.fl.traffic import _ensure_task_identity, accounted_wire_bytes, payload_bytes, round_messages
+from fedcsg.runs.checkpoint import load_checkpoint, save_checkpoint
+from fedcsg.runs.records import RoundRecord
+from fedcsg.spec.arms import Arm, arm_of_stem, check_arm, file_stem, two_way_arms
+from fedcsg.spec.codecs import block_lengths
+from fedcsg.spec.config import RunConfig
+from fedcsg.wire.downlink import (
     BLOCK,
     STATE_HELD,
     STATE_MODEL,
@@ -26,13 +31,8 @@ from fedcsg.fl.downlink import (
     receive,
     state_keys,
 )
-from fedcsg.fl.payload import flat_floats, model_payload
-from fedcsg.fl.records import RoundRecord
-from fedcsg.fl.server_app import build_strategy
-from fedcsg.fl.strategy import CSGFedAvg
-from fedcsg.fl.task import build_arm_model, payload_layout
-from fedcsg.fl.traffic import _ensure_task_identity, accounted_wire_bytes, payload_bytes, round_messages
-from fedcsg.fl.uplink import Uplink
+from fedcsg.wire.payload import flat_floats, model_payload
+from fedcsg.wire.uplink import Uplink
 
 from .test_reliability import ScriptedGrid
 

@@ -20,10 +20,10 @@ from fedcsg.deploy.export import (
     load_checkpoint,
     load_torchscript,
 )
-from fedcsg.fl.config import ModelSettings, RunConfig
-from fedcsg.fl.model_file import save_checkpoint, save_global_model
-from fedcsg.fl.payload import PayloadLayout, model_payload
 from fedcsg.io import DIGEST_KEY, tensors_digest
+from fedcsg.runs.model_file import save_checkpoint, save_global_model
+from fedcsg.spec.config import ModelSettings, RunConfig
+from fedcsg.wire.payload import PayloadLayout, model_payload
 
 GENERATOR_KEY = "csg_generators.3x3.weight"
 
@@ -163,7 +163,7 @@ def test_onnx_matches_pytorch_on_cifar10_test_split(tmp_path: Path, data_env: Pa
 def test_serverapp_payloads_and_run_directories(tmp_path: Path) -> None:
     """What the ServerApp leaves: RUN/state/ARM-round-NNNN.safetensors (the flat-packed global payload)
     named by RUN/state/ARM.json, beside RUN/arms/ARM.json; and the save_global_model hook."""
-    from fedcsg.fl.checkpoint import save_checkpoint as save_run_checkpoint
+    from fedcsg.runs.checkpoint import save_checkpoint as save_run_checkpoint
 
     cfg = RunConfig(arm="csg-frozen", seed=5)
     info = cfg.model_settings()

@@ -13,15 +13,15 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from fedcsg.cli import main
-from fedcsg.fl.arms import check_arm, model_part, two_way_arms
-from fedcsg.fl.codecs import block_lengths
-from fedcsg.fl.config import RunConfig, load_experiment
-from fedcsg.fl.downlink import BLOCK
-from fedcsg.fl.payload import PayloadLayout, load_payload, model_payload, weighted_average
 from fedcsg.fl.strategy import CSGFedAvg
 from fedcsg.fl.task import build_arm_model, partition_rows, payload_layout
 from fedcsg.fl.traffic import accounted_wire_bytes, payload_bytes, round_messages, train_replies, wire_bytes
 from fedcsg.nn.csg import csg_layers, generators
+from fedcsg.spec.arms import check_arm, model_part, two_way_arms
+from fedcsg.spec.codecs import block_lengths
+from fedcsg.spec.config import RunConfig, load_experiment
+from fedcsg.wire.downlink import BLOCK
+from fedcsg.wire.payload import PayloadLayout, load_payload, model_payload, weighted_average
 
 ROOT = Path(__file__).resolve().parents[1]
 

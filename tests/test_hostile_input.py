@@ -23,10 +23,10 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from fedcsg.data import registry
-from fedcsg.fl.checkpoint import state_path, weights_path
-from fedcsg.fl.config import MAX_BATCH_SIZE, SEED_LIMIT, ModelSettings, RunConfig
-from fedcsg.fl.model_file import save_checkpoint
 from fedcsg.io import DIGEST_KEY, tensors_digest
+from fedcsg.runs.checkpoint import state_path, weights_path
+from fedcsg.runs.model_file import save_checkpoint
+from fedcsg.spec.config import MAX_BATCH_SIZE, SEED_LIMIT, ModelSettings, RunConfig
 
 from .test_reliability import ScriptedGrid, _checkpointed, _reply, _run_rounds, _shifted, _small
 

@@ -11,19 +11,19 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from torch import nn
 
-from fedcsg.fl import uplink as uplink_module
-from fedcsg.fl.arms import Arm, all_arms, arm_order, check_arm
-from fedcsg.fl.codecs import CODECS, Codec, encode_with_feedback
-from fedcsg.fl.config import RunConfig
-from fedcsg.fl.downlink import Downlink
-from fedcsg.fl.payload import model_payload, weighted_average
-from fedcsg.fl.report import fewest_bytes_sentence
 from fedcsg.fl.server_app import build_strategy
 from fedcsg.fl.task import build_arm_model, payload_layout
 from fedcsg.fl.traffic import accounted_wire_bytes, arm_traffic, payload_bytes, round_messages, train_replies
-from fedcsg.fl.uplink import Uplink
 from fedcsg.nn.fedpara import FedParaConv2d, fedpara_rank, fedparafy
 from fedcsg.nn.models import build_model
+from fedcsg.runs.report import fewest_bytes_sentence
+from fedcsg.spec.arms import Arm, all_arms, arm_order, check_arm
+from fedcsg.spec.codecs import CODECS, Codec, encode_with_feedback
+from fedcsg.spec.config import RunConfig
+from fedcsg.wire import uplink as uplink_module
+from fedcsg.wire.downlink import Downlink
+from fedcsg.wire.payload import model_payload, weighted_average
+from fedcsg.wire.uplink import Uplink
 
 # -- FedPara ------------------------------------------------------------------------------------
 
@@ -444,7 +444,7 @@ def test_report_names_the_arm_with_the_fewest_bytes() -> None:
 
 
 def test_report_counts_bytes_to_the_target_and_to_fedavg_minus_one_point() -> None:
-    from fedcsg.fl.report import summarize
+    from fedcsg.runs.report import summarize
 
     def rounds(accuracies: list[float], up: int, down: int) -> list[dict]:
         out = [{"round": 0, "test_accuracy": 0.1, "cum_wire_up": 0, "cum_wire_down": 0}]

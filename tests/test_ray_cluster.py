@@ -11,20 +11,20 @@ import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedcsg.cli import main
-from fedcsg.fl.config import RunConfig
 from fedcsg.fl.ray_cluster import (
     NODE_ID_HEX_LENGTH,
     NODE_ID_KEY,
     PLACEMENT,
-    check_address,
     check_client_resources,
     current_node_id,
     init_args,
     placement_record,
     reported_node,
 )
-from fedcsg.fl.records import RoundRecord, comparable
 from fedcsg.fl.traffic import SIMULATED_PLACEMENT, accounted_wire_bytes, round_messages
+from fedcsg.runs.records import RoundRecord, comparable
+from fedcsg.spec.config import RunConfig
+from fedcsg.spec.config import check_ray_address as check_address
 
 
 def test_ray_address_values() -> None:

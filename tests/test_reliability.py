@@ -29,7 +29,12 @@ from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 from flwr.serverapp import Grid
 
 from fedcsg.cli import main
-from fedcsg.fl.checkpoint import (
+from fedcsg.fl.client_app import injected_fault
+from fedcsg.fl.server_app import recorded_config
+from fedcsg.fl.strategy import CSGFedAvg, sample_positions
+from fedcsg.fl.task import build_arm_model, payload_layout
+from fedcsg.fl.traffic import _ensure_task_identity, accounted_wire_bytes
+from fedcsg.runs.checkpoint import (
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -37,14 +42,9 @@ from fedcsg.fl.checkpoint import (
     state_path,
     weights_path,
 )
-from fedcsg.fl.client_app import injected_fault
-from fedcsg.fl.config import RunConfig
-from fedcsg.fl.payload import PayloadLayout, model_payload
-from fedcsg.fl.records import ArmRecorder, RoundRecord, comparable
-from fedcsg.fl.server_app import recorded_config
-from fedcsg.fl.strategy import CSGFedAvg, sample_positions
-from fedcsg.fl.task import build_arm_model, payload_layout
-from fedcsg.fl.traffic import _ensure_task_identity, accounted_wire_bytes
+from fedcsg.runs.records import ArmRecorder, RoundRecord, comparable
+from fedcsg.spec.config import RunConfig
+from fedcsg.wire.payload import PayloadLayout, model_payload
 
 from .processes import kill_session, session_pids
 
@@ -303,9 +303,9 @@ def test_a_run_in_which_every_client_fails_raises_after_writing_its_records(tmp_
     after its records and checkpoint are written; a later run of the plan never starts."""
     from flwr.app import ConfigRecord, Context
 
-    from fedcsg.fl.records import RunFailed
     from fedcsg.fl.server_app import PLAN_KEY
     from fedcsg.fl.server_app import main as server_main
+    from fedcsg.runs.records import RunFailed
 
     _ensure_task_identity()
     cfg = _tiny_cfg(tmp_path / "out", num_rounds=2, round_timeout=5.0).replace(arm="fedavg")
@@ -329,7 +329,7 @@ def test_a_run_in_which_every_client_fails_raises_after_writing_its_records(tmp_
     assert load_checkpoint(tmp_path / "out", "fedavg").round == 2
     assert not (tmp_path / "out" / "arms" / "csg.json").exists()
     # The report of such a run names it and divides by nothing (fedavg sent no byte up).
-    from fedcsg.fl.report import write_report
+    from fedcsg.runs.report import write_report
 
     write_report(tmp_path / "out")
     assert "| fedavg |" in (tmp_path / "out" / "report.md").read_text()
@@ -396,7 +396,7 @@ def test_fault_rule_is_deterministic() -> None:
 
 def _tiny_cfg(out: Path, **changes: object) -> RunConfig:
     """KILL_RUN on the default experiment, as `fedcsg run --set ...` makes it."""
-    from fedcsg.fl.config import DEFAULT_EXPERIMENT, load_experiment
+    from fedcsg.spec.config import DEFAULT_EXPERIMENT, load_experiment
 
     values = {pair.split("=")[0]: int(pair.split("=")[1]) for pair in KILL_RUN}
     base = load_experiment(DEFAULT_EXPERIMENT)

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from fedcsg.cli import main
-from fedcsg.fl.config import RunConfig, find_experiment, identity_of, load_experiment, shipped_experiments
-from fedcsg.fl.records import ROUND_FIELDS, ArmRecorder
-from fedcsg.fl.report import write_report
 from fedcsg.io import strict_json
+from fedcsg.runs.records import ROUND_FIELDS, ArmRecorder
+from fedcsg.runs.report import write_report
+from fedcsg.spec.config import RunConfig, find_experiment, identity_of, load_experiment, shipped_experiments
 
 from .strict import NonStrictJSON, loads_strict
 
@@ -117,19 +117,15 @@ def test_seeds_setting_is_validated() -> None:
     assert RunConfig(seeds="0,1").identity() == RunConfig().identity()
 
 
-def test_settings_added_later_enter_the_identity_only_off_their_default() -> None:
-    """A run checkpointed before `downlink`, `topk-fraction` and `fedpara-ratio` existed did what
-    their defaults do, and keeps its identity (so it resumes); set otherwise, they are part of it."""
+def test_every_computing_setting_enters_the_identity() -> None:
+    """A run's identity holds every setting that decides what it computes, whatever its value; a
+    config record's identity is that of the config that wrote it (out-dir, arms and seeds aside)."""
     identity = RunConfig().identity()
-    assert not {"downlink", "topk-fraction", "fedpara-ratio"} & set(identity) and "csg-init" in identity
+    assert {"downlink", "topk-fraction", "fedpara-ratio", "csg-init", "seed"} <= set(identity)
+    assert not {"out-dir", "arms", "resume", "seeds", "ray-address"} & set(identity)
     assert RunConfig(downlink="fp16").identity() == {**identity, "downlink": "fp16"}
-    assert RunConfig(arm="csg+topk", topk_fraction=0.1).identity()["topk-fraction"] == 0.1
-    # A run file's full config record (out-dir, arms and the new keys at their defaults included)
-    # has the identity of the config that wrote it, whether it predates the new keys or not.
     record = RunConfig(out_dir="elsewhere", arms="fedavg,csg").to_flower()
-    old_record = {k: v for k, v in record.items() if k not in ("downlink", "topk-fraction", "fedpara-ratio")}
-    assert identity_of(record) == identity_of(old_record) == identity
-    assert identity_of({**record, "fedpara-ratio": 0.3}) == {**identity, "fedpara-ratio": 0.3}
+    assert identity_of(record) == identity
 
 
 def test_bad_seeds_on_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -200,35 +196,3 @@ def test_report_says_how_the_run_was_made(tmp_path: Path) -> None:
         "csg-init kaiming, server-optimizer fedavg, csg-aggregation factors"
         in (tmp_path / "new" / "report.md").read_text()
     )
-    # A record from before those settings existed was made with the paper's init and the plain average.
-    _write_arm(tmp_path / "old", "csg", [0.1, 0.2])
-    record = tmp_path / "old" / "arms" / "csg.json"
-    document = json.loads(record.read_text())
-    for key in ("csg-init", "server-optimizer", "csg-aggregation"):
-        del document["config"][key]
-    record.write_text(json.dumps(document))
-    write_report(tmp_path / "old")
-    assert (
-        "csg-init paper, server-optimizer fedavg, csg-aggregation factors"
-        in (tmp_path / "old" / "report.md").read_text()
-    )
-
-
-def test_an_old_module_name_fails_naming_its_new_place() -> None:
-    import importlib
-    import subprocess
-    import sys
-
-    import fedcsg
-
-    with pytest.raises(ModuleNotFoundError, match=r"fedcsg.server_app has moved: use fedcsg.fl.server_app$"):
-        importlib.import_module("fedcsg.server_app")
-    for old, new in fedcsg.MOVED.items():
-        module = new.split()[0]
-        if module.startswith("fedcsg."):
-            importlib.import_module(module)  # every new place exists
-        with pytest.raises(ModuleNotFoundError, match=f"{old} has moved"):
-            importlib.import_module(old)
-    # `python3 -m` of an old module: one line naming the new spelling, non-zero exit
-    done = subprocess.run([sys.executable, "-m", "fedcsg.deploy_cli"], capture_output=True, text=True, timeout=60)
-    assert done.returncode != 0 and "fedcsg.deploy_cli has moved: use fedcsg.cli.deploy" in done.stderr

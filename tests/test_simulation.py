@@ -18,8 +18,8 @@ from subprocess import PIPE, Popen
 
 import pytest
 
-from fedcsg.fl.config import identity_of
-from fedcsg.fl.records import comparable
+from fedcsg.runs.records import comparable
+from fedcsg.spec.config import identity_of
 
 from .processes import kill_session
 
@@ -139,8 +139,8 @@ def test_compare_runs_all_arms_through_ray(compare_run: tuple[Path, subprocess.C
         assert final["payload_up"] < final["wire_up"] < final["payload_up"] + 2 * 4096  # framing: < 4 kB a message
     # `fedcsg bytes` builds the same messages offline; only the ids a message gets when it is sent
     # (group id, reply-to id, task ids) are missing there: less than 100 bytes per message.
-    from fedcsg.fl.config import RunConfig
     from fedcsg.fl.traffic import arm_traffic
+    from fedcsg.spec.config import RunConfig
 
     cfg = RunConfig.from_mapping({k: v for k, v in results["config"].items() if k in RunConfig().to_flower()})
     for arm, data in results["arms"].items():
@@ -273,8 +273,8 @@ def test_peer_arms_run_through_ray_with_honest_bytes(tiny_run: tuple[Path, subpr
     """fedavg+int8, fedpara and csg+topk through Flower's simulation engine on Ray, in the same
     compare as fedavg and csg: every encoded reply accepted, its bytes the encoded arrays' real
     size (the offline messages of `fedcsg bytes`, to the byte), the downlink the full payload."""
-    from fedcsg.fl.config import RunConfig
     from fedcsg.fl.traffic import arm_traffic
+    from fedcsg.spec.config import RunConfig
 
     out, proc = tiny_run
     assert proc.returncode == 0, proc.stderr[-3000:]

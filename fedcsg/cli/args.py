@@ -9,8 +9,8 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from fedcsg.fl.records import RunFailed
 from fedcsg.nn.models import MODELS
+from fedcsg.runs.records import RunFailed
 
 # One line, exit code 2. An OSError that names a file the user gave (no permission to write it, a
 # directory where a file was asked for) is the user's too: the checks before writing should catch it first.

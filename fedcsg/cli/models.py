@@ -8,10 +8,10 @@ import argparse
 import json
 
 from fedcsg.cli.args import add_model_options, positive_int, table
-from fedcsg.fl.arms import DOWNLINKS, all_arms, two_way_arms
-from fedcsg.fl.config import ModelSettings, RunConfig
-from fedcsg.fl.payload import PACKINGS
 from fedcsg.nn.params import count_parameters
+from fedcsg.spec.arms import DOWNLINKS, all_arms, two_way_arms
+from fedcsg.spec.config import ModelSettings, RunConfig
+from fedcsg.wire.payload import PACKINGS
 
 
 def _dataset(model: str) -> str:

@@ -8,12 +8,22 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from fedcsg.fl.arms import MODELS, arm_of_stem, check_arm, file_stem
-from fedcsg.fl.checkpoint import STATE_DIR, read_state
-from fedcsg.fl.config import DEFAULT_EXPERIMENT, RunConfig, identity_of, load_experiment, shipped_experiments
-from fedcsg.fl.records import holds_arms, seed_dir, seed_dirs_in
-from fedcsg.fl.report import REPORT_FILES
 from fedcsg.io import read_json_object, writable_dir
+from fedcsg.runs.checkpoint import read_state
+from fedcsg.runs.layout import (
+    REPORT_FILES,
+    REPORT_MD,
+    STATE_DIR,
+    arm_record_path,
+    differing_settings,
+    holds_arms,
+    run_files,
+    seed_dir,
+    seed_dirs_in,
+)
+from fedcsg.runs.records import fedcsg_version
+from fedcsg.spec.arms import MODELS, arm_of_stem, check_arm
+from fedcsg.spec.config import DEFAULT_EXPERIMENT, RunConfig, load_experiment, shipped_experiments
 
 
 def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -58,30 +68,13 @@ def seed_runs(cfg: RunConfig, out_dir: Path) -> list[tuple[RunConfig, Path]]:
     return [(cfg.replace(seed=seed), seed_dir(out_dir, seed)) for seed in cfg.seed_list]
 
 
-def _run_files(out_dir: Path) -> list[Path]:
-    """The files by which a directory holds a run: arm records and checkpoints, its seeds' too."""
-    return [
-        path
-        for directory in (out_dir, *seed_dirs_in(out_dir).values())
-        for sub in ("arms", STATE_DIR)
-        if (directory / sub).is_dir()
-        for path in sorted((directory / sub).glob("*.json"))
-    ]
-
-
-def _same_run(cfg: RunConfig, other: dict[str, Any]) -> list[str]:
-    """Keys (kebab-case) in which a recorded config differs from ``cfg``'s identity, the arm aside."""
-    mine, theirs = cfg.identity(), identity_of(other)
-    return sorted(k for k in set(mine) | set(theirs) if k != "arm" and theirs.get(k) != mine.get(k))
-
-
 def prepare_out_dir(out_dir: Path, cfg: RunConfig, arms: list[str], overwrite: bool, make: bool = True) -> None:
     """Refuse a directory that already holds results of these arms or of another config, unless
     ``overwrite`` (which deletes them, its seed directories' included); nothing is written before
     this check passes. With ``make``, the directory is then made (and must be writable)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"output path {str(out_dir)!r} exists and is not a directory")
-    existing = _run_files(out_dir) if out_dir.is_dir() else []
+    existing = run_files(out_dir) if out_dir.is_dir() else []
     if existing and not overwrite:
         clash = sorted({arm_of_stem(p.stem) for p in existing if arm_of_stem(p.stem) in arms})
         if clash:
@@ -90,7 +83,7 @@ def prepare_out_dir(out_dir: Path, cfg: RunConfig, arms: list[str], overwrite: b
                 "pass --resume DIR to continue it, --overwrite to replace it, or choose another --out"
             )
         other = read_json_object(existing[0]).get("config", {})
-        differing = _same_run(cfg, other)
+        differing = differing_settings(cfg.identity(), other)
         if differing:
             raise FileExistsError(
                 f"output directory {str(out_dir)!r} holds a run with another config ({', '.join(differing[:5])} "
@@ -113,7 +106,7 @@ def prepare_out_dir(out_dir: Path, cfg: RunConfig, arms: list[str], overwrite: b
 def preflight(cfg: RunConfig, arms: list[str]) -> None:
     """Everything checkable before a byte is written: find and read the labels of both splits (cheap),
     so a bad data path fails before anything runs, and check the settings against their sizes
-    (:meth:`~fedcsg.fl.config.DataSettings.check_sizes`); check that each arm's model fits in memory;
+    (:meth:`~fedcsg.spec.config.DataSettings.check_sizes`); check that each arm's model fits in memory;
     that some Ray node can host a client of ``client-num-cpus``/``client-num-gpus``; and on an
     attached cluster that every node can open the data too (a node started without them fails here,
     in seconds, not in every client of every round)."""
@@ -135,9 +128,9 @@ def preflight(cfg: RunConfig, arms: list[str]) -> None:
 def _simulate(runs: list[RunConfig], out_dir: Path, verbose: bool) -> None:
     """Run ``runs`` (one arm of one seed each, with its ``out_dir``) in one Flower simulation and
     check that each recorded every round; if one of them trained nothing
-    (:class:`~fedcsg.fl.records.RunFailed`), the report of what was recorded is written first."""
-    from fedcsg.fl.records import RunFailed
+    (:class:`~fedcsg.runs.records.RunFailed`), the report of what was recorded is written first."""
     from fedcsg.fl.simulation import simulate
+    from fedcsg.runs.records import RunFailed
 
     if not runs:
         return
@@ -147,7 +140,7 @@ def _simulate(runs: list[RunConfig], out_dir: Path, verbose: bool) -> None:
         _write_report(out_dir)
         raise
     for cfg in runs:
-        rounds = read_json_object(Path(cfg.out_dir) / "arms" / f"{file_stem(cfg.arm)}.json")["rounds"]
+        rounds = read_json_object(arm_record_path(Path(cfg.out_dir), cfg.arm))["rounds"]
         if [r["round"] for r in rounds] != list(range(cfg.num_rounds + 1)):
             raise RuntimeError(
                 f"arm {cfg.arm!r} recorded rounds {[r['round'] for r in rounds]}, not 0..{cfg.num_rounds}"
@@ -155,7 +148,7 @@ def _simulate(runs: list[RunConfig], out_dir: Path, verbose: bool) -> None:
 
 
 def _write_report(out_dir: Path) -> None:
-    from fedcsg.fl.report import write_report
+    from fedcsg.runs.report import write_report
 
     write_report(out_dir)
 
@@ -163,7 +156,7 @@ def _write_report(out_dir: Path) -> None:
 def _finish(out_dir: Path) -> int:
     _write_report(out_dir)
     print(f"results in {out_dir}: results.json, results.csv, report.md, accuracy_vs_bytes.png, accuracy_vs_round.png")
-    print((out_dir / "report.md").read_text().split("## Test accuracy")[0].strip())
+    print((out_dir / REPORT_MD).read_text().split("## Test accuracy")[0].strip())
     return 0
 
 
@@ -218,7 +211,7 @@ def _check_resume_flags(args: argparse.Namespace) -> Path:
 
 def saved_config(out_dir: Path) -> RunConfig:
     """The config of the run in ``out_dir``, from its first checkpoint or arm record."""
-    files = _run_files(out_dir)
+    files = run_files(out_dir)
     if not files:
         raise ValueError(
             f"resume directory {str(out_dir)!r} holds no fedcsg run: accepted is the --out of an earlier "
@@ -227,6 +220,12 @@ def saved_config(out_dir: Path) -> RunConfig:
     recorded = read_json_object(files[0]).get("config")
     if not isinstance(recorded, dict):
         raise ValueError(f"{str(files[0])!r} records no config: it is not a fedcsg record")
+    older = [key for key in differing_settings(RunConfig().identity(), recorded) if "absent" in key]
+    if older:
+        raise ValueError(
+            f"{str(files[0])!r} was written by an older fedcsg (it lacks "
+            f"{', '.join(k.split()[0] for k in older[:5])}): accepted are runs of fedcsg {fedcsg_version()}; rerun it with --overwrite"
+        )
     try:
         return _canonical(RunConfig.from_mapping({k: v for k, v in recorded.items() if k != "resume"}))
     except ValueError as error:
@@ -246,7 +245,7 @@ def resume_config(args: argparse.Namespace, out_dir: Path) -> RunConfig:
                 f"seeds {','.join(map(str, cfg.seed_list))} differ from the run in {str(out_dir)!r} "
                 f"(seeds {','.join(map(str, saved.seed_list))}); accepted is the saved config"
             )
-        differing = _same_run(cfg, saved.identity())
+        differing = differing_settings(cfg.identity(), saved.identity())
         if differing:
             shown = ", ".join(f"{k} = {cfg.identity()[k]!r} (saved {saved.identity()[k]!r})" for k in differing[:4])
             raise ValueError(
@@ -262,8 +261,8 @@ def arm_progress(out_dir: Path, cfg: RunConfig, arm: str) -> int | None:
     A checkpoint is loaded and checked in full (size, sha256, safetensors, shapes against the
     model, config hash); an arm record without a checkpoint counts only when it is complete.
     """
-    from fedcsg.fl.checkpoint import config_hash, load_checkpoint
     from fedcsg.fl.task import build_arm_model, payload_layout
+    from fedcsg.runs.checkpoint import config_hash, load_checkpoint
 
     arm_cfg = cfg.replace(arm=arm)
     if read_state(out_dir, arm) is not None:
@@ -275,7 +274,7 @@ def arm_progress(out_dir: Path, cfg: RunConfig, arm: str) -> int | None:
                 "accepted is --overwrite or another --out"
             )
         return checkpoint.round
-    record = out_dir / "arms" / f"{file_stem(arm)}.json"
+    record = arm_record_path(out_dir, arm)
     if not record.is_file():
         return None
     rounds = read_json_object(record).get("rounds", [])
@@ -309,7 +308,7 @@ def _resume_arms(cfg: RunConfig, arms: list[str], out_dir: Path, verbose: bool) 
 
 
 def _arms_in(out_dir: Path) -> list[str]:
-    return sorted({arm_of_stem(p.stem) for p in _run_files(out_dir)})
+    return sorted({arm_of_stem(p.stem) for p in run_files(out_dir)})
 
 
 def _default_out(args: argparse.Namespace) -> Path:
@@ -363,13 +362,13 @@ def cmd_configs(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from fedcsg.fl.report import write_report
+    from fedcsg.runs.report import write_report
 
     out_dir = Path(args.dir)
     if not out_dir.is_dir():
         raise FileNotFoundError(f"results directory {str(out_dir)!r} does not exist")
     write_report(out_dir)
-    print((out_dir / "report.md").read_text())
+    print((out_dir / REPORT_MD).read_text())
     return 0
 
 

@@ -2,8 +2,8 @@
 
 Input: a *checkpoint*, a safetensors file of a model's ``state_dict`` whose metadata (a str -> str
 map) says how to rebuild the model (:class:`ModelSettings`), written by
-:func:`~fedcsg.fl.model_file.save_checkpoint` or, at the end of a federated run, by
-:func:`~fedcsg.fl.model_file.save_global_model`. Also accepted: a bare payload file (the
+:func:`~fedcsg.runs.model_file.save_checkpoint` or, at the end of a federated run, by
+:func:`~fedcsg.runs.model_file.save_global_model`. Also accepted: a bare payload file (the
 arm's payload, flat- or per-tensor-packed, as the ServerApp sends it and checkpoints it under
 ``RUN/state/``) when the run directory it sits in gives the settings (``arms/ARM.json`` or
 ``state/ARM.json``), and a run directory itself (its last checkpoint). Nothing is ever unpickled:
@@ -40,15 +40,16 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from fedcsg.data.registry import get_spec
-from fedcsg.deploy.on_device import COMPACT_FORMAT, check_finite, load_state, read_safetensors
-from fedcsg.fl.arms import MODELS, arm_of_stem, file_stem
-from fedcsg.fl.checkpoint import read_state
-from fedcsg.fl.config import ModelSettings
-from fedcsg.fl.model_file import CHECKPOINT_FORMAT, FORMAT_VERSION, cpu_tensors
-from fedcsg.fl.payload import PayloadLayout, load_payload
-from fedcsg.fl.records import read_arm_record
 from fedcsg.io import DIGEST_KEY, tensors_digest, writable_dir
 from fedcsg.nn.csg import frozen_generator_keys, generators, is_csg, materialize
+from fedcsg.runs.checkpoint import read_state
+from fedcsg.runs.layout import ARMS_DIR, STATE_DIR, arm_record_files, state_files
+from fedcsg.runs.model_file import FORMAT_VERSION, cpu_tensors
+from fedcsg.runs.records import read_arm_record
+from fedcsg.runs.weights import CHECKPOINT_FORMAT, COMPACT_FORMAT, check_finite, load_state, read_safetensors
+from fedcsg.spec.arms import MODELS, arm_of_stem, file_stem
+from fedcsg.spec.config import ModelSettings
+from fedcsg.wire.payload import PayloadLayout, load_payload
 
 EXPORT_FORMATS = ("compact", "torchscript", "onnx")
 SUFFIXES = {"compact": ".compact.safetensors", "torchscript": ".pt", "onnx": ".onnx"}
@@ -64,8 +65,7 @@ def recorded_run_config(run_dir: Path, arm: str | None) -> dict[str, Any] | None
 
     Raises ValueError when ``arm`` is None and the directory holds several arms.
     """
-    for sub in ("arms", "state"):
-        records = sorted((run_dir / sub).glob("*.json"))
+    for sub, records in ((ARMS_DIR, arm_record_files(run_dir)), (STATE_DIR, state_files(run_dir))):
         if arm is not None:
             records = [r for r in records if arm_of_stem(r.stem) == arm]
         if len(records) > 1:
@@ -73,7 +73,7 @@ def recorded_run_config(run_dir: Path, arm: str | None) -> dict[str, Any] | None
             raise ValueError(f"{run_dir / sub} holds arms {names}: say which with --arm ({', '.join(MODELS)})")
         if records:
             document = (
-                read_arm_record(records[0]) if sub == "arms" else read_state(run_dir, arm_of_stem(records[0].stem))
+                read_arm_record(records[0]) if sub == ARMS_DIR else read_state(run_dir, arm_of_stem(records[0].stem))
             )
             assert document is not None  # the state file exists
             return {**document["config"], "arm": document.get("arm", arm_of_stem(records[0].stem))}
@@ -93,8 +93,6 @@ def _run_config_near(path: Path, arm: str | None) -> dict[str, Any] | None:
 def _arm_naming(path: Path) -> str | None:
     """The arm whose state JSON (``RUN/state/ARM.json``) names the payload file ``path``, if any: such a
     file is loaded as its run directory's checkpoint, its size and sha256 checked against that JSON."""
-    from fedcsg.fl.checkpoint import STATE_DIR
-
     if path.parent.name != STATE_DIR:
         return None
     for state in sorted(path.parent.glob("*.json")):
@@ -106,11 +104,10 @@ def _arm_naming(path: Path) -> str | None:
 
 def _from_run_directory(run_dir: Path, arm: str | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The global payload and config of a run directory's last checkpoint (``state/ARM.json``, written by
-    the ServerApp after every round, size and sha256 verified by :mod:`fedcsg.fl.checkpoint`)."""
-    from fedcsg.fl.checkpoint import STATE_DIR
-    from fedcsg.fl.checkpoint import load_checkpoint as load_run_checkpoint
+    the ServerApp after every round, size and sha256 verified by :mod:`fedcsg.runs.checkpoint`)."""
+    from fedcsg.runs.checkpoint import load_checkpoint as load_run_checkpoint
 
-    states = sorted((run_dir / STATE_DIR).glob("*.json"))
+    states = state_files(run_dir)
     if arm is not None:
         states = [s for s in states if arm_of_stem(s.stem) == arm]
     if not states:
@@ -133,7 +130,7 @@ def load_checkpoint(
     Parameters
     ----------
     path
-        A safetensors file: a checkpoint (:func:`~fedcsg.fl.model_file.save_checkpoint`), a compact
+        A safetensors file: a checkpoint (:func:`~fedcsg.runs.model_file.save_checkpoint`), a compact
         file, or a bare payload (flat- or per-tensor-packed, e.g. the ServerApp's
         ``state/ARM-round-NNNN.safetensors``); or a run directory, whose last checkpoint
         (``state/ARM.json``) is used.

@@ -23,8 +23,8 @@ from fedcsg.deploy.flwr_cli import (
     supernode_command,
     write_connection,
 )
-from fedcsg.deploy.processes import ProcessRecord, free_port, start_process, stop_processes, wait_for_port
 from fedcsg.io import check_schema, read_json_object
+from fedcsg.processes import ProcessRecord, free_port, start_process, stop_processes, wait_for_port
 
 STATE_FILE = "federation.json"
 FEDERATION_SCHEMA = {  # federation.json's fields and their JSON types (fedcsg.io.check_schema)

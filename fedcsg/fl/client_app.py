@@ -5,11 +5,11 @@ partition comes from the node config (``partition-id``, ``num-partitions``), the
 from the node config's ``data-dir`` when given, else from the run config or $FEDCSG_DATA_DIR.
 It only trains: evaluation is server-side, on the test split (the strategy sends no evaluate
 messages). An arm with a codec (``csg+int8``) replies with its encoded update
-(:class:`~fedcsg.fl.uplink.Uplink`); a codec with error feedback keeps the part it did not send
+(:class:`~fedcsg.wire.uplink.Uplink`); a codec with error feedback keeps the part it did not send
 in the node's ``Context.state`` and adds it to its next update. That residual lives as long as
 the node's context: a resumed run starts it again from zero. An arm with a delta downlink
 (``csg+int8/delta-int8``) keeps the model it holds, x̂, in ``Context.state`` too
-(:func:`fedcsg.fl.downlink.receive`), and its reply says which version it holds.
+(:func:`fedcsg.wire.downlink.receive`), and its reply says which version it holds.
 """
 
 from __future__ import annotations
@@ -21,9 +21,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from fedcsg.fl.config import RunConfig
-from fedcsg.fl.downlink import VERSION_KEY, Downlink, receive
-from fedcsg.fl.payload import PayloadLayout, load_payload, model_payload
 from fedcsg.fl.ray_cluster import PLACEMENT, placement_record
 from fedcsg.fl.task import (
     RUN_ARM_KEY,
@@ -34,8 +31,11 @@ from fedcsg.fl.task import (
     local_train,
     payload_layout,
 )
-from fedcsg.fl.uplink import Uplink
 from fedcsg.nn.training import get_device
+from fedcsg.spec.config import RunConfig
+from fedcsg.wire.downlink import VERSION_KEY, Downlink, receive
+from fedcsg.wire.payload import PayloadLayout, load_payload, model_payload
+from fedcsg.wire.uplink import Uplink
 
 app = ClientApp()
 RESIDUAL_KEY = "uplink-residual"  # Context.state record of an error-feedback codec's residual

@@ -13,7 +13,7 @@ The run setting ``ray-address`` chooses the Ray that Flower's Ray backend uses:
 
 An attached cluster is left running when the run ends (fedcsg did not start it): ``ray.shutdown``
 only disconnects this driver, and Ray removes the driver's actors with it. Every client reply names
-the Ray node that ran it (:func:`current_node_id`), and :class:`~fedcsg.fl.records.RoundRecord`
+the Ray node that ran it (:func:`current_node_id`), and :class:`~fedcsg.runs.records.RoundRecord`
 keeps it (``ray_nodes``), so the spread of the work over the cluster is in the records.
 
 :func:`interruptible` turns SIGTERM into the KeyboardInterrupt that Ctrl-C raises (and so does the
@@ -35,20 +35,9 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
-ACCEPTED_ADDRESSES = '"" (a private Ray), "auto" (the cluster on this machine) or HOST:PORT of a head node'
 CONNECT_TIMEOUT = 10.0  # seconds to reach a head node's port before the run is refused
 PROBE_TIMEOUT = 120.0  # seconds for a node to answer the pre-run probe (it may have to start a worker)
 PRIVATE_RAY = "local"  # ray.init's address for "start a new local Ray, attach to nothing"
-
-
-def check_address(value: str) -> str:
-    """``value`` if it is an accepted ``ray-address``, else a one-line ValueError."""
-    if value in ("", "auto"):
-        return value
-    host, sep, port = value.rpartition(":")
-    if sep and host and port.isdigit() and 0 < int(port) < 65536 and "/" not in value:
-        return value
-    raise ValueError(f"ray-address = {value!r} is not accepted: {ACCEPTED_ADDRESSES} is")
 
 
 def init_args(address: str) -> dict[str, Any]:
@@ -237,7 +226,7 @@ def interruptible(grace: float = 5.0) -> Iterator[None]:
 
     Outside the main thread (where Python cannot install signal handlers) the block runs as is.
     """
-    from fedcsg.deploy.processes import adopting_orphans, descendants, stop_pids
+    from fedcsg.processes import adopting_orphans, descendants, stop_pids
 
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -14,14 +14,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
-from fedcsg.fl.arms import file_stem
-from fedcsg.fl.checkpoint import Checkpoint, config_hash, load_checkpoint, save_checkpoint, set_rng_state
-from fedcsg.fl.config import RunConfig
-from fedcsg.fl.downlink import Downlink
-from fedcsg.fl.model_file import save_global_model
-from fedcsg.fl.payload import PayloadLayout, load_payload, model_payload
-from fedcsg.fl.records import ArmRecorder, RoundRecord, check_trained
-from fedcsg.fl.report import write_report
 from fedcsg.fl.server_opt import Mask, ServerOptimizer
 from fedcsg.fl.strategy import CSGFedAvg, lr_schedule
 from fedcsg.fl.task import (
@@ -34,10 +26,18 @@ from fedcsg.fl.task import (
     test_data,
 )
 from fedcsg.fl.traffic import bundle_download_bytes
-from fedcsg.fl.uplink import Uplink
 from fedcsg.nn.csg import FACTORS, factor_keys, frozen_keys, round_factor
 from fedcsg.nn.params import count_parameters
 from fedcsg.nn.training import PassStats, get_device, set_seed
+from fedcsg.runs.checkpoint import Checkpoint, config_hash, load_checkpoint, save_checkpoint, set_rng_state
+from fedcsg.runs.layout import model_file_path
+from fedcsg.runs.model_file import save_global_model
+from fedcsg.runs.records import ArmRecorder, RoundRecord, check_trained
+from fedcsg.runs.report import write_report
+from fedcsg.spec.config import RunConfig
+from fedcsg.wire.downlink import Downlink
+from fedcsg.wire.payload import PayloadLayout, load_payload, model_payload
+from fedcsg.wire.uplink import Uplink
 
 app = ServerApp()
 
@@ -255,7 +255,7 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress: Callable
         round_end_fn=round_end_fn,
     )
     # The final global model, with its settings in the metadata: `fedcsg export --checkpoint` reads it.
-    save_global_model(out_dir, cfg, result.arrays, name=f"model-{file_stem(cfg.arm)}.safetensors")
+    save_global_model(out_dir, cfg, result.arrays, name=model_file_path(out_dir, cfg.arm).name)
     return recorder.rounds
 
 
@@ -288,7 +288,7 @@ def main(grid: Grid, context: Context) -> None:
     ``compare``, whose CLI writes the report), or the one run of `flwr run .`, whose config comes
     from [tool.flwr.app.config] and --run-config and whose report is written here.
 
-    A run in which no round aggregated a client update raises :class:`~fedcsg.fl.records.RunFailed`
+    A run in which no round aggregated a client update raises :class:`~fedcsg.runs.records.RunFailed`
     once its records (and, for `flwr run`, its report) are written: Flower then marks the run failed.
     """
     if PLAN_KEY in context.state:

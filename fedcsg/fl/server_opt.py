@@ -35,7 +35,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi
 
-SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
+from fedcsg.spec.config import SERVER_OPTIMIZERS
+
 _FLOWER_CLASSES: dict[str, type[FedAvg]] = {"fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi}
 _LR_ARGUMENT = {"fedavgm": "server_learning_rate", "fedadam": "eta", "fedyogi": "eta"}
 _STATE_ATTRS = {"fedavgm": ("momentum_vector",), "fedadam": ("m_t", "v_t"), "fedyogi": ("m_t", "v_t")}

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import tomli_w
 
-from fedcsg.fl.arms import file_stem
-from fedcsg.fl.config import RunConfig
 from fedcsg.fl.ray_cluster import init_args, interruptible
 from fedcsg.fl.task import partition_rows
+from fedcsg.runs.layout import arm_record_path
+from fedcsg.spec.config import RunConfig
 
 SERVER_APP = "fedcsg.fl.server_app:app"
 CLIENT_APP = "fedcsg.fl.client_app:app"
@@ -91,7 +91,7 @@ def simulate(runs: Sequence[RunConfig], *, verbose: bool = False) -> None:
 
     The ServerApp runs them one after the other (:func:`fedcsg.fl.server_app.planned_runs`), each
     through its own strategy; a run in which no round aggregated a client update stops the plan with
-    :class:`~fedcsg.fl.records.RunFailed` after its records are written. SIGTERM, like Ctrl-C, ends
+    :class:`~fedcsg.runs.records.RunFailed` after its records are written. SIGTERM, like Ctrl-C, ends
     the simulation with KeyboardInterrupt after shutting down what it started
     (:func:`~fedcsg.fl.ray_cluster.interruptible`); the records hold every round completed before.
     """
@@ -142,5 +142,5 @@ def simulate(runs: Sequence[RunConfig], *, verbose: bool = False) -> None:
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
         )
     for cfg in runs:
-        if not (Path(cfg.out_dir) / "arms" / f"{file_stem(cfg.arm)}.json").is_file():
+        if not arm_record_path(Path(cfg.out_dir), cfg.arm).is_file():
             raise RuntimeError(f"the simulation of arm {cfg.arm!r} ended without results (see the log above)")

@@ -18,14 +18,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from flwr.supercore import log
 
-from fedcsg.fl.config import FAILED_ROUND_POLICIES
-from fedcsg.fl.downlink import Broadcaster, Downlink
-from fedcsg.fl.payload import PayloadLayout, check_specs, weighted_average
 from fedcsg.fl.ray_cluster import reported_node
-from fedcsg.fl.records import RoundRecord
 from fedcsg.fl.server_opt import Mask, ServerOptimizer
 from fedcsg.fl.traffic import accounted_wire_bytes, payload_bytes
-from fedcsg.fl.uplink import Uplink
+from fedcsg.runs.records import RoundRecord
+from fedcsg.spec.config import FAILED_ROUND_POLICIES
+from fedcsg.wire.downlink import Broadcaster, Downlink
+from fedcsg.wire.payload import PayloadLayout, check_specs, weighted_average
+from fedcsg.wire.uplink import Uplink
 
 WEIGHT_KEY = "num-examples"
 TRAIN_METRICS = ("train-loss", "train-accuracy", "train-seconds")  # what aggregate_train_metrics reads
@@ -63,7 +63,7 @@ def checked_reply(
 
     Checks, in order: one ArrayRecord and one MetricRecord; num-examples a positive integer; the
     train metrics finite numbers; the record's keys, shapes and dtypes exactly what the arm's
-    clients send (:meth:`~fedcsg.fl.uplink.Uplink.specs`: the payload, or the codec's encoded
+    clients send (:meth:`~fedcsg.wire.uplink.Uplink.specs`: the payload, or the codec's encoded
     update); every float value finite; then it is decoded against ``reference`` (the global
     payload as the client received it), which must succeed and give finite values; and, when
     ``max_update_norm`` > 0, the L2 norm of the decoded update is at most ``max_update_norm``.
@@ -133,7 +133,7 @@ def sample_positions(seed: int, server_round: int, attempt: int, num_nodes: int,
 
 
 class CSGFedAvg(FedAvg):
-    """FedAvg over a :class:`~fedcsg.fl.payload.PayloadLayout`, with traffic accounting.
+    """FedAvg over a :class:`~fedcsg.wire.payload.PayloadLayout`, with traffic accounting.
 
     Parameters
     ----------
@@ -145,7 +145,7 @@ class CSGFedAvg(FedAvg):
         reply is an encoded update, checked as strictly and decoded against the payload the
         client received before it is averaged.
     downlink
-        How the global payload travels down (:class:`~fedcsg.fl.downlink.Downlink`; default: as it
+        How the global payload travels down (:class:`~fedcsg.wire.downlink.Downlink`; default: as it
         is); a lossy one moves the server's full-precision model by the clients' average update,
         a delta one keeps x̂ and resyncs in full the nodes not known to hold it.
     lr_fn
@@ -166,7 +166,7 @@ class CSGFedAvg(FedAvg):
         ``fedavg`` one) keeps the average.
     mask_fn
         ``server_round -> mask`` of the payload elements the server optimizer may move (see
-        :meth:`~fedcsg.fl.payload.PayloadLayout.element_mask`); required with a stateful optimizer.
+        :meth:`~fedcsg.wire.payload.PayloadLayout.element_mask`); required with a stateful optimizer.
     round_config_fn
         ``server_round -> extra train-config entries`` (e.g. which CSG factor trains).
     **fedavg_kwargs
@@ -200,7 +200,7 @@ class CSGFedAvg(FedAvg):
         self.uplink = uplink or Uplink(layout)
         if self.uplink.layout != layout:
             raise ValueError("the uplink's payload layout is not the strategy's")
-        # -- downlink (fedcsg.fl.downlink): what each node is sent, x̂ and who holds it --------------
+        # -- downlink (fedcsg.wire.downlink): what each node is sent, x̂ and who holds it --------------
         self.broadcaster = Broadcaster(downlink or Downlink(layout))
         if self.broadcaster.downlink.layout != layout:
             raise ValueError("the downlink's payload layout is not the strategy's")

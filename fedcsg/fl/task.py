@@ -1,5 +1,5 @@
 """The pieces the ClientApp and the ServerApp share: the arm's model, the client's data, local
-training and server-side evaluation. Pure functions over a :class:`~fedcsg.fl.config.RunConfig`."""
+training and server-side evaluation. Pure functions over a :class:`~fedcsg.spec.config.RunConfig`."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from torch import nn
 from fedcsg.data.batches import TensorBatches
 from fedcsg.data.partitions import partition_indices
 from fedcsg.data.readers import ImageData, load_labels, load_split
-from fedcsg.fl.config import DataSettings, RunConfig
-from fedcsg.fl.payload import PayloadLayout
 from fedcsg.nn.csg import freeze_factor
 from fedcsg.nn.training import PassStats, evaluate, make_optimizer, train_epoch, tune_malloc
+from fedcsg.spec.config import DataSettings, RunConfig
+from fedcsg.wire.payload import PayloadLayout
 
 TRAIN_FACTOR_KEY = "train-factor"  # train-config entry: which CSG factor trains this round (fedcsg.nn.csg.FACTORS)
 RUN_ARM_KEY, RUN_SEED_KEY = "arm", "seed"  # train-config entries: the run a message belongs to
@@ -71,7 +71,7 @@ def _partition_rows(data: DataSettings, partition_id: int, num_partitions: int) 
 
 def partition_rows(cfg: RunConfig, partition_id: int, num_partitions: int) -> np.ndarray:
     """Train-split rows of one client; the same for every arm of a comparison (they depend only on
-    the data settings, :class:`~fedcsg.fl.config.DataSettings`, which also key the caches)."""
+    the data settings, :class:`~fedcsg.spec.config.DataSettings`, which also key the caches)."""
     return _partition_rows(cfg.data_settings, partition_id, num_partitions)
 
 

@@ -16,13 +16,13 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
-from fedcsg.fl.config import RunConfig
-from fedcsg.fl.downlink import STATELESS, VERSION_KEY, Broadcaster, Downlink
-from fedcsg.fl.payload import model_payload
 from fedcsg.fl.ray_cluster import NODE_ID_HEX_LENGTH, NODE_ID_KEY, PLACEMENT
 from fedcsg.fl.task import build_arm_model, payload_layout
-from fedcsg.fl.uplink import Uplink
 from fedcsg.nn.params import count_parameters
+from fedcsg.spec.config import RunConfig
+from fedcsg.wire.downlink import STATELESS, VERSION_KEY, Broadcaster, Downlink
+from fedcsg.wire.payload import model_payload
+from fedcsg.wire.uplink import Uplink
 
 RANDOM_ID_FIELDS = ("run_id", "src_node_id", "dst_node_id", "src_task_id", "dst_task_id")  # Metadata's uint64s
 WIDEST_ID = 2**64 - 1  # a 64-bit id whose varint takes the most bytes (10)

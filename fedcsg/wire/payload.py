@@ -1,6 +1,6 @@
 """What each arm sends, how it is packed into a Flower ArrayRecord, and how many bytes that is.
 
-The arms and their models are defined in :mod:`fedcsg.fl.arms`; a frozen generator is never part of a
+The arms and their models are defined in :mod:`fedcsg.spec.arms`; a frozen generator is never part of a
 payload (every party rebuilds it from the seed).
 
 Packing
@@ -23,8 +23,7 @@ from flwr.app import Array, ArrayRecord
 from torch import nn
 
 from fedcsg.nn.csg import frozen_generator_keys
-
-PACKINGS = ("flat", "per-tensor")
+from fedcsg.spec.config import PACKINGS
 
 
 @dataclass(frozen=True)

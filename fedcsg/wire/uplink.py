@@ -1,5 +1,5 @@
 """How a client's update travels up: as it is, or as a codec's encoded delta (the global payload's
-way down is :mod:`fedcsg.fl.downlink`).
+way down is :mod:`fedcsg.wire.downlink`).
 
 Uplink
 ------
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from fedcsg.fl.codecs import ArraySpecs, Codec, encode_with_feedback
-from fedcsg.fl.payload import PayloadLayout, assemble, check_specs, flat_floats
+from fedcsg.spec.codecs import ArraySpecs, Codec, encode_with_feedback
+from fedcsg.wire.payload import PayloadLayout, assemble, check_specs, flat_floats
 
 DELTA_PREFIX = "delta."
 
@@ -73,7 +73,7 @@ class Uplink:
     ) -> tuple[ArrayRecord, np.ndarray | None]:
         """The reply record for the client's ``local`` payload, and the residual to carry.
 
-        ``received`` is the global payload as the client got it (after :func:`fedcsg.fl.downlink.receive`);
+        ``received`` is the global payload as the client got it (after :func:`fedcsg.wire.downlink.receive`);
         ``residual`` the carried error of an error-feedback codec (None at first).
         """
         if self.codec is None:

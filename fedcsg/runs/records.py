@@ -3,9 +3,9 @@
 Layout of an output directory::
 
     DIR/arms/<arm>.json      written by the ServerApp after every round (atomic rename)
-    DIR/state/<arm>.json     the arm's checkpoint after its last complete round (see fedcsg.fl.checkpoint)
+    DIR/state/<arm>.json     the arm's checkpoint after its last complete round (see fedcsg.runs.checkpoint)
     DIR/state/<arm>-round-NNNN.safetensors   the global payload of that round
-    DIR/results.json, results.csv, report.md and plots   the report (see fedcsg.fl.report)
+    DIR/results.json, results.csv, report.md and plots   the report (see fedcsg.runs.report)
 
 A run over several seeds (``seeds`` = "0,1,2") holds one such run per seed in ``DIR/seed-N/``.
 """
@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedcsg.fl.arms import file_stem
 from fedcsg.io import atomic_write_text, check_schema, read_json_object, strict_json
+from fedcsg.runs.layout import arm_record_path
 
 BYTE_FIELDS = ("payload_up", "payload_down", "wire_up", "wire_down")
-SEED_DIR_PREFIX = "seed-"
 
 
 @dataclass
@@ -155,39 +154,33 @@ def read_arm_record(path: Path) -> dict[str, Any]:
     return document
 
 
-def seed_dir(out_dir: Path, seed: int) -> Path:
-    """Where the run of one seed of a several-seed run lives."""
-    return Path(out_dir) / f"{SEED_DIR_PREFIX}{seed}"
+def fedcsg_version() -> str:
+    """The installed fedcsg's version (its package metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-
-def holds_arms(directory: Path) -> bool:
-    """Whether ``directory`` holds arm records (``arms/*.json``) of a one-seed run."""
-    return any((Path(directory) / "arms").glob("*.json"))
-
-
-def seed_dirs_in(out_dir: Path) -> dict[int, Path]:
-    """The seed directories ``DIR/seed-N`` that exist, by seed, in ascending order."""
-    found = {}
-    if Path(out_dir).is_dir():
-        for path in Path(out_dir).glob(f"{SEED_DIR_PREFIX}*"):
-            number = path.name.removeprefix(SEED_DIR_PREFIX)
-            if path.is_dir() and number.isdigit():
-                found[int(number)] = path
-    return dict(sorted(found.items()))
+    try:
+        return version("fedcsg")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def versions() -> dict[str, str]:
     import flwr
     import torch
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "flwr": flwr.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "flwr": flwr.__version__,
+        "fedcsg": fedcsg_version(),
+    }
 
 
 class ArmRecorder:
     """Collects one arm's round records and rewrites ``DIR/arms/<arm>.json`` after each round."""
 
     def __init__(self, out_dir: Path, arm: str, config: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
-        self.path = Path(out_dir) / "arms" / f"{file_stem(arm)}.json"
+        self.path = arm_record_path(out_dir, arm)
         self.arm = arm
         self.config = config
         self.extra = extra or {}

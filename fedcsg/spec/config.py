@@ -24,8 +24,6 @@ from torch import nn
 from fedcsg.data.partitions import SCHEMES as PARTITION_SCHEMES
 from fedcsg.data.registry import DATASETS as DATASET_SPECS
 from fedcsg.data.registry import get_spec
-from fedcsg.fl.arms import DOWNLINKS, Arm, check_arm
-from fedcsg.fl.codecs import Codec
 from fedcsg.nn.csg import AGGREGATIONS as CSG_AGGREGATIONS
 from fedcsg.nn.csg import INITS as CSG_INITS
 from fedcsg.nn.csg import CSGConfig, SliceShape
@@ -35,16 +33,18 @@ from fedcsg.nn.fedpara import fedparafy
 from fedcsg.nn.models import build_model, default_csg_config, model_slice, model_spec
 from fedcsg.nn.params import check_model_size, planned_bytes
 from fedcsg.nn.training import SCHEDULES
+from fedcsg.spec.arms import DOWNLINKS, Arm, check_arm
+from fedcsg.spec.codecs import Codec
 
 DATASETS = tuple(DATASET_SPECS)
 DEVICES = ("auto", "cpu", "cuda")
 FAILED_ROUND_POLICIES = ("skip", "retry")  # fewer accepted replies than the minimum: keep the model, or resend once
+PACKINGS = ("flat", "per-tensor")  # how a payload's float entries travel: one flat array, or one per tensor
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")  # fedcsg.fl.server_opt: Flower's strategies
+ACCEPTED_ADDRESSES = '"" (a private Ray), "auto" (the cluster on this machine) or HOST:PORT of a head node'
 # Keys that say where or how a run is carried out, not what it computes: a resumed run may differ in them.
 # `seeds` only says how many runs to make; each run's own `seed` is part of its identity.
 NOT_IDENTITY_KEYS = ("out-dir", "arms", "resume", "seeds", "ray-address")
-# Keys added after runs were first checkpointed, whose default is what every earlier run did: they enter
-# a run's identity only when set otherwise, so a run checkpointed before they existed can still resume.
-IDENTITY_ONLY_OFF_DEFAULT = ("fedpara-ratio", "topk-fraction", "downlink", "downlink-topk-fraction")
 POSITIVE_INTS = (
     "code_dim",
     "pointwise_code_dim",
@@ -243,7 +243,7 @@ class RunConfig:
     # Traffic: an arm MODEL+CODEC sends its update through the codec; MODEL[+CODEC]/DOWNLINK receives the
     # global model through DOWNLINK, an arm that names none through `downlink`
     topk_fraction: float = 0.01  # topk codec: the fraction of the update's entries sent
-    downlink: str = "full"  # full, fp16, int8 (blockwise), delta-int8, delta-topk (fedcsg.fl.downlink)
+    downlink: str = "full"  # full, fp16, int8 (blockwise), delta-int8, delta-topk (fedcsg.wire.downlink)
     downlink_topk_fraction: float = 0.05  # delta-topk downlink: the fraction of the model's change sent
     # Data and partitions
     dataset: str = "cifar10"
@@ -294,12 +294,6 @@ class RunConfig:
     resume: bool = False  # continue from out-dir/state/<arm>.json when it exists (fedcsg run/compare --resume)
 
     def __post_init__(self) -> None:
-        # Imported here: these modules import Flower, and ModelSettings (this module's other half)
-        # must load on a device that has none (fedcsg.deploy.on_device).
-        from fedcsg.fl.payload import PACKINGS
-        from fedcsg.fl.ray_cluster import check_address as check_ray_address
-        from fedcsg.fl.server_opt import SERVER_OPTIMIZERS
-
         for name in POSITIVE_INTS:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{_kebab(name)} = {getattr(self, name)!r} is not accepted: a positive integer is")
@@ -445,6 +439,16 @@ def _kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
+def check_ray_address(value: str) -> str:
+    """``value`` if it is an accepted ``ray-address``, else a one-line ValueError."""
+    if value in ("", "auto"):
+        return value
+    host, sep, port = value.rpartition(":")
+    if sep and host and port.isdigit() and 0 < int(port) < 65536 and "/" not in value:
+        return value
+    raise ValueError(f"ray-address = {value!r} is not accepted: {ACCEPTED_ADDRESSES} is")
+
+
 def _one_of(key: str, value: str, accepted: tuple[str, ...]) -> None:
     if value not in accepted:
         raise ValueError(f"{key} = {value!r} is not accepted: one of {', '.join(accepted)} is")
@@ -516,9 +520,4 @@ def load_experiment(name_or_path: str | Path, base: RunConfig | None = None) -> 
 def identity_of(record: Mapping[str, Any]) -> dict[str, Any]:
     """The identity (see :meth:`RunConfig.identity`) of a kebab-case config record, such as the
     ``config`` a run file holds: its keys that decide what a run computes."""
-    defaults = RunConfig().to_flower()
-    return {
-        k: v
-        for k, v in record.items()
-        if k not in NOT_IDENTITY_KEYS and not (k in IDENTITY_ONLY_OFF_DEFAULT and v == defaults.get(k))
-    }
+    return {k: v for k, v in record.items() if k not in NOT_IDENTITY_KEYS}

@@ -1,4 +1,4 @@
-"""How the global payload travels down, per arm (``MODEL[+UPCODEC][/DOWNLINK]``, :mod:`fedcsg.fl.arms`).
+"""How the global payload travels down, per arm (``MODEL[+UPCODEC][/DOWNLINK]``, :mod:`fedcsg.spec.arms`).
 
 Stateless downlinks (a client decodes the message alone, whatever it received before):
 
@@ -46,9 +46,9 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from fedcsg.fl.arms import DOWNLINKS
-from fedcsg.fl.codecs import ArraySpecs, Codec, block_lengths, int8_dequantize, int8_quantize
-from fedcsg.fl.payload import PayloadLayout, assemble, check_specs, flat_floats
+from fedcsg.spec.arms import DOWNLINKS
+from fedcsg.spec.codecs import ArraySpecs, Codec, block_lengths, int8_dequantize, int8_quantize
+from fedcsg.wire.payload import PayloadLayout, assemble, check_specs, flat_floats
 
 BLOCK = 256  # values per int8 scale (docs/downlink.md: error and bytes against per-tensor scales)
 STATELESS = ("full", "fp16", "int8")
@@ -86,7 +86,7 @@ class Downlink:
     layout
         The arm's payload.
     mode
-        One of :data:`~fedcsg.fl.arms.DOWNLINKS`.
+        One of :data:`~fedcsg.spec.arms.DOWNLINKS`.
     topk_fraction
         Fraction of the entries ``delta-topk`` sends, in (0, 1].
     block
@@ -104,7 +104,7 @@ class Downlink:
 
     @classmethod
     def of_config(cls, cfg: Any, layout: PayloadLayout) -> Downlink:
-        """The downlink of ``cfg``'s arm (a :class:`~fedcsg.fl.config.RunConfig`)."""
+        """The downlink of ``cfg``'s arm (a :class:`~fedcsg.spec.config.RunConfig`)."""
         return cls(layout, cfg.downlink_mode, cfg.downlink_topk_fraction)
 
     @property

@@ -1,4 +1,4 @@
-"""The report of a federated run, built from its round records (see :mod:`fedcsg.fl.records`)::
+"""The report of a federated run, built from its round records (see :mod:`fedcsg.runs.records`)::
 
     DIR/results.json         config, versions, seed, and every arm's round records
     DIR/results.csv          one row per arm and round
@@ -22,19 +22,19 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fedcsg.fl.arms import MODELS, Arm, arm_of_stem, arm_order
-from fedcsg.fl.records import ROUND_FIELDS, holds_arms, read_arm_record, seed_dirs_in
+from fedcsg.spec.arms import MODELS, Arm, arm_of_stem, arm_order
+from fedcsg.runs.layout import ARMS_DIR, REPORT_MD, RESULTS_CSV, RESULTS_JSON, arm_record_files, holds_arms, seed_dirs_in
+from fedcsg.runs.records import ROUND_FIELDS, read_arm_record
 from fedcsg.io import atomic_write_text, strict_json
 
-REPORT_FILES = ("results.json", "results.csv", "report.md", "accuracy_vs_bytes.png", "accuracy_vs_round.png")
 
 
 def load_results(out_dir: Path) -> dict[str, Any]:
     """Gather ``DIR/arms/*.json`` into one results document."""
-    arm_files = sorted((Path(out_dir) / "arms").glob("*.json"))
+    arm_files = arm_record_files(out_dir)
     if not arm_files:
         raise FileNotFoundError(
-            f"no arm results in {str(Path(out_dir) / 'arms')!r}: run `fedcsg run` or `compare` first"
+            f"no arm results in {str(Path(out_dir) / ARMS_DIR)!r}: run `fedcsg run` or `compare` first"
         )
     arms = {arm_of_stem(path.stem): read_arm_record(path) for path in arm_files}
     order = arm_order(list(arms))
@@ -191,10 +191,6 @@ def _goal_names(target: float, match: float | None) -> tuple[str, str]:
     return f"the target accuracy {target:.0%}", match_text
 
 
-# What a run recorded before these settings existed did: the paper's init, the plain average.
-SETTINGS_BEFORE_THEY_EXISTED = {"csg-init": "paper", "server-optimizer": "fedavg", "csg-aggregation": "factors"}
-
-
 def _setup(cfg: dict[str, Any]) -> str:
     """The run's setup in one sentence (clients, partitions, rounds, CSG and server settings)."""
     return (
@@ -202,7 +198,7 @@ def _setup(cfg: dict[str, Any]) -> str:
         + (f" (alpha {cfg.get('dirichlet-alpha')})" if cfg.get("partitioner") == "dirichlet" else "")
         + f", {cfg.get('num-rounds')} rounds, {cfg.get('local-epochs')} local epoch(s), "
         f"slice {cfg.get('slice')} / code dim {cfg.get('code-dim')}, "
-        + ", ".join(f"{key} {cfg.get(key, before)}" for key, before in SETTINGS_BEFORE_THEY_EXISTED.items())
+        + ", ".join(f"{key} {cfg.get(key)}" for key in ("csg-init", "server-optimizer", "csg-aggregation"))
     )
 
 
@@ -244,8 +240,8 @@ def _report_markdown(results: dict[str, Any], summary: dict[str, dict[str, Any]]
         "seed: byte counts are exact, but a difference of a few points between arms can be noise (`--seeds 0,1,2` "
         "gives the spread).",
         "",
-        "*up* / *down* say how each arm's updates and global model travelled (fedcsg.fl.codecs, "
-        "fedcsg.fl.downlink). *Resynced* counts the messages of a delta downlink that carried the model in full "
+        "*up* / *down* say how each arm's updates and global model travelled (fedcsg.spec.codecs, "
+        "fedcsg.wire.downlink). *Resynced* counts the messages of a delta downlink that carried the model in full "
         "(a node not known to hold the previous one) and their wire bytes, over the run; results.csv has them "
         "per round (`resynced`, `wire_down_resync`; the in-sync share is `wire_down - wire_down_resync`).",
         "",
@@ -302,22 +298,22 @@ def write_report(out_dir: str | Path) -> dict[str, Any]:
     out_dir = Path(out_dir)
     seeds = {seed: path for seed, path in seed_dirs_in(out_dir).items() if holds_arms(path)}
     for directory in (out_dir, *seeds.values()):  # every record checked before any file is written
-        for path in sorted((directory / "arms").glob("*.json")):
+        for path in arm_record_files(directory):
             read_arm_record(path)
     if seeds and not holds_arms(out_dir):
         return write_seeds_report(out_dir, {seed: write_report(path) for seed, path in seeds.items()})
     results = load_results(out_dir)
     summary = summarize(results)
     results["summary"] = summary
-    atomic_write_text(out_dir / "results.json", strict_json(results))
+    atomic_write_text(out_dir / RESULTS_JSON, strict_json(results))
     rows = [
         {"arm": arm, **{k: _csv_cell(r.get(k)) for k in ROUND_FIELDS}}
         for arm, data in results["arms"].items()
         for r in data["rounds"]
     ]
-    _write_csv(out_dir / "results.csv", ["arm", *ROUND_FIELDS], rows)
+    _write_csv(out_dir / RESULTS_CSV, ["arm", *ROUND_FIELDS], rows)
     if summary:
-        atomic_write_text(out_dir / "report.md", _report_markdown(results, summary))
+        atomic_write_text(out_dir / REPORT_MD, _report_markdown(results, summary))
         title = f"{results['config'].get('model')} on {results['config'].get('dataset')}"
         _plots({results["seed"]: results}, list(results["arms"]), title, out_dir)
     return results
@@ -532,16 +528,16 @@ def write_seeds_report(out_dir: Path, per_seed: dict[int, dict[str, Any]]) -> di
         "summary": summary,
         "per_seed": {str(seed): {"summary": r["summary"], "arms": r["arms"]} for seed, r in per_seed.items()},
     }
-    atomic_write_text(out_dir / "results.json", strict_json(results))
+    atomic_write_text(out_dir / RESULTS_JSON, strict_json(results))
     rows = [
         {"arm": arm, "seed": seed, **{k: _csv_cell(r.get(k)) for k in ROUND_FIELDS}}
         for arm in summary
         for seed, seed_results in per_seed.items()
         for r in seed_results["arms"].get(arm, {}).get("rounds", [])
     ]
-    _write_csv(out_dir / "results.csv", ["arm", "seed", *ROUND_FIELDS], rows)
+    _write_csv(out_dir / RESULTS_CSV, ["arm", "seed", *ROUND_FIELDS], rows)
     if summary:
-        atomic_write_text(out_dir / "report.md", _seeds_markdown(config, per_seed, summary))
+        atomic_write_text(out_dir / REPORT_MD, _seeds_markdown(config, per_seed, summary))
         title = f"{config.get('model')} on {config.get('dataset')}, {len(per_seed)} seeds"
         _plots(per_seed, list(summary), title, out_dir)
     return results

@@ -30,14 +30,14 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from fedcsg.fl.arms import file_stem
-from fedcsg.fl.payload import PayloadLayout, check_record
-from fedcsg.fl.records import ROUND_SCHEMA
+from fedcsg.spec.arms import file_stem
+from fedcsg.wire.payload import PayloadLayout, check_record
+from fedcsg.runs.layout import STATE_DIR, in_state_dir, state_path, weights_path
+from fedcsg.runs.records import ROUND_SCHEMA
 from fedcsg.io import DIGEST_KEY, atomic_write_bytes, atomic_write_text, check_schema, strict_json, tensors_digest
 
-STATE_DIR = "state"
 FORMAT = 1
-X_HAT_PREFIX = "x-hat:"  # keys of a delta downlink's x̂ in the weights file (fedcsg.fl.downlink)
+X_HAT_PREFIX = "x-hat:"  # keys of a delta downlink's x̂ in the weights file (fedcsg.wire.downlink)
 STATE_SCHEMA = {  # the state JSON's fields and their JSON types (fedcsg.io.check_schema)
     "format": int,
     "arm": str,
@@ -71,16 +71,8 @@ class Checkpoint:
     downlink_arrays: ArrayRecord | None = None  # a delta downlink's x̂
 
 
-def state_path(out_dir: Path, arm: str) -> Path:
-    return Path(out_dir) / STATE_DIR / f"{file_stem(arm)}.json"
-
-
-def weights_path(out_dir: Path, arm: str, server_round: int) -> Path:
-    return Path(out_dir) / STATE_DIR / f"{file_stem(arm)}-round-{server_round:04d}.safetensors"
-
-
 def config_hash(identity: dict[str, Any]) -> str:
-    """sha256 of a config identity (:meth:`fedcsg.fl.config.RunConfig.identity`), keys sorted."""
+    """sha256 of a config identity (:meth:`fedcsg.spec.config.RunConfig.identity`), keys sorted."""
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
@@ -202,7 +194,7 @@ def _check_consistent(document: dict[str, Any], out_dir: Path, arm: str, where: 
             f"{recorded_rounds!r}"
         )
     expected = weights_path(out_dir, arm, server_round)
-    named = Path(out_dir) / STATE_DIR / document["weights"]["file"]
+    named = in_state_dir(out_dir, document["weights"]["file"])
     if named.resolve() != expected.resolve() or named.name != expected.name:
         raise ValueError(
             f"{where} names weights file {document['weights']['file']!r}: accepted is {expected.name!r}, the file "
@@ -230,7 +222,7 @@ def load_checkpoint(out_dir: Path, arm: str, layout: PayloadLayout | None = None
     document = read_state(out_dir, arm)
     if document is None:
         return None
-    weights = Path(out_dir) / STATE_DIR / str(document["weights"]["file"])
+    weights = in_state_dir(out_dir, str(document["weights"]["file"]))
     if not weights.is_file():
         raise ValueError(f"checkpoint weights {str(weights)!r} named by {str(state_path(out_dir, arm))!r} are missing")
     data = weights.read_bytes()

@@ -1,4 +1,4 @@
-"""Model files: a model's whole ``state_dict`` with the :class:`~fedcsg.fl.config.ModelSettings` that
+"""Model files: a model's whole ``state_dict`` with the :class:`~fedcsg.spec.config.ModelSettings` that
 rebuild it, as safetensors metadata (str -> str). The ServerApp writes one at the end of a run
 (:func:`save_global_model`); ``fedcsg export`` (:mod:`fedcsg.deploy.export`) reads them. Nothing is
 ever pickled."""
@@ -11,9 +11,9 @@ import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
-from fedcsg.deploy.on_device import CHECKPOINT_FORMAT
-from fedcsg.fl.config import ModelSettings, RunConfig
-from fedcsg.fl.payload import PayloadLayout, load_payload
+from fedcsg.runs.weights import CHECKPOINT_FORMAT
+from fedcsg.spec.config import ModelSettings, RunConfig
+from fedcsg.wire.payload import PayloadLayout, load_payload
 from fedcsg.io import DIGEST_KEY, tensors_digest
 
 FORMAT_VERSION = "1"

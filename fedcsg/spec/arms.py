@@ -1,9 +1,9 @@
 """The arms of a comparison, defined once: ``MODEL[+UPCODEC][/DOWNLINK]``.
 
 The model part says how the network is parameterised and what its payload is
-(:mod:`fedcsg.fl.payload`); the codec part, if any, says how a client's update travels up
-(:mod:`fedcsg.fl.codecs`, :mod:`fedcsg.fl.uplink`); the downlink part, if any, says how the global
-model travels down (:mod:`fedcsg.fl.downlink`). An arm that names no downlink uses the run-wide
+(:mod:`fedcsg.wire.payload`); the codec part, if any, says how a client's update travels up
+(:mod:`fedcsg.spec.codecs`, :mod:`fedcsg.wire.uplink`); the downlink part, if any, says how the global
+model travels down (:mod:`fedcsg.wire.downlink`). An arm that names no downlink uses the run-wide
 ``downlink`` setting (default ``full``).
 
 Models
@@ -34,10 +34,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedcsg.fl.codecs import CODECS
+from fedcsg.spec.codecs import CODECS
 
 MODELS = ("fedavg", "fedpara", "csg", "csg-frozen")
-# The downlinks an arm may name (fedcsg.fl.downlink holds their code and imports this tuple).
+# The downlinks an arm may name (fedcsg.wire.downlink holds their code and imports this tuple).
 DOWNLINKS = ("full", "fp16", "int8", "delta-int8", "delta-topk")
 SEPARATOR = "+"
 DOWN_SEPARATOR = "/"
