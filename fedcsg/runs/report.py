@@ -115,10 +115,11 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "rounds": len(rounds),
             "final_accuracy": last["test_accuracy"],
             "best_accuracy": max(accuracies),
-            "payload_up_per_round": rounds[0]["payload_up"],
-            "payload_down_per_round": rounds[0]["payload_down"],
-            "wire_up_per_round": rounds[0]["wire_up"],
-            "wire_down_per_round": rounds[0]["wire_down"],
+            # The mean over the trained rounds: a delta downlink's first round resyncs every node in full.
+            "payload_up_per_round": last["cum_payload_up"] / len(rounds),
+            "payload_down_per_round": last["cum_payload_down"] / len(rounds),
+            "wire_up_per_round": last["cum_wire_up"] / len(rounds),
+            "wire_down_per_round": last["cum_wire_down"] / len(rounds),
             "total_wire_bytes": last["cum_wire_up"] + last["cum_wire_down"],
             "total_payload_bytes": last["cum_payload_up"] + last["cum_payload_down"],
             "target_accuracy": target,
@@ -235,8 +236,8 @@ def _report_markdown(results: dict[str, Any], summary: dict[str, dict[str, Any]]
         f"{_setup(cfg)}, seed {results.get('seed')}. Versions: "
         + ", ".join(f"{k} {v}" for k, v in results.get("versions", {}).items()),
         "",
-        "Bytes are per round, summed over the sampled clients. *Payload* is raw tensor bytes; *wire* is the "
-        "serialized Flower messages (payload, array headers, keys, config and metadata). Accuracies are one "
+        "Bytes are per round (the mean over the rounds), summed over the sampled clients. *Payload* is raw "
+        "tensor bytes; *wire* is the serialized Flower messages (payload, array headers, keys, config and metadata). Accuracies are one "
         "seed: byte counts are exact, but a difference of a few points between arms can be noise (`--seeds 0,1,2` "
         "gives the spread).",
         "",
