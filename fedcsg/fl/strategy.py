@@ -16,19 +16,17 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
-from flwr.supercore import log
 
+from fedcsg.fl.flower_private import check_replies, construct_messages, log
 from fedcsg.fl.ray_cluster import reported_node
 from fedcsg.fl.server_opt import Mask, ServerOptimizer
 from fedcsg.fl.traffic import accounted_wire_bytes, payload_bytes
 from fedcsg.runs.records import RoundRecord
 from fedcsg.spec.config import FAILED_ROUND_POLICIES
 from fedcsg.wire.downlink import Broadcaster, Downlink
+from fedcsg.wire.messages import PARTITION_ID, TRAIN_ACCURACY, TRAIN_LOSS, TRAIN_METRICS, TRAIN_SECONDS, WEIGHT_KEY
 from fedcsg.wire.payload import PayloadLayout, check_specs, weighted_average
 from fedcsg.wire.uplink import Uplink
-
-WEIGHT_KEY = "num-examples"
-TRAIN_METRICS = ("train-loss", "train-accuracy", "train-seconds")  # what aggregate_train_metrics reads
 
 
 def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -36,9 +34,9 @@ def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> Metri
     metrics = [next(iter(r.metric_records.values())) for r in records]
     total = sum(int(m[weight_key]) for m in metrics)
     out = MetricRecord({weight_key: total})
-    for key in ("train-loss", "train-accuracy"):
+    for key in (TRAIN_LOSS, TRAIN_ACCURACY):
         out[key] = sum(float(m[key]) * int(m[weight_key]) for m in metrics) / max(total, 1)
-    out["train-seconds"] = max(float(m["train-seconds"]) for m in metrics)
+    out[TRAIN_SECONDS] = max(float(m[TRAIN_SECONDS]) for m in metrics)
     return out
 
 
@@ -296,7 +294,7 @@ class CSGFedAvg(FedAvg):
         for group in self.broadcaster.groups(node_ids):
             config_of_group = ConfigRecord({**round_config, **group.config})
             record = RecordDict({self.arrayrecord_key: group.record, self.configrecord_key: config_of_group})
-            sent = list(self._construct_messages(record, group.nodes, MessageType.TRAIN))
+            sent = list(construct_messages(self, record, group.nodes, MessageType.TRAIN))
             wire = sum(accounted_wire_bytes(m) for m in sent)
             traffic.payload_down += payload_bytes(group.record) * len(sent)
             traffic.wire_down += wire
@@ -333,7 +331,7 @@ class CSGFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         traffic = self._round_traffic(server_round)
         replies = list(replies)
-        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
+        valid = check_replies(self, replies)
         self.broadcaster.settle(self._sent.get(server_round, []), valid)
         traffic.failed += self._note_failures(server_round, replies, valid)
         traffic.replied += len(valid)
@@ -488,7 +486,7 @@ def _reported_partition(reply: Message) -> int | None:
     """The partition id a reply's metrics report, if any."""
     if len(reply.content.metric_records) != 1:
         return None
-    value = next(iter(reply.content.metric_records.values())).get("partition-id")
+    value = next(iter(reply.content.metric_records.values())).get(PARTITION_ID)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
