@@ -14,6 +14,7 @@ from fedcsg.runs.records import ROUND_FIELDS, ArmRecorder
 from fedcsg.runs.report import write_report
 from fedcsg.spec.config import RunConfig, find_experiment, identity_of, load_experiment, shipped_experiments
 
+from .sources import lines_matching
 from .strict import NonStrictJSON, loads_strict
 
 # -- strict JSON ----------------------------------------------------------------------------------
@@ -216,17 +217,5 @@ def test_a_run_of_an_older_fedcsg_is_refused_in_one_line(tmp_path: Path, capsys:
 
 def test_the_run_directory_layout_is_spelled_in_one_module() -> None:
     """Outside fedcsg/runs/layout.py no module of fedcsg spells the run directory's folder names."""
-    import re
-
-    import fedcsg
-
-    root = Path(fedcsg.__file__).parent
-    spelled = re.compile(r"""["'](arms|state)["']\s*\)|/\s*["'](arms|state)["']|f?["']seed-""")
-    offenders = [
-        f"{path.relative_to(root)}:{number}"
-        for path in sorted(root.rglob("*.py"))
-        if path.name != "layout.py"
-        for number, line in enumerate(path.read_text().splitlines(), 1)
-        if spelled.search(line)
-    ]
-    assert offenders == []
+    spelled = r"""["'](arms|state)["']\s*\)|/\s*["'](arms|state)["']|f?["']seed-"""
+    assert lines_matching(spelled, except_in="layout.py") == []

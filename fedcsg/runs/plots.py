@@ -68,5 +68,3 @@ def plot_accuracy(per_seed: dict[int, dict[str, Any]], arms: list[str], title: s
         fig.savefig(tmp, dpi=120)
         plt.close(fig)
         os.replace(tmp, out_dir / name)
-
-

@@ -13,7 +13,6 @@ round the mean accuracy with a band from the lowest to the highest seed.
 Every JSON file is strict (:func:`fedcsg.io.strict_json`): no NaN or Infinity.
 """
 
-
 from __future__ import annotations
 
 import csv
@@ -115,9 +114,9 @@ def _report_markdown(results: dict[str, Any], summary: dict[str, dict[str, Any]]
         + ", ".join(f"{k} {v}" for k, v in results.get("versions", {}).items()),
         "",
         "Bytes are per round (the mean over the rounds), summed over the sampled clients. *Payload* is raw "
-        "tensor bytes; *wire* is the serialized Flower messages (payload, array headers, keys, config and metadata). Accuracies are one "
-        "seed: byte counts are exact, but a difference of a few points between arms can be noise (`--seeds 0,1,2` "
-        "gives the spread).",
+        "tensor bytes; *wire* is the serialized Flower messages (payload, array headers, keys, config and "
+        "metadata). Accuracies are one seed: byte counts are exact, but a difference of a few points "
+        "between arms can be noise (`--seeds 0,1,2` gives the spread).",
         "",
         "*up* / *down* say how each arm's updates and global model travelled (fedcsg.spec.codecs, "
         "fedcsg.wire.downlink). *Resynced* counts the messages of a delta downlink that carried the model in full "

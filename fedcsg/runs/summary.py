@@ -129,7 +129,6 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return summary
 
 
-
 def spread(values: list[float | None]) -> dict[str, Any]:
     """Mean and sample standard deviation (n - 1; 0 for one value) of the values that are not None."""
     present = [float(v) for v in values if v is not None]
