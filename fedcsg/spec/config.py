@@ -30,7 +30,7 @@ from fedcsg.nn.csg import CSGConfig, SliceShape
 from fedcsg.nn.fedpara import DEFAULT_RATIO as FEDPARA_RATIO
 from fedcsg.nn.fedpara import check_ratio as check_fedpara_ratio
 from fedcsg.nn.fedpara import fedparafy
-from fedcsg.nn.models import build_model, default_csg_config, model_slice, model_spec
+from fedcsg.nn.models import build_model, check_trainable, default_csg_config, model_slice
 from fedcsg.nn.params import check_model_size, planned_bytes
 from fedcsg.nn.training import SCHEDULES
 from fedcsg.spec.arms import DOWNLINKS, Arm, check_arm
@@ -329,7 +329,7 @@ class RunConfig:
         check_arm(self.arm)
         for arm in self.arm_list:
             check_arm(arm)
-        model_spec(self.model)
+        check_trainable(self.model)
         SliceShape.parse(self.slice)
         if self.pointwise_slice:
             SliceShape.parse(self.pointwise_slice)
