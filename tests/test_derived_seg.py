@@ -1,0 +1,56 @@
+"""The derived segmentation set (issue 26): deterministic from its seed, masks exactly the pasted items."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedcsg.data.readers import load_split
+from fedcsg.data.segmentation import CANVAS, fashion_mnist_seg, paste_items
+
+
+@pytest.fixture(scope="module")
+def items() -> tuple[np.ndarray, np.ndarray]:
+    data = load_split("fashion-mnist", "test", limit=200, seed=0)
+    return data.images[:, 0].numpy(), data.labels.numpy()
+
+
+def test_same_seed_same_set_other_seed_other_set(items: tuple[np.ndarray, np.ndarray]) -> None:
+    images, labels = items
+    first, again, other = (paste_items(images, labels, 20, seed) for seed in (3, 3, 4))
+    assert np.array_equal(first.images, again.images) and np.array_equal(first.masks, again.masks)
+    assert np.array_equal(first.placements, again.placements)
+    assert not np.array_equal(first.images, other.images)
+
+
+def test_masks_match_the_pasted_items(items: tuple[np.ndarray, np.ndarray]) -> None:
+    images, labels = items
+    pasted = paste_items(images, labels, 30, seed=7)
+    assert pasted.images.shape == pasted.masks.shape == (30, CANVAS, CANVAS)
+    for n in range(30):
+        canvas = np.zeros((CANVAS, CANVAS), np.uint8)
+        mask = np.zeros((CANVAS, CANVAS), np.uint8)
+        for row, label, y, x in pasted.placements[n]:
+            assert label == labels[row]
+            item = images[row]
+            on = item > 0
+            canvas[y : y + 28, x : x + 28][on] = item[on]
+            mask[y : y + 28, x : x + 28][on] = label + 1
+        assert np.array_equal(pasted.images[n], canvas) and np.array_equal(pasted.masks[n], mask)
+        # The topmost item is visible wherever it is non-zero, with its own class + 1.
+        row, label, y, x = pasted.placements[n, -1]
+        assert np.all(pasted.masks[n, y : y + 28, x : x + 28][images[row] > 0] == label + 1)
+    assert set(np.unique(pasted.masks)) <= set(range(11)) and (pasted.masks == 0).any()
+    # Background exactly where no item is non-zero.
+    assert np.array_equal(pasted.masks == 0, pasted.images == 0)
+
+
+def test_refuses_items_larger_than_the_canvas(items: tuple[np.ndarray, np.ndarray]) -> None:
+    with pytest.raises(ValueError, match=r"^canvas = 20 is not accepted: the items are 28x28"):
+        paste_items(*items, 5, 0, canvas=20)
+
+
+def test_the_registry_set_is_built_from_the_shared_images() -> None:
+    test = fashion_mnist_seg("test", 10, seed=0)
+    assert np.array_equal(test.masks, fashion_mnist_seg("test", 10, seed=0).masks)
+    assert not np.array_equal(test.masks, fashion_mnist_seg("train", 10, seed=0).masks)
