@@ -77,3 +77,24 @@ def test_segmentation_loops_ignore_label_and_report_miou() -> None:
         prediction = model(x).argmax(1)
     assert evaluated.num_examples == 4
     assert evaluated.accuracy == pytest.approx(mean_iou(confusion_matrix(prediction, y, 3)), abs=1e-12)
+
+
+def test_small_deeplabv3_counts_match_the_hand_count() -> None:
+    def conv3(c_in: int, c_out: int) -> tuple[int, int]:
+        """(plain weight, CSG codes) of a 3x3 conv under 8x8x3x3 / 32 slices."""
+        return c_in * c_out * 9, -(-c_in // 8) * -(-c_out // 8) * 32
+
+    bn = lambda c: 2 * c  # noqa: E731
+    threes = [(16, 16)] * 4 + [(16, 32)] + [(32, 32)] * 3 + [(32, 64)] + [(64, 64)] * 3  # backbone blocks
+    threes += [(64, 64)] * 3 + [(64, 64)]  # ASPP's atrous branches, the head's 3x3
+    ordinary = 1 * 16 * 9 + bn(16)  # stem
+    ordinary += bn(16) * 4 + bn(32) * 4 + bn(64) * 4  # block BNs
+    ordinary += 16 * 32 + bn(32) + 32 * 64 + bn(64)  # the two 1x1 projection shortcuts
+    ordinary += (64 * 64 + bn(64)) * 2 + 5 * 64 * 64 + bn(64)  # ASPP 1x1 branch, pooling branch, projection
+    ordinary += bn(64) * 3 + bn(64) + 64 * 11 + 11  # ASPP branch BNs, head BN, classifier
+    plain = ordinary + sum(conv3(*c)[0] for c in threes)
+    csg = ordinary + sum(conv3(*c)[1] for c in threes) + 8 * 8 * 9 * 32
+    model = small_deeplabv3(11, 1)
+    assert sum(p.numel() for p in model.parameters()) == plain == 352_059
+    csgify(model, CSGConfig(slices=(SliceSpec(SliceShape(8, 8, 3), 32),)))
+    assert sum(p.numel() for p in model.parameters()) == csg == 70_203
