@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from fedcsg.nn.csg import CSGConfig, SliceShape, SliceSpec, csgify
 from fedcsg.nn.paper_models import SEGMENTATION_CLASSES, deeplabv3_builder, imagenet_resnet50
+from fedcsg.nn.segmentation import small_deeplabv3
 
 
 class ZeroPadShortcut(nn.Module):
@@ -210,7 +211,7 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
-# Too large for the zoo's every-model tests on this machine; tested in tests/test_paper_models.py.
+# Outside the zoo's every-classifier tests: tests/test_paper_models.py (large) and tests/test_segmentation.py (small).
 PAPER_MODELS: dict[str, ModelSpec] = {
     "resnet50": ModelSpec(
         imagenet_resnet50,
@@ -228,6 +229,13 @@ PAPER_MODELS: dict[str, ModelSpec] = {
         )
         for d in (50, 101)
     },
+    "deeplabv3-small": ModelSpec(
+        small_deeplabv3,
+        "DeepLabV3 on a 13-conv dilated ResNet, ASPP 64 wide, for 56x56 fashion-mnist-seg canvases",
+        SliceSpec(SliceShape(8, 8, 3), 32),
+        task="segmentation",
+        num_classes=11,
+    ),
 }
 
 
