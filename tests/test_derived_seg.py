@@ -54,3 +54,28 @@ def test_the_registry_set_is_built_from_the_shared_images() -> None:
     test = fashion_mnist_seg("test", 10, seed=0)
     assert np.array_equal(test.masks, fashion_mnist_seg("test", 10, seed=0).masks)
     assert not np.array_equal(test.masks, fashion_mnist_seg("train", 10, seed=0).masks)
+
+
+def test_masks_batch_with_their_images_and_flip_together(items: tuple[np.ndarray, np.ndarray]) -> None:
+    import torch
+
+    from fedcsg.data.batches import TensorBatches
+    from fedcsg.data.readers import ImageData
+    from fedcsg.data.registry import get_spec
+
+    pasted = paste_items(*items, 16, seed=2)
+    spec = get_spec("fashion-mnist")
+    # A 56x56 spec stands in for the derived set's registry entry (not built yet).
+    spec = type(spec)(**{**spec.__dict__, "image_size": (CANVAS, CANVAS), "num_classes": 11})
+    data = ImageData(torch.from_numpy(pasted.images[:, None]), torch.from_numpy(pasted.masks), spec)
+    batches = TensorBatches(data, 8, shuffle=True, augment=True, seed=0)
+    seen = 0
+    for x, y in batches:
+        assert y.dtype == torch.int64 and y.shape == (x.shape[0], CANVAS, CANVAS)
+        # Each mask still labels exactly the non-black pixels of its (possibly flipped) image.
+        black = x[:, 0] == x.min()
+        assert torch.equal(y == 0, black)
+        seen += x.shape[0]
+    assert seen == 16
+    with pytest.raises(ValueError, match=r"labels must be int64 \[16\] \(classes\) or uint8 \[16, 56, 56\]"):
+        ImageData(data.images, data.labels.long(), spec)

@@ -244,9 +244,12 @@ class ImageData:
                 f"images must be uint8 [N, {', '.join(map(str, expected))}], "
                 f"got {self.images.dtype} {list(self.images.shape)}"
             )
-        if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
+        masks = (self.images.shape[0], *self.images.shape[2:])
+        is_mask = self.labels.dtype == torch.uint8 and tuple(self.labels.shape) == masks
+        if not is_mask and (self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],)):
             raise ValueError(
-                f"labels must be int64 [{self.images.shape[0]}], got {self.labels.dtype} {list(self.labels.shape)}"
+                f"labels must be int64 [{self.images.shape[0]}] (classes) or uint8 [{', '.join(map(str, masks))}] "
+                f"(segmentation masks), got {self.labels.dtype} {list(self.labels.shape)}"
             )
 
     def __len__(self) -> int:
