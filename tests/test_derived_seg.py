@@ -79,3 +79,28 @@ def test_masks_batch_with_their_images_and_flip_together(items: tuple[np.ndarray
     assert seen == 16
     with pytest.raises(ValueError, match=r"labels must be int64 \[16\] \(classes\) or uint8 \[16, 56, 56\]"):
         ImageData(data.images, data.labels.long(), spec)
+
+
+def test_local_training_and_evaluation_take_masks(items: tuple[np.ndarray, np.ndarray]) -> None:
+    import torch
+
+    from fedcsg.data.readers import ImageData
+    from fedcsg.data.registry import get_spec
+    from fedcsg.fl.task import evaluate_model, local_train
+    from fedcsg.nn.segmentation import confusion_matrix, mean_iou, small_deeplabv3
+    from fedcsg.spec.config import RunConfig
+
+    pasted = paste_items(*items, 12, seed=3)
+    spec = get_spec("fashion-mnist")
+    spec = type(spec)(**{**spec.__dict__, "image_size": (CANVAS, CANVAS), "num_classes": 11})
+    data = ImageData(torch.from_numpy(pasted.images[:, None]), torch.from_numpy(pasted.masks), spec)
+    torch.manual_seed(0)
+    model = small_deeplabv3(11, 1, widths=(8, 8, 8), aspp_channels=8)
+    cfg = RunConfig()
+    stats = local_train(model, data, cfg, lr=0.05, epochs=1, batch_size=4, seed=0, device=torch.device("cpu"))
+    assert stats.num_examples == 12 and 0 <= stats.accuracy <= 1
+    evaluated = evaluate_model(model, data, cfg, torch.device("cpu"))
+    x = (data.images.float() / 255 - spec.mean[0]) / spec.std[0]
+    with torch.no_grad():
+        expected = mean_iou(confusion_matrix(model(x).argmax(1), data.labels.long(), 11))
+    assert evaluated.num_examples == 12 and evaluated.accuracy == pytest.approx(expected, abs=1e-9)
