@@ -104,3 +104,17 @@ def test_local_training_and_evaluation_take_masks(items: tuple[np.ndarray, np.nd
     with torch.no_grad():
         expected = mean_iou(confusion_matrix(model(x).argmax(1), data.labels.long(), 11))
     assert evaluated.num_examples == 12 and evaluated.accuracy == pytest.approx(expected, abs=1e-9)
+
+
+def test_the_registry_data_set_loads_through_the_readers() -> None:
+    from fedcsg.data.readers import load_labels
+    from fedcsg.data.readers import load_split as read
+
+    labels = load_labels("fashion-mnist-seg", "test")
+    assert labels.shape == (1000,) and set(np.unique(labels)) <= set(range(10))
+    subset = read("fashion-mnist-seg", "test", indices=[5, 2, 999])
+    whole = fashion_mnist_seg("test", 1000, seed=0)
+    assert subset.images.shape == (3, 1, 56, 56) and subset.labels.shape == (3, 56, 56)
+    assert np.array_equal(subset.labels.numpy(), whole.masks[[5, 2, 999]])
+    assert np.array_equal(subset.images[:, 0].numpy(), whole.images[[5, 2, 999]])
+    assert subset.spec.num_classes == 11

@@ -9,6 +9,7 @@ labels each covered pixel with the class + 1 of the topmost item covering it, an
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from fedcsg.data.readers import load_split
 
 CANVAS, ITEMS = 56, 3  # the registry's setting: three 28x28 items on a 56x56 canvas
 SEG_CLASSES = 11  # background + the ten Fashion-MNIST classes
+DERIVED_ROWS = {"train": 6000, "test": 1000}  # canvases of the registry's fashion-mnist-seg, seed 0
 
 
 @dataclass(frozen=True)
@@ -81,3 +83,14 @@ def fashion_mnist_seg(
     images = source.images[:, 0].numpy()
     labels = source.labels.numpy()
     return paste_items(images, labels, count, seed + (split == "test"))
+
+
+@functools.lru_cache(maxsize=4)
+def registry_set(split: str, data_dir: str | None, hub_name: str | None) -> PastedSet:
+    """The registry's ``fashion-mnist-seg`` split (:data:`DERIVED_ROWS` canvases, seed 0), cached."""
+    return fashion_mnist_seg(split, DERIVED_ROWS[split], 0, data_dir, hub_name=hub_name)
+
+
+def canvas_labels(pasted: PastedSet) -> np.ndarray:
+    """One class per canvas for partitioning: its topmost item's class (0..9)."""
+    return pasted.placements[:, -1, 1].copy()
