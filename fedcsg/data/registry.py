@@ -115,6 +115,9 @@ DATASETS: MappingProxyType[str, DatasetSpec] = MappingProxyType(
 )
 
 
+SEGMENTATION_DATASETS = ("fashion-mnist-seg",)  # labels are uint8 [H, W] masks, not one class per image
+
+
 def get_spec(dataset: str) -> DatasetSpec:
     """Return the :class:`DatasetSpec` of ``dataset``.
 

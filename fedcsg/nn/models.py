@@ -254,14 +254,16 @@ def model_spec(name: str) -> ModelSpec:
     )
 
 
-def check_trainable(name: str) -> None:
-    """Raise a one-line ValueError unless ``name`` is a registry classifier, which a federated run can train."""
+def check_trainable(name: str, task: str = "classification") -> None:
+    """Raise a one-line ValueError unless ``name`` is a registry model of ``task`` (the run's data
+    set's: ``"classification"`` or ``"segmentation"``), which a federated run on that data can train."""
     spec = model_spec(name)
-    if spec.task != "classification":
-        trainable = [n for n, s in {**MODELS, **PAPER_MODELS}.items() if s.task == "classification"]
+    if spec.task != task:
+        trainable = [n for n, s in {**MODELS, **PAPER_MODELS}.items() if s.task == task]
+        trainable += ["densenet40-kN"] if task == "classification" else []
         raise ValueError(
-            f"model = {name!r} is not accepted for a run: it is a {spec.task} model (fedcsg params counts it; "
-            f"no {spec.task} task exists yet); accepted are {', '.join(trainable)} or densenet40-kN"
+            f"model = {name!r} is not accepted for a run: it is a {spec.task} model and the data set is for "
+            f"{task}; accepted are {', '.join(trainable)}"
         )
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from fedcsg.data.partitions import SCHEMES as PARTITION_SCHEMES
 from fedcsg.data.registry import DATASETS as DATASET_SPECS
-from fedcsg.data.registry import get_spec
+from fedcsg.data.registry import SEGMENTATION_DATASETS, get_spec
 from fedcsg.nn.csg import AGGREGATIONS as CSG_AGGREGATIONS
 from fedcsg.nn.csg import INITS as CSG_INITS
 from fedcsg.nn.csg import CSGConfig, SliceShape
@@ -329,7 +329,7 @@ class RunConfig:
         check_arm(self.arm)
         for arm in self.arm_list:
             check_arm(arm)
-        check_trainable(self.model)
+        check_trainable(self.model, "segmentation" if self.dataset in SEGMENTATION_DATASETS else "classification")
         SliceShape.parse(self.slice)
         if self.pointwise_slice:
             SliceShape.parse(self.pointwise_slice)
