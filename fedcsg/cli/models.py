@@ -16,7 +16,10 @@ from fedcsg.wire.payload import PACKINGS
 
 
 def _dataset(model: str) -> str:
-    """The data set a model is for: fmnist-cnn's 28x28 grayscale images, else CIFAR-10's."""
+    """The data set a model is for: fmnist-cnn's 28x28 grayscale images, a segmentation model's
+    fashion-mnist-seg canvases (the one segmentation set registered), else CIFAR-10's."""
+    if model_spec(model).task == "segmentation":
+        return "fashion-mnist-seg"
     return "fashion-mnist" if model == "fmnist-cnn" else "cifar10"
 
 
