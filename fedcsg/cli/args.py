@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from fedcsg.nn.models import MODELS
+from fedcsg.nn.models import MODELS, PAPER_MODELS
 from fedcsg.runs.records import RunFailed
 
 # One line, exit code 2. An OSError that names a file the user gave (no permission to write it, a
@@ -56,14 +56,18 @@ def port(text: str) -> int:
 
 def add_model_options(parser: argparse.ArgumentParser, *, shape: bool = True) -> None:
     """``--model`` and its CSG settings; with ``shape``, also ``--num-classes`` and ``--in-channels``."""
-    parser.add_argument("--model", required=True, help=f"registry model: {', '.join(MODELS)}, densenet40-kN")
+    parser.add_argument(
+        "--model", required=True, help=f"registry model: {', '.join([*MODELS, *PAPER_MODELS])}, densenet40-kN"
+    )
     parser.add_argument(
         "--slice", dest="slice_shape", help="slice shape OUTxINxKxK (default: the model's, e.g. 12x12x3x3)"
     )
     parser.add_argument("--code-dim", type=positive_int, help="code dimension (default: slice numel / 18)")
     parser.add_argument("--pointwise-slice", help="also generate 1x1 convs with this slice, e.g. 16x16x1x1")
     if shape:
-        parser.add_argument("--num-classes", type=positive_int, default=10)
+        parser.add_argument(
+            "--num-classes", type=positive_int, help="default: the model's own (resnet50 1000, deeplabv3 21), else 10"
+        )
         parser.add_argument("--in-channels", type=positive_int, default=None, help="default: 1 for fmnist-cnn, else 3")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 

@@ -8,6 +8,7 @@ import argparse
 import json
 
 from fedcsg.cli.args import add_model_options, positive_int, table
+from fedcsg.nn.models import model_spec
 from fedcsg.nn.params import count_parameters
 from fedcsg.spec.arms import DOWNLINKS, all_arms, two_way_arms
 from fedcsg.spec.config import ModelSettings, RunConfig
@@ -15,14 +16,17 @@ from fedcsg.wire.payload import PACKINGS
 
 
 def _dataset(model: str) -> str:
-    """The data set a model is for: fmnist-cnn's 28x28 grayscale images, else CIFAR-10's."""
+    """The data set a model is for: fmnist-cnn's 28x28 grayscale images, deeplabv3-small's
+    fashion-mnist-seg canvases, else CIFAR-10's (RGB; the DeepLabV3-ResNets are counted at 21 classes)."""
+    if model == "deeplabv3-small":
+        return "fashion-mnist-seg"
     return "fashion-mnist" if model == "fmnist-cnn" else "cifar10"
 
 
 def model_settings(args: argparse.Namespace, arm: str) -> ModelSettings:
     """The model that ``--model``, ``--slice``, ``--code-dim``, ``--pointwise-slice`` (and, where the
     command has them, ``--num-classes``, ``--in-channels``, ``--seed``) describe, as ``arm``; unset
-    CSG settings are the model's own, unset shapes the data set's."""
+    CSG settings are the model's own, unset shapes the model's own (resnet50: 1000 classes) or the data set's."""
     return ModelSettings(
         model=args.model,
         arm=arm,
@@ -30,7 +34,7 @@ def model_settings(args: argparse.Namespace, arm: str) -> ModelSettings:
         code_dim=args.code_dim or 0,
         pointwise_slice=args.pointwise_slice or "",
         seed=getattr(args, "seed", 0),
-        num_classes=getattr(args, "num_classes", 0),
+        num_classes=getattr(args, "num_classes", None) or model_spec(args.model).num_classes,
         in_channels=getattr(args, "in_channels", None) or 0,
         dataset=_dataset(args.model),
     )

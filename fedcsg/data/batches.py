@@ -44,6 +44,17 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator, padding: int
     return padded[b, c, ys[:, None, :, None], xs[:, None, None, :]]
 
 
+def flip_pairs(
+    images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip each image of ``[B, C, H, W]`` and its mask ``[B, H, W]`` horizontally together, with
+    probability 1/2 (drawn on the CPU ``generator``): a segmentation batch's augmentation, since a
+    padded crop would need the masks padded with the ignore label."""
+    flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(images.device)
+    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    return images, torch.where(flip[:, None, None], masks.flip(-1), masks)
+
+
 def normalize_batch(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """``uint8 [B, C, H, W]`` to ``float32`` ``(x / 255 - mean) / std``; ``mean``/``std`` are ``[C]``."""
     channels = images.shape[1]
@@ -136,5 +147,8 @@ class TensorBatches:
             if self.augment:
                 # On uint8: the gather moves 4x fewer bytes, and zero padding is black, as with
                 # torchvision's RandomCrop(padding=4) applied before ToTensor/Normalize.
-                x = augment_batch(x, generator, self.padding)
-            yield normalize_batch(x, self._mean, self._std), y
+                if y.dim() == 3:
+                    x, y = flip_pairs(x, y, generator)
+                else:
+                    x = augment_batch(x, generator, self.padding)
+            yield normalize_batch(x, self._mean, self._std), (y.long() if y.dim() == 3 else y)

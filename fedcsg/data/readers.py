@@ -148,6 +148,10 @@ def load_labels(
         ``int64`` labels ``[N]`` in file row order (a fresh, writable copy).
     """
     check_split(split)
+    if dataset == DERIVED_SEGMENTATION:
+        from fedcsg.data.segmentation import canvas_labels, registry_set
+
+        return canvas_labels(registry_set(split, _dir(data_dir), hub_name))
     source = resolve_source(dataset, data_dir, hub_name=hub_name)
     return _source_labels(source, split).copy()
 
@@ -244,9 +248,12 @@ class ImageData:
                 f"images must be uint8 [N, {', '.join(map(str, expected))}], "
                 f"got {self.images.dtype} {list(self.images.shape)}"
             )
-        if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
+        masks = (self.images.shape[0], *self.images.shape[2:])
+        is_mask = self.labels.dtype == torch.uint8 and tuple(self.labels.shape) == masks
+        if not is_mask and (self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],)):
             raise ValueError(
-                f"labels must be int64 [{self.images.shape[0]}], got {self.labels.dtype} {list(self.labels.shape)}"
+                f"labels must be int64 [{self.images.shape[0]}] (classes) or uint8 [{', '.join(map(str, masks))}] "
+                f"(segmentation masks), got {self.labels.dtype} {list(self.labels.shape)}"
             )
 
     def __len__(self) -> int:
@@ -295,6 +302,8 @@ def load_split(
     to the number of rows returned (plus reading the compressed file once).
     """
     check_split(split)
+    if dataset == DERIVED_SEGMENTATION:
+        return _derived_split(split, data_dir, indices, limit, seed, hub_name)
     source = resolve_source(dataset, data_dir, hub_name=hub_name)
     spec = source.spec
     num_rows = _source_labels(source, split).shape[0]
@@ -312,4 +321,31 @@ def load_split(
         images=torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))),
         labels=torch.from_numpy(np.ascontiguousarray(labels)),
         spec=spec,
+    )
+
+
+DERIVED_SEGMENTATION = "fashion-mnist-seg"  # built by fedcsg.data.segmentation, not read from files
+
+
+def _dir(data_dir: str | os.PathLike[str] | None) -> str | None:
+    return None if data_dir is None else str(data_dir)
+
+
+def _derived_split(
+    split: Split,
+    data_dir: str | os.PathLike[str] | None,
+    indices: Sequence[int] | np.ndarray | None,
+    limit: int | None,
+    seed: int,
+    hub_name: str | None,
+) -> ImageData:
+    """Selected canvases of the derived segmentation set, masks as ``uint8 [n, H, W]`` labels."""
+    from fedcsg.data.segmentation import registry_set
+
+    pasted = registry_set(split, _dir(data_dir), hub_name)
+    rows = _select_rows(pasted.images.shape[0], indices, limit, seed)
+    return ImageData(
+        images=torch.from_numpy(np.ascontiguousarray(pasted.images[rows][:, None])),
+        labels=torch.from_numpy(np.ascontiguousarray(pasted.masks[rows])),
+        spec=registry.get_spec(DERIVED_SEGMENTATION),
     )

@@ -13,6 +13,7 @@ from fedcsg.data.batches import TensorBatches
 from fedcsg.data.partitions import partition_indices
 from fedcsg.data.readers import ImageData, load_labels, load_split
 from fedcsg.nn.csg import freeze_factor
+from fedcsg.nn.segmentation import seg_evaluate, seg_train_epoch
 from fedcsg.nn.training import PassStats, evaluate, make_optimizer, train_epoch, tune_malloc
 from fedcsg.spec.config import DataSettings, RunConfig
 from fedcsg.wire.payload import PayloadLayout
@@ -122,7 +123,10 @@ def local_train(
     with freeze_factor(model, factor):
         optimizer = make_optimizer(model, lr, cfg.momentum, cfg.weight_decay)
         for _ in range(epochs):
-            stats = train_epoch(model, batches, optimizer, device)
+            if is_segmentation(data):
+                stats = seg_train_epoch(model, batches, optimizer, device, data.spec.num_classes)
+            else:
+                stats = train_epoch(model, batches, optimizer, device)
             seconds += stats.seconds
     assert stats is not None
     return PassStats(stats.loss, stats.accuracy, stats.num_examples, seconds)
@@ -131,4 +135,13 @@ def local_train(
 def evaluate_model(model: nn.Module, data: ImageData, cfg: RunConfig, device: torch.device) -> PassStats:
     tune_malloc()
     model.to(device)
-    return evaluate(model, TensorBatches(data, cfg.eval_batch_size, device=device), device)
+    batches = TensorBatches(data, cfg.eval_batch_size, device=device)
+    if is_segmentation(data):
+        return seg_evaluate(model, batches, device, data.spec.num_classes)
+    return evaluate(model, batches, device)
+
+
+def is_segmentation(data: ImageData) -> bool:
+    """Whether ``data``'s labels are per-pixel masks: trained with the per-pixel loss and evaluated by
+    mean IoU, which then stands in every record, report and plot where a classifier's accuracy does."""
+    return data.labels.dim() == 3

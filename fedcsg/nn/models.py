@@ -1,5 +1,7 @@
 """The model zoo: CIFAR ResNets (option A), DenseNet-BC, MobileNetV2, ShuffleNetV2 and a small
-Fashion-MNIST CNN, each buildable plain or CSG-backed through :func:`fedcsg.nn.csg.csgify`."""
+Fashion-MNIST CNN (:data:`MODELS`), and the paper's large systems, ImageNet ResNet-50 and DeepLabV3
+(:data:`PAPER_MODELS`, :mod:`fedcsg.nn.paper_models`), each buildable plain or CSG-backed through
+:func:`fedcsg.nn.csg.csgify`."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedcsg.nn.csg import CSGConfig, SliceShape, SliceSpec, csgify
+from fedcsg.nn.paper_models import SEGMENTATION_CLASSES, deeplabv3_builder, imagenet_resnet50
+from fedcsg.nn.segmentation import small_deeplabv3
 
 
 class ZeroPadShortcut(nn.Module):
@@ -174,15 +178,21 @@ class ModelSpec:
     most models; 8x8x3x3 / 32 for the small Fashion-MNIST CNN, whose convs are too few to repay a
     93k-parameter generator. ``pointwise`` is the 1x1 setting the paper used (MobileNetV2 and
     ShuffleNetV2 have no dense 3x3 conv besides the stem, so their CSG form needs it).
+    ``task`` is ``"classification"`` (a federated run can train it) or ``"segmentation"`` (counted
+    and converted only). ``num_classes`` is the class count ``fedcsg params`` counts the model with
+    when none is given (0: the data set's, 10).
     """
 
     builder: Callable[[int, int], nn.Module]
     description: str
     slices: SliceSpec = SliceSpec(SliceShape(12, 12, 3), 72)
     pointwise: SliceSpec | None = None
+    task: str = "classification"
+    num_classes: int = 0
 
 
 _PAPER_POINTWISE = SliceSpec(SliceShape(16, 16, 1), 16)
+_PAPER_LARGE = SliceSpec(SliceShape(16, 16, 3), 128)  # the paper's ImageNet / VOC setting
 _DENSENET_PATTERN = re.compile(r"^densenet40-k(\d+)$")
 
 MODELS: dict[str, ModelSpec] = {
@@ -201,15 +211,60 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
+# Outside the zoo's every-classifier tests: tests/test_paper_models.py (large) and tests/test_segmentation.py (small).
+PAPER_MODELS: dict[str, ModelSpec] = {
+    "resnet50": ModelSpec(
+        imagenet_resnet50,
+        "torchvision ImageNet ResNet-50, 7x7 stem (paper: 16x16x3x3 / 128)",
+        _PAPER_LARGE,
+        num_classes=1000,
+    ),
+    **{
+        f"deeplabv3-resnet{d}": ModelSpec(
+            deeplabv3_builder(d),
+            f"torchvision DeepLabV3, ResNet-{d} backbone, output stride 8 (segmentation: counting only)",
+            _PAPER_LARGE,
+            task="segmentation",
+            num_classes=SEGMENTATION_CLASSES,
+        )
+        for d in (50, 101)
+    },
+    "deeplabv3-small": ModelSpec(
+        small_deeplabv3,
+        "DeepLabV3 on a 13-conv dilated ResNet, ASPP 64 wide, for 56x56 fashion-mnist-seg canvases",
+        SliceSpec(SliceShape(8, 8, 3), 32),
+        task="segmentation",
+        num_classes=11,
+    ),
+}
+
+
 def model_spec(name: str) -> ModelSpec:
     """The registry entry of ``name``; ``densenet40-kN`` builds DenseNet-BC-40 with growth rate N."""
     if name in MODELS:
         return MODELS[name]
+    if name in PAPER_MODELS:
+        return PAPER_MODELS[name]
     match = _DENSENET_PATTERN.match(str(name))
     if match and int(match.group(1)) > 0:
         growth = int(match.group(1))
         return ModelSpec(lambda nc, ic: DenseNetBC(40, growth, nc, ic), f"DenseNet-BC-40, growth rate {growth}")
-    raise ValueError(f"unknown model {name!r}: accepted are {', '.join(MODELS)} or densenet40-kN (growth rate N)")
+    raise ValueError(
+        f"unknown model {name!r}: accepted are {', '.join([*MODELS, *PAPER_MODELS])} or densenet40-kN (growth rate N)"
+    )
+
+
+def check_trainable(name: str, task: str = "classification") -> None:
+    """Raise a one-line ValueError unless ``name`` is a registry model of ``task`` (the run's data
+    set's: ``"classification"`` or ``"segmentation"``), which a federated run on that data can train."""
+    spec = model_spec(name)
+    if spec.task != task:
+        trainable = [n for n, s in {**MODELS, **PAPER_MODELS}.items() if s.task == task]
+        trainable += ["densenet40-kN"] if task == "classification" else []
+        raise ValueError(
+            f"model = {name!r} is not accepted for a run: it is a {spec.task} model and the data set is for "
+            f"{task}; accepted are {', '.join(trainable)}"
+        )
 
 
 def default_code_dim(shape: SliceShape) -> int:
@@ -260,7 +315,7 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 3, csg: CSG
     Parameters
     ----------
     name
-        One of :data:`MODELS`.
+        One of :data:`MODELS` or :data:`PAPER_MODELS`.
     num_classes, in_channels
         Classifier outputs and input image channels.
     csg

@@ -23,14 +23,14 @@ from torch import nn
 
 from fedcsg.data.partitions import SCHEMES as PARTITION_SCHEMES
 from fedcsg.data.registry import DATASETS as DATASET_SPECS
-from fedcsg.data.registry import get_spec
+from fedcsg.data.registry import SEGMENTATION_DATASETS, get_spec
 from fedcsg.nn.csg import AGGREGATIONS as CSG_AGGREGATIONS
 from fedcsg.nn.csg import INITS as CSG_INITS
 from fedcsg.nn.csg import CSGConfig, SliceShape
 from fedcsg.nn.fedpara import DEFAULT_RATIO as FEDPARA_RATIO
 from fedcsg.nn.fedpara import check_ratio as check_fedpara_ratio
 from fedcsg.nn.fedpara import fedparafy
-from fedcsg.nn.models import build_model, default_csg_config, model_slice, model_spec
+from fedcsg.nn.models import build_model, check_trainable, default_csg_config, model_slice
 from fedcsg.nn.params import check_model_size, planned_bytes
 from fedcsg.nn.training import SCHEDULES
 from fedcsg.spec.arms import DOWNLINKS, Arm, check_arm
@@ -329,7 +329,7 @@ class RunConfig:
         check_arm(self.arm)
         for arm in self.arm_list:
             check_arm(arm)
-        model_spec(self.model)
+        check_trainable(self.model, "segmentation" if self.dataset in SEGMENTATION_DATASETS else "classification")
         SliceShape.parse(self.slice)
         if self.pointwise_slice:
             SliceShape.parse(self.pointwise_slice)
