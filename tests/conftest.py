@@ -32,6 +32,19 @@ def data_dir() -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def data_dir_for_every_test(data_dir: Path) -> Iterator[Path]:
+    """``$FEDCSG_DATA_DIR`` for the whole session, this process and every one a test starts: the
+    README's bare ``python3 -m pytest -q`` finds ../shared/data as CI's exported variable does."""
+    before = os.environ.get("FEDCSG_DATA_DIR")
+    os.environ["FEDCSG_DATA_DIR"] = str(data_dir)
+    yield data_dir
+    if before is None:
+        os.environ.pop("FEDCSG_DATA_DIR", None)
+    else:
+        os.environ["FEDCSG_DATA_DIR"] = before
+
+
+@pytest.fixture(scope="session", autouse=True)
 def partition_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A partition cache of the session's own (``$FEDCSG_CACHE_DIR``), for this process and every
     process a test starts: the tests never read or fill the user's ``~/.cache/fedcsg``."""
