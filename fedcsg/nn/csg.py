@@ -52,6 +52,12 @@ replaces, trainable or frozen generator alike. Why the codes, measured against t
   (and a frozen generator's seed) untouched, draws no extra random number, and costs nothing at
   run time.
 
+``init="balanced"`` (issue 25) first scales each trainable generator to the std both factors
+would share at the Kaiming scale (:func:`balance_generators`), then rescales the codes as
+``kaiming`` does: the same generated filters' std, but generator and codes of comparable std, so
+the codes' effective learning rate is not raised by ``1 / s^2``. A frozen generator is left as
+drawn (balanced is then kaiming).
+
 Measured (ResNet-20 unless named, seed 0, CPU, 2-core machine): generated std / Kaiming std at init
 is 1.00 for every CSG layer of every registry model with ``kaiming`` (paper: 10.6-24.9 trainable,
 31-75 frozen on the ResNets; 4.2-31 / 5.9-44 on MobileNetV2). Round-0 evaluation loss on 1,000
@@ -90,7 +96,7 @@ from torch import Tensor, nn
 from fedcsg.nn.convert import ComputedConv2d, ConversionReport, conversion_plan, report_of
 
 GENERATORS_ATTR = "csg_generators"
-INITS = ("kaiming", "paper")  # CSGConfig.init: how generated filters start (see "Initialisation" above)
+INITS = ("kaiming", "paper", "balanced")  # CSGConfig.init: how generated filters start (see "Initialisation" above)
 FACTORS = ("all", "codes", "generator")  # what one round of local training may update (see freeze_factor)
 AGGREGATIONS = ("factors", "alternate")  # csg-aggregation: see round_factor
 _SLICE_PATTERN = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*x\s*(\d+)\s*x\s*(\d+)\s*$")
@@ -439,7 +445,9 @@ def csgify(model: nn.Module, config: CSGConfig | None = None) -> ConversionRepor
         )
         model.set_submodule(name, layer.to(device))
     model.add_module(GENERATORS_ATTR, generators.to(device))
-    if config.init == "kaiming":
+    if config.init == "balanced":
+        balance_generators(model)
+    if config.init in ("kaiming", "balanced"):
         kaiming_rescale(model)
     return report
 
@@ -463,6 +471,23 @@ def kaiming_rescale(model: nn.Module) -> None:
     clear_generated_cache(model)
 
 
+@torch.no_grad()
+def balance_generators(model: nn.Module) -> None:
+    """Scale each trainable generator to std ``t``, the geometric mean over its layers of
+    ``sqrt(kaiming_std / sqrt(code_dim))``: the std both factors would share if the generated std
+    ``sqrt(code_dim) * std(G) * std(c)`` were the layer's Kaiming std. :func:`kaiming_rescale`
+    then scales the codes to make each layer exact, which leaves them near ``t``. A frozen
+    generator is left untouched (it stays the bit-for-bit function of its seed).
+    """
+    for generator in generators(model).values():
+        if generator.frozen or not generator.layers:
+            continue
+        logs = [math.log(kaiming_std(layer) / math.sqrt(generator.code_dim)) / 2 for layer in generator.layers]
+        target = math.exp(sum(logs) / len(logs))
+        generator.weight.mul_(target / generator.weight.std().item())
+    clear_generated_cache(model)
+
+
 def factor_keys(model: nn.Module) -> dict[str, list[str]]:
     """State-dict keys of the two CSG factors: ``{"generator": [...], "codes": [...]}`` (trainable
     generators only; a frozen generator is never trained nor sent)."""
@@ -470,6 +495,13 @@ def factor_keys(model: nn.Module) -> dict[str, list[str]]:
         "generator": [f"{GENERATORS_ATTR}.{name}.weight" for name, g in generators(model).items() if not g.frozen],
         "codes": [f"{name}.codes" for name, _ in csg_layers(model)],
     }
+
+
+def factor_lr_scales(model: nn.Module, codes: float, generator: float) -> dict[str, float]:
+    """Parameter name -> lr factor for :func:`fedcsg.nn.training.make_optimizer`: ``codes`` for
+    every CSG layer's codes, ``generator`` for every trainable generator (empty for a plain model)."""
+    keys = factor_keys(model)
+    return {**{k: generator for k in keys["generator"]}, **{k: codes for k in keys["codes"]}}
 
 
 def round_factor(aggregation: str, server_round: int, trainable_generator: bool) -> str:
