@@ -74,24 +74,54 @@ def _same_process(pid: int, command: Sequence[str]) -> bool:
     return any(Path(part).name == program for part in cmdline[:2])
 
 
-def _children() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
+@dataclass(frozen=True)
+class ProcInfo:
+    """What ``/proc/PID/stat`` and ``statm`` say of a process: its parent, session, state and RSS."""
+
+    ppid: int
+    session: int
+    state: str  # "R", "S", ..., "Z" for a zombie
+    rss_bytes: int
+
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def process_table() -> dict[int, ProcInfo]:
+    """Every process this user can read, by PID: the one walk of ``/proc`` that fedcsg, its
+    benchmarks and its tests share."""
+    table = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
+            statm = (entry / "statm").read_text().split()
         except OSError:
             continue
         # The command name in field 2 may contain spaces and parentheses: split after the last ')'.
         fields = stat[stat.rindex(")") + 2 :].split()
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
-    return children
+        table[int(entry.name)] = ProcInfo(int(fields[1]), int(fields[3]), fields[0], int(statm[1]) * PAGE_SIZE)
+    return table
+
+
+def session_pids(session: int) -> list[int]:
+    """Live processes (zombies aside) of the session led by ``session``: a run started with
+    ``start_new_session=True`` and everything it started, Ray's GCS, raylet and workers included."""
+    return [pid for pid, info in process_table().items() if info.session == session and info.state != "Z"]
+
+
+def children_of(pid: int) -> list[int]:
+    """PIDs of the live children of ``pid``."""
+    return [child for child, info in process_table().items() if info.ppid == pid]
 
 
 def descendants(pid: int) -> list[int]:
-    """PIDs of every live process below ``pid`` (children first found through ``/proc/*/stat``)."""
-    tree, out, stack = _children(), [], [pid]
+    """PIDs of every live process below ``pid`` (children found by their parent PID)."""
+    tree: dict[int, list[int]] = {}
+    for child, info in process_table().items():
+        tree.setdefault(info.ppid, []).append(child)
+    out, stack = [], [pid]
     while stack:
         for child in tree.get(stack.pop(), []):
             out.append(child)
@@ -113,14 +143,14 @@ def adopting_orphans() -> Iterator[None]:
         yield
         return
     libc = ctypes.CDLL(None, use_errno=True)
-    before, was = set(_children().get(os.getpid(), [])), ctypes.c_int(0)
+    before, was = set(children_of(os.getpid())), ctypes.c_int(0)
     libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(was), 0, 0, 0)
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     try:
         yield
     finally:
         libc.prctl(PR_SET_CHILD_SUBREAPER, was.value, 0, 0, 0)
-        for pid in _children().get(os.getpid(), []):
+        for pid in children_of(os.getpid()):
             if pid not in before and not _pid_alive(pid):
                 with contextlib.suppress(ChildProcessError, OSError):
                     os.waitpid(pid, os.WNOHANG)

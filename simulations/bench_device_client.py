@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import write_json
+from benchlib import cpu_name, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -183,13 +183,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{mib['rss_after_import']:>13.0f}{mib['rss_after_data'] - mib['rss_after_import']:>11.0f}"
         )
     print(f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f} (2-core machine, shared)")
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
     document = {
         "benchmark": "bench_device_client",
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "python": platform.python_version(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("json", "child", "arm")},
         "load_average_before": load_before,

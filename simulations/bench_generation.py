@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from benchlib import parse_models, write_json
+from benchlib import cpu_name, parse_models, write_json
 from torch import nn
 
 from fedcsg.nn.csg import clear_generated_cache, csg_layers, generators
@@ -264,16 +264,6 @@ def profile_step(variant: Variant, x: torch.Tensor, y: torch.Tensor, top: int) -
     table = prof.key_averages().table(sort_by=sort, row_limit=top)
     print(f"\n-- profile: one train step of {variant.name}\n{table}")
     return table
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def print_table(rows: list[dict], clock: str) -> None:

@@ -20,40 +20,23 @@ from pathlib import Path
 
 from fedcsg.io import strict_json
 from fedcsg.nn.models import model_spec
+from fedcsg.processes import process_table
 from fedcsg.runs.layout import arm_record_path
-
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _proc_table() -> dict[int, tuple[int, int, int]]:
-    """``pid -> (ppid, session id, rss bytes)`` of every process we can read."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            statm = Path(f"/proc/{entry}/statm").read_text().split()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        table[int(entry)] = (int(fields[1]), int(fields[3]), int(statm[1]) * PAGE_SIZE)
-    return table
 
 
 def tree_rss(root: int) -> int:
     """Resident memory of ``root``, its descendants, and every process of its session (Ray starts
     some daemons in new sessions of their own, which keep the root's session as their parent's)."""
-    table = _proc_table()
+    table = process_table()
     members = {root}
     changed = True
     while changed:
         changed = False
-        for pid, (ppid, sid, _) in table.items():
-            if pid not in members and (ppid in members or sid == root):
+        for pid, info in table.items():
+            if pid not in members and (info.ppid in members or info.session == root):
                 members.add(pid)
                 changed = True
-    return sum(table[pid][2] for pid in members if pid in table)
+    return sum(table[pid].rss_bytes for pid in members if pid in table)
 
 
 @dataclass
@@ -136,16 +119,19 @@ def parse_models(text: str) -> list[str]:
     return names
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{platform.machine()} {cpu}, {os.cpu_count()} CPUs"
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    return f"{platform.machine()} {cpu_name()}, {os.cpu_count()} CPUs"
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

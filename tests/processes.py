@@ -1,4 +1,4 @@
-"""Processes of a test's subprocess runs: found by session, killed by PID.
+"""Processes of a test's subprocess runs: found by session (fedcsg.processes.session_pids), killed by PID.
 
 A run started with ``start_new_session=True`` leads a session of its own; Ray's GCS, raylet and
 workers stay in it (Ray moves them into process groups of their own, not out of the session), so
@@ -11,20 +11,8 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
-
-def session_pids(session: int) -> list[int]:
-    """Live processes of a session (zombies aside): the CLI, Ray's GCS, raylet and workers."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[3]) == session and fields[0] != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
+from fedcsg.processes import session_pids
 
 
 def kill_session(proc: subprocess.Popen) -> None:

@@ -11,10 +11,11 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from fedcsg.fl.client_app import train
+from fedcsg.fl.flower_private import offline_task_identity
 from fedcsg.fl.server_app import build_strategy
 from fedcsg.fl.strategy import CSGFedAvg
 from fedcsg.fl.task import build_arm_model, payload_layout
-from fedcsg.fl.traffic import _ensure_task_identity, accounted_wire_bytes, payload_bytes, round_messages
+from fedcsg.fl.traffic import accounted_wire_bytes, payload_bytes, round_messages
 from fedcsg.runs.checkpoint import load_checkpoint, save_checkpoint
 from fedcsg.runs.records import RoundRecord
 from fedcsg.spec.arms import Arm, arm_of_stem, check_arm, file_stem, two_way_arms
@@ -147,7 +148,7 @@ def _setup(arm: str, **changes: object) -> tuple[RunConfig, CSGFedAvg, ArrayReco
 
 
 def _run(strategy: CSGFedAvg, grid: ScriptedGrid, initial: ArrayRecord, rounds: int, first: int = 1) -> ArrayRecord:
-    _ensure_task_identity()
+    offline_task_identity()
     result = strategy.start(
         grid=grid, initial_arrays=initial, num_rounds=rounds, first_round=first, evaluate_initial=False
     )

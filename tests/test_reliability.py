@@ -30,10 +30,11 @@ from flwr.serverapp import Grid
 
 from fedcsg.cli import main
 from fedcsg.fl.client_app import injected_fault
+from fedcsg.fl.flower_private import offline_task_identity
 from fedcsg.fl.server_app import recorded_config
 from fedcsg.fl.strategy import CSGFedAvg, sample_positions
 from fedcsg.fl.task import build_arm_model, payload_layout
-from fedcsg.fl.traffic import _ensure_task_identity, accounted_wire_bytes
+from fedcsg.fl.traffic import accounted_wire_bytes
 from fedcsg.runs.checkpoint import (
     load_checkpoint,
     rng_state,
@@ -154,7 +155,7 @@ def _run_rounds(
     strategy: CSGFedAvg, grid: ScriptedGrid, initial: ArrayRecord, num_rounds: int
 ) -> dict[int, ArrayRecord]:
     """The global payload after every round, as the round loop hands it to the checkpoint."""
-    _ensure_task_identity()
+    offline_task_identity()
     seen: dict[int, ArrayRecord] = {}
     strategy.start(
         grid=grid,
@@ -307,7 +308,7 @@ def test_a_run_in_which_every_client_fails_raises_after_writing_its_records(tmp_
     from fedcsg.fl.server_app import main as server_main
     from fedcsg.runs.records import RunFailed
 
-    _ensure_task_identity()
+    offline_task_identity()
     cfg = _tiny_cfg(tmp_path / "out", num_rounds=2, round_timeout=5.0).replace(arm="fedavg")
     plan = [json.dumps(c.to_flower()) for c in (cfg, cfg.replace(arm="csg"))]
     context = Context(1, 0, {}, RecordDict({PLAN_KEY: ConfigRecord({"runs": plan})}), cfg.to_flower())

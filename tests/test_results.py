@@ -14,6 +14,7 @@ from fedcsg.runs.records import ROUND_FIELDS, ArmRecorder
 from fedcsg.runs.report import write_report
 from fedcsg.spec.config import RunConfig, find_experiment, identity_of, load_experiment, shipped_experiments
 
+from .sources import lines_matching
 from .strict import NonStrictJSON, loads_strict
 
 # -- strict JSON ----------------------------------------------------------------------------------
@@ -196,3 +197,25 @@ def test_report_says_how_the_run_was_made(tmp_path: Path) -> None:
         "csg-init kaiming, server-optimizer fedavg, csg-aggregation factors"
         in (tmp_path / "new" / "report.md").read_text()
     )
+
+
+def test_a_run_of_an_older_fedcsg_is_refused_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A record lacking a setting this fedcsg has was written by an older version: --resume names the
+    missing setting and the accepted version, exits 2, and leaves the directory as it was."""
+    _write_arm(tmp_path, "csg", [0.1, 0.2])
+    record = tmp_path / "arms" / "csg.json"
+    document = json.loads(record.read_text())
+    del document["config"]["downlink"]
+    record.write_text(json.dumps(document))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert main(["run", "--resume", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "written by an older fedcsg (it lacks downlink)" in err[0]
+    assert "accepted are runs of fedcsg 0.1.0" in err[0]
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_the_run_directory_layout_is_spelled_in_one_module() -> None:
+    """Outside fedcsg/runs/layout.py no module of fedcsg spells the run directory's folder names."""
+    spelled = r"""["'](arms|state)["']\s*\)|/\s*["'](arms|state)["']|f?["']seed-"""
+    assert lines_matching(spelled, except_in="layout.py") == []

@@ -224,7 +224,8 @@ def saved_config(out_dir: Path) -> RunConfig:
     if older:
         raise ValueError(
             f"{str(files[0])!r} was written by an older fedcsg (it lacks "
-            f"{', '.join(k.split()[0] for k in older[:5])}): accepted are runs of fedcsg {fedcsg_version()}; rerun it with --overwrite"
+            f"{', '.join(k.split()[0] for k in older[:5])}): accepted are runs of fedcsg {fedcsg_version()}; "
+            "rerun it with --overwrite"
         )
     try:
         return _canonical(RunConfig.from_mapping({k: v for k, v in recorded.items() if k != "resume"}))

@@ -34,6 +34,7 @@ from fedcsg.fl.task import (
 from fedcsg.nn.training import get_device
 from fedcsg.spec.config import RunConfig
 from fedcsg.wire.downlink import VERSION_KEY, Downlink, receive
+from fedcsg.wire.messages import ARRAYS, METRICS, NUM_EXAMPLES, PARTITION_ID, TRAIN_ACCURACY, TRAIN_LOSS, TRAIN_SECONDS
 from fedcsg.wire.payload import PayloadLayout, load_payload, model_payload
 from fedcsg.wire.uplink import Uplink
 
@@ -97,7 +98,7 @@ def residual_key(cfg: RunConfig) -> str:
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     cfg = client_config(context, config)
-    partition_id = int(context.node_config["partition-id"])
+    partition_id = int(context.node_config[PARTITION_ID])
     num_partitions = int(context.node_config["num-partitions"])
     server_round = int(config["server-round"])
     attempt = int(config.get("attempt", 0))
@@ -110,7 +111,7 @@ def train(msg: Message, context: Context) -> Message:
     model, layout = _model_and_layout(cfg)
     downlink = Downlink.of_config(cfg, layout)
     # A delta downlink's x̂ lives in context.state; out of sync, this raises and the round fails.
-    received = receive(downlink, msg.content["arrays"], config, context.state, f"{cfg.arm}:{cfg.seed}")
+    received = receive(downlink, msg.content[ARRAYS], config, context.state, f"{cfg.arm}:{cfg.seed}")
     load_payload(model, received, layout)
     stats = local_train(
         model,
@@ -126,11 +127,11 @@ def train(msg: Message, context: Context) -> Message:
     model.to("cpu")
     metrics = MetricRecord(
         {
-            "num-examples": stats.num_examples,
-            "train-loss": stats.loss,
-            "train-accuracy": stats.accuracy,
-            "train-seconds": stats.seconds,
-            "partition-id": partition_id,
+            NUM_EXAMPLES: stats.num_examples,
+            TRAIN_LOSS: stats.loss,
+            TRAIN_ACCURACY: stats.accuracy,
+            TRAIN_SECONDS: stats.seconds,
+            PARTITION_ID: partition_id,
             **({VERSION_KEY: int(config[VERSION_KEY])} if downlink.is_delta else {}),
         }
     )
@@ -143,4 +144,4 @@ def train(msg: Message, context: Context) -> Message:
     if residual is not None:
         context.state[residual_key(cfg)] = ArrayRecord({"residual": Array(residual)})
     placement = ConfigRecord(placement_record())
-    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics, PLACEMENT: placement}), reply_to=msg)
+    return Message(content=RecordDict({ARRAYS: arrays, METRICS: metrics, PLACEMENT: placement}), reply_to=msg)

@@ -36,6 +36,7 @@ from fedcsg.runs.records import ArmRecorder, RoundRecord, check_trained
 from fedcsg.runs.report import write_report
 from fedcsg.spec.config import RunConfig
 from fedcsg.wire.downlink import Downlink
+from fedcsg.wire.messages import TRAIN_ACCURACY, TRAIN_LOSS
 from fedcsg.wire.payload import PayloadLayout, load_payload, model_payload
 from fedcsg.wire.uplink import Uplink
 
@@ -159,8 +160,8 @@ def measured_round(strategy: CSGFedAvg, server_round: int, stats: PassStats, sta
         traffic,
         test_accuracy=stats.accuracy,
         test_loss=stats.loss,
-        train_loss=train.get("train-loss"),
-        train_accuracy=train.get("train-accuracy"),
+        train_loss=train.get(TRAIN_LOSS),
+        train_accuracy=train.get(TRAIN_ACCURACY),
         lr=strategy.lr_fn(server_round) if server_round else None,
         seconds=time.perf_counter() - traffic.started if server_round else 0.0,
     )

@@ -36,11 +36,11 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, Rec
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi
 
 from fedcsg.spec.config import SERVER_OPTIMIZERS
+from fedcsg.wire.messages import ARRAYS, METRICS, WEIGHT_KEY
 
 _FLOWER_CLASSES: dict[str, type[FedAvg]] = {"fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi}
 _LR_ARGUMENT = {"fedavgm": "server_learning_rate", "fedadam": "eta", "fedyogi": "eta"}
 _STATE_ATTRS = {"fedavgm": ("momentum_vector",), "fedadam": ("m_t", "v_t"), "fedyogi": ("m_t", "v_t")}
-_WEIGHT_KEY = "num-examples"
 
 Mask = dict[str, np.ndarray]  # ArrayRecord key -> flat bool array: the elements the optimizer moves
 
@@ -126,8 +126,8 @@ class ServerOptimizer:
         reply = Message(
             content=RecordDict(
                 {
-                    "arrays": ArrayRecord({k: Array(v) for k, v in avg.items()}),
-                    "metrics": MetricRecord({_WEIGHT_KEY: 1}),
+                    ARRAYS: ArrayRecord({k: Array(v) for k, v in avg.items()}),
+                    METRICS: MetricRecord({WEIGHT_KEY: 1}),
                 }
             ),
             dst_node_id=0,

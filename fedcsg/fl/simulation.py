@@ -96,14 +96,8 @@ def simulate(runs: Sequence[RunConfig], *, verbose: bool = False) -> None:
     (:func:`~fedcsg.fl.ray_cluster.interruptible`); the records hold every round completed before.
     """
     from flwr.app import ConfigRecord, Context, RecordDict
-    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
-    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
-    from flwr.simulation.run_simulation import _run_simulation
-    from flwr.supercore.constant import NOOP_FEDERATION_ID
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
-    from flwr.supercore.telemetry import EventType
 
+    from fedcsg.fl.flower_private import run_simulation, simulation_run
     from fedcsg.fl.server_app import PLAN_KEY
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -120,15 +114,9 @@ def simulate(runs: Sequence[RunConfig], *, verbose: bool = False) -> None:
     plan = RecordDict({PLAN_KEY: ConfigRecord({"runs": [json.dumps(cfg.to_flower()) for cfg in runs]})})
     with interruptible(), tempfile.TemporaryDirectory(prefix="fedcsg-app-") as app_dir:
         (Path(app_dir) / "pyproject.toml").write_text(tomli_w.dumps(app_pyproject(first)))
-        run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
-        run = Run.create_empty(run_id=run_id)
-        run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
-        run.federation_id = NOOP_FEDERATION_ID
-        TaskIdentity.task_id = run.primary_task_id
-        TaskIdentity.run_id = run_id
-        TaskIdentity.node_id = SUPERLINK_NODE_ID
-        context = Context(run_id=run_id, node_id=0, node_config={}, state=plan, run_config=first.to_flower())
-        _run_simulation(
+        run = simulation_run()
+        context = Context(run_id=run.run_id, node_id=0, node_config={}, state=plan, run_config=first.to_flower())
+        run_simulation(
             num_supernodes=first.num_clients,
             server_app_attr=SERVER_APP,
             client_app_attr=CLIENT_APP,
@@ -139,7 +127,6 @@ def simulate(runs: Sequence[RunConfig], *, verbose: bool = False) -> None:
             server_app_context=context,
             is_app=True,
             verbose_logging=verbose,
-            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
         )
     for cfg in runs:
         if not arm_record_path(Path(cfg.out_dir), cfg.arm).is_file():

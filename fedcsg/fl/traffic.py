@@ -8,19 +8,25 @@ import hashlib
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.common.serde_utils import error_to_proto, metadata_to_proto
-from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
-from flwr.supercore.inflatable.inflatable_object import add_header_to_object_body, get_all_nested_objects
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
+from fedcsg.fl.flower_private import (
+    SUPERLINK_NODE_ID,
+    ProtoMessage,
+    Run,
+    add_header_to_object_body,
+    error_to_proto,
+    fab_reply_bytes,
+    get_all_nested_objects,
+    metadata_to_proto,
+    offline_task_identity,
+)
 from fedcsg.fl.ray_cluster import NODE_ID_HEX_LENGTH, NODE_ID_KEY, PLACEMENT
 from fedcsg.fl.task import build_arm_model, payload_layout
 from fedcsg.nn.params import count_parameters
 from fedcsg.spec.config import RunConfig
 from fedcsg.wire.downlink import STATELESS, VERSION_KEY, Broadcaster, Downlink
+from fedcsg.wire.messages import ARRAYS, METRICS, NUM_EXAMPLES, PARTITION_ID, TRAIN_ACCURACY, TRAIN_LOSS, TRAIN_SECONDS
 from fedcsg.wire.payload import model_payload
 from fedcsg.wire.uplink import Uplink
 
@@ -54,17 +60,7 @@ def bundle_download_bytes(run: Run) -> int | None:
     """
     if not run.fab_hash:
         return None
-    from flwr.cli.build import build_fab_from_disk
-    from flwr.common.config import get_project_dir
-    from flwr.proto.fab_pb2 import Fab, GetFabResponse  # pylint: disable=E0611
-
-    try:
-        fab = build_fab_from_disk(get_project_dir(run.fab_id, run.fab_version, run.fab_hash))
-    except (OSError, ValueError):
-        return None
-    if hashlib.sha256(fab).hexdigest() != run.fab_hash:
-        return None
-    return GetFabResponse(fab=Fab(hash_str=run.fab_hash, content=fab)).ByteSize()
+    return fab_reply_bytes(run, lambda content: hashlib.sha256(content).hexdigest())
 
 
 def _canonical_deflate(message: Message) -> bytes:
@@ -93,24 +89,15 @@ def accounted_wire_bytes(message: Message) -> int:
     return wire_bytes(message) - len(message.deflate()) + len(_canonical_deflate(message))
 
 
-def _ensure_task_identity() -> None:
-    # Flower stamps every Message with the identity of the running task; offline there is none.
-    for name in ("run_id", "task_id", "node_id"):
-        try:
-            getattr(TaskIdentity, name)
-        except RuntimeError:
-            setattr(TaskIdentity, name, 1)
-
-
 def train_replies(records: list[ArrayRecord], examples: list[object]) -> list[Message]:
     """Offline train replies, one per record, from nodes 1, 2, ... with ``examples`` as their
     num-examples (as a ClientApp would reply; for tests of aggregation)."""
-    _ensure_task_identity()
+    offline_task_identity()
     replies = []
     for node, (record, num) in enumerate(zip(records, examples, strict=True), start=1):
         down = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=node, message_type=MessageType.TRAIN)
-        metrics = MetricRecord({"num-examples": num, "train-loss": 1.0, "train-accuracy": 0.5, "train-seconds": 1.0})
-        replies.append(Message(RecordDict({"arrays": record, "metrics": metrics}), reply_to=down))
+        metrics = MetricRecord({NUM_EXAMPLES: num, TRAIN_LOSS: 1.0, TRAIN_ACCURACY: 0.5, TRAIN_SECONDS: 1.0})
+        replies.append(Message(RecordDict({ARRAYS: record, METRICS: metrics}), reply_to=down))
     return replies
 
 
@@ -144,7 +131,7 @@ def round_messages(
     the global model moved by such noise), or with ``resync`` that of a node sent x̂ in full.
     ``model`` is the arm's initial model if already built.
     """
-    _ensure_task_identity()
+    offline_task_identity()
     model = model if model is not None else build_arm_model(cfg)
     layout = payload_layout(cfg, model)
     arrays = model_payload(model, layout)
@@ -166,21 +153,21 @@ def round_messages(
         }
     )
     down = Message(
-        RecordDict({"arrays": group.record, "config": config}), dst_node_id=node_id, message_type=MessageType.TRAIN
+        RecordDict({ARRAYS: group.record, "config": config}), dst_node_id=node_id, message_type=MessageType.TRAIN
     )
     local = _moved(received, layout.floating_keys(), rng)
     reply, _ = Uplink(layout, cfg.codec).encode(local, received, None, rng)
     metrics = MetricRecord(
         {
-            "num-examples": 5000,
-            "train-loss": 1.0,
-            "train-accuracy": 0.5,
-            "train-seconds": 1.0,
-            "partition-id": 0,
+            NUM_EXAMPLES: 5000,
+            TRAIN_LOSS: 1.0,
+            TRAIN_ACCURACY: 0.5,
+            TRAIN_SECONDS: 1.0,
+            PARTITION_ID: 0,
             **({VERSION_KEY: broadcaster.version} if broadcaster.downlink.is_delta else {}),
         }
     )
-    up = Message(RecordDict({"arrays": reply, "metrics": metrics, PLACEMENT: SIMULATED_PLACEMENT}), reply_to=down)
+    up = Message(RecordDict({ARRAYS: reply, METRICS: metrics, PLACEMENT: SIMULATED_PLACEMENT}), reply_to=down)
     return down, up
 
 
@@ -189,14 +176,14 @@ def arm_traffic(cfg: RunConfig, clients_per_round: int) -> dict:
     model = build_arm_model(cfg)
     down, up = round_messages(cfg, model=model)
     resync = round_messages(cfg, resync=True, model=model)[0] if cfg.downlink_mode not in STATELESS else down
-    payload_down = payload_bytes(down.content["arrays"])
-    payload_up = payload_bytes(up.content["arrays"])
+    payload_down = payload_bytes(down.content[ARRAYS])
+    payload_up = payload_bytes(up.content[ARRAYS])
     return {
         "arm": cfg.arm,
         "downlink": cfg.downlink_mode,
         "parameters_sendable": count_parameters(model).sendable,
         "tensors": len(payload_layout(cfg, model).entries),
-        "arrays_per_message": len(up.content["arrays"]),
+        "arrays_per_message": len(up.content[ARRAYS]),
         "payload_per_client": payload_up,
         "payload_down_per_client": payload_down,
         "wire_up_per_client": accounted_wire_bytes(up),

@@ -26,58 +26,14 @@ until a parameter changes (tracked by the tensors' version counters).
 
 Initialisation
 --------------
-``init="paper"`` keeps the paper's draw: generator Kaiming-normal over ``code_dim`` (std
-``sqrt(2 / code_dim)``), codes ~ N(0.001, 1). A generated element is a sum of ``code_dim``
-products, so its std is about ``sqrt(2) = 1.41`` (``sqrt(code_dim) * 0.5 = 4.2`` for the frozen
-``sign * 0.5`` generator at code dim 72), 11-25x the Kaiming std ``sqrt(2 / fan_in)`` of the conv
-it replaces in ResNet-20 (32-73x frozen; 36x / 107x in DenseNet-40). BatchNorm hides the scale in
-the forward pass of training, but (1) the effective learning rate of a weight followed by
-BatchNorm falls as ``lr / |W|^2``, and (2) in eval mode the fresh running statistics (mean 0,
-var 1) do not, which gave the round-0 evaluation loss of 1.8e21 on ResNet-20.
-
-``init="kaiming"`` (the default) multiplies each layer's codes, once, by
-``sqrt(2 / fan_in) / std(generated weight)``, measured on the layer's own generated filters
-(:func:`kaiming_rescale`), so every layer starts exactly at the Kaiming std of the conv it
-replaces, trainable or frozen generator alike. Why the codes, measured against the alternatives:
-
-* A *fixed per-layer scale* ``W = a_l * G c`` fixes the forward scale (and the round-0 loss) but
-  not the training: for a weight followed by BatchNorm the loss is invariant to ``a_l``, so the
-  gradient with respect to ``G c`` and every SGD step on ``G`` and ``c`` are the same as without
-  it; only the starting point's scale would look right.
-* *Scaling the generator* cannot give every layer its own Kaiming std: one generator serves layers
-  with fan-ins from 144 to 576 (ResNet-20), and a frozen generator must stay the bit-for-bit
-  function of its seed, rebuilt on every party and never sent.
-* *Scaling the codes* (chosen) makes ``|W|`` Kaiming-sized, so the codes' effective learning rate
-  grows by ``1 / s^2`` (``s`` = the scale, about 0.04-0.08 for ResNet-20), leaves the generator
-  (and a frozen generator's seed) untouched, draws no extra random number, and costs nothing at
-  run time.
-
+``init="paper"`` keeps the paper's draw (generator Kaiming-normal over ``code_dim``, codes
+~ N(0.001, 1)); ``init="kaiming"`` (the default) rescales each layer's codes once so that its
+generated filters start at the Kaiming std of the conv they replace (:func:`kaiming_rescale`).
 ``init="balanced"`` (issue 25) first scales each trainable generator to the std both factors
 would share at the Kaiming scale (:func:`balance_generators`), then rescales the codes as
-``kaiming`` does: the same generated filters' std, but generator and codes of comparable std, so
-the codes' effective learning rate is not raised by ``1 / s^2``. A frozen generator is left as
-drawn (balanced is then kaiming).
-
-Measured (ResNet-20 unless named, seed 0, CPU, 2-core machine): generated std / Kaiming std at init
-is 1.00 for every CSG layer of every registry model with ``kaiming`` (paper: 10.6-24.9 trainable,
-31-75 frozen on the ResNets; 4.2-31 / 5.9-44 on MobileNetV2). Round-0 evaluation loss on 1,000
-CIFAR-10 test images: plain 13.5; csg 1.8e21 (paper) / 22.6 (kaiming); csg-frozen 6.4e29
-(paper) / 30.7 (kaiming). Central training (``simulations/init_probe.py``: 4,000 images, 3 epochs, batch 128,
-cosine lr 0.05, 1,000 test images), test accuracy after epochs 1 / 2 / 3:
-
-==========================  =====================  =====================
-init                        trainable generator    frozen generator
-==========================  =====================  =====================
-plain model                 0.190 / 0.317 / 0.344
-paper                       0.199 / 0.251 / 0.316  0.174 / 0.209 / 0.252
-fixed per-layer scale       0.218 / 0.246 / 0.325  0.166 / 0.215 / 0.236
-kaiming (codes rescaled)    0.187 / 0.290 / 0.323  0.186 / 0.309 / 0.348
-==========================  =====================  =====================
-
-The fixed scale trains like the paper's init, as the invariance argument says (frozen: 0.236 vs
-0.252); rescaled codes gain 10 points frozen. With a trainable generator the three are within
-noise at this size; the issue's larger probe (10,000 images, 4 epochs) measured 0.542 with
-rescaled codes against 0.487 with the paper's init and 0.525 plain.
+``kaiming`` does: the same generated filters, but generator and codes of comparable std, so the
+codes' effective learning rate is not raised by ``1 / s^2``; a frozen generator is left as drawn
+(balanced is then kaiming). Why the codes, and what each init measures: docs/csg.md, docs/csg-step.md.
 """
 
 from __future__ import annotations

@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from fedcsg.spec.arms import file_stem
-from fedcsg.wire.payload import PayloadLayout, check_record
+from fedcsg.io import DIGEST_KEY, atomic_write_bytes, atomic_write_text, check_schema, strict_json, tensors_digest
 from fedcsg.runs.layout import STATE_DIR, in_state_dir, state_path, weights_path
 from fedcsg.runs.records import ROUND_SCHEMA
-from fedcsg.io import DIGEST_KEY, atomic_write_bytes, atomic_write_text, check_schema, strict_json, tensors_digest
+from fedcsg.spec.arms import file_stem
+from fedcsg.wire.payload import PayloadLayout, check_record
 
 FORMAT = 1
 X_HAT_PREFIX = "x-hat:"  # keys of a delta downlink's x̂ in the weights file (fedcsg.wire.downlink)

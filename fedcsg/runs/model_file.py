@@ -11,10 +11,10 @@ import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
+from fedcsg.io import DIGEST_KEY, tensors_digest
 from fedcsg.runs.weights import CHECKPOINT_FORMAT
 from fedcsg.spec.config import ModelSettings, RunConfig
 from fedcsg.wire.payload import PayloadLayout, load_payload
-from fedcsg.io import DIGEST_KEY, tensors_digest
 
 FORMAT_VERSION = "1"
 

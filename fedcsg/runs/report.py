@@ -17,140 +17,18 @@ from __future__ import annotations
 
 import csv
 import io
-import math
-import os
 from pathlib import Path
 from typing import Any
 
-from fedcsg.spec.arms import MODELS, Arm, arm_of_stem, arm_order
-from fedcsg.runs.layout import ARMS_DIR, REPORT_MD, RESULTS_CSV, RESULTS_JSON, arm_record_files, holds_arms, seed_dirs_in
-from fedcsg.runs.records import ROUND_FIELDS, read_arm_record
 from fedcsg.io import atomic_write_text, strict_json
-
-
-
-def load_results(out_dir: Path) -> dict[str, Any]:
-    """Gather ``DIR/arms/*.json`` into one results document."""
-    arm_files = arm_record_files(out_dir)
-    if not arm_files:
-        raise FileNotFoundError(
-            f"no arm results in {str(Path(out_dir) / ARMS_DIR)!r}: run `fedcsg run` or `compare` first"
-        )
-    arms = {arm_of_stem(path.stem): read_arm_record(path) for path in arm_files}
-    order = arm_order(list(arms))
-    first = arms[order[0]]
-    config = {k: v for k, v in first["config"].items() if k != "arm"}
-    return {
-        "config": config,
-        "seed": config.get("seed"),
-        "versions": first.get("versions", {}),
-        "arms": {
-            arm: {
-                "config": arms[arm]["config"],
-                "parameters": arms[arm].get("parameters"),
-                "payload_bytes": arms[arm].get("payload_bytes"),
-                "bundle_bytes": arms[arm].get("bundle_bytes"),
-                "rounds": arms[arm]["rounds"],
-            }
-            for arm in order
-        },
-    }
-
-
-MATCH_MARGIN = 0.01  # "reaches fedavg": within 1 point of fedavg's final accuracy
-
-
-def _first_reaching(rounds: list[dict[str, Any]], accuracy: float) -> dict[str, Any] | None:
-    """The first round record (round > 0) whose test accuracy is at least ``accuracy``."""
-    return next((r for r in rounds if r["test_accuracy"] >= accuracy), None)
-
-
-def _wire_total(record: dict[str, Any] | None) -> int | None:
-    return None if record is None else record["cum_wire_up"] + record["cum_wire_down"]
-
-
-def node_download_bytes(bundle_bytes: int | None, rounds: list[dict[str, Any]]) -> int | None:
-    """What one node sampled in every round downloads over the run: the app bundle (once) and its
-    share of each round's downlink (every sampled node gets the same message). None without a bundle
-    (a simulation)."""
-    if bundle_bytes is None:
-        return None
-    return bundle_bytes + sum(round(r["wire_down"] / r["sampled"]) for r in rounds if r["sampled"])
-
-
-def directions(arm: str, config: dict[str, Any]) -> tuple[str, str]:
-    """(uplink, downlink) of an arm as it ran: its codec (``full`` without one) and its downlink (the
-    one it names, else the run's ``downlink``); ``?`` for a name that is not an arm."""
-    try:
-        parsed = Arm.parse(arm)
-    except ValueError:
-        return "?", "?"
-    return parsed.codec or "full", parsed.downlink_or(str(config.get("downlink", "full")))
-
-
-def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per-arm figures of the report (see :func:`write_report`).
-
-    Besides the arm's own figures: the wire bytes (up + down, cumulative) until the test accuracy
-    first reaches ``target-accuracy``, and until it first reaches fedavg's final accuracy minus
-    :data:`MATCH_MARGIN` (when the run has a fedavg arm); ``None`` where it never did. In a
-    deployment, the app bundle each node downloaded and :func:`node_download_bytes`.
-    """
-    target = float(results["config"].get("target-accuracy", 0.5))
-    fedavg_rounds = [r for r in results["arms"].get("fedavg", {}).get("rounds", []) if r["round"] > 0]
-    match = fedavg_rounds[-1]["test_accuracy"] - MATCH_MARGIN if fedavg_rounds else None
-    summary: dict[str, dict[str, Any]] = {}
-    for arm, data in results["arms"].items():
-        rounds = [r for r in data["rounds"] if r["round"] > 0]
-        if not rounds:
-            continue
-        accuracies = [r["test_accuracy"] for r in data["rounds"]]
-        last = rounds[-1]
-        reached = _first_reaching(rounds, target)
-        matched = _first_reaching(rounds, match) if match is not None else None
-        up, down = directions(arm, data.get("config", {}))
-        summary[arm] = {
-            "uplink": up,
-            "downlink": down,
-            "rounds": len(rounds),
-            "final_accuracy": last["test_accuracy"],
-            "best_accuracy": max(accuracies),
-            "payload_up_per_round": rounds[0]["payload_up"],
-            "payload_down_per_round": rounds[0]["payload_down"],
-            "wire_up_per_round": rounds[0]["wire_up"],
-            "wire_down_per_round": rounds[0]["wire_down"],
-            "total_wire_bytes": last["cum_wire_up"] + last["cum_wire_down"],
-            "total_payload_bytes": last["cum_payload_up"] + last["cum_payload_down"],
-            "target_accuracy": target,
-            "wire_bytes_to_target": _wire_total(reached),
-            "round_to_target": reached["round"] if reached else None,
-            "match_accuracy": match,
-            "wire_bytes_to_match": _wire_total(matched),
-            "round_to_match": matched["round"] if matched else None,
-            "seconds": sum(r["seconds"] or 0.0 for r in rounds),
-            "failed_rounds": sum(r.get("status") == "failed" for r in rounds),
-            "failed_replies": sum(r.get("failed") or 0 for r in rounds),
-            "rejected_replies": sum(r.get("rejected") or 0 for r in rounds),
-            "resynced": sum(r.get("resynced") or 0 for r in rounds),
-            "wire_down_resync": sum(r.get("wire_down_resync") or 0 for r in rounds),
-            "bundle_bytes": data.get("bundle_bytes"),
-            "node_download_bytes": node_download_bytes(data.get("bundle_bytes"), rounds),
-        }
-    if "fedavg" in summary:
-        base = summary["fedavg"]
-        for figures in summary.values():
-            figures["upload_ratio_vs_fedavg"] = _ratio(base["wire_up_per_round"], figures["wire_up_per_round"])
-            figures["total_ratio_vs_fedavg"] = _ratio(base["total_wire_bytes"], figures["total_wire_bytes"])
-    return summary
+from fedcsg.runs.layout import REPORT_MD, RESULTS_CSV, RESULTS_JSON, arm_record_files, holds_arms, seed_dirs_in
+from fedcsg.runs.plots import plot_accuracy
+from fedcsg.runs.records import ROUND_FIELDS, read_arm_record
+from fedcsg.runs.summary import load_results, rounds_by_number, spread, summarize, summarize_seeds
 
 
 def _resync(s: dict[str, Any]) -> str:
     return f"{s['resynced']} ({_mb(s['wire_down_resync'])})" if s["resynced"] else "-"
-
-
-def _ratio(base: float | None, value: float | None) -> float | None:
-    """``base / value``, or None where either is missing or ``value`` is 0 (an arm that sent nothing)."""
-    return base / value if base is not None and value else None
 
 
 def _times(ratio: float | None) -> str:
@@ -235,10 +113,10 @@ def _report_markdown(results: dict[str, Any], summary: dict[str, dict[str, Any]]
         f"{_setup(cfg)}, seed {results.get('seed')}. Versions: "
         + ", ".join(f"{k} {v}" for k, v in results.get("versions", {}).items()),
         "",
-        "Bytes are per round, summed over the sampled clients. *Payload* is raw tensor bytes; *wire* is the "
-        "serialized Flower messages (payload, array headers, keys, config and metadata). Accuracies are one "
-        "seed: byte counts are exact, but a difference of a few points between arms can be noise (`--seeds 0,1,2` "
-        "gives the spread).",
+        "Bytes are per round (the mean over the rounds), summed over the sampled clients. *Payload* is raw "
+        "tensor bytes; *wire* is the serialized Flower messages (payload, array headers, keys, config and "
+        "metadata). Accuracies are one seed: byte counts are exact, but a difference of a few points "
+        "between arms can be noise (`--seeds 0,1,2` gives the spread).",
         "",
         "*up* / *down* say how each arm's updates and global model travelled (fedcsg.spec.codecs, "
         "fedcsg.wire.downlink). *Resynced* counts the messages of a delta downlink that carried the model in full "
@@ -315,61 +193,11 @@ def write_report(out_dir: str | Path) -> dict[str, Any]:
     if summary:
         atomic_write_text(out_dir / REPORT_MD, _report_markdown(results, summary))
         title = f"{results['config'].get('model')} on {results['config'].get('dataset')}"
-        _plots({results["seed"]: results}, list(results["arms"]), title, out_dir)
+        plot_accuracy({results["seed"]: results}, list(results["arms"]), title, out_dir)
     return results
 
 
 # -- several seeds ------------------------------------------------------------------------------
-
-
-def _spread(values: list[float | None]) -> dict[str, Any]:
-    """Mean and sample standard deviation (n - 1; 0 for one value) of the values that are not None."""
-    present = [float(v) for v in values if v is not None]
-    mean = sum(present) / len(present) if present else None
-    std = (
-        math.sqrt(sum((v - mean) ** 2 for v in present) / (len(present) - 1))
-        if len(present) > 1
-        else (0.0 if present else None)
-    )
-    return {"mean": mean, "std": std, "n": len(present), "values": list(values)}
-
-
-SPREAD_FIGURES = (
-    "final_accuracy",
-    "best_accuracy",
-    "wire_bytes_to_target",
-    "round_to_target",
-    "match_accuracy",
-    "wire_bytes_to_match",
-    "round_to_match",
-    "total_wire_bytes",
-    "wire_up_per_round",
-    "wire_down_per_round",
-    "seconds",
-)
-
-
-def summarize_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per arm, each figure of :func:`summarize` over the seeds: ``{"mean", "std", "n", "values"}``
-    (``n`` counts the seeds where it exists: bytes to target only where the target was reached)."""
-    arms = arm_order(sorted({a for s in per_seed.values() for a in s["summary"]}))
-    out: dict[str, dict[str, Any]] = {}
-    for arm in arms:
-        rows = [per_seed[seed]["summary"].get(arm, {}) for seed in per_seed]
-        out[arm] = {"seeds": [seed for seed in per_seed if arm in per_seed[seed]["summary"]]}
-        for figure in SPREAD_FIGURES:
-            out[arm][figure] = _spread([row.get(figure) for row in rows])
-        out[arm]["target_accuracy"] = next((r["target_accuracy"] for r in rows if r), None)
-    if "fedavg" in out:
-        base = out["fedavg"]
-        for figures in out.values():
-            figures["upload_ratio_vs_fedavg"] = _ratio(
-                base["wire_up_per_round"]["mean"], figures["wire_up_per_round"]["mean"]
-            )
-            figures["total_ratio_vs_fedavg"] = _ratio(
-                base["total_wire_bytes"]["mean"], figures["total_wire_bytes"]["mean"]
-            )
-    return out
 
 
 def _pm(spread: dict[str, Any], fmt: str, scale: float = 1.0) -> str:
@@ -378,14 +206,6 @@ def _pm(spread: dict[str, Any], fmt: str, scale: float = 1.0) -> str:
     text = f"{spread['mean'] / scale:{fmt}} ± {spread['std'] / scale:{fmt}}"
     total = len(spread["values"])
     return text if spread["n"] == total else f"{text} ({spread['n']} of {total} seeds)"
-
-
-def _by_round(per_seed: dict[int, dict[str, Any]], arm: str) -> dict[int, list[dict[str, Any]]]:
-    rounds: dict[int, list[dict[str, Any]]] = {}
-    for results in per_seed.values():
-        for record in results["arms"].get(arm, {}).get("rounds", []):
-            rounds.setdefault(record["round"], []).append(record)
-    return dict(sorted(rounds.items()))
 
 
 def _seeds_markdown(config: dict[str, Any], per_seed: dict[int, dict[str, Any]], summary: dict[str, Any]) -> str:
@@ -436,75 +256,15 @@ def _seeds_markdown(config: dict[str, Any], per_seed: dict[int, dict[str, Any]],
     arms = list(summary)
     lines.append("| round | " + " | ".join(arms) + " |")
     lines.append("| ---: | " + " | ".join("---:" for _ in arms) + " |")
-    table = {arm: _by_round(per_seed, arm) for arm in arms}
+    table = {arm: rounds_by_number(per_seed, arm) for arm in arms}
     for rnd in sorted({r for arm in arms for r in table[arm]}):
         cells = [
-            _pm(_spread([r["test_accuracy"] for r in table[arm][rnd]]), ".4f") if rnd in table[arm] else ""
+            _pm(spread([r["test_accuracy"] for r in table[arm][rnd]]), ".4f") if rnd in table[arm] else ""
             for arm in arms
         ]
         lines.append(f"| {rnd} | " + " | ".join(cells) + " |")
     lines += ["", "![accuracy vs bytes](accuracy_vs_bytes.png)", "", "![accuracy vs round](accuracy_vs_round.png)", ""]
     return "\n".join(lines)
-
-
-CODEC_LINESTYLES = {"": "-", "fp16": "--", "int8": ":", "topk": "-."}
-DOWNLINK_MARKERS = {"": "o", "full": "o", "fp16": "s", "int8": "^", "delta-int8": "v", "delta-topk": "D"}
-
-
-def _style(arm: str) -> dict[str, Any]:
-    """One colour per model, one line style per codec and one marker per downlink, so ``csg``,
-    ``csg+int8`` and ``csg+int8/int8`` read as kin."""
-    try:
-        parsed = Arm.parse(arm)
-    except ValueError:  # an older run's arm name
-        return {"marker": "o"}
-    return {
-        "color": f"C{MODELS.index(parsed.model)}",
-        "linestyle": CODEC_LINESTYLES[parsed.codec],
-        "marker": DOWNLINK_MARKERS[parsed.downlink],
-    }
-
-
-def _plots(per_seed: dict[int, dict[str, Any]], arms: list[str], title: str, out_dir: Path) -> None:
-    """accuracy_vs_bytes.png and accuracy_vs_round.png: per arm the test accuracy per round (the
-    mean over the seeds, with a band from the lowest to the highest seed when there are several)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    several = len(per_seed) > 1
-    for name, by_bytes, x_label in (
-        ("accuracy_vs_bytes.png", True, "cumulative wire bytes, up + down (MB)"),
-        ("accuracy_vs_round.png", False, "round"),
-    ):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for arm in arms:
-            # log scale for bytes: round 0 (no bytes yet) has no place on it
-            rounds = {r: recs for r, recs in _by_round(per_seed, arm).items() if not by_bytes or r > 0}
-            xs = [
-                sum(x["cum_wire_up"] + x["cum_wire_down"] for x in recs) / len(recs) / 1e6 if by_bytes else r
-                for r, recs in rounds.items()
-            ]
-            accs = [[x["test_accuracy"] for x in recs] for recs in rounds.values()]
-            (line,) = ax.plot(xs, [sum(a) / len(a) for a in accs], markersize=3, label=arm, **_style(arm))
-            if several:
-                ax.fill_between(xs, [min(a) for a in accs], [max(a) for a in accs], color=line.get_color(), alpha=0.2)
-        if by_bytes:
-            ax.set_xscale("log")
-        else:
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel(x_label + (" (mean over seeds)" if several and by_bytes else ""))
-        ax.set_ylabel("test accuracy" + (" (mean; band: min to max over seeds)" if several else ""))
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        tmp = out_dir / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=120)
-        plt.close(fig)
-        os.replace(tmp, out_dir / name)
 
 
 def _write_csv(path: Path, fieldnames: list[str], rows: list[dict[str, Any]]) -> None:
@@ -539,5 +299,5 @@ def write_seeds_report(out_dir: Path, per_seed: dict[int, dict[str, Any]]) -> di
     if summary:
         atomic_write_text(out_dir / REPORT_MD, _seeds_markdown(config, per_seed, summary))
         title = f"{config.get('model')} on {config.get('dataset')}, {len(per_seed)} seeds"
-        _plots(per_seed, list(summary), title, out_dir)
+        plot_accuracy(per_seed, list(summary), title, out_dir)
     return results

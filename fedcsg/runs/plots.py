@@ -1,0 +1,70 @@
+"""The report's two plots: test accuracy against cumulative wire bytes and against the round, one
+line per arm (a band of one standard deviation over seeds), styled by codec and downlink."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from fedcsg.runs.summary import rounds_by_number
+from fedcsg.spec.arms import MODELS, Arm
+
+CODEC_LINESTYLES = {"": "-", "fp16": "--", "int8": ":", "topk": "-."}
+DOWNLINK_MARKERS = {"": "o", "full": "o", "fp16": "s", "int8": "^", "delta-int8": "v", "delta-topk": "D"}
+
+
+def _style(arm: str) -> dict[str, Any]:
+    """One colour per model, one line style per codec and one marker per downlink, so ``csg``,
+    ``csg+int8`` and ``csg+int8/int8`` read as kin."""
+    try:
+        parsed = Arm.parse(arm)
+    except ValueError:  # an older run's arm name
+        return {"marker": "o"}
+    return {
+        "color": f"C{MODELS.index(parsed.model)}",
+        "linestyle": CODEC_LINESTYLES[parsed.codec],
+        "marker": DOWNLINK_MARKERS[parsed.downlink],
+    }
+
+
+def plot_accuracy(per_seed: dict[int, dict[str, Any]], arms: list[str], title: str, out_dir: Path) -> None:
+    """accuracy_vs_bytes.png and accuracy_vs_round.png: per arm the test accuracy per round (the
+    mean over the seeds, with a band from the lowest to the highest seed when there are several)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    several = len(per_seed) > 1
+    for name, by_bytes, x_label in (
+        ("accuracy_vs_bytes.png", True, "cumulative wire bytes, up + down (MB)"),
+        ("accuracy_vs_round.png", False, "round"),
+    ):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for arm in arms:
+            # log scale for bytes: round 0 (no bytes yet) has no place on it
+            rounds = {r: recs for r, recs in rounds_by_number(per_seed, arm).items() if not by_bytes or r > 0}
+            xs = [
+                sum(x["cum_wire_up"] + x["cum_wire_down"] for x in recs) / len(recs) / 1e6 if by_bytes else r
+                for r, recs in rounds.items()
+            ]
+            accs = [[x["test_accuracy"] for x in recs] for recs in rounds.values()]
+            (line,) = ax.plot(xs, [sum(a) / len(a) for a in accs], markersize=3, label=arm, **_style(arm))
+            if several:
+                ax.fill_between(xs, [min(a) for a in accs], [max(a) for a in accs], color=line.get_color(), alpha=0.2)
+        if by_bytes:
+            ax.set_xscale("log")
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel(x_label + (" (mean over seeds)" if several and by_bytes else ""))
+        ax.set_ylabel("test accuracy" + (" (mean; band: min to max over seeds)" if several else ""))
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        tmp = out_dir / f".{name}.tmp.png"
+        fig.savefig(tmp, dpi=120)
+        plt.close(fig)
+        os.replace(tmp, out_dir / name)
