@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from fedcsg.data.readers import load_split
+from fedcsg.fl import task
 from fedcsg.nn.csg import csg_layers, factor_lr_scales, generators, kaiming_std
 from fedcsg.nn.models import build_model, default_csg_config
 from fedcsg.nn.training import make_optimizer
@@ -91,3 +95,23 @@ def test_balanced_keeps_frozen_generator_and_default_is_kaiming() -> None:
     assert RunConfig(csg_init="balanced").csg_config().init == "balanced"
     # the default (kaiming) draw is untouched by the new init: trainable generator as drawn
     assert torch.equal(generators(_resnet20("kaiming"))["3x3"].weight, generators(_resnet20("paper"))["3x3"].weight)
+
+
+def test_local_train_builds_the_optimizer_with_the_run_s_scales(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[torch.optim.SGD] = []
+
+    def recording(*args: object) -> torch.optim.SGD:
+        built.append(make_optimizer(*args))  # type: ignore[arg-type]
+        return built[-1]
+
+    monkeypatch.setattr(task, "make_optimizer", recording)
+    model = _resnet20()
+    data = load_split("cifar10", "train", str(data_dir), limit=8, seed=0)
+    cfg = RunConfig(codes_lr_scale=0.1, generator_lr_scale=3.0)
+    task.local_train(model, data, cfg, lr=0.05, epochs=1, batch_size=8, seed=0, device=torch.device("cpu"))
+    lrs = _group_lrs(built[0])
+    assert lrs[id(model.layer1[0].conv1.codes)] == pytest.approx(0.005, rel=1e-12)
+    assert lrs[id(generators(model)["3x3"].weight)] == pytest.approx(0.15, rel=1e-12)
+    assert lrs[id(model.fc.weight)] == 0.05
