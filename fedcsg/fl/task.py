@@ -12,7 +12,7 @@ from torch import nn
 from fedcsg.data.batches import TensorBatches
 from fedcsg.data.partitions import partition_indices
 from fedcsg.data.readers import ImageData, load_labels, load_split
-from fedcsg.nn.csg import freeze_factor
+from fedcsg.nn.csg import factor_lr_scales, freeze_factor
 from fedcsg.nn.segmentation import seg_evaluate, seg_train_epoch
 from fedcsg.nn.training import PassStats, evaluate, make_optimizer, train_epoch, tune_malloc
 from fedcsg.spec.config import DataSettings, RunConfig
@@ -121,7 +121,8 @@ def local_train(
     batches = TensorBatches(data, batch_size, shuffle=True, augment=True, seed=seed, device=device)
     seconds, stats = 0.0, None
     with freeze_factor(model, factor):
-        optimizer = make_optimizer(model, lr, cfg.momentum, cfg.weight_decay)
+        scales = factor_lr_scales(model, cfg.codes_lr_scale, cfg.generator_lr_scale)
+        optimizer = make_optimizer(model, lr, cfg.momentum, cfg.weight_decay, scales)
         for _ in range(epochs):
             if is_segmentation(data):
                 stats = seg_train_epoch(model, batches, optimizer, device, data.spec.num_classes)

@@ -29,7 +29,11 @@ Initialisation
 ``init="paper"`` keeps the paper's draw (generator Kaiming-normal over ``code_dim``, codes
 ~ N(0.001, 1)); ``init="kaiming"`` (the default) rescales each layer's codes once so that its
 generated filters start at the Kaiming std of the conv they replace (:func:`kaiming_rescale`).
-Why the codes, and what each init measures: docs/csg.md.
+``init="balanced"`` (issue 25) first scales each trainable generator to the std both factors
+would share at the Kaiming scale (:func:`balance_generators`), then rescales the codes as
+``kaiming`` does: the same generated filters, but generator and codes of comparable std, so the
+codes' effective learning rate is not raised by ``1 / s^2``; a frozen generator is left as drawn
+(balanced is then kaiming). Why the codes, and what each init measures: docs/csg.md, docs/csg-step.md.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from torch import Tensor, nn
 from fedcsg.nn.convert import ComputedConv2d, ConversionReport, conversion_plan, report_of
 
 GENERATORS_ATTR = "csg_generators"
-INITS = ("kaiming", "paper")  # CSGConfig.init: how generated filters start (see "Initialisation" above)
+INITS = ("kaiming", "paper", "balanced")  # CSGConfig.init: how generated filters start (see "Initialisation" above)
 FACTORS = ("all", "codes", "generator")  # what one round of local training may update (see freeze_factor)
 AGGREGATIONS = ("factors", "alternate")  # csg-aggregation: see round_factor
 _SLICE_PATTERN = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*x\s*(\d+)\s*x\s*(\d+)\s*$")
@@ -397,7 +401,9 @@ def csgify(model: nn.Module, config: CSGConfig | None = None) -> ConversionRepor
         )
         model.set_submodule(name, layer.to(device))
     model.add_module(GENERATORS_ATTR, generators.to(device))
-    if config.init == "kaiming":
+    if config.init == "balanced":
+        balance_generators(model)
+    if config.init in ("kaiming", "balanced"):
         kaiming_rescale(model)
     return report
 
@@ -421,6 +427,23 @@ def kaiming_rescale(model: nn.Module) -> None:
     clear_generated_cache(model)
 
 
+@torch.no_grad()
+def balance_generators(model: nn.Module) -> None:
+    """Scale each trainable generator to std ``t``, the geometric mean over its layers of
+    ``sqrt(kaiming_std / sqrt(code_dim))``: the std both factors would share if the generated std
+    ``sqrt(code_dim) * std(G) * std(c)`` were the layer's Kaiming std. :func:`kaiming_rescale`
+    then scales the codes to make each layer exact, which leaves them near ``t``. A frozen
+    generator is left untouched (it stays the bit-for-bit function of its seed).
+    """
+    for generator in generators(model).values():
+        if generator.frozen or not generator.layers:
+            continue
+        logs = [math.log(kaiming_std(layer) / math.sqrt(generator.code_dim)) / 2 for layer in generator.layers]
+        target = math.exp(sum(logs) / len(logs))
+        generator.weight.mul_(target / generator.weight.std().item())
+    clear_generated_cache(model)
+
+
 def factor_keys(model: nn.Module) -> dict[str, list[str]]:
     """State-dict keys of the two CSG factors: ``{"generator": [...], "codes": [...]}`` (trainable
     generators only; a frozen generator is never trained nor sent)."""
@@ -428,6 +451,13 @@ def factor_keys(model: nn.Module) -> dict[str, list[str]]:
         "generator": [f"{GENERATORS_ATTR}.{name}.weight" for name, g in generators(model).items() if not g.frozen],
         "codes": [f"{name}.codes" for name, _ in csg_layers(model)],
     }
+
+
+def factor_lr_scales(model: nn.Module, codes: float, generator: float) -> dict[str, float]:
+    """Parameter name -> lr factor for :func:`fedcsg.nn.training.make_optimizer`: ``codes`` for
+    every CSG layer's codes, ``generator`` for every trainable generator (empty for a plain model)."""
+    keys = factor_keys(model)
+    return {**{k: generator for k in keys["generator"]}, **{k: codes for k in keys["codes"]}}
 
 
 def round_factor(aggregation: str, server_round: int, trainable_generator: bool) -> str:

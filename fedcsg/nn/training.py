@@ -131,6 +131,7 @@ def make_optimizer(
     lr: float,
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
+    lr_scales: dict[str, float] | None = None,
 ) -> torch.optim.SGD:
     """SGD with momentum and weight decay over the model's trainable parameters.
 
@@ -144,6 +145,10 @@ def make_optimizer(
         Momentum, ``>= 0``.
     weight_decay : float, default 5e-4
         L2 penalty, ``>= 0``.
+    lr_scales : dict, optional
+        Parameter name -> factor: that parameter trains at ``lr * factor`` (one param group per
+        distinct factor, in first-seen order); every other at ``lr``. ``None`` or all factors 1.0
+        give the single group of before.
 
     Returns
     -------
@@ -160,10 +165,17 @@ def make_optimizer(
         raise ValueError(f"momentum must be >= 0, got {momentum!r}")
     if not weight_decay >= 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise ValueError(f"{type(model).__name__} has no parameter with requires_grad=True to optimise")
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    scales = lr_scales or {}
+    groups: dict[float, list[nn.Parameter]] = {}
+    for name, p in named:
+        groups.setdefault(scales.get(name, 1.0), []).append(p)
+    if list(groups) == [1.0]:
+        return torch.optim.SGD(groups[1.0], lr=lr, momentum=momentum, weight_decay=weight_decay)
+    param_groups = [{"params": ps, "lr": lr * scale} for scale, ps in groups.items()]
+    return torch.optim.SGD(param_groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 def _sync(device: torch.device) -> None:

@@ -274,6 +274,8 @@ class RunConfig:
     lr_schedule: str = "constant"
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    codes_lr_scale: float = 1.0  # CSG codes train at lr * this, in (0, 100]
+    generator_lr_scale: float = 1.0  # a trainable CSG generator trains at lr * this, in (0, 100]
     # Server update (Flower's FedAvgM / FedAdam / FedYogi step on the exact average)
     server_optimizer: str = "fedavg"
     server_lr: float = 0.0  # 0 = Flower's default: fedavgm 1.0, fedadam 0.1, fedyogi 0.01
@@ -347,6 +349,10 @@ class RunConfig:
             value = getattr(self, name)
             if not 0 <= value < float("inf"):  # written so that NaN fails too
                 raise ValueError(f"{_kebab(name)} = {value!r} is not accepted: a finite number >= 0 is")
+        for name in ("codes_lr_scale", "generator_lr_scale"):
+            value = getattr(self, name)
+            if not 0 < value <= 100:  # written so that NaN fails too
+                raise ValueError(f"{_kebab(name)} = {value!r} is not accepted: a number in (0, 100] is")
         if not 0 <= self.fault_probability <= 1:
             raise ValueError(f"fault-probability = {self.fault_probability!r} is not accepted: a number in [0, 1] is")
         self.seed_list  # noqa: B018 - validates `seeds`
