@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
@@ -65,6 +65,20 @@ class DatasetSpec:
         return (f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz")
 
 
+_FASHION_MNIST = DatasetSpec(
+    name="fashion-mnist",
+    num_classes=10,
+    in_channels=1,
+    image_size=(28, 28),
+    mean=(0.2860,),
+    std=(0.3530,),
+    hub_name="zalando-datasets/fashion_mnist",
+    hub_image_column="image",
+    local_format="idx",
+    local_dirname="fashion-mnist",
+    system_dir="/usr/share/datasets/fashion-mnist",
+)
+
 DATASETS: MappingProxyType[str, DatasetSpec] = MappingProxyType(
     {
         # The local copy is a JPEG re-encoding whose statistics differ slightly (mean 0.4913, 0.4821,
@@ -82,35 +96,11 @@ DATASETS: MappingProxyType[str, DatasetSpec] = MappingProxyType(
             local_format="parquet",
             local_dirname="cifar10",
         ),
-        "fashion-mnist": DatasetSpec(
-            name="fashion-mnist",
-            num_classes=10,
-            in_channels=1,
-            image_size=(28, 28),
-            mean=(0.2860,),
-            std=(0.3530,),
-            hub_name="zalando-datasets/fashion_mnist",
-            hub_image_column="image",
-            local_format="idx",
-            local_dirname="fashion-mnist",
-            system_dir="/usr/share/datasets/fashion-mnist",
-        ),
+        "fashion-mnist": _FASHION_MNIST,
         # Derived (fedcsg/data/segmentation.py): 56x56 canvases of three Fashion-MNIST items, masks of
         # 11 classes (background 0, item class + 1), built from seed 0 out of the Fashion-MNIST files,
         # which are found as for fashion-mnist. Not Pascal VOC. Normalised with Fashion-MNIST's statistics.
-        "fashion-mnist-seg": DatasetSpec(
-            name="fashion-mnist-seg",
-            num_classes=11,
-            in_channels=1,
-            image_size=(56, 56),
-            mean=(0.2860,),
-            std=(0.3530,),
-            hub_name="zalando-datasets/fashion_mnist",
-            hub_image_column="image",
-            local_format="idx",
-            local_dirname="fashion-mnist",
-            system_dir="/usr/share/datasets/fashion-mnist",
-        ),
+        "fashion-mnist-seg": replace(_FASHION_MNIST, name="fashion-mnist-seg", num_classes=11, image_size=(56, 56)),
     }
 )
 
