@@ -1,10 +1,14 @@
-"""Centralised training of one model, plain vs CSG: test accuracy and seconds per training epoch.
+"""Centralised training of one model, plain vs CSG: test accuracy, filter step and seconds per epoch.
 
 Both arms start from the same seed and see the same data in the same order (the same shuffles and
 augmentations, from :class:`fedcsg.data.TensorBatches` seeded with ``--seed``). Each epoch prints
-one line per arm (epoch, lr, train loss, train accuracy, test accuracy, training seconds); at the
-end a table gives, per arm, the parameter count, the final and best test accuracy, the mean
-seconds per training epoch (evaluation excluded) and its ratio to the plain arm.
+one line per arm (epoch, lr, train loss, train accuracy, test accuracy, the epoch's relative filter
+change |W_end - W_start| / |W_start| over every conv layer (generated filters for CSG layers),
+training seconds); at the end a table gives, per arm, the parameter count, the final and best test
+accuracy, the mean seconds per training epoch (evaluation excluded) and its ratio to the plain arm.
+The arms are ``plain``, ``csg`` (trainable generator) and ``csg-frozen`` (the paper's frozen random
+binary generator); ``--codes-lr-scale`` / ``--generator-lr-scale`` set the CSG factors' learning
+rates as the run settings of the same names do.
 
 By default the arms are interleaved epoch by epoch (plain epoch 1, CSG epoch 1, plain epoch 2,
 ...), so a change in the machine's load during the run affects both arms alike; training itself
@@ -20,7 +24,9 @@ Usage::
     python3 simulations/train_central.py                         # resnet20, 3 epochs, full CIFAR-10
     python3 simulations/train_central.py --model resnet20 --epochs 2 --json /tmp/train_central_resnet20.json
     python3 simulations/train_central.py --train-limit 2000 --test-limit 1000 --epochs 1 --threads 2
-    python3 simulations/train_central.py --arms csg --slice 16x16x3x3 --code-dim 128 --frozen-generator
+    python3 simulations/train_central.py --arms csg-frozen --slice 16x16x3x3 --code-dim 128
+    python3 simulations/train_central.py --arms plain,csg,csg-frozen --epochs 20 --train-limit 10000 \
+        --codes-lr-scale 0.1 --json docs/central-codes01.json      # issue 25's central table
     python3 simulations/train_central.py --csg-init paper --train-limit 10000 --epochs 4   # the paper's init
     python3 simulations/train_central.py --dataset fashion-mnist --model fmnist-cnn --lr-schedule step
 """
@@ -44,9 +50,10 @@ from fedcsg.data.batches import TensorBatches
 from fedcsg.data.readers import ImageData, load_split
 from fedcsg.data.registry import DATASETS
 from fedcsg.nn.csg import INITS as CSG_INITS
-from fedcsg.nn.csg import SliceShape
+from fedcsg.nn.csg import SliceShape, factor_lr_scales
 from fedcsg.nn.models import build_model, default_csg_config, model_spec
 from fedcsg.nn.params import count_parameters
+from fedcsg.nn.step import conv_filters, relative_change
 from fedcsg.nn.training import (
     SCHEDULES,
     evaluate,
@@ -58,7 +65,7 @@ from fedcsg.nn.training import (
     tune_malloc,
 )
 
-ARM_NAMES: tuple[str, ...] = ("plain", "csg")
+ARM_NAMES: tuple[str, ...] = ("plain", "csg", "csg-frozen")
 
 
 def parse_arms(text: str) -> list[str]:
@@ -122,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--code-dim", type=positive_int, default=None, help="CSG code dim (default: the model's, or slice numel / 18)"
     )
+    parser.add_argument("--codes-lr-scale", type=positive_float, default=1.0, help="CSG codes' lr factor")
     parser.add_argument(
-        "--frozen-generator", action="store_true", help="CSG arm: the paper's frozen random binary generator"
+        "--generator-lr-scale", type=positive_float, default=1.0, help="trainable CSG generator's lr factor"
     )
     parser.add_argument(
         "--csg-init",
@@ -167,6 +175,7 @@ class Arm:
     optimizer: torch.optim.Optimizer
     train_batches: TensorBatches
     parameters: dict[str, int]
+    lr_factors: list[float]  # each param group's lr / the base lr (the CSG factors' lr scales)
     epochs: list[dict[str, float]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -190,22 +199,27 @@ def make_arm(name: str, args: argparse.Namespace, train: ImageData, device: torc
     set_seed(args.seed)
     spec = train.spec
     csg = None
-    if name == "csg":
+    if name != "plain":
+        frozen = name == "csg-frozen"
         csg = default_csg_config(
-            args.model, args.slice, args.code_dim, frozen=args.frozen_generator, seed=args.seed, init=args.csg_init
+            args.model, args.slice, args.code_dim, frozen=frozen, seed=args.seed, init=args.csg_init
         )
     model = build_model(args.model, num_classes=spec.num_classes, in_channels=spec.in_channels, csg=csg).to(device)
-    optimizer = make_optimizer(model, args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    scales = factor_lr_scales(model, args.codes_lr_scale, args.generator_lr_scale)
+    optimizer = make_optimizer(model, args.lr, momentum=args.momentum, weight_decay=args.weight_decay, lr_scales=scales)
     batches = TensorBatches(train, args.batch_size, shuffle=True, augment=True, seed=args.seed, device=device)
-    return Arm(name, model, optimizer, batches, count_parameters(model).as_dict())
+    factors = [group["lr"] / args.lr for group in optimizer.param_groups]
+    return Arm(name, model, optimizer, batches, count_parameters(model).as_dict(), factors)
 
 
 def run_epoch(arm: Arm, epoch: int, args: argparse.Namespace, test: TensorBatches, device: torch.device) -> None:
     """Train ``arm`` for its 0-based ``epoch``, evaluate it, record and print the result."""
     lr = step_lr(args.lr, epoch, args.epochs, args.lr_schedule)
-    for group in arm.optimizer.param_groups:
-        group["lr"] = lr
+    for group, factor in zip(arm.optimizer.param_groups, arm.lr_factors, strict=True):
+        group["lr"] = lr * factor
+    before = conv_filters(arm.model)
     stats = train_epoch(arm.model, arm.train_batches, arm.optimizer, device)
+    step = relative_change(before, conv_filters(arm.model))
     result = evaluate(arm.model, test, device)
     record = {
         "epoch": epoch + 1,
@@ -214,13 +228,15 @@ def run_epoch(arm: Arm, epoch: int, args: argparse.Namespace, test: TensorBatche
         "train_accuracy": stats.accuracy,
         "test_loss": result.loss,
         "test_accuracy": result.accuracy,
+        "filter_change": step.overall,
         "train_seconds": stats.seconds,
         "eval_seconds": result.seconds,
     }
     arm.epochs.append(record)
     print(
-        f"{arm.name:>5} epoch {epoch + 1:>3}/{args.epochs}  lr {lr:.4f}  train loss {stats.loss:.4f}  "
-        f"train acc {stats.accuracy:.4f}  test acc {result.accuracy:.4f}  {stats.seconds:8.1f} s "
+        f"{arm.name:>10} epoch {epoch + 1:>3}/{args.epochs}  lr {lr:.4f}  train loss {stats.loss:.4f}  "
+        f"train acc {stats.accuracy:.4f}  test acc {result.accuracy:.4f}  step {step.overall:.3f}  "
+        f"{stats.seconds:8.1f} s "
         f"(+{result.seconds:.1f} s eval)",
         flush=True,
     )
@@ -228,14 +244,14 @@ def run_epoch(arm: Arm, epoch: int, args: argparse.Namespace, test: TensorBatche
 
 def print_table(summaries: dict[str, dict[str, Any]]) -> None:
     plain = summaries.get("plain")
-    header = f"{'arm':<6} | {'parameters':>10} | {'test acc final':>14} | {'test acc best':>13} | "
+    header = f"{'arm':<10} | {'parameters':>10} | {'test acc final':>14} | {'test acc best':>13} | "
     header += f"{'s/epoch':>9} | {'ratio to plain':>14}"
     print(header)
     print("-" * len(header))
     for name, s in summaries.items():
         ratio = f"{s['ratio_to_plain']:.3f}" if s["ratio_to_plain"] is not None else "-"
         print(
-            f"{name:<6} | {s['parameters']:>10,} | {s['final_test_accuracy']:>14.4f} | "
+            f"{name:<10} | {s['parameters']:>10,} | {s['final_test_accuracy']:>14.4f} | "
             f"{s['best_test_accuracy']:>13.4f} | {s['seconds_per_epoch']:>9.2f} | {ratio:>14}"
         )
     if plain is None:
@@ -252,13 +268,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     train = load_split(args.dataset, "train", args.data_dir, limit=args.train_limit or None, seed=args.seed)
     test = load_split(args.dataset, "test", args.data_dir, limit=args.test_limit or None, seed=args.seed)
     test_batches = TensorBatches(test, args.eval_batch_size, device=device)
-    csg_config = default_csg_config(args.model, args.slice, args.code_dim, frozen=args.frozen_generator, seed=args.seed)
+    csg_config = default_csg_config(args.model, args.slice, args.code_dim, seed=args.seed)
     slices = ", ".join(f"{s.shape}/{s.code_dim}" for s in csg_config.slices)
     print(
         f"{args.model} on {args.dataset}: {len(train)} train / {len(test)} test images, {args.epochs} epoch(s), "
         f"batch {args.batch_size}, lr {args.lr} ({args.lr_schedule}), seed {args.seed}, device {device}, "
         f"{torch.get_num_threads()} thread(s); CSG slices {slices}"
-        f"{' (frozen generator)' if args.frozen_generator else ''}, {args.csg_init} init; "
+        f", {args.csg_init} init, codes lr x{args.codes_lr_scale:g}, generator lr x{args.generator_lr_scale:g}; "
         f"data loaded in {time.perf_counter() - start:.1f} s",
         flush=True,
     )
