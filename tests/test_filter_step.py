@@ -23,7 +23,7 @@ from fedcsg.fl.strategy import CSGFedAvg
 from fedcsg.fl.task import build_arm_model, payload_layout
 from fedcsg.nn.csg import csg_layers
 from fedcsg.nn.fedpara import FedParaConv2d
-from fedcsg.nn.step import conv_filters, relative_change, round_step
+from fedcsg.nn.step import conv_filters, overall_change, relative_change, round_step
 from fedcsg.nn.training import set_seed
 from fedcsg.runs.checkpoint import save_checkpoint
 from fedcsg.runs.layout import arm_record_path
@@ -52,6 +52,13 @@ def test_round_step_exact_numbers() -> None:
     assert step.client_step == pytest.approx((1 + 5) / 2 / 73**0.5, rel=1e-12)
     with pytest.raises(ValueError, match="^no client filters: a round's client step needs at least one reply$"):
         round_step(before, after, before, [])
+    # A layer whose filters are all zero leaves the overall change defined: |(0, 1, 2)| / 5.
+    zero = {"a": torch.tensor([3.0, 4.0]), "z": torch.zeros(1)}
+    moved = {"a": torch.tensor([3.0, 5.0]), "z": torch.tensor([2.0])}
+    assert overall_change(zero, moved) == pytest.approx(5**0.5 / 5, rel=1e-12)
+    assert overall_change(before, after) == relative_change(before, after).overall
+    with pytest.raises(ValueError, match="old filters are all zero"):
+        overall_change({"z": torch.zeros(1)}, {"z": torch.ones(1)})
 
 
 # -- hand-made replies through the strategy ---------------------------------------------------------

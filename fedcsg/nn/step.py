@@ -78,6 +78,29 @@ def relative_change(old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Ten
     return FilterStep(math.sqrt(moved) / math.sqrt(norm), per_layer)
 
 
+def overall_change(old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]) -> float:
+    """:attr:`FilterStep.overall` of :func:`relative_change` alone, which a layer whose old filters
+    are all zero does not make undefined (only all of them being zero does).
+
+    Raises
+    ------
+    ValueError
+        If the names or a shape differ, or every old filter is zero.
+    """
+    if set(old) != set(new):
+        raise ValueError(f"filters differ in names: {sorted(set(old) ^ set(new))} are in one set only")
+    moved, norm = 0.0, 0.0
+    for name, before in old.items():
+        after = new[name]
+        if before.shape != after.shape:
+            raise ValueError(f"filters {name!r} changed shape: {tuple(before.shape)} -> {tuple(after.shape)}")
+        moved += (after.double() - before.double()).norm().item() ** 2
+        norm += before.double().norm().item() ** 2
+    if norm == 0:
+        raise ValueError("the old filters are all zero (or there are none): a relative change needs nonzero ones")
+    return math.sqrt(moved) / math.sqrt(norm)
+
+
 @dataclass(frozen=True)
 class RoundStep:
     """How far one federated round moved the filters.
@@ -85,9 +108,9 @@ class RoundStep:
     Attributes
     ----------
     global_step : float
-        :func:`relative_change` (overall) from the global filters before the round to those after it.
+        :func:`overall_change` from the global filters before the round to those after it.
     client_step : float
-        The mean over the round's clients (unweighted) of :func:`relative_change` (overall) from
+        The mean over the round's clients (unweighted) of :func:`overall_change` from
         the filters a client started from to its filters after local training.
     clients : int
         How many clients the mean is over.
@@ -111,9 +134,9 @@ def round_step(
     Raises
     ------
     ValueError
-        If there is no client, or as :func:`relative_change` does.
+        If there is no client, or as :func:`overall_change` does.
     """
-    steps = [relative_change(start, filters).overall for filters in clients]
+    steps = [overall_change(start, filters) for filters in clients]
     if not steps:
         raise ValueError("no client filters: a round's client step needs at least one reply")
-    return RoundStep(relative_change(before, after).overall, math.fsum(steps) / len(steps), len(steps))
+    return RoundStep(overall_change(before, after), math.fsum(steps) / len(steps), len(steps))
