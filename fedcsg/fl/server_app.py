@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
+from fedcsg.fl.filter_step import PayloadFilters
 from fedcsg.fl.server_opt import Mask, ServerOptimizer
 from fedcsg.fl.strategy import CSGFedAvg, lr_schedule
 from fedcsg.fl.task import (
@@ -108,6 +109,7 @@ def build_strategy(cfg: RunConfig, layout: PayloadLayout, model: nn.Module | Non
         round_config_fn=lambda server_round: {TRAIN_FACTOR_KEY: factor_of(server_round)},
         uplink=Uplink(layout, cfg.codec),
         downlink=Downlink.of_config(cfg, layout),
+        payload_filters=PayloadFilters(model, layout),
         **sampling(cfg),
     )
 

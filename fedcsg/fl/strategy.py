@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
+from fedcsg.fl.filter_step import PayloadFilters
 from fedcsg.fl.flower_private import check_replies, construct_messages, log
 from fedcsg.fl.ray_cluster import reported_node
 from fedcsg.fl.replies import aggregate_train_metrics, checked_reply
@@ -87,6 +88,10 @@ class CSGFedAvg(FedAvg):
         :meth:`~fedcsg.wire.payload.PayloadLayout.element_mask`); required with a stateful optimizer.
     round_config_fn
         ``server_round -> extra train-config entries`` (e.g. which CSG factor trains).
+    payload_filters
+        Turns payloads into conv filters (:class:`~fedcsg.fl.filter_step.PayloadFilters`): with it,
+        every aggregated round records its filter step (``filter_step``, ``client_filter_step``),
+        measured on the decoded replies the server averages; ``None`` records none.
     **fedavg_kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg` (sampling, minimum nodes).
     """
@@ -105,6 +110,7 @@ class CSGFedAvg(FedAvg):
         round_config_fn: Callable[[int], dict[str, Any]] | None = None,
         uplink: Uplink | None = None,
         downlink: Downlink | None = None,
+        payload_filters: PayloadFilters | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         if failed_round not in FAILED_ROUND_POLICIES:
@@ -133,6 +139,7 @@ class CSGFedAvg(FedAvg):
             raise ValueError(f"server optimizer {self.server_optimizer.name!r} needs a mask_fn")
         self.mask_fn = mask_fn
         self.round_config_fn = round_config_fn
+        self.payload_filters = payload_filters
         self.traffic: dict[int, RoundRecord] = {}
         self.train_metrics: dict[int, MetricRecord] = {}
         self.global_arrays: ArrayRecord | None = None  # the global payload as this round's clients received it
@@ -310,6 +317,9 @@ class CSGFedAvg(FedAvg):
             arrays = self.broadcaster.server_update(server_arrays, arrays)
         if self.server_optimizer.stateful and server_arrays is not None and self.mask_fn is not None:
             arrays = self.server_optimizer(server_round, server_arrays, arrays, self.mask_fn(server_round))
+        if self.payload_filters is not None and server_arrays is not None and self.global_arrays is not None:
+            step = self.payload_filters.measure(server_arrays, arrays, self.global_arrays, [d for _, _, d in accepted])
+            traffic.filter_step, traffic.client_filter_step = step.global_step, step.client_step
         metrics = self.train_metrics_aggr_fn(contents, WEIGHT_KEY)
         self.train_metrics[server_round] = metrics
         return arrays, metrics

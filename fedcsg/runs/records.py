@@ -45,6 +45,13 @@ class RoundRecord:
     ``resynced`` counts the sampled nodes of a delta downlink that were sent x̂ in full (not known
     to hold the previous one) and ``wire_down_resync`` their share of ``wire_down``; the in-sync
     nodes' share is the rest. ``started`` (when the round began, ``time.perf_counter``) is not recorded.
+
+    The filter step (issue 25, :func:`fedcsg.nn.step.round_step`), over all conv filters (generated
+    ones for CSG layers, FedPara's products, plain weights) and measured on the decoded payloads the
+    server averages: ``filter_step`` is ``|W_after - W_before| / |W_before|`` of the global filters
+    over the round, ``client_filter_step`` the mean over the aggregated replies of the same from the
+    filters a client started from to its filters after local training; None where no round was
+    aggregated (round 0, a failed round).
     """
 
     round: int
@@ -74,6 +81,8 @@ class RoundRecord:
     cum_wire_up: int = 0
     cum_wire_down: int = 0
     seconds: float | None = None
+    filter_step: float | None = None
+    client_filter_step: float | None = None
     started: float = field(default=0.0, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:

@@ -104,6 +104,44 @@ def _node_download_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _step(values: list[float]) -> str:
+    return f"{values[-1]:.4f} / {sum(values) / len(values):.4f}" if values else "-"
+
+
+def _filter_step_lines(results: dict[str, Any]) -> list[str]:
+    """The table of each arm's filter step (``filter_step``, ``client_filter_step``): the final
+    measured round's and the mean over the measured rounds; empty when no round measured one."""
+    steps = {
+        arm: [
+            [r[key] for r in data["rounds"] if r.get(key) is not None] for key in ("filter_step", "client_filter_step")
+        ]
+        for arm, data in results["arms"].items()
+    }
+    if not any(any(values) for values in steps.values()):
+        return []
+    lines = [
+        "",
+        "## Filter step",
+        "",
+        "How far each round moved the conv filters (generated ones for CSG layers, FedPara's products, plain "
+        "weights), |W_after - W_before| / |W_before| over all of them, measured on the decoded payloads the "
+        "server averages: *global* is the global model's change over the round, *client* the mean over the "
+        "round's clients of a client's change in its local training (`filter_step`, `client_filter_step` "
+        "in results.csv).",
+        "",
+        "| arm | global step, final round / mean | client step, final round / mean | client / global, mean |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for arm, (global_steps, client_steps) in steps.items():
+        ratio = (
+            f"{sum(client_steps) / sum(global_steps):.2f}x"
+            if global_steps and client_steps and sum(global_steps)
+            else "-"
+        )
+        lines.append(f"| {arm} | {_step(global_steps)} | {_step(client_steps)} | {ratio} |")
+    return lines
+
+
 def _report_markdown(results: dict[str, Any], summary: dict[str, dict[str, Any]]) -> str:
     cfg = results["config"]
     first = summary[next(iter(summary))]
@@ -143,6 +181,7 @@ def _report_markdown(results: dict[str, Any], summary: dict[str, dict[str, Any]]
     if first["match_accuracy"] is not None:
         lines.append(fewest_bytes_sentence({arm: s["wire_bytes_to_match"] for arm, s in summary.items()}, goal_match))
     lines += _node_download_lines(summary)
+    lines += _filter_step_lines(results)
     faults = [
         f"{arm}: {s['failed_rounds']} failed round(s), {s['failed_replies']} failed and "
         f"{s['rejected_replies']} rejected client replies"
