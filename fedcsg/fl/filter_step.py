@@ -1,4 +1,4 @@
-"""The filter step of a round measured on the server (issue 25): the payloads the strategy holds (the
+"""The filter step of a round measured on the server: the payloads the strategy holds (the
 global one before and after the round, what the clients started from, each client's decoded reply)
 turned into conv filters by loading them into a copy of the arm's model, and measured with
 :func:`fedcsg.nn.step.round_step`."""

@@ -29,7 +29,7 @@ Initialisation
 ``init="paper"`` keeps the paper's draw (generator Kaiming-normal over ``code_dim``, codes
 ~ N(0.001, 1)); ``init="kaiming"`` (the default) rescales each layer's codes once so that its
 generated filters start at the Kaiming std of the conv they replace (:func:`kaiming_rescale`).
-``init="balanced"`` (issue 25) first scales each trainable generator to the std both factors
+``init="balanced"`` first scales each trainable generator to the std both factors
 would share at the Kaiming scale (:func:`balance_generators`), then rescales the codes as
 ``kaiming`` does: the same generated filters, but generator and codes of comparable std, so the
 codes' effective learning rate is not raised by ``1 / s^2``; a frozen generator is left as drawn

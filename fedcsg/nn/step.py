@@ -1,4 +1,4 @@
-"""How far a training step moves a model's filters (issue 25): the relative change
+"""How far a training step moves a model's filters: the relative change
 ``|W_new - W_old| / |W_old|`` (Frobenius norms) of the conv filters, per layer and over all of them.
 
 For a CSG layer the filters are the generated ones and for a FedPara layer its low-rank product

@@ -46,7 +46,7 @@ class RoundRecord:
     to hold the previous one) and ``wire_down_resync`` their share of ``wire_down``; the in-sync
     nodes' share is the rest. ``started`` (when the round began, ``time.perf_counter``) is not recorded.
 
-    The filter step (issue 25, :func:`fedcsg.nn.step.round_step`), over all conv filters (generated
+    The filter step (:func:`fedcsg.nn.step.round_step`), over all conv filters (generated
     ones for CSG layers, FedPara's products, plain weights) and measured on the decoded payloads the
     server averages: ``filter_step`` is ``|W_after - W_before| / |W_before|`` of the global filters
     over the round, ``client_filter_step`` the mean over the aggregated replies of the same from the
