@@ -4,6 +4,7 @@ differences within noise, one seed said as one seed; and the over-seeds table's 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fedcsg.runs.records import ROUND_FIELDS, ArmRecorder
 from fedcsg.runs.report import write_report
@@ -88,8 +89,12 @@ def test_accuracy_differences_under_two_standard_deviations_are_within_noise() -
 # -- the report over seeds, from constructed seed records -------------------------------------------
 
 
-def _write_arm(out: Path, arm: str, accuracies: list[float], seed: int, up: int, down: int, resync: int) -> None:
-    cfg = RunConfig(seed=seed, num_rounds=len(accuracies) - 1, target_accuracy=0.3)
+def write_arm(
+    out: Path, arm: str, accuracies: list[float], seed: int, up: int, down: int, resync: int = 0, **settings: Any
+) -> None:
+    """Constructed records of ``arm`` (one seed) in ``out``: ``up`` / ``down`` wire bytes a round, and
+    ``resync`` of the round-1 downlink sent in full; ``settings`` are RunConfig fields."""
+    cfg = RunConfig(seed=seed, num_rounds=len(accuracies) - 1, target_accuracy=0.3, **settings)
     recorder = ArmRecorder(out, arm, {**cfg.to_flower(), "arm": arm})
     for rnd, accuracy in enumerate(accuracies):
         record = {k: None for k in ROUND_FIELDS}
@@ -124,7 +129,7 @@ def test_report_over_seeds_states_the_rule_and_shows_every_spread(tmp_path: Path
     }
     for seed in (0, 1):
         for arm, (accuracies, up, down, resync) in runs.items():
-            _write_arm(tmp_path / f"seed-{seed}", arm, accuracies[seed], seed, up, down, resync)
+            write_arm(tmp_path / f"seed-{seed}", arm, accuracies[seed], seed, up, down, resync)
     results = write_report(tmp_path)
     csg = results["summary"]["csg+int8/delta-int8"]
     assert csg["last_accuracy"]["values"] == [(0.2 + 0.31 + 0.30) / 3, (0.25 + 0.33 + 0.36) / 3]
