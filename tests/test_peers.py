@@ -16,7 +16,7 @@ from fedcsg.fl.task import build_arm_model, payload_layout
 from fedcsg.fl.traffic import accounted_wire_bytes, arm_traffic, payload_bytes, round_messages, train_replies
 from fedcsg.nn.fedpara import FedParaConv2d, fedpara_rank, fedparafy
 from fedcsg.nn.models import build_model
-from fedcsg.runs.report import fewest_bytes_sentence
+from fedcsg.runs.winner import fewest_bytes_sentence
 from fedcsg.spec.arms import Arm, all_arms, arm_order, check_arm
 from fedcsg.spec.codecs import CODECS, Codec, encode_with_feedback
 from fedcsg.spec.config import RunConfig

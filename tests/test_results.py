@@ -98,8 +98,8 @@ def test_report_over_seeds_gives_mean_and_std(tmp_path: Path) -> None:
     written = loads_strict((tmp_path / "results.json").read_text())
     assert written["summary"] == json.loads(strict_json(results))["summary"]
     report = (tmp_path / "report.md").read_text()
-    assert "2 seeds" in report and "| fedavg | 0.4500 ± 0.0707 |" in report
-    assert "| csg | 0.3300 ± 0.0424 |" in report
+    assert "2 seeds" in report and "| fedavg | full | full | 0.4500 ± 0.0707 |" in report
+    assert "| csg | full | full | 0.3300 ± 0.0424 |" in report
     rows = (tmp_path / "results.csv").read_text().splitlines()
     assert rows[0].startswith("arm,seed,round") and len(rows) == 1 + 2 * 2 * 3
     for name in ("accuracy_vs_bytes.png", "accuracy_vs_round.png"):

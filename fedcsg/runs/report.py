@@ -7,8 +7,10 @@
 
 A run over several seeds holds one run per seed in ``DIR/seed-N/``, and in ``DIR`` itself
 results.json, results.csv, report.md and the plots over the seeds: per arm the mean and standard
-deviation (sample, n - 1) of the final accuracy and of the bytes to the target accuracy, and per
-round the mean accuracy with a band from the lowest to the highest seed.
+deviation (sample, n - 1) of the final accuracy, the mean accuracy of the last three rounds, the
+total bytes, the resync bytes of a delta downlink and the bytes to the target accuracy and to
+fedavg's final accuracy - 1 point, and per round the mean accuracy with a band from the lowest to the
+highest seed. Which arm needs the fewest bytes is said by :data:`fedcsg.runs.winner.WINNER_RULE`.
 
 Every JSON file is strict (:func:`fedcsg.io.strict_json`): no NaN or Infinity.
 """
@@ -24,7 +26,16 @@ from fedcsg.io import atomic_write_text, strict_json
 from fedcsg.runs.layout import REPORT_MD, RESULTS_CSV, RESULTS_JSON, arm_record_files, holds_arms, seed_dirs_in
 from fedcsg.runs.plots import plot_accuracy
 from fedcsg.runs.records import ROUND_FIELDS, read_arm_record
-from fedcsg.runs.summary import load_results, rounds_by_number, spread, summarize, summarize_seeds
+from fedcsg.runs.summary import (
+    LAST_ROUNDS,
+    directions,
+    load_results,
+    rounds_by_number,
+    spread,
+    summarize,
+    summarize_seeds,
+)
+from fedcsg.runs.winner import WINNER_RULE, accuracy_noise_sentence, fewest_bytes_over_seeds, one_seed_bytes_sentence
 
 
 def _resync(s: dict[str, Any]) -> str:
@@ -41,27 +52,6 @@ def _mb(value: float | None) -> str:
 
 def _reach(value: float | None, round_: float | None) -> str:
     return _mb(value) + ("" if round_ is None else f" (round {round_:g})")
-
-
-def fewest_bytes_sentence(bytes_by_arm: dict[str, float | None], goal: str) -> str:
-    """One sentence naming the arm with the fewest wire bytes to ``goal`` (``None``: not reached),
-    how it compares with fedavg and with the next arm, and which arms never got there."""
-    reached = {arm: value for arm, value in bytes_by_arm.items() if value is not None}
-    missed = [arm for arm, value in bytes_by_arm.items() if value is None]
-    if not reached:
-        return f"No arm reached {goal}."
-    ranked = sorted(reached, key=lambda arm: reached[arm])
-    best = ranked[0]
-    text = f"Fewest wire bytes to {goal}: **{best}**, {reached[best] / 1e6:.3f} MB"
-    if best != "fedavg" and "fedavg" in reached:
-        text += f" ({reached['fedavg'] / reached[best]:.2f}x fewer than fedavg)"
-    if len(ranked) > 1:
-        text += (
-            f"; next {ranked[1]}, {reached[ranked[1]] / 1e6:.3f} MB ({reached[ranked[1]] / reached[best]:.2f}x more)"
-        )
-    if missed:
-        text += f"; not reached by {', '.join(missed)}"
-    return text + "."
 
 
 def _goal_names(target: float, match: float | None) -> tuple[str, str]:
@@ -177,9 +167,9 @@ def _report_markdown(results: dict[str, Any], summary: dict[str, dict[str, Any]]
             f"{_reach(s['wire_bytes_to_target'], s['round_to_target'])} | {match} | {s['seconds']:.1f} |"
         )
     goal_target, goal_match = _goal_names(first["target_accuracy"], first["match_accuracy"])
-    lines += ["", fewest_bytes_sentence({arm: s["wire_bytes_to_target"] for arm, s in summary.items()}, goal_target)]
+    lines += ["", one_seed_bytes_sentence({arm: s["wire_bytes_to_target"] for arm, s in summary.items()}, goal_target)]
     if first["match_accuracy"] is not None:
-        lines.append(fewest_bytes_sentence({arm: s["wire_bytes_to_match"] for arm, s in summary.items()}, goal_match))
+        lines.append(one_seed_bytes_sentence({arm: s["wire_bytes_to_match"] for arm, s in summary.items()}, goal_match))
     lines += _node_download_lines(summary)
     lines += _filter_step_lines(results)
     faults = [
@@ -260,37 +250,50 @@ def _seeds_markdown(config: dict[str, Any], per_seed: dict[int, dict[str, Any]],
         "Figures are mean ± sample standard deviation over the seeds. With a few seeds the spread is itself "
         "rough: a difference between arms smaller than about two standard deviations is within noise.",
         "",
-        "| arm | final acc | best acc | wire up / round | wire down / round | total wire | "
-        f"total ratio vs fedavg | wire bytes to {target:.0%} acc | round to {target:.0%} | "
+        f"*Last {LAST_ROUNDS} rounds* is the mean test accuracy of a seed's last {LAST_ROUNDS} rounds. "
+        "*Resync wire* is what a delta downlink sent in full to nodes not known to hold its previous model, "
+        "over the run (part of *wire down* and *total wire*; `-` for the other downlinks).",
+        "",
+        "| arm | up | down | final acc | best acc | last 3 rounds acc | wire up / round | wire down / round | "
+        f"resync wire | total wire | total ratio vs fedavg | wire bytes to {target:.0%} acc | round to {target:.0%} | "
         "wire bytes to fedavg - 1 pt | per seed: final acc |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| --- | --- | --- |" + " ---: |" * 11 + " --- |",
     ]
     for arm, s in summary.items():
         ratio = _times(s.get("total_ratio_vs_fedavg"))
         finals = ", ".join("-" if v is None else f"{v:.4f}" for v in s["final_accuracy"]["values"])
+        up, down = directions(arm, config)
+        resync = f"{_pm(s['wire_down_resync'], '.3f', 1e6)} MB" if s["resynced"]["mean"] else "-"
         lines.append(
-            f"| {arm} | {_pm(s['final_accuracy'], '.4f')} | {_pm(s['best_accuracy'], '.4f')} | "
+            f"| {arm} | {up} | {down} | {_pm(s['final_accuracy'], '.4f')} | {_pm(s['best_accuracy'], '.4f')} | "
+            f"{_pm(s['last_accuracy'], '.4f')} | "
             f"{_pm(s['wire_up_per_round'], '.3f', 1e6)} MB | {_pm(s['wire_down_per_round'], '.3f', 1e6)} MB | "
-            f"{_pm(s['total_wire_bytes'], '.3f', 1e6)} MB | {ratio} | {_pm(s['wire_bytes_to_target'], '.3f', 1e6)}"
+            f"{resync} | {_pm(s['total_wire_bytes'], '.3f', 1e6)} MB | {ratio} | "
+            f"{_pm(s['wire_bytes_to_target'], '.3f', 1e6)}"
             f"{'' if s['wire_bytes_to_target']['mean'] is None else ' MB'} | {_pm(s['round_to_target'], '.1f')} | "
             f"{_pm(s['wire_bytes_to_match'], '.3f', 1e6)}{'' if s['wire_bytes_to_match']['mean'] is None else ' MB'} | "
             f"{finals} |"
         )
 
-    def all_seeds(spread: dict[str, Any]) -> float | None:  # a mean counts only if every seed got there
-        return spread["mean"] if spread["n"] == len(spread["values"]) else None
-
     match = next(iter(summary.values()))["match_accuracy"]["mean"]
     goal_target, goal_match = _goal_names(target, match)
     lines += [
         "",
-        fewest_bytes_sentence({a: all_seeds(s["wire_bytes_to_target"]) for a, s in summary.items()}, goal_target)
-        + " (means over the seeds; an arm counts as reaching only if every seed did)",
+        WINNER_RULE,
+        "",
+        fewest_bytes_over_seeds({a: s["wire_bytes_to_target"]["values"] for a, s in summary.items()}, goal_target),
     ]
     if match is not None:
         lines.append(
-            fewest_bytes_sentence({a: all_seeds(s["wire_bytes_to_match"]) for a, s in summary.items()}, goal_match)
+            fewest_bytes_over_seeds({a: s["wire_bytes_to_match"]["values"] for a, s in summary.items()}, goal_match)
         )
+    for figure, label in (
+        ("final_accuracy", "final accuracy"),
+        ("last_accuracy", f"accuracy of the last {LAST_ROUNDS} rounds"),
+    ):
+        sentence = accuracy_noise_sentence({a: s[figure] for a, s in summary.items()}, label)
+        if sentence:
+            lines += ["", sentence]
     lines += ["", "## Test accuracy per round (mean ± std over the seeds)", ""]
     arms = list(summary)
     lines.append("| round | " + " | ".join(arms) + " |")

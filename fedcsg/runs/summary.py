@@ -1,5 +1,6 @@
 """The numbers of a report, from a run directory's arm records: per arm the final and best accuracy,
-bytes per round and in all, and the bytes to reach the target accuracy and fedavg's final accuracy
+the mean accuracy of the last :data:`LAST_ROUNDS` rounds, bytes per round and in all (and a delta
+downlink's resync bytes), and the bytes to reach the target accuracy and fedavg's final accuracy
 minus one point; over seeds, the mean and spread of each."""
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def load_results(out_dir: Path) -> dict[str, Any]:
 
 
 MATCH_MARGIN = 0.01  # "reaches fedavg": within 1 point of fedavg's final accuracy
+LAST_ROUNDS = 3  # "last_accuracy": the mean test accuracy of the last this many rounds (fewer in a shorter run)
 
 
 def _first_reaching(rounds: list[dict[str, Any]], accuracy: float) -> dict[str, Any] | None:
@@ -99,6 +101,7 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "rounds": len(rounds),
             "final_accuracy": last["test_accuracy"],
             "best_accuracy": max(accuracies),
+            "last_accuracy": sum(r["test_accuracy"] for r in rounds[-LAST_ROUNDS:]) / len(rounds[-LAST_ROUNDS:]),
             # The mean over the trained rounds: a delta downlink's first round resyncs every node in full.
             "payload_up_per_round": last["cum_payload_up"] / len(rounds),
             "payload_down_per_round": last["cum_payload_down"] / len(rounds),
@@ -144,6 +147,7 @@ def spread(values: list[float | None]) -> dict[str, Any]:
 SPREAD_FIGURES = (
     "final_accuracy",
     "best_accuracy",
+    "last_accuracy",
     "wire_bytes_to_target",
     "round_to_target",
     "match_accuracy",
@@ -152,6 +156,8 @@ SPREAD_FIGURES = (
     "total_wire_bytes",
     "wire_up_per_round",
     "wire_down_per_round",
+    "resynced",
+    "wire_down_resync",
     "seconds",
 )
 

@@ -1,0 +1,243 @@
+"""The code-size frontier: final test accuracy against total wire bytes, csg and csg-frozen at several
+code dims beside fedavg, fedpara and the codec arms, on one log-x axis.
+
+Code size is CSG's knob: every filter slice is generated from a ``code-dim``-dimensional code (the
+frozen arm's filters live in a code_dim-dimensional subspace of each slice), so a larger code sends
+more bytes and may buy accuracy. ``code-dim`` is a run-wide setting, so every code dim is one real
+``fedcsg compare`` (a fresh process, Flower's simulation engine on Ray) of the csg arms into
+``OUT/code-dim-N``; the reference arms (whose models have no codes, or whose code dim is the
+config's) are one more compare into ``OUT/reference``, or are read from an existing run directory
+(``--reference DIR``, e.g. a peers run over the same seeds). Each compare runs ``--seeds`` (one run
+per seed, resumable per seed: a rerun resumes every directory that already exists).
+
+Writes ``OUT/frontier.json`` (one point per arm and code dim: mean and std over the seeds of the
+final accuracy and of the total wire bytes), ``OUT/frontier.png`` and prints the table.
+
+Usage (the real run, see docs/frontier.md)::
+
+    python3 simulations/frontier.py --out runs/frontier
+    python3 simulations/frontier.py --out runs/frontier --reference runs/peers-seeds   # reuse reference arms
+    python3 simulations/frontier.py --out /tmp/f --code-dims 72,144 --seeds 0 --reference-arms fedavg \\
+        --set num-rounds=1 --set train-limit=200 --set test-limit=100 --set num-clients=2 \\
+        --set clients-per-round=2 --set min-train-nodes=2 --set min-available-nodes=2   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchlib import print_table, write_json
+
+from fedcsg.runs.layout import RESULTS_JSON
+from fedcsg.spec.arms import Arm
+
+CONFIG = "cifar10-resnet20-peers"
+CODE_DIMS = (72, 144, 288)
+CSG_ARMS = ("csg", "csg-frozen")
+REFERENCE_ARMS = ("fedavg", "fedpara", "fedavg+int8", "csg+int8", "csg-frozen+int8", "csg+int8/delta-int8")
+SEEDS = "0,1"
+REFERENCE_DIR = "reference"
+
+
+def code_dim_dir(out: Path, code_dim: int) -> Path:
+    return out / f"code-dim-{code_dim}"
+
+
+def compare_command(
+    out_dir: Path, arms: Sequence[str], config: str, seeds: str, sets: Sequence[str], code_dim: int | None
+) -> list[str]:
+    """The ``fedcsg compare`` of ``arms`` into ``out_dir`` (``--resume`` when it already exists)."""
+    cmd = [sys.executable, "-m", "fedcsg.cli", "compare"]
+    if out_dir.exists():
+        return [*cmd, "--resume", str(out_dir)]
+    cmd += ["--config", config, "--arms", ",".join(arms), "--seeds", seeds, "--out", str(out_dir)]
+    for pair in [*sets, *([f"code-dim={code_dim}"] if code_dim is not None else [])]:
+        cmd += ["--set", pair]
+    return cmd
+
+
+def plan(
+    out: Path,
+    code_dims: Sequence[int],
+    config: str = CONFIG,
+    seeds: str = SEEDS,
+    sets: Sequence[str] = (),
+    reference_arms: Sequence[str] = REFERENCE_ARMS,
+    reference: Path | None = None,
+) -> list[tuple[Path, list[str]]]:
+    """Every compare to run, with the directory it fills: the csg arms at each code dim, then the
+    reference arms at the config's code dim (none when ``reference`` names an existing run)."""
+    runs = [
+        (code_dim_dir(out, d), compare_command(code_dim_dir(out, d), CSG_ARMS, config, seeds, sets, d))
+        for d in code_dims
+    ]
+    if reference is None and reference_arms:
+        ref = out / REFERENCE_DIR
+        runs.append((ref, compare_command(ref, reference_arms, config, seeds, sets, None)))
+    return runs
+
+
+def _mean_std(figure: Any) -> tuple[float | None, float | None, int]:
+    """(mean, std, seeds) of a summary figure: a spread over seeds, or one seed's number."""
+    if isinstance(figure, dict):
+        return figure["mean"], figure["std"], figure["n"]
+    return figure, (None if figure is None else 0.0), int(figure is not None)
+
+
+def points(run_dir: Path, arms: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """One frontier point per arm of the report in ``run_dir`` (``results.json``, one seed or several):
+    its code dim, and mean / std over the seeds of the final accuracy and of the total wire bytes."""
+    results = json.loads((run_dir / RESULTS_JSON).read_text())
+    code_dim = results["config"].get("code-dim")
+    out = []
+    for arm, figures in results["summary"].items():
+        if arms is not None and arm not in arms:
+            continue
+        accuracy, accuracy_std, n = _mean_std(figures["final_accuracy"])
+        total, total_std, _ = _mean_std(figures["total_wire_bytes"])
+        has_codes = Arm.parse(arm).model in CSG_ARMS
+        out.append(
+            {
+                "arm": arm,
+                "code_dim": code_dim if has_codes else None,
+                "label": f"{arm} @{code_dim}" if has_codes else arm,
+                "final_accuracy": accuracy,
+                "final_accuracy_std": accuracy_std,
+                "total_wire_bytes": total,
+                "total_wire_bytes_std": total_std,
+                "seeds": n,
+                "run_dir": str(run_dir),
+            }
+        )
+    return out
+
+
+def collect(out: Path, code_dims: Sequence[int], reference: Path | None) -> list[dict[str, Any]]:
+    """The points of every code dim's csg arms and of the reference run (``reference``, else
+    ``OUT/reference`` when it exists), csg arms ordered by code dim."""
+    rows = [p for d in code_dims for p in points(code_dim_dir(out, d), CSG_ARMS)]
+    ref = reference if reference is not None else out / REFERENCE_DIR
+    if (ref / RESULTS_JSON).is_file():
+        rows += [p for p in points(ref) if p["code_dim"] is None or Arm.parse(p["arm"]).codec]
+    return rows
+
+
+def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[object]]:
+    def pm(mean: float | None, std: float | None, scale: float, fmt: str) -> str:
+        return "-" if mean is None else f"{mean / scale:{fmt}} ± {(std or 0.0) / scale:{fmt}}"
+
+    return [
+        [
+            r["label"],
+            pm(r["final_accuracy"], r["final_accuracy_std"], 1.0, ".4f"),
+            pm(r["total_wire_bytes"], r["total_wire_bytes_std"], 1e6, ".3f"),
+            r["seeds"],
+        ]
+        for r in rows
+    ]
+
+
+def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """Final accuracy against total wire bytes (log x), error bars of one std over the seeds; the
+    csg and csg-frozen points joined in code-dim order and labelled with their code dim."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for n, arm in enumerate(CSG_ARMS):
+        line = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["code_dim"])
+        if not line:
+            continue
+        ax.errorbar(
+            [r["total_wire_bytes"] / 1e6 for r in line],
+            [r["final_accuracy"] for r in line],
+            xerr=[r["total_wire_bytes_std"] / 1e6 for r in line],
+            yerr=[r["final_accuracy_std"] for r in line],
+            marker="o",
+            color=f"C{n + 2}",
+            capsize=3,
+            label=f"{arm} (code dim {', '.join(str(r['code_dim']) for r in line)})",
+        )
+        for r in line:
+            ax.annotate(str(r["code_dim"]), (r["total_wire_bytes"] / 1e6, r["final_accuracy"]), fontsize=8)
+    for n, r in enumerate(r for r in rows if r["arm"] not in CSG_ARMS):
+        ax.errorbar(
+            [r["total_wire_bytes"] / 1e6],
+            [r["final_accuracy"]],
+            xerr=[r["total_wire_bytes_std"] / 1e6],
+            yerr=[r["final_accuracy_std"]],
+            marker="s",
+            linestyle="none",
+            color=f"C{(n + 4) % 10}",
+            capsize=3,
+            label=r["label"],
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("total wire bytes over the run (MB, up + down, log scale)")
+    ax.set_ylabel("final test accuracy (mean ± std over seeds)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_code_dims(text: str) -> list[int]:
+    """argparse type: comma-separated positive code dims."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated integers (e.g. 72,144,288)") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r} is not accepted: positive integers, e.g. 72,144,288")
+    return values
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/frontier"))
+    parser.add_argument("--config", default=CONFIG, help=f"experiment (default {CONFIG})")
+    parser.add_argument("--code-dims", type=parse_code_dims, default=list(CODE_DIMS), help="default 72,144,288")
+    parser.add_argument("--seeds", default=SEEDS, help=f"default {SEEDS}")
+    parser.add_argument(
+        "--reference-arms", default=",".join(REFERENCE_ARMS), help="arms run once at the config's code dim"
+    )
+    parser.add_argument("--reference", type=Path, help="read the reference arms from this run instead")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to every compare")
+    parser.add_argument("--report-only", action="store_true", help="run nothing; plot what OUT holds")
+    args = parser.parse_args(argv)
+    if args.reference is not None and not (args.reference / RESULTS_JSON).is_file():
+        parser.error(f"--reference {str(args.reference)!r} holds no {RESULTS_JSON}: accepted is a reported run")
+    reference_arms = [a.strip() for a in args.reference_arms.split(",") if a.strip()]
+    args.out.mkdir(parents=True, exist_ok=True)
+    walls: dict[str, float] = {}
+    if not args.report_only:
+        for run_dir, cmd in plan(
+            args.out, args.code_dims, args.config, args.seeds, args.set, reference_arms, args.reference
+        ):
+            print("$", " ".join(cmd[1:]), flush=True)
+            start = time.perf_counter()
+            subprocess.run(cmd, check=True)
+            walls[run_dir.name] = round(time.perf_counter() - start, 1)
+    rows = collect(args.out, args.code_dims, args.reference)
+    print_table(["arm", "final accuracy", "total wire MB", "seeds"], table_rows(rows))
+    plot(rows, args.out / "frontier.png", f"code-size frontier: {args.config}, seeds {args.seeds}")
+    write_json(
+        args.out / "frontier.json",
+        {"config": args.config, "seeds": args.seeds, "sets": args.set, "wall_seconds": walls, "points": rows},
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

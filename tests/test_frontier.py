@@ -1,0 +1,94 @@
+"""simulations/frontier.py: the compares it plans (code dim as the run setting ``code-dim``, which
+reaches the model), and the table, JSON and plot it makes from reported runs (no Ray here)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from fedcsg.runs.report import write_report
+from fedcsg.spec.config import RunConfig, load_experiment
+
+from .test_winner import write_arm
+
+
+@pytest.mark.parametrize("code_dim", [72, 144, 288])
+def test_code_dim_setting_sizes_the_csg_models_and_leaves_fedavg_alone(code_dim: int) -> None:
+    cfg = RunConfig.from_mapping({"code-dim": code_dim}, load_experiment("cifar10-resnet20-peers"))
+    # ResNet-20 at slice 12x12x3x3: a 1296 x code_dim generator and 273 codes of code_dim entries, beside
+    # 2,458 ordinary parameters (stem 432, batch norms 1,376, classifier 650); csg-frozen trains the codes only.
+    csg = cfg.model_settings("csg")
+    assert csg.code_dim == code_dim
+    assert sum(p.numel() for p in csg.build().parameters()) == 2_458 + code_dim * (1_296 + 273)
+    frozen = cfg.model_settings("csg-frozen").build()
+    assert sum(p.numel() for p in frozen.parameters() if p.requires_grad) == 2_458 + code_dim * 273
+    assert sum(p.numel() for p in cfg.model_settings("fedavg").build().parameters()) == 269_722
+    assert cfg.identity()["code-dim"] == code_dim  # a resumed compare keeps its code dim
+
+
+def test_plan_runs_the_csg_arms_per_code_dim_and_the_reference_once(
+    tmp_path: Path, load_script: Callable[[str], ModuleType]
+) -> None:
+    frontier = load_script("frontier")
+    runs = frontier.plan(tmp_path, [72, 144], seeds="0,1", sets=["num-rounds=2"], reference_arms=["fedavg"])
+    prefix = [sys.executable, "-m", "fedcsg.cli", "compare", "--config", "cifar10-resnet20-peers"]
+    assert runs == [
+        (
+            tmp_path / "code-dim-72",
+            [*prefix, "--arms", "csg,csg-frozen", "--seeds", "0,1", "--out", str(tmp_path / "code-dim-72")]
+            + ["--set", "num-rounds=2", "--set", "code-dim=72"],
+        ),
+        (
+            tmp_path / "code-dim-144",
+            [*prefix, "--arms", "csg,csg-frozen", "--seeds", "0,1", "--out", str(tmp_path / "code-dim-144")]
+            + ["--set", "num-rounds=2", "--set", "code-dim=144"],
+        ),
+        (
+            tmp_path / "reference",
+            [*prefix, "--arms", "fedavg", "--seeds", "0,1", "--out", str(tmp_path / "reference")]
+            + ["--set", "num-rounds=2"],
+        ),
+    ]
+    # An existing directory is resumed; a reference run given is read, not run.
+    (tmp_path / "code-dim-72").mkdir()
+    again = frontier.plan(tmp_path, [72], reference=tmp_path / "elsewhere")
+    assert again == [(tmp_path / "code-dim-72", [*prefix[:4], "--resume", str(tmp_path / "code-dim-72")])]
+
+
+def test_report_only_tabulates_plots_and_writes_json(
+    tmp_path: Path, load_script: Callable[[str], ModuleType], capsys: pytest.CaptureFixture[str]
+) -> None:
+    frontier = load_script("frontier")
+    mb = 1_000_000
+    for seed, bump in ((0, 0.0), (1, 0.02)):
+        for code_dim, acc, up in ((72, 0.30, mb), (144, 0.34, 2 * mb)):
+            folder = tmp_path / f"code-dim-{code_dim}" / f"seed-{seed}"
+            write_arm(folder, "csg", [0.1, 0.2, acc + bump], seed, up, up, code_dim=code_dim)
+            write_arm(folder, "csg-frozen", [0.1, 0.2, acc - 0.05 + bump], seed, up // 4, up // 4, code_dim=code_dim)
+        ref = tmp_path / "reference" / f"seed-{seed}"
+        write_arm(ref, "fedavg", [0.1, 0.2, 0.40 + bump], seed, 10 * mb, 10 * mb)
+        write_arm(ref, "csg", [0.1, 0.2, 0.5], seed, mb, mb)  # read from the code-dim run, not from here
+        write_arm(ref, "csg+int8", [0.1, 0.2, 0.29 + bump], seed, mb // 4, mb)
+    for folder in ("code-dim-72", "code-dim-144", "reference"):
+        write_report(tmp_path / folder)
+    assert frontier.main(["--out", str(tmp_path), "--code-dims", "72,144", "--seeds", "0,1", "--report-only"]) == 0
+    document = json.loads((tmp_path / "frontier.json").read_text())
+    got = {p["label"]: (round(p["final_accuracy"], 4), p["total_wire_bytes"], p["seeds"]) for p in document["points"]}
+    # Two rounds of up + down: csg @72 sends 2 x 2 MB, @144 2 x 4 MB.
+    assert got == {
+        "csg @72": (0.31, 4 * mb, 2),
+        "csg-frozen @72": (0.26, mb, 2),
+        "csg @144": (0.35, 8 * mb, 2),
+        "csg-frozen @144": (0.30, 2 * mb, 2),
+        "fedavg": (0.41, 40 * mb, 2),
+        "csg+int8 @72": (0.30, 2.5 * mb, 2),
+    }
+    assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.strip().split("  ")[0] for line in lines[2:8]] == list(got)
+    assert " ".join(lines[2 + list(got).index("csg @144")].split()) == "csg @144 0.3500 ± 0.0141 8.000 ± 0.000 2"
