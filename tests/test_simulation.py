@@ -18,6 +18,7 @@ from subprocess import PIPE, Popen
 
 import pytest
 
+from fedcsg.runs.layout import arm_record_path
 from fedcsg.runs.records import comparable
 from fedcsg.spec.config import identity_of
 
@@ -405,3 +406,26 @@ def test_run_on_an_attached_two_node_cluster_spreads_clients_and_matches_a_priva
     assert all(len(r["ray_nodes"]) == len(r["partitions"]) for r in attached["rounds"])
     assert comparable(attached["rounds"]) == comparable(reference["rounds"])
     assert attached["config"]["ray-address"] == address
+
+
+def test_every_arms_records_and_report_carry_the_filter_step(
+    compare_run: tuple[Path, subprocess.CompletedProcess], tiny_run: tuple[Path, subprocess.CompletedProcess]
+) -> None:
+    """Plain, CSG (trainable and frozen), FedPara and codec arms all record a filter step per
+    aggregated round (none for round 0), in results.json, the arm records and the report."""
+    for out, proc in (compare_run, tiny_run):
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results = json.loads((out / "results.json").read_text())
+        for arm, data in results["arms"].items():
+            rounds = data["rounds"]
+            assert (rounds[0]["filter_step"], rounds[0]["client_filter_step"]) == (None, None)
+            for r in rounds[1:]:
+                assert 0 < r["filter_step"] < 10 and 0 < r["client_filter_step"] < 10, (arm, r)
+            recorded = json.loads(arm_record_path(out, arm).read_text())["rounds"]
+            assert [r["filter_step"] for r in recorded] == [r["filter_step"] for r in rounds]
+        # Plain FedAvg over two equal partitions: the global change is the mean of the clients'
+        # changes, never longer than their mean length (the triangle inequality).
+        for r in results["arms"]["fedavg"]["rounds"][1:]:
+            assert r["filter_step"] <= r["client_filter_step"] + 1e-12
+        table = (out / "report.md").read_text().split("## Filter step")[1]
+        assert all(f"\n| {arm} | " in table for arm in results["arms"])
