@@ -40,3 +40,6 @@ def test_segmentation_compare_through_ray(tmp_path: Path, data_dir: Path) -> Non
             assert 0 <= r["wire_up"] - offline["wire_up"] < 2 * 100
     up = {arm: data["rounds"][1]["payload_up"] for arm, data in results["arms"].items()}
     assert up["csg-frozen"] < up["csg"] < up["fedavg"]
+    report = (out / "report.md").read_text()
+    assert "| arm | up | down | final mIoU | best mIoU |" in report and "## Test mean IoU per round" in report
+    assert "final acc" not in report

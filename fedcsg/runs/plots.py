@@ -28,8 +28,10 @@ def _style(arm: str) -> dict[str, Any]:
     }
 
 
-def plot_accuracy(per_seed: dict[int, dict[str, Any]], arms: list[str], title: str, out_dir: Path) -> None:
-    """accuracy_vs_bytes.png and accuracy_vs_round.png: per arm the test accuracy per round (the
+def plot_accuracy(
+    per_seed: dict[int, dict[str, Any]], arms: list[str], title: str, out_dir: Path, metric: str = "accuracy"
+) -> None:
+    """accuracy_vs_bytes.png and accuracy_vs_round.png: per arm the test ``metric`` per round (the
     mean over the seeds, with a band from the lowest to the highest seed when there are several)."""
     import matplotlib
 
@@ -59,7 +61,7 @@ def plot_accuracy(per_seed: dict[int, dict[str, Any]], arms: list[str], title: s
         else:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(x_label + (" (mean over seeds)" if several and by_bytes else ""))
-        ax.set_ylabel("test accuracy" + (" (mean; band: min to max over seeds)" if several else ""))
+        ax.set_ylabel(f"test {metric}" + (" (mean; band: min to max over seeds)" if several else ""))
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()

@@ -30,6 +30,7 @@ from fedcsg.runs.summary import (
     LAST_ROUNDS,
     directions,
     load_results,
+    metric_names,
     rounds_by_number,
     spread,
     summarize,
@@ -54,9 +55,9 @@ def _reach(value: float | None, round_: float | None) -> str:
     return _mb(value) + ("" if round_ is None else f" (round {round_:g})")
 
 
-def _goal_names(target: float, match: float | None) -> tuple[str, str]:
-    match_text = "fedavg's final accuracy - 1 point" + ("" if match is None else f" ({match:.2%})")
-    return f"the target accuracy {target:.0%}", match_text
+def _goal_names(target: float, match: float | None, metric: str) -> tuple[str, str]:
+    match_text = f"fedavg's final {metric} - 1 point" + ("" if match is None else f" ({match:.2%})")
+    return f"the target {metric} {target:.0%}", match_text
 
 
 def _setup(cfg: dict[str, Any]) -> str:
@@ -135,6 +136,7 @@ def _filter_step_lines(results: dict[str, Any]) -> list[str]:
 def _report_markdown(results: dict[str, Any], summary: dict[str, dict[str, Any]]) -> str:
     cfg = results["config"]
     first = summary[next(iter(summary))]
+    short, metric = metric_names(cfg)
     lines = [
         f"# fedcsg report: {cfg.get('model')} on {cfg.get('dataset')}",
         "",
@@ -143,17 +145,18 @@ def _report_markdown(results: dict[str, Any], summary: dict[str, dict[str, Any]]
         "",
         "Bytes are per round (the mean over the rounds), summed over the sampled clients. *Payload* is raw "
         "tensor bytes; *wire* is the serialized Flower messages (payload, array headers, keys, config and "
-        "metadata). Accuracies are one seed: byte counts are exact, but a difference of a few points "
-        "between arms can be noise (`--seeds 0,1,2` gives the spread).",
+        f"metadata). *{short}* is the test {metric}; it is one seed: byte counts are exact, but a difference "
+        "of a few points between arms can be noise (`--seeds 0,1,2` gives the spread).",
         "",
         "*up* / *down* say how each arm's updates and global model travelled (fedcsg.spec.codecs, "
         "fedcsg.wire.downlink). *Resynced* counts the messages of a delta downlink that carried the model in full "
         "(a node not known to hold the previous one) and their wire bytes, over the run; results.csv has them "
         "per round (`resynced`, `wire_down_resync`; the in-sync share is `wire_down - wire_down_resync`).",
         "",
-        "| arm | up | down | final acc | best acc | payload up / round | payload down / round | wire up / round | "
-        "wire down / round | resynced | total wire | upload ratio vs fedavg | total ratio vs fedavg | "
-        f"wire bytes to {first['target_accuracy']:.0%} acc | wire bytes to fedavg - 1 pt | seconds |",
+        f"| arm | up | down | final {short} | best {short} | payload up / round | payload down / round | "
+        "wire up / round | wire down / round | resynced | total wire | upload ratio vs fedavg | "
+        f"total ratio vs fedavg | wire bytes to {first['target_accuracy']:.0%} {short} | "
+        "wire bytes to fedavg - 1 pt | seconds |",
         "| --- | --- | --- |" + " ---: |" * 13,
     ]
     for arm, s in summary.items():
@@ -166,7 +169,7 @@ def _report_markdown(results: dict[str, Any], summary: dict[str, dict[str, Any]]
             f"{total_ratio} | "
             f"{_reach(s['wire_bytes_to_target'], s['round_to_target'])} | {match} | {s['seconds']:.1f} |"
         )
-    goal_target, goal_match = _goal_names(first["target_accuracy"], first["match_accuracy"])
+    goal_target, goal_match = _goal_names(first["target_accuracy"], first["match_accuracy"], metric)
     lines += ["", one_seed_bytes_sentence({arm: s["wire_bytes_to_target"] for arm, s in summary.items()}, goal_target)]
     if first["match_accuracy"] is not None:
         lines.append(one_seed_bytes_sentence({arm: s["wire_bytes_to_match"] for arm, s in summary.items()}, goal_match))
@@ -180,7 +183,7 @@ def _report_markdown(results: dict[str, Any], summary: dict[str, dict[str, Any]]
     ]
     if faults:
         lines += ["", "Client faults (`failed`, `rejected`, `status` in results.csv): " + "; ".join(faults) + "."]
-    lines += ["", "## Test accuracy per round", ""]
+    lines += ["", f"## Test {metric} per round", ""]
     arms = list(results["arms"])
     lines.append("| round | " + " | ".join(arms) + " |")
     lines.append("| ---: | " + " | ".join("---:" for _ in arms) + " |")
@@ -222,7 +225,9 @@ def write_report(out_dir: str | Path) -> dict[str, Any]:
     if summary:
         atomic_write_text(out_dir / REPORT_MD, _report_markdown(results, summary))
         title = f"{results['config'].get('model')} on {results['config'].get('dataset')}"
-        plot_accuracy({results["seed"]: results}, list(results["arms"]), title, out_dir)
+        plot_accuracy(
+            {results["seed"]: results}, list(results["arms"]), title, out_dir, metric_names(results["config"])[1]
+        )
     return results
 
 
@@ -240,6 +245,7 @@ def _pm(spread: dict[str, Any], fmt: str, scale: float = 1.0) -> str:
 def _seeds_markdown(config: dict[str, Any], per_seed: dict[int, dict[str, Any]], summary: dict[str, Any]) -> str:
     seeds = list(per_seed)
     target = next(iter(summary.values()))["target_accuracy"]
+    short, metric = metric_names(config)
     lines = [
         f"# fedcsg report: {config.get('model')} on {config.get('dataset')}, {len(seeds)} seeds",
         "",
@@ -250,13 +256,14 @@ def _seeds_markdown(config: dict[str, Any], per_seed: dict[int, dict[str, Any]],
         "Figures are mean ± sample standard deviation over the seeds. With a few seeds the spread is itself "
         "rough: a difference between arms smaller than about two standard deviations is within noise.",
         "",
-        f"*Last {LAST_ROUNDS} rounds* is the mean test accuracy of a seed's last {LAST_ROUNDS} rounds. "
+        f"*{short}* is the test {metric}. *Last {LAST_ROUNDS} rounds* is its mean over a seed's last "
+        f"{LAST_ROUNDS} rounds. "
         "*Resync wire* is what a delta downlink sent in full to nodes not known to hold its previous model, "
         "over the run (part of *wire down* and *total wire*; `-` for the other downlinks).",
         "",
-        "| arm | up | down | final acc | best acc | last 3 rounds acc | wire up / round | wire down / round | "
-        f"resync wire | total wire | total ratio vs fedavg | wire bytes to {target:.0%} acc | round to {target:.0%} | "
-        "wire bytes to fedavg - 1 pt | per seed: final acc |",
+        f"| arm | up | down | final {short} | best {short} | last {LAST_ROUNDS} rounds {short} | wire up / round | "
+        f"wire down / round | resync wire | total wire | total ratio vs fedavg | wire bytes to {target:.0%} {short} | "
+        f"round to {target:.0%} | wire bytes to fedavg - 1 pt | per seed: final {short} |",
         "| --- | --- | --- |" + " ---: |" * 11 + " --- |",
     ]
     for arm, s in summary.items():
@@ -276,7 +283,7 @@ def _seeds_markdown(config: dict[str, Any], per_seed: dict[int, dict[str, Any]],
         )
 
     match = next(iter(summary.values()))["match_accuracy"]["mean"]
-    goal_target, goal_match = _goal_names(target, match)
+    goal_target, goal_match = _goal_names(target, match, metric)
     lines += [
         "",
         WINNER_RULE,
@@ -288,13 +295,13 @@ def _seeds_markdown(config: dict[str, Any], per_seed: dict[int, dict[str, Any]],
             fewest_bytes_over_seeds({a: s["wire_bytes_to_match"]["values"] for a, s in summary.items()}, goal_match)
         )
     for figure, label in (
-        ("final_accuracy", "final accuracy"),
-        ("last_accuracy", f"accuracy of the last {LAST_ROUNDS} rounds"),
+        ("final_accuracy", f"final {metric}"),
+        ("last_accuracy", f"{metric} of the last {LAST_ROUNDS} rounds"),
     ):
         sentence = accuracy_noise_sentence({a: s[figure] for a, s in summary.items()}, label)
         if sentence:
             lines += ["", sentence]
-    lines += ["", "## Test accuracy per round (mean ± std over the seeds)", ""]
+    lines += ["", f"## Test {metric} per round (mean ± std over the seeds)", ""]
     arms = list(summary)
     lines.append("| round | " + " | ".join(arms) + " |")
     lines.append("| ---: | " + " | ".join("---:" for _ in arms) + " |")
@@ -341,5 +348,5 @@ def write_seeds_report(out_dir: Path, per_seed: dict[int, dict[str, Any]]) -> di
     if summary:
         atomic_write_text(out_dir / REPORT_MD, _seeds_markdown(config, per_seed, summary))
         title = f"{config.get('model')} on {config.get('dataset')}, {len(per_seed)} seeds"
-        plot_accuracy(per_seed, list(summary), title, out_dir)
+        plot_accuracy(per_seed, list(summary), title, out_dir, metric_names(config)[1])
     return results
