@@ -10,10 +10,11 @@ import pytest
 
 from fedcsg.cli import main
 from fedcsg.io import strict_json
-from fedcsg.runs.records import ROUND_FIELDS, ArmRecorder
+from fedcsg.runs.records import ArmRecorder
 from fedcsg.runs.report import write_report
 from fedcsg.spec.config import RunConfig, find_experiment, identity_of, load_experiment, shipped_experiments
 
+from .records import round_record
 from .sources import lines_matching
 from .strict import NonStrictJSON, loads_strict
 
@@ -33,29 +34,6 @@ def test_strict_json_writes_null_and_says_why() -> None:
         loads_strict(json.dumps({"x": float("nan")}))
 
 
-def _record(rnd: int, accuracy: float, loss: float = 1.0, up: int = 100, down: int = 200) -> dict:
-    record = {k: None for k in ROUND_FIELDS}
-    record.update(
-        round=rnd,
-        test_accuracy=accuracy,
-        test_loss=loss,
-        sampled=2,
-        replied=2,
-        failed=0,
-        rejected=0,
-        partitions=[0, 1],
-        failed_partitions=[],
-        status="ok" if rnd else "initial",
-        attempts=1,
-        payload_up=up if rnd else 0,
-        payload_down=down if rnd else 0,
-        wire_up=up if rnd else 0,
-        wire_down=down if rnd else 0,
-        seconds=1.0 if rnd else 0.0,
-    )
-    return record
-
-
 def _write_arm(
     out: Path, arm: str, accuracies: list[float], seed: int = 0, loss0: float = 1.0, seeds: str = ""
 ) -> None:
@@ -63,7 +41,7 @@ def _write_arm(
     config = {**cfg.to_flower(), "arm": arm}
     recorder = ArmRecorder(out, arm, config)
     for rnd, accuracy in enumerate(accuracies):
-        recorder.add(_record(rnd, accuracy, loss=loss0 if rnd == 0 else 1.0), save=False)
+        recorder.add(round_record(rnd, accuracy, loss=loss0 if rnd == 0 else 1.0), save=False)
     recorder.save()
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedcsg.runs.records import ROUND_FIELDS, ArmRecorder
+from fedcsg.runs.records import ArmRecorder
 from fedcsg.runs.report import write_report
 from fedcsg.runs.summary import spread
 from fedcsg.runs.winner import (
@@ -18,6 +18,8 @@ from fedcsg.runs.winner import (
     seeds_won,
 )
 from fedcsg.spec.config import RunConfig
+
+from .records import round_record
 
 MB = 1e6
 
@@ -97,26 +99,13 @@ def write_arm(
     cfg = RunConfig(seed=seed, num_rounds=len(accuracies) - 1, target_accuracy=0.3, **settings)
     recorder = ArmRecorder(out, arm, {**cfg.to_flower(), "arm": arm})
     for rnd, accuracy in enumerate(accuracies):
-        record = {k: None for k in ROUND_FIELDS}
-        record.update(
-            round=rnd,
-            test_accuracy=accuracy,
-            test_loss=1.0,
-            sampled=2,
-            replied=2,
-            failed=0,
-            rejected=0,
-            partitions=[0, 1],
-            failed_partitions=[],
-            status="ok" if rnd else "initial",
-            attempts=1,
-            payload_up=up if rnd else 0,
-            payload_down=down if rnd else 0,
-            wire_up=up if rnd else 0,
-            wire_down=down if rnd else 0,
+        record = round_record(
+            rnd,
+            accuracy,
+            up=up,
+            down=down,
             resynced=2 if rnd == 1 and resync else 0,
             wire_down_resync=resync if rnd == 1 else 0,
-            seconds=1.0 if rnd else 0.0,
         )
         recorder.add(record, save=False)
     recorder.save()
