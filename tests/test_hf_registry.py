@@ -164,3 +164,12 @@ def test_shipped_gpu_configs_parse_and_fail_before_training_without_the_files(
     with pytest.raises(FileNotFoundError, match=rf"^{dataset} not found in data_dir: missing ") as info:
         preflight(cfg.replace(data_dir=str(tmp_path)), cfg.arm_list)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["imagenet-resnet50", "voc-deeplabv3", "fmnist-seg-deeplabv3"])
+def test_issue_26_configs_run_their_models_own_slice(name: str) -> None:
+    from fedcsg.nn.models import model_slice
+
+    cfg = load_experiment(name)
+    own = model_slice(cfg.model)
+    assert (cfg.model_settings().slice, cfg.model_settings().code_dim) == (str(own.shape), own.code_dim)

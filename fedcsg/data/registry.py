@@ -283,7 +283,8 @@ def _missing_files(directory: Path, spec: DatasetSpec) -> list[str]:
 def _layout(spec: DatasetSpec) -> str:
     """The accepted layout of a data directory for ``spec``, in words."""
     files = " or ".join(f"{spec.local_dirname}/{name}" for name in spec.local_files("train"))
-    return f"a directory holding {files}, and the same for the test split"
+    test = f"{HF_SPLITS['test']} (the test split)" if spec.any_size else "the test split"
+    return f"a directory holding {files}, and the same for {test}"
 
 
 def resolve_source(
