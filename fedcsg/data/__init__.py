@@ -4,9 +4,12 @@ One module per step: :mod:`~fedcsg.data.registry` (which data sets exist and whe
 :mod:`~fedcsg.data.readers` (labels and decoded images), :mod:`~fedcsg.data.partitions` (federated
 partitions from labels alone) and :mod:`~fedcsg.data.batches` (seeded, augmented batches on the device).
 
-Two data sets are supported, CIFAR-10 and Fashion-MNIST. Both are held in memory as one
-``uint8`` tensor ``[N, C, H, W]`` plus an ``int64`` label tensor (:class:`ImageData`), so a client
-in a simulation decodes only its own rows once and then batches from memory.
+The data sets are listed in :data:`~fedcsg.data.registry.DATASETS`: CIFAR-10 and Fashion-MNIST,
+the derived fashion-mnist-seg, and ImageNet and Pascal VOC read from local Hugging Face parquet files
+(images of any size, cut to the run's ``image-size``). Each is held in memory as one ``uint8``
+tensor ``[N, C, H, W]`` plus an ``int64`` label tensor, or ``uint8`` masks ``[N, H, W]`` for a
+segmentation set (:class:`ImageData`), so a client in a simulation decodes only its own rows once
+and then batches from memory.
 
 Where the data comes from
 -------------------------
@@ -15,11 +18,13 @@ Where the data comes from
 1. an explicit ``data_dir`` (strict: it must hold the files, no fallback),
 2. the directory named by the environment variable ``FEDCSG_DATA_DIR``,
 3. the Debian package's directory (Fashion-MNIST only, ``apt-get install dataset-fashion-mnist``),
-4. the Hugging Face hub (``datasets.load_dataset(hub_name)``, which also reads the local hub cache).
+4. the Hugging Face hub (``datasets.load_dataset(hub_name)``, which also reads the local hub cache;
+   never for imagenet and voc, which have no hub name and are never downloaded).
 
 A data directory holds ``cifar10/{train,test}.parquet`` (schema of the hub dataset
 ``uoft-cs/cifar10``: ``img`` struct {bytes, path}, ``label`` int64) and/or
-``fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`` (the original idx files).
+``fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`` (the original idx files),
+``imagenet/`` and ``voc/`` (``{train,validation}.parquet`` or ``-*.parquet`` shards; see the registry).
 
 Reading only what is needed
 ---------------------------

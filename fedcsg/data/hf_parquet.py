@@ -8,20 +8,31 @@ horizontal flip, for evaluation a resize of the shorter side to ``size * 256 / 2
 crop. Segmentation pairs are resized (image bilinear, mask nearest, so 255 stays 255) so the shorter
 side is ``size``, then center-cropped. A row that does not decode is answered with a one-line
 ValueError naming the file and the row.
+
+A split may be one file or several shards: :func:`shard_labels`, :func:`mask_labels` and
+:func:`take_rows` number its rows across the shards in the order given, and read (and decode) only
+what they return, streaming each shard :data:`PARQUET_BATCH_ROWS` rows at a time.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
 IGNORE_LABEL = 255
+VOC_CLASSES = 21  # background 0 and 20 object classes
+# Rows decoded at a time when a client reads its rows of a split: the reader holds one batch of
+# encoded images, not the whole split (reading CIFAR-10's train split whole costs ~180 MB of RSS).
+PARQUET_BATCH_ROWS = 1024
 
 
 def decode(blob: bytes | None, origin: str, row: int, mode: str) -> Image.Image:
@@ -64,25 +75,73 @@ def resize_center_crop(image: Image.Image, size: int, shorter: int, resample: in
     return image.crop((x, y, x + size, y + size))
 
 
+def classification_image(blob: bytes | None, origin: str, row: int, size: int, *, train: bool, seed: int) -> np.ndarray:
+    """One classification image ``uint8 [3, size, size]``: for training the crop and flip drawn from
+    ``default_rng([seed, row])``, so a row is cut the same whichever other rows are read with it."""
+    image = decode(blob, origin, row, "RGB")
+    if train:
+        rng = np.random.default_rng([seed, row])
+        image = random_resized_crop(image, size, rng)
+        if rng.random() < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    else:
+        image = resize_center_crop(image, size, round(size * 256 / 224))
+    return np.asarray(image).transpose(2, 0, 1)
+
+
+def _mask(blob: bytes | None, origin: str, row: int) -> Image.Image:
+    """A VOC mask (palette PNG: the indices are the class ids), as decoded, without converting colours."""
+    mode = "P" if _peek_mode(blob) == "P" else "L"
+    return decode(blob, origin, row, mode)
+
+
+def _peek_mode(blob: bytes | None) -> str:
+    try:
+        return Image.open(io.BytesIO(blob or b"")).mode
+    except Exception:  # noqa: BLE001 - decode() reports the broken row
+        return "L"
+
+
+def _check_mask(mask: np.ndarray, origin: str, row: int) -> None:
+    bad = mask[(mask >= VOC_CLASSES) & (mask != IGNORE_LABEL)]
+    if bad.size:
+        raise ValueError(
+            f"{origin}: row {row}: mask value {int(bad[0])}; accepted are classes 0..{VOC_CLASSES - 1} and 255 (ignore)"
+        )
+
+
+def voc_pair(
+    image_blob: bytes | None, mask_blob: bytes | None, origin: str, row: int, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One VOC pair: image ``uint8 [3, size, size]`` and mask ``uint8 [size, size]`` (module docstring)."""
+    image = decode(image_blob, origin, row, "RGB")
+    mask = _mask(mask_blob, origin, row)
+    if mask.size != image.size:
+        raise ValueError(
+            f"{origin}: row {row}: mask is {mask.size[0]}x{mask.size[1]}, image {image.size[0]}x{image.size[1]}"
+        )
+    mask_array = np.asarray(resize_center_crop(mask, size, size, Image.NEAREST))
+    _check_mask(mask_array, origin, row)
+    return np.asarray(resize_center_crop(image, size, size)).transpose(2, 0, 1), mask_array
+
+
+def mask_label(mask: np.ndarray) -> int:
+    """The class a segmentation image stands for when partitioning: the most frequent object class
+    (1..20) of its mask, the smallest on a tie, else 0 (background and ignore only)."""
+    counts = np.bincount(mask.reshape(-1), minlength=256)[1:VOC_CLASSES]
+    return int(counts.argmax()) + 1 if counts.any() else 0
+
+
 def read_classification(
     path: str | os.PathLike[str], size: int, *, train: bool, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Images ``uint8 [N, 3, size, size]`` and labels ``int64 [N]`` of an image-classification parquet
-    file (crops as in the module docstring; row ``r``'s training crop and flip come from
-    ``default_rng([seed, r])``)."""
+    file (crops as in :func:`classification_image`)."""
     table = pq.read_table(Path(path), columns=["image", "label"])
     blobs = table.column("image").combine_chunks().field("bytes").to_pylist()
     out = np.empty((len(blobs), 3, size, size), dtype=np.uint8)
     for row, blob in enumerate(blobs):
-        image = decode(blob, str(path), row, "RGB")
-        if train:
-            rng = np.random.default_rng([seed, row])
-            image = random_resized_crop(image, size, rng)
-            if rng.random() < 0.5:
-                image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        else:
-            image = resize_center_crop(image, size, round(size * 256 / 224))
-        out[row] = np.asarray(image).transpose(2, 0, 1)
+        out[row] = classification_image(blob, str(path), row, size, train=train, seed=seed)
     return out, table.column("label").to_numpy().astype(np.int64)
 
 
@@ -102,19 +161,133 @@ def read_voc(path: str | os.PathLike[str], size: int, mask_column: str = "mask")
     out_images = np.empty((len(images), 3, size, size), dtype=np.uint8)
     out_masks = np.empty((len(images), size, size), dtype=np.uint8)
     for row, (image_blob, mask_blob) in enumerate(zip(images, masks, strict=True)):
-        image = decode(image_blob, str(path), row, "RGB")
-        mask_image = Image.open(io.BytesIO(mask_blob or b""))
-        mask = decode(mask_blob, str(path), row, "P" if mask_image.mode == "P" else "L")
-        if mask.size != image.size:
-            raise ValueError(
-                f"{path}: row {row}: mask is {mask.size[0]}x{mask.size[1]}, image {image.size[0]}x{image.size[1]}"
-            )
-        mask_array = np.asarray(resize_center_crop(mask, size, size, Image.NEAREST))
-        bad = mask_array[(mask_array > 20) & (mask_array != IGNORE_LABEL)]
-        if bad.size:
-            raise ValueError(
-                f"{path}: row {row}: mask value {int(bad[0])}; accepted are classes 0..20 and 255 (ignore)"
-            )
-        out_images[row] = np.asarray(resize_center_crop(image, size, size)).transpose(2, 0, 1)
-        out_masks[row] = mask_array
+        out_images[row], out_masks[row] = voc_pair(image_blob, mask_blob, str(path), row, size)
     return out_images, out_masks
+
+
+# --------------------------------------------------------------------------------------------------
+# Splits of one or more shards
+# --------------------------------------------------------------------------------------------------
+
+
+def take_parquet_rows(parquet: pq.ParquetFile, rows: np.ndarray, columns: Sequence[str]) -> pa.Table:
+    """``rows`` of ``columns`` of an opened file, in the order given, streaming it
+    :data:`PARQUET_BATCH_ROWS` rows at a time."""
+    order = np.argsort(rows, kind="stable")
+    ascending = rows[order]
+    taken, start = [], 0
+    for batch in parquet.iter_batches(PARQUET_BATCH_ROWS, columns=list(columns), use_threads=False):
+        low, high = np.searchsorted(ascending, [start, start + batch.num_rows])
+        if high > low:
+            taken.append(batch.take(pa.array(ascending[low:high] - start, type=pa.int64())))
+        start += batch.num_rows
+    schema = pa.schema([parquet.schema_arrow.field(c) for c in columns])
+    table = pa.Table.from_batches(taken, schema=schema)
+    return table.take(pa.array(np.argsort(order, kind="stable"), type=pa.int64()))
+
+
+def _open(path: Path, columns: Sequence[str]) -> pq.ParquetFile:
+    """A shard, opened (memory-mapped) after checking it has ``columns``: encoded images as struct
+    {bytes, path}, ``label`` an integer."""
+    accepted = ", ".join(
+        f"{c}: int64" if c == "label" else f"{c}: struct<bytes: binary, path: string>" for c in columns
+    )
+    try:
+        parquet = pq.ParquetFile(path, memory_map=True)
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{path}: not a readable parquet file ({type(exc).__name__}); expected {accepted}") from exc
+    schema = parquet.schema_arrow
+    for column in columns:
+        kind = schema.field(column).type if column in schema.names else None
+        fine = kind is not None and (
+            pa.types.is_integer(kind)
+            if column == "label"
+            else pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0
+        )
+        if not fine:
+            raise ValueError(f"{path}: column {column} is {kind or 'missing'}; expected columns {accepted}")
+    return parquet
+
+
+def _cache_key(paths: Sequence[Path]) -> tuple[tuple[str, int], ...]:
+    return tuple((str(p), p.stat().st_mtime_ns) for p in paths)
+
+
+def shard_labels(paths: Sequence[Path]) -> np.ndarray:
+    """The ``label`` column of every shard, concatenated (read-only; cached per files and mtimes)."""
+    return _shard_labels(_cache_key(paths))
+
+
+@functools.lru_cache(maxsize=8)
+def _shard_labels(key: tuple[tuple[str, int], ...]) -> np.ndarray:
+    parts = [_open(Path(p), ["label"]).read(columns=["label"]).column("label").to_numpy() for p, _ in key]
+    labels = np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
+    labels.flags.writeable = False
+    return labels
+
+
+def mask_labels(paths: Sequence[Path], mask_column: str = "mask") -> np.ndarray:
+    """One class per row for partitioning (:func:`mask_label`), from the masks alone (no image is
+    decoded); read-only, cached per files and mtimes."""
+    return _mask_labels(_cache_key(paths), mask_column)
+
+
+@functools.lru_cache(maxsize=8)
+def _mask_labels(key: tuple[tuple[str, int], ...], mask_column: str) -> np.ndarray:
+    labels: list[int] = []
+    for path, _ in key:
+        for batch in _open(Path(path), [mask_column]).iter_batches(PARQUET_BATCH_ROWS, columns=[mask_column]):
+            for blob in batch.column(0).field("bytes").to_pylist():
+                row = len(labels)
+                mask = np.asarray(_mask(blob, path, row))
+                _check_mask(mask, path, row)
+                labels.append(mask_label(mask))
+    out = np.asarray(labels, dtype=np.int64)
+    out.flags.writeable = False
+    return out
+
+
+def take_rows(
+    paths: Sequence[Path], rows: np.ndarray, columns: Sequence[str]
+) -> list[tuple[Path, pa.Table, np.ndarray]]:
+    """Rows ``rows`` (numbered across the shards in order) of ``columns``: per shard holding some,
+    the shard, the table of its selected rows and where each of those rows goes in the output."""
+    sizes = [_open(p, columns).metadata.num_rows for p in paths]
+    ends = np.cumsum(sizes)
+    shard = np.searchsorted(ends, rows, side="right")
+    taken = []
+    for i, path in enumerate(paths):
+        mine = np.flatnonzero(shard == i)
+        if mine.size:
+            table = take_parquet_rows(_open(path, columns), rows[mine] - (ends[i] - sizes[i]), columns)
+            taken.append((path, table, mine))
+    return taken
+
+
+def take_classification(
+    paths: Sequence[Path], rows: np.ndarray, size: int, *, train: bool, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``rows`` of a classification split, decoded: images ``uint8 [n, 3, size, size]`` (row ``r``'s
+    training crop from ``default_rng([seed, r])``, ``r`` its number in the split), labels ``int64 [n]``."""
+    images = np.empty((rows.size, 3, size, size), dtype=np.uint8)
+    labels = np.empty(rows.size, dtype=np.int64)
+    for path, table, where in take_rows(paths, rows, ["image", "label"]):
+        blobs = table.column("image").combine_chunks().field("bytes").to_pylist()
+        for out, blob in zip(where, blobs, strict=True):
+            images[out] = classification_image(blob, str(path), int(rows[out]), size, train=train, seed=seed)
+        labels[where] = table.column("label").to_numpy()
+    return images, labels
+
+
+def take_voc(
+    paths: Sequence[Path], rows: np.ndarray, size: int, mask_column: str = "mask"
+) -> tuple[np.ndarray, np.ndarray]:
+    """``rows`` of a VOC split, decoded: images ``uint8 [n, 3, size, size]``, masks ``uint8 [n, size, size]``."""
+    images = np.empty((rows.size, 3, size, size), dtype=np.uint8)
+    masks = np.empty((rows.size, size, size), dtype=np.uint8)
+    for path, table, where in take_rows(paths, rows, ["image", mask_column]):
+        image_blobs = table.column("image").combine_chunks().field("bytes").to_pylist()
+        mask_blobs = table.column(mask_column).combine_chunks().field("bytes").to_pylist()
+        for out, image_blob, mask_blob in zip(where, image_blobs, mask_blobs, strict=True):
+            images[out], masks[out] = voc_pair(image_blob, mask_blob, str(path), int(rows[out]), size)
+    return images, masks

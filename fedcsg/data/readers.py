@@ -1,5 +1,6 @@
 """Reading a split: labels alone (:func:`load_labels`), or decoded images of selected rows
-(:func:`load_split`), from parquet, idx or hub sources."""
+(:func:`load_split`). What reads a source is chosen by the source's kind (:class:`DataSource`):
+one labels reader and one rows reader per kind (:data:`LABEL_READERS`, :data:`ROW_READERS`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import gzip
 import io
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +19,10 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from fedcsg.data import registry
-from fedcsg.data.registry import DatasetSpec, DataSource, Split, check_split, resolve_source
+from fedcsg.data import hf_parquet, registry
+from fedcsg.data.hf_parquet import PARQUET_BATCH_ROWS as PARQUET_BATCH_ROWS  # re-exported
+from fedcsg.data.hf_parquet import take_parquet_rows
+from fedcsg.data.registry import DatasetSpec, DataSource, Split, check_split, resolve_source, sized_spec
 
 
 def _parquet_schema_error(path: Path, detail: str) -> ValueError:
@@ -60,25 +63,10 @@ def _read_parquet(path: Path, columns: Sequence[str]) -> pa.Table:
     return _checked_parquet(path).read(columns=list(columns))
 
 
-# Rows decoded at a time when a client reads its rows of a split: the reader holds one batch of
-# encoded images, not the whole split (reading CIFAR-10's train split whole costs ~180 MB of RSS).
-PARQUET_BATCH_ROWS = 1024
-
-
 def _take_parquet_rows(path: Path, rows: np.ndarray, columns: Sequence[str]) -> pa.Table:
-    """``rows`` of ``columns``, in the order given, streaming the file :data:`PARQUET_BATCH_ROWS` at a time."""
-    order = np.argsort(rows, kind="stable")
-    ascending = rows[order]
-    parquet = _checked_parquet(path)
-    taken, start = [], 0
-    for batch in parquet.iter_batches(PARQUET_BATCH_ROWS, columns=list(columns), use_threads=False):
-        low, high = np.searchsorted(ascending, [start, start + batch.num_rows])
-        if high > low:
-            taken.append(batch.take(pa.array(ascending[low:high] - start, type=pa.int64())))
-        start += batch.num_rows
-    schema = pa.schema([parquet.schema_arrow.field(c) for c in columns])
-    table = pa.Table.from_batches(taken, schema=schema)
-    return table.take(pa.array(np.argsort(order, kind="stable"), type=pa.int64()))
+    """``rows`` of ``columns`` of a CIFAR-style file, in the order given, streaming it
+    :data:`PARQUET_BATCH_ROWS` rows at a time."""
+    return take_parquet_rows(_checked_parquet(path), rows, columns)
 
 
 @functools.lru_cache(maxsize=8)
@@ -111,15 +99,38 @@ def _idx_labels(path: str, mtime_ns: int) -> np.ndarray:
     return labels
 
 
+def _stamped(path: Path) -> tuple[str, int]:
+    return str(path), path.stat().st_mtime_ns
+
+
+def _hub_labels(source: DataSource, split: Split) -> np.ndarray:
+    table = registry.load_hub(source.location)[split].select_columns(["label"]).with_format("arrow")[:]
+    return table.column("label").to_numpy().astype(np.int64)
+
+
+def _derived_labels(source: DataSource, split: Split) -> np.ndarray:
+    from fedcsg.data.segmentation import canvas_labels, registry_set
+
+    assert source.base is not None
+    return canvas_labels(registry_set(split, source.base))
+
+
+LabelReader = Callable[[DataSource, Split], np.ndarray]
+# Labels of a split by source kind, without decoding an image (a segmentation set's are one class
+# per image for partitioning: fedcsg.data.segmentation.canvas_labels, fedcsg.data.hf_parquet.mask_label).
+LABEL_READERS: dict[str, LabelReader] = {
+    "parquet": lambda source, split: _parquet_labels(*_stamped(source.path(split))),
+    "idx": lambda source, split: _idx_labels(*_stamped(source.files(split)[1])),
+    "hub": _hub_labels,
+    "derived": _derived_labels,
+    "hf-images": lambda source, split: hf_parquet.shard_labels(source.files(split)),
+    "hf-masks": lambda source, split: hf_parquet.mask_labels(source.files(split)),
+}
+
+
 def _source_labels(source: DataSource, split: Split) -> np.ndarray:
-    """Read-only labels of ``split`` (cached per file and modification time)."""
-    if source.kind == "hub":
-        table = registry.load_hub(source.location)[split].select_columns(["label"]).with_format("arrow")[:]
-        return table.column("label").to_numpy().astype(np.int64)
-    files = [Path(source.location) / name for name in source.spec.local_files(split)]
-    label_file = files[0] if source.kind == "parquet" else files[1]
-    reader = _parquet_labels if source.kind == "parquet" else _idx_labels
-    return reader(str(label_file), label_file.stat().st_mtime_ns)
+    """Read-only labels of ``split`` (cached per file and modification time where read from files)."""
+    return LABEL_READERS[source.kind](source, split)
 
 
 def load_labels(
@@ -134,7 +145,7 @@ def load_labels(
     Parameters
     ----------
     dataset : str
-        ``"cifar10"`` or ``"fashion-mnist"``.
+        A name in :data:`~fedcsg.data.registry.DATASETS`.
     split : {"train", "test"}
         Which split.
     data_dir : str or path-like, optional
@@ -145,13 +156,11 @@ def load_labels(
     Returns
     -------
     numpy.ndarray
-        ``int64`` labels ``[N]`` in file row order (a fresh, writable copy).
+        ``int64`` labels ``[N]`` in file row order (a fresh, writable copy). For a segmentation set,
+        one class per image to partition by: fashion-mnist-seg's topmost item's class (0..9), voc's
+        most frequent object class of the mask (1..20, else 0), read from the masks alone.
     """
     check_split(split)
-    if dataset == DERIVED_SEGMENTATION:
-        from fedcsg.data.segmentation import canvas_labels, registry_set
-
-        return canvas_labels(registry_set(split, _dir(data_dir), hub_name))
     source = resolve_source(dataset, data_dir, hub_name=hub_name)
     return _source_labels(source, split).copy()
 
@@ -190,37 +199,93 @@ def _decode_images(blobs: Sequence[bytes], spec: DatasetSpec, origin: str) -> np
     return out
 
 
-def _load_parquet_rows(path: Path, rows: np.ndarray, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+def _nchw(images: np.ndarray) -> np.ndarray:
+    return images.transpose(0, 3, 1, 2)
+
+
+def _load_parquet_rows(
+    source: DataSource, split: Split, rows: np.ndarray, spec: DatasetSpec, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     # Only the selected rows are kept and decoded.
+    path = source.path(split)
     taken = _take_parquet_rows(path, rows, ["img", "label"])
     blobs = taken.column("img").combine_chunks().field("bytes").to_pylist()
     images = _decode_images(blobs, spec, str(path))
     labels = taken.column("label").to_numpy().astype(np.int64)
-    return images, labels
+    return _nchw(images), labels
 
 
-def _load_idx_rows(directory: Path, split: Split, rows: np.ndarray, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
-    image_name, label_name = spec.local_files(split)
-    images = _read_idx(directory / image_name, 3)
-    labels = _source_labels(DataSource(spec, "idx", str(directory)), split)
+def _load_idx_rows(
+    source: DataSource, split: Split, rows: np.ndarray, spec: DatasetSpec, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    image_path = source.files(split)[0]
+    images = _read_idx(image_path, 3)
+    labels = _source_labels(source, split)
     if images.shape[0] != labels.shape[0] or images.shape[1:] != spec.image_size:
         raise ValueError(
-            f"{directory / image_name}: holds images {images.shape} for {labels.shape[0]} labels, "
+            f"{image_path}: holds images {images.shape} for {labels.shape[0]} labels, "
             f"expected [N, {spec.image_size[0]}, {spec.image_size[1]}]"
         )
-    return images[rows][..., None], labels[rows]
+    return images[rows][:, None], labels[rows]
 
 
-def _load_hub_rows(hub_name: str, split: Split, rows: np.ndarray, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+def _load_hub_rows(
+    source: DataSource, split: Split, rows: np.ndarray, spec: DatasetSpec, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     import datasets
 
-    ds = registry.load_hub(hub_name)[split].select_columns([spec.hub_image_column, "label"])
+    ds = registry.load_hub(source.location)[split].select_columns([spec.hub_image_column, "label"])
     # Undecoded images give the same struct {bytes, path} as the parquet copy.
     ds = ds.cast_column(spec.hub_image_column, datasets.Image(decode=False))
     table = ds.with_format("arrow")[:]
     taken = table.take(pa.array(rows, type=pa.int64()))
     blobs = taken.column(spec.hub_image_column).combine_chunks().field("bytes").to_pylist()
-    return _decode_images(blobs, spec, f"hub:{hub_name}"), taken.column("label").to_numpy().astype(np.int64)
+    images = _decode_images(blobs, spec, f"hub:{source.location}")
+    return _nchw(images), taken.column("label").to_numpy().astype(np.int64)
+
+
+def _load_derived_rows(
+    source: DataSource, split: Split, rows: np.ndarray, spec: DatasetSpec, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Selected canvases of a derived segmentation set, masks as ``uint8 [n, H, W]`` labels."""
+    from fedcsg.data.segmentation import registry_set
+
+    assert source.base is not None
+    pasted = registry_set(split, source.base)
+    return pasted.images[rows][:, None], pasted.masks[rows]
+
+
+def _load_hf_image_rows(
+    source: DataSource, split: Split, rows: np.ndarray, spec: DatasetSpec, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    size = spec.image_size[0]
+    return hf_parquet.take_classification(source.files(split), rows, size, train=split == "train", seed=seed)
+
+
+def _load_hf_mask_rows(
+    source: DataSource, split: Split, rows: np.ndarray, spec: DatasetSpec, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    return hf_parquet.take_voc(source.files(split), rows, spec.image_size[0])
+
+
+def load_source(source: DataSource, split: Split) -> tuple[np.ndarray, np.ndarray]:
+    """Every row of ``split`` of a found source, decoded at its own size: images ``uint8 [N, C, H, W]``
+    and labels (what a derived set is built from)."""
+    rows = np.arange(_source_labels(source, split).shape[0], dtype=np.int64)
+    return ROW_READERS[source.kind](source, split, rows, source.spec, 0)
+
+
+RowReader = Callable[[DataSource, Split, np.ndarray, DatasetSpec, int], tuple[np.ndarray, np.ndarray]]
+# Decoded rows of a split by source kind: (source, split, rows, the spec at the run's image size,
+# seed) -> images uint8 [n, C, H, W] and labels int64 [n] or masks uint8 [n, H, W].
+ROW_READERS: dict[str, RowReader] = {
+    "parquet": _load_parquet_rows,
+    "idx": _load_idx_rows,
+    "hub": _load_hub_rows,
+    "derived": _load_derived_rows,
+    "hf-images": _load_hf_image_rows,
+    "hf-masks": _load_hf_mask_rows,
+}
 
 
 @dataclass(frozen=True)
@@ -269,13 +334,14 @@ def load_split(
     *,
     seed: int = 0,
     hub_name: str | None = None,
+    image_size: int = 0,
 ) -> ImageData:
     """Load (decode) selected rows of one split into memory.
 
     Parameters
     ----------
     dataset : str
-        ``"cifar10"`` or ``"fashion-mnist"``.
+        A name in :data:`~fedcsg.data.registry.DATASETS`.
     split : {"train", "test"}
         Which split.
     data_dir : str or path-like, optional
@@ -287,65 +353,37 @@ def load_split(
         ``seed``. The subset is uniformly random, hence class-balanced in expectation (not exactly),
         and the same for the same ``seed``; rows come in the shuffled order.
     seed : int, default 0
-        Seed of the ``limit`` shuffle.
+        Seed of the ``limit`` shuffle, and of the any-size sets' training crops (row ``r``'s from
+        ``(seed, r)``: drawn once, when the row is decoded).
     hub_name : str, optional
         See :func:`resolve_source`.
+    image_size : int, default 0
+        The run's ``image-size`` (:func:`~fedcsg.data.registry.sized_spec`): images of an any-size set
+        are cut to ``image_size x image_size``, 0 = the set's default; a fixed-size set accepts only 0
+        or its own size.
 
     Returns
     -------
     ImageData
-        ``uint8 [n, C, H, W]`` images and ``int64 [n]`` labels.
+        ``uint8 [n, C, H, W]`` images and ``int64 [n]`` labels (``uint8 [n, H, W]`` masks for a
+        segmentation set), with the spec at that image size.
 
     Notes
     -----
     Labels are read first and rows chosen before any image is decoded, so the cost is proportional
-    to the number of rows returned (plus reading the compressed file once).
+    to the number of rows returned (plus reading the compressed files once).
     """
     check_split(split)
-    if dataset == DERIVED_SEGMENTATION:
-        return _derived_split(split, data_dir, indices, limit, seed, hub_name)
+    spec = sized_spec(dataset, image_size)
     source = resolve_source(dataset, data_dir, hub_name=hub_name)
-    spec = source.spec
     num_rows = _source_labels(source, split).shape[0]
     rows = _select_rows(num_rows, indices, limit, seed)
-    if source.kind == "parquet":
-        images, labels = _load_parquet_rows(source.path(split), rows, spec)
-    elif source.kind == "idx":
-        images, labels = _load_idx_rows(Path(source.location), split, rows, spec)
-    else:
-        images, labels = _load_hub_rows(source.location, split, rows, spec)
-    if labels.size and (labels.min() < 0 or labels.max() >= spec.num_classes):
+    images, labels = ROW_READERS[source.kind](source, split, rows, spec, seed)
+    if spec.task == "classification" and labels.size and (labels.min() < 0 or labels.max() >= spec.num_classes):
         raise ValueError(f"{source.location}: labels outside 0..{spec.num_classes - 1} in split {split!r}")
-    # NHWC -> NCHW; contiguous so per-batch gathers are plain memory copies.
+    # Contiguous so per-batch gathers are plain memory copies.
     return ImageData(
-        images=torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))),
+        images=torch.from_numpy(np.ascontiguousarray(images)),
         labels=torch.from_numpy(np.ascontiguousarray(labels)),
         spec=spec,
-    )
-
-
-DERIVED_SEGMENTATION = "fashion-mnist-seg"  # built by fedcsg.data.segmentation, not read from files
-
-
-def _dir(data_dir: str | os.PathLike[str] | None) -> str | None:
-    return None if data_dir is None else str(data_dir)
-
-
-def _derived_split(
-    split: Split,
-    data_dir: str | os.PathLike[str] | None,
-    indices: Sequence[int] | np.ndarray | None,
-    limit: int | None,
-    seed: int,
-    hub_name: str | None,
-) -> ImageData:
-    """Selected canvases of the derived segmentation set, masks as ``uint8 [n, H, W]`` labels."""
-    from fedcsg.data.segmentation import registry_set
-
-    pasted = registry_set(split, _dir(data_dir), hub_name)
-    rows = _select_rows(pasted.images.shape[0], indices, limit, seed)
-    return ImageData(
-        images=torch.from_numpy(np.ascontiguousarray(pasted.images[rows][:, None])),
-        labels=torch.from_numpy(np.ascontiguousarray(pasted.masks[rows])),
-        spec=registry.get_spec(DERIVED_SEGMENTATION),
     )

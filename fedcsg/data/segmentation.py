@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedcsg.data.readers import load_split
+from fedcsg.data.readers import load_source, load_split
+from fedcsg.data.registry import DataSource
 
 CANVAS, ITEMS = 56, 3  # the registry's setting: three 28x28 items on a 56x56 canvas
 SEG_CLASSES = 11  # background + the ten Fashion-MNIST classes
@@ -80,15 +81,16 @@ def fashion_mnist_seg(
     canvases, test items test canvases), seeded by ``seed`` and the split (train ``seed``, test
     ``seed + 1``)."""
     source = load_split("fashion-mnist", split, data_dir, hub_name=hub_name)  # type: ignore[arg-type]
-    images = source.images[:, 0].numpy()
-    labels = source.labels.numpy()
-    return paste_items(images, labels, count, seed + (split == "test"))
+    return paste_items(source.images[:, 0].numpy(), source.labels.numpy(), count, seed + (split == "test"))
 
 
 @functools.lru_cache(maxsize=4)
-def registry_set(split: str, data_dir: str | None, hub_name: str | None) -> PastedSet:
-    """The registry's ``fashion-mnist-seg`` split (:data:`DERIVED_ROWS` canvases, seed 0), cached."""
-    return fashion_mnist_seg(split, DERIVED_ROWS[split], 0, data_dir, hub_name=hub_name)
+def registry_set(split: str, base: DataSource) -> PastedSet:
+    """The registry's ``fashion-mnist-seg`` split (:data:`DERIVED_ROWS` canvases, seed 0) from the
+    Fashion-MNIST files at ``base`` (found by :func:`~fedcsg.data.registry.resolve_source`), cached;
+    the same canvases as ``fashion_mnist_seg(split, DERIVED_ROWS[split])``."""
+    images, labels = load_source(base, split)  # type: ignore[arg-type]
+    return paste_items(images[:, 0], labels, DERIVED_ROWS[split], split == "test")
 
 
 def canvas_labels(pasted: PastedSet) -> np.ndarray:

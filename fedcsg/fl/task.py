@@ -79,18 +79,20 @@ def partition_rows(cfg: RunConfig, partition_id: int, num_partitions: int) -> np
 @functools.lru_cache(maxsize=4)
 def _client_data(data: DataSettings, partition_id: int, num_partitions: int) -> ImageData:
     rows = _partition_rows(data, partition_id, num_partitions)
-    return load_split(data.dataset, "train", indices=rows, **data.source)
+    return load_split(data.dataset, "train", indices=rows, seed=data.seed, image_size=data.image_size, **data.source)
 
 
 def client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> ImageData:
     """Decoded train images of one client (a few recent clients are kept in memory per process;
-    a client that is not sampled holds nothing)."""
+    a client that is not sampled holds nothing), at the run's ``image-size``; an any-size set's
+    training crops are drawn once, from the run's data seed and the row, when they are decoded."""
     return _client_data(cfg.data_settings, partition_id, num_partitions)
 
 
 @functools.lru_cache(maxsize=2)
 def _test_data(data: DataSettings) -> ImageData:
-    return load_split(data.dataset, "test", limit=data.test_limit or None, seed=data.seed, **data.source)
+    limit = data.test_limit or None
+    return load_split(data.dataset, "test", limit=limit, seed=data.seed, image_size=data.image_size, **data.source)
 
 
 def test_data(cfg: RunConfig) -> ImageData:

@@ -23,7 +23,7 @@ from torch import nn
 
 from fedcsg.data.partitions import SCHEMES as PARTITION_SCHEMES
 from fedcsg.data.registry import DATASETS as DATASET_SPECS
-from fedcsg.data.registry import SEGMENTATION_DATASETS, get_spec
+from fedcsg.data.registry import get_spec, sized_spec
 from fedcsg.nn.csg import AGGREGATIONS as CSG_AGGREGATIONS
 from fedcsg.nn.csg import INITS as CSG_INITS
 from fedcsg.nn.csg import CSGConfig, SliceShape
@@ -187,6 +187,7 @@ class DataSettings:
     train_limit: int
     test_limit: int
     seed: int
+    image_size: int
 
     def check_sizes(self, train_size: int, test_size: int, num_clients: int) -> None:
         """Raise a one-line ValueError naming the setting when the splits (``train_size`` and
@@ -255,6 +256,7 @@ class RunConfig:
     shards_per_client: int = 2
     train_limit: int = 4000  # 0 = the whole train split; N = a seeded subset of N images, then partitioned
     test_limit: int = 2000  # 0 = the whole test split for server-side evaluation
+    image_size: int = 0  # any-size sets are cut to this (0 = imagenet 224, voc 320); a fixed-size set: 0 or its own
     # Rounds and sampling
     num_rounds: int = 3
     clients_per_round: int = 0  # 0 = use fraction-train
@@ -331,7 +333,8 @@ class RunConfig:
         check_arm(self.arm)
         for arm in self.arm_list:
             check_arm(arm)
-        check_trainable(self.model, "segmentation" if self.dataset in SEGMENTATION_DATASETS else "classification")
+        check_trainable(self.model, get_spec(self.dataset).task)
+        sized_spec(self.dataset, self.image_size)
         SliceShape.parse(self.slice)
         if self.pointwise_slice:
             SliceShape.parse(self.pointwise_slice)
