@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedcsg.data.registry import SEGMENTATION_DATASETS
+from fedcsg.data.registry import DATASETS
 from fedcsg.runs.layout import ARMS_DIR, arm_record_files
 from fedcsg.runs.records import read_arm_record
 from fedcsg.spec.arms import Arm, arm_of_stem, arm_order
@@ -18,7 +18,8 @@ from fedcsg.spec.arms import Arm, arm_of_stem, arm_order
 def metric_names(config: dict[str, Any]) -> tuple[str, str]:
     """``(short, long)`` name of what a run's ``test_accuracy`` holds: the mean IoU over the classes
     for a segmentation data set, the top-1 accuracy otherwise."""
-    if config.get("dataset") in SEGMENTATION_DATASETS:
+    spec = DATASETS.get(config.get("dataset", ""))
+    if spec is not None and spec.task == "segmentation":
         return "mIoU", "mean IoU"
     return "acc", "accuracy"
 
