@@ -41,7 +41,8 @@ from torch import nn
 
 from fedcsg.data.registry import get_spec
 from fedcsg.io import DIGEST_KEY, tensors_digest, writable_dir
-from fedcsg.nn.csg import frozen_generator_keys, generators, is_csg, materialize
+from fedcsg.nn.csg import frozen_generator_keys, generators, is_csg
+from fedcsg.nn.csgify import materialize
 from fedcsg.runs.checkpoint import read_state
 from fedcsg.runs.layout import ARMS_DIR, STATE_DIR, arm_record_files, state_files
 from fedcsg.runs.model_file import FORMAT_VERSION, cpu_tensors

@@ -2,7 +2,7 @@
 ``|W_new - W_old| / |W_old|`` (Frobenius norms) of the conv filters, per layer and over all of them.
 
 For a CSG layer the filters are the generated ones, so a CSG model and the plain model built from
-its generated filters (:func:`fedcsg.nn.csg.materialize`) are measured on the same footing.
+its generated filters (:func:`fedcsg.nn.csgify.materialize`) are measured on the same footing.
 """
 
 from __future__ import annotations

@@ -24,9 +24,10 @@ from torch import nn
 from fedcsg.data.partitions import SCHEMES as PARTITION_SCHEMES
 from fedcsg.data.registry import DATASETS as DATASET_SPECS
 from fedcsg.data.registry import SEGMENTATION_DATASETS, get_spec
-from fedcsg.nn.csg import AGGREGATIONS as CSG_AGGREGATIONS
-from fedcsg.nn.csg import INITS as CSG_INITS
-from fedcsg.nn.csg import CSGConfig, SliceShape
+from fedcsg.nn.csg import SliceShape
+from fedcsg.nn.csg_factors import AGGREGATIONS as CSG_AGGREGATIONS
+from fedcsg.nn.csgify import INITS as CSG_INITS
+from fedcsg.nn.csgify import CSGConfig
 from fedcsg.nn.fedpara import DEFAULT_RATIO as FEDPARA_RATIO
 from fedcsg.nn.fedpara import check_ratio as check_fedpara_ratio
 from fedcsg.nn.fedpara import fedparafy
