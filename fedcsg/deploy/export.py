@@ -49,7 +49,7 @@ from fedcsg.runs.model_file import FORMAT_VERSION, cpu_tensors
 from fedcsg.runs.records import read_arm_record
 from fedcsg.runs.weights import CHECKPOINT_FORMAT, COMPACT_FORMAT, check_finite, load_state, read_safetensors
 from fedcsg.spec.arms import MODELS, arm_of_stem, file_stem
-from fedcsg.spec.config import ModelSettings
+from fedcsg.spec.settings import ModelSettings
 from fedcsg.wire.payload import PayloadLayout, load_payload
 
 EXPORT_FORMATS = ("compact", "torchscript", "onnx")

@@ -15,7 +15,8 @@ from fedcsg.data.readers import ImageData, load_labels, load_split
 from fedcsg.nn.csg_factors import factor_lr_scales, freeze_factor
 from fedcsg.nn.segmentation import seg_evaluate, seg_train_epoch
 from fedcsg.nn.training import PassStats, evaluate, make_optimizer, train_epoch, tune_malloc
-from fedcsg.spec.config import DataSettings, RunConfig
+from fedcsg.spec.config import RunConfig
+from fedcsg.spec.settings import DataSettings
 from fedcsg.wire.payload import PayloadLayout
 
 TRAIN_FACTOR_KEY = "train-factor"  # train-config entry: which CSG factor trains (fedcsg.nn.csg_factors.FACTORS)
@@ -72,7 +73,7 @@ def _partition_rows(data: DataSettings, partition_id: int, num_partitions: int) 
 
 def partition_rows(cfg: RunConfig, partition_id: int, num_partitions: int) -> np.ndarray:
     """Train-split rows of one client; the same for every arm of a comparison (they depend only on
-    the data settings, :class:`~fedcsg.spec.config.DataSettings`, which also key the caches)."""
+    the data settings, :class:`~fedcsg.spec.settings.DataSettings`, which also key the caches)."""
     return _partition_rows(cfg.data_settings, partition_id, num_partitions)
 
 

@@ -230,12 +230,8 @@ def _tensor_state(tensor: Tensor) -> tuple[int, int]:
 class CSGConv2d(ComputedConv2d):
     """A conv layer whose weight is generated from its code vectors by a shared :class:`SliceGenerator`.
 
-    Parameters
-    ----------
-    geometry
-        The conv it replaces (:class:`~fedcsg.nn.convert.ConvGeometry`).
-    generator
-        The model's generator for this kernel size. It is referenced, not registered.
+    ``geometry`` is the conv it replaces; ``generator`` is the model's generator for this kernel
+    size, referenced, not registered.
     """
 
     def __init__(self, geometry: ConvGeometry, generator: SliceGenerator) -> None:

@@ -63,15 +63,8 @@ def fedpara_rank(out_channels: int, in_channels: int, kernel_size: int, ratio: f
 
 
 class FedParaConv2d(ComputedConv2d):
-    """A conv layer whose weight is ``W1 * W2``, each a rank-``rank`` Tucker form (FedPara).
-
-    Parameters
-    ----------
-    geometry
-        The conv it replaces (:class:`~fedcsg.nn.convert.ConvGeometry`).
-    rank
-        The Tucker rank ``r`` of each factor.
-    """
+    """A conv layer in place of one of ``geometry`` whose weight is ``W1 * W2``, each factor a Tucker form
+    of rank ``rank`` (FedPara)."""
 
     def __init__(self, geometry: ConvGeometry, rank: int) -> None:
         super().__init__(geometry)
