@@ -33,7 +33,7 @@ from benchlib import parse_models, write_json
 
 from fedcsg.deploy.export import EXPORT_FORMATS, export_model, load_torchscript
 from fedcsg.runs.model_file import save_checkpoint
-from fedcsg.spec.config import ModelSettings
+from fedcsg.spec.settings import ModelSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 

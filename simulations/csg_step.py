@@ -17,7 +17,8 @@ import torch
 
 from fedcsg.data.batches import TensorBatches
 from fedcsg.data.readers import load_split
-from fedcsg.nn.csg import factor_lr_scales, materialize
+from fedcsg.nn.csg_factors import factor_lr_scales
+from fedcsg.nn.csgify import materialize
 from fedcsg.nn.models import build_model, default_csg_config
 from fedcsg.nn.step import conv_filters, relative_change
 from fedcsg.nn.training import make_optimizer, set_seed, train_epoch

@@ -14,7 +14,8 @@ import torch
 
 from fedcsg.data.batches import TensorBatches
 from fedcsg.data.readers import load_split
-from fedcsg.nn.csg import CSGConv2d, csg_layers, kaiming_std
+from fedcsg.nn.csg import CSGConv2d, csg_layers
+from fedcsg.nn.csgify import kaiming_std
 from fedcsg.nn.models import build_model, default_csg_config
 from fedcsg.nn.training import evaluate, make_optimizer, set_seed, step_lr, train_epoch
 

@@ -49,8 +49,9 @@ from torch import nn
 from fedcsg.data.batches import TensorBatches
 from fedcsg.data.readers import ImageData, load_split
 from fedcsg.data.registry import DATASETS
-from fedcsg.nn.csg import INITS as CSG_INITS
-from fedcsg.nn.csg import SliceShape, factor_lr_scales
+from fedcsg.nn.csg import SliceShape
+from fedcsg.nn.csg_factors import factor_lr_scales
+from fedcsg.nn.csgify import INITS as CSG_INITS
 from fedcsg.nn.models import build_model, default_csg_config, model_spec
 from fedcsg.nn.params import count_parameters
 from fedcsg.nn.step import conv_filters, relative_change

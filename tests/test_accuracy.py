@@ -18,7 +18,9 @@ from fedcsg.fl.server_opt import ServerOptimizer, default_server_lr
 from fedcsg.fl.strategy import CSGFedAvg
 from fedcsg.fl.task import build_arm_model, evaluate_model, local_train
 from fedcsg.fl.traffic import train_replies
-from fedcsg.nn.csg import csg_layers, factor_keys, generators, kaiming_std, round_factor
+from fedcsg.nn.csg import csg_layers, generators
+from fedcsg.nn.csg_factors import factor_keys, round_factor
+from fedcsg.nn.csgify import kaiming_std
 from fedcsg.nn.models import MODELS, build_model, default_csg_config
 from fedcsg.spec.config import RunConfig
 from fedcsg.wire.payload import PayloadEntry, PayloadLayout, load_payload, model_payload, weighted_average

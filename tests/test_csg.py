@@ -9,17 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from fedcsg.nn.csg import (
-    CSGConfig,
-    CSGConv2d,
-    SliceGenerator,
-    SliceShape,
-    SliceSpec,
-    csg_layers,
-    csgify,
-    generators,
-    materialize,
-)
+from fedcsg.nn.convert import ConvGeometry
+from fedcsg.nn.csg import CSGConv2d, SliceGenerator, SliceShape, SliceSpec, csg_layers, generators
+from fedcsg.nn.csgify import CSGConfig, csgify, materialize
 
 
 def _config(shape: str = "4x3x3x3", code_dim: int = 5, **kwargs) -> CSGConfig:
@@ -55,7 +47,7 @@ def test_tiling_element_by_element() -> None:
     (o // S_out) * n_in + c // S_in, for a layer whose channels are not multiples of the slice."""
     torch.manual_seed(0)
     generator = SliceGenerator(SliceShape(4, 3, 3), code_dim=5, seed=1)
-    layer = CSGConv2d(7, 10, 3, generator=generator)  # C_in=7, C_out=10: padded to 9 and 12
+    layer = CSGConv2d(ConvGeometry(7, 10, 3), generator)  # C_in=7, C_out=10: padded to 9 and 12
     assert (layer.blocks_out, layer.blocks_in, layer.num_slices) == (3, 3, 9)
     assert layer.codes.shape == (9, 5)
     slices = (layer.codes @ generator.weight.T).view(9, 4, 3, 3, 3)
@@ -81,7 +73,7 @@ def test_layer_matches_conv2d_with_generated_weight() -> None:
 def test_initialisation_statistics() -> None:
     torch.manual_seed(0)
     generator = SliceGenerator(SliceShape(12, 12, 3), code_dim=72, seed=0)
-    layer = CSGConv2d(600, 600, 3, generator=generator)
+    layer = CSGConv2d(ConvGeometry(600, 600, 3), generator)
     assert abs(layer.codes.mean().item() - 0.001) < 0.01
     assert abs(layer.codes.std().item() - 1.0) < 0.01
     # Kaiming normal (fan_in = code_dim): std sqrt(2 / 72)

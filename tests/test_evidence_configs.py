@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedcsg.spec.config import load_experiment
+from fedcsg.spec.experiments import load_experiment
 
 
 def test_cross_device_config_is_many_clients_few_a_round() -> None:

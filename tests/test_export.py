@@ -22,7 +22,8 @@ from fedcsg.deploy.export import (
 )
 from fedcsg.io import DIGEST_KEY, tensors_digest
 from fedcsg.runs.model_file import save_checkpoint, save_global_model
-from fedcsg.spec.config import ModelSettings, RunConfig
+from fedcsg.spec.config import RunConfig
+from fedcsg.spec.settings import ModelSettings
 from fedcsg.wire.payload import PayloadLayout, model_payload
 
 GENERATOR_KEY = "csg_generators.3x3.weight"

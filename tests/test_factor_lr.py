@@ -9,7 +9,9 @@ import torch
 
 from fedcsg.data.readers import load_split
 from fedcsg.fl import task
-from fedcsg.nn.csg import csg_layers, factor_lr_scales, generators, kaiming_std
+from fedcsg.nn.csg import csg_layers, generators
+from fedcsg.nn.csg_factors import factor_lr_scales
+from fedcsg.nn.csgify import kaiming_std
 from fedcsg.nn.models import build_model, default_csg_config
 from fedcsg.nn.training import make_optimizer
 from fedcsg.spec.config import RunConfig

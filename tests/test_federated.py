@@ -19,7 +19,8 @@ from fedcsg.fl.traffic import accounted_wire_bytes, payload_bytes, round_message
 from fedcsg.nn.csg import csg_layers, generators
 from fedcsg.spec.arms import check_arm, model_part, two_way_arms
 from fedcsg.spec.codecs import block_lengths
-from fedcsg.spec.config import RunConfig, load_experiment
+from fedcsg.spec.config import RunConfig
+from fedcsg.spec.experiments import load_experiment
 from fedcsg.wire.downlink import BLOCK
 from fedcsg.wire.payload import PayloadLayout, load_payload, model_payload, weighted_average
 

@@ -12,7 +12,8 @@ from types import ModuleType
 import pytest
 
 from fedcsg.runs.report import write_report
-from fedcsg.spec.config import RunConfig, load_experiment
+from fedcsg.spec.config import RunConfig
+from fedcsg.spec.experiments import load_experiment
 
 from .test_winner import write_arm
 

@@ -16,7 +16,8 @@ from PIL import Image
 from fedcsg.data import registry
 from fedcsg.data.hf_parquet import classification_image, read_classification, read_voc
 from fedcsg.data.readers import ImageData, load_labels, load_split
-from fedcsg.spec.config import RunConfig, load_experiment
+from fedcsg.spec.config import RunConfig
+from fedcsg.spec.experiments import load_experiment
 
 from .test_hf_parquet import encoded, jpeg_rows, voc_png, write
 

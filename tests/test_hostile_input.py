@@ -26,7 +26,9 @@ from fedcsg.data import registry
 from fedcsg.io import DIGEST_KEY, tensors_digest
 from fedcsg.runs.checkpoint import state_path, weights_path
 from fedcsg.runs.model_file import save_checkpoint
-from fedcsg.spec.config import MAX_BATCH_SIZE, SEED_LIMIT, ModelSettings, RunConfig
+from fedcsg.spec.checks import SEED_LIMIT
+from fedcsg.spec.config import MAX_BATCH_SIZE, RunConfig
+from fedcsg.spec.settings import ModelSettings
 
 from .test_reliability import ScriptedGrid, _checkpointed, _reply, _run_rounds, _shifted, _small
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from fedcsg.cli import main
-from fedcsg.nn.csg import csg_layers, materialize
+from fedcsg.nn.csg import csg_layers
+from fedcsg.nn.csgify import materialize
 from fedcsg.nn.models import MODELS, build_model, default_csg_config
 from fedcsg.nn.params import count_parameters
 

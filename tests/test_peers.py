@@ -14,6 +14,7 @@ from torch import nn
 from fedcsg.fl.server_app import build_strategy
 from fedcsg.fl.task import build_arm_model, payload_layout
 from fedcsg.fl.traffic import accounted_wire_bytes, arm_traffic, payload_bytes, round_messages, train_replies
+from fedcsg.nn.convert import ConvGeometry
 from fedcsg.nn.fedpara import FedParaConv2d, fedpara_rank, fedparafy
 from fedcsg.nn.models import build_model
 from fedcsg.runs.winner import fewest_bytes_sentence
@@ -78,7 +79,7 @@ def test_fedpara_resnet20_parameter_count_by_hand() -> None:
 
 def test_fedpara_layer_is_a_hadamard_of_tucker_factors_at_kaiming_std() -> None:
     torch.manual_seed(0)
-    layer = FedParaConv2d(32, 64, 3, rank=5, padding=1)
+    layer = FedParaConv2d(ConvGeometry(32, 64, 3, padding=1), rank=5)
     w1 = torch.einsum("abhw,ao,bi->oihw", layer.t1, layer.x1, layer.y1)
     w2 = torch.einsum("abhw,ao,bi->oihw", layer.t2, layer.x2, layer.y2)
     torch.testing.assert_close(layer.weight, w1 * w2)

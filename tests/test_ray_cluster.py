@@ -23,8 +23,8 @@ from fedcsg.fl.ray_cluster import (
 )
 from fedcsg.fl.traffic import SIMULATED_PLACEMENT, accounted_wire_bytes, round_messages
 from fedcsg.runs.records import RoundRecord, comparable
+from fedcsg.spec.checks import check_ray_address as check_address
 from fedcsg.spec.config import RunConfig
-from fedcsg.spec.config import check_ray_address as check_address
 
 
 def test_ray_address_values() -> None:

@@ -397,7 +397,7 @@ def test_fault_rule_is_deterministic() -> None:
 
 def _tiny_cfg(out: Path, **changes: object) -> RunConfig:
     """KILL_RUN on the default experiment, as `fedcsg run --set ...` makes it."""
-    from fedcsg.spec.config import DEFAULT_EXPERIMENT, load_experiment
+    from fedcsg.spec.experiments import DEFAULT_EXPERIMENT, load_experiment
 
     values = {pair.split("=")[0]: int(pair.split("=")[1]) for pair in KILL_RUN}
     base = load_experiment(DEFAULT_EXPERIMENT)

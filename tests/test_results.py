@@ -12,7 +12,8 @@ from fedcsg.cli import main
 from fedcsg.io import strict_json
 from fedcsg.runs.records import ArmRecorder
 from fedcsg.runs.report import write_report
-from fedcsg.spec.config import RunConfig, find_experiment, identity_of, load_experiment, shipped_experiments
+from fedcsg.spec.config import RunConfig, identity_of
+from fedcsg.spec.experiments import find_experiment, load_experiment, shipped_experiments
 
 from .records import round_record
 from .sources import lines_matching

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedcsg.nn.csg import CSGConfig, CSGConv2d, SliceShape, SliceSpec, csgify
+from fedcsg.nn.csg import CSGConv2d, SliceShape, SliceSpec
+from fedcsg.nn.csgify import CSGConfig, csgify
 from fedcsg.nn.segmentation import (
     IGNORE_LABEL,
     confusion_matrix,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedcsg.nn.csg import csg_layers, materialize
+from fedcsg.nn.csg import csg_layers
+from fedcsg.nn.csgify import materialize
 from fedcsg.nn.models import build_model, default_csg_config
 from fedcsg.nn.step import conv_filters, relative_change
 

@@ -11,7 +11,8 @@ from fedcsg.cli.args import add_model_options, positive_int, table
 from fedcsg.nn.models import model_spec
 from fedcsg.nn.params import count_parameters
 from fedcsg.spec.arms import DOWNLINKS, all_arms, two_way_arms
-from fedcsg.spec.config import ModelSettings, RunConfig
+from fedcsg.spec.config import RunConfig
+from fedcsg.spec.settings import ModelSettings
 from fedcsg.wire.payload import PACKINGS
 
 
@@ -71,7 +72,8 @@ def cmd_params(args: argparse.Namespace) -> int:
 def cmd_bytes(args: argparse.Namespace) -> int:
     from fedcsg.fl.traffic import arm_traffic
 
-    cfg = model_settings(args, "csg").run_config(
+    cfg = RunConfig.for_model(
+        model_settings(args, "csg"),
         payload_packing=args.packing,
         num_clients=args.clients_per_round,
         downlink=args.downlink,

@@ -23,7 +23,8 @@ from fedcsg.runs.layout import (
 )
 from fedcsg.runs.records import fedcsg_version
 from fedcsg.spec.arms import MODELS, arm_of_stem, check_arm
-from fedcsg.spec.config import DEFAULT_EXPERIMENT, RunConfig, load_experiment, shipped_experiments
+from fedcsg.spec.config import RunConfig
+from fedcsg.spec.experiments import DEFAULT_EXPERIMENT, load_experiment, shipped_experiments
 
 
 def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -106,7 +107,7 @@ def prepare_out_dir(out_dir: Path, cfg: RunConfig, arms: list[str], overwrite: b
 def preflight(cfg: RunConfig, arms: list[str]) -> None:
     """Everything checkable before a byte is written: find and read the labels of both splits (cheap),
     so a bad data path fails before anything runs, and check the settings against their sizes
-    (:meth:`~fedcsg.spec.config.DataSettings.check_sizes`); check that each arm's model fits in memory;
+    (:meth:`~fedcsg.spec.settings.DataSettings.check_sizes`); check that each arm's model fits in memory;
     that some Ray node can host a client of ``client-num-cpus``/``client-num-gpus``; and on an
     attached cluster that every node can open the data too (a node started without them fails here,
     in seconds, not in every client of every round)."""

@@ -144,14 +144,8 @@ def load_labels(
 
     Parameters
     ----------
-    dataset : str
-        A name in :data:`~fedcsg.data.registry.DATASETS`.
-    split : {"train", "test"}
-        Which split.
-    data_dir : str or path-like, optional
-        See :func:`resolve_source`.
-    hub_name : str, optional
-        See :func:`resolve_source`.
+    dataset, split, data_dir, hub_name
+        As for :func:`load_split`.
 
     Returns
     -------

@@ -41,14 +41,15 @@ from torch import nn
 
 from fedcsg.data.registry import get_spec
 from fedcsg.io import DIGEST_KEY, tensors_digest, writable_dir
-from fedcsg.nn.csg import frozen_generator_keys, generators, is_csg, materialize
+from fedcsg.nn.csg import frozen_generator_keys, generators, is_csg
+from fedcsg.nn.csgify import materialize
 from fedcsg.runs.checkpoint import read_state
 from fedcsg.runs.layout import ARMS_DIR, STATE_DIR, arm_record_files, state_files
 from fedcsg.runs.model_file import FORMAT_VERSION, cpu_tensors
 from fedcsg.runs.records import read_arm_record
 from fedcsg.runs.weights import CHECKPOINT_FORMAT, COMPACT_FORMAT, check_finite, load_state, read_safetensors
 from fedcsg.spec.arms import MODELS, arm_of_stem, file_stem
-from fedcsg.spec.config import ModelSettings
+from fedcsg.spec.settings import ModelSettings
 from fedcsg.wire.payload import PayloadLayout, load_payload
 
 EXPORT_FORMATS = ("compact", "torchscript", "onnx")

@@ -27,7 +27,7 @@ from torch import nn
 
 from fedcsg.nn.csg import frozen_generator_keys
 from fedcsg.runs.weights import COMPACT_FORMAT, load_state, read_safetensors
-from fedcsg.spec.config import ModelSettings
+from fedcsg.spec.settings import ModelSettings
 
 
 def load_compact(path: str | Path) -> tuple[nn.Module, ModelSettings, dict[str, str]]:

@@ -27,7 +27,7 @@ from fedcsg.fl.task import (
     test_data,
 )
 from fedcsg.fl.traffic import bundle_download_bytes
-from fedcsg.nn.csg import FACTORS, factor_keys, frozen_keys, round_factor
+from fedcsg.nn.csg_factors import FACTORS, factor_keys, frozen_keys, round_factor
 from fedcsg.nn.params import count_parameters
 from fedcsg.nn.training import PassStats, get_device, set_seed
 from fedcsg.runs.checkpoint import Checkpoint, config_hash, load_checkpoint, save_checkpoint, set_rng_state

@@ -12,13 +12,14 @@ from torch import nn
 from fedcsg.data.batches import TensorBatches
 from fedcsg.data.partitions import partition_indices
 from fedcsg.data.readers import ImageData, load_labels, load_split
-from fedcsg.nn.csg import factor_lr_scales, freeze_factor
+from fedcsg.nn.csg_factors import factor_lr_scales, freeze_factor
 from fedcsg.nn.segmentation import seg_evaluate, seg_train_epoch
 from fedcsg.nn.training import PassStats, evaluate, make_optimizer, train_epoch, tune_malloc
-from fedcsg.spec.config import DataSettings, RunConfig
+from fedcsg.spec.config import RunConfig
+from fedcsg.spec.settings import DataSettings
 from fedcsg.wire.payload import PayloadLayout
 
-TRAIN_FACTOR_KEY = "train-factor"  # train-config entry: which CSG factor trains this round (fedcsg.nn.csg.FACTORS)
+TRAIN_FACTOR_KEY = "train-factor"  # train-config entry: which CSG factor trains (fedcsg.nn.csg_factors.FACTORS)
 RUN_ARM_KEY, RUN_SEED_KEY = "arm", "seed"  # train-config entries: the run a message belongs to
 
 
@@ -72,7 +73,7 @@ def _partition_rows(data: DataSettings, partition_id: int, num_partitions: int) 
 
 def partition_rows(cfg: RunConfig, partition_id: int, num_partitions: int) -> np.ndarray:
     """Train-split rows of one client; the same for every arm of a comparison (they depend only on
-    the data settings, :class:`~fedcsg.spec.config.DataSettings`, which also key the caches)."""
+    the data settings, :class:`~fedcsg.spec.settings.DataSettings`, which also key the caches)."""
     return _partition_rows(cfg.data_settings, partition_id, num_partitions)
 
 
@@ -114,7 +115,7 @@ def local_train(
 ) -> PassStats:
     """Train ``model`` on a client's data for ``epochs`` with a fresh SGD optimizer.
 
-    ``factor`` (one of :data:`fedcsg.nn.csg.FACTORS`) limits which CSG factor trains: the other is
+    ``factor`` (one of :data:`fedcsg.nn.csg_factors.FACTORS`) limits which CSG factor trains: the other is
     left out of the optimizer (no step, decay or momentum) and comes back bit-identical.
     Returns the stats of the last epoch, with ``seconds`` summed over all epochs.
     """

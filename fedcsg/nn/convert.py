@@ -1,6 +1,6 @@
 """What converters that replace a model's convolutions share: the layer base, the plan and the report.
 
-:func:`fedcsg.nn.csg.csgify` (CSG) and :func:`fedcsg.nn.fedpara.fedparafy` (FedPara) both replace
+:func:`fedcsg.nn.csgify.csgify` (CSG) and :func:`fedcsg.nn.fedpara.fedparafy` (FedPara) both replace
 every eligible :class:`torch.nn.Conv2d` of a model by a layer that computes its weight in forward
 (:class:`ComputedConv2d`), leave the stem and every ineligible conv ordinary, and say what they did
 in a :class:`ConversionReport`. Which convs are eligible, and why the others are left, is decided
@@ -12,32 +12,70 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 STEM_REASON = "skipped by name (ordinary layer)"
 
 
+@dataclass(frozen=True)
+class ConvGeometry:
+    """What a replacing layer keeps of the :class:`torch.nn.Conv2d` it replaces (square kernel,
+    ``groups=1``): the channels, kernel size, stride, padding, dilation and whether it has a bias."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: int
+    stride: int | tuple[int, int] = 1
+    padding: int | str | tuple[int, int] = 0
+    dilation: int | tuple[int, int] = 1
+    bias: bool = False
+
+    @classmethod
+    def of(cls, conv: nn.Conv2d | ComputedConv2d) -> ConvGeometry:
+        """The geometry of ``conv`` (an eligible ``nn.Conv2d``, or a layer that replaced one)."""
+        k = conv.kernel_size if isinstance(conv.kernel_size, int) else conv.kernel_size[0]
+        return cls(
+            conv.in_channels, conv.out_channels, k, conv.stride, conv.padding, conv.dilation, conv.bias is not None
+        )
+
+    def conv2d(self) -> nn.Conv2d:
+        """A fresh ordinary conv of this geometry."""
+        return nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            bias=self.bias,
+        )
+
+
 class ComputedConv2d(nn.Module):
-    """A square-kernel, ``groups=1`` conv whose ``weight`` a subclass computes (a property).
+    """A conv of a :class:`ConvGeometry` whose ``weight`` a subclass computes (a property).
 
     Holds the geometry (as :class:`torch.nn.Conv2d` names it) and the forward pass; registers no
-    parameter, so a subclass decides what its state is and in which order it is registered.
+    parameter, so a subclass decides what its state is and in which order it is registered
+    (:meth:`add_bias` last, where the geometry has one).
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int,
-        stride: int | tuple[int, int] = 1,
-        padding: int | str | tuple[int, int] = 0,
-        dilation: int | tuple[int, int] = 1,
-    ) -> None:
+    def __init__(self, geometry: ConvGeometry) -> None:
         super().__init__()
-        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
-        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.in_channels, self.out_channels, self.kernel_size = (
+            geometry.in_channels,
+            geometry.out_channels,
+            geometry.kernel_size,
+        )
+        self.stride, self.padding, self.dilation = geometry.stride, geometry.padding, geometry.dilation
+        self.geometry = geometry
         self.bias: nn.Parameter | None = None
+
+    def add_bias(self) -> None:
+        """Register the bias (zeros) when the geometry has one."""
+        if self.geometry.bias:
+            self.bias = nn.Parameter(torch.zeros(self.out_channels))
 
     @property
     def weight(self) -> Tensor:

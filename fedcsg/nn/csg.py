@@ -1,4 +1,4 @@
-"""Convolutional Slice Generator (CSG) layers and the converter that installs them.
+"""Convolutional Slice Generator (CSG) layers: the generator, the conv it feeds, and the queries on a CSG model.
 
 A CSG network does not store its convolution filters. One small shared linear map, the
 *generator*, turns low-dimensional *code vectors* into *slices* of filters, and every CSG
@@ -24,37 +24,24 @@ from it is not sent once per layer. Each generator knows its layers and produces
 weights with one matmul per forward pass; in no-grad mode the generated weights are cached
 until a parameter changes (tracked by the tensors' version counters).
 
-Initialisation
---------------
-``init="paper"`` keeps the paper's draw (generator Kaiming-normal over ``code_dim``, codes
-~ N(0.001, 1)); ``init="kaiming"`` (the default) rescales each layer's codes once so that its
-generated filters start at the Kaiming std of the conv they replace (:func:`kaiming_rescale`).
-``init="balanced"`` first scales each trainable generator to the std both factors
-would share at the Kaiming scale (:func:`balance_generators`), then rescales the codes as
-``kaiming`` does: the same generated filters, but generator and codes of comparable std, so the
-codes' effective learning rate is not raised by ``1 / s^2``; a frozen generator is left as drawn
-(balanced is then kaiming). Why the codes, and what each init measures: docs/csg.md, docs/csg-step.md.
+:func:`fedcsg.nn.csgify.csgify` installs these layers in a model (and sets their initial scale);
+:mod:`fedcsg.nn.csg_factors` says which of the two factors, generator and codes, trains when.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedcsg.nn.convert import ComputedConv2d, ConversionReport, conversion_plan, report_of
+from fedcsg.nn.convert import ComputedConv2d, ConvGeometry
 
 GENERATORS_ATTR = "csg_generators"
-INITS = ("kaiming", "paper", "balanced")  # CSGConfig.init: how generated filters start (see "Initialisation" above)
-FACTORS = ("all", "codes", "generator")  # what one round of local training may update (see freeze_factor)
-AGGREGATIONS = ("factors", "alternate")  # csg-aggregation: see round_factor
 _SLICE_PATTERN = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*x\s*(\d+)\s*x\s*(\d+)\s*$")
 
 
@@ -112,46 +99,6 @@ class SliceSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.code_dim, int) or isinstance(self.code_dim, bool) or self.code_dim <= 0:
             raise ValueError(f"code dim must be a positive integer, got {self.code_dim!r}")
-
-
-@dataclass(frozen=True)
-class CSGConfig:
-    """How :func:`csgify` converts a model.
-
-    Parameters
-    ----------
-    slices
-        One :class:`SliceSpec` per kernel size to replace. The paper's default is 12x12x3x3
-        slices with 72-dimensional codes; MobileNetV2 / ShuffleNetV2 add 16x16x1x1 / 16 for the
-        pointwise convs.
-    frozen
-        Use the paper's random binary generator (Kaiming-normal -> sign * 0.5, not trained),
-        drawn from ``seed`` so it can be rebuilt anywhere and never sent.
-    seed
-        Seed of the generator weights (frozen or the trainable one's initialisation).
-    skip
-        Qualified names of convs to keep as ordinary layers. ``None`` keeps the first conv of
-        the network (the stem), as the paper does.
-    init
-        ``"kaiming"`` (default): each layer's codes are rescaled so that its generated filters
-        start with the Kaiming-normal std ``sqrt(2 / fan_in)`` of the conv they replace.
-        ``"paper"``: codes ~ N(0.001, 1) as drawn (generated std about 1.41, 4.2 when frozen).
-    """
-
-    slices: tuple[SliceSpec, ...] = (SliceSpec(SliceShape(12, 12, 3), 72),)
-    frozen: bool = False
-    seed: int = 0
-    skip: tuple[str, ...] | None = None
-    init: str = "kaiming"
-
-    def __post_init__(self) -> None:
-        if self.init not in INITS:
-            raise ValueError(f"csg init {self.init!r} is not accepted: one of {', '.join(INITS)} is")
-        if not self.slices:
-            raise ValueError("a CSG config needs at least one slice shape")
-        kernels = [s.shape.kernel_size for s in self.slices]
-        if len(set(kernels)) != len(kernels):
-            raise ValueError(f"one slice shape per kernel size is accepted, got {[str(s.shape) for s in self.slices]}")
 
 
 @dataclass
@@ -283,38 +230,21 @@ def _tensor_state(tensor: Tensor) -> tuple[int, int]:
 class CSGConv2d(ComputedConv2d):
     """A conv layer whose weight is generated from its code vectors by a shared :class:`SliceGenerator`.
 
-    Parameters
-    ----------
-    in_channels, out_channels, kernel_size, stride, padding, dilation
-        As for :class:`torch.nn.Conv2d` (square kernels, ``groups=1``).
-    generator
-        The model's generator for this kernel size. It is referenced, not registered.
-    bias
-        Whether the conv has a bias (an ordinary parameter).
+    ``geometry`` is the conv it replaces; ``generator`` is the model's generator for this kernel
+    size, referenced, not registered.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int,
-        *,
-        generator: SliceGenerator,
-        stride: int | tuple[int, int] = 1,
-        padding: int | str | tuple[int, int] = 0,
-        dilation: int | tuple[int, int] = 1,
-        bias: bool = False,
-    ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation)
+    def __init__(self, geometry: ConvGeometry, generator: SliceGenerator) -> None:
+        super().__init__(geometry)
         shape = generator.shape
-        if kernel_size != shape.kernel_size:
-            raise ValueError(f"kernel size {kernel_size} does not match the generator's slice {shape}")
-        self.blocks_out = math.ceil(out_channels / shape.out_channels)
-        self.blocks_in = math.ceil(in_channels / shape.in_channels)
+        if geometry.kernel_size != shape.kernel_size:
+            raise ValueError(f"kernel size {geometry.kernel_size} does not match the generator's slice {shape}")
+        self.blocks_out = math.ceil(geometry.out_channels / shape.out_channels)
+        self.blocks_in = math.ceil(geometry.in_channels / shape.in_channels)
         codes = torch.empty(self.num_slices, generator.code_dim)
         nn.init.normal_(codes, mean=0.001, std=1.0)
         self.codes = nn.Parameter(codes)
-        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.add_bias()
         self.__dict__["generator"] = generator
         self.__dict__["_index"] = len(generator.layers)
         generator.attach(self)
@@ -343,165 +273,6 @@ class CSGConv2d(ComputedConv2d):
         return f"slices={self.num_slices}x{self.generator.code_dim}"
 
 
-def csgify(model: nn.Module, config: CSGConfig | None = None) -> ConversionReport:
-    """Turn ``model`` into its CSG form, in place.
-
-    Every eligible :class:`torch.nn.Conv2d` (``groups == 1``, square kernel with a configured slice
-    shape, zero padding) not named in ``config.skip`` is replaced by a :class:`CSGConv2d`; every
-    other module is kept. One generator per configured slice shape is installed once, as
-    ``model.csg_generators[f"{k}x{k}"]``.
-
-    Returns
-    -------
-    ConversionReport
-        The replaced conv names and, for each conv left, why.
-
-    Raises
-    ------
-    ValueError
-        If the model is already CSG-backed or has no eligible conv.
-    """
-    config = config or CSGConfig()
-    if hasattr(model, GENERATORS_ATTR):
-        raise ValueError("model is already CSG-backed (it has csg_generators)")
-    specs = {spec.shape.kernel_size: spec for spec in config.slices}
-
-    def no_slice(conv: nn.Conv2d) -> str | None:
-        k = conv.kernel_size[0]
-        return None if k in specs else f"no slice shape configured for {k}x{k} kernels"
-
-    convs, plan = conversion_plan(model, config.skip, no_slice)
-    report = report_of(plan, "CSG")
-    targets = report.replaced
-    if not targets:
-        raise ValueError(
-            f"model has no eligible conv for slice shapes {[str(s.shape) for s in config.slices]}: "
-            f"needs an nn.Conv2d with groups=1 and a matching square kernel ({len(convs)} conv(s) found)"
-        )
-    used_kernels = sorted({convs[name].kernel_size[0] for name in targets})
-    generators = nn.ModuleDict()
-    for offset, k in enumerate(used_kernels):
-        spec = specs[k]
-        generators[spec.shape.kernel_key] = SliceGenerator(
-            spec.shape, spec.code_dim, frozen=config.frozen, seed=config.seed + offset
-        )
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    for name in targets:
-        conv = convs[name]
-        generator = generators[f"{conv.kernel_size[0]}x{conv.kernel_size[0]}"]
-        layer = CSGConv2d(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size[0],
-            generator=generator,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            bias=conv.bias is not None,
-        )
-        model.set_submodule(name, layer.to(device))
-    model.add_module(GENERATORS_ATTR, generators.to(device))
-    if config.init == "balanced":
-        balance_generators(model)
-    if config.init in ("kaiming", "balanced"):
-        kaiming_rescale(model)
-    return report
-
-
-def kaiming_std(layer: CSGConv2d) -> float:
-    """Kaiming-normal std ``sqrt(2 / fan_in)`` of the conv ``layer`` replaces (fan_in = C_in * k * k)."""
-    return math.sqrt(2.0 / (layer.in_channels * layer.kernel_size**2))
-
-
-@torch.no_grad()
-def kaiming_rescale(model: nn.Module) -> None:
-    """Scale each CSG layer's codes so that its generated filters have std :func:`kaiming_std`.
-
-    The scale is measured on the layer's own generated (cropped) weight, so it is exact whatever
-    the slice shape, code dim or generator; the generator is left untouched (a frozen one stays
-    the bit-for-bit function of its seed) and no random number is drawn.
-    """
-    for _, layer in csg_layers(model):
-        generated = layer.tile(layer.generator(layer.codes))
-        layer.codes.mul_(kaiming_std(layer) / generated.std().item())
-    clear_generated_cache(model)
-
-
-@torch.no_grad()
-def balance_generators(model: nn.Module) -> None:
-    """Scale each trainable generator to std ``t``, the geometric mean over its layers of
-    ``sqrt(kaiming_std / sqrt(code_dim))``: the std both factors would share if the generated std
-    ``sqrt(code_dim) * std(G) * std(c)`` were the layer's Kaiming std. :func:`kaiming_rescale`
-    then scales the codes to make each layer exact, which leaves them near ``t``. A frozen
-    generator is left untouched (it stays the bit-for-bit function of its seed).
-    """
-    for generator in generators(model).values():
-        if generator.frozen or not generator.layers:
-            continue
-        logs = [math.log(kaiming_std(layer) / math.sqrt(generator.code_dim)) / 2 for layer in generator.layers]
-        target = math.exp(sum(logs) / len(logs))
-        generator.weight.mul_(target / generator.weight.std().item())
-    clear_generated_cache(model)
-
-
-def factor_keys(model: nn.Module) -> dict[str, list[str]]:
-    """State-dict keys of the two CSG factors: ``{"generator": [...], "codes": [...]}`` (trainable
-    generators only; a frozen generator is never trained nor sent)."""
-    return {
-        "generator": [f"{GENERATORS_ATTR}.{name}.weight" for name, g in generators(model).items() if not g.frozen],
-        "codes": [f"{name}.codes" for name, _ in csg_layers(model)],
-    }
-
-
-def factor_lr_scales(model: nn.Module, codes: float, generator: float) -> dict[str, float]:
-    """Parameter name -> lr factor for :func:`fedcsg.nn.training.make_optimizer`: ``codes`` for
-    every CSG layer's codes, ``generator`` for every trainable generator (empty for a plain model)."""
-    keys = factor_keys(model)
-    return {**{k: generator for k in keys["generator"]}, **{k: codes for k in keys["codes"]}}
-
-
-def round_factor(aggregation: str, server_round: int, trainable_generator: bool) -> str:
-    """Which CSG factor the clients train in ``server_round`` (1-based).
-
-    ``factors`` trains both every round (the server averages generator and codes separately,
-    which is not averaging the generated filters: mean(G c) != mean(G) mean(c)). ``alternate``
-    trains only the codes in odd rounds and only the generator in even rounds, so the filters are
-    linear in what changed and every round's average is exact. A model without a trainable
-    generator (fedavg, csg-frozen) has nothing to alternate: it trains ``all`` (its average is
-    exact already).
-    """
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"csg-aggregation {aggregation!r} is not accepted: one of {', '.join(AGGREGATIONS)} is")
-    if aggregation == "factors" or not trainable_generator:
-        return "all"
-    return "codes" if server_round % 2 == 1 else "generator"
-
-
-def frozen_keys(model: nn.Module, factor: str) -> list[str]:
-    """State-dict keys that do not train when only ``factor`` (one of :data:`FACTORS`) does."""
-    if factor not in FACTORS:
-        raise ValueError(f"train factor {factor!r} is not accepted: one of {', '.join(FACTORS)} is")
-    keys = factor_keys(model)
-    return keys["generator"] if factor == "codes" else keys["codes"] if factor == "generator" else []
-
-
-@contextmanager
-def freeze_factor(model: nn.Module, factor: str) -> Iterator[None]:
-    """Train only one CSG factor inside the block: ``"codes"`` freezes the generator(s),
-    ``"generator"`` freezes the codes, ``"all"`` freezes nothing. Frozen tensors get
-    ``requires_grad=False``, so an optimizer built inside the block leaves them out (no step, no
-    weight decay, no momentum); the flags are restored on exit. Every other parameter trains."""
-    params = dict(model.named_parameters())
-    changed = [params[k] for k in frozen_keys(model, factor) if params[k].requires_grad]
-    for p in changed:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in changed:
-            p.requires_grad_(True)
-
-
 def csg_layers(model: nn.Module) -> Iterator[tuple[str, CSGConv2d]]:
     """The model's CSG convs with their qualified names."""
     return ((n, m) for n, m in model.named_modules() if isinstance(m, CSGConv2d))
@@ -526,30 +297,3 @@ def is_csg(model: nn.Module) -> bool:
 def clear_generated_cache(model: nn.Module) -> None:
     for generator in generators(model).values():
         generator.clear_cache()
-
-
-@torch.no_grad()
-def materialize(model: nn.Module) -> nn.Module:
-    """A plain copy of a CSG model whose nn.Conv2d weights are the generated filters.
-
-    The copy has no generator or codes; its outputs equal the CSG model's. Use it for inference
-    on devices that should not carry the generator, or for export.
-    """
-    plain = copy.deepcopy(model)
-    for name, layer in list(csg_layers(plain)):
-        conv = nn.Conv2d(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            stride=layer.stride,
-            padding=layer.padding,
-            dilation=layer.dilation,
-            bias=layer.bias is not None,
-        ).to(device=layer.codes.device, dtype=layer.codes.dtype)
-        conv.weight.copy_(layer.weight)
-        if layer.bias is not None:
-            conv.bias.copy_(layer.bias)
-        plain.set_submodule(name, conv)
-    if hasattr(plain, GENERATORS_ATTR):
-        delattr(plain, GENERATORS_ATTR)
-    return plain

@@ -15,12 +15,12 @@ min(ceil(sqrt O), ceil(sqrt I))`` is the least rank whose product can be full ra
 largest rank whose two factors hold no more parameters than the conv itself (the positive root of
 ``k^2 r^2 + (O + I) r - O I k^2 / 2``, floored), and ``r = ceil((1 - ratio) r_min + ratio r_max)``.
 
-Initialisation: as for CSG's ``kaiming`` init (:mod:`fedcsg.nn.csg`), every replaced layer starts with
+Initialisation: as for CSG's ``kaiming`` init (:mod:`fedcsg.nn.csgify`), every replaced layer starts with
 the Kaiming-normal std ``sqrt(2 / fan_in)`` of the conv it replaces: the factors are drawn
 normal (``X``, ``Y`` with std ``r^-1/2``, so a core element's std carries through), then both cores
 are scaled by the square root of the measured ratio, which makes the generated weight's std exact.
 
-:func:`fedparafy` installs the layers the way :func:`fedcsg.nn.csg.csgify` installs CSG: every
+:func:`fedparafy` installs the layers the way :func:`fedcsg.nn.csgify.csgify` installs CSG: every
 ``nn.Conv2d`` with ``groups == 1``, a square kernel and zero padding except the stem (the first
 conv) is replaced; BatchNorm, the classifier and every other module stay ordinary, and a
 :class:`~fedcsg.nn.convert.ConversionReport` says what was replaced and why the rest was left.
@@ -33,7 +33,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from fedcsg.nn.convert import ComputedConv2d, ConversionReport, conversion_plan, report_of
+from fedcsg.nn.convert import ComputedConv2d, ConversionReport, ConvGeometry, conversion_plan, report_of
 
 # ResNet-20 at 0.45 sends 112,800 parameters against CSG 12x12x3x3/72's 115,426 (2.3% fewer): the
 # two compete at equal bytes.
@@ -63,31 +63,12 @@ def fedpara_rank(out_channels: int, in_channels: int, kernel_size: int, ratio: f
 
 
 class FedParaConv2d(ComputedConv2d):
-    """A conv layer whose weight is ``W1 * W2``, each a rank-``rank`` Tucker form (FedPara).
+    """A conv layer in place of one of ``geometry`` whose weight is ``W1 * W2``, each factor a Tucker form
+    of rank ``rank`` (FedPara)."""
 
-    Parameters
-    ----------
-    in_channels, out_channels, kernel_size, stride, padding, dilation
-        As for :class:`torch.nn.Conv2d` (square kernels, ``groups=1``).
-    rank
-        The Tucker rank ``r`` of each factor.
-    bias
-        Whether the conv has a bias (an ordinary parameter).
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int,
-        *,
-        rank: int,
-        stride: int | tuple[int, int] = 1,
-        padding: int | str | tuple[int, int] = 0,
-        dilation: int | tuple[int, int] = 1,
-        bias: bool = False,
-    ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation)
+    def __init__(self, geometry: ConvGeometry, rank: int) -> None:
+        super().__init__(geometry)
+        in_channels, out_channels, kernel_size = geometry.in_channels, geometry.out_channels, geometry.kernel_size
         self.rank = rank
         fan_in = in_channels * kernel_size**2
         core_std = (2.0 / fan_in) ** 0.25
@@ -95,7 +76,7 @@ class FedParaConv2d(ComputedConv2d):
             self.register_parameter(f"t{i}", nn.Parameter(torch.randn(rank, rank, kernel_size, kernel_size) * core_std))
             self.register_parameter(f"x{i}", nn.Parameter(torch.randn(rank, out_channels) / math.sqrt(rank)))
             self.register_parameter(f"y{i}", nn.Parameter(torch.randn(rank, in_channels) / math.sqrt(rank)))
-        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.add_bias()
         with torch.no_grad():
             scale = math.sqrt(math.sqrt(2.0 / fan_in) / self.weight.std().item())
             self.t1.mul_(scale)
@@ -130,16 +111,8 @@ def fedparafy(model: nn.Module, ratio: float, skip: set[str] | None = None) -> C
         raise ValueError(f"model has no eligible conv for FedPara ({len(convs)} conv(s) found)")
     for name in report.replaced:
         conv = convs[name]
-        k = conv.kernel_size[0]
-        layer = FedParaConv2d(
-            conv.in_channels,
-            conv.out_channels,
-            k,
-            rank=fedpara_rank(conv.out_channels, conv.in_channels, k, ratio),
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            bias=conv.bias is not None,
-        )
+        geometry = ConvGeometry.of(conv)
+        rank = fedpara_rank(geometry.out_channels, geometry.in_channels, geometry.kernel_size, ratio)
+        layer = FedParaConv2d(geometry, rank)
         model.set_submodule(name, layer.to(conv.weight.device))
     return report

@@ -1,7 +1,7 @@
 """The model zoo: CIFAR ResNets (option A), DenseNet-BC, MobileNetV2, ShuffleNetV2 and a small
 Fashion-MNIST CNN (:data:`MODELS`), and the paper's large systems, ImageNet ResNet-50 and DeepLabV3
 (:data:`PAPER_MODELS`, :mod:`fedcsg.nn.paper_models`), each buildable plain or CSG-backed through
-:func:`fedcsg.nn.csg.csgify`."""
+:func:`fedcsg.nn.csgify.csgify`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedcsg.nn.csg import CSGConfig, SliceShape, SliceSpec, csgify
+from fedcsg.nn.csg import SliceShape, SliceSpec
+from fedcsg.nn.csgify import CSGConfig, csgify
 from fedcsg.nn.paper_models import SEGMENTATION_CLASSES, deeplabv3_builder, imagenet_resnet50
 from fedcsg.nn.segmentation import small_deeplabv3
 
@@ -298,7 +299,7 @@ def default_csg_config(
 
     Unset values come from the model's entry: its slice setting, its paper 1x1 setting, and a code
     dim of slice numel / 18 when only a slice shape is given. ``init`` is
-    :attr:`fedcsg.nn.csg.CSGConfig.init` (``"kaiming"`` or the paper's ``"paper"``).
+    :attr:`fedcsg.nn.csgify.CSGConfig.init` (``"kaiming"`` or the paper's ``"paper"``).
     """
     spec = model_spec(name)
     slices = [model_slice(name, slice_shape, code_dim)]

@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from fedcsg.nn.csg import CSGConfig, CSGConv2d, generators
+from fedcsg.nn.csg import CSGConv2d, generators
+from fedcsg.nn.csgify import CSGConfig
 
 
 @dataclass(frozen=True)

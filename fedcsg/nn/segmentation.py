@@ -4,7 +4,7 @@ DeepLabV3-ResNet-50/101 builders are in :mod:`fedcsg.nn.paper_models`.
 
 CSG on a dilated conv
 ---------------------
-:func:`fedcsg.nn.csg.csgify` keeps every replaced conv's stride, padding and dilation: a dilated 3x3
+:func:`fedcsg.nn.csgify.csgify` keeps every replaced conv's stride, padding and dilation: a dilated 3x3
 conv still has a ``[C_out, C_in, 3, 3]`` weight, tiled by 3x3 slices like any other; dilation only
 changes where the taps read.
 

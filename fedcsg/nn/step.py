@@ -3,7 +3,7 @@
 
 For a CSG layer the filters are the generated ones and for a FedPara layer its low-rank product
 (every :class:`~fedcsg.nn.convert.ComputedConv2d`), so a CSG model, a FedPara model and the plain model
-built from its filters (:func:`fedcsg.nn.csg.materialize`) are measured on the same footing.
+built from its filters (:func:`fedcsg.nn.csgify.materialize`) are measured on the same footing.
 
 :func:`round_step` is what a federated round records (:class:`fedcsg.runs.records.RoundRecord`): the
 global filters' change over the round and the mean change of a client's filters in its local training.

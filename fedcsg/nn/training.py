@@ -264,18 +264,8 @@ def evaluate(
     ``torch.inference_mode()``: CSG layers cache generated weights, and tensors created under
     inference mode could not be reused later by autograd-enabled training.
 
-    Parameters
-    ----------
-    model : torch.nn.Module
-        A classifier returning logits, already on ``device``.
-    batches : iterable of (x, y)
-        Inputs and ``int64`` labels.
-    device : torch.device or str
-        Where to compute.
-
-    Returns
-    -------
-    PassStats
+    ``model``, ``batches`` and ``device`` are as for :func:`train_epoch` (the model is not stepped);
+    the :class:`PassStats` are of this pass.
     """
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Model files: a model's whole ``state_dict`` with the :class:`~fedcsg.spec.config.ModelSettings` that
+"""Model files: a model's whole ``state_dict`` with the :class:`~fedcsg.spec.settings.ModelSettings` that
 rebuild it, as safetensors metadata (str -> str). The ServerApp writes one at the end of a run
 (:func:`save_global_model`); ``fedcsg export`` (:mod:`fedcsg.deploy.export`) reads them. Nothing is
 ever pickled."""
@@ -13,7 +13,8 @@ from torch import nn
 
 from fedcsg.io import DIGEST_KEY, tensors_digest
 from fedcsg.runs.weights import CHECKPOINT_FORMAT
-from fedcsg.spec.config import ModelSettings, RunConfig
+from fedcsg.spec.config import RunConfig
+from fedcsg.spec.settings import ModelSettings
 from fedcsg.wire.payload import PayloadLayout, load_payload
 
 FORMAT_VERSION = "1"
