@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcsg.runs.records import ArmRecorder
-from fedcsg.runs.report import write_report
+from fedcsg.runs.report import report_summary, write_report
 from fedcsg.runs.summary import spread
 from fedcsg.runs.winner import (
     ONE_SEED,
@@ -125,6 +125,11 @@ def test_report_over_seeds_states_the_rule_and_shows_every_spread(tmp_path: Path
     assert csg["wire_down_resync"]["mean"] == 900_000 and csg["resynced"]["mean"] == 2
     report = (tmp_path / "report.md").read_text()
     assert WINNER_RULE in report and ONE_SEED not in report
+    # What `compare` prints: the report down to its per-round table, built from the results in memory.
+    assert report_summary(results) == report.split("## Test accuracy per round")[0].strip()
+    assert report_summary(write_report(tmp_path / "seed-0")) == (
+        (tmp_path / "seed-0" / "report.md").read_text().split("## Test accuracy per round")[0].strip()
+    )
     # Both arms reach 30% in round 2 of each seed: 2 x 1.5 MB against 2 x 4 MB.
     assert (
         "Fewest wire bytes to the target accuracy 30%: **csg+int8/delta-int8**, 3.000 MB ± 0.000 MB, fewer than "

@@ -148,16 +148,18 @@ def _simulate(runs: list[RunConfig], out_dir: Path, verbose: bool) -> None:
             )
 
 
-def _write_report(out_dir: Path) -> None:
+def _write_report(out_dir: Path) -> dict[str, Any]:
     from fedcsg.runs.report import write_report
 
-    write_report(out_dir)
+    return write_report(out_dir)
 
 
 def _finish(out_dir: Path) -> int:
-    _write_report(out_dir)
+    from fedcsg.runs.report import report_summary
+
+    results = _write_report(out_dir)
     print(f"results in {out_dir}: results.json, results.csv, report.md, accuracy_vs_bytes.png, accuracy_vs_round.png")
-    print((out_dir / REPORT_MD).read_text().split("## Test accuracy")[0].strip())
+    print(report_summary(results))
     return 0
 
 

@@ -133,7 +133,8 @@ def _filter_step_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _report_markdown(results: dict[str, Any], summary: dict[str, dict[str, Any]]) -> str:
+def _report_head(results: dict[str, Any], summary: dict[str, dict[str, Any]]) -> list[str]:
+    """A one-seed report's lines down to its per-round table: setup, the arms' table, the sentences."""
     cfg = results["config"]
     first = summary[next(iter(summary))]
     short, metric = metric_names(cfg)
@@ -183,7 +184,12 @@ def _report_markdown(results: dict[str, Any], summary: dict[str, dict[str, Any]]
     ]
     if faults:
         lines += ["", "Client faults (`failed`, `rejected`, `status` in results.csv): " + "; ".join(faults) + "."]
-    lines += ["", f"## Test {metric} per round", ""]
+    return lines
+
+
+def _report_rounds(results: dict[str, Any]) -> list[str]:
+    """A one-seed report's per-round table and plots."""
+    lines = ["", f"## Test {metric_names(results['config'])[1]} per round", ""]
     arms = list(results["arms"])
     lines.append("| round | " + " | ".join(arms) + " |")
     lines.append("| ---: | " + " | ".join("---:" for _ in arms) + " |")
@@ -194,8 +200,18 @@ def _report_markdown(results: dict[str, Any], summary: dict[str, dict[str, Any]]
     for rnd in sorted(by_round):
         cells = [f"{by_round[rnd][a]:.4f}" if a in by_round[rnd] else "" for a in arms]
         lines.append(f"| {rnd} | " + " | ".join(cells) + " |")
-    lines += ["", "![accuracy vs bytes](accuracy_vs_bytes.png)", "", "![accuracy vs round](accuracy_vs_round.png)", ""]
-    return "\n".join(lines)
+    return [*lines, *PLOT_LINES]
+
+
+PLOT_LINES = ["", "![accuracy vs bytes](accuracy_vs_bytes.png)", "", "![accuracy vs round](accuracy_vs_round.png)", ""]
+
+
+def report_summary(results: dict[str, Any]) -> str:
+    """The report's text down to its per-round table, from the results :func:`write_report` returns
+    (one seed or several): what ``fedcsg run`` / ``compare`` print when they finish."""
+    if "per_seed" in results:
+        return "\n".join(_seeds_head(results["config"], list(results["per_seed"]), results["summary"])).strip()
+    return "\n".join(_report_head(results, results["summary"])).strip()
 
 
 def _csv_cell(value: Any) -> Any:
@@ -223,7 +239,7 @@ def write_report(out_dir: str | Path) -> dict[str, Any]:
     ]
     _write_csv(out_dir / RESULTS_CSV, ["arm", *ROUND_FIELDS], rows)
     if summary:
-        atomic_write_text(out_dir / REPORT_MD, _report_markdown(results, summary))
+        atomic_write_text(out_dir / REPORT_MD, "\n".join(_report_head(results, summary) + _report_rounds(results)))
         title = f"{results['config'].get('model')} on {results['config'].get('dataset')}"
         plot_accuracy(
             {results["seed"]: results}, list(results["arms"]), title, out_dir, metric_names(results["config"])[1]
@@ -242,8 +258,8 @@ def _pm(spread: dict[str, Any], fmt: str, scale: float = 1.0) -> str:
     return text if spread["n"] == total else f"{text} ({spread['n']} of {total} seeds)"
 
 
-def _seeds_markdown(config: dict[str, Any], per_seed: dict[int, dict[str, Any]], summary: dict[str, Any]) -> str:
-    seeds = list(per_seed)
+def _seeds_head(config: dict[str, Any], seeds: list[Any], summary: dict[str, Any]) -> list[str]:
+    """A report over ``seeds``' lines down to its per-round table."""
     target = next(iter(summary.values()))["target_accuracy"]
     short, metric = metric_names(config)
     lines = [
@@ -301,7 +317,12 @@ def _seeds_markdown(config: dict[str, Any], per_seed: dict[int, dict[str, Any]],
         sentence = accuracy_noise_sentence({a: s[figure] for a, s in summary.items()}, label)
         if sentence:
             lines += ["", sentence]
-    lines += ["", f"## Test {metric} per round (mean ± std over the seeds)", ""]
+    return lines
+
+
+def _seeds_rounds(config: dict[str, Any], per_seed: dict[int, dict[str, Any]], summary: dict[str, Any]) -> list[str]:
+    """A report over seeds' per-round table (mean ± std) and plots."""
+    lines = ["", f"## Test {metric_names(config)[1]} per round (mean ± std over the seeds)", ""]
     arms = list(summary)
     lines.append("| round | " + " | ".join(arms) + " |")
     lines.append("| ---: | " + " | ".join("---:" for _ in arms) + " |")
@@ -312,8 +333,7 @@ def _seeds_markdown(config: dict[str, Any], per_seed: dict[int, dict[str, Any]],
             for arm in arms
         ]
         lines.append(f"| {rnd} | " + " | ".join(cells) + " |")
-    lines += ["", "![accuracy vs bytes](accuracy_vs_bytes.png)", "", "![accuracy vs round](accuracy_vs_round.png)", ""]
-    return "\n".join(lines)
+    return [*lines, *PLOT_LINES]
 
 
 def _write_csv(path: Path, fieldnames: list[str], rows: list[dict[str, Any]]) -> None:
@@ -346,7 +366,8 @@ def write_seeds_report(out_dir: Path, per_seed: dict[int, dict[str, Any]]) -> di
     ]
     _write_csv(out_dir / RESULTS_CSV, ["arm", "seed", *ROUND_FIELDS], rows)
     if summary:
-        atomic_write_text(out_dir / REPORT_MD, _seeds_markdown(config, per_seed, summary))
+        markdown = _seeds_head(config, list(per_seed), summary) + _seeds_rounds(config, per_seed, summary)
+        atomic_write_text(out_dir / REPORT_MD, "\n".join(markdown))
         title = f"{config.get('model')} on {config.get('dataset')}, {len(per_seed)} seeds"
         plot_accuracy(per_seed, list(summary), title, out_dir, metric_names(config)[1])
     return results
