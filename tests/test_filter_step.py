@@ -27,6 +27,7 @@ from fedcsg.runs.records import ArmRecorder, RoundRecord
 from fedcsg.runs.report import write_report
 from fedcsg.spec.codecs import Codec
 from fedcsg.spec.config import RunConfig
+from fedcsg.wire.messages import TEST_ACCURACY, TEST_LOSS
 from fedcsg.wire.payload import PayloadLayout, model_payload
 from fedcsg.wire.uplink import Uplink
 
@@ -111,6 +112,40 @@ def _round(codec: Codec | None) -> RoundRecord:
     offline_task_identity()
     strategy.start(grid=ScriptedGrid([7, 8], respond), initial_arrays=model_payload(model, layout), num_rounds=1)
     return strategy.traffic[1]
+
+
+def test_the_strategy_hands_each_evaluated_round_to_the_one_recorder() -> None:
+    """The strategy composes a round's record (traffic, train metrics, lr, server evaluation) and
+    hands it to the recorder, which adds the running totals: nobody else writes a RoundRecord."""
+    model = _tiny()
+    layout = PayloadLayout.for_model(model, "per-tensor")
+
+    def respond(position: int, node: int, message: Message) -> RecordDict:
+        metrics = {"num-examples": 20, "train-loss": 1.5, "train-accuracy": 0.5, "train-seconds": 1.0}
+        return RecordDict(
+            {"arrays": message.content["arrays"], "metrics": MetricRecord({**metrics, "partition-id": position})}
+        )
+
+    strategy = CSGFedAvg(layout, lr_fn=lambda r: 0.1 * r, fraction_train=1.0, min_train_nodes=2, min_available_nodes=2)
+    recorder = ArmRecorder(Path("never-written"), "fedavg", {})
+    offline_task_identity()
+    strategy.start(
+        grid=ScriptedGrid([7, 8], respond),
+        initial_arrays=model_payload(model, layout),
+        num_rounds=2,
+        evaluate_fn=lambda rnd, arrays: MetricRecord({TEST_ACCURACY: 0.25 + rnd / 10, TEST_LOSS: 2.0 - rnd / 10}),
+        recorder=recorder,
+    )
+    initial, first, second = recorder.rounds
+    assert (initial["round"], initial["status"], initial["lr"], initial["seconds"]) == (0, "initial", None, 0.0)
+    assert (initial["test_accuracy"], initial["wire_up"], initial["cum_wire_up"]) == (0.25, 0, 0)
+    for record, rnd in ((first, 1), (second, 2)):
+        traffic = strategy.traffic[rnd]
+        assert (record["round"], record["status"], record["replied"]) == (rnd, "ok", 2)
+        assert record["test_accuracy"] == pytest.approx(0.25 + rnd / 10) and record["lr"] == pytest.approx(0.1 * rnd)
+        assert (record["train_loss"], record["train_accuracy"]) == (1.5, 0.5)
+        assert (record["wire_up"], record["payload_down"]) == (traffic.wire_up, traffic.payload_down) != (0, 0)
+    assert second["cum_wire_up"] == first["wire_up"] + second["wire_up"]
 
 
 def test_strategy_records_the_filter_step_of_hand_made_replies() -> None:

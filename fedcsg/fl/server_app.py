@@ -3,7 +3,6 @@ test split after every round, and per-round records with bytes in both direction
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import time
@@ -29,15 +28,15 @@ from fedcsg.fl.task import (
 from fedcsg.fl.traffic import bundle_download_bytes
 from fedcsg.nn.csg_factors import FACTORS, factor_keys, frozen_keys, round_factor
 from fedcsg.nn.params import count_parameters
-from fedcsg.nn.training import PassStats, get_device, set_seed
+from fedcsg.nn.training import get_device, set_seed
 from fedcsg.runs.checkpoint import Checkpoint, config_hash, load_checkpoint, save_checkpoint, set_rng_state
 from fedcsg.runs.layout import model_file_path
 from fedcsg.runs.model_file import save_global_model
-from fedcsg.runs.records import ArmRecorder, RoundRecord, check_trained
+from fedcsg.runs.records import ArmRecorder, check_trained
 from fedcsg.runs.report import write_report
 from fedcsg.spec.config import RunConfig
 from fedcsg.wire.downlink import Downlink
-from fedcsg.wire.messages import TRAIN_ACCURACY, TRAIN_LOSS
+from fedcsg.wire.messages import TEST_ACCURACY, TEST_LOSS
 from fedcsg.wire.payload import PayloadLayout, load_payload, model_payload
 from fedcsg.wire.uplink import Uplink
 
@@ -153,22 +152,6 @@ def arm_recorder(
     )
 
 
-def measured_round(strategy: CSGFedAvg, server_round: int, stats: PassStats, started: float) -> RoundRecord:
-    """The record of ``server_round``: the strategy's traffic (round 0: none, ``initial``), the train
-    metrics, the learning rate and the server-side evaluation ``stats``."""
-    traffic = strategy.traffic.get(server_round) or RoundRecord(server_round, status="initial", started=started)
-    train = strategy.train_metrics.get(server_round, {})
-    return dataclasses.replace(
-        traffic,
-        test_accuracy=stats.accuracy,
-        test_loss=stats.loss,
-        train_loss=train.get(TRAIN_LOSS),
-        train_accuracy=train.get(TRAIN_ACCURACY),
-        lr=strategy.lr_fn(server_round) if server_round else None,
-        seconds=time.perf_counter() - traffic.started if server_round else 0.0,
-    )
-
-
 def train_config(cfg: RunConfig) -> dict[str, int | str]:
     """What every train message tells its client besides the round: the local training settings
     and which run it belongs to (arm and seed: one simulation may hold several runs,
@@ -217,16 +200,14 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress: Callable
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         load_payload(model, arrays, layout)
         stats = evaluate_model(model, test, cfg, device)
-        # Written with the checkpoint, in round_end_fn.
-        record = recorder.add(measured_round(strategy, server_round, stats, started), save=False)
-        progress(progress_line(cfg, record, time.perf_counter() - started))
-        return MetricRecord({"test-accuracy": stats.accuracy, "test-loss": stats.loss})
+        return MetricRecord({TEST_ACCURACY: stats.accuracy, TEST_LOSS: stats.loss})
 
     def round_end_fn(server_round: int, arrays: ArrayRecord) -> None:
         # The arm file first, then the checkpoint, whose state JSON is the commit point: a kill in
         # between leaves the arm file one round ahead, and the resumed run redoes that round from
         # the checkpoint and rewrites the arm file, so a complete checkpoint always has a complete
-        # arm file beside it.
+        # arm file beside it. The strategy handed the round's record to the recorder after evaluating it.
+        progress(progress_line(cfg, recorder.rounds[-1], time.perf_counter() - started))
         recorder.save()
         save_checkpoint(
             out_dir,
@@ -256,6 +237,7 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress: Callable
         first_round=first_round,
         evaluate_initial=checkpoint is None,
         round_end_fn=round_end_fn,
+        recorder=recorder,
     )
     # The final global model, with its settings in the metadata: `fedcsg export --checkpoint` reads it.
     save_global_model(out_dir, cfg, result.arrays, name=model_file_path(out_dir, cfg.arm).name)

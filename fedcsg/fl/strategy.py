@@ -5,6 +5,7 @@ the exact average into the new global payload."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import time
@@ -23,10 +24,10 @@ from fedcsg.fl.ray_cluster import reported_node
 from fedcsg.fl.replies import aggregate_train_metrics, checked_reply
 from fedcsg.fl.server_opt import Mask, ServerOptimizer
 from fedcsg.fl.traffic import accounted_wire_bytes, payload_bytes
-from fedcsg.runs.records import RoundRecord
+from fedcsg.runs.records import ArmRecorder, RoundRecord
 from fedcsg.spec.config import FAILED_ROUND_POLICIES
 from fedcsg.wire.downlink import Broadcaster, Downlink
-from fedcsg.wire.messages import PARTITION_ID, WEIGHT_KEY
+from fedcsg.wire.messages import PARTITION_ID, TEST_ACCURACY, TEST_LOSS, TRAIN_ACCURACY, TRAIN_LOSS, WEIGHT_KEY
 from fedcsg.wire.payload import PayloadLayout, weighted_average
 from fedcsg.wire.uplink import Uplink
 
@@ -339,6 +340,7 @@ class CSGFedAvg(FedAvg):
         first_round: int = 1,
         evaluate_initial: bool = True,
         round_end_fn: Callable[[int, ArrayRecord], None] | None = None,
+        recorder: ArmRecorder | None = None,
     ) -> Result:
         """Flower's :meth:`Strategy.start` loop, able to continue a run and to retry a round.
 
@@ -347,7 +349,8 @@ class CSGFedAvg(FedAvg):
         ``evaluate_initial``. A client that has not replied within ``timeout`` seconds has failed.
         When a round ends with too few accepted replies, ``retry`` sends it once more. After the
         server-side evaluation of every round (round 0 included), ``round_end_fn(round, arrays)``
-        is called: the place to checkpoint.
+        is called: the place to checkpoint. The strategy composes each evaluated round's record
+        (:meth:`finished_round`) and hands it to ``recorder``, the one place it is recorded.
         """
         log(INFO, "Starting %s strategy: rounds %d..%d", self.__class__.__name__, first_round, num_rounds)
         self.summary()
@@ -357,7 +360,7 @@ class CSGFedAvg(FedAvg):
         arrays = initial_arrays
         started = time.time()
         if evaluate_initial:
-            self._evaluate(result, evaluate_fn, first_round - 1, arrays)
+            self._evaluate(result, evaluate_fn, first_round - 1, arrays, recorder)
             if round_end_fn is not None:
                 round_end_fn(first_round - 1, arrays)
         attempts = 2 if self.failed_round == "retry" else 1
@@ -381,7 +384,7 @@ class CSGFedAvg(FedAvg):
             agg_evaluate = self.aggregate_evaluate(server_round, evaluate_replies)
             if agg_evaluate is not None:
                 result.evaluate_metrics_clientapp[server_round] = agg_evaluate
-            self._evaluate(result, evaluate_fn, server_round, arrays)
+            self._evaluate(result, evaluate_fn, server_round, arrays, recorder)
             if round_end_fn is not None:
                 round_end_fn(server_round, arrays)
         result.arrays = arrays  # the final global payload, also when no remaining round could update it
@@ -390,18 +393,37 @@ class CSGFedAvg(FedAvg):
             log(INFO, "\t%s", line.strip("\n"))
         return result
 
-    @staticmethod
+    def finished_round(self, server_round: int, evaluation: MetricRecord) -> RoundRecord:
+        """The record of ``server_round`` once it is evaluated: its traffic (round 0: none,
+        ``initial``), the clients' mean train metrics, the learning rate, the server-side
+        ``evaluation`` (:data:`~fedcsg.wire.messages.TEST_ACCURACY`, ``TEST_LOSS``) and its seconds."""
+        traffic = self.traffic.get(server_round) or RoundRecord(server_round, status="initial")
+        train = self.train_metrics.get(server_round, {})
+        return dataclasses.replace(
+            traffic,
+            test_accuracy=evaluation[TEST_ACCURACY],
+            test_loss=evaluation[TEST_LOSS],
+            train_loss=train.get(TRAIN_LOSS),
+            train_accuracy=train.get(TRAIN_ACCURACY),
+            lr=self.lr_fn(server_round) if server_round else None,
+            seconds=time.perf_counter() - traffic.started if server_round else 0.0,
+        )
+
     def _evaluate(
+        self,
         result: Result,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None,
         server_round: int,
         arrays: ArrayRecord,
+        recorder: ArmRecorder | None,
     ) -> None:
         if evaluate_fn is None:
             return
         metrics = evaluate_fn(server_round, arrays)
         if metrics is not None:
             result.evaluate_metrics_serverapp[server_round] = metrics
+            if recorder is not None:
+                recorder.add(self.finished_round(server_round, metrics), save=False)
 
 
 def _short_reason(reason: object) -> str:

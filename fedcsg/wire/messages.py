@@ -20,4 +20,6 @@ TRAIN_LOSS = "train-loss"
 TRAIN_ACCURACY = "train-accuracy"
 TRAIN_SECONDS = "train-seconds"
 PARTITION_ID = "partition-id"
+TEST_ACCURACY = "test-accuracy"  # the server-side evaluation of a round (its evaluate_fn's metrics)
+TEST_LOSS = "test-loss"
 TRAIN_METRICS = (TRAIN_LOSS, TRAIN_ACCURACY, TRAIN_SECONDS)  # averaged over the replies of a round
