@@ -29,9 +29,10 @@ BYTE_FIELDS = ("payload_up", "payload_down", "wire_up", "wire_down")
 class RoundRecord:
     """One round of one arm: what the server measured and what crossed the network.
 
-    The strategy fills the traffic fields while the round runs (:class:`~fedcsg.fl.strategy.CSGFedAvg`
-    keeps one per round), the ServerApp adds the evaluation, and :class:`ArmRecorder` the cumulative
-    byte counts; :data:`ROUND_FIELDS` (the columns of arms/ARM.json and results.csv) are its fields.
+    The strategy builds it: the traffic fields while the round runs, then, once the round is
+    evaluated, the train metrics, lr and evaluation (:meth:`~fedcsg.fl.strategy.CSGFedAvg.finished_round`);
+    it hands the finished record to the arm's :class:`ArmRecorder`, which adds the cumulative byte
+    counts and alone writes it; :data:`ROUND_FIELDS` (the columns of arms/ARM.json and results.csv) are its fields.
 
     Byte counts are sums over messages, never averaged by num-examples. ``sampled`` = ``replied``
     + ``failed`` (a client that raised, timed out or vanished has failed); ``rejected`` counts the
