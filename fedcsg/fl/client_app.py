@@ -15,6 +15,7 @@ the node's context: a resumed run starts it again from zero. An arm with a delta
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -77,11 +78,18 @@ def carried_residual(context: Context, key: str) -> np.ndarray | None:
     return record["residual"].numpy()
 
 
+@functools.lru_cache(maxsize=8)
+def _parsed_run_config(items: tuple[tuple[str, Any], ...]) -> RunConfig:
+    # Parsed and checked once per process and run config, not once per message: a Ray actor serves
+    # every message of a simulation's runs, whose run config is the same (RunConfig is frozen).
+    return RunConfig.from_mapping(dict(items))
+
+
 def client_config(context: Context, config: ConfigRecord | None = None) -> RunConfig:
     """The run config of this node's message: the run config, with the arm and seed that the train
     ``config`` names (one simulation may run several arms and seeds in turn) and the node's own
     ``data-dir`` when it has one."""
-    cfg = RunConfig.from_mapping(dict(context.run_config))
+    cfg = _parsed_run_config(tuple(sorted(context.run_config.items())))
     if config is not None and RUN_ARM_KEY in config:
         cfg = cfg.replace(arm=str(config[RUN_ARM_KEY]), seed=int(config[RUN_SEED_KEY]))
     node_data_dir = context.node_config.get("data-dir")
