@@ -8,8 +8,9 @@ not run) in that seed.
 
 from __future__ import annotations
 
-import math
 from typing import Any
+
+from fedcsg.runs.summary import spread
 
 WINNER_RULE = (
     "An arm is named as needing the fewest wire bytes to a goal only if it reaches the goal in every seed and "
@@ -52,18 +53,6 @@ def one_seed_bytes_sentence(bytes_by_arm: dict[str, float | None], goal: str) ->
     return f"{fewest_bytes_sentence(bytes_by_arm, goal)} {ONE_SEED}"
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
-def _std(values: list[float]) -> float:
-    """Sample standard deviation (n - 1; 0 for one value)."""
-    if len(values) < 2:
-        return 0.0
-    mean = _mean(values)
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-
-
 def seeds_won(leader: list[float | None], other: list[float | None]) -> int:
     """In how many seeds ``leader`` needs fewer bytes than ``other`` (a miss: more than any reach)."""
     return sum(a is not None and (b is None or a < b) for a, b in zip(leader, other, strict=True))
@@ -85,12 +74,13 @@ def fewest_bytes_over_seeds(per_seed: dict[str, list[float | None]], goal: str) 
         return f"No arm reached {goal} in every one of the {seeds} seeds" + (
             f"; reached in some seeds by {partial_text}." if partial_text else "."
         )
-    ranked = sorted(complete, key=lambda arm: _mean(complete[arm]))
+    stats = {arm: spread(values) for arm, values in complete.items()}
+    ranked = sorted(complete, key=lambda arm: stats[arm]["mean"])
     leader = ranked[0]
-    values = complete[leader]
+    best = stats[leader]
     beaten_in = {arm: seeds_won(per_seed[leader], per_seed[arm]) for arm in per_seed if arm != leader}
     unseparated = [arm for arm, won in beaten_in.items() if won < seeds]
-    stated = f"{_mb(_mean(values))} ± {_mb(_std(values))}"
+    stated = f"{_mb(best['mean'])} ± {_mb(best['std'])}"
     tail = ""
     if partial_text:
         tail += f"; reached in some seeds only by {partial_text}"
@@ -106,12 +96,12 @@ def fewest_bytes_over_seeds(per_seed: dict[str, list[float | None]], goal: str) 
         f"Fewest wire bytes to {goal}: **{leader}**, {stated}, fewer than every other arm in each of the {seeds} seeds"
     )
     if leader != "fedavg" and "fedavg" in complete:
-        text += f" ({_mean(complete['fedavg']) / _mean(values):.2f}x fewer than fedavg on average)"
+        text += f" ({stats['fedavg']['mean'] / best['mean']:.2f}x fewer than fedavg on average)"
     if len(ranked) > 1:
-        runner = complete[ranked[1]]
+        runner = stats[ranked[1]]
         text += (
-            f"; next {ranked[1]}, {_mb(_mean(runner))} ± {_mb(_std(runner))} "
-            f"({_mean(runner) / _mean(values):.2f}x more)"
+            f"; next {ranked[1]}, {_mb(runner['mean'])} ± {_mb(runner['std'])} "
+            f"({runner['mean'] / best['mean']:.2f}x more)"
         )
     return text + tail + "."
 
