@@ -115,6 +115,19 @@ _FASHION_MNIST = DatasetSpec(
     system_dir="/usr/share/datasets/fashion-mnist",
 )
 
+_IMAGENET = DatasetSpec(
+    name="imagenet",
+    num_classes=1000,
+    in_channels=3,
+    image_size=(224, 224),
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    hub_name="",
+    hub_image_column="image",
+    local_format="hf-images",
+    local_dirname="imagenet",
+)
+
 DATASETS: MappingProxyType[str, DatasetSpec] = MappingProxyType(
     {
         # The local copy is a JPEG re-encoding whose statistics differ slightly (mean 0.4913, 0.4821,
@@ -147,29 +160,14 @@ DATASETS: MappingProxyType[str, DatasetSpec] = MappingProxyType(
             derived_from="fashion-mnist",
         ),
         # ILSVRC-2012 as the hub's ILSVRC/imagenet-1k parquet (JPEGs of any size); read locally only.
-        "imagenet": DatasetSpec(
-            name="imagenet",
-            num_classes=1000,
-            in_channels=3,
-            image_size=(224, 224),
-            mean=(0.485, 0.456, 0.406),
-            std=(0.229, 0.224, 0.225),
-            hub_name="",
-            hub_image_column="image",
-            local_format="hf-images",
-            local_dirname="imagenet",
-        ),
+        "imagenet": _IMAGENET,
         # Pascal VOC 2012 segmentation (image + palette PNG `mask`, 21 classes, 255 = ignore); read
         # locally only. ImageNet statistics, as torchvision's DeepLabv3 uses.
-        "voc": DatasetSpec(
+        "voc": replace(
+            _IMAGENET,
             name="voc",
             num_classes=21,
-            in_channels=3,
             image_size=(320, 320),
-            mean=(0.485, 0.456, 0.406),
-            std=(0.229, 0.224, 0.225),
-            hub_name="",
-            hub_image_column="image",
             local_format="hf-masks",
             local_dirname="voc",
             task="segmentation",
