@@ -209,8 +209,13 @@ def _open(path: Path, columns: Sequence[str]) -> pq.ParquetFile:
     return parquet
 
 
+def stamped(path: Path) -> tuple[str, int]:
+    """``(path, modification time)``: a cache key under which a rewritten file is read again."""
+    return str(path), path.stat().st_mtime_ns
+
+
 def _cache_key(paths: Sequence[Path]) -> tuple[tuple[str, int], ...]:
-    return tuple((str(p), p.stat().st_mtime_ns) for p in paths)
+    return tuple(stamped(p) for p in paths)
 
 
 def shard_labels(paths: Sequence[Path]) -> np.ndarray:

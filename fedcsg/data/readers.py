@@ -21,7 +21,7 @@ from PIL import Image
 
 from fedcsg.data import hf_parquet, registry
 from fedcsg.data.hf_parquet import PARQUET_BATCH_ROWS as PARQUET_BATCH_ROWS  # re-exported
-from fedcsg.data.hf_parquet import take_parquet_rows
+from fedcsg.data.hf_parquet import stamped, take_parquet_rows
 from fedcsg.data.registry import DatasetSpec, DataSource, Split, check_split, resolve_source, sized_spec
 
 
@@ -99,10 +99,6 @@ def _idx_labels(path: str, mtime_ns: int) -> np.ndarray:
     return labels
 
 
-def _stamped(path: Path) -> tuple[str, int]:
-    return str(path), path.stat().st_mtime_ns
-
-
 def _hub_labels(source: DataSource, split: Split) -> np.ndarray:
     table = registry.load_hub(source.location)[split].select_columns(["label"]).with_format("arrow")[:]
     return table.column("label").to_numpy().astype(np.int64)
@@ -119,8 +115,8 @@ LabelReader = Callable[[DataSource, Split], np.ndarray]
 # Labels of a split by source kind, without decoding an image (a segmentation set's are one class
 # per image for partitioning: fedcsg.data.segmentation.canvas_labels, fedcsg.data.hf_parquet.mask_label).
 LABEL_READERS: dict[str, LabelReader] = {
-    "parquet": lambda source, split: _parquet_labels(*_stamped(source.path(split))),
-    "idx": lambda source, split: _idx_labels(*_stamped(source.files(split)[1])),
+    "parquet": lambda source, split: _parquet_labels(*stamped(source.path(split))),
+    "idx": lambda source, split: _idx_labels(*stamped(source.files(split)[1])),
     "hub": _hub_labels,
     "derived": _derived_labels,
     "hf-images": lambda source, split: hf_parquet.shard_labels(source.files(split)),
