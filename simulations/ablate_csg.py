@@ -65,6 +65,9 @@ class Cell:
 CELLS: tuple[Cell, ...] = (
     Cell("baseline"),
     Cell("init=paper", {"csg-init": "paper"}, ("csg", "csg-frozen")),
+    Cell("init=balanced", {"csg-init": "balanced"}, ("csg",)),
+    Cell("codes-lr=0.1", {"codes-lr-scale": 0.1}, ("csg", "csg-frozen")),
+    Cell("codes-lr=0.3", {"codes-lr-scale": 0.3}, ("csg", "csg-frozen")),
     Cell("aggregation=alternate", {"csg-aggregation": "alternate"}, ("csg",)),
     Cell("server=fedavgm", {"server-optimizer": "fedavgm"}, ("fedavg", "csg")),
     Cell("server=fedadam", {"server-optimizer": "fedadam", "server-lr": 0.01}, ("fedavg", "csg")),
@@ -164,13 +167,19 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[object]]:
     ]
 
 
+def partition_sets(args: argparse.Namespace) -> dict[str, Any]:
+    """The partitioner's settings: Dirichlet(0.5) or ``--shards-per-client`` label shards a client."""
+    if args.partitioner == "shards":
+        return {"partitioner": "shards", "shards-per-client": args.shards_per_client}
+    return {"partitioner": "dirichlet", "dirichlet-alpha": 0.5}
+
+
 def base_sets(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     return {
         "model": args.model,
         "dataset": "cifar10",
         "num-clients": args.clients,
-        "partitioner": "dirichlet",
-        "dirichlet-alpha": 0.5,
+        **partition_sets(args),
         "train-limit": args.train_limit,
         "test-limit": args.test_limit,
         "num-rounds": args.rounds,
@@ -191,7 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--arms", default=",".join(ALL_ARMS), help="only these arms (of each cell's)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per cell (0, 1, ...)")
     parser.add_argument("--rounds", type=int, default=10, help="rounds per run")
-    parser.add_argument("--clients", type=int, default=10, help="Dirichlet(0.5) clients, all trained every round")
+    parser.add_argument("--clients", type=int, default=10, help="clients, all trained every round")
+    parser.add_argument(
+        "--partitioner", choices=("dirichlet", "shards"), default="dirichlet", help="Dirichlet(0.5) or label shards"
+    )
+    parser.add_argument("--shards-per-client", type=int, default=2, help="label shards a client (with shards)")
     parser.add_argument("--train-limit", type=int, default=5000, help="train images shared by the clients")
     parser.add_argument("--test-limit", type=int, default=1000, help="test images of the server-side evaluation")
     parser.add_argument("--model", default="resnet20", help="registry model")
