@@ -2,8 +2,9 @@
 aggregation x lr x local epochs, one factor at a time from a baseline, on the same partitions.
 
 Every run is a real ``fedcsg run`` (a fresh process, Flower's simulation engine on Ray) of one arm
-on ResNet-20 / CIFAR-10 split over ``--clients`` Dirichlet(0.5) clients (``--train-limit`` images,
-``--rounds`` rounds, all clients every round). Partitions depend only on the data settings and the
+on ResNet-20 / CIFAR-10 split over ``--clients`` Dirichlet(0.5) clients, or ``--partitioner shards``
+clients of ``--shards-per-client`` label shards each (``--train-limit`` images, ``--rounds`` rounds,
+all clients every round). Partitions depend only on the data settings and the
 seed, so every arm and cell of a seed trains on the same partitions.
 
 The baseline cell is ``csg-init = kaiming``, ``server-optimizer = fedavg``, ``csg-aggregation =

@@ -287,3 +287,7 @@ def test_ablation_summary_on_synthetic_records(load_script) -> None:
     for cell in ablate.CELLS[1:]:
         changed = {k for k, v in cell.settings().items() if ablate.BASELINE.get(k) != v} - {"server-lr"}
         assert len(changed) == 1, cell
+    parse = ablate.build_parser().parse_args
+    assert ablate.partition_sets(parse([])) == {"partitioner": "dirichlet", "dirichlet-alpha": 0.5}
+    shards = ablate.partition_sets(parse(["--partitioner", "shards", "--shards-per-client", "3"]))
+    assert shards == {"partitioner": "shards", "shards-per-client": 3}
