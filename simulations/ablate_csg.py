@@ -4,8 +4,9 @@ aggregation x lr x local epochs, one factor at a time from a baseline, on the sa
 Every run is a real ``fedcsg run`` (a fresh process, Flower's simulation engine on Ray) of one arm
 on ResNet-20 / CIFAR-10 split over ``--clients`` Dirichlet(0.5) clients, or ``--partitioner shards``
 clients of ``--shards-per-client`` label shards each (``--train-limit`` images, ``--rounds`` rounds,
-all clients every round). Partitions depend only on the data settings and the
-seed, so every arm and cell of a seed trains on the same partitions.
+all clients every round; every setting the grid does not name from ``--config``, by default the
+20-round Dirichlet experiment's slice, code size, batch and lr schedule). Partitions depend only on the data settings
+and the seed, so every arm and cell of a seed trains on the same partitions.
 
 The baseline cell is ``csg-init = kaiming``, ``server-optimizer = fedavg``, ``csg-aggregation =
 factors``, ``lr = 0.05``, 1 local epoch; every other cell changes one setting, and runs only the
@@ -210,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test-limit", type=int, default=1000, help="test images of the server-side evaluation")
     parser.add_argument("--model", default="resnet20", help="registry model")
     parser.add_argument(
+        "--config",
+        default="cifar10-resnet20-dirichlet",
+        help="experiment every setting the grid does not name comes from (its slice, code size, lr schedule, ...)",
+    )
+    parser.add_argument(
         "--target",
         type=float,
         default=0.3,
@@ -252,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if key in done:
             continue
         sets = {**base_sets(args, seed), **cell.settings()}
-        run, rounds = run_fedcsg(arm, sets, timeout=args.timeout)
+        run, rounds = run_fedcsg(arm, sets, timeout=args.timeout, config=args.config)
         done[key] = run_record(cell, arm, seed, rounds, run.seconds)
         print(
             f"[{number}/{len(plan)}] {cell.name} {arm} seed {seed}: final accuracy "

@@ -90,12 +90,18 @@ def run_logged(
     return LoggedRun(proc.returncode, time.perf_counter() - start, peak, lines)
 
 
-def run_fedcsg(arm: str, sets: dict[str, object], timeout: float) -> tuple[LoggedRun, list[dict]]:
-    """Run ``fedcsg run --arm ARM --set KEY=VALUE...`` in a fresh process (as a user would) into a
-    temporary directory; return the logged run and the arm's round records."""
+def run_fedcsg(
+    arm: str, sets: dict[str, object], timeout: float, config: str | None = None
+) -> tuple[LoggedRun, list[dict]]:
+    """Run ``fedcsg run [--config CONFIG] --arm ARM --set KEY=VALUE...`` in a fresh process (as a
+    user would) into a temporary directory; return the logged run and the arm's round records.
+
+    Every setting not in ``sets`` comes from ``config`` (default: fedcsg's default experiment, the
+    quick start's, whose slice and code size are the small CNN's)."""
     with tempfile.TemporaryDirectory(prefix="fedcsg-bench-") as tmp:
         out = Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "fedcsg.cli", "run", "--arm", arm, "--out", str(out)]
+        cmd = [sys.executable, "-m", "fedcsg.cli", "run", *(["--config", config] if config else [])]
+        cmd += ["--arm", arm, "--out", str(out)]
         for key, value in sets.items():
             cmd += ["--set", f"{key}={json.dumps(value)}"]
         run = run_logged(cmd, env=dict(os.environ), timeout=timeout)
