@@ -35,14 +35,15 @@ from benchlib import print_table, run_fedcsg, write_json
 from fedcsg.fl.task import build_arm_model, client_data, evaluate_model, local_train, payload_layout, test_data
 from fedcsg.nn.training import get_device
 from fedcsg.spec.config import RunConfig
+from fedcsg.spec.experiments import load_experiment
 from fedcsg.wire.payload import load_payload, model_payload, weighted_average
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def engine_rounds(cfg: RunConfig, sets: dict[str, object], timeout: float) -> dict:
+def engine_rounds(cfg: RunConfig, sets: dict[str, object], timeout: float, config: str) -> dict:
     """Run ``fedcsg run`` in a fresh process; return its per-round seconds and start-up time."""
-    run, rounds = run_fedcsg(cfg.arm, sets, timeout)
+    run, rounds = run_fedcsg(cfg.arm, sets, timeout, config)
     return {
         "round_seconds": [r["seconds"] for r in rounds if r["round"] > 0],
         "startup_seconds": run.first_time("round 0/"),
@@ -98,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", default="4,10", help="comma-separated client counts")
     parser.add_argument("--model", default="resnet20")
+    parser.add_argument(
+        "--config", default="cifar10-resnet20-dirichlet", help="experiment of every setting the benchmark does not name"
+    )
     parser.add_argument("--arm", default="csg", choices=["fedavg", "csg", "csg-frozen"])
     parser.add_argument("--images-per-client", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=4)
@@ -127,11 +131,11 @@ def main(argv: list[str] | None = None) -> int:
             "device": args.device,
             "client-num-gpus": args.client_num_gpus,
         }
-        cfg = RunConfig.from_mapping(sets).replace(arm=args.arm)
+        cfg = RunConfig.from_mapping(sets, load_experiment(args.config)).replace(arm=args.arm)
         variants = {}
         for threads in sorted({1, args.threads}):
             loop = loop_rounds(cfg, threads)
-            engine = engine_rounds(cfg, {**sets, "client-num-cpus": threads}, args.timeout)
+            engine = engine_rounds(cfg, {**sets, "client-num-cpus": threads}, args.timeout, args.config)
             variants[threads] = {"loop_round_seconds": loop, "engine": engine}
             ratio = steady(engine["round_seconds"]) / steady(loop)
             target = threads == args.threads

@@ -42,7 +42,7 @@ def scale_run(count: int, args: argparse.Namespace) -> dict:
         "local-epochs": 1,
         "device": args.device,
     }
-    run, records = run_fedcsg(args.arm, sets, args.timeout)
+    run, records = run_fedcsg(args.arm, sets, args.timeout, args.config)
     rounds = [r for r in records if r["round"] > 0]
     seconds = [r["seconds"] for r in rounds]
     return {
@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients-per-round", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", default="resnet20")
+    parser.add_argument(
+        "--config", default="cifar10-resnet20-dirichlet", help="experiment of every setting the benchmark does not name"
+    )
     parser.add_argument("--arm", default="csg", choices=["fedavg", "csg", "csg-frozen"])
     parser.add_argument("--train-limit", type=int, default=0, help="0 = the whole CIFAR-10 train split")
     parser.add_argument("--test-limit", type=int, default=500)
