@@ -90,6 +90,15 @@ def run_logged(
     return LoggedRun(proc.returncode, time.perf_counter() - start, peak, lines)
 
 
+def run_command(arm: str, sets: dict[str, object], out: Path, config: str | None = None) -> list[str]:
+    """The ``fedcsg run`` command line of :func:`run_fedcsg` (values as JSON, so ``0.1`` stays a float)."""
+    cmd = [sys.executable, "-m", "fedcsg.cli", "run", *(["--config", config] if config else [])]
+    cmd += ["--arm", arm, "--out", str(out)]
+    for key, value in sets.items():
+        cmd += ["--set", f"{key}={json.dumps(value)}"]
+    return cmd
+
+
 def run_fedcsg(
     arm: str, sets: dict[str, object], timeout: float, config: str | None = None
 ) -> tuple[LoggedRun, list[dict]]:
@@ -100,10 +109,7 @@ def run_fedcsg(
     quick start's, whose slice and code size are the small CNN's)."""
     with tempfile.TemporaryDirectory(prefix="fedcsg-bench-") as tmp:
         out = Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "fedcsg.cli", "run", *(["--config", config] if config else [])]
-        cmd += ["--arm", arm, "--out", str(out)]
-        for key, value in sets.items():
-            cmd += ["--set", f"{key}={json.dumps(value)}"]
+        cmd = run_command(arm, sets, out, config)
         run = run_logged(cmd, env=dict(os.environ), timeout=timeout)
         if run.returncode != 0:
             tail = "\n".join(line for _, line in run.lines[-30:])
