@@ -5,8 +5,8 @@ Every run is a real ``fedcsg run`` (a fresh process, Flower's simulation engine 
 on ResNet-20 / CIFAR-10 split over ``--clients`` Dirichlet(0.5) clients, or ``--partitioner shards``
 clients of ``--shards-per-client`` label shards each (``--train-limit`` images, ``--rounds`` rounds,
 all clients every round; every setting the grid does not name from ``--config``, by default the
-20-round Dirichlet experiment's slice, code size, batch and lr schedule). Partitions depend only on the data settings
-and the seed, so every arm and cell of a seed trains on the same partitions.
+20-round Dirichlet experiment's slice, code size, batch and lr schedule). Partitions depend only on
+the data settings and the seed, so every arm and cell of a seed trains on the same partitions.
 
 The baseline cell is ``csg-init = kaiming``, ``server-optimizer = fedavg``, ``csg-aggregation =
 factors``, ``lr = 0.05``, 1 local epoch; every other cell changes one setting, and runs only the
@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchlib import print_table, run_fedcsg, write_json
+from benchlib import add_config_argument, print_table, run_fedcsg, write_json
 
 BASELINE: dict[str, Any] = {
     "csg-init": "kaiming",
@@ -210,11 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-limit", type=int, default=5000, help="train images shared by the clients")
     parser.add_argument("--test-limit", type=int, default=1000, help="test images of the server-side evaluation")
     parser.add_argument("--model", default="resnet20", help="registry model")
-    parser.add_argument(
-        "--config",
-        default="cifar10-resnet20-dirichlet",
-        help="experiment every setting the grid does not name comes from (its slice, code size, lr schedule, ...)",
-    )
+    add_config_argument(parser)
     parser.add_argument(
         "--target",
         type=float,

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from benchlib import print_table, run_fedcsg, write_json
+from benchlib import add_config_argument, print_table, run_fedcsg, write_json
 
 from fedcsg.fl.task import build_arm_model, client_data, evaluate_model, local_train, payload_layout, test_data
 from fedcsg.nn.training import get_device
@@ -99,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", default="4,10", help="comma-separated client counts")
     parser.add_argument("--model", default="resnet20")
-    parser.add_argument(
-        "--config", default="cifar10-resnet20-dirichlet", help="experiment of every setting the benchmark does not name"
-    )
+    add_config_argument(parser)
     parser.add_argument("--arm", default="csg", choices=["fedavg", "csg", "csg-frozen"])
     parser.add_argument("--images-per-client", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=4)

@@ -23,7 +23,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from benchlib import print_table, run_fedcsg, write_json
+from benchlib import add_config_argument, print_table, run_fedcsg, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,9 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients-per-round", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", default="resnet20")
-    parser.add_argument(
-        "--config", default="cifar10-resnet20-dirichlet", help="experiment of every setting the benchmark does not name"
-    )
+    add_config_argument(parser)
     parser.add_argument("--arm", default="csg", choices=["fedavg", "csg", "csg-frozen"])
     parser.add_argument("--train-limit", type=int, default=0, help="0 = the whole CIFAR-10 train split")
     parser.add_argument("--test-limit", type=int, default=500)

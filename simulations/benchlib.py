@@ -90,23 +90,33 @@ def run_logged(
     return LoggedRun(proc.returncode, time.perf_counter() - start, peak, lines)
 
 
-def run_command(arm: str, sets: dict[str, object], out: Path, config: str | None = None) -> list[str]:
+# The experiment a benchmark's unnamed settings come from (``--config``): ResNet-20 on CIFAR-10.
+BENCH_CONFIG = "cifar10-resnet20-dirichlet"
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    """``--config``: the experiment of every setting the benchmark does not name (default :data:`BENCH_CONFIG`)."""
+    parser.add_argument(
+        "--config",
+        default=BENCH_CONFIG,
+        help="experiment every setting the benchmark does not name comes from (slice, code size, lr schedule, ...)",
+    )
+
+
+def run_command(arm: str, sets: dict[str, object], out: Path, config: str) -> list[str]:
     """The ``fedcsg run`` command line of :func:`run_fedcsg` (values as JSON, so ``0.1`` stays a float)."""
-    cmd = [sys.executable, "-m", "fedcsg.cli", "run", *(["--config", config] if config else [])]
-    cmd += ["--arm", arm, "--out", str(out)]
+    cmd = [sys.executable, "-m", "fedcsg.cli", "run", "--config", config, "--arm", arm, "--out", str(out)]
     for key, value in sets.items():
         cmd += ["--set", f"{key}={json.dumps(value)}"]
     return cmd
 
 
-def run_fedcsg(
-    arm: str, sets: dict[str, object], timeout: float, config: str | None = None
-) -> tuple[LoggedRun, list[dict]]:
-    """Run ``fedcsg run [--config CONFIG] --arm ARM --set KEY=VALUE...`` in a fresh process (as a
-    user would) into a temporary directory; return the logged run and the arm's round records.
+def run_fedcsg(arm: str, sets: dict[str, object], timeout: float, config: str) -> tuple[LoggedRun, list[dict]]:
+    """Run ``fedcsg run --config CONFIG --arm ARM --set KEY=VALUE...`` in a fresh process (as a user
+    would) into a temporary directory; return the logged run and the arm's round records.
 
-    Every setting not in ``sets`` comes from ``config`` (default: fedcsg's default experiment, the
-    quick start's, whose slice and code size are the small CNN's)."""
+    Every setting not in ``sets`` comes from ``config``: a required experiment, since fedcsg's
+    default one is the quick start's small CNN on Fashion-MNIST."""
     with tempfile.TemporaryDirectory(prefix="fedcsg-bench-") as tmp:
         out = Path(tmp) / "run"
         cmd = run_command(arm, sets, out, config)

@@ -293,7 +293,7 @@ def test_ablation_summary_on_synthetic_records(load_script) -> None:
     assert shards == {"partitioner": "shards", "shards-per-client": 3}
     # Every setting the grid does not name comes from the Dirichlet experiment, not the quick start's small CNN.
     command = load_script("benchlib").run_command("csg", {"codes-lr-scale": 0.1}, Path("out"), parse([]).config)
-    assert command[3:] == ["run", "--config", "cifar10-resnet20-dirichlet", "--arm", "csg", "--out", "out"] + [
-        "--set",
-        "codes-lr-scale=0.1",
+    assert command[3:] == [
+        *("run", "--config", "cifar10-resnet20-dirichlet", "--arm", "csg", "--out", "out"),
+        *("--set", "codes-lr-scale=0.1"),
     ]
