@@ -1,5 +1,5 @@
 """The report's two plots: test accuracy against cumulative wire bytes and against the round, one
-line per arm (a band of one standard deviation over seeds), styled by codec and downlink."""
+line per arm (over seeds: the mean, in a band from the lowest to the highest seed), styled by codec and downlink."""
 
 from __future__ import annotations
 
