@@ -36,6 +36,7 @@ from typing import Any
 from benchlib import print_table, write_json
 
 from fedcsg.runs.layout import RESULTS_JSON
+from fedcsg.runs.summary import summarize_seeds
 from fedcsg.spec.arms import Arm
 
 CONFIG = "cifar10-resnet20-peers"
@@ -91,13 +92,37 @@ def _mean_std(figure: Any) -> tuple[float | None, float | None, int]:
     return figure, (None if figure is None else 0.0), int(figure is not None)
 
 
-def points(run_dir: Path, arms: Sequence[str] | None = None) -> list[dict[str, Any]]:
+def seeds_summary(results: dict[str, Any], seeds: Sequence[int] | None) -> dict[str, Any]:
+    """The per-arm summary of ``results`` over ``seeds`` alone (all of its seeds when None), so that
+    every point of the frontier is a spread over the same seeds, e.g. seeds 0 and 1 of a three-seed run.
+
+    Raises
+    ------
+    ValueError
+        If the run lacks one of ``seeds``.
+    """
+    if seeds is None or "per_seed" not in results:
+        return results["summary"]
+    per_seed = results["per_seed"]
+    missing = [seed for seed in seeds if str(seed) not in per_seed]
+    if missing:
+        raise ValueError(
+            f"the reference run lacks seeds {', '.join(map(str, missing))}: accepted is a run over "
+            f"seeds {', '.join(per_seed)} (pass --seeds among them)"
+        )
+    return summarize_seeds({seed: per_seed[str(seed)] for seed in seeds})
+
+
+def points(
+    run_dir: Path, arms: Sequence[str] | None = None, seeds: Sequence[int] | None = None
+) -> list[dict[str, Any]]:
     """One frontier point per arm of the report in ``run_dir`` (``results.json``, one seed or several):
-    its code dim, and mean / std over the seeds of the final accuracy and of the total wire bytes."""
+    its code dim, and mean / std over ``seeds`` (default: the run's) of the final accuracy and of the
+    total wire bytes."""
     results = json.loads((run_dir / RESULTS_JSON).read_text())
     code_dim = results["config"].get("code-dim")
     out = []
-    for arm, figures in results["summary"].items():
+    for arm, figures in seeds_summary(results, seeds).items():
         if arms is not None and arm not in arms:
             continue
         accuracy, accuracy_std, n = _mean_std(figures["final_accuracy"])
@@ -119,13 +144,16 @@ def points(run_dir: Path, arms: Sequence[str] | None = None) -> list[dict[str, A
     return out
 
 
-def collect(out: Path, code_dims: Sequence[int], reference: Path | None) -> list[dict[str, Any]]:
+def collect(
+    out: Path, code_dims: Sequence[int], reference: Path | None, seeds: Sequence[int] | None = None
+) -> list[dict[str, Any]]:
     """The points of every code dim's csg arms and of the reference run (``reference``, else
-    ``OUT/reference`` when it exists), csg arms ordered by code dim."""
+    ``OUT/reference`` when it exists), csg arms ordered by code dim; the reference's over ``seeds``
+    only (a run over more seeds, such as the three-seed headline run, contributes the frontier's)."""
     rows = [p for d in code_dims for p in points(code_dim_dir(out, d), CSG_ARMS)]
     ref = reference if reference is not None else out / REFERENCE_DIR
     if (ref / RESULTS_JSON).is_file():
-        rows += [p for p in points(ref) if p["code_dim"] is None or Arm.parse(p["arm"]).codec]
+        rows += [p for p in points(ref, seeds=seeds) if p["code_dim"] is None or Arm.parse(p["arm"]).codec]
     return rows
 
 
@@ -218,6 +246,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.reference is not None and not (args.reference / RESULTS_JSON).is_file():
         parser.error(f"--reference {str(args.reference)!r} holds no {RESULTS_JSON}: accepted is a reported run")
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if args.reference is not None:
+        try:  # before any compare runs: the reference must hold the frontier's seeds
+            seeds_summary(json.loads((args.reference / RESULTS_JSON).read_text()), seeds)
+        except ValueError as error:
+            parser.error(f"--reference {str(args.reference)!r}: {error}")
     reference_arms = [a.strip() for a in args.reference_arms.split(",") if a.strip()]
     args.out.mkdir(parents=True, exist_ok=True)
     walls: dict[str, float] = {}
@@ -229,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             start = time.perf_counter()
             subprocess.run(cmd, check=True)
             walls[run_dir.name] = round(time.perf_counter() - start, 1)
-    rows = collect(args.out, args.code_dims, args.reference)
+    rows = collect(args.out, args.code_dims, args.reference, seeds)
     print_table(["arm", "final accuracy", "total wire MB", "seeds"], table_rows(rows))
     plot(rows, args.out / "frontier.png", f"code-size frontier: {args.config}, seeds {args.seeds}")
     write_json(

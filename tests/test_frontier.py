@@ -93,3 +93,28 @@ def test_report_only_tabulates_plots_and_writes_json(
     lines = capsys.readouterr().out.splitlines()
     assert [line.strip().split("  ")[0] for line in lines[2:8]] == list(got)
     assert " ".join(lines[2 + list(got).index("csg @144")].split()) == "csg @144 0.3500 ± 0.0141 8.000 ± 0.000 2"
+
+
+def test_a_reference_over_more_seeds_contributes_the_frontiers_seeds_only(
+    tmp_path: Path, load_script: Callable[[str], ModuleType], capsys: pytest.CaptureFixture[str]
+) -> None:
+    frontier = load_script("frontier")
+    mb = 1_000_000
+    for seed in (0, 1):
+        write_arm(tmp_path / "code-dim-72" / f"seed-{seed}", "csg", [0.1, 0.3], seed, mb, mb)
+    write_report(tmp_path / "code-dim-72")
+    headline = tmp_path / "headline"  # a three-seed run: seed 2's fedavg is far off and must not count
+    for seed, acc in ((0, 0.40), (1, 0.42), (2, 0.90)):
+        write_arm(headline / f"seed-{seed}", "fedavg", [0.1, acc], seed, 10 * mb, 10 * mb)
+    write_report(headline)
+    argv = ["--out", str(tmp_path), "--code-dims", "72", "--report-only", "--reference", str(headline)]
+    assert frontier.main([*argv, "--seeds", "0,1"]) == 0
+    points = {p["label"]: p for p in json.loads((tmp_path / "frontier.json").read_text())["points"]}
+    assert points["fedavg"]["seeds"] == 2
+    assert points["fedavg"]["final_accuracy"] == pytest.approx(0.41)
+    assert points["fedavg"]["final_accuracy_std"] == pytest.approx(0.02**0.5 / 10)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        frontier.main([*argv, "--seeds", "0,3"])
+    assert exit_info.value.code == 2
+    assert "lacks seeds 3: accepted is a run over seeds 0, 1, 2" in capsys.readouterr().err
