@@ -38,6 +38,7 @@ from benchlib import print_table, write_json
 from fedcsg.runs.layout import RESULTS_JSON
 from fedcsg.runs.summary import summarize_seeds
 from fedcsg.spec.arms import Arm
+from fedcsg.spec.config import RunConfig
 
 CONFIG = "cifar10-resnet20-peers"
 CODE_DIMS = (72, 144, 288)
@@ -246,7 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.reference is not None and not (args.reference / RESULTS_JSON).is_file():
         parser.error(f"--reference {str(args.reference)!r} holds no {RESULTS_JSON}: accepted is a reported run")
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    try:  # the run setting's own parser and bounds, before any compare runs
+        seeds = RunConfig(seeds=args.seeds).seed_list
+    except ValueError as error:
+        parser.error(f"--seeds: {error}")
     if args.reference is not None:
         try:  # before any compare runs: the reference must hold the frontier's seeds
             seeds_summary(json.loads((args.reference / RESULTS_JSON).read_text()), seeds)

@@ -118,3 +118,7 @@ def test_a_reference_over_more_seeds_contributes_the_frontiers_seeds_only(
         frontier.main([*argv, "--seeds", "0,3"])
     assert exit_info.value.code == 2
     assert "lacks seeds 3: accepted is a run over seeds 0, 1, 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        frontier.main([*argv, "--seeds", "0,x"])
+    assert exit_info.value.code == 2
+    assert "--seeds: seeds = '0,x' is not accepted: comma-separated integers" in capsys.readouterr().err
