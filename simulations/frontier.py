@@ -7,7 +7,8 @@ more bytes and may buy accuracy. ``code-dim`` is a run-wide setting, so every co
 ``fedcsg compare`` (a fresh process, Flower's simulation engine on Ray) of the csg arms into
 ``OUT/code-dim-N``; the reference arms (whose models have no codes, or whose code dim is the
 config's) are one more compare into ``OUT/reference``, or are read from an existing run directory
-(``--reference DIR``, e.g. a peers run over the same seeds). Each compare runs ``--seeds`` (one run
+(``--reference DIR``, a run of the same config over these seeds or more, e.g. the headline run), which
+also supplies the csg arms it holds at its code dim, so those are not run again. Each compare runs ``--seeds`` (one run
 per seed, resumable per seed: a rerun resumes every directory that already exists).
 
 Writes ``OUT/frontier.json`` (one point per arm and code dim: mean and std over the seeds of the
@@ -29,16 +30,18 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from benchlib import print_table, write_json
 
-from fedcsg.runs.layout import RESULTS_JSON
+from fedcsg.cli.runs import parse_overrides
+from fedcsg.runs.layout import RESULTS_JSON, differing_settings
 from fedcsg.runs.summary import summarize_seeds
 from fedcsg.spec.arms import Arm
 from fedcsg.spec.config import RunConfig
+from fedcsg.spec.experiments import load_experiment
 
 CONFIG = "cifar10-resnet20-peers"
 CODE_DIMS = (72, 144, 288)
@@ -73,17 +76,43 @@ def plan(
     sets: Sequence[str] = (),
     reference_arms: Sequence[str] = REFERENCE_ARMS,
     reference: Path | None = None,
+    reused: Mapping[int, Collection[str]] | None = None,
 ) -> list[tuple[Path, list[str]]]:
-    """Every compare to run, with the directory it fills: the csg arms at each code dim, then the
-    reference arms at the config's code dim (none when ``reference`` names an existing run)."""
-    runs = [
-        (code_dim_dir(out, d), compare_command(code_dim_dir(out, d), CSG_ARMS, config, seeds, sets, d))
-        for d in code_dims
-    ]
+    """Every compare to run, with the directory it fills: the csg arms at each code dim that
+    ``reused`` (code dim: csg arms the reference run already holds, see :func:`reused_arms`) does not
+    supply, then the reference arms at the config's code dim (none when ``reference`` names an
+    existing run)."""
+    runs = []
+    for d in code_dims:
+        arms = [a for a in CSG_ARMS if a not in (reused or {}).get(d, ())]
+        if arms:
+            runs.append((code_dim_dir(out, d), compare_command(code_dim_dir(out, d), arms, config, seeds, sets, d)))
     if reference is None and reference_arms:
         ref = out / REFERENCE_DIR
         runs.append((ref, compare_command(ref, reference_arms, config, seeds, sets, None)))
     return runs
+
+
+def reused_arms(results: Mapping[str, Any], config: str, sets: Sequence[str]) -> dict[int, list[str]]:
+    """The csg arms (plain, without a codec) that a reference run's ``results.json`` holds, by its code
+    dim: the frontier takes those points from it instead of running them again.
+
+    Raises
+    ------
+    ValueError
+        If the reference was run under other settings than ``config`` with ``sets`` (its seeds,
+        arms and code dim aside), so that its points would not lie on the same axes.
+    """
+    cfg = RunConfig.from_mapping(parse_overrides(list(sets)), load_experiment(config))
+    recorded = results["config"]
+    differing = [k for k in differing_settings(cfg.identity(), recorded) if k.split()[0] not in ("seed", "code-dim")]
+    if differing:
+        shown = ", ".join(
+            f"{k} = {recorded.get(k)!r} (the frontier's {cfg.identity().get(k)!r})" for k in differing[:4]
+        )
+        raise ValueError(f"it was run under other settings: {shown}; accepted is a run of --config {config}")
+    held = [arm for arm in results["summary"] if arm in CSG_ARMS]
+    return {int(recorded["code-dim"]): held} if held else {}
 
 
 def _mean_std(figure: Any) -> tuple[float | None, float | None, int]:
@@ -150,12 +179,25 @@ def collect(
 ) -> list[dict[str, Any]]:
     """The points of every code dim's csg arms and of the reference run (``reference``, else
     ``OUT/reference`` when it exists), csg arms ordered by code dim; the reference's over ``seeds``
-    only (a run over more seeds, such as the three-seed headline run, contributes the frontier's)."""
-    rows = [p for d in code_dims for p in points(code_dim_dir(out, d), CSG_ARMS)]
+    only (a run over more seeds, such as the three-seed headline run, contributes the frontier's), its
+    plain csg arms where no code-dim directory holds them (see :func:`reused_arms`)."""
+    rows = [
+        p
+        for d in code_dims
+        if (code_dim_dir(out, d) / RESULTS_JSON).is_file()
+        for p in points(code_dim_dir(out, d), CSG_ARMS)
+    ]
     ref = reference if reference is not None else out / REFERENCE_DIR
     if (ref / RESULTS_JSON).is_file():
-        rows += [p for p in points(ref, seeds=seeds) if p["code_dim"] is None or Arm.parse(p["arm"]).codec]
-    return rows
+        have = {(p["arm"], p["code_dim"]) for p in rows}
+        rows += [
+            p
+            for p in points(ref, seeds=seeds)
+            if p["code_dim"] is None
+            or Arm.parse(p["arm"]).codec
+            or (p["code_dim"] in code_dims and (p["arm"], p["code_dim"]) not in have)
+        ]
+    return sorted(rows, key=lambda p: (0, p["code_dim"]) if p["arm"] in CSG_ARMS else (1, 0))
 
 
 def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[object]]:
@@ -251,9 +293,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         seeds = RunConfig(seeds=args.seeds).seed_list
     except ValueError as error:
         parser.error(f"--seeds: {error}")
+    reused: dict[int, list[str]] = {}
     if args.reference is not None:
-        try:  # before any compare runs: the reference must hold the frontier's seeds
-            seeds_summary(json.loads((args.reference / RESULTS_JSON).read_text()), seeds)
+        try:  # before any compare runs: the reference must hold the frontier's seeds, under its settings
+            results = json.loads((args.reference / RESULTS_JSON).read_text())
+            seeds_summary(results, seeds)
+            reused = reused_arms(results, args.config, args.set)
         except ValueError as error:
             parser.error(f"--reference {str(args.reference)!r}: {error}")
     reference_arms = [a.strip() for a in args.reference_arms.split(",") if a.strip()]
@@ -261,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     walls: dict[str, float] = {}
     if not args.report_only:
         for run_dir, cmd in plan(
-            args.out, args.code_dims, args.config, args.seeds, args.set, reference_arms, args.reference
+            args.out, args.code_dims, args.config, args.seeds, args.set, reference_arms, args.reference, reused
         ):
             print("$", " ".join(cmd[1:]), flush=True)
             start = time.perf_counter()

@@ -107,7 +107,10 @@ def test_a_reference_over_more_seeds_contributes_the_frontiers_seeds_only(
     for seed, acc in ((0, 0.40), (1, 0.42), (2, 0.90)):
         write_arm(headline / f"seed-{seed}", "fedavg", [0.1, acc], seed, 10 * mb, 10 * mb)
     write_report(headline)
+    experiment = tmp_path / "experiment.toml"  # the settings write_arm records
+    experiment.write_text("num-rounds = 1\ntarget-accuracy = 0.3\n")
     argv = ["--out", str(tmp_path), "--code-dims", "72", "--report-only", "--reference", str(headline)]
+    argv += ["--config", str(experiment)]
     assert frontier.main([*argv, "--seeds", "0,1"]) == 0
     points = {p["label"]: p for p in json.loads((tmp_path / "frontier.json").read_text())["points"]}
     assert points["fedavg"]["seeds"] == 2
@@ -122,3 +125,51 @@ def test_a_reference_over_more_seeds_contributes_the_frontiers_seeds_only(
         frontier.main([*argv, "--seeds", "0,x"])
     assert exit_info.value.code == 2
     assert "--seeds: seeds = '0,x' is not accepted: comma-separated integers" in capsys.readouterr().err
+
+
+def test_the_csg_arms_a_reference_holds_are_read_from_it_not_run_again(
+    tmp_path: Path, load_script: Callable[[str], ModuleType], capsys: pytest.CaptureFixture[str]
+) -> None:
+    frontier = load_script("frontier")
+    mb = 1_000_000
+    headline = tmp_path / "headline"  # csg at code dim 72 beside fedavg, over three seeds
+    for seed, acc in ((0, 0.30), (1, 0.32), (2, 0.90)):
+        write_arm(headline / f"seed-{seed}", "csg", [0.1, acc], seed, mb, mb)
+        write_arm(headline / f"seed-{seed}", "fedavg", [0.1, 0.4], seed, 10 * mb, 10 * mb)
+    write_report(headline)
+    results = json.loads((headline / "results.json").read_text())
+    experiment = tmp_path / "experiment.toml"
+    experiment.write_text("num-rounds = 1\ntarget-accuracy = 0.3\n")
+    reused = frontier.reused_arms(results, str(experiment), [])
+    assert reused == {72: ["csg"]}
+    out = tmp_path / "frontier"
+    runs = frontier.plan(out, [72, 144], config=str(experiment), seeds="0,1", reference=headline, reused=reused)
+    assert [(run_dir.name, cmd[cmd.index("--arms") + 1]) for run_dir, cmd in runs] == [
+        ("code-dim-72", "csg-frozen"),
+        ("code-dim-144", "csg,csg-frozen"),
+    ]
+    for seed in (0, 1):  # what those two compares write
+        write_arm(out / "code-dim-72" / f"seed-{seed}", "csg-frozen", [0.1, 0.25], seed, mb // 4, mb // 4)
+        for arm in ("csg", "csg-frozen"):
+            write_arm(out / "code-dim-144" / f"seed-{seed}", arm, [0.1, 0.35], seed, 2 * mb, 2 * mb, code_dim=144)
+    write_report(out / "code-dim-72")
+    write_report(out / "code-dim-144")
+    argv = ["--out", str(out), "--code-dims", "72,144", "--seeds", "0,1", "--reference", str(headline)]
+    assert frontier.main([*argv, "--config", str(experiment), "--report-only"]) == 0
+    got = {
+        p["label"]: (round(p["final_accuracy"], 4), p["seeds"], p["run_dir"])
+        for p in json.loads((out / "frontier.json").read_text())["points"]
+    }
+    assert got == {  # seed 2's 0.90 does not count: the frontier's seeds are 0 and 1
+        "csg @72": (0.31, 2, str(headline)),
+        "csg-frozen @72": (0.25, 2, str(out / "code-dim-72")),
+        "csg @144": (0.35, 2, str(out / "code-dim-144")),
+        "csg-frozen @144": (0.35, 2, str(out / "code-dim-144")),
+        "fedavg": (0.4, 2, str(headline)),
+    }
+    # A reference run under other settings would put its points on other axes: refused before any compare.
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        frontier.main([*argv, "--config", str(experiment), "--set", "num-rounds=5"])
+    assert exit_info.value.code == 2
+    assert "it was run under other settings: num-rounds = 1 (the frontier's 5)" in capsys.readouterr().err

@@ -27,7 +27,8 @@ from fedcsg.spec.config import RunConfig
 from fedcsg.spec.experiments import DEFAULT_EXPERIMENT, load_experiment, shipped_experiments
 
 
-def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` pairs as run settings: a TOML value, else a bare word as a string."""
     values: dict[str, Any] = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
@@ -42,7 +43,7 @@ def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """--set KEY=VALUE pairs, and --seeds as the run setting ``seeds``."""
-    values = _parse_overrides(args.set or [])
+    values = parse_overrides(args.set or [])
     if getattr(args, "seeds", None) is not None:
         values["seeds"] = args.seeds
     return values
