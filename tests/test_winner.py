@@ -78,12 +78,20 @@ def test_one_seed_says_it_is_one_seed() -> None:
     )
 
 
-def test_accuracy_differences_under_two_standard_deviations_are_within_noise() -> None:
-    spreads = {"fedavg": spread([0.40, 0.50]), "csg": spread([0.30, 0.36]), "csg-frozen": spread([0.29, 0.31])}
-    # fedavg's std is 0.0707 (the larger of each pair): 2 std = 14.14 points; csg is 12 points down, csg-frozen 15.
+def test_accuracy_differences_are_judged_seed_by_seed() -> None:
+    spreads = {
+        "fedavg": spread([0.40, 0.50, 0.45]),
+        # 2 to 3 points behind in every seed: the per-seed differences -2, -3, -2.5 have std 0.5, so the mean
+        # -2.5 is beyond 2 std (1.00), although each arm's own spread over the seeds is 5 points.
+        "csg": spread([0.38, 0.47, 0.425]),
+        # +5, -8, +1: a mean of -0.67 against a std of 6.66 (2 std = 13.32) is within noise.
+        "csg-frozen": spread([0.45, 0.42, 0.46]),
+        "fedpara": spread([None, 0.40, None]),  # one seed in common with fedavg
+    }
     assert accuracy_noise_sentence(spreads, "final accuracy") == (
-        "Mean final accuracy against fedavg (0.4500 ± 0.0707), over the seeds: csg -12.00 points, within noise "
-        "(2 std = 14.14 points); csg-frozen -15.00 points, beyond noise (2 std = 14.14 points)."
+        "Mean final accuracy against fedavg (0.4500 ± 0.0500), seed by seed (per seed in points): csg -2.50 points "
+        "(-2.0, -3.0, -2.5), beyond noise (2 std = 1.00 points); csg-frozen -0.67 points (+5.0, -8.0, +1.0), "
+        "within noise (2 std = 13.32 points); fedpara -10.00 points (-10.0), one seed in common: no noise estimate."
     )
     assert accuracy_noise_sentence({"csg": spread([0.3])}, "final accuracy") == ""
 
@@ -143,12 +151,12 @@ def test_report_over_seeds_states_the_rule_and_shows_every_spread(tmp_path: Path
     assert "| fedavg | full | full | 0.4500 ± 0.0707 | 0.4500 ± 0.0707 | 0.3333 ± 0.0236 |" in report
     assert "| 2.000 ± 0.000 MB | 2.000 ± 0.000 MB | - | 12.000 ± 0.000 MB | 1.00x |" in report
     assert (
-        "Mean final accuracy against fedavg (0.4500 ± 0.0707), over the seeds: csg+int8/delta-int8 -12.00 points, "
-        "within noise (2 std = 14.14 points)." in report
+        "Mean final accuracy against fedavg (0.4500 ± 0.0707), seed by seed (per seed in points): "
+        "csg+int8/delta-int8 -12.00 points (-10.0, -14.0), beyond noise (2 std = 5.66 points)." in report
     )
     assert (
-        "Mean accuracy of the last 3 rounds against fedavg (0.3333 ± 0.0236), over the seeds: csg+int8/delta-int8 "
-        "-4.17 points, within noise (2 std = 6.13 points)." in report
+        "Mean accuracy of the last 3 rounds against fedavg (0.3333 ± 0.0236), seed by seed (per seed in points): "
+        "csg+int8/delta-int8 -4.17 points (-4.7, -3.7), beyond noise (2 std = 1.41 points)." in report
     )
     # fedavg - 1 point is 39% in seed 0 and 49% in seed 1: the delta arm gets to neither.
     assert (

@@ -269,8 +269,8 @@ def _seeds_head(config: dict[str, Any], seeds: list[Any], summary: dict[str, Any
         "sampling and augmentation; "
         "every arm of a seed on the same ones). Each seed's own report is in seed-N/report.md.",
         "",
-        "Figures are mean ± sample standard deviation over the seeds. With a few seeds the spread is itself "
-        "rough: a difference between arms smaller than about two standard deviations is within noise.",
+        "Figures are mean ± sample standard deviation over the seeds. That spread holds the seeds' own "
+        "luck, which every arm of a seed shares: differences between arms are judged seed by seed (below).",
         "",
         f"*{short}* is the test {metric}. *Last {LAST_ROUNDS} rounds* is its mean over a seed's last "
         f"{LAST_ROUNDS} rounds. "

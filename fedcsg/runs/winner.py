@@ -16,11 +16,12 @@ WINNER_RULE = (
     "An arm is named as needing the fewest wire bytes to a goal only if it reaches the goal in every seed and "
     "needs fewer bytes than every other arm in every seed (an arm that misses the goal in a seed counts as "
     "needing more bytes there than any arm that reaches it, so it is never named over one that reaches it in "
-    "every seed); otherwise the report says which arms it is not separated from. An accuracy difference "
-    "smaller than two standard deviations over the seeds (the larger of the two arms') is within noise."
+    "every seed); otherwise the report says which arms it is not separated from. Accuracy is compared seed by "
+    "seed, because every arm of a seed shares its partitions, initial model and sampling: a difference is "
+    "within noise when its mean over the seeds is smaller than two standard deviations of its per-seed values."
 )
 ONE_SEED = "One seed: no noise estimate separates any two arms (`--seeds 0,1,2` gives one)."
-NOISE_SDS = 2.0  # a difference smaller than this many standard deviations is within noise
+NOISE_SDS = 2.0  # a mean difference smaller than this many standard deviations of its per-seed values is noise
 
 
 def _mb(value: float) -> str:
@@ -106,13 +107,20 @@ def fewest_bytes_over_seeds(per_seed: dict[str, list[float | None]], goal: str) 
     return text + tail + "."
 
 
+def paired_difference(values: list[float | None], reference: list[float | None]) -> dict[str, Any]:
+    """The per-seed differences ``values - reference`` (the seeds where both have a value), their mean and
+    sample standard deviation (:func:`fedcsg.runs.summary.spread`)."""
+    return spread([a - b for a, b in zip(values, reference, strict=True) if a is not None and b is not None])
+
+
 def accuracy_noise_sentence(spreads: dict[str, dict[str, Any]], figure: str) -> str:
     """One sentence comparing every arm's mean ``figure`` (e.g. "final accuracy") with fedavg's (else
-    the best arm's) over the seeds, saying of each difference whether it is within noise: smaller
-    than :data:`NOISE_SDS` standard deviations, the larger of the two arms'.
+    the best arm's) over the seeds, seed by seed (:func:`paired_difference`), saying of each difference
+    whether it is within noise: a mean smaller than :data:`NOISE_SDS` standard deviations of the
+    per-seed differences (or fewer than two seeds in common).
 
-    ``spreads`` maps arm to ``{"mean", "std", "n", "values"}`` (:func:`fedcsg.runs.summary.spread`);
-    arms without a mean are left out.
+    ``spreads`` maps arm to ``{"mean", "std", "n", "values"}`` (:func:`fedcsg.runs.summary.spread`),
+    ``values`` in the seeds' order; arms without a mean are left out.
     """
     present = {arm: s for arm, s in spreads.items() if s["mean"] is not None}
     if len(present) < 2:
@@ -123,12 +131,16 @@ def accuracy_noise_sentence(spreads: dict[str, dict[str, Any]], figure: str) -> 
     for arm, s in present.items():
         if arm == base:
             continue
-        diff = (s["mean"] - ref["mean"]) * 100
-        bound = NOISE_SDS * max(s["std"], ref["std"]) * 100
-        verdict = "within noise" if abs(diff) < bound else "beyond noise"
-        parts.append(f"{arm} {diff:+.2f} points, {verdict} (2 std = {bound:.2f} points)")
+        paired = paired_difference(s["values"], ref["values"])
+        diff = paired["mean"] * 100
+        bound = NOISE_SDS * paired["std"] * 100
+        per_seed = ", ".join(f"{v * 100:+.1f}" for v in paired["values"])
+        if paired["n"] < 2:
+            parts.append(f"{arm} {diff:+.2f} points ({per_seed}), one seed in common: no noise estimate")
+            continue
+        verdict = "beyond noise" if abs(diff) > bound else "within noise"
+        parts.append(f"{arm} {diff:+.2f} points ({per_seed}), {verdict} (2 std = {bound:.2f} points)")
     return (
-        f"Mean {figure} against {base} ({ref['mean']:.4f} ± {ref['std']:.4f}), over the seeds: "
-        + "; ".join(parts)
-        + "."
+        f"Mean {figure} against {base} ({ref['mean']:.4f} ± {ref['std']:.4f}), seed by seed (per seed in "
+        "points): " + "; ".join(parts) + "."
     )
