@@ -49,6 +49,8 @@ CSG_ARMS = ("csg", "csg-frozen")
 REFERENCE_ARMS = ("fedavg", "fedpara", "fedavg+int8", "csg+int8", "csg-frozen+int8", "csg+int8/delta-int8")
 SEEDS = "0,1"
 REFERENCE_DIR = "reference"
+# the reference points: distinct from the csg lines (C2, C3) and from one another
+REFERENCE_COLOURS = ("C0", "C1", "C4", "C5", "C6", "C7", "C8", "C9", "black", "olive", "navy", "teal")
 
 
 def code_dim_dir(out: Path, code_dim: int) -> Path:
@@ -197,7 +199,9 @@ def collect(
             or Arm.parse(p["arm"]).codec
             or (p["code_dim"] in code_dims and (p["arm"], p["code_dim"]) not in have)
         ]
-    return sorted(rows, key=lambda p: (0, p["code_dim"]) if p["arm"] in CSG_ARMS else (1, 0))
+    return sorted(
+        rows, key=lambda p: (0, p["code_dim"], CSG_ARMS.index(p["arm"])) if p["arm"] in CSG_ARMS else (1, 0, 0)
+    )
 
 
 def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[object]]:
@@ -223,7 +227,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(11, 5.5))
     for n, arm in enumerate(CSG_ARMS):
         line = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["code_dim"])
         if not line:
@@ -246,9 +250,9 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
             [r["final_accuracy"]],
             xerr=[r["total_wire_bytes_std"] / 1e6],
             yerr=[r["final_accuracy_std"]],
-            marker="s",
+            marker="sD^vPX<>"[n % 8],
             linestyle="none",
-            color=f"C{(n + 4) % 10}",
+            color=REFERENCE_COLOURS[n % len(REFERENCE_COLOURS)],
             capsize=3,
             label=r["label"],
         )
@@ -257,7 +261,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     ax.set_ylabel("final test accuracy (mean ± std over seeds)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
