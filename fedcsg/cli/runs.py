@@ -115,6 +115,7 @@ def preflight(cfg: RunConfig, arms: list[str]) -> None:
     from fedcsg.data.readers import load_labels
     from fedcsg.fl.ray_cluster import check_resources
     from fedcsg.fl.task import data_problem
+    from fedcsg.nn.training import get_device
 
     sizes = [
         len(load_labels(cfg.dataset, split, cfg.data_dir or None, hub_name=cfg.hub_name or None))
@@ -123,6 +124,7 @@ def preflight(cfg: RunConfig, arms: list[str]) -> None:
     cfg.data_settings.check_sizes(*sizes, num_clients=cfg.num_clients)
     for arm in arms:
         cfg.model_settings(arm).check_size()
+    cfg.execution.check(get_device(cfg.device))
     probe = functools.partial(data_problem, cfg.data_settings)
     check_resources(cfg.ray_address, cfg.client_num_cpus, cfg.client_num_gpus, probe)
 

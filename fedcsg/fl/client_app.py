@@ -44,11 +44,12 @@ RESIDUAL_KEY = "uplink-residual"  # Context.state record of an error-feedback co
 
 
 @functools.lru_cache(maxsize=2)
-def _model_and_layout(cfg: RunConfig) -> tuple[nn.Module, PayloadLayout]:
+def _model_and_layout(cfg: RunConfig) -> tuple[nn.Module, PayloadLayout, nn.Module | None]:
     # One model per process and run: a Ray actor serves many virtual clients in turn, and each
-    # round overwrites every payload entry, so rebuilding it per message would only cost time.
+    # round overwrites every payload entry, so rebuilding it per message would only cost time; its
+    # compiled twin (when the run compiles) is kept with it, so a process compiles once per run.
     model = build_arm_model(cfg)
-    return model, payload_layout(cfg, model)
+    return model, payload_layout(cfg, model), cfg.execution.compiled(model, get_device(cfg.device))
 
 
 class InjectedFault(RuntimeError):
@@ -116,7 +117,7 @@ def train(msg: Message, context: Context) -> Message:
             f"(fault-probability = {cfg.fault_probability})"
         )
     device = get_device(cfg.device)
-    model, layout = _model_and_layout(cfg)
+    model, layout, compiled = _model_and_layout(cfg)
     downlink = Downlink.of_config(cfg, layout)
     # A delta downlink's x̂ lives in context.state; out of sync, this raises and the round fails.
     received = receive(downlink, msg.content[ARRAYS], config, context.state, f"{cfg.arm}:{cfg.seed}")
@@ -131,6 +132,7 @@ def train(msg: Message, context: Context) -> Message:
         seed=cfg.seed * 1_000_003 + server_round * 10_007 + partition_id,
         device=device,
         factor=str(config.get(TRAIN_FACTOR_KEY, "all")),
+        compiled=compiled,
     )
     model.to("cpu")
     metrics = MetricRecord(

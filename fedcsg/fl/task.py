@@ -112,15 +112,20 @@ def local_train(
     seed: int,
     device: torch.device,
     factor: str = "all",
+    compiled: nn.Module | None = None,
 ) -> PassStats:
-    """Train ``model`` on a client's data for ``epochs`` with a fresh SGD optimizer.
+    """Train ``model`` on a client's data for ``epochs`` with a fresh SGD optimizer, in the run's
+    :attr:`~fedcsg.spec.config.RunConfig.execution` (through ``compiled``, the model's compiled twin,
+    when the run compiles).
 
     ``factor`` (one of :data:`fedcsg.nn.csg_factors.FACTORS`) limits which CSG factor trains: the other is
     left out of the optimizer (no step, decay or momentum) and comes back bit-identical.
     Returns the stats of the last epoch, with ``seconds`` summed over all epochs.
     """
     tune_malloc()
-    model.to(device)
+    execution = cfg.execution
+    execution.check(device)
+    execution.place(model, device)
     batches = TensorBatches(data, batch_size, shuffle=True, augment=True, seed=seed, device=device)
     seconds, stats = 0.0, None
     with freeze_factor(model, factor):
@@ -130,19 +135,22 @@ def local_train(
             if is_segmentation(data):
                 stats = seg_train_epoch(model, batches, optimizer, device, data.spec.num_classes)
             else:
-                stats = train_epoch(model, batches, optimizer, device)
+                stats = train_epoch(model, batches, optimizer, device, execution, compiled)
             seconds += stats.seconds
     assert stats is not None
     return PassStats(stats.loss, stats.accuracy, stats.num_examples, seconds)
 
 
 def evaluate_model(model: nn.Module, data: ImageData, cfg: RunConfig, device: torch.device) -> PassStats:
+    """Evaluate ``model`` on ``data`` in the run's precision and memory format (never compiled)."""
     tune_malloc()
-    model.to(device)
+    execution = cfg.execution
+    execution.check(device)
+    execution.place(model, device)
     batches = TensorBatches(data, cfg.eval_batch_size, device=device)
     if is_segmentation(data):
         return seg_evaluate(model, batches, device, data.spec.num_classes)
-    return evaluate(model, batches, device)
+    return evaluate(model, batches, device, execution)
 
 
 def is_segmentation(data: ImageData) -> bool:

@@ -7,6 +7,7 @@ model and the data, are :mod:`fedcsg.spec.settings`; the checks of single values
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -18,6 +19,7 @@ from fedcsg.nn.csg import SliceShape
 from fedcsg.nn.csg_factors import AGGREGATIONS as CSG_AGGREGATIONS
 from fedcsg.nn.csgify import INITS as CSG_INITS
 from fedcsg.nn.csgify import CSGConfig
+from fedcsg.nn.execution import COMPILE_MODES, PRECISIONS, Execution, compile_pays
 from fedcsg.nn.fedpara import DEFAULT_RATIO as FEDPARA_RATIO
 from fedcsg.nn.fedpara import check_ratio as check_fedpara_ratio
 from fedcsg.nn.models import check_trainable
@@ -34,7 +36,7 @@ PACKINGS = ("flat", "per-tensor")  # how a payload's float entries travel: one f
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")  # fedcsg.fl.server_opt: Flower's strategies
 # Keys that say where or how a run is carried out, not what it computes: a resumed run may differ in them.
 # `seeds` only says how many runs to make; each run's own `seed` is part of its identity.
-NOT_IDENTITY_KEYS = ("out-dir", "arms", "resume", "seeds", "ray-address")
+NOT_IDENTITY_KEYS = ("out-dir", "arms", "resume", "seeds", "ray-address", "compile", "channels-last")
 POSITIVE_INTS = (
     "code_dim",
     "pointwise_code_dim",
@@ -121,6 +123,9 @@ class RunConfig:
     seeds: str = ""  # fedcsg run/compare: comma-separated seeds, one run of every arm per seed; "" = `seed` alone
     payload_packing: str = "flat"
     device: str = "auto"
+    compile: str = "auto"  # torch.compile the training step: off, on, auto (on where it pays back: compile_pays)
+    channels_last: bool = True  # channels-last memory format for weights, generated filters and batches
+    precision: str = "fp32"  # autocast dtype of training and evaluation: fp32, bf16, fp16 (fedcsg.nn.execution)
     client_num_cpus: int = 1
     client_num_gpus: float = 0.0
     ray_address: str = ""  # "" a private Ray, "auto" the cluster on this machine, HOST:PORT a head node
@@ -146,6 +151,8 @@ class RunConfig:
         one_of("lr-schedule", self.lr_schedule, SCHEDULES)
         one_of("payload-packing", self.payload_packing, PACKINGS)
         one_of("device", self.device, DEVICES)
+        one_of("compile", self.compile, COMPILE_MODES)
+        one_of("precision", self.precision, PRECISIONS)
         one_of("failed-round", self.failed_round, FAILED_ROUND_POLICIES)
         one_of("csg-init", self.csg_init, CSG_INITS)
         one_of("csg-aggregation", self.csg_aggregation, CSG_AGGREGATIONS)
@@ -162,6 +169,11 @@ class RunConfig:
         for arm in self.arm_list:
             check_arm(arm)
         check_trainable(self.model, get_spec(self.dataset).task)
+        if get_spec(self.dataset).task == "segmentation" and (self.compile == "on" or self.precision != "fp32"):
+            raise ValueError(
+                f"compile = {self.compile!r}, precision = {self.precision!r} are not accepted for segmentation "
+                f"({self.dataset}): its loop runs eager fp32; accepted are compile 'off' or 'auto', precision 'fp32'"
+            )
         sized_spec(self.dataset, self.image_size)
         SliceShape.parse(self.slice)
         if self.pointwise_slice:
@@ -234,6 +246,26 @@ class RunConfig:
     def csg_config(self, arm: str | None = None) -> CSGConfig | None:
         """The converter settings of ``arm`` (default: this run's arm); None for fedavg."""
         return self.model_settings(arm).csg_config()
+
+    @property
+    def execution(self) -> Execution:
+        """How this run's steps run (:class:`~fedcsg.nn.execution.Execution`); ``compile = "auto"``
+        compiles when :func:`~fedcsg.nn.execution.compile_pays` for the images one training process
+        trains over the run (:meth:`images_per_process`)."""
+        auto = self.compile == "auto" and get_spec(self.dataset).task == "classification"
+        compiled = self.compile == "on" or (auto and compile_pays(self.images_per_process()))
+        return Execution(compile=compiled, channels_last=self.channels_last, precision=self.precision)
+
+    def images_per_process(self) -> float:
+        """Images one training process trains over the run, estimated from the settings: rounds x
+        local epochs x the images sampled a round, shared by as many processes as run at once
+        (clients a round, at most this machine's cores / client-num-cpus). A run over a whole split
+        (``train-limit`` 0) counts as unbounded."""
+        if self.train_limit == 0:
+            return float("inf")
+        sampled = self.clients_per_round or max(1, round(self.fraction_train * self.num_clients))
+        processes = max(1, min(sampled, (os.cpu_count() or 1) // self.client_num_cpus))
+        return self.num_rounds * self.local_epochs * self.train_limit * (sampled / self.num_clients) / processes
 
     def identity(self) -> dict[str, Any]:
         """The settings that decide what a run computes (kebab-case): a run may only be resumed
