@@ -3,6 +3,7 @@ and shape, channels-last without a payload change, precisions refused or honoure
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -211,9 +212,20 @@ def test_the_train_benchmark_runs_a_cell_and_writes_its_table(tmp_path):
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    import json
 
     document = json.loads(out.read_text())
     assert [(c["arm"], c["variant"]) for c in document["cells"]] == [("csg", "eager"), ("csg", "channels-last")]
     assert all(c["images_per_s"] > 0 and c["gflops"] > 0 for c in document["cells"])
     assert "img/s" in done.stdout
+
+
+def test_a_client_process_keeps_one_compiled_twin_per_run():
+    # A Ray actor serves many virtual clients and rounds: the model and its compiled twin are built
+    # once per run config, so the graph compiles once per process and run.
+    from fedcsg.fl.client_app import _model_and_layout
+
+    cfg = RunConfig(model="fmnist-cnn", dataset="fashion-mnist", slice="8x8x3x3", code_dim=8, compile="on")
+    model, _, compiled = _model_and_layout(cfg)
+    again, _, compiled_again = _model_and_layout(cfg.replace(arm="csg"))
+    assert again is model and compiled_again is compiled and compiled is not None
+    assert _model_and_layout(cfg.replace(compile="off"))[2] is None

@@ -37,6 +37,10 @@ SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")  # fedcsg.fl.ser
 # Keys that say where or how a run is carried out, not what it computes: a resumed run may differ in them.
 # `seeds` only says how many runs to make; each run's own `seed` is part of its identity.
 NOT_IDENTITY_KEYS = ("out-dir", "arms", "resume", "seeds", "ray-address", "compile", "channels-last")
+# Settings added after runs were first recorded, each with the value that does what fedcsg did before the
+# setting existed. A record that lacks one was written by an older fedcsg and is read with that value, so a
+# run resumes across versions that only added settings (a setting added later goes here with its value).
+ADDED_SETTINGS: dict[str, Any] = {"compile": "off", "channels-last": False, "precision": "fp32"}
 POSITIVE_INTS = (
     "code_dim",
     "pointwise_code_dim",
@@ -309,5 +313,11 @@ def _public_fields() -> list[dataclasses.Field]:
 
 def identity_of(record: Mapping[str, Any]) -> dict[str, Any]:
     """The identity (see :meth:`RunConfig.identity`) of a kebab-case config record, such as the
-    ``config`` a run file holds: its keys that decide what a run computes."""
-    return {k: v for k, v in record.items() if k not in NOT_IDENTITY_KEYS}
+    ``config`` a run file holds: its keys that decide what a run computes, a key that an older fedcsg
+    did not have read as :data:`ADDED_SETTINGS` says."""
+    return {k: v for k, v in with_added_settings(record).items() if k not in NOT_IDENTITY_KEYS}
+
+
+def with_added_settings(record: Mapping[str, Any]) -> dict[str, Any]:
+    """``record`` with every :data:`ADDED_SETTINGS` key it lacks at its old-behaviour value."""
+    return {**ADDED_SETTINGS, **record}
