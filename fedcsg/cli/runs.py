@@ -23,7 +23,7 @@ from fedcsg.runs.layout import (
 )
 from fedcsg.runs.records import fedcsg_version
 from fedcsg.spec.arms import MODELS, arm_of_stem, check_arm
-from fedcsg.spec.config import RunConfig
+from fedcsg.spec.config import RunConfig, with_added_settings
 from fedcsg.spec.experiments import DEFAULT_EXPERIMENT, load_experiment, shipped_experiments
 
 
@@ -234,7 +234,9 @@ def saved_config(out_dir: Path) -> RunConfig:
             "rerun it with --overwrite"
         )
     try:
-        return _canonical(RunConfig.from_mapping({k: v for k, v in recorded.items() if k != "resume"}))
+        return _canonical(
+            RunConfig.from_mapping({k: v for k, v in with_added_settings(recorded).items() if k != "resume"})
+        )
     except ValueError as error:
         raise ValueError(f"{files[0]}: recorded config: {error}") from None
 
