@@ -37,10 +37,11 @@ SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")  # fedcsg.fl.ser
 # Keys that say where or how a run is carried out, not what it computes: a resumed run may differ in them.
 # `seeds` only says how many runs to make; each run's own `seed` is part of its identity.
 NOT_IDENTITY_KEYS = ("out-dir", "arms", "resume", "seeds", "ray-address", "compile", "channels-last")
-# Settings added after runs were first recorded, each with the value that does what fedcsg did before the
-# setting existed. A record that lacks one was written by an older fedcsg and is read with that value, so a
-# run resumes across versions that only added settings (a setting added later goes here with its value).
-ADDED_SETTINGS: dict[str, Any] = {"compile": "off", "channels-last": False, "precision": "fp32"}
+# Identity settings added after runs were first recorded, each with the value that does what fedcsg did before
+# the setting existed. A record that lacks one was written by an older fedcsg and is read with that value, so a
+# run resumes across versions that only added settings (an identity setting added later goes here with its
+# value; a setting of NOT_IDENTITY_KEYS needs no entry: a resumed run takes it from its config or the defaults).
+ADDED_SETTINGS: dict[str, Any] = {"precision": "fp32"}
 POSITIVE_INTS = (
     "code_dim",
     "pointwise_code_dim",
