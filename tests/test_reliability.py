@@ -573,7 +573,7 @@ def test_compare_resume_skips_complete_arms_continues_started_ones_runs_missing_
     _checkpointed(out, cfg.replace(arm="csg-frozen"), last_round=1)  # csg-frozen: killed after round 1
     simulated: list[tuple[str, bool]] = []
     monkeypatch.setattr(commands, "_simulate", lambda runs, o, v: simulated.extend((c.arm, c.resume) for c in runs))
-    monkeypatch.setattr(commands, "_finish", lambda o: 0)
+    monkeypatch.setattr(commands, "_finish", lambda o, runs, placement: 0)
     assert main(["compare", "--resume", str(out)]) == 0
     assert simulated == [("fedavg", True), ("csg-frozen", True)]  # the config's order; fedavg starts at round 0
     printed = capsys.readouterr().out

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedcsg.data.batches import TensorBatches
+from fedcsg.data.batches import TensorBatches, data_on
 from fedcsg.data.partitions import partition_indices
 from fedcsg.data.readers import ImageData, load_labels, load_split
 from fedcsg.nn.csg_factors import factor_lr_scales, freeze_factor
@@ -117,10 +117,12 @@ def local_train(
 
     ``factor`` (one of :data:`fedcsg.nn.csg_factors.FACTORS`) limits which CSG factor trains: the other is
     left out of the optimizer (no step, decay or momentum) and comes back bit-identical.
-    Returns the stats of the last epoch, with ``seconds`` summed over all epochs.
+    Returns the stats of the last epoch, with ``seconds`` summed over all epochs. On a GPU the
+    partition moves there once for the round (:func:`~fedcsg.data.batches.data_on`).
     """
     tune_malloc()
     model.to(device)
+    data = data_on(data, device)
     batches = TensorBatches(data, batch_size, shuffle=True, augment=True, seed=seed, device=device)
     seconds, stats = 0.0, None
     with freeze_factor(model, factor):
@@ -137,6 +139,8 @@ def local_train(
 
 
 def evaluate_model(model: nn.Module, data: ImageData, cfg: RunConfig, device: torch.device) -> PassStats:
+    """Loss and accuracy (mean IoU for segmentation) of ``model`` on ``data``, on ``device``; ``data``
+    already there (:func:`~fedcsg.data.batches.data_on`, as the server keeps its test set) is not copied."""
     tune_malloc()
     model.to(device)
     batches = TensorBatches(data, cfg.eval_batch_size, device=device)

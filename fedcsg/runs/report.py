@@ -95,6 +95,23 @@ def _node_download_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def device_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
+    """The table of where each arm computed: its clients' devices (aggregated replies per device,
+    from the rounds' ``devices``) and the server's."""
+    lines = [
+        "",
+        "Where each arm computed: the devices its clients trained on (aggregated replies per device; "
+        "`devices` and `visible_devices` per round in results.csv) and the server's device.",
+        "",
+        "| arm | clients trained on | server evaluated on |",
+        "| --- | --- | --- |",
+    ]
+    for arm, s in summary.items():
+        clients = ", ".join(f"{device} ({count})" for device, count in s.get("client_devices", {}).items()) or "-"
+        lines.append(f"| {arm} | {clients} | {s.get('server_device') or '-'} |")
+    return lines
+
+
 def _step(values: list[float]) -> str:
     return f"{values[-1]:.4f} / {sum(values) / len(values):.4f}" if values else "-"
 
@@ -175,6 +192,7 @@ def _report_head(results: dict[str, Any], summary: dict[str, dict[str, Any]]) ->
     if first["match_accuracy"] is not None:
         lines.append(one_seed_bytes_sentence({arm: s["wire_bytes_to_match"] for arm, s in summary.items()}, goal_match))
     lines += _node_download_lines(summary)
+    lines += device_lines(summary)
     lines += _filter_step_lines(results)
     faults = [
         f"{arm}: {s['failed_rounds']} failed round(s), {s['failed_replies']} failed and "

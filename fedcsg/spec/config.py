@@ -25,6 +25,7 @@ from fedcsg.nn.training import SCHEDULES
 from fedcsg.spec.arms import DOWNLINKS, Arm, check_arm
 from fedcsg.spec.checks import SEED_LIMIT, check_ray_address, check_seed, coerce, kebab, names, one_of
 from fedcsg.spec.codecs import Codec
+from fedcsg.spec.resources import DEFAULT_CLIENTS_PER_GPU, SERVER_DEVICES, check_client_num_gpus
 from fedcsg.spec.settings import DataSettings, ModelSettings
 
 DATASETS = tuple(DATASET_SPECS)
@@ -32,9 +33,22 @@ DEVICES = ("auto", "cpu", "cuda")
 FAILED_ROUND_POLICIES = ("skip", "retry")  # fewer accepted replies than the minimum: keep the model, or resend once
 PACKINGS = ("flat", "per-tensor")  # how a payload's float entries travel: one flat array, or one per tensor
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")  # fedcsg.fl.server_opt: Flower's strategies
-# Keys that say where or how a run is carried out, not what it computes: a resumed run may differ in them.
-# `seeds` only says how many runs to make; each run's own `seed` is part of its identity.
-NOT_IDENTITY_KEYS = ("out-dir", "arms", "resume", "seeds", "ray-address")
+# Keys that say where or how a run is carried out, not what it computes: a resumed run may differ in them
+# (a run started on CPUs may go on on GPUs). `seeds` only says how many runs to make; each run's own `seed`
+# is part of its identity.
+# PLACEMENT_KEYS say where it computes on the machine it runs on: a resumed run takes them from its
+# --config/--set or the defaults, not from the run it continues.
+PLACEMENT_KEYS = ("device", "server-device", "client-num-gpus", "clients-per-gpu")
+NOT_IDENTITY_KEYS = (
+    "out-dir",
+    "arms",
+    "resume",
+    "seeds",
+    "ray-address",
+    "client-num-cpus",
+    "deterministic",
+    *PLACEMENT_KEYS,
+)
 POSITIVE_INTS = (
     "code_dim",
     "pointwise_code_dim",
@@ -47,6 +61,7 @@ POSITIVE_INTS = (
     "batch_size",
     "eval_batch_size",
     "client_num_cpus",
+    "clients_per_gpu",
 )
 MAX_BATCH_SIZE = 65536  # batch-size and eval-batch-size: far above any partition a simulation holds
 
@@ -120,9 +135,12 @@ class RunConfig:
     seed: int = 0
     seeds: str = ""  # fedcsg run/compare: comma-separated seeds, one run of every arm per seed; "" = `seed` alone
     payload_packing: str = "flat"
-    device: str = "auto"
+    device: str = "auto"  # the clients': auto = cuda where a client has a GPU share and sees a CUDA device
+    server_device: str = "auto"  # auto = cuda where the server's machine has a CUDA device (fedcsg.spec.resources)
+    deterministic: bool = False  # deterministic CUDA kernels, cuDNN without autotuning, TF32 off (docs/gpu.md)
     client_num_cpus: int = 1
-    client_num_gpus: float = 0.0
+    client_num_gpus: float | str = "auto"  # auto = 1 / clients-per-gpu on a cluster with GPUs, else 0
+    clients_per_gpu: int = DEFAULT_CLIENTS_PER_GPU
     ray_address: str = ""  # "" a private Ray, "auto" the cluster on this machine, HOST:PORT a head node
     target_accuracy: float = 0.5  # the report's "bytes to reach" threshold
     out_dir: str = ""  # where the ServerApp writes results; "" = runs/flwr-<run id>
@@ -146,6 +164,13 @@ class RunConfig:
         one_of("lr-schedule", self.lr_schedule, SCHEDULES)
         one_of("payload-packing", self.payload_packing, PACKINGS)
         one_of("device", self.device, DEVICES)
+        one_of("server-device", self.server_device, SERVER_DEVICES)
+        check_client_num_gpus(self.client_num_gpus)
+        if self.device == "cuda" and self.client_num_gpus == 0:
+            raise ValueError(
+                "device = 'cuda' is not accepted with client-num-gpus = 0: the clients would have no GPU; "
+                'accepted is client-num-gpus = "auto" or > 0, or device = "auto" or "cpu"'
+            )
         one_of("failed-round", self.failed_round, FAILED_ROUND_POLICIES)
         one_of("csg-init", self.csg_init, CSG_INITS)
         one_of("csg-aggregation", self.csg_aggregation, CSG_AGGREGATIONS)
@@ -176,7 +201,7 @@ class RunConfig:
                 raise ValueError(f"{kebab(name)} = {value!r} is not accepted: a finite number > 0 is")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum = {self.momentum!r} is not accepted: a number in [0, 1) is")
-        for name in ("weight_decay", "client_num_gpus", "max_update_norm", "server_lr"):
+        for name in ("weight_decay", "max_update_norm", "server_lr"):
             value = getattr(self, name)
             if not 0 <= value < float("inf"):  # written so that NaN fails too
                 raise ValueError(f"{kebab(name)} = {value!r} is not accepted: a finite number >= 0 is")
@@ -266,6 +291,9 @@ class RunConfig:
         for key, value in values.items():
             if key not in known:
                 raise ValueError(f"unknown config key {key!r}: accepted keys are {', '.join(sorted(known))}")
+            if key == "client-num-gpus":  # "auto" or a number
+                changes[known[key].name] = check_client_num_gpus(value)
+                continue
             default = getattr(base, known[key].name)
             changes[known[key].name] = coerce(key, value, type(default))
         return dataclasses.replace(base, **changes)
