@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -49,3 +52,26 @@ def test_bench_generation_smoke(tmp_path: Path, load_script: Callable[[str], Mod
         assert row[kind]["ratio"] > 0 and isinstance(row[kind]["pass"], bool)
         assert set(row[kind]["by_clock"]) == {"wall", "cpu"}
     assert len(row["generation"]["by_clock"]["wall"]["samples_s"]) == 2 and row["generation"]["median_s"] > 0
+
+
+def test_gpu_check_runs_at_the_tiny_size_on_the_cpu_without_flwr_or_ray(tmp_path: Path, data_dir: Path) -> None:
+    """simulations/gpu_check.py --tiny --device cpu, in a process where flwr and ray cannot be
+    imported (as on a GPU machine with torch alone): (a)-(c) pass, (d) says why it was skipped."""
+    script = Path(__file__).resolve().parents[1] / "simulations" / "gpu_check.py"
+    blocked = (
+        "import sys, runpy; sys.modules.update(flwr=None, ray=None); "
+        f"sys.argv = ['gpu_check.py', '--tiny', '--device', 'cpu', '--out', {str(tmp_path)!r}]; "
+        f"runpy.run_path({str(script)!r}, run_name='__main__')"
+    )
+    env = {**os.environ, "FEDCSG_DATA_DIR": str(data_dir), "PYTHONPATH": ""}
+    done = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    arms = {a["arm"]: a for a in report["arms"]}
+    assert list(arms) == ["fedavg", "csg", "csg-frozen", "fedpara", "csg+int8/delta-int8"]
+    assert all(a["ok"] and a["all_on_device"] and len(a["losses"]) == 3 for a in arms.values())
+    assert arms["csg-frozen"]["frozen_parameters"] == 1 and arms["csg"]["frozen_parameters"] == 0
+    assert report["reproducibility"]["deterministic_equal"] and report["reproducibility"]["cpu_device_gap"] == 0.0
+    assert [(r["arm"], r["precision"]) for r in report["throughput"]] == [(arm, "fp32") for arm in arms]
+    assert report["federated"] == {"skipped": "needs flwr, ray", "ok": None}
+    assert "| csg-frozen | True | True | True | n/a (CPU) |" in (tmp_path / "gpu_check.md").read_text()
