@@ -16,6 +16,7 @@ from pathlib import Path
 from subprocess import PIPE, Popen
 
 import pytest
+import torch
 
 from fedcsg.cli import main
 from fedcsg.cli.runs import Placement, _finish, asks_for_gpus, cpu_clients_line
@@ -163,3 +164,38 @@ def test_clients_on_the_cpu_fail_a_run_that_asked_for_gpus(declared_gpu_runs: di
     assert cpu_clients_line(runs, 1.0).startswith("clients trained on the CPU although the Ray cluster has 1 GPU(s)")
     with pytest.raises(RunFailed, match="clients trained on the CPU"):
         _finish(out, runs, Placement(1.0, asked=True))
+
+
+def test_epoch_draws_are_the_per_batch_draws_of_before() -> None:
+    """The epoch's augmentation draws, made up front for one copy to the device, are the numbers that
+    drawing batch by batch gives: the augmented batches are unchanged."""
+    from fedcsg.data.batches import TensorBatches, augment_batch, normalize_batch
+    from fedcsg.data.readers import ImageData
+    from fedcsg.data.registry import get_spec
+
+    spec = get_spec("cifar10")
+    images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8)
+    data = ImageData(images, torch.arange(20) % 10, spec)
+    mean, std = torch.tensor(spec.mean), torch.tensor(spec.std)
+    generator = torch.Generator().manual_seed(5)
+    order = torch.randperm(20, generator=generator)
+    expected = [normalize_batch(augment_batch(images[order[i : i + 8]], generator), mean, std) for i in (0, 8, 16)]
+    got = [x for x, _ in TensorBatches(data, 8, shuffle=True, augment=True, seed=5)]
+    assert len(got) == 3 and all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_deterministic_switches_and_back() -> None:
+    from fedcsg.nn.determinism import CUBLAS_WORKSPACE, deterministic_state, set_deterministic
+
+    before = deterministic_state()
+    try:
+        set_deterministic(True)
+        state = deterministic_state()
+        assert state["deterministic_algorithms"] and state["cudnn_deterministic"] and not state["cudnn_benchmark"]
+        assert not state["cudnn_allow_tf32"] and not state["matmul_allow_tf32"]
+        assert state[CUBLAS_WORKSPACE[0]] is not None
+        set_deterministic(False)
+        assert not deterministic_state()["deterministic_algorithms"]
+    finally:
+        set_deterministic(bool(before["deterministic_algorithms"]))
+        torch.backends.cudnn.allow_tf32 = bool(before["cudnn_allow_tf32"])
