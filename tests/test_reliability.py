@@ -726,7 +726,11 @@ def test_sigkill_mid_round_then_resume_matches_an_uninterrupted_run(
     partial = [r["round"] for r in json.loads((out / "arms" / "csg.json").read_text())["rounds"]]
     assert partial in (list(range(killed_at + 1)), list(range(killed_at + 2)))
 
-    resumed = _launch(["run", "--resume", str(out), *_sets(KILL_RUN)], tmp_path / "resume.log", data_dir)
+    # Resumed under other device settings than it started with (devices and shares are not the run's
+    # identity, docs/gpu.md): on this CPU machine the numbers must still be the uninterrupted run's.
+    other_devices = ["device=cpu", "server-device=cpu", "client-num-gpus=0", "clients-per-gpu=2", "deterministic=true"]
+    args = ["run", "--resume", str(out), *_sets([*KILL_RUN, *other_devices])]
+    resumed = _launch(args, tmp_path / "resume.log", data_dir)
     text = _finish(resumed, tmp_path / "resume.log")
     assert f"resuming after round {killed_at}" in text
 

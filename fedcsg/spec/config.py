@@ -63,6 +63,7 @@ POSITIVE_INTS = (
     "client_num_cpus",
     "clients_per_gpu",
 )
+MAX_LOADER_WORKERS = 64  # loader-workers: decoding processes per client
 MAX_BATCH_SIZE = 65536  # batch-size and eval-batch-size: far above any partition a simulation holds
 
 
@@ -103,6 +104,7 @@ class RunConfig:
     train_limit: int = 4000  # 0 = the whole train split; N = a seeded subset of N images, then partitioned
     test_limit: int = 2000  # 0 = the whole test split for server-side evaluation
     image_size: int = 0  # any-size sets are cut to this (0 = imagenet 224, voc 320); a fixed-size set: 0 or its own
+    loader_workers: int = 2  # any-size sets: decoding processes per client streaming its rows; 0 = decode into memory
     # Rounds and sampling
     num_rounds: int = 3
     clients_per_round: int = 0  # 0 = use fraction-train
@@ -150,6 +152,10 @@ class RunConfig:
         for name in POSITIVE_INTS:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{kebab(name)} = {getattr(self, name)!r} is not accepted: a positive integer is")
+        if not 0 <= self.loader_workers <= MAX_LOADER_WORKERS:
+            raise ValueError(
+                f"loader-workers = {self.loader_workers!r} is not accepted: an integer in 0..{MAX_LOADER_WORKERS} is"
+            )
         for name in ("train_limit", "test_limit", "clients_per_round", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{kebab(name)} = {getattr(self, name)!r} is not accepted: 0 or a positive integer is")
