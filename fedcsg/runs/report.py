@@ -233,7 +233,12 @@ def report_summary(results: dict[str, Any]) -> str:
 
 
 def _csv_cell(value: Any) -> Any:
-    return " ".join(map(str, value)) if isinstance(value, list) else value
+    """A list as one CSV cell: its items space-separated, or "; "-separated where an item holds a
+    space (a device's name, ``cuda:0 NVIDIA H100 80GB HBM3``)."""
+    if not isinstance(value, list):
+        return value
+    items = list(map(str, value))
+    return ("; " if any(" " in item for item in items) else " ").join(items)
 
 
 def write_report(out_dir: str | Path) -> dict[str, Any]:
