@@ -145,6 +145,7 @@ def test_cuda_without_a_gpu_share_is_refused_before_round_one(
             ["device=cuda", "client-num-gpus=0"],
             "fedcsg run: error: device = 'cuda' is not accepted with client-num-gpus = 0",
         ),
+        (["server-device=cuda"], "fedcsg run: error: server-device = 'cuda' is not accepted here: this machine has no"),
         (["client-num-gpus=-1"], 'fedcsg run: error: client-num-gpus = -1 is not accepted: "auto" or a finite'),
         (["client-num-gpus=some"], "fedcsg run: error: client-num-gpus = 'some' is not accepted"),
     ):

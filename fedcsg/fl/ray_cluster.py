@@ -179,7 +179,8 @@ def resolve_resources(cfg: RunConfig, nodes: list[dict[str, float]], cuda_here: 
     """``cfg`` with ``client-num-gpus`` a number and ``server-device`` ``cpu`` or ``cuda`` for the
     Ray nodes ``nodes`` and a server machine with (``cuda_here``) or without a CUDA device
     (:mod:`fedcsg.spec.resources`); a one-line ValueError for ``device = "cuda"`` with no GPU share,
-    or a client that no node can host (:func:`check_client_resources`)."""
+    ``server-device = "cuda"`` without a CUDA device here, or a client that no node can host
+    (:func:`check_client_resources`)."""
     gpus = max((node.get("GPU", 0.0) for node in nodes), default=0.0)
     server = server_device(cfg.server_device, cuda_here)
     share = client_gpu_share(cfg.client_num_gpus, cfg.clients_per_gpu, gpus, server == "cuda")
@@ -188,6 +189,11 @@ def resolve_resources(cfg: RunConfig, nodes: list[dict[str, float]], cuda_here: 
             f"device = 'cuda' is not accepted here: client-num-gpus = {cfg.client_num_gpus!r} gives the clients "
             f'no GPU share (the Ray cluster has {gpus:g} GPUs); accepted is device = "auto" or "cpu", or a '
             "cluster with GPUs"
+        )
+    if server == "cuda" and not cuda_here:
+        raise ValueError(
+            "server-device = 'cuda' is not accepted here: this machine has no CUDA device for the server; "
+            'accepted is server-device = "auto" or "cpu"'
         )
     check_client_resources(cfg.client_num_cpus, share, nodes)
     return cfg.replace(client_num_gpus=share, server_device=server)
