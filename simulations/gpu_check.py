@@ -174,14 +174,18 @@ def throughput(arm: str, precision: str, size: Size, data: ImageData, device: to
 
 
 def federated_run(device: torch.device, data_dir: str) -> dict:
-    """(d): `fedcsg run` of the quick start with client-num-gpus auto and 4 clients, where flwr and
+    """(d): `fedcsg run` of csg, ResNet-20 on CIFAR-10, client-num-gpus auto and 4 clients, where flwr and
     ray import and the device is CUDA; else why it was skipped."""
     missing = [name for name in ("flwr", "ray") if importlib.util.find_spec(name) is None]
+    # (d) is `fedcsg run` in a process of its own: flwr and ray are never imported here.
     if missing or device.type != "cuda":
         return {"skipped": f"needs {', '.join(missing)}" if missing else "needs a CUDA device", "ok": None}
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         out = Path(tmp) / "run"
-        sets = ["num-clients=4", "num-rounds=3", "train-limit=8000", "test-limit=2000", "clients-per-gpu=4"]
+        # ResNet-20 on CIFAR-10 (the data such a machine is given); 4 clients at once on the GPU: with the
+        # server on it too, clients-per-gpu = 5 gives each client 1/4 (fedcsg.spec.resources).
+        sets = ["model='resnet20'", "dataset='cifar10'", "slice='12x12x3x3'", "code-dim=72", "num-clients=4"]
+        sets += ["num-rounds=3", "train-limit=8000", "test-limit=2000", "client-num-gpus='auto'", "clients-per-gpu=5"]
         command = [sys.executable, "-m", "fedcsg.cli", "run", "--arm", "csg", "--out", str(out)]
         command += [item for pair in sets for item in ("--set", pair)]
         env = {**os.environ, "PYTHONPATH": str(ROOT), **({"FEDCSG_DATA_DIR": data_dir} if data_dir else {})}
@@ -193,6 +197,7 @@ def federated_run(device: torch.device, data_dir: str) -> dict:
     devices = [d for r in rounds for d in r.get("devices") or []]
     return {
         "client_num_gpus": record["config"]["client-num-gpus"],
+        "server_device": record["server_device"],
         "devices": sorted(set(devices)),
         "all_clients_on_cuda": bool(devices) and all(d.startswith("cuda") for d in devices),
         "seconds_per_round": [r["seconds"] for r in rounds],
