@@ -97,7 +97,9 @@ def _node_download_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
 
 def device_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
     """The table of where each arm computed: its clients' devices (aggregated replies per device,
-    from the rounds' ``devices``) and the server's."""
+    from the rounds' ``devices``) and the server's; none for records that name no device (older runs)."""
+    if not any(s.get("client_devices") or s.get("server_device") for s in summary.values()):
+        return []
     lines = [
         "",
         "Where each arm computed: the devices its clients trained on (aggregated replies per device; "
