@@ -22,7 +22,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from fedcsg.fl.ray_cluster import PLACEMENT, placement_record
+from fedcsg.fl.ray_cluster import PLACEMENT, hide_gpus_without_share, placement_record
 from fedcsg.fl.task import (
     RUN_ARM_KEY,
     RUN_SEED_KEY,
@@ -32,6 +32,8 @@ from fedcsg.fl.task import (
     local_train,
     payload_layout,
 )
+from fedcsg.nn.determinism import set_deterministic
+from fedcsg.nn.devices import describe
 from fedcsg.nn.training import get_device
 from fedcsg.spec.config import RunConfig
 from fedcsg.wire.downlink import VERSION_KEY, Downlink, receive
@@ -116,6 +118,8 @@ def train(msg: Message, context: Context) -> Message:
             f"injected fault: partition {partition_id}, round {server_round}, attempt {attempt} "
             f"(fault-probability = {cfg.fault_probability})"
         )
+    hide_gpus_without_share(cfg)  # before CUDA starts in this process
+    set_deterministic(cfg.deterministic)
     device = get_device(cfg.device)
     model, layout, compiled = _model_and_layout(cfg)
     downlink = Downlink.of_config(cfg, layout)
@@ -153,5 +157,5 @@ def train(msg: Message, context: Context) -> Message:
     )
     if residual is not None:
         context.state[residual_key(cfg)] = ArrayRecord({"residual": Array(residual)})
-    placement = ConfigRecord(placement_record())
+    placement = ConfigRecord(placement_record(describe(device)))
     return Message(content=RecordDict({ARRAYS: arrays, METRICS: metrics, PLACEMENT: placement}), reply_to=msg)
