@@ -138,7 +138,7 @@ def train(msg: Message, context: Context) -> Message:
         factor=str(config.get(TRAIN_FACTOR_KEY, "all")),
         compiled=compiled,
     )
-    model.to("cpu")
+    # The model stays on its device for the process's next client (a CUDA graph keeps its addresses).
     metrics = MetricRecord(
         {
             NUM_EXAMPLES: stats.num_examples,
