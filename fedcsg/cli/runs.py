@@ -135,7 +135,7 @@ def preflight(cfg: RunConfig, arms: list[str]) -> tuple[RunConfig, float]:
     client_device = "cuda" if resolved.client_num_gpus > 0 and resolved.device != "cpu" else "cpu"
     for device in {client_device, resolved.server_device}:  # this machine's CPU or GPU stands for the nodes'
         if device == "cpu" or torch.cuda.is_available():
-            resolved.execution.check(torch.device(device))
+            resolved.execution(device).check(torch.device(device))
     return resolved, gpus
 
 

@@ -51,7 +51,8 @@ def _model_and_layout(cfg: RunConfig) -> tuple[nn.Module, PayloadLayout, nn.Modu
     # round overwrites every payload entry, so rebuilding it per message would only cost time; its
     # compiled twin (when the run compiles) is kept with it, so a process compiles once per run.
     model = build_arm_model(cfg)
-    return model, payload_layout(cfg, model), cfg.execution.compiled(model, get_device(cfg.device))
+    device = get_device(cfg.device)
+    return model, payload_layout(cfg, model), cfg.execution(device.type).compiled(model, device)
 
 
 class InjectedFault(RuntimeError):

@@ -127,7 +127,7 @@ def local_train(
     compiled: nn.Module | None = None,
 ) -> PassStats:
     """Train ``model`` on a client's data for ``epochs`` with a fresh SGD optimizer, in the run's
-    :attr:`~fedcsg.spec.config.RunConfig.execution` (through ``compiled``, the model's compiled twin,
+    :meth:`~fedcsg.spec.config.RunConfig.execution` (through ``compiled``, the model's compiled twin,
     when the run compiles).
 
     ``factor`` (one of :data:`fedcsg.nn.csg_factors.FACTORS`) limits which CSG factor trains: the other is
@@ -137,7 +137,7 @@ def local_train(
     one is read by its loader (:meth:`~fedcsg.data.streaming.StreamedSplit.batches`).
     """
     tune_malloc()
-    execution = cfg.execution
+    execution = cfg.execution(device.type)
     execution.check(device)
     execution.place(model, device)
     if isinstance(data, StreamedSplit):
@@ -163,7 +163,7 @@ def evaluate_model(model: nn.Module, data: ImageData, cfg: RunConfig, device: to
     precision and memory format (never compiled); ``data`` already there (:func:`~fedcsg.data.batches.data_on`,
     as the server keeps its test set) is not copied."""
     tune_malloc()
-    execution = cfg.execution
+    execution = cfg.execution(device.type)
     execution.check(device)
     execution.place(model, device)
     batches = TensorBatches(data, cfg.eval_batch_size, device=device)

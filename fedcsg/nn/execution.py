@@ -28,20 +28,33 @@ CPU_SUPPORTS: dict[str, Callable[[], bool]] = {
     "fp16": lambda: bool(torch.ops.mkldnn._is_mkldnn_fp16_supported()),
 }
 
-# compile = "auto": the break-even of torch.compile on a CPU training step, measured for ResNet-20
-# (docs/performance.md, "Compiling the training step"): the first compiled step costs about
-# COMPILE_SECONDS, and each image trained compiled saves about 1/EAGER - 1/COMPILED seconds.
-COMPILE_SECONDS = 60.0
-EAGER_IMAGES_PER_SECOND = 300.0
-COMPILED_IMAGES_PER_SECOND = 500.0
+
+@dataclass(frozen=True)
+class CompileCost:
+    """What compiling the training step costs and buys on one kind of device, measured: the cold
+    compile's seconds and the train images/s of the step eager and compiled (channels-last, fp32)."""
+
+    warm_up_seconds: float
+    eager_images_per_second: float
+    compiled_images_per_second: float
 
 
-def compile_pays(images_per_process: float) -> bool:
+# compile = "auto" follows these measurements (docs/performance.md, "How a step runs"): ResNet-20 csg,
+# batch 128, 2 threads, on this project's 2-core CPU, best of 3 interleaved rounds. A device type
+# without a measurement (CUDA, until the GPU check has run on one) is not compiled under "auto".
+MEASURED_COMPILE: dict[str, CompileCost] = {"cpu": CompileCost(40.0, 510.0, 444.0)}
+
+
+def compile_pays(images_per_process: float, device_type: str) -> bool:
     """Whether compiling pays back within a run whose processes each train ``images_per_process``
-    images of one model: the time saved, ``images * (1/eager - 1/compiled)``, exceeds the warm-up
-    :data:`COMPILE_SECONDS` (about 75,000 images with the figures measured here)."""
-    saved = images_per_process * (1 / EAGER_IMAGES_PER_SECOND - 1 / COMPILED_IMAGES_PER_SECOND)
-    return saved > COMPILE_SECONDS
+    images of one model on a ``device_type`` device: the time it saves,
+    ``images * (1/eager - 1/compiled)``, exceeds its warm-up (:data:`MEASURED_COMPILE`). Never where the
+    compiled step is not faster, or where nothing was measured."""
+    cost = MEASURED_COMPILE.get(device_type)
+    if cost is None or cost.compiled_images_per_second <= cost.eager_images_per_second:
+        return False
+    saved = images_per_process * (1 / cost.eager_images_per_second - 1 / cost.compiled_images_per_second)
+    return saved > cost.warm_up_seconds
 
 
 def precision_problem(precision: str, device: torch.device) -> str:

@@ -285,13 +285,12 @@ class RunConfig:
         """The converter settings of ``arm`` (default: this run's arm); None for fedavg."""
         return self.model_settings(arm).csg_config()
 
-    @property
-    def execution(self) -> Execution:
-        """How this run's steps run (:class:`~fedcsg.nn.execution.Execution`); ``compile = "auto"``
-        compiles when :func:`~fedcsg.nn.execution.compile_pays` for the images one training process
-        trains over the run (:meth:`images_per_process`)."""
+    def execution(self, device_type: str = "cpu") -> Execution:
+        """How this run's steps run on a ``device_type`` device (:class:`~fedcsg.nn.execution.Execution`);
+        ``compile = "auto"`` compiles a classifier where :func:`~fedcsg.nn.execution.compile_pays` for the
+        images one training process trains over the run (:meth:`images_per_process`)."""
         auto = self.compile == "auto" and get_spec(self.dataset).task == "classification"
-        compiled = self.compile == "on" or (auto and compile_pays(self.images_per_process()))
+        compiled = self.compile == "on" or (auto and compile_pays(self.images_per_process(), device_type))
         return Execution(compile=compiled, channels_last=self.channels_last, precision=self.precision)
 
     def images_per_process(self) -> float:
