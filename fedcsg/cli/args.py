@@ -4,6 +4,7 @@ and running a parsed command (one-line errors, exit code 2)."""
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -23,6 +24,20 @@ USER_ERRORS = (
     IsADirectoryError,
     NotADirectoryError,
 )
+
+
+# A write the machine refused (full disk, quota, read-only file system): one line naming the path, exit code 1.
+# The files written before are whole (every write is atomic, fedcsg.io.atomic_write_bytes).
+STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def storage_error(error: OSError) -> str:
+    """The one line for a write that :data:`STORAGE_ERRORS` refused."""
+    where = f" writing {str(error.filename)!r}" if error.filename else ""
+    return (
+        f"{error.strerror or os.strerror(error.errno or 0)}{where} (errno {errno.errorcode.get(error.errno or 0)}): "
+        "the files written before are intact; free space (or choose another --out) and pass --resume DIR to continue"
+    )
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -83,6 +98,11 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = No
         return 2
     except RunFailed as error:  # nothing trained: its records are written, the exit code says it failed
         print(f"fedcsg {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        if error.errno not in STORAGE_ERRORS:
+            raise
+        print(f"fedcsg {args.command}: error: {storage_error(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as stop:
         # Ctrl-C or SIGTERM (see fedcsg.fl.ray_cluster.interruptible); what the run started is stopped.

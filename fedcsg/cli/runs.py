@@ -11,6 +11,7 @@ from typing import Any
 from fedcsg.io import read_json_object, writable_dir
 from fedcsg.runs.checkpoint import read_state
 from fedcsg.runs.layout import (
+    ARMS_DIR,
     REPORT_FILES,
     REPORT_MD,
     STATE_DIR,
@@ -179,20 +180,35 @@ def _check_layout(out_dir: Path, cfg: RunConfig) -> None:
         )
 
 
-def _run_arms(cfg: RunConfig, arms: list[str], out_dir: Path, overwrite: bool, verbose: bool) -> int:
-    preflight(cfg, arms)
-    runs = seed_runs(cfg, out_dir)
-    if overwrite:  # everything of an earlier run goes, whatever its seeds
-        prepare_out_dir(out_dir, cfg, arms, overwrite=True)
-    else:
-        _check_layout(out_dir, cfg)
-    for run_cfg, run_dir in runs:  # every seed's directory checked before any is made
+def _check_run_dirs(cfg: RunConfig, arms: list[str], out_dir: Path, overwrite: bool) -> None:
+    """Refuse an output directory that holds results in the way (nothing is written): with
+    ``overwrite`` only a non-directory in its place."""
+    if overwrite:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise FileExistsError(f"output path {str(out_dir)!r} exists and is not a directory")
+        return
+    _check_layout(out_dir, cfg)
+    for run_cfg, run_dir in seed_runs(cfg, out_dir):  # every seed's directory checked before any is made
         prepare_out_dir(run_dir, run_cfg, arms, overwrite=False, make=False)
-    for _, run_dir in runs:
-        writable_dir(run_dir)
-    planned = [run_cfg.replace(arm=arm, out_dir=str(run_dir)) for run_cfg, run_dir in runs for arm in arms]
-    _simulate(planned, out_dir, verbose)
-    return _finish(out_dir)
+
+
+def _run_arms(cfg: RunConfig, arms: list[str], out_dir: Path, overwrite: bool, verbose: bool) -> int:
+    """Check, then, holding the directory's lock (:func:`~fedcsg.runs.lock.run_lock`), check again
+    (another run may have written meanwhile), clear it if ``overwrite``, and run every arm of every seed."""
+    from fedcsg.runs.lock import run_lock
+
+    preflight(cfg, arms)
+    _check_run_dirs(cfg, arms, out_dir, overwrite)
+    with run_lock(writable_dir(out_dir)):
+        _check_run_dirs(cfg, arms, out_dir, overwrite)
+        if overwrite:  # everything of an earlier run goes, whatever its seeds
+            prepare_out_dir(out_dir, cfg, arms, overwrite=True)
+        runs = seed_runs(cfg, out_dir)
+        for _, run_dir in runs:
+            writable_dir(run_dir)
+        planned = [run_cfg.replace(arm=arm, out_dir=str(run_dir)) for run_cfg, run_dir in runs for arm in arms]
+        _simulate(planned, out_dir, verbose)
+        return _finish(out_dir)
 
 
 # -- resume -------------------------------------------------------------------------------------
@@ -282,34 +298,58 @@ def arm_progress(out_dir: Path, cfg: RunConfig, arm: str) -> int | None:
     record = arm_record_path(out_dir, arm)
     if not record.is_file():
         return None
-    rounds = read_json_object(record).get("rounds", [])
+    document = read_json_object(record)
+    rounds = document.get("rounds", [])
     if len(rounds) == cfg.num_rounds + 1:
         return cfg.num_rounds
+    differing = differing_settings(arm_cfg.identity(), document.get("config", {}))
+    if differing:
+        raise ValueError(
+            f"arm {arm!r} in {str(out_dir)!r} was recorded under another config ({', '.join(differing[:5])} "
+            "differ) and has no checkpoint: accepted is --overwrite"
+        )
+    if len(rounds) <= 1:
+        return None  # killed before round 0's checkpoint was committed: the arm starts again
     raise ValueError(
         f"arm {arm!r} in {str(out_dir)!r} has {max(len(rounds) - 1, 0)} of {cfg.num_rounds} rounds and no "
         "checkpoint to resume from: accepted is --overwrite"
     )
 
 
+def remove_torn_writes(run_dir: Path) -> list[Path]:
+    """Delete the temporary files that a kill in the middle of an atomic write left in ``run_dir``'s
+    ``arms/`` and ``state/`` (:func:`fedcsg.io.atomic_write_bytes`); returns them."""
+    torn = [path for folder in (ARMS_DIR, STATE_DIR) for path in (run_dir / folder).glob(".*.tmp")]
+    for path in torn:
+        path.unlink(missing_ok=True)
+    return torn
+
+
 def _resume_arms(cfg: RunConfig, arms: list[str], out_dir: Path, verbose: bool) -> int:
     """Skip the complete arms, continue the started one, run the missing ones (of every seed);
     everything is validated before anything runs or is written."""
+    from fedcsg.runs.lock import run_lock
+
     preflight(cfg, arms)
-    runs = seed_runs(cfg, out_dir)
-    progress = [{arm: arm_progress(run_dir, run_cfg, arm) for arm in arms} for run_cfg, run_dir in runs]
-    planned = []
-    for (run_cfg, run_dir), done_by_arm in zip(runs, progress, strict=True):
-        seed = f" (seed {run_cfg.seed})" if cfg.seeds else ""
-        for arm in arms:
-            done = done_by_arm[arm]
-            if done is not None and done >= cfg.num_rounds:
-                print(f"== arm {arm}{seed}: complete ({cfg.num_rounds} rounds), skipped", flush=True)
-                continue
-            if done is not None:
-                print(f"== arm {arm}{seed}: resuming after round {done}", flush=True)
-            planned.append(run_cfg.replace(arm=arm, out_dir=str(run_dir)))
-    _simulate(planned, out_dir, verbose)
-    return _finish(out_dir)
+    with run_lock(out_dir):
+        runs = seed_runs(cfg, out_dir)
+        progress = [{arm: arm_progress(run_dir, run_cfg, arm) for arm in arms} for run_cfg, run_dir in runs]
+        planned = []
+        for (run_cfg, run_dir), done_by_arm in zip(runs, progress, strict=True):
+            seed = f" (seed {run_cfg.seed})" if cfg.seeds else ""
+            remove_torn_writes(run_dir)
+            for arm in arms:
+                done = done_by_arm[arm]
+                if done is not None and done >= cfg.num_rounds:
+                    print(f"== arm {arm}{seed}: complete ({cfg.num_rounds} rounds), skipped", flush=True)
+                    continue
+                if done is not None:
+                    print(f"== arm {arm}{seed}: resuming after round {done}", flush=True)
+                elif arm_record_path(run_dir, arm).is_file():
+                    print(f"== arm {arm}{seed}: stopped before its first checkpoint, starting again", flush=True)
+                planned.append(run_cfg.replace(arm=arm, out_dir=str(run_dir)))
+        _simulate(planned, out_dir, verbose)
+        return _finish(out_dir)
 
 
 def _arms_in(out_dir: Path) -> list[str]:
@@ -367,12 +407,14 @@ def cmd_configs(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from fedcsg.runs.lock import run_lock
     from fedcsg.runs.report import write_report
 
     out_dir = Path(args.dir)
     if not out_dir.is_dir():
         raise FileNotFoundError(f"results directory {str(out_dir)!r} does not exist")
-    write_report(out_dir)
+    with run_lock(out_dir):
+        write_report(out_dir)
     print((out_dir / REPORT_MD).read_text())
     return 0
 

@@ -1,0 +1,179 @@
+"""The run directory under kills, a second run and a full disk (issue 42): a run killed before its
+first checkpoint resumes, two runs never write into one directory, and a refused write is one line.
+Everything runs in this process through ``fedcsg.cli.main`` with the simulation replaced (no Ray)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedcsg.cli import main
+from fedcsg.cli import runs as commands
+from fedcsg.runs.layout import LOCK_FILE, arm_record_path, seed_dir, state_path
+from fedcsg.runs.lock import run_lock
+
+from .test_reliability import _checkpointed, _tiny_cfg
+
+
+def _tree(path: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture
+def simulated(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str]]:
+    """(seed, arm) of every run the CLI hands to the simulation, which is not started."""
+    calls: list[tuple[int, str]] = []
+    monkeypatch.setattr(commands, "_simulate", lambda runs, o, v: calls.extend((c.seed, c.arm) for c in runs))
+    monkeypatch.setattr(commands, "_finish", lambda o: 0)
+    return calls
+
+
+def _killed_before_round_0_checkpoint(run_dir: Path, cfg: object) -> Path:
+    """What a SIGKILL while round 0's weights are written leaves: the arm record of round 0, and in
+    state/ only the temporary file of the interrupted write."""
+    _checkpointed(run_dir, cfg)
+    state_path(run_dir, cfg.arm).unlink()
+    weights = next((run_dir / "state").glob("*.safetensors"))
+    torn = weights.with_name(f".{weights.name}.k1ll3d.tmp")
+    torn.write_bytes(weights.read_bytes()[:100])
+    weights.unlink()
+    return torn
+
+
+def test_a_kill_before_the_first_checkpoint_restarts_round_0_and_keeps_the_finished_seed(
+    tmp_path: Path, data_env: Path, simulated: list, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The issue's case: `compare --arms csg,fedavg --seeds 5,6` killed when seed-6/state appeared."""
+    out = tmp_path / "run"
+    cfg = _tiny_cfg(out).replace(seeds="5,6", arms="csg,fedavg", seed=5)
+    for arm in ("csg", "fedavg"):
+        _checkpointed(seed_dir(out, 5), cfg.replace(arm=arm), last_round=cfg.num_rounds)
+    torn = _killed_before_round_0_checkpoint(seed_dir(out, 6), cfg.replace(arm="csg", seed=6))
+    finished = _tree(seed_dir(out, 5))
+    assert main(["compare", "--resume", str(out)]) == 0
+    assert simulated == [(6, "csg"), (6, "fedavg")]  # seed 6 from round 0; seed 5 kept
+    printed = capsys.readouterr().out
+    assert "== arm csg (seed 6): stopped before its first checkpoint, starting again" in printed
+    assert "== arm fedavg (seed 5): complete (4 rounds), skipped" in printed
+    assert not torn.exists() and _tree(seed_dir(out, 5)) == finished
+    assert not (out / LOCK_FILE).exists()
+
+
+def test_a_one_seed_run_killed_before_its_first_checkpoint_resumes(
+    tmp_path: Path, data_env: Path, simulated: list
+) -> None:
+    cfg = _tiny_cfg(tmp_path)
+    torn = _killed_before_round_0_checkpoint(tmp_path, cfg)
+    assert main(["run", "--resume", str(tmp_path)]) == 0
+    assert simulated == [(cfg.seed, "csg")] and not torn.exists()
+
+
+def test_a_record_of_round_0_under_another_config_is_not_restarted(
+    tmp_path: Path, data_env: Path, simulated: list, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = _tiny_cfg(tmp_path)
+    _killed_before_round_0_checkpoint(tmp_path, cfg)
+    document = json.loads(arm_record_path(tmp_path, "csg").read_text())
+    document["config"]["lr"] = 0.5
+    arm_record_path(tmp_path, "fedavg").write_text(json.dumps({**document, "arm": "fedavg"}))
+    assert main(["compare", "--resume", str(tmp_path), "--arms", "fedavg,csg"]) == 2
+    assert capsys.readouterr().err == (
+        f"fedcsg compare: error: arm 'fedavg' in {str(tmp_path)!r} was recorded under another config (lr differ) "
+        "and has no checkpoint: accepted is --overwrite\n"
+    )
+    assert simulated == []
+
+
+# -- one run at a time in a directory -------------------------------------------------------------
+
+
+def test_a_second_run_into_a_directory_in_use_is_refused_naming_the_holder(
+    tmp_path: Path, data_env: Path, simulated: list, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "cc"
+    out.mkdir()
+    args = ["compare", "--arms", "csg,fedavg", "--out", str(out), "--set", "num-clients=2"]
+    with run_lock(out):
+        before = _tree(out)
+        assert main(args) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines == [
+            f"fedcsg compare: error: output directory {str(out)!r} is in use by fedcsg pid {os.getpid()} on host "
+            f"{socket.gethostname()!r} (since {json.loads((out / LOCK_FILE).read_text())['since']}): accepted is "
+            "one run at a time in a directory (wait for it to end, or choose another --out)"
+        ]
+        assert main([*args, "--overwrite"]) == 2  # nothing of the running one is deleted
+        assert main(["report", str(out)]) == 2
+        assert _tree(out) == before and simulated == []
+    assert not (out / LOCK_FILE).exists()  # released at the end of the holder's block
+    assert main(args) == 0 and simulated == [(0, "csg"), (0, "fedavg")]
+    assert not (out / LOCK_FILE).exists()
+
+
+def test_the_stale_lock_of_a_dead_run_is_taken_over(tmp_path: Path, data_env: Path, simulated: list) -> None:
+    """A SIGKILLed run leaves its lock file, but the kernel released its lock with the process."""
+    out = tmp_path / "cc"
+    out.mkdir()
+    script = f"from fedcsg.runs.lock import run_lock\nwith run_lock({str(out)!r}):\n    import os; os._exit(9)"
+    subprocess.run([sys.executable, "-c", script], check=False, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert json.loads((out / LOCK_FILE).read_text())["pid"] != os.getpid()  # left behind, not held
+    assert main(["run", "--arm", "csg", "--out", str(out), "--set", "num-clients=2"]) == 0
+    assert simulated == [(0, "csg")] and not (out / LOCK_FILE).exists()
+
+
+# -- a full disk -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS])
+def test_a_full_disk_is_one_line_naming_the_path(
+    code: int, tmp_path: Path, data_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A write refused by the machine, as the ServerApp's first record write meets it: exit 1, one
+    line naming the file, no traceback, and the earlier files whole."""
+    import fedcsg.io
+
+    out = tmp_path / "out"
+
+    def write_round_0(runs: list, o: Path, v: bool) -> None:
+        real_fdopen = os.fdopen
+
+        class Full:
+            def __init__(self, fd: int, mode: str) -> None:
+                self.handle = real_fdopen(fd, mode)
+
+            def __enter__(self) -> Full:
+                return self
+
+            def __exit__(self, *exc: object) -> None:
+                self.handle.close()
+
+            def write(self, data: bytes) -> int:
+                raise OSError(code, os.strerror(code))
+
+            def __getattr__(self, name: str) -> object:
+                return getattr(self.handle, name)
+
+        _checkpointed(Path(runs[0].out_dir), runs[0].replace(out_dir=str(Path(runs[0].out_dir).absolute())))
+        monkeypatch.setattr(fedcsg.io.os, "fdopen", Full)
+        _checkpointed(Path(runs[0].out_dir), runs[0].replace(out_dir=str(Path(runs[0].out_dir).absolute())), 1)
+
+    monkeypatch.setattr(commands, "_simulate", write_round_0)
+    code_ = main(["run", "--arm", "csg", "--out", str(out), "--set", "num-clients=2", "--set", "num-rounds=4"])
+    err = capsys.readouterr().err
+    assert code_ == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"fedcsg run: error: {os.strerror(code)} writing {str(out / 'arms' / 'csg.json')!r}")
+    assert "the files written before are intact" in err
+    assert sorted(p.name for p in (out / "state").iterdir()) == ["csg-round-0000.safetensors", "csg.json"]
+    assert not list(out.rglob("*.tmp")) and not (out / LOCK_FILE).exists()
