@@ -18,9 +18,11 @@ from fedcsg.wire.payload import PACKINGS
 
 def _dataset(model: str) -> str:
     """The data set a model is for: fmnist-cnn's 28x28 grayscale images, deeplabv3-small's
-    fashion-mnist-seg canvases, else CIFAR-10's (RGB; the DeepLabV3-ResNets are counted at 21 classes)."""
+    fashion-mnist-seg canvases, the DeepLabV3-ResNets' Pascal VOC (21 classes), else CIFAR-10's."""
     if model == "deeplabv3-small":
         return "fashion-mnist-seg"
+    if model.startswith("deeplabv3-"):
+        return "voc"
     return "fashion-mnist" if model == "fmnist-cnn" else "cifar10"
 
 

@@ -23,7 +23,7 @@ from fedcsg.nn.fedpara import check_ratio as check_fedpara_ratio
 from fedcsg.nn.models import check_trainable
 from fedcsg.nn.training import SCHEDULES
 from fedcsg.spec.arms import DOWNLINKS, Arm, check_arm
-from fedcsg.spec.checks import SEED_LIMIT, check_ray_address, check_seed, coerce, kebab, names, one_of
+from fedcsg.spec.checks import check_ray_address, check_seed, coerce, kebab, names, one_of, parse_seeds, shown
 from fedcsg.spec.codecs import Codec
 from fedcsg.spec.settings import DataSettings, ModelSettings
 
@@ -201,14 +201,7 @@ class RunConfig:
         """The seeds of the runs to make: ``seeds`` parsed, else ``[seed]``."""
         if not self.seeds.strip():
             return [self.seed]
-        accepted = f"comma-separated integers in 0..{SEED_LIMIT - 1} without repeats, e.g. 0,1,2"
-        try:
-            values = [int(part) for part in self.seeds.split(",")]
-        except ValueError:
-            raise ValueError(f"seeds = {self.seeds!r} is not accepted: {accepted} are") from None
-        if any(not 0 <= v < SEED_LIMIT for v in values) or len(set(values)) != len(values):
-            raise ValueError(f"seeds = {self.seeds!r} is not accepted: {accepted} are")
-        return values
+        return parse_seeds(self.seeds)
 
     def model_settings(self, arm: str | None = None) -> ModelSettings:
         """The model of ``arm`` (default: this run's arm; its codec part changes no model): what every
@@ -265,7 +258,7 @@ class RunConfig:
         changes: dict[str, Any] = {}
         for key, value in values.items():
             if key not in known:
-                raise ValueError(f"unknown config key {key!r}: accepted keys are {', '.join(sorted(known))}")
+                raise ValueError(f"unknown config key {shown(key)}: accepted keys are {', '.join(sorted(known))}")
             default = getattr(base, known[key].name)
             changes[known[key].name] = coerce(key, value, type(default))
         return dataclasses.replace(base, **changes)
