@@ -177,3 +177,83 @@ def test_a_full_disk_is_one_line_naming_the_path(
     assert "the files written before are intact" in err
     assert sorted(p.name for p in (out / "state").iterdir()) == ["csg-round-0000.safetensors", "csg.json"]
     assert not list(out.rglob("*.tmp")) and not (out / LOCK_FILE).exists()
+
+
+# -- report checks every record before it writes anything ---------------------------------------
+
+
+def _seeds_run(out: Path, seeds: tuple[int, ...] = (1, 2)) -> None:
+    """Arm records of a finished two-round `compare --arms fedavg,csg --seeds 1,2`, as the ServerApp writes them."""
+    from fedcsg.fl.server_app import recorded_config
+    from fedcsg.runs.records import ArmRecorder, RoundRecord
+
+    cfg = _tiny_cfg(out).replace(seeds=",".join(map(str, seeds)), arms="fedavg,csg", num_rounds=2)
+    for seed in seeds:
+        for arm in ("fedavg", "csg"):
+            run_cfg = cfg.replace(seed=seed, arm=arm, out_dir=str(seed_dir(out, seed)))
+            recorder = ArmRecorder(seed_dir(out, seed), arm, recorded_config(run_cfg))
+            for r in range(3):
+                record = RoundRecord(
+                    r, test_accuracy=0.1 + 0.1 * r, test_loss=2.0 - r / 2, status="ok" if r else "initial"
+                )
+                record.payload_up = record.wire_up = 1000 * r
+                recorder.add(record, save=False)
+            recorder.save()
+
+
+def _edit(path: Path, change: object) -> None:
+    document = json.loads(path.read_text())
+    change(document)
+    path.write_text(json.dumps(document))
+
+
+def _set_round(key: str, value: object) -> object:
+    return lambda document: document["rounds"][1].__setitem__(key, value)
+
+
+@pytest.mark.parametrize(
+    ("file", "change", "message"),
+    [
+        ("seed-1/arms/csg.json", _set_round("test_accuracy", 1e308), "rounds[1].test_accuracy is 1e+308, accepted"),
+        ("seed-2/arms/csg.json", _set_round("test_accuracy", 7.5), "rounds[1].test_accuracy is 7.5, accepted"),
+        ("seed-2/arms/csg.json", _set_round("test_accuracy", -0.5), "rounds[1].test_accuracy is -0.5"),
+        ("seed-2/arms/csg.json", _set_round("wire_up", -5), "rounds[1].wire_up is -5, accepted is a number in [0, "),
+        ("seed-2/arms/fedavg.json", _set_round("test_loss", float("inf")), "rounds[1].test_loss is inf"),
+        ("seed-2/arms/fedavg.json", _set_round("partitions", [0, -1]), "rounds[1].partitions is -1"),
+        ("seed-2/arms/csg.json", lambda d: d.__setitem__("arm", "fedavg"), "of arm 'csg': it records arm 'fedavg'"),
+        (
+            "seed-2/arms/csg.json",
+            lambda d: d["config"].__setitem__("model", "resnet20"),
+            "was recorded under another config than",
+        ),
+        ("seed-2/arms/csg.json", lambda d: d["config"].__setitem__("seed", 7), "records seed 7, not 2 of its folder"),
+    ],
+)
+def test_report_refuses_a_record_no_run_writes_before_writing_anything(
+    file: str, change: object, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _seeds_run(tmp_path)
+    assert main(["report", str(tmp_path)]) == 0  # the run as written reports
+    capsys.readouterr()
+    _edit(tmp_path / file, change)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err, err
+    assert str(tmp_path) in err  # the file is named
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # nothing rewritten
+    (tmp_path / file).unlink()  # an Infinity the session's strict-JSON check must not find
+
+
+def test_report_leaves_out_a_seed_folder_of_an_earlier_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """seed-3 of an earlier `--seeds 1,2,3` run beside this `--seeds 1,2` run: reported over [1, 2],
+    with a warning naming the folder left out."""
+    _seeds_run(tmp_path, (1, 2, 3))
+    import time
+
+    time.sleep(0.01)
+    _seeds_run(tmp_path, (1, 2))  # the newer run
+    assert main(["report", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["seeds"] == [1, 2]
+    err = capsys.readouterr().err
+    assert f"{seed_dir(tmp_path, 3)} left out: seed 3 is not one of the run's seeds 1,2" in err
