@@ -257,3 +257,88 @@ def test_report_leaves_out_a_seed_folder_of_an_earlier_run(tmp_path: Path, capsy
     assert json.loads((tmp_path / "results.json").read_text())["seeds"] == [1, 2]
     err = capsys.readouterr().err
     assert f"{seed_dir(tmp_path, 3)} left out: seed 3 is not one of the run's seeds 1,2" in err
+
+
+# -- bad data found where it is opened, before anything is written -------------------------------
+
+
+def _png(size: tuple[int, int] = (32, 32), colour: tuple[int, int, int] = (9, 99, 199)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _bomb(width: int, height: int) -> bytes:
+    """A PNG whose header says width x height (a few hundred bytes: no pixel is ever made)."""
+    import struct
+    import zlib
+
+    data = bytearray(_png((1, 1)))
+    ihdr = 8 + 8  # signature, then the IHDR chunk's length and type
+    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
+    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4 : ihdr + 13])))
+    return bytes(data)
+
+
+def _cifar_dir(root: Path, bad_row: int | None = None, image: bytes | None = b"", label: int | None = None) -> Path:
+    """A CIFAR-10-style data directory of 8 train and 8 test rows; the train split's ``bad_row`` gets
+    ``image`` (b"": a good one) and ``label`` (None: a good one)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    directory = root / "data" / "cifar10"
+    directory.mkdir(parents=True)
+    for split in ("train", "test"):
+        images = [{"bytes": _png(colour=(i, i, i)), "path": f"{i}.png"} for i in range(8)]
+        labels = [i % 10 for i in range(8)]
+        if split == "train" and bad_row is not None:
+            images[bad_row] = {"bytes": image if image != b"" else images[bad_row]["bytes"], "path": "bad.png"}
+            labels[bad_row] = labels[bad_row] if label is None else label
+        pq.write_table(pa.table({"img": images, "label": pa.array(labels, pa.int64())}), directory / f"{split}.parquet")
+    return directory.parent
+
+
+@pytest.mark.parametrize(
+    ("image", "label", "message"),
+    [
+        (b"", 99, "row 5: label 99 is not accepted: a class in 0..9 is"),
+        (b"", -1, "row 5: label -1 is not accepted: a class in 0..9 is"),
+        (b"not an image at all", None, "row 5: image does not decode (cannot identify image file"),
+        (None, None, "row 5: the image is null; accepted is a JPEG or PNG"),
+        (_bomb(20000, 20000), None, "row 5: image is more than 1,048,576 pixels (Image size (400000000 pixels)"),
+        (_bomb(2000, 2000), None, "row 5: image is more than 1,048,576 pixels (2000x2000)"),
+        (_bomb(33, 32), None, "row 5: image is 33x32, expected 32x32"),
+    ],
+)
+def test_bad_data_is_refused_where_it_is_opened_naming_file_and_row(
+    image: bytes | None, label: int | None, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedcsg.data.hf_parquet import _check_headers
+
+    data = _cifar_dir(tmp_path, 5, image, label)
+    out = tmp_path / "out"
+    sets = ["dataset='cifar10'", f"data-dir='{data}'", "num-clients=2", "train-limit=0", "test-limit=0"]
+    args = ["run", "--arm", "fedavg", "--out", str(out), *[a for s in sets for a in ("--set", s)]]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"fedcsg run: error: {data / 'cifar10' / 'train.parquet'}: {message}"
+        + err[err.index(message) + len(message) :]
+    )
+    assert err.count("\n") == 1 and not out.exists()
+    _check_headers.cache_clear()
+
+
+def test_a_broken_image_met_while_decoding_rows_names_file_and_row(tmp_path: Path) -> None:
+    """A client's decode of its rows says the same (a file changed after the run's check)."""
+    from fedcsg.data.readers import load_split
+
+    data = _cifar_dir(tmp_path, 6, _png()[:60])
+    with pytest.raises(ValueError, match=r"train\.parquet: row 6: image does not decode \(") as info:
+        load_split("cifar10", "train", data, indices=[1, 6])
+    assert "\n" not in str(info.value)

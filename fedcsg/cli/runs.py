@@ -108,19 +108,20 @@ def prepare_out_dir(out_dir: Path, cfg: RunConfig, arms: list[str], overwrite: b
 
 def preflight(cfg: RunConfig, arms: list[str]) -> None:
     """Everything checkable before a byte is written: find and read the labels of both splits (cheap),
-    so a bad data path fails before anything runs, and check the settings against their sizes
-    (:meth:`~fedcsg.spec.settings.DataSettings.check_sizes`); check that each arm's model fits in memory;
-    that some Ray node can host a client of ``client-num-cpus``/``client-num-gpus``; and on an
-    attached cluster that every node can open the data too (a node started without them fails here,
-    in seconds, not in every client of every round)."""
-    from fedcsg.data.readers import load_labels
+    so a bad data path or a label out of range fails before anything runs, and the header of every
+    image (a null or undecodable image, or one of the wrong size or too many pixels); check the
+    settings against their sizes (:meth:`~fedcsg.spec.settings.DataSettings.check_sizes`); check that
+    each arm's model fits in memory; that some Ray node can host a client of ``client-num-cpus``/
+    ``client-num-gpus``; and on an attached cluster that every node can open the data too (a node
+    started without them fails here, in seconds, not in every client of every round)."""
+    from fedcsg.data.readers import check_images, load_labels
     from fedcsg.fl.ray_cluster import check_resources
     from fedcsg.fl.task import data_problem
 
-    sizes = [
-        len(load_labels(cfg.dataset, split, cfg.data_dir or None, hub_name=cfg.hub_name or None))
-        for split in ("train", "test")
-    ]
+    where = {"data_dir": cfg.data_dir or None, "hub_name": cfg.hub_name or None}
+    sizes = [len(load_labels(cfg.dataset, split, **where)) for split in ("train", "test")]
+    for split in ("train", "test"):
+        check_images(cfg.dataset, split, **where)
     cfg.data_settings.check_sizes(*sizes, num_clients=cfg.num_clients)
     for arm in arms:
         cfg.model_settings(arm).check_size()
