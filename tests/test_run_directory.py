@@ -4,6 +4,7 @@ Everything runs in this process through ``fedcsg.cli.main`` with the simulation 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -342,3 +343,49 @@ def test_a_broken_image_met_while_decoding_rows_names_file_and_row(tmp_path: Pat
     with pytest.raises(ValueError, match=r"train\.parquet: row 6: image does not decode \(") as info:
         load_split("cifar10", "train", data, indices=[1, 6])
     assert "\n" not in str(info.value)
+
+
+# -- what a process started dies with it --------------------------------------------------------
+
+
+def test_the_watchdog_kills_what_a_sigkilled_process_started(tmp_path: Path) -> None:
+    """A parent starts a child, which starts a grandchild in a session of its own (as Ray's raylet
+    starts its agents); the parent is SIGKILLed: the watchdog kills both within a second or two.
+    (Through Ray: tests/test_reliability.py::test_sigkill_anywhere_then_resume_matches_an_uninterrupted_compare.)"""
+    import signal
+    import time
+
+    from fedcsg.processes import _pid_alive, start_watchdog
+
+    pids = tmp_path / "pids"
+    grandchild = "import os, time; os.setsid(); time.sleep(60)"
+    child = (
+        f"import subprocess, sys, time; g = subprocess.Popen([sys.executable, '-c', {grandchild!r}]); "
+        f"open({str(pids)!r}, 'a').write(f'{{g.pid}}\\n'); time.sleep(60)"
+    )
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', {child!r}]); "
+            f"open({str(pids)!r}, 'a').write(f'{{c.pid}}\\n'); time.sleep(60)",
+        ]
+    )
+    watchdog = start_watchdog(parent.pid)
+    try:
+        deadline = time.monotonic() + 30
+        while len(pids.read_text().split() if pids.exists() else []) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(1.5)  # the watchdog's look at the descendants (every 0.5 s)
+        started = [int(p) for p in pids.read_text().split()]
+        assert all(_pid_alive(p) for p in started)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        watchdog.wait(timeout=10)
+        assert [p for p in started if _pid_alive(p)] == []
+    finally:
+        for pid in [int(p) for p in pids.read_text().split()] if pids.exists() else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        watchdog.kill()
