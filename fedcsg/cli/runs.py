@@ -318,9 +318,9 @@ def arm_progress(out_dir: Path, cfg: RunConfig, arm: str) -> int | None:
 
 
 def remove_torn_writes(run_dir: Path) -> list[Path]:
-    """Delete the temporary files that a kill in the middle of an atomic write left in ``run_dir``'s
-    ``arms/`` and ``state/`` (:func:`fedcsg.io.atomic_write_bytes`); returns them."""
-    torn = [path for folder in (ARMS_DIR, STATE_DIR) for path in (run_dir / folder).glob(".*.tmp")]
+    """Delete the temporary files that a kill in the middle of an atomic write left in ``run_dir``,
+    its ``arms/`` and its ``state/`` (:func:`fedcsg.io.atomic_write_bytes`); returns them."""
+    torn = [path for folder in ("", ARMS_DIR, STATE_DIR) for path in (run_dir / folder).glob(".*.tmp")]
     for path in torn:
         path.unlink(missing_ok=True)
     return torn
@@ -336,6 +336,7 @@ def _resume_arms(cfg: RunConfig, arms: list[str], out_dir: Path, verbose: bool) 
         runs = seed_runs(cfg, out_dir)
         progress = [{arm: arm_progress(run_dir, run_cfg, arm) for arm in arms} for run_cfg, run_dir in runs]
         planned = []
+        remove_torn_writes(out_dir)  # the report over the seeds (a one-seed run: its own, again below)
         for (run_cfg, run_dir), done_by_arm in zip(runs, progress, strict=True):
             seed = f" (seed {run_cfg.seed})" if cfg.seeds else ""
             remove_torn_writes(run_dir)
