@@ -559,6 +559,20 @@ def test_42_a_slice_larger_than_every_layer_or_not_ascii(args: list[str], messag
     assert code == 2 and out == "" and err.count("\n") == 1 and message in err, err
 
 
+def test_42_integer_options_take_ascii_digits_only(tmp_path: Path, cli: Cli) -> None:
+    code, out, err = cli("params", "--model", "resnet20", "--code-dim", "٣")
+    assert (
+        code == 2
+        and err == "fedcsg params: error: argument --code-dim: '٣' is not an integer (a positive integer is accepted)\n"
+    )
+    for args in (
+        ["deploy", "certs", "--out", str(tmp_path / "c"), "--nodes", "٣"],
+        ["bytes", "--model", "resnet20", "--seed", "٣"],
+    ):
+        code, out, err = cli(*args)
+        assert code == 2 and err.endswith("'٣' is not an integer\n") and err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize("seeds", ["٣", "1,٣", "+3", "3_0", "1,,2"])
 def test_42_seeds_in_ascii_digits_only(seeds: str, tmp_path: Path, data_env: Path, cli: Cli) -> None:
     refused(

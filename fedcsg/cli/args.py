@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 from fedcsg.nn.models import MODELS, PAPER_MODELS
 from fedcsg.runs.records import RunFailed
+from fedcsg.spec.checks import shown
 
 # One line, exit code 2. An OSError that names a file the user gave (no permission to write it, a
 # directory where a file was asked for) is the user's too: the checks before writing should catch it first.
@@ -47,12 +48,27 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def ascii_digits(text: str) -> str:
+    """``text`` if it is an integer in ASCII digits (``int`` alone takes '٣' for 3), else ValueError."""
+    if not text.strip().lstrip("+-").isascii():
+        raise ValueError(text)
+    return text
+
+
+def integer(text: str) -> int:
+    """argparse type: an integer in ASCII digits (range checked by the command)."""
+    try:
+        return int(ascii_digits(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not an integer") from None
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer > 0."""
     try:
-        value = int(text)
+        value = int(ascii_digits(text))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer (a positive integer is accepted)") from None
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not an integer (a positive integer is accepted)") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{value} is not positive (a positive integer is accepted)")
     return value
@@ -61,9 +77,9 @@ def positive_int(text: str) -> int:
 def port(text: str) -> int:
     """argparse type: a TCP port, 0 for a free one."""
     try:
-        value = int(text)
+        value = int(ascii_digits(text))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0..65535; 0 = a free one)") from None
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a port number (0..65535; 0 = a free one)") from None
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"{value} is not a port number (0..65535; 0 = a free one)")
     return value

@@ -13,7 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from fedcsg.cli.args import port, positive_int
+from fedcsg.cli.args import integer, port, positive_int
 from fedcsg.deploy.credentials import MAX_NODES
 
 EXPORT_CHOICES = ("compact", "torchscript", "onnx", "all")
@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="name or IP the SuperLink is reached under (repeatable; default 127.0.0.1 and localhost)",
     )
     certs.add_argument(
-        "--nodes", type=int, default=0, help=f"SuperNode certificates to make (default 0, at most {MAX_NODES:,})"
+        "--nodes", type=integer, default=0, help=f"SuperNode certificates to make (default 0, at most {MAX_NODES:,})"
     )
     certs.add_argument("--days", type=positive_int, default=365)
     certs.add_argument("--overwrite", action="store_true", help="replace an existing CA (invalidates old certificates)")
