@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+
+import torch
+
+from fedcsg.nn.execution import precision_problem
 
 
 def test_bench_bytes_smoke(tmp_path: Path, load_script: Callable[[str], ModuleType]) -> None:
@@ -49,3 +56,35 @@ def test_bench_generation_smoke(tmp_path: Path, load_script: Callable[[str], Mod
         assert row[kind]["ratio"] > 0 and isinstance(row[kind]["pass"], bool)
         assert set(row[kind]["by_clock"]) == {"wall", "cpu"}
     assert len(row["generation"]["by_clock"]["wall"]["samples_s"]) == 2 and row["generation"]["median_s"] > 0
+
+
+def test_gpu_check_runs_at_the_tiny_size_on_the_cpu_without_flwr_or_ray(tmp_path: Path, data_dir: Path) -> None:
+    """simulations/gpu_check.py --tiny --device cpu, in a process where flwr and ray cannot be
+    imported (as on a GPU machine with torch alone): (a)-(c) pass, (d) says why it was skipped."""
+    script = Path(__file__).resolve().parents[1] / "simulations" / "gpu_check.py"
+    blocked = (
+        "import sys, runpy; sys.modules.update(flwr=None, ray=None); "
+        f"sys.argv = ['gpu_check.py', '--tiny', '--device', 'cpu', '--out', {str(tmp_path)!r}]; "
+        f"runpy.run_path({str(script)!r}, run_name='__main__')"
+    )
+    env = {**os.environ, "FEDCSG_DATA_DIR": str(data_dir), "PYTHONPATH": ""}
+    done = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    arms = {a["arm"]: a for a in report["arms"]}
+    assert list(arms) == ["fedavg", "csg", "csg-frozen", "fedpara", "csg+int8/delta-int8"]
+    assert all(a["ok"] and a["all_on_device"] and len(a["losses"]) == 3 for a in arms.values())
+    assert arms["csg-frozen"]["frozen_parameters"] == 1 and arms["csg"]["frozen_parameters"] == 0
+    assert report["reproducibility"]["deterministic_equal"] and report["reproducibility"]["cpu_device_gap"] == 0.0
+    # every arm at every precision, eager (the tiny size compiles nothing); a precision the CPU lacks is
+    # skipped with the reason, fp32 always runs
+    assert [(r["arm"], r["precision"], r["compiled"]) for r in report["throughput"]] == [
+        (arm, p, False) for arm in arms for p in ("fp32", "bf16", "fp16")
+    ]
+    for cell in report["throughput"]:
+        assert ("images_per_s" in cell) == (precision_problem(cell["precision"], torch.device("cpu")) == "")
+    assert report["federated"] == [
+        {"precision": p, "compile": c, "skipped": "needs flwr, ray", "ok": None}
+        for p, c in (("fp32", "off"), ("fp32", "on"), ("bf16", "off"), ("bf16", "on"))
+    ]
+    assert "| csg-frozen | True | True | True | n/a (CPU) |" in (tmp_path / "gpu_check.md").read_text()

@@ -19,7 +19,7 @@ from fedcsg.fl.ray_cluster import (
     current_node_id,
     init_args,
     placement_record,
-    reported_node,
+    reported_placement,
 )
 from fedcsg.fl.traffic import SIMULATED_PLACEMENT, accounted_wire_bytes, round_messages
 from fedcsg.runs.records import RoundRecord, comparable
@@ -97,15 +97,16 @@ def test_cli_refuses_an_address_where_no_head_answers(
 def test_a_reply_names_the_ray_node_that_ran_it() -> None:
     """Outside Ray (this test, a deployed SuperNode) the node is ""; `fedcsg bytes` counts a reply
     from a Ray node (an id of Ray's width); a reply without the record names no node."""
-    assert current_node_id() == "" and placement_record() == {NODE_ID_KEY: ""}
-    assert reported_node(RecordDict({PLACEMENT: ConfigRecord({NODE_ID_KEY: "ab" * 28})})) == "ab" * 28
-    assert reported_node(RecordDict({})) == ""
+    assert current_node_id() == "" and placement_record("cpu")[NODE_ID_KEY] == ""
+    assert reported_placement(RecordDict({PLACEMENT: ConfigRecord({NODE_ID_KEY: "ab" * 28})})) == "ab" * 28
+    assert reported_placement(RecordDict({})) == ""
     down, up = round_messages(RunConfig(model="fmnist-cnn", dataset="fashion-mnist", arm="csg"))
     assert len(up.content[PLACEMENT][NODE_ID_KEY]) == NODE_ID_HEX_LENGTH
     assert up.content[PLACEMENT] == SIMULATED_PLACEMENT
     without = Message(RecordDict({k: v for k, v in up.content.items() if k != PLACEMENT}), reply_to=down)
-    # The record, its header and its content address in the RecordDict: 238 bytes a reply.
-    assert accounted_wire_bytes(up) - accounted_wire_bytes(without) == 238
+    # The record (node, "cpu", an empty CUDA_VISIBLE_DEVICES), its header and its content address in the
+    # RecordDict: 284 bytes a reply.
+    assert accounted_wire_bytes(up) - accounted_wire_bytes(without) == 284
 
 
 def test_where_and_how_long_are_left_out_when_runs_are_compared() -> None:

@@ -573,7 +573,7 @@ def test_compare_resume_skips_complete_arms_continues_started_ones_runs_missing_
     _checkpointed(out, cfg.replace(arm="csg-frozen"), last_round=1)  # csg-frozen: killed after round 1
     simulated: list[tuple[str, bool]] = []
     monkeypatch.setattr(commands, "_simulate", lambda runs, o, v: simulated.extend((c.arm, c.resume) for c in runs))
-    monkeypatch.setattr(commands, "_finish", lambda o: 0)
+    monkeypatch.setattr(commands, "_finish", lambda o, runs, placement: 0)
     assert main(["compare", "--resume", str(out)]) == 0
     assert simulated == [("fedavg", True), ("csg-frozen", True)]  # the config's order; fedavg starts at round 0
     printed = capsys.readouterr().out
@@ -726,7 +726,11 @@ def test_sigkill_mid_round_then_resume_matches_an_uninterrupted_run(
     partial = [r["round"] for r in json.loads((out / "arms" / "csg.json").read_text())["rounds"]]
     assert partial in (list(range(killed_at + 1)), list(range(killed_at + 2)))
 
-    resumed = _launch(["run", "--resume", str(out), *_sets(KILL_RUN)], tmp_path / "resume.log", data_dir)
+    # Resumed under other device settings than it started with (devices and shares are not the run's
+    # identity, docs/gpu.md): on this CPU machine the numbers must still be the uninterrupted run's.
+    other_devices = ["device=cpu", "server-device=cpu", "client-num-gpus=0", "clients-per-gpu=2", "deterministic=true"]
+    args = ["run", "--resume", str(out), *_sets([*KILL_RUN, *other_devices])]
+    resumed = _launch(args, tmp_path / "resume.log", data_dir)
     text = _finish(resumed, tmp_path / "resume.log")
     assert f"resuming after round {killed_at}" in text
 

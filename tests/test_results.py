@@ -12,7 +12,7 @@ from fedcsg.cli import main
 from fedcsg.io import strict_json
 from fedcsg.runs.records import ArmRecorder
 from fedcsg.runs.report import write_report
-from fedcsg.spec.config import RunConfig, identity_of
+from fedcsg.spec.config import ADDED_SETTINGS, RunConfig, identity_of
 from fedcsg.spec.experiments import find_experiment, load_experiment, shipped_experiments
 
 from .records import round_record
@@ -192,6 +192,22 @@ def test_a_run_of_an_older_fedcsg_is_refused_in_one_line(tmp_path: Path, capsys:
     assert len(err) == 1 and "written by an older fedcsg (it lacks downlink)" in err[0]
     assert "accepted are runs of fedcsg 0.1.0" in err[0]
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_run_of_a_fedcsg_that_only_lacked_added_settings_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A record lacking only settings added since (ADDED_SETTINGS, whose recorded meaning is the old
+    behaviour) is the same run: --resume continues it (here: nothing left to train, the report is
+    rebuilt) instead of refusing it as an older fedcsg's."""
+    _write_arm(tmp_path, "csg", [0.1, 0.2])
+    record = tmp_path / "arms" / "csg.json"
+    document = json.loads(record.read_text())
+    for key in [*ADDED_SETTINGS, "compile", "channels-last"]:  # identity settings, and two that only say how
+        del document["config"][key]
+    record.write_text(json.dumps(document))
+    assert main(["run", "--resume", str(tmp_path)]) == 0, capsys.readouterr().err
+    assert (tmp_path / "report.md").is_file()
 
 
 def test_the_run_directory_layout_is_spelled_in_one_module() -> None:

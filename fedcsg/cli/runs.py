@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from fedcsg.io import read_json_object, writable_dir
 from fedcsg.runs.checkpoint import read_state
@@ -24,7 +25,7 @@ from fedcsg.runs.layout import (
 )
 from fedcsg.runs.records import fedcsg_version
 from fedcsg.spec.arms import MODELS, arm_of_stem, check_arm
-from fedcsg.spec.config import RunConfig
+from fedcsg.spec.config import PLACEMENT_KEYS, RunConfig, with_added_settings
 from fedcsg.spec.experiments import DEFAULT_EXPERIMENT, load_experiment, shipped_experiments
 
 
@@ -106,16 +107,21 @@ def prepare_out_dir(out_dir: Path, cfg: RunConfig, arms: list[str], overwrite: b
         writable_dir(out_dir)
 
 
-def preflight(cfg: RunConfig, arms: list[str]) -> None:
+def preflight(cfg: RunConfig, arms: list[str]) -> tuple[RunConfig, float]:
     """Everything checkable before a byte is written: find and read the labels of both splits (cheap),
     so a bad data path or a label out of range fails before anything runs, and the header of every
     image (a null or undecodable image, or one of the wrong size or too many pixels); check the
     settings against their sizes (:meth:`~fedcsg.spec.settings.DataSettings.check_sizes`); check that
-    each arm's model fits in memory; that some Ray node can host a client of ``client-num-cpus``/
-    ``client-num-gpus``; and on an attached cluster that every node can open the data too (a node
-    started without them fails here, in seconds, not in every client of every round)."""
+    each arm's model fits in memory; on an attached cluster that every node can open the data too (a
+    node started without them fails here, in seconds, not in every client of every round).
+
+    Returns ``cfg`` with its clients' GPU share and the server's device resolved for the Ray it runs on
+    (:func:`~fedcsg.fl.ray_cluster.resolve_resources`, which refuses ``device = "cuda"`` without a GPU
+    share and a client that no node can host), and the GPUs of that Ray's largest node."""
+    import torch
+
     from fedcsg.data.readers import check_images, load_labels
-    from fedcsg.fl.ray_cluster import check_resources
+    from fedcsg.fl.ray_cluster import ray_nodes, resolve_resources
     from fedcsg.fl.task import data_problem
 
     where = {"data_dir": cfg.data_dir or None, "hub_name": cfg.hub_name or None}
@@ -125,8 +131,39 @@ def preflight(cfg: RunConfig, arms: list[str]) -> None:
     cfg.data_settings.check_sizes(*sizes, num_clients=cfg.num_clients)
     for arm in arms:
         cfg.model_settings(arm).check_size()
-    probe = functools.partial(data_problem, cfg.data_settings)
-    check_resources(cfg.ray_address, cfg.client_num_cpus, cfg.client_num_gpus, probe)
+    nodes = ray_nodes(cfg.ray_address, functools.partial(data_problem, cfg.data_settings))
+    gpus = max((node.get("GPU", 0.0) for node in nodes), default=0.0)
+    resolved = resolve_resources(cfg, nodes, torch.cuda.is_available())
+    client_device = "cuda" if resolved.client_num_gpus > 0 and resolved.device != "cpu" else "cpu"
+    for device in {client_device, resolved.server_device}:  # this machine's CPU or GPU stands for the nodes'
+        if device == "cpu" or torch.cuda.is_available():
+            resolved.execution.check(torch.device(device))
+    return resolved, gpus
+
+
+def asks_for_gpus(cfg: RunConfig) -> bool:
+    """Whether a setting of ``cfg`` (as given, before "auto" is resolved) asks for GPUs for the clients."""
+    return cfg.device == "cuda" or (cfg.client_num_gpus != "auto" and float(cfg.client_num_gpus) > 0)
+
+
+def cpu_clients_line(runs: list[RunConfig], gpus: float) -> str:
+    """ "" unless the Ray cluster had ``gpus`` > 0 and clients of ``runs`` trained on the CPU all the
+    same; then one line saying how many replies of which arms did."""
+    if gpus <= 0:
+        return ""
+    on_cpu: dict[str, list[int]] = {}
+    for cfg in runs:
+        rounds = read_json_object(arm_record_path(Path(cfg.out_dir), cfg.arm))["rounds"]
+        devices = [device for r in rounds for device in r.get("devices") or []]
+        if any(device == "cpu" for device in devices):
+            on_cpu[cfg.arm] = [sum(device == "cpu" for device in devices), len(devices)]
+    if not on_cpu:
+        return ""
+    counts = ", ".join(f"{arm} {cpu} of {total}" for arm, (cpu, total) in on_cpu.items())
+    return (
+        f"clients trained on the CPU although the Ray cluster has {gpus:g} GPU(s) on a node ({counts} replies): "
+        "their process saw no CUDA device (CUDA_VISIBLE_DEVICES is in each round's visible_devices)"
+    )
 
 
 def _simulate(runs: list[RunConfig], out_dir: Path, verbose: bool) -> None:
@@ -157,12 +194,34 @@ def _write_report(out_dir: Path) -> dict[str, Any]:
     return write_report(out_dir)
 
 
-def _finish(out_dir: Path) -> int:
+class Placement(NamedTuple):
+    """What :func:`_finish` checks the clients' devices against: the GPUs of the Ray's largest node,
+    and whether a setting asked for GPUs (then clients on the CPU fail the run)."""
+
+    gpus: float
+    asked: bool
+
+
+def _resolved(cfg: RunConfig, arms: list[str]) -> tuple[RunConfig, Placement]:
+    """:func:`preflight`'s resolved config, with what the given one asked for."""
+    resolved, gpus = preflight(cfg, arms)
+    return resolved, Placement(gpus, asks_for_gpus(cfg))
+
+
+def _finish(out_dir: Path, runs: list[RunConfig], placement: Placement) -> int:
+    """Write the report and print its summary; then, where clients trained on the CPU on a cluster with
+    GPUs, one line saying so, which fails the run when a setting asked for GPUs."""
+    from fedcsg.runs.records import RunFailed
     from fedcsg.runs.report import report_summary
 
     results = _write_report(out_dir)
     print(f"results in {out_dir}: results.json, results.csv, report.md, accuracy_vs_bytes.png, accuracy_vs_round.png")
     print(report_summary(results))
+    line = cpu_clients_line(runs, placement.gpus)
+    if line and placement.asked:
+        raise RunFailed(line)
+    if line:
+        print(f"fedcsg: note: {line}", file=sys.stderr)
     return 0
 
 
@@ -198,7 +257,7 @@ def _run_arms(cfg: RunConfig, arms: list[str], out_dir: Path, overwrite: bool, v
     (another run may have written meanwhile), clear it if ``overwrite``, and run every arm of every seed."""
     from fedcsg.runs.lock import run_lock
 
-    preflight(cfg, arms)
+    cfg, placement = _resolved(cfg, arms)
     _check_run_dirs(cfg, arms, out_dir, overwrite)
     with run_lock(writable_dir(out_dir)):
         _check_run_dirs(cfg, arms, out_dir, overwrite)
@@ -209,7 +268,7 @@ def _run_arms(cfg: RunConfig, arms: list[str], out_dir: Path, overwrite: bool, v
             writable_dir(run_dir)
         planned = [run_cfg.replace(arm=arm, out_dir=str(run_dir)) for run_cfg, run_dir in runs for arm in arms]
         _simulate(planned, out_dir, verbose)
-        return _finish(out_dir)
+        return _finish(out_dir, planned, placement)
 
 
 # -- resume -------------------------------------------------------------------------------------
@@ -249,14 +308,20 @@ def saved_config(out_dir: Path) -> RunConfig:
             "rerun it with --overwrite"
         )
     try:
-        return _canonical(RunConfig.from_mapping({k: v for k, v in recorded.items() if k != "resume"}))
+        return _canonical(
+            RunConfig.from_mapping({k: v for k, v in with_added_settings(recorded).items() if k != "resume"})
+        )
     except ValueError as error:
         raise ValueError(f"{files[0]}: recorded config: {error}") from None
 
 
 def resume_config(args: argparse.Namespace, out_dir: Path) -> RunConfig:
-    """The saved config, or the one given by --config/--set when it has the same identity."""
+    """The saved config, or the one given by --config/--set when it has the same identity; its
+    placement (:data:`~fedcsg.spec.config.PLACEMENT_KEYS`) from --config/--set or the defaults, for
+    the machine it resumes on, never the resolved one of the machine it started on."""
     saved = saved_config(out_dir)
+    defaults = RunConfig().to_flower()
+    saved = RunConfig.from_mapping({key: defaults[key] for key in PLACEMENT_KEYS}, saved)
     cfg = saved
     overrides = _overrides(args)
     if args.config or overrides:
@@ -331,7 +396,7 @@ def _resume_arms(cfg: RunConfig, arms: list[str], out_dir: Path, verbose: bool) 
     everything is validated before anything runs or is written."""
     from fedcsg.runs.lock import run_lock
 
-    preflight(cfg, arms)
+    cfg, placement = _resolved(cfg, arms)
     with run_lock(out_dir):
         runs = seed_runs(cfg, out_dir)
         progress = [{arm: arm_progress(run_dir, run_cfg, arm) for arm in arms} for run_cfg, run_dir in runs]
@@ -351,7 +416,7 @@ def _resume_arms(cfg: RunConfig, arms: list[str], out_dir: Path, verbose: bool) 
                     print(f"== arm {arm}{seed}: stopped before its first checkpoint, starting again", flush=True)
                 planned.append(run_cfg.replace(arm=arm, out_dir=str(run_dir)))
         _simulate(planned, out_dir, verbose)
-        return _finish(out_dir)
+        return _finish(out_dir, planned, placement)
 
 
 def _arms_in(out_dir: Path) -> list[str]:

@@ -20,7 +20,7 @@ import functools
 import io
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -131,12 +131,15 @@ def resize_center_crop(image: Image.Image, size: int, shorter: int, resample: in
     return image.crop((x, y, x + size, y + size))
 
 
-def classification_image(blob: bytes | None, origin: str, row: int, size: int, *, train: bool, seed: int) -> np.ndarray:
+def classification_image(
+    blob: bytes | None, origin: str, row: int, size: int, *, train: bool, seed: int, epoch: int | None = None
+) -> np.ndarray:
     """One classification image ``uint8 [3, size, size]``: for training the crop and flip drawn from
-    ``default_rng([seed, row])``, so a row is cut the same whichever other rows are read with it."""
+    ``default_rng([seed, row])``, so a row is cut the same whichever other rows are read with it
+    (``default_rng([seed, epoch, row])`` with ``epoch``: a fresh cut every epoch, as a stream draws it)."""
     image = decode(blob, origin, row, "RGB", max_pixels(size))
     if train:
-        rng = np.random.default_rng([seed, row])
+        rng = np.random.default_rng([seed, row] if epoch is None else [seed, epoch, row])
         image = random_resized_crop(image, size, rng)
         if rng.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
@@ -323,6 +326,31 @@ def take_rows(
             table = take_parquet_rows(_open(path, columns), rows[mine] - (ends[i] - sizes[i]), columns)
             taken.append((path, table, mine))
     return taken
+
+
+def stream_rows(paths: Sequence[Path], rows: np.ndarray, columns: Sequence[str]) -> Iterator[tuple[Path, int, list]]:
+    """Rows ``rows`` (ascending, numbered across the shards in order) of ``columns``, one at a time:
+    ``(shard, row, [value per column])``, reading only the row groups that hold some of them, one
+    row group at a time (an image column as its encoded bytes)."""
+    start = 0
+    for path in paths:
+        parquet = _open(path, columns)
+        for group in range(parquet.metadata.num_row_groups):
+            size = parquet.metadata.row_group(group).num_rows
+            low, high = np.searchsorted(rows, [start, start + size])
+            if high > low:
+                table = parquet.read_row_group(group, columns=list(columns), use_threads=False)
+                local = pa.array(rows[low:high] - start, type=pa.int64())
+                values = [_plain(table.column(c).take(local)) for c in columns]
+                for i, row in enumerate(rows[low:high]):
+                    yield path, int(row), [v[i] for v in values]
+            start += size
+
+
+def _plain(column: pa.ChunkedArray) -> list:
+    """A column's values as Python objects: an encoded image's bytes, a label's int."""
+    array = column.combine_chunks()
+    return array.field("bytes").to_pylist() if pa.types.is_struct(array.type) else array.to_pylist()
 
 
 def take_classification(

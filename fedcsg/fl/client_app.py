@@ -22,7 +22,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from fedcsg.fl.ray_cluster import PLACEMENT, placement_record
+from fedcsg.fl.ray_cluster import PLACEMENT, hide_gpus_without_share, placement_record
 from fedcsg.fl.task import (
     RUN_ARM_KEY,
     RUN_SEED_KEY,
@@ -32,6 +32,8 @@ from fedcsg.fl.task import (
     local_train,
     payload_layout,
 )
+from fedcsg.nn.determinism import set_deterministic
+from fedcsg.nn.devices import describe
 from fedcsg.nn.training import get_device
 from fedcsg.spec.config import RunConfig
 from fedcsg.wire.downlink import VERSION_KEY, Downlink, receive
@@ -44,11 +46,12 @@ RESIDUAL_KEY = "uplink-residual"  # Context.state record of an error-feedback co
 
 
 @functools.lru_cache(maxsize=2)
-def _model_and_layout(cfg: RunConfig) -> tuple[nn.Module, PayloadLayout]:
+def _model_and_layout(cfg: RunConfig) -> tuple[nn.Module, PayloadLayout, nn.Module | None]:
     # One model per process and run: a Ray actor serves many virtual clients in turn, and each
-    # round overwrites every payload entry, so rebuilding it per message would only cost time.
+    # round overwrites every payload entry, so rebuilding it per message would only cost time; its
+    # compiled twin (when the run compiles) is kept with it, so a process compiles once per run.
     model = build_arm_model(cfg)
-    return model, payload_layout(cfg, model)
+    return model, payload_layout(cfg, model), cfg.execution.compiled(model, get_device(cfg.device))
 
 
 class InjectedFault(RuntimeError):
@@ -115,8 +118,10 @@ def train(msg: Message, context: Context) -> Message:
             f"injected fault: partition {partition_id}, round {server_round}, attempt {attempt} "
             f"(fault-probability = {cfg.fault_probability})"
         )
+    hide_gpus_without_share(cfg)  # before CUDA starts in this process
+    set_deterministic(cfg.deterministic)
     device = get_device(cfg.device)
-    model, layout = _model_and_layout(cfg)
+    model, layout, compiled = _model_and_layout(cfg)
     downlink = Downlink.of_config(cfg, layout)
     # A delta downlink's x̂ lives in context.state; out of sync, this raises and the round fails.
     received = receive(downlink, msg.content[ARRAYS], config, context.state, f"{cfg.arm}:{cfg.seed}")
@@ -131,8 +136,9 @@ def train(msg: Message, context: Context) -> Message:
         seed=cfg.seed * 1_000_003 + server_round * 10_007 + partition_id,
         device=device,
         factor=str(config.get(TRAIN_FACTOR_KEY, "all")),
+        compiled=compiled,
     )
-    model.to("cpu")
+    # The model stays on its device for the process's next client (a CUDA graph keeps its addresses).
     metrics = MetricRecord(
         {
             NUM_EXAMPLES: stats.num_examples,
@@ -151,5 +157,5 @@ def train(msg: Message, context: Context) -> Message:
     )
     if residual is not None:
         context.state[residual_key(cfg)] = ArrayRecord({"residual": Array(residual)})
-    placement = ConfigRecord(placement_record())
+    placement = ConfigRecord(placement_record(describe(device)))
     return Message(content=RecordDict({ARRAYS: arrays, METRICS: metrics, PLACEMENT: placement}), reply_to=msg)

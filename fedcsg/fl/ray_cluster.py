@@ -13,8 +13,16 @@ The run setting ``ray-address`` chooses the Ray that Flower's Ray backend uses:
 
 An attached cluster is left running when the run ends (fedcsg did not start it): ``ray.shutdown``
 only disconnects this driver, and Ray removes the driver's actors with it. Every client reply names
-the Ray node that ran it (:func:`current_node_id`), and :class:`~fedcsg.runs.records.RoundRecord`
-keeps it (``ray_nodes``), so the spread of the work over the cluster is in the records.
+the Ray node that ran it (:func:`current_node_id`), the device it trained on and the
+``CUDA_VISIBLE_DEVICES`` it saw (:func:`placement_record`), and :class:`~fedcsg.runs.records.RoundRecord`
+keeps them (``ray_nodes``, ``devices``, ``visible_devices``), so the spread of the work over the
+cluster and its GPUs is in the records.
+
+GPUs: :func:`resolve_resources` turns ``client-num-gpus = "auto"`` and ``server-device = "auto"`` into
+numbers and devices from what the cluster offers (the rule is :mod:`fedcsg.spec.resources`'), before
+the first round. Ray is told explicitly how to treat a client with no GPU share
+(:data:`ACCELERATOR_ENV`): it leaves its ``CUDA_VISIBLE_DEVICES`` alone, and the client itself hides
+the GPUs (:func:`hide_gpus_without_share`), so that no client computes on a GPU outside Ray's shares.
 
 :func:`interruptible` turns SIGTERM into the KeyboardInterrupt that Ctrl-C raises (and so does the
 ``sys.exit(SIGTERM)`` of the handler that ``ray.init`` installs), so that Flower's simulation engine
@@ -26,15 +34,22 @@ while on a busy machine; the run adopts them (Linux's child subreaper) so that t
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import sys
 import threading
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from fedcsg.spec.config import RunConfig
+from fedcsg.spec.resources import client_gpu_share, server_device
+
+# Ray's switch for actors that ask for no GPU: "0" = Ray leaves their CUDA_VISIBLE_DEVICES alone (Ray's
+# announced future default; the client hides the GPUs itself), set explicitly rather than Ray's warning silenced.
+ACCELERATOR_ENV = ("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+RESOURCES_ENV = "RAY_OVERRIDE_RESOURCES"  # Ray's own: JSON resources a Ray started on this machine declares
 CONNECT_TIMEOUT = 10.0  # seconds to reach a head node's port before the run is refused
 PROBE_TIMEOUT = 120.0  # seconds for a node to answer the pre-run probe (it may have to start a worker)
 PRIVATE_RAY = "local"  # ray.init's address for "start a new local Ray, attach to nothing"
@@ -50,8 +65,16 @@ def init_args(address: str) -> dict[str, Any]:
     }
 
 
+def set_accelerator_env() -> None:
+    """Set :data:`ACCELERATOR_ENV` in this process, before it starts or reaches a Ray: a private Ray's
+    workers inherit it."""
+    name, value = ACCELERATOR_ENV
+    os.environ[name] = value
+
+
 def local_resources() -> dict[str, float]:
-    """What a private Ray on this machine offers: its usable CPUs and CUDA devices."""
+    """What a private Ray on this machine offers: its usable CPUs and CUDA devices, or what Ray's
+    :data:`RESOURCES_ENV` declares instead (as Ray itself takes it: a Ray with GPUs it does not have)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     try:
         import torch
@@ -59,7 +82,8 @@ def local_resources() -> dict[str, float]:
         gpus = torch.cuda.device_count()
     except ImportError:
         gpus = 0
-    return {"CPU": float(cpus), "GPU": float(gpus)}
+    declared = json.loads(os.environ.get(RESOURCES_ENV) or "{}")
+    return {"CPU": float(declared.get("CPU", cpus)), "GPU": float(declared.get("GPU", gpus))}
 
 
 def cluster_resources(address: str, probe: Callable[[], str] | None = None) -> list[dict[str, float]]:
@@ -81,16 +105,15 @@ def cluster_resources(address: str, probe: Callable[[], str] | None = None) -> l
                 f"ray-address = {address!r}: no Ray head answers there ({error.strerror or error}); "
                 "start one with `ray start --head --port PORT` or pass the address it printed"
             ) from None
+    set_accelerator_env()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # Ray's tip about accelerator env vars
-            ray.init(
-                address=address,
-                logging_level="ERROR",
-                log_to_driver=False,
-                include_dashboard=False,
-                runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}},
-            )
+        ray.init(
+            address=address,
+            logging_level="ERROR",
+            log_to_driver=False,
+            include_dashboard=False,
+            runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}},
+        )
     except (ConnectionError, RuntimeError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConnectionError(f"ray-address = {address!r}: no Ray cluster could be reached there ({first})") from None
@@ -146,30 +169,70 @@ def check_client_resources(num_cpus: float, num_gpus: float, nodes: list[dict[st
     )
 
 
-def check_resources(address: str, num_cpus: float, num_gpus: float, probe: Callable[[], str] | None = None) -> None:
-    """:func:`check_client_resources` against the Ray that ``address`` names; on an attached
-    cluster, also ``probe`` on every node (:func:`cluster_resources`): a private Ray runs on this
-    machine, where the caller checks what it needs itself."""
-    nodes = [local_resources()] if not address else cluster_resources(address, probe)
-    check_client_resources(num_cpus, num_gpus, nodes)
+def ray_nodes(address: str, probe: Callable[[], str] | None = None) -> list[dict[str, float]]:
+    """The resources of the nodes of the Ray that ``address`` names: this machine's for a private
+    Ray; an attached cluster's live nodes, each also running ``probe`` (:func:`cluster_resources`)."""
+    return [local_resources()] if not address else cluster_resources(address, probe)
+
+
+def resolve_resources(cfg: RunConfig, nodes: list[dict[str, float]], cuda_here: bool) -> RunConfig:
+    """``cfg`` with ``client-num-gpus`` a number and ``server-device`` ``cpu`` or ``cuda`` for the
+    Ray nodes ``nodes`` and a server machine with (``cuda_here``) or without a CUDA device
+    (:mod:`fedcsg.spec.resources`); a one-line ValueError for ``device = "cuda"`` with no GPU share,
+    ``server-device = "cuda"`` without a CUDA device here, or a client that no node can host
+    (:func:`check_client_resources`)."""
+    gpus = max((node.get("GPU", 0.0) for node in nodes), default=0.0)
+    server = server_device(cfg.server_device, cuda_here)
+    share = client_gpu_share(cfg.client_num_gpus, cfg.clients_per_gpu, gpus, server == "cuda")
+    if cfg.device == "cuda" and share == 0:
+        raise ValueError(
+            f"device = 'cuda' is not accepted here: client-num-gpus = {cfg.client_num_gpus!r} gives the clients "
+            f'no GPU share (the Ray cluster has {gpus:g} GPUs); accepted is device = "auto" or "cpu", or a '
+            "cluster with GPUs"
+        )
+    if server == "cuda" and not cuda_here:
+        raise ValueError(
+            "server-device = 'cuda' is not accepted here: this machine has no CUDA device for the server; "
+            'accepted is server-device = "auto" or "cpu"'
+        )
+    check_client_resources(cfg.client_num_cpus, share, nodes)
+    return cfg.replace(client_num_gpus=share, server_device=server)
 
 
 PLACEMENT = "placement"  # the ConfigRecord of a train reply that names where the client ran
 NODE_ID_KEY = "ray-node-id"
+DEVICE_KEY = "device"  # the device the client trained on (fedcsg.nn.devices.describe)
+VISIBLE_KEY = "cuda-visible-devices"  # the client's CUDA_VISIBLE_DEVICES, UNSET where it has none
+UNSET = "unset"
 NODE_ID_HEX_LENGTH = 56  # Ray's NodeID is 28 bytes, written in hex
 
 
-def placement_record() -> dict[str, str]:
-    """The content of a train reply's :data:`PLACEMENT` record: the Ray node that ran the client."""
-    return {NODE_ID_KEY: current_node_id()}
+def placement_record(device: str) -> dict[str, str]:
+    """The content of a train reply's :data:`PLACEMENT` record: the Ray node that ran the client, the
+    ``device`` it trained on (described) and the CUDA devices it was shown."""
+    return {
+        NODE_ID_KEY: current_node_id(),
+        DEVICE_KEY: device,
+        VISIBLE_KEY: os.environ.get("CUDA_VISIBLE_DEVICES", UNSET),
+    }
 
 
-def reported_node(content: Any) -> str:
-    """The Ray node id a reply's RecordDict ``content`` names; "" if it names none."""
+def reported_placement(content: Any, key: str = NODE_ID_KEY) -> str:
+    """The ``key`` entry (default: the Ray node id) of a reply's RecordDict ``content``'s placement; "" if
+    it names none."""
     if PLACEMENT not in content.config_records:
         return ""
-    value = content.config_records[PLACEMENT].get(NODE_ID_KEY, "")
+    value = content.config_records[PLACEMENT].get(key, "")
     return value if isinstance(value, str) else ""
+
+
+def hide_gpus_without_share(cfg: RunConfig) -> None:
+    """Hide the GPUs from this client process when the run gives clients no GPU share
+    (``client-num-gpus`` 0): with :data:`ACCELERATOR_ENV` Ray no longer does it. Before CUDA starts
+    in the process, this keeps it on the CPU; "auto" (a run not resolved by fedcsg, as under
+    ``flwr run``) leaves the devices as they are."""
+    if cfg.client_num_gpus == 0:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 def current_node_id() -> str:

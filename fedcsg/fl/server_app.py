@@ -13,6 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
+from fedcsg.data.batches import data_on
 from fedcsg.fl.filter_step import PayloadFilters
 from fedcsg.fl.server_opt import Mask, ServerOptimizer
 from fedcsg.fl.strategy import CSGFedAvg, lr_schedule
@@ -27,6 +28,8 @@ from fedcsg.fl.task import (
 )
 from fedcsg.fl.traffic import bundle_download_bytes
 from fedcsg.nn.csg_factors import FACTORS, factor_keys, frozen_keys, round_factor
+from fedcsg.nn.determinism import set_deterministic
+from fedcsg.nn.devices import describe
 from fedcsg.nn.params import count_parameters
 from fedcsg.nn.training import get_device, set_seed
 from fedcsg.runs.checkpoint import Checkpoint, config_hash, load_checkpoint, save_checkpoint, set_rng_state
@@ -135,9 +138,11 @@ def arm_recorder(
     layout: PayloadLayout,
     resumed_from: list[int],
     bundle_bytes: int | None = None,
+    server_device: str = "cpu",
 ) -> ArmRecorder:
     """The recorder of ``out_dir/arms/<arm>.json``, with what the arm sends besides its rounds:
-    ``bundle_bytes`` is the app bundle each node downloads once per run (None in a simulation)."""
+    ``bundle_bytes`` is the app bundle each node downloads once per run (None in a simulation);
+    and ``server_device``, where the server evaluated (:func:`~fedcsg.nn.devices.describe`)."""
     return ArmRecorder(
         out_dir,
         cfg.arm,
@@ -148,6 +153,7 @@ def arm_recorder(
             "payload_keys": layout.keys,
             "resumed_from": resumed_from,
             "bundle_bytes": bundle_bytes,
+            "server_device": server_device,
         },
     )
 
@@ -185,11 +191,14 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress: Callable
     model = build_arm_model(cfg)
     layout = payload_layout(cfg, model)
     checkpoint = resumable_checkpoint(cfg, out_dir, layout)
-    device = get_device(cfg.device)
-    test = test_data(cfg)
+    set_deterministic(cfg.deterministic)
+    device = get_device(cfg.server_device)
+    test = data_on(test_data(cfg), device)  # on the server's device for the whole run
     strategy = build_strategy(cfg, layout, model)
     resumed_from = [*checkpoint.resumed_from, checkpoint.round] if checkpoint else []
-    recorder = arm_recorder(cfg, out_dir, model, layout, resumed_from, bundle_download_bytes(grid.run))
+    recorder = arm_recorder(
+        cfg, out_dir, model, layout, resumed_from, bundle_download_bytes(grid.run), describe(device)
+    )
     if checkpoint is not None:
         recorder.rounds = [dict(r) for r in checkpoint.rounds]
         strategy.load_state_dict(checkpoint.strategy, checkpoint.downlink_arrays)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import tomli_w
 
-from fedcsg.fl.ray_cluster import dying_with_us, init_args, interruptible
+from fedcsg.fl.ray_cluster import dying_with_us, init_args, interruptible, set_accelerator_env
 from fedcsg.fl.task import partition_rows
 from fedcsg.runs.layout import arm_record_path
 from fedcsg.spec.config import RunConfig
@@ -60,7 +60,10 @@ REPORTED_CLIENT_ERRORS = ReportedClientErrors()
 def backend_config(cfg: RunConfig) -> dict:
     """Ray backend settings: per-client resources, and the Ray to use (``ray-address``, see
     :mod:`fedcsg.fl.ray_cluster`). On each node Ray runs min(CPUs / num_cpus, GPUs / num_gpus)
-    clients at once and sets each actor's OMP_NUM_THREADS to its num_cpus."""
+    clients at once and sets each actor's OMP_NUM_THREADS to its num_cpus. ``client-num-gpus``
+    must be resolved already (:func:`~fedcsg.fl.ray_cluster.resolve_resources`)."""
+    if cfg.client_num_gpus == "auto":
+        raise ValueError('client-num-gpus = "auto" must be resolved for the cluster before the simulation starts')
     return {
         "client_resources": {"num_cpus": cfg.client_num_cpus, "num_gpus": cfg.client_num_gpus},
         "init_args": init_args(cfg.ray_address),
@@ -102,6 +105,7 @@ def simulate(runs: Sequence[RunConfig], *, verbose: bool = False) -> None:
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    set_accelerator_env()
     runs = [cfg.replace(out_dir=str(Path(cfg.out_dir).absolute())) for cfg in runs]
     first = check_engine(runs)
     if not verbose:

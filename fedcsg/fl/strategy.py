@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 
 from fedcsg.fl.filter_step import PayloadFilters
 from fedcsg.fl.flower_private import check_replies, construct_messages, log
-from fedcsg.fl.ray_cluster import reported_node
+from fedcsg.fl.ray_cluster import DEVICE_KEY, VISIBLE_KEY, reported_placement
 from fedcsg.fl.replies import aggregate_train_metrics, checked_reply
 from fedcsg.fl.server_opt import Mask, ServerOptimizer
 from fedcsg.fl.traffic import accounted_wire_bytes, payload_bytes
@@ -309,7 +309,9 @@ class CSGFedAvg(FedAvg):
         accepted.sort(key=lambda item: item[0])
         known = [(key, reply) for key, reply, _ in accepted if key[0] != math.inf]
         traffic.partitions = [int(key[0]) for key, _ in known]
-        traffic.ray_nodes = [reported_node(reply.content) for _, reply in known]
+        traffic.ray_nodes = [reported_placement(reply.content) for _, reply in known]
+        traffic.devices = [reported_placement(reply.content, DEVICE_KEY) for _, reply in known]
+        traffic.visible_devices = [reported_placement(reply.content, VISIBLE_KEY) for _, reply in known]
         contents = [reply.content for _, reply, _ in accepted]
         weights = [int(next(iter(c.metric_records.values()))[WEIGHT_KEY]) for c in contents]
         arrays = weighted_average([decoded for _, _, decoded in accepted], weights)

@@ -4,14 +4,17 @@ training and server-side evaluation. Pure functions over a :class:`~fedcsg.spec.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
-from fedcsg.data.batches import TensorBatches
+from fedcsg.data.batches import TensorBatches, data_on
 from fedcsg.data.partitions import partition_indices
 from fedcsg.data.readers import ImageData, load_labels, load_split
+from fedcsg.data.registry import ANY_SIZE_FORMATS, resolve_source, sized_spec
+from fedcsg.data.streaming import StreamedSplit
 from fedcsg.nn.csg_factors import factor_lr_scales, freeze_factor
 from fedcsg.nn.segmentation import seg_evaluate, seg_train_epoch
 from fedcsg.nn.training import PassStats, evaluate, make_optimizer, train_epoch, tune_malloc
@@ -83,11 +86,20 @@ def _client_data(data: DataSettings, partition_id: int, num_partitions: int) -> 
     return load_split(data.dataset, "train", indices=rows, seed=data.seed, image_size=data.image_size, **data.source)
 
 
-def client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> ImageData:
-    """Decoded train images of one client (a few recent clients are kept in memory per process;
-    a client that is not sampled holds nothing), at the run's ``image-size``; an any-size set's
-    training crops are drawn once, from the run's data seed and the row, when they are decoded."""
-    return _client_data(cfg.data_settings, partition_id, num_partitions)
+def client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> ImageData | StreamedSplit:
+    """The train data of one client, at the run's ``image-size``: an any-size set's rows in its
+    parquet shards, streamed by ``loader-workers`` processes while it trains (a fresh crop every
+    epoch, :mod:`fedcsg.data.streaming`); otherwise, or with ``loader-workers = 0``, the decoded
+    images (a few recent clients kept in memory per process; an any-size set's training crops then
+    drawn once, from the run's data seed and the row, when they are decoded)."""
+    data = cfg.data_settings
+    if cfg.loader_workers > 0:
+        source = resolve_source(data.dataset, data.data_dir or None, hub_name=data.hub_name or None)
+        if source.kind in ANY_SIZE_FORMATS:
+            rows = np.sort(_partition_rows(data, partition_id, num_partitions))
+            spec = sized_spec(data.dataset, data.image_size)
+            return StreamedSplit(source.files("train"), rows, spec, data.seed, cfg.loader_workers)
+    return _client_data(data, partition_id, num_partitions)
 
 
 @functools.lru_cache(maxsize=2)
@@ -103,7 +115,7 @@ def test_data(cfg: RunConfig) -> ImageData:
 
 def local_train(
     model: nn.Module,
-    data: ImageData,
+    data: ImageData | StreamedSplit,
     cfg: RunConfig,
     *,
     lr: float,
@@ -112,16 +124,26 @@ def local_train(
     seed: int,
     device: torch.device,
     factor: str = "all",
+    compiled: nn.Module | None = None,
 ) -> PassStats:
-    """Train ``model`` on a client's data for ``epochs`` with a fresh SGD optimizer.
+    """Train ``model`` on a client's data for ``epochs`` with a fresh SGD optimizer, in the run's
+    :attr:`~fedcsg.spec.config.RunConfig.execution` (through ``compiled``, the model's compiled twin,
+    when the run compiles).
 
     ``factor`` (one of :data:`fedcsg.nn.csg_factors.FACTORS`) limits which CSG factor trains: the other is
     left out of the optimizer (no step, decay or momentum) and comes back bit-identical.
-    Returns the stats of the last epoch, with ``seconds`` summed over all epochs.
+    Returns the stats of the last epoch, with ``seconds`` summed over all epochs. On a GPU the
+    partition moves there once for the round (:func:`~fedcsg.data.batches.data_on`); a streamed
+    one is read by its loader (:meth:`~fedcsg.data.streaming.StreamedSplit.batches`).
     """
     tune_malloc()
-    model.to(device)
-    batches = TensorBatches(data, batch_size, shuffle=True, augment=True, seed=seed, device=device)
+    execution = cfg.execution
+    execution.check(device)
+    execution.place(model, device)
+    if isinstance(data, StreamedSplit):
+        batches: Iterable[tuple[torch.Tensor, torch.Tensor]] = data.batches(batch_size, seed, device)
+    else:
+        batches = TensorBatches(data_on(data, device), batch_size, shuffle=True, augment=True, seed=seed, device=device)
     seconds, stats = 0.0, None
     with freeze_factor(model, factor):
         scales = factor_lr_scales(model, cfg.codes_lr_scale, cfg.generator_lr_scale)
@@ -130,22 +152,27 @@ def local_train(
             if is_segmentation(data):
                 stats = seg_train_epoch(model, batches, optimizer, device, data.spec.num_classes)
             else:
-                stats = train_epoch(model, batches, optimizer, device)
+                stats = train_epoch(model, batches, optimizer, device, execution, compiled)
             seconds += stats.seconds
     assert stats is not None
     return PassStats(stats.loss, stats.accuracy, stats.num_examples, seconds)
 
 
 def evaluate_model(model: nn.Module, data: ImageData, cfg: RunConfig, device: torch.device) -> PassStats:
+    """Loss and accuracy (mean IoU for segmentation) of ``model`` on ``data``, on ``device``, in the run's
+    precision and memory format (never compiled); ``data`` already there (:func:`~fedcsg.data.batches.data_on`,
+    as the server keeps its test set) is not copied."""
     tune_malloc()
-    model.to(device)
+    execution = cfg.execution
+    execution.check(device)
+    execution.place(model, device)
     batches = TensorBatches(data, cfg.eval_batch_size, device=device)
     if is_segmentation(data):
         return seg_evaluate(model, batches, device, data.spec.num_classes)
-    return evaluate(model, batches, device)
+    return evaluate(model, batches, device, execution)
 
 
-def is_segmentation(data: ImageData) -> bool:
+def is_segmentation(data: ImageData | StreamedSplit) -> bool:
     """Whether ``data``'s labels are per-pixel masks: trained with the per-pixel loss and evaluated by
     mean IoU, which then stands in every record, report and plot where a classifier's accuracy does."""
-    return data.labels.dim() == 3
+    return data.spec.task == "segmentation"

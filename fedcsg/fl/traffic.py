@@ -21,7 +21,7 @@ from fedcsg.fl.flower_private import (
     metadata_to_proto,
     offline_task_identity,
 )
-from fedcsg.fl.ray_cluster import NODE_ID_HEX_LENGTH, NODE_ID_KEY, PLACEMENT
+from fedcsg.fl.ray_cluster import DEVICE_KEY, NODE_ID_HEX_LENGTH, NODE_ID_KEY, PLACEMENT, VISIBLE_KEY
 from fedcsg.fl.task import build_arm_model, payload_layout
 from fedcsg.nn.params import count_parameters
 from fedcsg.spec.config import RunConfig
@@ -101,9 +101,10 @@ def train_replies(records: list[ArrayRecord], examples: list[object]) -> list[Me
     return replies
 
 
-# The placement record of a reply from a client run by Ray: a node id of Ray's width (a deployed
-# SuperNode's reply names no node and is NODE_ID_HEX_LENGTH bytes shorter).
-SIMULATED_PLACEMENT = ConfigRecord({NODE_ID_KEY: "0" * NODE_ID_HEX_LENGTH})
+# The placement record of a reply from a client run by Ray on a CPU without a GPU share: a node id of
+# Ray's width (a deployed SuperNode's reply names no node and is NODE_ID_HEX_LENGTH bytes shorter),
+# "cpu" and CUDA_VISIBLE_DEVICES "" (a client on a GPU names it, e.g. "cuda:0 NVIDIA H100 80GB HBM3", "0").
+SIMULATED_PLACEMENT = ConfigRecord({NODE_ID_KEY: "0" * NODE_ID_HEX_LENGTH, DEVICE_KEY: "cpu", VISIBLE_KEY: ""})
 UPDATE_SCALE = 1e-3  # std of the offline update that `round_messages` encodes (a small, non-zero step)
 
 

@@ -59,7 +59,13 @@ class ComputedConv2d(nn.Module):
     Holds the geometry (as :class:`torch.nn.Conv2d` names it) and the forward pass; registers no
     parameter, so a subclass decides what its state is and in which order it is registered
     (:meth:`add_bias` last, where the geometry has one).
+
+    The weight is computed in fp32 even inside an autocast region (autocast then casts it for the
+    conv, as it does a stored weight), and laid out in :attr:`memory_format`
+    (:meth:`fedcsg.nn.execution.Execution.place` sets it).
     """
+
+    memory_format: torch.memory_format = torch.contiguous_format
 
     def __init__(self, geometry: ConvGeometry) -> None:
         super().__init__()
@@ -82,7 +88,12 @@ class ComputedConv2d(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                weight = self.weight
+        else:
+            weight = self.weight
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation)
 
     def weight_repr(self) -> str:
         """What the subclass stores instead of the weight, for :meth:`extra_repr`."""

@@ -261,12 +261,21 @@ class CSGConv2d(ComputedConv2d):
         padded = grid.permute(0, 2, 1, 3, 4, 5).reshape(
             self.blocks_out * s.out_channels, self.blocks_in * s.in_channels, k, k
         )
-        # Contiguous once per generation, so that cached weights are not copied again by every conv call.
-        return padded[: self.out_channels, : self.in_channels].contiguous()
+        # Laid out once per generation, so that cached weights are not copied again by every conv call.
+        return padded[: self.out_channels, : self.in_channels].contiguous(memory_format=self.memory_format)
+
+    def generate(self) -> Tensor:
+        """This layer's filters generated on their own: no cache, no state, one graph under
+        ``torch.compile`` (the same products as its rows of the shared generation)."""
+        return self.tile(self.generator(self.codes))
 
     @property
     def weight(self) -> Tensor:
-        """The generated ``[C_out, C_in, k, k]`` filters."""
+        """The generated ``[C_out, C_in, k, k]`` filters: from the generator's shared generation when
+        eager, from :meth:`generate` while ``torch.compile`` traces (its cache checks tensor versions
+        and storage, which a graph cannot)."""
+        if torch.compiler.is_compiling():
+            return self.generate()
         return self.generator.weight_for(self)
 
     def weight_repr(self) -> str:

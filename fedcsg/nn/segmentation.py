@@ -127,6 +127,27 @@ def confusion_matrix(prediction: Tensor, target: Tensor, num_classes: int, ignor
     return counts.reshape(num_classes, num_classes)
 
 
+def count_pixels(
+    counts: Tensor, prediction: Tensor, target: Tensor, num_classes: int, ignore: int = IGNORE_LABEL
+) -> None:
+    """Add a batch's pixels to ``counts``, ``int64 [num_classes**2 + 2]`` on the batch's device, without
+    waiting on the device: the first ``num_classes**2`` entries are :func:`confusion_matrix`'s, flattened,
+    then the ignored pixels, then the pixels whose target or prediction lies outside the classes
+    (:func:`checked_confusion` refuses those at the end of a pass)."""
+    t, p = target.reshape(-1).long(), prediction.reshape(-1).long()
+    cells = num_classes * num_classes
+    inside = (t >= 0) & (t < num_classes) & (p >= 0) & (p < num_classes)
+    index = torch.where(t == ignore, cells, torch.where(inside, t * num_classes + p, cells + 1))
+    counts.index_add_(0, index, torch.ones_like(index))
+
+
+def checked_confusion(counts: Tensor, num_classes: int, ignore: int = IGNORE_LABEL) -> Tensor:
+    """The confusion matrix of :func:`count_pixels`' ``counts``; a ValueError if a pixel was out of range."""
+    if int(counts[-1]) > 0:
+        raise ValueError(f"target or prediction holds classes outside 0..{num_classes - 1} (and {ignore} = ignore)")
+    return counts[: num_classes * num_classes].reshape(num_classes, num_classes)
+
+
 def mean_iou(confusion: Tensor) -> float:
     """Mean over classes of ``TP / (TP + FP + FN)``, over the classes present in target or prediction
     (0.0 when no pixel was counted)."""
@@ -148,7 +169,7 @@ def _seg_pass(
 ) -> PassStats:
     """One pass; ``loss`` is the mean per-pixel cross-entropy over the images (each image weighs its
     batch's mean over counted pixels), ``accuracy`` the mean IoU over every counted pixel."""
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    counts = torch.zeros(num_classes * num_classes + 2, dtype=torch.int64, device=device)
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     num_examples = 0
     _sync(device)
@@ -164,14 +185,15 @@ def _seg_pass(
         if optimizer is not None:
             loss.backward()
             optimizer.step()
-        if torch.isfinite(loss):  # a batch whose every pixel is ignored has a NaN mean
-            total_loss += loss.detach().double() * y.shape[0]
-        confusion += confusion_matrix(logits.detach().argmax(1), y, num_classes)
+        # A batch whose every pixel is ignored has a NaN mean; masked on the device, not tested on the host.
+        batch_loss = loss.detach().double() * y.shape[0]
+        total_loss += torch.where(torch.isfinite(batch_loss), batch_loss, 0.0)
+        count_pixels(counts, logits.detach().argmax(1), y, num_classes)
         num_examples += int(y.shape[0])
     _sync(device)
     seconds = time.perf_counter() - start
     loss_value = float(total_loss.item()) / num_examples if num_examples else 0.0
-    return PassStats(loss_value, mean_iou(confusion), num_examples, seconds)
+    return PassStats(loss_value, mean_iou(checked_confusion(counts, num_classes)), num_examples, seconds)
 
 
 def seg_train_epoch(

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedcsg.nn.execution import FP32_EAGER, Execution
+
 SCHEDULES: tuple[str, ...] = ("constant", "step", "cosine")
 
 
@@ -189,16 +191,18 @@ def _run_pass(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
     step: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    execution: Execution = FP32_EAGER,
 ) -> PassStats:
-    """Run ``step(x, y) -> (logits, summed loss)`` on every batch, keeping the sums on the device
-    (calling .item() per batch would stall a GPU every step), and time the pass."""
+    """Run ``step(x, y) -> (logits, summed loss)`` on every batch (in ``execution``'s memory
+    format), keeping the sums on the device (calling .item() per batch would stall a GPU every
+    step), and time the pass."""
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     total_correct = torch.zeros((), dtype=torch.int64, device=device)
     num_examples = 0
     _sync(device)
     start = time.perf_counter()
     for x, y in batches:
-        x = x.to(device, non_blocking=True)
+        x = execution.batch(x.to(device, non_blocking=True))
         y = y.to(device, non_blocking=True)
         logits, loss_sum = step(x, y)
         total_loss += loss_sum
@@ -221,6 +225,8 @@ def train_epoch(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
     device: torch.device | str,
+    execution: Execution = FP32_EAGER,
+    compiled: nn.Module | None = None,
 ) -> PassStats:
     """Train ``model`` for one pass over ``batches`` with cross-entropy loss.
 
@@ -235,28 +241,47 @@ def train_epoch(
         Stepped once per batch.
     device : torch.device or str
         Where to compute.
+    execution : Execution, default fp32, eager, contiguous
+        Precision (autocast, and loss scaling for fp16) and memory format of the steps; the model
+        must already be placed in that format (:meth:`Execution.place`).
+    compiled : torch.nn.Module, optional
+        ``model``'s compiled twin (:meth:`Execution.compiled`): it runs every batch of the pass's
+        first batch size, and a smaller last batch runs on ``model`` (no second graph, no example
+        dropped).
 
     Returns
     -------
     PassStats
     """
+    device = torch.device(device)
+    scaler = execution.grad_scaler(device)
+    full_size: list[int] = []
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        full_size[:] = full_size or [x.shape[0]]
+        forward = compiled if compiled is not None and x.shape[0] == full_size[0] else model
         optimizer.zero_grad(set_to_none=True)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
-        loss.backward()
-        optimizer.step()
+        with execution.autocast(device):
+            logits = forward(x)
+            loss = F.cross_entropy(logits, y)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         return logits.detach(), loss.detach().double() * y.shape[0]
 
     model.train()
-    return _run_pass(model, batches, torch.device(device), step)
+    return _run_pass(model, batches, device, step, execution)
 
 
 def evaluate(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device | str,
+    execution: Execution = FP32_EAGER,
 ) -> PassStats:
     """Mean cross-entropy and top-1 accuracy of ``model`` over ``batches``.
 
@@ -264,18 +289,20 @@ def evaluate(
     ``torch.inference_mode()``: CSG layers cache generated weights, and tensors created under
     inference mode could not be reused later by autograd-enabled training.
 
-    ``model``, ``batches`` and ``device`` are as for :func:`train_epoch` (the model is not stepped);
-    the :class:`PassStats` are of this pass.
+    ``model``, ``batches``, ``device`` and ``execution`` are as for :func:`train_epoch` (the model is
+    not stepped, nor compiled); the :class:`PassStats` are of this pass.
     """
+    device = torch.device(device)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(x)
+        with execution.autocast(device):
+            logits = model(x)
         # Summed, not averaged, so a smaller last batch is weighted correctly.
-        return logits, F.cross_entropy(logits, y, reduction="sum").double()
+        return logits, F.cross_entropy(logits.float(), y, reduction="sum").double()
 
     model.eval()
     with torch.no_grad():
-        return _run_pass(model, batches, torch.device(device), step)
+        return _run_pass(model, batches, device, step, execution)
 
 
 def step_lr(base_lr: float, epoch_or_round: int, total: int, schedule: str) -> float:

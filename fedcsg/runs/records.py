@@ -42,7 +42,9 @@ class RoundRecord:
     replies that arrived but failed the checks; ``partitions`` are the clients whose updates were
     aggregated, ``failed_partitions`` those that failed (as far as the server can tell which
     partition a node serves); ``ray_nodes`` names the Ray node that ran each of ``partitions``'
-    clients, in the same order ("" where it ran outside Ray, as on a deployed SuperNode). ``status``
+    clients, in the same order ("" where it ran outside Ray, as on a deployed SuperNode), ``devices``
+    the device each trained on (``cpu``, or ``cuda:N`` and the device's name) and ``visible_devices``
+    the ``CUDA_VISIBLE_DEVICES`` each saw (Ray's GPU ids for its share; "" none, ``unset``). ``status``
     is ``initial`` (round 0), ``ok``, or ``failed`` when fewer
     than the minimum of replies were accepted in every attempt and the global model was kept;
     ``first_error`` is the first client failure or rejection of the round, on one line (None if none).
@@ -70,6 +72,8 @@ class RoundRecord:
     rejected: int = 0
     partitions: list[int] = field(default_factory=list)
     ray_nodes: list[str] = field(default_factory=list)
+    devices: list[str] = field(default_factory=list)
+    visible_devices: list[str] = field(default_factory=list)
     failed_partitions: list[int] = field(default_factory=list)
     status: str = "ok"
     first_error: str | None = None
@@ -127,7 +131,7 @@ ROUND_SCHEMA = {
 ARM_SCHEMA = {"arm?": str, "config": dict, "versions?": dict, "rounds": [ROUND_SCHEMA]}
 # Fields that differ between two runs of the same config on the same data and seed: where and how
 # long it ran. Everything else in a round's record is a function of the config.
-RUN_SPECIFIC_FIELDS = ("seconds", "ray_nodes")
+RUN_SPECIFIC_FIELDS = ("seconds", "ray_nodes", "devices", "visible_devices")
 
 
 def comparable(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -106,6 +106,25 @@ def _node_download_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def device_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
+    """The table of where each arm computed: its clients' devices (aggregated replies per device,
+    from the rounds' ``devices``) and the server's; none for records that name no device (older runs)."""
+    if not any(s.get("client_devices") or s.get("server_device") for s in summary.values()):
+        return []
+    lines = [
+        "",
+        "Where each arm computed: the devices its clients trained on (aggregated replies per device; "
+        "`devices` and `visible_devices` per round in results.csv) and the server's device.",
+        "",
+        "| arm | clients trained on | server evaluated on |",
+        "| --- | --- | --- |",
+    ]
+    for arm, s in summary.items():
+        clients = ", ".join(f"{device} ({count})" for device, count in s.get("client_devices", {}).items()) or "-"
+        lines.append(f"| {arm} | {clients} | {s.get('server_device') or '-'} |")
+    return lines
+
+
 def _step(values: list[float]) -> str:
     return f"{values[-1]:.4f} / {sum(values) / len(values):.4f}" if values else "-"
 
@@ -186,6 +205,7 @@ def _report_head(results: dict[str, Any], summary: dict[str, dict[str, Any]]) ->
     if first["match_accuracy"] is not None:
         lines.append(one_seed_bytes_sentence({arm: s["wire_bytes_to_match"] for arm, s in summary.items()}, goal_match))
     lines += _node_download_lines(summary)
+    lines += device_lines(summary)
     lines += _filter_step_lines(results)
     faults = [
         f"{arm}: {s['failed_rounds']} failed round(s), {s['failed_replies']} failed and "
@@ -226,7 +246,12 @@ def report_summary(results: dict[str, Any]) -> str:
 
 
 def _csv_cell(value: Any) -> Any:
-    return " ".join(map(str, value)) if isinstance(value, list) else value
+    """A list as one CSV cell: its items space-separated, or "; "-separated where an item holds a
+    space (a device's name, ``cuda:0 NVIDIA H100 80GB HBM3``)."""
+    if not isinstance(value, list):
+        return value
+    items = list(map(str, value))
+    return ("; " if any(" " in item for item in items) else " ").join(items)
 
 
 def run_seeds(out_dir: Path) -> dict[int, Path]:

@@ -6,6 +6,7 @@ minus one point; over seeds, the mean and spread of each."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ def load_results(out_dir: Path) -> dict[str, Any]:
                 "parameters": arms[arm].get("parameters"),
                 "payload_bytes": arms[arm].get("payload_bytes"),
                 "bundle_bytes": arms[arm].get("bundle_bytes"),
+                "server_device": arms[arm].get("server_device"),
                 "rounds": arms[arm]["rounds"],
             }
             for arm in order
@@ -54,6 +56,13 @@ def load_results(out_dir: Path) -> dict[str, Any]:
 
 MATCH_MARGIN = 0.01  # "reaches fedavg": within 1 point of fedavg's final accuracy
 LAST_ROUNDS = 3  # "last_accuracy": the mean test accuracy of the last this many rounds (fewer in a shorter run)
+
+
+def client_devices(rounds: list[dict[str, Any]]) -> dict[str, int]:
+    """How many aggregated replies of ``rounds`` trained on each device (``cpu``, ``cuda:N NAME``;
+    "unknown" for a reply that did not say), most first."""
+    counts = Counter(device or "unknown" for r in rounds for device in r.get("devices") or [])
+    return dict(counts.most_common())
 
 
 def _first_reaching(rounds: list[dict[str, Any]], accuracy: float) -> dict[str, Any] | None:
@@ -133,6 +142,8 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "wire_down_resync": sum(r.get("wire_down_resync") or 0 for r in rounds),
             "bundle_bytes": data.get("bundle_bytes"),
             "node_download_bytes": node_download_bytes(data.get("bundle_bytes"), rounds),
+            "client_devices": client_devices(rounds),
+            "server_device": data.get("server_device"),
         }
     if "fedavg" in summary:
         base = summary["fedavg"]

@@ -7,6 +7,7 @@ model and the data, are :mod:`fedcsg.spec.settings`; the checks of single values
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -18,6 +19,7 @@ from fedcsg.nn.csg import SliceShape
 from fedcsg.nn.csg_factors import AGGREGATIONS as CSG_AGGREGATIONS
 from fedcsg.nn.csgify import INITS as CSG_INITS
 from fedcsg.nn.csgify import CSGConfig
+from fedcsg.nn.execution import COMPILE_MODES, PRECISIONS, Execution, compile_pays
 from fedcsg.nn.fedpara import DEFAULT_RATIO as FEDPARA_RATIO
 from fedcsg.nn.fedpara import check_ratio as check_fedpara_ratio
 from fedcsg.nn.models import check_trainable
@@ -25,6 +27,7 @@ from fedcsg.nn.training import SCHEDULES
 from fedcsg.spec.arms import DOWNLINKS, Arm, check_arm
 from fedcsg.spec.checks import check_ray_address, check_seed, coerce, kebab, names, one_of, parse_seeds, shown
 from fedcsg.spec.codecs import Codec
+from fedcsg.spec.resources import DEFAULT_CLIENTS_PER_GPU, SERVER_DEVICES, check_client_num_gpus
 from fedcsg.spec.settings import DataSettings, ModelSettings
 
 DATASETS = tuple(DATASET_SPECS)
@@ -32,9 +35,29 @@ DEVICES = ("auto", "cpu", "cuda")
 FAILED_ROUND_POLICIES = ("skip", "retry")  # fewer accepted replies than the minimum: keep the model, or resend once
 PACKINGS = ("flat", "per-tensor")  # how a payload's float entries travel: one flat array, or one per tensor
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")  # fedcsg.fl.server_opt: Flower's strategies
-# Keys that say where or how a run is carried out, not what it computes: a resumed run may differ in them.
-# `seeds` only says how many runs to make; each run's own `seed` is part of its identity.
-NOT_IDENTITY_KEYS = ("out-dir", "arms", "resume", "seeds", "ray-address")
+# Keys that say where or how a run is carried out, not what it computes: a resumed run may differ in them
+# (a run started on CPUs may go on on GPUs). `seeds` only says how many runs to make; each run's own `seed`
+# is part of its identity.
+# PLACEMENT_KEYS say where it computes on the machine it runs on: a resumed run takes them from its
+# --config/--set or the defaults, not from the run it continues.
+PLACEMENT_KEYS = ("device", "server-device", "client-num-gpus", "clients-per-gpu")
+NOT_IDENTITY_KEYS = (
+    "out-dir",
+    "arms",
+    "resume",
+    "seeds",
+    "ray-address",
+    "client-num-cpus",
+    "deterministic",
+    "compile",
+    "channels-last",
+    *PLACEMENT_KEYS,
+)
+# Identity settings added after runs were first recorded, each with the value that does what fedcsg did before
+# the setting existed. A record that lacks one was written by an older fedcsg and is read with that value, so a
+# run resumes across versions that only added settings (an identity setting added later goes here with its
+# value; a setting of NOT_IDENTITY_KEYS needs no entry: a resumed run takes it from its config or the defaults).
+ADDED_SETTINGS: dict[str, Any] = {"precision": "fp32", "loader-workers": 0}
 POSITIVE_INTS = (
     "code_dim",
     "pointwise_code_dim",
@@ -47,7 +70,9 @@ POSITIVE_INTS = (
     "batch_size",
     "eval_batch_size",
     "client_num_cpus",
+    "clients_per_gpu",
 )
+MAX_LOADER_WORKERS = 64  # loader-workers: decoding processes per client
 MAX_BATCH_SIZE = 65536  # batch-size and eval-batch-size: far above any partition a simulation holds
 
 
@@ -88,6 +113,7 @@ class RunConfig:
     train_limit: int = 4000  # 0 = the whole train split; N = a seeded subset of N images, then partitioned
     test_limit: int = 2000  # 0 = the whole test split for server-side evaluation
     image_size: int = 0  # any-size sets are cut to this (0 = imagenet 224, voc 320); a fixed-size set: 0 or its own
+    loader_workers: int = 2  # any-size sets: decoding processes per client streaming its rows; 0 = decode into memory
     # Rounds and sampling
     num_rounds: int = 3
     clients_per_round: int = 0  # 0 = use fraction-train
@@ -120,9 +146,15 @@ class RunConfig:
     seed: int = 0
     seeds: str = ""  # fedcsg run/compare: comma-separated seeds, one run of every arm per seed; "" = `seed` alone
     payload_packing: str = "flat"
-    device: str = "auto"
+    device: str = "auto"  # the clients': auto = cuda where a client has a GPU share and sees a CUDA device
+    server_device: str = "auto"  # auto = cuda where the server's machine has a CUDA device (fedcsg.spec.resources)
+    deterministic: bool = False  # deterministic CUDA kernels, cuDNN without autotuning, TF32 off (docs/gpu.md)
+    compile: str = "auto"  # torch.compile the training step: off, on, auto (on where it pays back: compile_pays)
+    channels_last: bool = True  # channels-last memory format for weights, generated filters and batches
+    precision: str = "fp32"  # autocast dtype of training and evaluation: fp32, bf16, fp16 (fedcsg.nn.execution)
     client_num_cpus: int = 1
-    client_num_gpus: float = 0.0
+    client_num_gpus: float | str = "auto"  # auto = 1 / clients-per-gpu on a cluster with GPUs, else 0
+    clients_per_gpu: int = DEFAULT_CLIENTS_PER_GPU
     ray_address: str = ""  # "" a private Ray, "auto" the cluster on this machine, HOST:PORT a head node
     target_accuracy: float = 0.5  # the report's "bytes to reach" threshold
     out_dir: str = ""  # where the ServerApp writes results; "" = runs/flwr-<run id>
@@ -132,6 +164,10 @@ class RunConfig:
         for name in POSITIVE_INTS:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{kebab(name)} = {getattr(self, name)!r} is not accepted: a positive integer is")
+        if not 0 <= self.loader_workers <= MAX_LOADER_WORKERS:
+            raise ValueError(
+                f"loader-workers = {self.loader_workers!r} is not accepted: an integer in 0..{MAX_LOADER_WORKERS} is"
+            )
         for name in ("train_limit", "test_limit", "clients_per_round", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{kebab(name)} = {getattr(self, name)!r} is not accepted: 0 or a positive integer is")
@@ -146,6 +182,15 @@ class RunConfig:
         one_of("lr-schedule", self.lr_schedule, SCHEDULES)
         one_of("payload-packing", self.payload_packing, PACKINGS)
         one_of("device", self.device, DEVICES)
+        one_of("compile", self.compile, COMPILE_MODES)
+        one_of("precision", self.precision, PRECISIONS)
+        one_of("server-device", self.server_device, SERVER_DEVICES)
+        check_client_num_gpus(self.client_num_gpus)
+        if self.device == "cuda" and self.client_num_gpus == 0:
+            raise ValueError(
+                "device = 'cuda' is not accepted with client-num-gpus = 0: the clients would have no GPU; "
+                'accepted is client-num-gpus = "auto" or > 0, or device = "auto" or "cpu"'
+            )
         one_of("failed-round", self.failed_round, FAILED_ROUND_POLICIES)
         one_of("csg-init", self.csg_init, CSG_INITS)
         one_of("csg-aggregation", self.csg_aggregation, CSG_AGGREGATIONS)
@@ -162,6 +207,11 @@ class RunConfig:
         for arm in self.arm_list:
             check_arm(arm)
         check_trainable(self.model, get_spec(self.dataset).task)
+        if get_spec(self.dataset).task == "segmentation" and (self.compile == "on" or self.precision != "fp32"):
+            raise ValueError(
+                f"compile = {self.compile!r}, precision = {self.precision!r} are not accepted for segmentation "
+                f"({self.dataset}): its loop runs eager fp32; accepted are compile 'off' or 'auto', precision 'fp32'"
+            )
         sized_spec(self.dataset, self.image_size)
         SliceShape.parse(self.slice)
         if self.pointwise_slice:
@@ -176,7 +226,7 @@ class RunConfig:
                 raise ValueError(f"{kebab(name)} = {value!r} is not accepted: a finite number > 0 is")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum = {self.momentum!r} is not accepted: a number in [0, 1) is")
-        for name in ("weight_decay", "client_num_gpus", "max_update_norm", "server_lr"):
+        for name in ("weight_decay", "max_update_norm", "server_lr"):
             value = getattr(self, name)
             if not 0 <= value < float("inf"):  # written so that NaN fails too
                 raise ValueError(f"{kebab(name)} = {value!r} is not accepted: a finite number >= 0 is")
@@ -228,6 +278,26 @@ class RunConfig:
         """The converter settings of ``arm`` (default: this run's arm); None for fedavg."""
         return self.model_settings(arm).csg_config()
 
+    @property
+    def execution(self) -> Execution:
+        """How this run's steps run (:class:`~fedcsg.nn.execution.Execution`); ``compile = "auto"``
+        compiles when :func:`~fedcsg.nn.execution.compile_pays` for the images one training process
+        trains over the run (:meth:`images_per_process`)."""
+        auto = self.compile == "auto" and get_spec(self.dataset).task == "classification"
+        compiled = self.compile == "on" or (auto and compile_pays(self.images_per_process()))
+        return Execution(compile=compiled, channels_last=self.channels_last, precision=self.precision)
+
+    def images_per_process(self) -> float:
+        """Images one training process trains over the run, estimated from the settings: rounds x
+        local epochs x the images sampled a round, shared by as many processes as run at once
+        (clients a round, at most this machine's cores / client-num-cpus). A run over a whole split
+        (``train-limit`` 0) counts as unbounded."""
+        if self.train_limit == 0:
+            return float("inf")
+        sampled = self.clients_per_round or max(1, round(self.fraction_train * self.num_clients))
+        processes = max(1, min(sampled, (os.cpu_count() or 1) // self.client_num_cpus))
+        return self.num_rounds * self.local_epochs * self.train_limit * (sampled / self.num_clients) / processes
+
     def identity(self) -> dict[str, Any]:
         """The settings that decide what a run computes (kebab-case): a run may only be resumed
         under a config with the same identity."""
@@ -259,6 +329,9 @@ class RunConfig:
         for key, value in values.items():
             if key not in known:
                 raise ValueError(f"unknown config key {shown(key)}: accepted keys are {', '.join(sorted(known))}")
+            if key == "client-num-gpus":  # "auto" or a number
+                changes[known[key].name] = check_client_num_gpus(value)
+                continue
             default = getattr(base, known[key].name)
             changes[known[key].name] = coerce(key, value, type(default))
         return dataclasses.replace(base, **changes)
@@ -270,5 +343,11 @@ def _public_fields() -> list[dataclasses.Field]:
 
 def identity_of(record: Mapping[str, Any]) -> dict[str, Any]:
     """The identity (see :meth:`RunConfig.identity`) of a kebab-case config record, such as the
-    ``config`` a run file holds: its keys that decide what a run computes."""
-    return {k: v for k, v in record.items() if k not in NOT_IDENTITY_KEYS}
+    ``config`` a run file holds: its keys that decide what a run computes, a key that an older fedcsg
+    did not have read as :data:`ADDED_SETTINGS` says."""
+    return {k: v for k, v in with_added_settings(record).items() if k not in NOT_IDENTITY_KEYS}
+
+
+def with_added_settings(record: Mapping[str, Any]) -> dict[str, Any]:
+    """``record`` with every :data:`ADDED_SETTINGS` key it lacks at its old-behaviour value."""
+    return {**ADDED_SETTINGS, **record}

@@ -103,7 +103,7 @@ class PayloadLayout:
 
     def pack(self, state: dict[str, torch.Tensor]) -> ArrayRecord:
         """Pack the payload entries of ``state`` (a state_dict) into an ArrayRecord."""
-        tensors = {e.key: state[e.key].detach().to("cpu") for e in self.entries}
+        tensors = {e.key: state[e.key].detach().to("cpu").contiguous() for e in self.entries}
         if self.packing == "per-tensor":
             return ArrayRecord({k: Array(t.numpy()) for k, t in tensors.items()})
         return ArrayRecord(
