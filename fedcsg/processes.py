@@ -217,3 +217,50 @@ def _pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return state[state.rindex(")") + 2] != "Z"
+
+
+def _start_time(pid: int) -> str | None:
+    """When ``pid`` started (``/proc/PID/stat`` field 22, clock ticks since boot), or None when it is
+    gone or a zombie: with the PID, it names one process, never a later one that reuses the number."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return None if fields[0] == "Z" else fields[19]
+
+
+WATCH_INTERVAL = 0.5  # seconds between the watchdog's looks at the watched process's descendants
+
+
+def watchdog(parent: int, interval: float = WATCH_INTERVAL) -> list[int]:
+    """Remember every descendant of ``parent`` while it lives; once it has died (however: SIGKILL
+    included), SIGKILL those still alive and whatever they started since. Returns the PIDs killed.
+
+    What a dead process started is otherwise left running: a private Ray's raylet outlives its driver
+    for a while, and the agents the raylet started (DashboardAgent, RuntimeEnvAgent) outlive the
+    raylet. Run it in a process of its own (:func:`start_watchdog`)."""
+    me, born = os.getpid(), _start_time(parent)
+    seen: dict[int, str] = {}
+    while born is not None and _start_time(parent) == born:
+        for pid in descendants(parent):
+            started = _start_time(pid)
+            if pid != me and started is not None:
+                seen.setdefault(pid, started)
+        time.sleep(interval)
+    left = [pid for pid, started in seen.items() if _start_time(pid) == started]
+    targets = list(dict.fromkeys([*left, *(child for pid in left for child in descendants(pid))]))
+    for pid in targets:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    return targets
+
+
+def start_watchdog(parent: int | None = None) -> subprocess.Popen:
+    """Start :func:`watchdog` over ``parent`` (default: this process) in a process of its own session,
+    so that a signal to the watched process's group does not reach it; stop it (``.kill()``) when
+    what it guards has ended in order."""
+    code = f"from fedcsg.processes import watchdog; watchdog({parent or os.getpid()})"
+    return subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.DEVNULL, start_new_session=True, env=dict(os.environ)
+    )

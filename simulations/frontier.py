@@ -36,10 +36,11 @@ from typing import Any
 
 from benchlib import print_table, write_json
 
-from fedcsg.cli.runs import parse_overrides
+from fedcsg.cli.args import OneLineParser
+from fedcsg.cli.runs import parse_overrides, saved_config
 from fedcsg.runs.layout import RESULTS_JSON, differing_settings
 from fedcsg.runs.summary import summarize_seeds
-from fedcsg.spec.arms import Arm
+from fedcsg.spec.arms import Arm, check_arm
 from fedcsg.spec.config import RunConfig
 from fedcsg.spec.experiments import load_experiment
 
@@ -278,8 +279,33 @@ def parse_code_dims(text: str) -> list[int]:
     return values
 
 
+def frontier_config(config: str, sets: Sequence[str], seeds: str) -> RunConfig:
+    """The config every compare of the frontier runs under (code dim aside): ``config`` with ``sets``
+    and ``seeds``; a one-line ValueError for a bad file, key or value."""
+    return RunConfig.from_mapping({**parse_overrides(list(sets)), "seeds": seeds}, load_experiment(config))
+
+
+def check_existing(runs: Sequence[tuple[Path, list[str]]], cfg: RunConfig, code_dims: Sequence[int]) -> None:
+    """Refuse, before any compare, a directory of the plan that already holds a run (which the plan
+    resumes under its saved config) of other settings or seeds than the frontier's."""
+    for run_dir, _ in runs:
+        if not run_dir.exists():
+            continue
+        code_dim = next((d for d in code_dims if run_dir.name == code_dim_dir(run_dir.parent, d).name), None)
+        expected = cfg.replace(code_dim=code_dim) if code_dim is not None else cfg
+        saved = saved_config(run_dir)
+        differing = differing_settings(expected.identity(), saved.identity())
+        if saved.seed_list != expected.seed_list:
+            differing = ["seeds", *differing]
+        if differing:
+            raise ValueError(
+                f"{str(run_dir)!r} holds a run of other settings ({', '.join(differing[:5])} differ), which a rerun "
+                "would resume as it is: accepted are the --config, --set and --seeds it was run with, or another --out"
+            )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="frontier.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/frontier"))
     parser.add_argument("--config", default=CONFIG, help=f"experiment (default {CONFIG})")
     parser.add_argument("--code-dims", type=parse_code_dims, default=list(CODE_DIMS), help="default 72,144,288")
@@ -305,13 +331,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             reused = reused_arms(results, args.config, args.set)
         except ValueError as error:
             parser.error(f"--reference {str(args.reference)!r}: {error}")
-    reference_arms = [a.strip() for a in args.reference_arms.split(",") if a.strip()]
+    try:  # every arm, key and value, and every run the plan would resume, before any compare runs
+        reference_arms = [check_arm(a.strip()) for a in args.reference_arms.split(",") if a.strip()]
+        cfg = frontier_config(args.config, args.set, args.seeds)
+        runs = plan(args.out, args.code_dims, args.config, args.seeds, args.set, reference_arms, args.reference, reused)
+        if not args.report_only:  # a report runs nothing: it reads what OUT holds, whatever its settings
+            check_existing(runs, cfg, args.code_dims)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
     args.out.mkdir(parents=True, exist_ok=True)
     walls: dict[str, float] = {}
     if not args.report_only:
-        for run_dir, cmd in plan(
-            args.out, args.code_dims, args.config, args.seeds, args.set, reference_arms, args.reference, reused
-        ):
+        for run_dir, cmd in runs:
             print("$", " ".join(cmd[1:]), flush=True)
             start = time.perf_counter()
             subprocess.run(cmd, check=True)

@@ -124,7 +124,7 @@ def test_a_reference_over_more_seeds_contributes_the_frontiers_seeds_only(
     with pytest.raises(SystemExit) as exit_info:
         frontier.main([*argv, "--seeds", "0,x"])
     assert exit_info.value.code == 2
-    assert "--seeds: seeds = '0,x' is not accepted: comma-separated integers" in capsys.readouterr().err
+    assert "--seeds: seeds = '0,x' is not accepted: at most 1000 comma-separated integers" in capsys.readouterr().err
 
 
 def test_the_csg_arms_a_reference_holds_are_read_from_it_not_run_again(
@@ -173,3 +173,59 @@ def test_the_csg_arms_a_reference_holds_are_read_from_it_not_run_again(
         frontier.main([*argv, "--config", str(experiment), "--set", "num-rounds=5"])
     assert exit_info.value.code == 2
     assert "it was run under other settings: num-rounds = 1 (the frontier's 5)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--reference-arms", "csg+zz"], "frontier.py: error: unknown arm 'csg+zz': accepted are MODEL"),
+        (["--set", "bogus=1"], "frontier.py: error: unknown config key 'bogus'"),
+        (["--set", "num-rounds=0"], "frontier.py: error: num-rounds = 0 is not accepted"),
+        (["--config", "/no/such.toml"], "frontier.py: error: config file '/no/such.toml' does not exist"),
+    ],
+)
+def test_bad_arms_and_settings_are_one_line_before_any_compare(
+    argv: list[str], message: str, load_script: Callable, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    frontier = load_script("frontier")
+    ran: list = []
+    monkeypatch.setattr(frontier.subprocess, "run", lambda *a, **k: ran.append(a))
+    with pytest.raises(SystemExit) as exit_info:
+        frontier.main(["--out", str(tmp_path / "f"), "--code-dims", "72", "--seeds", "0", *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith(message), err
+    assert ran == [] and not (tmp_path / "f").exists()
+
+
+def test_a_set_that_differs_from_an_existing_out_is_refused(
+    load_script: Callable, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """An existing code-dim directory would be resumed under its saved config, dropping --set: refused."""
+    from fedcsg.fl.server_app import recorded_config
+    from fedcsg.runs.records import ArmRecorder
+    from fedcsg.spec.experiments import load_experiment
+
+    frontier = load_script("frontier")
+    ran: list = []
+    monkeypatch.setattr(frontier.subprocess, "run", lambda *a, **k: ran.append(a))
+    cfg = load_experiment(frontier.CONFIG).replace(seeds="0", code_dim=72, num_rounds=2, arm="csg")
+    run_dir = tmp_path / "code-dim-72" / "seed-0"
+    ArmRecorder(run_dir, "csg", recorded_config(cfg.replace(out_dir=str(run_dir)))).save()
+    argv = ["--out", str(tmp_path), "--code-dims", "72", "--seeds", "0", "--reference-arms", ""]
+    with pytest.raises(SystemExit) as exit_info:
+        frontier.main([*argv, "--set", "num-rounds=3"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and ran == []
+    assert (
+        f"frontier.py: error: {str(tmp_path / 'code-dim-72')!r} holds a run of other settings (num-rounds differ)"
+        in err
+    )
+    with pytest.raises(SystemExit):
+        frontier.main(argv)  # the experiment's own num-rounds differs from the saved 2 too
+    with pytest.raises(SystemExit):
+        frontier.main([*argv, "--seeds", "0,1", "--set", "num-rounds=2"])
+    assert "(seeds differ)" in capsys.readouterr().err.splitlines()[-1]
+    monkeypatch.setattr(frontier, "collect", lambda *a, **k: [])
+    monkeypatch.setattr(frontier, "plot", lambda *a, **k: None)
+    assert frontier.main([*argv, "--set", "num-rounds=2"]) == 0  # the saved settings: resumed
+    assert ran[0][0][-2:] == ["--resume", str(tmp_path / "code-dim-72")]

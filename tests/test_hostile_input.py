@@ -505,3 +505,147 @@ def test_random_values_of_every_setting_give_a_config_or_one_line(pairs: list[tu
         if isinstance(value, float):
             assert math.isfinite(value), name
     assert 0 <= cfg.seed < SEED_LIMIT and np.all(np.array(cfg.seed_list) < SEED_LIMIT)
+
+
+# -- issue 42: every size a user can type is bounded; odd characters and files are refused ---------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["deploy", "keys", "--nodes", "99999999999"],
+            "nodes = 99,999,999,999 is not accepted: an integer in 1..10,000",
+        ),
+        (
+            ["deploy", "certs", "--nodes", "99999999999"],
+            "nodes = 99,999,999,999 is not accepted: an integer in 0..10,000",
+        ),
+        (["deploy", "certs", "--nodes", "-1"], "nodes = -1 is not accepted: an integer in 0..10,000 is"),
+        (["deploy", "certs", "--host", "a\nb"], "host 'a\\nb' is not accepted: a DNS name or an IP address"),
+        (["deploy", "certs", "--host", "a\x1bb"], "host 'a\\x1bb' is not accepted"),
+    ],
+)
+def test_42_deploy_sizes_and_hosts(args: list[str], message: str, tmp_path: Path, cli: Cli) -> None:
+    refused(cli, [*args, "--out", str(tmp_path / "out")], message, tmp_path)
+
+
+def test_42_deploy_up_is_bounded_before_anything_is_made(tmp_path: Path) -> None:
+    from fedcsg.deploy.federation import ensure_credentials
+
+    with pytest.raises(ValueError, match=r"^nodes = 99,999,999,999 is not accepted: an integer in 1\.\.10,000 is$"):
+        ensure_credentials(tmp_path, 99_999_999_999, ["127.0.0.1"])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--slice", "128x128x3x3"],
+            "model resnet20 (csg, slice 128x128x3x3 / code-dim 8192, num-classes = 10, in-channels = 3) is not "
+            "accepted: it would hold 1,275,354,595 parameters, above the bound of 500,000,000 per model",
+        ),
+        (
+            ["--slice", "65x65x3x3", "--code-dim", "10"],
+            "slice 65x65x3x3 is larger than every 3x3 conv of resnet20 (the largest is 64x64x3x3)",
+        ),
+        (["--slice", "１２x12x3x3"], "slice shape '１２x12x3x3' does not parse"),
+        (["--slice", "12x12x3x٣"], "slice shape '12x12x3x٣' does not parse"),
+    ],
+)
+def test_42_a_slice_larger_than_every_layer_or_not_ascii(args: list[str], message: str, cli: Cli) -> None:
+    code, out, err = cli("params", "--model", "resnet20", *args)
+    assert code == 2 and out == "" and err.count("\n") == 1 and message in err, err
+
+
+def test_42_integer_options_take_ascii_digits_only(tmp_path: Path, cli: Cli) -> None:
+    code, out, err = cli("params", "--model", "resnet20", "--code-dim", "٣")
+    assert (
+        code == 2
+        and err == "fedcsg params: error: argument --code-dim: '٣' is not an integer (a positive integer is accepted)\n"
+    )
+    for args in (
+        ["deploy", "certs", "--out", str(tmp_path / "c"), "--nodes", "٣"],
+        ["bytes", "--model", "resnet20", "--seed", "٣"],
+    ):
+        code, out, err = cli(*args)
+        assert code == 2 and err.endswith("'٣' is not an integer\n") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("seeds", ["٣", "1,٣", "+3", "3_0", "1,,2"])
+def test_42_seeds_in_ascii_digits_only(seeds: str, tmp_path: Path, data_env: Path, cli: Cli) -> None:
+    refused(
+        cli, ["run", "--seeds", seeds, "--out", str(tmp_path / "o")], f"seeds = {seeds!r} is not accepted", tmp_path
+    )
+
+
+def test_42_twenty_thousand_seeds_are_refused_at_once(tmp_path: Path, data_env: Path, cli: Cli) -> None:
+    import time
+
+    seeds = ",".join(map(str, range(20_000)))
+    start = time.perf_counter()
+    line = refused(
+        cli, ["run", "--seeds", seeds, "--out", str(tmp_path / "o")], "characters) is not accepted", tmp_path
+    )
+    assert time.perf_counter() - start < 5 and len(line) < 300
+    assert "at most 1000 comma-separated integers" in line
+    start = time.perf_counter()
+    many = RunConfig(seeds=",".join(map(str, range(1000))))
+    assert len([many.replace(seed=s) for s in many.seed_list]) == 1000  # what a run's plan does, per seed
+    assert time.perf_counter() - start < 5
+
+
+def test_42_a_long_arm_name_is_cut_in_the_message(tmp_path: Path, data_env: Path, cli: Cli) -> None:
+    line = refused(cli, ["compare", "--arms", "x" * 100_000, "--out", str(tmp_path / "o")], "unknown arm 'x", tmp_path)
+    assert "... (100,000 characters): accepted are MODEL" in line and len(line) < 600
+
+
+def test_42_seeds_as_an_integer_or_a_list_like_the_flag(tmp_path: Path) -> None:
+    from fedcsg.spec.experiments import load_experiment
+
+    assert RunConfig.from_mapping({"seeds": 3}).seed_list == [3] == RunConfig.from_mapping({"seeds": "3"}).seed_list
+    toml = tmp_path / "e.toml"
+    toml.write_text("seeds = [0, 1, 2]\n")
+    assert load_experiment(toml).seed_list == [0, 1, 2]
+    toml.write_text("seeds = 3\n")
+    assert load_experiment(toml).seeds == "3"
+
+
+def test_42_fault_probability_one_is_accepted_above_it_refused() -> None:
+    assert RunConfig.from_mapping({"fault-probability": 1.0}).fault_probability == 1.0
+    with pytest.raises(ValueError, match=r"fault-probability = 1.01 is not accepted: a number in \[0, 1\] is"):
+        RunConfig.from_mapping({"fault-probability": 1.01})
+
+
+def test_42_export_of_something_not_a_regular_file(tmp_path: Path, cli: Cli) -> None:
+    fifo = tmp_path / "fifo" / "fifo"  # never read by refused's tree walk, which would block on it
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    watched = tmp_path / "out"
+    watched.mkdir()
+    for path in ("/dev/zero", str(fifo)):
+        refused(
+            cli,
+            ["export", "--checkpoint", path, "--format", "compact", "--out", str(watched / "m")],
+            f"checkpoint {path!r} is not a regular file: accepted is a safetensors file",
+            watched,
+        )
+    refused(cli, ["run", "--config", str(fifo)], f"config file {str(fifo)!r} is not a regular file", watched)
+
+
+def test_42_bytes_of_a_deeplabv3_resnet_is_counted_not_refused(monkeypatch: pytest.MonkeyPatch, cli: Cli) -> None:
+    """Listed in --help, so accepted: counted on Pascal VOC's 21 classes (the arms' traffic is
+    replaced here: building a DeepLabV3-ResNet50 per arm takes minutes on two cores)."""
+    import fedcsg.fl.traffic as traffic
+
+    seen = []
+
+    def fake(cfg: RunConfig, clients: int) -> dict:
+        seen.append((cfg.model, cfg.dataset, cfg.model_settings().num_classes))
+        return {"arm": cfg.arm, "wire_up": 10, "wire_down": 10, "payload_up": 10, "payload_down": 10}
+
+    monkeypatch.setattr(traffic, "arm_traffic", fake)
+    code, out, err = cli("bytes", "--model", "deeplabv3-resnet50", "--json")
+    assert code == 0 and err == "", err
+    assert set(seen) == {("deeplabv3-resnet50", "voc", 21)}

@@ -804,3 +804,88 @@ def test_a_run_in_which_every_client_fails_exits_non_zero_with_one_line(backgrou
     ]
     assert "| fedavg |" in (out / "report.md").read_text()
     assert "Traceback" not in text.split("== arm fedavg")[-1].split("[fedavg] round 2/2")[-1]
+
+
+# -- kill anywhere: SIGKILL at file-system events of a two-seed compare, resumed each time ----------
+
+# fedavg then csg, seed 0 then seed 1, two rounds each: the tiniest compare that has a round 0, a
+# round in the middle, an arm after an arm and a seed after a seed.
+KILL_ANYWHERE = ["num-clients=2", "num-rounds=2", "train-limit=128", "test-limit=64", "batch-size=32"]
+KILL_ARMS = ["compare", "--arms", "fedavg,csg", "--seeds", "0,1", *_sets(KILL_ANYWHERE)]
+
+
+def _state_of(path: Path) -> str:
+    """What a kill left of one arm's files, for the table of docs/reliability.md."""
+    state = path.parent.parent / "state" / path.name
+    rounds = len(json.loads(path.read_text())["rounds"]) if path.is_file() else 0
+    committed = json.loads(state.read_text())["round"] if state.is_file() else None
+    torn = len(list(state.parent.glob(".*.tmp"))) if state.parent.is_dir() else 0
+    return f"{path.parent.parent.name}/{path.stem}: {rounds} rounds recorded, checkpoint {committed}, {torn} .tmp"
+
+
+def test_sigkill_anywhere_then_resume_matches_an_uninterrupted_compare(data_dir: Path, tmp_path: Path) -> None:
+    """One run directory, SIGKILLed at four file-system events and resumed after each (the driver
+    alone is killed: the processes it started must die with it), then resumed to the end: every arm
+    of every seed records what the uninterrupted compare records (accuracy, loss, payload and wire
+    bytes, clients: everything but seconds and Ray node ids)."""
+    reference = tmp_path / "reference"
+    ref = _launch([*KILL_ARMS, "--out", str(reference)], tmp_path / "reference.log", data_dir)
+    out = tmp_path / "killed"
+    points = [  # (what, the file whose appearance (or round) triggers the kill)
+        ("before round 0's checkpoint", out / "seed-0" / "arms" / "fedavg.json", None),
+        ("mid-round (in round 2)", out / "seed-0" / "state" / "fedavg.json", 1),
+        ("between arms", out / "seed-0" / "arms" / "csg.json", None),
+        ("between seeds", out / "seed-1" / "arms" / "fedavg.json", None),
+    ]
+    table = []
+    try:
+        args = [*KILL_ARMS, "--out", str(out)]
+        for i, (what, trigger, at_round) in enumerate(points):
+            log = tmp_path / f"kill-{i}.log"
+            victim = _launch(args, log, data_dir)
+            try:
+                deadline = time.monotonic() + 600
+                while not _reached(trigger, at_round):
+                    assert victim.poll() is None, log.read_text()[-3000:]
+                    assert time.monotonic() < deadline, f"{what}: {trigger} never appeared"
+                    time.sleep(0.005)
+                os.kill(victim.pid, signal.SIGKILL)  # the driver alone, as the OOM killer would
+                victim.wait(timeout=60)
+                deadline = time.monotonic() + 15
+                while (left := session_pids(victim.pid)) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                assert left == [], f"{what}: left alive {[_cmd(pid) for pid in left]}"
+            finally:
+                kill_session(victim)
+            table.append((what, _state_of(trigger.parent.parent / "arms" / trigger.name)))
+            args = ["compare", "--resume", str(out)]
+        _finish(_launch(args, tmp_path / "resume.log", data_dir), tmp_path / "resume.log")
+        _finish(ref, tmp_path / "reference.log")
+    finally:
+        if ref.poll() is None:
+            kill_session(ref)
+    for what, state in table:
+        print(f"{what}: {state}")
+    for seed in (0, 1):
+        for arm in ("fedavg", "csg"):
+            mine = json.loads((out / f"seed-{seed}" / "arms" / f"{arm}.json").read_text())
+            theirs = json.loads((reference / f"seed-{seed}" / "arms" / f"{arm}.json").read_text())
+            assert [r["round"] for r in mine["rounds"]] == [0, 1, 2]
+            assert comparable(mine["rounds"]) == comparable(theirs["rounds"]), (seed, arm)
+    assert not list(out.rglob("*.tmp")) and not (out / ".fedcsg.lock").exists()
+
+
+def _reached(trigger: Path, at_round: int | None) -> bool:
+    if at_round is None:
+        return trigger.is_file()
+    try:
+        return json.loads(trigger.read_text())["round"] >= at_round
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _cmd(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()[:100]
+    except OSError:
+        return b"?"

@@ -4,6 +4,7 @@ and running a parsed command (one-line errors, exit code 2)."""
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -11,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 from fedcsg.nn.models import MODELS, PAPER_MODELS
 from fedcsg.runs.records import RunFailed
+from fedcsg.spec.checks import shown
 
 # One line, exit code 2. An OSError that names a file the user gave (no permission to write it, a
 # directory where a file was asked for) is the user's too: the checks before writing should catch it first.
@@ -25,6 +27,20 @@ USER_ERRORS = (
 )
 
 
+# A write the machine refused (full disk, quota, read-only file system): one line naming the path, exit code 1.
+# The files written before are whole (every write is atomic, fedcsg.io.atomic_write_bytes).
+STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def storage_error(error: OSError) -> str:
+    """The one line for a write that :data:`STORAGE_ERRORS` refused."""
+    where = f" writing {str(error.filename)!r}" if error.filename else ""
+    return (
+        f"{error.strerror or os.strerror(error.errno or 0)}{where} (errno {errno.errorcode.get(error.errno or 0)}): "
+        "the files written before are intact; free space (or choose another --out) and pass --resume DIR to continue"
+    )
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Argument errors on one line (no usage dump), exit code 2."""
 
@@ -32,12 +48,27 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def ascii_digits(text: str) -> str:
+    """``text`` if it is an integer in ASCII digits (``int`` alone takes '٣' for 3), else ValueError."""
+    if not text.strip().lstrip("+-").isascii():
+        raise ValueError(text)
+    return text
+
+
+def integer(text: str) -> int:
+    """argparse type: an integer in ASCII digits (range checked by the command)."""
+    try:
+        return int(ascii_digits(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not an integer") from None
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer > 0."""
     try:
-        value = int(text)
+        value = int(ascii_digits(text))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer (a positive integer is accepted)") from None
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not an integer (a positive integer is accepted)") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{value} is not positive (a positive integer is accepted)")
     return value
@@ -46,9 +77,9 @@ def positive_int(text: str) -> int:
 def port(text: str) -> int:
     """argparse type: a TCP port, 0 for a free one."""
     try:
-        value = int(text)
+        value = int(ascii_digits(text))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0..65535; 0 = a free one)") from None
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a port number (0..65535; 0 = a free one)") from None
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"{value} is not a port number (0..65535; 0 = a free one)")
     return value
@@ -83,6 +114,11 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = No
         return 2
     except RunFailed as error:  # nothing trained: its records are written, the exit code says it failed
         print(f"fedcsg {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        if error.errno not in STORAGE_ERRORS:
+            raise
+        print(f"fedcsg {args.command}: error: {storage_error(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as stop:
         # Ctrl-C or SIGTERM (see fedcsg.fl.ray_cluster.interruptible); what the run started is stopped.

@@ -13,7 +13,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from fedcsg.cli.args import port, positive_int
+from fedcsg.cli.args import integer, port, positive_int
+from fedcsg.deploy.credentials import MAX_NODES
 
 EXPORT_CHOICES = ("compact", "torchscript", "onnx", "all")
 
@@ -43,20 +44,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         help="name or IP the SuperLink is reached under (repeatable; default 127.0.0.1 and localhost)",
     )
-    certs.add_argument("--nodes", type=int, default=0, help="SuperNode certificates to make (default 0)")
+    certs.add_argument(
+        "--nodes", type=integer, default=0, help=f"SuperNode certificates to make (default 0, at most {MAX_NODES:,})"
+    )
     certs.add_argument("--days", type=positive_int, default=365)
     certs.add_argument("--overwrite", action="store_true", help="replace an existing CA (invalidates old certificates)")
     certs.set_defaults(handler=cmd_certs)
 
     keys = actions.add_parser("keys", help="make SuperNode authentication key pairs (EC P-384, OpenSSH format)")
     keys.add_argument("--out", required=True, help="directory for node-I.key and node-I.key.pub")
-    keys.add_argument("--nodes", type=positive_int, required=True)
+    keys.add_argument("--nodes", type=positive_int, required=True, help=f"key pairs to make (at most {MAX_NODES:,})")
     keys.add_argument("--overwrite", action="store_true")
     keys.set_defaults(handler=cmd_keys)
 
     up = actions.add_parser("up", help="start a SuperLink and N SuperNodes on this machine (TLS + node auth)")
     up.add_argument("--dir", required=True, help="working directory: certs/, keys/, logs/, federation.json")
-    up.add_argument("--nodes", type=positive_int, default=2)
+    up.add_argument("--nodes", type=positive_int, default=2, help=f"SuperNodes (default 2, at most {MAX_NODES:,})")
     up.add_argument("--data-dir", help="the SuperNodes' data-dir node config (default: $FEDCSG_DATA_DIR)")
     up.add_argument("--host", default="127.0.0.1", help="SuperLink host (default 127.0.0.1)")
     up.add_argument("--port", type=port, default=0, help="SuperLink port (default: a free one)")
@@ -120,8 +123,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_certs(args: argparse.Namespace) -> int:
     from fedcsg.deploy.credentials import make_certificates
 
-    if args.nodes < 0:
-        raise ValueError(f"--nodes {args.nodes} is not accepted: 0 or a positive integer is")
     hosts = args.host or ["127.0.0.1", "localhost"]
     files = make_certificates(args.out, hosts=hosts, nodes=args.nodes, days=args.days, overwrite=args.overwrite)
     print(f"CA:        {files.ca_cert}  (give this to every SuperNode and flwr; keep {files.ca_key.name} private)")

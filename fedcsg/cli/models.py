@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from fedcsg.cli.args import add_model_options, positive_int, table
+from fedcsg.cli.args import add_model_options, integer, positive_int, table
 from fedcsg.nn.models import model_spec
 from fedcsg.nn.params import count_parameters
 from fedcsg.spec.arms import DOWNLINKS, all_arms, two_way_arms
@@ -18,9 +18,11 @@ from fedcsg.wire.payload import PACKINGS
 
 def _dataset(model: str) -> str:
     """The data set a model is for: fmnist-cnn's 28x28 grayscale images, deeplabv3-small's
-    fashion-mnist-seg canvases, else CIFAR-10's (RGB; the DeepLabV3-ResNets are counted at 21 classes)."""
+    fashion-mnist-seg canvases, the DeepLabV3-ResNets' Pascal VOC (21 classes), else CIFAR-10's."""
     if model == "deeplabv3-small":
         return "fashion-mnist-seg"
+    if model.startswith("deeplabv3-"):
+        return "voc"
     return "fashion-mnist" if model == "fmnist-cnn" else "cifar10"
 
 
@@ -141,5 +143,5 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--downlink", choices=DOWNLINKS, default="full", help="downlink of the arms that name none (default: full)"
     )
     bytes_.add_argument("--topk-fraction", type=float, default=RunConfig.topk_fraction, help="topk codec's fraction")
-    bytes_.add_argument("--seed", type=int, default=0)
+    bytes_.add_argument("--seed", type=integer, default=0)
     bytes_.set_defaults(handler=cmd_bytes)

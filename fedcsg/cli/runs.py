@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 from fedcsg.io import read_json_object, writable_dir
 from fedcsg.runs.checkpoint import read_state
 from fedcsg.runs.layout import (
+    ARMS_DIR,
     REPORT_FILES,
     REPORT_MD,
     STATE_DIR,
@@ -108,24 +109,25 @@ def prepare_out_dir(out_dir: Path, cfg: RunConfig, arms: list[str], overwrite: b
 
 def preflight(cfg: RunConfig, arms: list[str]) -> tuple[RunConfig, float]:
     """Everything checkable before a byte is written: find and read the labels of both splits (cheap),
-    so a bad data path fails before anything runs, and check the settings against their sizes
-    (:meth:`~fedcsg.spec.settings.DataSettings.check_sizes`); check that each arm's model fits in memory;
-    on an attached cluster that every node can open the data too (a node started without them fails
-    here, in seconds, not in every client of every round).
+    so a bad data path or a label out of range fails before anything runs, and the header of every
+    image (a null or undecodable image, or one of the wrong size or too many pixels); check the
+    settings against their sizes (:meth:`~fedcsg.spec.settings.DataSettings.check_sizes`); check that
+    each arm's model fits in memory; on an attached cluster that every node can open the data too (a
+    node started without them fails here, in seconds, not in every client of every round).
 
     Returns ``cfg`` with its clients' GPU share and the server's device resolved for the Ray it runs on
     (:func:`~fedcsg.fl.ray_cluster.resolve_resources`, which refuses ``device = "cuda"`` without a GPU
     share and a client that no node can host), and the GPUs of that Ray's largest node."""
     import torch
 
-    from fedcsg.data.readers import load_labels
+    from fedcsg.data.readers import check_images, load_labels
     from fedcsg.fl.ray_cluster import ray_nodes, resolve_resources
     from fedcsg.fl.task import data_problem
 
-    sizes = [
-        len(load_labels(cfg.dataset, split, cfg.data_dir or None, hub_name=cfg.hub_name or None))
-        for split in ("train", "test")
-    ]
+    where = {"data_dir": cfg.data_dir or None, "hub_name": cfg.hub_name or None}
+    sizes = [len(load_labels(cfg.dataset, split, **where)) for split in ("train", "test")]
+    for split in ("train", "test"):
+        check_images(cfg.dataset, split, **where)
     cfg.data_settings.check_sizes(*sizes, num_clients=cfg.num_clients)
     for arm in arms:
         cfg.model_settings(arm).check_size()
@@ -238,20 +240,35 @@ def _check_layout(out_dir: Path, cfg: RunConfig) -> None:
         )
 
 
-def _run_arms(cfg: RunConfig, arms: list[str], out_dir: Path, overwrite: bool, verbose: bool) -> int:
-    cfg, placement = _resolved(cfg, arms)
-    runs = seed_runs(cfg, out_dir)
-    if overwrite:  # everything of an earlier run goes, whatever its seeds
-        prepare_out_dir(out_dir, cfg, arms, overwrite=True)
-    else:
-        _check_layout(out_dir, cfg)
-    for run_cfg, run_dir in runs:  # every seed's directory checked before any is made
+def _check_run_dirs(cfg: RunConfig, arms: list[str], out_dir: Path, overwrite: bool) -> None:
+    """Refuse an output directory that holds results in the way (nothing is written): with
+    ``overwrite`` only a non-directory in its place."""
+    if overwrite:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise FileExistsError(f"output path {str(out_dir)!r} exists and is not a directory")
+        return
+    _check_layout(out_dir, cfg)
+    for run_cfg, run_dir in seed_runs(cfg, out_dir):  # every seed's directory checked before any is made
         prepare_out_dir(run_dir, run_cfg, arms, overwrite=False, make=False)
-    for _, run_dir in runs:
-        writable_dir(run_dir)
-    planned = [run_cfg.replace(arm=arm, out_dir=str(run_dir)) for run_cfg, run_dir in runs for arm in arms]
-    _simulate(planned, out_dir, verbose)
-    return _finish(out_dir, planned, placement)
+
+
+def _run_arms(cfg: RunConfig, arms: list[str], out_dir: Path, overwrite: bool, verbose: bool) -> int:
+    """Check, then, holding the directory's lock (:func:`~fedcsg.runs.lock.run_lock`), check again
+    (another run may have written meanwhile), clear it if ``overwrite``, and run every arm of every seed."""
+    from fedcsg.runs.lock import run_lock
+
+    cfg, placement = _resolved(cfg, arms)
+    _check_run_dirs(cfg, arms, out_dir, overwrite)
+    with run_lock(writable_dir(out_dir)):
+        _check_run_dirs(cfg, arms, out_dir, overwrite)
+        if overwrite:  # everything of an earlier run goes, whatever its seeds
+            prepare_out_dir(out_dir, cfg, arms, overwrite=True)
+        runs = seed_runs(cfg, out_dir)
+        for _, run_dir in runs:
+            writable_dir(run_dir)
+        planned = [run_cfg.replace(arm=arm, out_dir=str(run_dir)) for run_cfg, run_dir in runs for arm in arms]
+        _simulate(planned, out_dir, verbose)
+        return _finish(out_dir, planned, placement)
 
 
 # -- resume -------------------------------------------------------------------------------------
@@ -347,34 +364,59 @@ def arm_progress(out_dir: Path, cfg: RunConfig, arm: str) -> int | None:
     record = arm_record_path(out_dir, arm)
     if not record.is_file():
         return None
-    rounds = read_json_object(record).get("rounds", [])
+    document = read_json_object(record)
+    rounds = document.get("rounds", [])
     if len(rounds) == cfg.num_rounds + 1:
         return cfg.num_rounds
+    differing = differing_settings(arm_cfg.identity(), document.get("config", {}))
+    if differing:
+        raise ValueError(
+            f"arm {arm!r} in {str(out_dir)!r} was recorded under another config ({', '.join(differing[:5])} "
+            "differ) and has no checkpoint: accepted is --overwrite"
+        )
+    if len(rounds) <= 1:
+        return None  # killed before round 0's checkpoint was committed: the arm starts again
     raise ValueError(
         f"arm {arm!r} in {str(out_dir)!r} has {max(len(rounds) - 1, 0)} of {cfg.num_rounds} rounds and no "
         "checkpoint to resume from: accepted is --overwrite"
     )
 
 
+def remove_torn_writes(run_dir: Path) -> list[Path]:
+    """Delete the temporary files that a kill in the middle of an atomic write left in ``run_dir``,
+    its ``arms/`` and its ``state/`` (:func:`fedcsg.io.atomic_write_bytes`); returns them."""
+    torn = [path for folder in ("", ARMS_DIR, STATE_DIR) for path in (run_dir / folder).glob(".*.tmp")]
+    for path in torn:
+        path.unlink(missing_ok=True)
+    return torn
+
+
 def _resume_arms(cfg: RunConfig, arms: list[str], out_dir: Path, verbose: bool) -> int:
     """Skip the complete arms, continue the started one, run the missing ones (of every seed);
     everything is validated before anything runs or is written."""
+    from fedcsg.runs.lock import run_lock
+
     cfg, placement = _resolved(cfg, arms)
-    runs = seed_runs(cfg, out_dir)
-    progress = [{arm: arm_progress(run_dir, run_cfg, arm) for arm in arms} for run_cfg, run_dir in runs]
-    planned = []
-    for (run_cfg, run_dir), done_by_arm in zip(runs, progress, strict=True):
-        seed = f" (seed {run_cfg.seed})" if cfg.seeds else ""
-        for arm in arms:
-            done = done_by_arm[arm]
-            if done is not None and done >= cfg.num_rounds:
-                print(f"== arm {arm}{seed}: complete ({cfg.num_rounds} rounds), skipped", flush=True)
-                continue
-            if done is not None:
-                print(f"== arm {arm}{seed}: resuming after round {done}", flush=True)
-            planned.append(run_cfg.replace(arm=arm, out_dir=str(run_dir)))
-    _simulate(planned, out_dir, verbose)
-    return _finish(out_dir, planned, placement)
+    with run_lock(out_dir):
+        runs = seed_runs(cfg, out_dir)
+        progress = [{arm: arm_progress(run_dir, run_cfg, arm) for arm in arms} for run_cfg, run_dir in runs]
+        planned = []
+        remove_torn_writes(out_dir)  # the report over the seeds (a one-seed run: its own, again below)
+        for (run_cfg, run_dir), done_by_arm in zip(runs, progress, strict=True):
+            seed = f" (seed {run_cfg.seed})" if cfg.seeds else ""
+            remove_torn_writes(run_dir)
+            for arm in arms:
+                done = done_by_arm[arm]
+                if done is not None and done >= cfg.num_rounds:
+                    print(f"== arm {arm}{seed}: complete ({cfg.num_rounds} rounds), skipped", flush=True)
+                    continue
+                if done is not None:
+                    print(f"== arm {arm}{seed}: resuming after round {done}", flush=True)
+                elif arm_record_path(run_dir, arm).is_file():
+                    print(f"== arm {arm}{seed}: stopped before its first checkpoint, starting again", flush=True)
+                planned.append(run_cfg.replace(arm=arm, out_dir=str(run_dir)))
+        _simulate(planned, out_dir, verbose)
+        return _finish(out_dir, planned, placement)
 
 
 def _arms_in(out_dir: Path) -> list[str]:
@@ -432,12 +474,14 @@ def cmd_configs(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from fedcsg.runs.lock import run_lock
     from fedcsg.runs.report import write_report
 
     out_dir = Path(args.dir)
     if not out_dir.is_dir():
         raise FileNotFoundError(f"results directory {str(out_dir)!r} does not exist")
-    write_report(out_dir)
+    with run_lock(out_dir):
+        write_report(out_dir)
     print((out_dir / REPORT_MD).read_text())
     return 0
 

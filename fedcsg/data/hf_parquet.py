@@ -35,15 +35,71 @@ VOC_CLASSES = 21  # background 0 and 20 object classes
 PARQUET_BATCH_ROWS = 1024
 
 
-def decode(blob: bytes | None, origin: str, row: int, mode: str) -> Image.Image:
-    """Decode one encoded image (``mode`` "RGB" or "L"), or raise a one-line ValueError naming the row."""
+# Pixels an image of a data set of any size (ImageNet, VOC) may hold, as a multiple of the pixels of the
+# size it is cut to: 1024 x 224 x 224 = 51 million for ImageNet. A larger one (a decompression bomb: a
+# few KB of PNG for 20000 x 20000 pixels) is refused from its header, before any pixel is decoded.
+MAX_PIXELS_PER_CUT_PIXEL = 1024
+
+
+def max_pixels(size: int) -> int:
+    """The most pixels an image cut to ``size x size`` may hold (:data:`MAX_PIXELS_PER_CUT_PIXEL`)."""
+    return MAX_PIXELS_PER_CUT_PIXEL * size * size
+
+
+DEFAULT_MAX_PIXELS = max_pixels(224)  # where the size an image is cut to is not known (a mask's class)
+
+
+def _image_error(origin: str, row: int, problem: str) -> ValueError:
+    return ValueError(f"{origin}: row {row}: {problem}; accepted is a JPEG or PNG")
+
+
+def open_image(blob: bytes | None, origin: str, row: int, pixels: int) -> Image.Image:
+    """The header of one encoded image (no pixel decoded yet), or a one-line ValueError naming the file
+    and row: a null image, bytes that are no image, or one of more than ``pixels`` pixels."""
+    if blob is None:
+        raise _image_error(origin, row, "the image is null")
     try:
-        image = Image.open(io.BytesIO(blob or b""))
+        image = Image.open(io.BytesIO(blob))
+    except Image.DecompressionBombError as error:  # beyond twice Pillow's own bound: it names no size
+        raise _image_error(origin, row, f"image is more than {pixels:,} pixels ({str(error)[:60]})") from None
+    except Exception as error:  # noqa: BLE001 - PIL raises several kinds for a broken file
+        detail = " ".join(str(error).split()) or type(error).__name__
+        raise _image_error(origin, row, f"image does not decode ({detail[:120]})") from None
+    if image.width * image.height > pixels:
+        raise _image_error(origin, row, f"image is more than {pixels:,} pixels ({image.width}x{image.height})")
+    return image
+
+
+def decode(blob: bytes | None, origin: str, row: int, mode: str, pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode one encoded image (``mode`` "RGB" or "L") of at most ``pixels`` pixels, or raise a one-line
+    ValueError naming the file and row (:func:`open_image`)."""
+    image = open_image(blob, origin, row, pixels)
+    try:
         image.load()
     except Exception as error:  # noqa: BLE001 - PIL raises several kinds for a broken file
         detail = " ".join(str(error).split()) or type(error).__name__
-        raise ValueError(f"{origin}: row {row}: image does not decode ({detail}); accepted is a JPEG or PNG") from None
+        raise _image_error(origin, row, f"image does not decode ({detail[:120]})") from None
     return image if image.mode == mode else image.convert(mode)
+
+
+def check_headers(path: Path, column: str, pixels: int, size: tuple[int, int] | None = None) -> None:
+    """Open the header of every image in ``column`` of the parquet file ``path`` (no pixel decoded,
+    about 30 µs an image), refusing as :func:`open_image` does, and, with ``size`` (width, height),
+    an image of another size; cached per file and modification time."""
+    _check_headers(*stamped(path), column, pixels, size)
+
+
+@functools.lru_cache(maxsize=16)
+def _check_headers(path: str, mtime_ns: int, column: str, pixels: int, size: tuple[int, int] | None) -> None:
+    row = 0
+    for batch in pq.ParquetFile(path, memory_map=True).iter_batches(PARQUET_BATCH_ROWS, columns=[column]):
+        for blob in batch.column(0).field("bytes").to_pylist():
+            image = open_image(blob, path, row, pixels)
+            if size is not None and image.size != size:
+                raise ValueError(
+                    f"{path}: row {row}: image is {image.width}x{image.height}, expected {size[0]}x{size[1]}"
+                )
+            row += 1
 
 
 def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
@@ -81,7 +137,7 @@ def classification_image(
     """One classification image ``uint8 [3, size, size]``: for training the crop and flip drawn from
     ``default_rng([seed, row])``, so a row is cut the same whichever other rows are read with it
     (``default_rng([seed, epoch, row])`` with ``epoch``: a fresh cut every epoch, as a stream draws it)."""
-    image = decode(blob, origin, row, "RGB")
+    image = decode(blob, origin, row, "RGB", max_pixels(size))
     if train:
         rng = np.random.default_rng([seed, row] if epoch is None else [seed, epoch, row])
         image = random_resized_crop(image, size, rng)
@@ -92,10 +148,10 @@ def classification_image(
     return np.asarray(image).transpose(2, 0, 1)
 
 
-def _mask(blob: bytes | None, origin: str, row: int) -> Image.Image:
+def _mask(blob: bytes | None, origin: str, row: int, pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """A VOC mask (palette PNG: the indices are the class ids), as decoded, without converting colours."""
     mode = "P" if _peek_mode(blob) == "P" else "L"
-    return decode(blob, origin, row, mode)
+    return decode(blob, origin, row, mode, pixels)
 
 
 def _peek_mode(blob: bytes | None) -> str:
@@ -117,8 +173,8 @@ def voc_pair(
     image_blob: bytes | None, mask_blob: bytes | None, origin: str, row: int, size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """One VOC pair: image ``uint8 [3, size, size]`` and mask ``uint8 [size, size]`` (module docstring)."""
-    image = decode(image_blob, origin, row, "RGB")
-    mask = _mask(mask_blob, origin, row)
+    image = decode(image_blob, origin, row, "RGB", max_pixels(size))
+    mask = _mask(mask_blob, origin, row, max_pixels(size))
     if mask.size != image.size:
         raise ValueError(
             f"{origin}: row {row}: mask is {mask.size[0]}x{mask.size[1]}, image {image.size[0]}x{image.size[1]}"

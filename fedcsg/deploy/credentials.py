@@ -20,6 +20,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedcsg.spec.checks import shown
+
+MAX_NODES = 10_000  # SuperNode certificates or key pairs one command makes: a fleet far larger than one machine runs
 MAX_DAYS = 36500  # a certificate's validity: 100 years at most (X.509 dates end in 9999)
 
 
@@ -63,6 +66,12 @@ class TlsFiles:
         for path in (self.ca_cert, self.server_cert, self.server_key, *(p for pair in self.node_certs for p in pair)):
             if not path.is_file():
                 raise FileNotFoundError(f"TLS file {str(path)!r} does not exist (make it with `fedcsg deploy certs`)")
+
+
+def check_nodes(count: int, minimum: int) -> None:
+    """A one-line ValueError unless ``minimum <= count <=`` :data:`MAX_NODES`."""
+    if not minimum <= count <= MAX_NODES:
+        raise ValueError(f"nodes = {count:,} is not accepted: an integer in {minimum}..{MAX_NODES:,} is")
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -125,10 +134,10 @@ def make_certificates(
     if not hosts:
         raise ValueError("make_certificates needs at least one host name or IP address for the SuperLink")
     for host in hosts:
-        if not host.strip() or host != host.strip() or any(c in host for c in " /,"):
-            raise ValueError(f"host {host!r} is not accepted: a DNS name or an IP address is")
-    if nodes < 0:
-        raise ValueError(f"nodes = {nodes} is not accepted: 0 or a positive integer is")
+        bad = not host.strip() or host != host.strip() or any(c in host for c in " /,")
+        if bad or not host.isascii() or not host.isprintable():  # a newline would enter the subjectAltName
+            raise ValueError(f"host {shown(host)} is not accepted: a DNS name or an IP address (printable ASCII) is")
+    check_nodes(nodes, minimum=0)
     if not 0 < days <= MAX_DAYS:
         raise ValueError(f"days = {days} is not accepted: an integer in 1..{MAX_DAYS} is")
     files = TlsFiles.in_dir(out_dir, nodes)
@@ -216,8 +225,7 @@ def make_node_keys(out_dir: str | Path, count: int, overwrite: bool = False) -> 
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    if count <= 0:
-        raise ValueError(f"nodes = {count} is not accepted: a positive integer is")
+    check_nodes(count, minimum=1)
     keys = node_keys_in(out_dir, count)
     existing = [k.private for k in keys if k.private.exists()]
     if existing and not overwrite:

@@ -12,7 +12,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedcsg.deploy.credentials import NodeKey, TlsFiles, make_certificates, make_node_keys, node_keys_in
+from fedcsg.deploy.credentials import (
+    NodeKey,
+    TlsFiles,
+    check_nodes,
+    make_certificates,
+    make_node_keys,
+    node_keys_in,
+)
 from fedcsg.deploy.flwr_cli import (
     flwr_cli,
     flwr_env,
@@ -160,6 +167,7 @@ class FederationPlan:
 
 def ensure_credentials(directory: str | Path, nodes: int, hosts: Sequence[str]) -> tuple[TlsFiles, list[NodeKey]]:
     """The certificates and node keys under ``directory``; made when absent (a test federation)."""
+    check_nodes(nodes, minimum=1)
     directory = Path(directory)
     tls = TlsFiles.in_dir(directory / "certs", nodes)
     if not tls.ca_cert.is_file():

@@ -272,6 +272,24 @@ def ray_out_of_our_process_group() -> Iterator[None]:
         services.ConsolePopen = original
 
 
+@contextlib.contextmanager
+def dying_with_us(address: str) -> Iterator[None]:
+    """Run the block with a watchdog (:func:`fedcsg.processes.watchdog`) that kills, should this process
+    die without cleaning up (SIGKILL, the OOM killer), every process it started: a private Ray
+    (``address`` "") leaves nothing behind. An attached cluster is not ours: nothing is watched."""
+    if address:
+        yield
+        return
+    from fedcsg.processes import start_watchdog
+
+    watchdog = start_watchdog()
+    try:
+        yield
+    finally:
+        watchdog.kill()
+        watchdog.wait()
+
+
 class Interrupted(KeyboardInterrupt):
     """Raised in the main thread by SIGTERM (``signum`` says which signal), as Ctrl-C raises
     KeyboardInterrupt, so that ``finally`` blocks and Flower's shutdown run."""

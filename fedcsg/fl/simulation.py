@@ -18,7 +18,7 @@ from pathlib import Path
 
 import tomli_w
 
-from fedcsg.fl.ray_cluster import init_args, interruptible, set_accelerator_env
+from fedcsg.fl.ray_cluster import dying_with_us, init_args, interruptible, set_accelerator_env
 from fedcsg.fl.task import partition_rows
 from fedcsg.runs.layout import arm_record_path
 from fedcsg.spec.config import RunConfig
@@ -116,7 +116,11 @@ def simulate(runs: Sequence[RunConfig], *, verbose: bool = False) -> None:
     for cfg in {cfg.data_settings: cfg for cfg in runs}.values():
         partition_rows(cfg, 0, cfg.num_clients)
     plan = RecordDict({PLAN_KEY: ConfigRecord({"runs": [json.dumps(cfg.to_flower()) for cfg in runs]})})
-    with interruptible(), tempfile.TemporaryDirectory(prefix="fedcsg-app-") as app_dir:
+    with (
+        dying_with_us(first.ray_address),
+        interruptible(),
+        tempfile.TemporaryDirectory(prefix="fedcsg-app-") as app_dir,
+    ):
         (Path(app_dir) / "pyproject.toml").write_text(tomli_w.dumps(app_pyproject(first)))
         run = simulation_run()
         context = Context(run_id=run.run_id, node_id=0, node_config={}, state=plan, run_config=first.to_flower())

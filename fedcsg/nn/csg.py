@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from fedcsg.nn.convert import ComputedConv2d, ConvGeometry
 
 GENERATORS_ATTR = "csg_generators"
-_SLICE_PATTERN = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*x\s*(\d+)\s*x\s*(\d+)\s*$")
+_SLICE_PATTERN = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*x\s*(\d+)\s*x\s*(\d+)\s*$", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class SliceShape:
         match = _SLICE_PATTERN.match(str(text))
         if match is None:
             raise ValueError(
-                f"slice shape {text!r} does not parse: expected OUTxINxKxK with positive "
+                f"slice shape {str(text)[:40]!r} does not parse: expected OUTxINxKxK with positive "
                 "integers, e.g. '12x12x3x3' or '16x16x1x1'"
             )
         s_out, s_in, k_h, k_w = (int(g) for g in match.groups())

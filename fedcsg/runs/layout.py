@@ -7,6 +7,7 @@ A run directory ``DIR`` holds, for a run of one seed::
     DIR/state/<arm>-round-NNNN.safetensors   ... and the global payload it names
     DIR/model-<arm>.safetensors              the arm's final model file (fedcsg.runs.model_file)
     DIR/results.json, results.csv, report.md, accuracy_vs_bytes.png, accuracy_vs_round.png
+    DIR/.fedcsg.lock                         held while a run writes into DIR (fedcsg.runs.lock)
 
 and, for a run over several seeds, one such directory per seed, ``DIR/seed-N/``, with the report
 over seeds in ``DIR`` itself. An arm's file stem is :func:`fedcsg.spec.arms.file_stem` (a ``/`` of
@@ -30,6 +31,7 @@ RESULTS_CSV = "results.csv"
 REPORT_MD = "report.md"
 PLOTS = ("accuracy_vs_bytes.png", "accuracy_vs_round.png")
 REPORT_FILES = (RESULTS_JSON, RESULTS_CSV, REPORT_MD, *PLOTS)
+LOCK_FILE = ".fedcsg.lock"  # held by the one run writing into the directory (fedcsg.runs.lock)
 
 
 def arm_record_path(out_dir: Path, arm: str) -> Path:

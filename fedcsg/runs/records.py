@@ -13,6 +13,7 @@ A run over several seeds (``seeds`` = "0,1,2") holds one such run per seed in ``
 from __future__ import annotations
 
 import dataclasses
+import math
 import platform
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from typing import Any
 
 from fedcsg.io import atomic_write_text, check_schema, read_json_object, strict_json
 from fedcsg.runs.layout import arm_record_path
+from fedcsg.spec.arms import file_stem
+from fedcsg.spec.checks import shown
 
 BYTE_FIELDS = ("payload_up", "payload_down", "wire_up", "wire_down")
 
@@ -157,14 +160,42 @@ def check_trained(arm: str, rounds: list[dict[str, Any]]) -> None:
     )
 
 
+# What a recorded value may be, beyond its JSON type: every number finite, these in [low, high], every
+# other number (counts, bytes, seconds, lr, filter steps, losses) in [0, MAX_RECORDED].
+MAX_RECORDED = 2**63 - 1
+VALUE_RANGES = {"test_accuracy": (0.0, 1.0), "train_accuracy": (0.0, 1.0)}
+
+
+def _check_values(rounds: list[dict[str, Any]], where: str) -> None:
+    """A one-line ValueError naming the first recorded number that no run can produce."""
+    for i, record in enumerate(rounds):
+        for key, value in record.items():
+            numbers = value if isinstance(value, list) else [value]
+            for number in numbers:
+                if not isinstance(number, int | float) or isinstance(number, bool):
+                    continue
+                low, high = VALUE_RANGES.get(key, (0, MAX_RECORDED))
+                if not (math.isfinite(number) and low <= number <= high):
+                    raise ValueError(
+                        f"{where} is not a fedcsg record: rounds[{i}].{key} is {number!r}, accepted is a number "
+                        f"in [{low}, {high:,}]"
+                    )
+
+
 def read_arm_record(path: Path) -> dict[str, Any]:
-    """``DIR/arms/ARM.json``, checked against :data:`ARM_SCHEMA` and for rounds 0, 1, 2, ... in order;
-    a one-line ValueError naming the file and the field otherwise."""
+    """``DIR/arms/ARM.json``, checked against :data:`ARM_SCHEMA`, for rounds 0, 1, 2, ... in order,
+    for values in range (:data:`VALUE_RANGES`) and for an ``arm`` that is the file's; a one-line
+    ValueError naming the file and the field otherwise."""
     document = read_json_object(path)
-    check_schema(document, ARM_SCHEMA, repr(str(path)))
+    where = repr(str(path))
+    check_schema(document, ARM_SCHEMA, where)
     numbers = [r["round"] for r in document["rounds"]]
     if numbers != list(range(len(numbers))):
-        raise ValueError(f"{str(path)!r} is not a fedcsg record: it records rounds {numbers[:8]}, not 0, 1, 2, ...")
+        raise ValueError(f"{where} is not a fedcsg record: it records rounds {numbers[:8]}, not 0, 1, 2, ...")
+    _check_values(document["rounds"], where)
+    arm = document.get("arm", document["config"].get("arm"))
+    if arm is not None and (not isinstance(arm, str) or file_stem(arm) != path.stem):
+        raise ValueError(f"{where} is not a fedcsg record of arm {path.stem!r}: it records arm {shown(arm)}")
     return document
 
 

@@ -19,11 +19,20 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 from pathlib import Path
 from typing import Any
 
 from fedcsg.io import atomic_write_text, strict_json
-from fedcsg.runs.layout import REPORT_MD, RESULTS_CSV, RESULTS_JSON, arm_record_files, holds_arms, seed_dirs_in
+from fedcsg.runs.layout import (
+    REPORT_MD,
+    RESULTS_CSV,
+    RESULTS_JSON,
+    arm_record_files,
+    differing_settings,
+    holds_arms,
+    seed_dirs_in,
+)
 from fedcsg.runs.plots import plot_accuracy
 from fedcsg.runs.records import ROUND_FIELDS, read_arm_record
 from fedcsg.runs.summary import (
@@ -37,6 +46,8 @@ from fedcsg.runs.summary import (
     summarize_seeds,
 )
 from fedcsg.runs.winner import WINNER_RULE, accuracy_noise_sentence, fewest_bytes_over_seeds, one_seed_bytes_sentence
+from fedcsg.spec.checks import parse_seeds, shown
+from fedcsg.spec.config import identity_of
 
 
 def _resync(s: dict[str, Any]) -> str:
@@ -243,14 +254,52 @@ def _csv_cell(value: Any) -> Any:
     return ("; " if any(" " in item for item in items) else " ").join(items)
 
 
+def run_seeds(out_dir: Path) -> dict[int, Path]:
+    """The seed directories of the run in ``out_dir`` that hold records, by seed: those whose seed is in
+    the ``seeds`` of the newest record (a folder left by an earlier run over other seeds is left out,
+    with a warning naming it)."""
+    found = {seed: path for seed, path in seed_dirs_in(out_dir).items() if holds_arms(path)}
+    records = [record for path in found.values() for record in arm_record_files(path)]
+    if not records:
+        return found
+    newest = max(records, key=lambda record: record.stat().st_mtime_ns)
+    listed = read_arm_record(newest)["config"].get("seeds")
+    try:
+        wanted = set(parse_seeds(listed)) if isinstance(listed, str) and listed.strip() else set(found)
+    except ValueError as error:
+        raise ValueError(f"{str(newest)!r} is not a fedcsg record: its config's {error}") from None
+    for seed in sorted(set(found) - wanted):
+        print(f"report: {found[seed]} left out: seed {seed} is not one of the run's seeds {listed}", file=sys.stderr)
+    return {seed: path for seed, path in found.items() if seed in wanted}
+
+
+def check_records(out_dir: Path) -> dict[int, Path]:
+    """Read and check every arm record of the run in ``out_dir`` (:func:`~fedcsg.runs.records.read_arm_record`),
+    and that all of them were recorded under one config (arm and seed aside), each seed directory's
+    under its own seed; a one-line ValueError naming the file otherwise. Returns :func:`run_seeds`."""
+    seeds = run_seeds(out_dir)
+    reference: tuple[Path, dict[str, Any]] | None = None
+    for seed, directory in [(None, out_dir), *seeds.items()]:
+        for path in arm_record_files(directory):
+            config = read_arm_record(path)["config"]
+            if seed is not None and config.get("seed") != seed:
+                raise ValueError(f"{str(path)!r} records seed {shown(config.get('seed'))}, not {seed} of its folder")
+            identity = {k: v for k, v in config.items() if k != "seed"}
+            if reference is None:
+                reference = (path, identity_of(identity))
+            elif differing := differing_settings(reference[1], identity):
+                raise ValueError(
+                    f"{str(path)!r} was recorded under another config than {str(reference[0])!r} "
+                    f"({', '.join(differing[:5])} differ): accepted is one run's records"
+                )
+    return seeds
+
+
 def write_report(out_dir: str | Path) -> dict[str, Any]:
     """(Re)build results.json, results.csv, report.md and the plots from ``DIR/arms/*.json``, or,
     for a run over several seeds, each ``DIR/seed-N`` and then ``DIR``'s files over the seeds."""
     out_dir = Path(out_dir)
-    seeds = {seed: path for seed, path in seed_dirs_in(out_dir).items() if holds_arms(path)}
-    for directory in (out_dir, *seeds.values()):  # every record checked before any file is written
-        for path in arm_record_files(directory):
-            read_arm_record(path)
+    seeds = check_records(out_dir)  # every record checked before any file is written
     if seeds and not holds_arms(out_dir):
         return write_seeds_report(out_dir, {seed: write_report(path) for seed, path in seeds.items()})
     results = load_results(out_dir)

@@ -24,6 +24,8 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     """Every tensor of a safetensors file and its metadata; a one-line error for anything else."""
     from safetensors import SafetensorError, safe_open
 
+    if path.exists() and not path.is_file():
+        raise ValueError(f"checkpoint {str(path)!r} is not a regular file: accepted is a safetensors file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:

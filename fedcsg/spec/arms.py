@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedcsg.spec.checks import shown
 from fedcsg.spec.codecs import CODECS
 
 MODELS = ("fedavg", "fedpara", "csg", "csg-frozen")
@@ -72,7 +73,7 @@ class Arm:
         model, up_sep, codec = head.partition(SEPARATOR)
         if model not in MODELS or (up_sep and codec not in CODECS) or (down_sep and downlink not in DOWNLINKS):
             raise ValueError(
-                f"unknown arm {name!r}: accepted are MODEL[+UPCODEC][/DOWNLINK] with MODEL one of "
+                f"unknown arm {shown(name)}: accepted are MODEL[+UPCODEC][/DOWNLINK] with MODEL one of "
                 f"{', '.join(MODELS)}, UPCODEC one of {', '.join(CODECS)} and DOWNLINK one of "
                 f"{', '.join(DOWNLINKS)} (e.g. csg+int8/int8, fedavg/delta-int8)"
             )

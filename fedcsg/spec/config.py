@@ -25,7 +25,7 @@ from fedcsg.nn.fedpara import check_ratio as check_fedpara_ratio
 from fedcsg.nn.models import check_trainable
 from fedcsg.nn.training import SCHEDULES
 from fedcsg.spec.arms import DOWNLINKS, Arm, check_arm
-from fedcsg.spec.checks import SEED_LIMIT, check_ray_address, check_seed, coerce, kebab, names, one_of
+from fedcsg.spec.checks import check_ray_address, check_seed, coerce, kebab, names, one_of, parse_seeds, shown
 from fedcsg.spec.codecs import Codec
 from fedcsg.spec.resources import DEFAULT_CLIENTS_PER_GPU, SERVER_DEVICES, check_client_num_gpus
 from fedcsg.spec.settings import DataSettings, ModelSettings
@@ -251,14 +251,7 @@ class RunConfig:
         """The seeds of the runs to make: ``seeds`` parsed, else ``[seed]``."""
         if not self.seeds.strip():
             return [self.seed]
-        accepted = f"comma-separated integers in 0..{SEED_LIMIT - 1} without repeats, e.g. 0,1,2"
-        try:
-            values = [int(part) for part in self.seeds.split(",")]
-        except ValueError:
-            raise ValueError(f"seeds = {self.seeds!r} is not accepted: {accepted} are") from None
-        if any(not 0 <= v < SEED_LIMIT for v in values) or len(set(values)) != len(values):
-            raise ValueError(f"seeds = {self.seeds!r} is not accepted: {accepted} are")
-        return values
+        return parse_seeds(self.seeds)
 
     def model_settings(self, arm: str | None = None) -> ModelSettings:
         """The model of ``arm`` (default: this run's arm; its codec part changes no model): what every
@@ -334,7 +327,7 @@ class RunConfig:
         changes: dict[str, Any] = {}
         for key, value in values.items():
             if key not in known:
-                raise ValueError(f"unknown config key {key!r}: accepted keys are {', '.join(sorted(known))}")
+                raise ValueError(f"unknown config key {shown(key)}: accepted keys are {', '.join(sorted(known))}")
             if key == "client-num-gpus":  # "auto" or a number
                 changes[known[key].name] = check_client_num_gpus(value)
                 continue

@@ -36,9 +36,10 @@ def find_experiment(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
-    if path.is_dir():
+    if path.exists():
+        what = "a directory" if path.is_dir() else "not a regular file"
         raise FileNotFoundError(
-            f"config file {str(name_or_path)!r} is a directory; accepted: a TOML file or a shipped experiment"
+            f"config file {str(name_or_path)!r} is {what}; accepted: a TOML file or a shipped experiment"
         )
     shipped = shipped_experiments()
     name = path.name.removesuffix(".toml")

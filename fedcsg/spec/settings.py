@@ -18,7 +18,7 @@ from fedcsg.nn.fedpara import DEFAULT_RATIO as FEDPARA_RATIO
 from fedcsg.nn.fedpara import check_ratio as check_fedpara_ratio
 from fedcsg.nn.fedpara import fedparafy
 from fedcsg.nn.models import build_model, default_csg_config, model_slice
-from fedcsg.nn.params import check_model_size, planned_bytes
+from fedcsg.nn.params import check_model_size, check_slices_fit, planned_bytes
 from fedcsg.spec.arms import Arm
 from fedcsg.spec.checks import check_seed, kebab, one_of
 
@@ -114,6 +114,9 @@ class ModelSettings:
             f"num-classes = {self.num_classes}, in-channels = {self.in_channels})"
         )
         check_model_size(planned, described)
+        config = self.csg_config()
+        if config is not None:
+            check_slices_fit(self.model, self.num_classes, self.in_channels, config)
 
     def build(self) -> nn.Module:
         """A fresh model of these settings, initialised from the seed (its frozen generator, if any, drawn);
