@@ -3,7 +3,7 @@
 
 For every arm's model (fedavg = plain, csg, csg-frozen, fedpara) and every variant (eager, channels
 last, compiled, compiled channels last) x precision (fp32, and bf16 / fp16 where the device runs
-them) it times SGD-momentum train steps at a fixed batch on random CIFAR-shaped data: the first
+them) it times SGD-momentum train steps at a fixed batch on random data of ``--dataset``'s shape: the first
 step (the compile warm-up for a compiled variant), then the mean of ``--steps`` steps after
 ``--warmup`` more. GFLOP/s counts the trained image's FLOPs (forward and backward of the plain
 model, by torch's FLOP counter, generation not counted) and is set beside ``--peak-gflops`` and
@@ -45,6 +45,7 @@ def measure_cell(args: argparse.Namespace) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from fedcsg.data.registry import get_spec
     from fedcsg.nn.execution import Execution, precision_problem
     from fedcsg.nn.training import make_optimizer
     from fedcsg.spec.config import RunConfig
@@ -56,14 +57,15 @@ def measure_cell(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     compile_, channels_last = VARIANTS[args.variant]
     execution = Execution(compile=compile_, channels_last=channels_last, precision=args.precision)
-    cfg = RunConfig(model=args.model, arm=args.arm, slice=args.slice, code_dim=args.code_dim)
+    cfg = RunConfig(model=args.model, arm=args.arm, slice=args.slice, code_dim=args.code_dim, dataset=args.dataset)
+    spec = get_spec(args.dataset)
     model = execution.place(cfg.model_settings().build(), device)
     compiled = execution.compiled(model, device)
     forward = model if compiled is None else compiled
     optimizer = make_optimizer(model, 0.05, 0.9, 5e-4)
     scaler = execution.grad_scaler(device)
-    x = execution.batch(torch.randn(args.batch_size, 3, 32, 32, device=device))
-    y = torch.randint(0, 10, (args.batch_size,), device=device)
+    x = execution.batch(torch.randn(args.batch_size, spec.in_channels, *spec.image_size, device=device))
+    y = torch.randint(0, spec.num_classes, (args.batch_size,), device=device)
     model.train()
 
     def step() -> None:
@@ -94,16 +96,18 @@ def measure_cell(args: argparse.Namespace) -> dict:
     return {"first_step_s": round(first, 3), "step_s": seconds, "images_per_s": args.batch_size / seconds}
 
 
-def flops_per_image(model_name: str) -> float:
+def flops_per_image(model_name: str, dataset: str) -> float:
     """FLOPs of training one image (forward + backward) of the plain model, by torch's counter."""
     import torch
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
+    from fedcsg.data.registry import get_spec
     from fedcsg.spec.config import RunConfig
 
-    model = RunConfig(model=model_name, arm="fedavg").model_settings().build()
-    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    spec = get_spec(dataset)
+    model = RunConfig(model=model_name, arm="fedavg", dataset=dataset).model_settings().build()
+    x, y = torch.randn(8, spec.in_channels, *spec.image_size), torch.randint(0, spec.num_classes, (8,))
     with FlopCounterMode(display=False) as counter:
         F.cross_entropy(model(x), y).backward()
     return counter.get_total_flops() / 8
@@ -131,6 +135,7 @@ def matmul_gflops(threads: int, device: str) -> float:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--dataset", default="cifar10", help="the input's shape and classes (random data)")
     parser.add_argument("--slice", default="12x12x3x3")
     parser.add_argument("--code-dim", type=int, default=72)
     parser.add_argument("--arms", default=",".join(ARMS))
@@ -163,7 +168,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def child_command(args: argparse.Namespace, arm: str, variant: str, precision: str) -> list[str]:
-    keep = ("model", "slice", "code_dim", "device", "threads", "batch_size", "warmup", "steps")
+    keep = ("model", "dataset", "slice", "code_dim", "device", "threads", "batch_size", "warmup", "steps")
     flags = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in keep]
     return [sys.executable, __file__, *flags, f"--arm={arm}", f"--variant={variant}", f"--precision={precision}"]
 
@@ -173,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.arm:  # a child: one cell, JSON on the last line
         print(json.dumps(measure_cell(args)))
         return 0
-    flops = flops_per_image(args.model)
+    flops = flops_per_image(args.model, args.dataset)
     matmul = matmul_gflops(args.threads, args.device)
     order = [
         (p, a, v) for p in args.precisions.split(",") for a in args.arms.split(",") for v in args.variants.split(",")
@@ -207,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "repeat": args.repeat,
         "model": args.model,
+        "dataset": args.dataset,
         "slice": args.slice,
         "code_dim": args.code_dim,
         "gflop_per_trained_image": flops / 1e9,
