@@ -66,7 +66,7 @@ def test_masks_batch_with_their_images_and_flip_together(items: tuple[np.ndarray
     pasted = paste_items(*items, 16, seed=2)
     spec = get_spec("fashion-mnist")
     # A 56x56 spec stands in for the derived set's registry entry (not built yet).
-    spec = type(spec)(**{**spec.__dict__, "image_size": (CANVAS, CANVAS), "num_classes": 11})
+    spec = type(spec)(**{**spec.__dict__, "image_size": (CANVAS, CANVAS), "num_classes": 11, "task": "segmentation"})
     data = ImageData(torch.from_numpy(pasted.images[:, None]), torch.from_numpy(pasted.masks), spec)
     batches = TensorBatches(data, 8, shuffle=True, augment=True, seed=0)
     seen = 0
@@ -92,7 +92,7 @@ def test_local_training_and_evaluation_take_masks(items: tuple[np.ndarray, np.nd
 
     pasted = paste_items(*items, 12, seed=3)
     spec = get_spec("fashion-mnist")
-    spec = type(spec)(**{**spec.__dict__, "image_size": (CANVAS, CANVAS), "num_classes": 11})
+    spec = type(spec)(**{**spec.__dict__, "image_size": (CANVAS, CANVAS), "num_classes": 11, "task": "segmentation"})
     data = ImageData(torch.from_numpy(pasted.images[:, None]), torch.from_numpy(pasted.masks), spec)
     torch.manual_seed(0)
     model = small_deeplabv3(11, 1, widths=(8, 8, 8), aspp_channels=8)

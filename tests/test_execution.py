@@ -195,6 +195,10 @@ def test_compile_auto_compiles_where_the_measured_warm_up_pays_back(monkeypatch)
 def test_segmentation_refuses_what_its_loop_does_not_run():
     with pytest.raises(ValueError, match="not accepted for segmentation"):
         RunConfig(dataset="fashion-mnist-seg", model="deeplabv3-small", precision="bf16")
+    # channels-last crashes torch's CPU backward of the small DeepLabV3: segmentation stays contiguous
+    segmentation = RunConfig(dataset="fashion-mnist-seg", model="deeplabv3-small")
+    assert segmentation.channels_last and not segmentation.execution().channels_last
+    assert RunConfig().execution().channels_last
 
 
 def test_the_train_benchmark_runs_a_cell_and_writes_its_table(tmp_path):

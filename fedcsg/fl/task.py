@@ -16,6 +16,7 @@ from fedcsg.data.readers import ImageData, load_labels, load_split
 from fedcsg.data.registry import ANY_SIZE_FORMATS, resolve_source, sized_spec
 from fedcsg.data.streaming import StreamedSplit
 from fedcsg.nn.csg_factors import factor_lr_scales, freeze_factor
+from fedcsg.nn.execution import FP32_EAGER
 from fedcsg.nn.segmentation import seg_evaluate, seg_train_epoch
 from fedcsg.nn.training import PassStats, evaluate, make_optimizer, train_epoch, tune_malloc
 from fedcsg.spec.config import RunConfig
@@ -137,7 +138,7 @@ def local_train(
     one is read by its loader (:meth:`~fedcsg.data.streaming.StreamedSplit.batches`).
     """
     tune_malloc()
-    execution = cfg.execution(device.type)
+    execution = cfg.execution(device.type) if not is_segmentation(data) else FP32_EAGER
     execution.check(device)
     execution.place(model, device)
     if isinstance(data, StreamedSplit):
@@ -163,7 +164,7 @@ def evaluate_model(model: nn.Module, data: ImageData, cfg: RunConfig, device: to
     precision and memory format (never compiled); ``data`` already there (:func:`~fedcsg.data.batches.data_on`,
     as the server keeps its test set) is not copied."""
     tune_malloc()
-    execution = cfg.execution(device.type)
+    execution = cfg.execution(device.type) if not is_segmentation(data) else FP32_EAGER
     execution.check(device)
     execution.place(model, device)
     batches = TensorBatches(data, cfg.eval_batch_size, device=device)

@@ -279,12 +279,17 @@ class RunConfig:
         return self.model_settings(arm).csg_config()
 
     def execution(self, device_type: str = "cpu") -> Execution:
-        """How this run's steps run on a ``device_type`` device (:class:`~fedcsg.nn.execution.Execution`);
-        ``compile = "auto"`` compiles a classifier where :func:`~fedcsg.nn.execution.compile_pays` for the
+        """How this run's steps run on a ``device_type`` device (:class:`~fedcsg.nn.execution.Execution`):
+        channels-last for a classifier only; ``compile = "auto"`` compiles a classifier where
+        :func:`~fedcsg.nn.execution.compile_pays` for the
         images one training process trains over the run (:meth:`images_per_process`)."""
-        auto = self.compile == "auto" and get_spec(self.dataset).task == "classification"
-        compiled = self.compile == "on" or (auto and compile_pays(self.images_per_process(), device_type))
-        return Execution(compile=compiled, channels_last=self.channels_last, precision=self.precision)
+        classifier = get_spec(self.dataset).task == "classification"
+        compiled = self.compile == "on" or (
+            self.compile == "auto" and classifier and compile_pays(self.images_per_process(), device_type)
+        )
+        # Segmentation stays contiguous: channels-last crashes torch 2.14's CPU backward of the small
+        # DeepLabV3 (a double free; docs/performance.md).
+        return Execution(compile=compiled, channels_last=self.channels_last and classifier, precision=self.precision)
 
     def images_per_process(self) -> float:
         """Images one training process trains over the run, estimated from the settings: rounds x
