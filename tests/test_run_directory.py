@@ -37,7 +37,7 @@ def simulated(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str]]:
     """(seed, arm) of every run the CLI hands to the simulation, which is not started."""
     calls: list[tuple[int, str]] = []
     monkeypatch.setattr(commands, "_simulate", lambda runs, o, v: calls.extend((c.seed, c.arm) for c in runs))
-    monkeypatch.setattr(commands, "_finish", lambda o: 0)
+    monkeypatch.setattr(commands, "_finish", lambda out_dir, runs, placement: 0)
     return calls
 
 
