@@ -47,7 +47,7 @@ def measure_cell(args: argparse.Namespace) -> dict:
 
     from fedcsg.data.registry import get_spec
     from fedcsg.nn.execution import Execution, precision_problem
-    from fedcsg.nn.training import make_optimizer
+    from fedcsg.nn.training import backward_and_step, make_optimizer
     from fedcsg.spec.config import RunConfig
 
     torch.set_num_threads(args.threads)
@@ -72,13 +72,7 @@ def measure_cell(args: argparse.Namespace) -> dict:
         optimizer.zero_grad(set_to_none=True)
         with execution.autocast(device):
             loss = F.cross_entropy(forward(x), y)
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+        backward_and_step(loss, optimizer, scaler)
 
     def timed(n: int) -> float:
         if device.type == "cuda":

@@ -96,7 +96,7 @@ def test_local_training_and_evaluation_take_masks(items: tuple[np.ndarray, np.nd
     data = ImageData(torch.from_numpy(pasted.images[:, None]), torch.from_numpy(pasted.masks), spec)
     torch.manual_seed(0)
     model = small_deeplabv3(11, 1, widths=(8, 8, 8), aspp_channels=8)
-    cfg = RunConfig()
+    cfg = RunConfig(dataset="fashion-mnist-seg", model="deeplabv3-small")  # the run of such data
     stats = local_train(model, data, cfg, lr=0.05, epochs=1, batch_size=4, seed=0, device=torch.device("cpu"))
     assert stats.num_examples == 12 and 0 <= stats.accuracy <= 1
     evaluated = evaluate_model(model, data, cfg, torch.device("cpu"))

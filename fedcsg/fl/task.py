@@ -16,7 +16,7 @@ from fedcsg.data.readers import ImageData, load_labels, load_split
 from fedcsg.data.registry import ANY_SIZE_FORMATS, resolve_source, sized_spec
 from fedcsg.data.streaming import StreamedSplit
 from fedcsg.nn.csg_factors import factor_lr_scales, freeze_factor
-from fedcsg.nn.execution import FP32_EAGER
+from fedcsg.nn.execution import Execution
 from fedcsg.nn.segmentation import seg_evaluate, seg_train_epoch
 from fedcsg.nn.training import PassStats, evaluate, make_optimizer, train_epoch, tune_malloc
 from fedcsg.spec.config import RunConfig
@@ -114,6 +114,15 @@ def test_data(cfg: RunConfig) -> ImageData:
     return _test_data(cfg.data_settings)
 
 
+def placed(model: nn.Module, cfg: RunConfig, device: torch.device) -> Execution:
+    """Check the run's :meth:`~fedcsg.spec.config.RunConfig.execution` on ``device``, place ``model``
+    there in its memory format, and return it."""
+    execution = cfg.execution(device.type)
+    execution.check(device)
+    execution.place(model, device)
+    return execution
+
+
 def local_train(
     model: nn.Module,
     data: ImageData | StreamedSplit,
@@ -138,9 +147,7 @@ def local_train(
     one is read by its loader (:meth:`~fedcsg.data.streaming.StreamedSplit.batches`).
     """
     tune_malloc()
-    execution = cfg.execution(device.type) if not is_segmentation(data) else FP32_EAGER
-    execution.check(device)
-    execution.place(model, device)
+    execution = placed(model, cfg, device)
     if isinstance(data, StreamedSplit):
         batches: Iterable[tuple[torch.Tensor, torch.Tensor]] = data.batches(batch_size, seed, device)
     else:
@@ -164,9 +171,7 @@ def evaluate_model(model: nn.Module, data: ImageData, cfg: RunConfig, device: to
     precision and memory format (never compiled); ``data`` already there (:func:`~fedcsg.data.batches.data_on`,
     as the server keeps its test set) is not copied."""
     tune_malloc()
-    execution = cfg.execution(device.type) if not is_segmentation(data) else FP32_EAGER
-    execution.check(device)
-    execution.place(model, device)
+    execution = placed(model, cfg, device)
     batches = TensorBatches(data, cfg.eval_batch_size, device=device)
     if is_segmentation(data):
         return seg_evaluate(model, batches, device, data.spec.num_classes)

@@ -220,6 +220,20 @@ def _run_pass(
     )
 
 
+def backward_and_step(
+    loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None
+) -> None:
+    """Back-propagate ``loss`` and step ``optimizer``, through ``scaler`` when fp16 training has one
+    (:meth:`~fedcsg.nn.execution.Execution.grad_scaler`)."""
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+
 def train_epoch(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -255,22 +269,17 @@ def train_epoch(
     """
     device = torch.device(device)
     scaler = execution.grad_scaler(device)
-    full_size: list[int] = []
+    full_size = 0  # the pass's first batch size: the one the compiled twin runs
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        full_size[:] = full_size or [x.shape[0]]
-        forward = compiled if compiled is not None and x.shape[0] == full_size[0] else model
+        nonlocal full_size
+        full_size = full_size or x.shape[0]
+        forward = compiled if compiled is not None and x.shape[0] == full_size else model
         optimizer.zero_grad(set_to_none=True)
         with execution.autocast(device):
             logits = forward(x)
             loss = F.cross_entropy(logits, y)
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+        backward_and_step(loss, optimizer, scaler)
         return logits.detach(), loss.detach().double() * y.shape[0]
 
     model.train()
