@@ -121,7 +121,7 @@ def preflight(cfg: RunConfig, arms: list[str]) -> tuple[RunConfig, float]:
     import torch
 
     from fedcsg.data.readers import check_images, load_labels
-    from fedcsg.fl.ray_cluster import ray_nodes, resolve_resources
+    from fedcsg.fl.ray_cluster import most_on_a_node, ray_nodes, resolve_resources
     from fedcsg.fl.task import data_problem
 
     where = {"data_dir": cfg.data_dir or None, "hub_name": cfg.hub_name or None}
@@ -132,7 +132,7 @@ def preflight(cfg: RunConfig, arms: list[str]) -> tuple[RunConfig, float]:
     for arm in arms:
         cfg.model_settings(arm).check_size()
     nodes = ray_nodes(cfg.ray_address, functools.partial(data_problem, cfg.data_settings))
-    gpus = max((node.get("GPU", 0.0) for node in nodes), default=0.0)
+    gpus = most_on_a_node(nodes, "GPU")
     resolved = resolve_resources(cfg, nodes, torch.cuda.is_available())
     client_device = "cuda" if resolved.client_num_gpus > 0 and resolved.device != "cpu" else "cpu"
     for device in {client_device, resolved.server_device}:  # this machine's CPU or GPU stands for the nodes'

@@ -151,6 +151,11 @@ def _probe_nodes(ray: Any, nodes: list[dict[str, Any]], probe: Callable[[], str]
             raise ValueError(f"{where} cannot host this run's clients: {problem}")
 
 
+def most_on_a_node(nodes: list[dict[str, float]], resource: str) -> float:
+    """The most of ``resource`` ("CPU", "GPU") that one of the Ray nodes ``nodes`` has (0 for none)."""
+    return max((node.get(resource, 0.0) for node in nodes), default=0.0)
+
+
 def check_client_resources(num_cpus: float, num_gpus: float, nodes: list[dict[str, float]]) -> None:
     """Fail in one line unless at least one node can host a client asking for ``num_cpus`` CPUs and
     ``num_gpus`` GPUs (Flower's actor pool would otherwise be empty and the run would wait forever)."""
@@ -160,8 +165,7 @@ def check_client_resources(num_cpus: float, num_gpus: float, nodes: list[dict[st
 
     if any(fits(node) for node in nodes):
         return
-    most_cpus = max((node.get("CPU", 0.0) for node in nodes), default=0.0)
-    most_gpus = max((node.get("GPU", 0.0) for node in nodes), default=0.0)
+    most_cpus, most_gpus = most_on_a_node(nodes, "CPU"), most_on_a_node(nodes, "GPU")
     raise ValueError(
         f"client-num-cpus = {num_cpus:g} with client-num-gpus = {num_gpus:g} fits on no Ray node "
         f"({len(nodes)} node(s), at most {most_cpus:g} CPUs and {most_gpus:g} GPUs on one): "
@@ -181,7 +185,7 @@ def resolve_resources(cfg: RunConfig, nodes: list[dict[str, float]], cuda_here: 
     (:mod:`fedcsg.spec.resources`); a one-line ValueError for ``device = "cuda"`` with no GPU share,
     ``server-device = "cuda"`` without a CUDA device here, or a client that no node can host
     (:func:`check_client_resources`)."""
-    gpus = max((node.get("GPU", 0.0) for node in nodes), default=0.0)
+    gpus = most_on_a_node(nodes, "GPU")
     server = server_device(cfg.server_device, cuda_here)
     share = client_gpu_share(cfg.client_num_gpus, cfg.clients_per_gpu, gpus, server == "cuda")
     if cfg.device == "cuda" and share == 0:
