@@ -217,8 +217,8 @@ def test_arm_names_model_plus_codec() -> None:
             check_arm(bad)
         assert str(error.value) == (
             f"unknown arm {bad!r}: accepted are MODEL[+UPCODEC][/DOWNLINK] with MODEL one of fedavg, fedpara, csg, "
-            "csg-frozen, UPCODEC one of fp16, int8, topk and DOWNLINK one of full, fp16, int8, delta-int8, delta-topk "
-            "(e.g. csg+int8/int8, fedavg/delta-int8)"
+            "csg-frozen, csg-warm, UPCODEC one of fp16, int8, topk and DOWNLINK one of full, fp16, int8, delta-int8, "
+            "delta-topk (e.g. csg+int8/int8, fedavg/delta-int8)"
         )
     with pytest.raises(ValueError, match="unknown arm 'csg\\+int4'"):
         RunConfig(arms="fedavg,csg+int4")
@@ -233,8 +233,8 @@ def test_bad_arm_on_the_command_line_is_one_line_exit_2(cli) -> None:
     assert code == 2 and out == ""
     assert err.strip().splitlines() == [
         "fedcsg compare: error: unknown arm 'csg+int9': accepted are MODEL[+UPCODEC][/DOWNLINK] with MODEL one of "
-        "fedavg, fedpara, csg, csg-frozen, UPCODEC one of fp16, int8, topk and DOWNLINK one of full, fp16, int8, "
-        "delta-int8, delta-topk (e.g. csg+int8/int8, fedavg/delta-int8)"
+        "fedavg, fedpara, csg, csg-frozen, csg-warm, UPCODEC one of fp16, int8, topk and DOWNLINK one of full, fp16, "
+        "int8, delta-int8, delta-topk (e.g. csg+int8/int8, fedavg/delta-int8)"
     ]
 
 
@@ -423,7 +423,7 @@ def test_client_carries_the_topk_residual_in_its_context(data_env, monkeypatch) 
         down = Message(RecordDict({"arrays": sent, "config": config}), dst_node_id=1, message_type=MessageType.TRAIN)
         reply = client_app.train(down, context)
         assert set(reply.content["arrays"]) == set(Uplink(layout, cfg.codec).specs())
-        residuals.append(client_app.carried_residual(context, client_app.residual_key(cfg)).copy())
+        residuals.append(client_app.carried_residual(context, client_app.residual_key(cfg, layout)).copy())
     assert seen[0] is None and np.linalg.norm(residuals[0]) > 0
     np.testing.assert_array_equal(seen[1], residuals[0])
     assert not np.array_equal(residuals[1], residuals[0])
@@ -432,7 +432,7 @@ def test_client_carries_the_topk_residual_in_its_context(data_env, monkeypatch) 
     client_app.train(
         Message(RecordDict({"arrays": sent, "config": config}), dst_node_id=1, message_type=MessageType.TRAIN), context
     )
-    assert seen[2] is None and client_app.residual_key(cfg.replace(seed=1)) in context.state
+    assert seen[2] is None and client_app.residual_key(cfg.replace(seed=1), layout) in context.state
 
 
 def test_report_names_the_arm_with_the_fewest_bytes() -> None:

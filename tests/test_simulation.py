@@ -33,7 +33,8 @@ RESNET20 = ["model='resnet20'", "dataset='cifar10'", "slice='12x12x3x3'", "code-
 # The same two-round, two-client compare at a size where only exactness is asserted (identical
 # records on a rerun, mean and std over seeds), not learning: 256 images, one local epoch.
 TINY_RUN = [*RESNET20, "num-clients=2", "num-rounds=2", "train-limit=256", "test-limit=128", "batch-size=32"]
-PEER_ARMS = ("fedavg+int8", "fedpara", "csg+topk", "csg+int8/delta-int8")
+TINY_RUN += ["freeze-generator-after=1"]  # csg-warm: round 1 like csg, round 2 with its generator handed off
+PEER_ARMS = ("fedavg+int8", "fedpara", "csg+topk", "csg+int8/delta-int8", "csg-warm")
 # Made twice (``tiny`` and seed 0 of ``seeds``) and compared digit for digit; csg-frozen's rebuild from
 # the seed is checked bit for bit in test_csg.py, and it runs (and learns) in ``compare``.
 RERUN_ARMS = ("fedavg", "csg")
@@ -56,7 +57,8 @@ def compare_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
       arm learns;
     * ``tiny``: the same command with TINY_RUN, the arms RERUN_ARMS followed by the peer arms
       PEER_ARMS (a codec on fedavg, FedPara, topk with error feedback on csg, csg compressed both
-      ways with a delta downlink whose x̂ lives in the virtual nodes' Context.state);
+      ways with a delta downlink whose x̂ lives in the virtual nodes' Context.state, and csg-warm,
+      whose generator freezes after round 1 and is handed to each node once);
     * ``seeds``: `fedcsg compare --seeds 0,1 --arms` RERUN_ARMS with the shipped default
       experiment, from a directory outside the checkout, with TINY_RUN: its seed 0 is ``tiny``'s
       first arms made a second time.
@@ -315,6 +317,42 @@ def test_peer_arms_run_through_ray_with_honest_bytes(tiny_run: tuple[Path, subpr
     assert two_way[2]["payload_down"] < 0.3 * base["csg"]["rounds"][2]["payload_down"]
     assert two_way[0]["test_loss"] == base["csg"]["rounds"][0]["test_loss"]
     assert "Fewest wire bytes to the target accuracy" in report or "No arm reached the target accuracy" in report
+
+
+def test_warm_arm_hands_its_frozen_generator_to_each_node_once(
+    tiny_run: tuple[Path, subprocess.CompletedProcess],
+) -> None:
+    """csg-warm with K = 1 through Ray: round 1 trains and sends what csg does; round 2 leaves the
+    generator out both ways and hands it to each of the two nodes once; the generator the run ends
+    with is the one it froze after round 1 (by hash), which round 1 trained away from its start."""
+    from flwr.app import Array, ArrayRecord
+    from safetensors.numpy import load_file
+
+    from fedcsg.fl.task import build_arm_model
+    from fedcsg.nn.csg_factors import factor_keys
+    from fedcsg.spec.config import RunConfig
+    from fedcsg.wire.handoff import handoff_hash
+
+    out, proc = tiny_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warm = json.loads((out / "arms" / "csg-warm.json").read_text())
+    csg = json.loads((out / "arms" / "csg.json").read_text())
+    handoff = warm["handoff"]
+    (generator,) = [k for k in warm["payload_keys"] if k.startswith("csg_generators.")]
+    assert handoff["after_round"] == 1 and handoff["bytes"] == 1296 * 72 * 4  # 12x12x3x3 slices, code dim 72
+    assert warm["payload_bytes"] == csg["payload_bytes"]
+    r1, r2 = warm["rounds"][1], warm["rounds"][2]
+    for key in ("payload_up", "payload_down", "test_loss"):
+        assert r1[key] == csg["rounds"][1][key], key
+    assert r2["payload_up"] == 2 * (csg["payload_bytes"] - handoff["bytes"])
+    assert r2["payload_down"] == 2 * csg["payload_bytes"]  # the payload without the generator, plus it once each
+    assert r2["wire_up"] < 0.25 * r1["wire_up"] and r2["resynced"] == 0
+    final = load_file(out / "model-csg-warm.safetensors")
+    assert handoff_hash(ArrayRecord({generator: Array(final[generator])})) == handoff["hash"]
+    cfg = RunConfig.from_mapping({k: v for k, v in warm["config"].items() if k in RunConfig().to_flower()})
+    start = build_arm_model(cfg).state_dict()[generator].numpy()
+    assert factor_keys(build_arm_model(cfg))["generator"] == [generator]
+    assert handoff_hash(ArrayRecord({generator: Array(start)})) != handoff["hash"]
 
 
 # -- an attached Ray cluster (last in the module: the compares above have finished by now) ------

@@ -31,14 +31,17 @@ from fedcsg.fl.task import (
     client_data,
     local_train,
     payload_layout,
+    round_layout,
 )
 from fedcsg.nn.determinism import set_deterministic
 from fedcsg.nn.devices import describe
 from fedcsg.nn.training import get_device
 from fedcsg.spec.config import RunConfig
 from fedcsg.wire.downlink import VERSION_KEY, Downlink, receive
+from fedcsg.wire.handoff import HASH_KEY as HANDOFF_HASH_KEY
+from fedcsg.wire.handoff import received_handoff
 from fedcsg.wire.messages import ARRAYS, METRICS, NUM_EXAMPLES, PARTITION_ID, TRAIN_ACCURACY, TRAIN_LOSS, TRAIN_SECONDS
-from fedcsg.wire.payload import PayloadLayout, load_payload, model_payload
+from fedcsg.wire.payload import PayloadLayout, load_entries, load_payload, model_payload
 from fedcsg.wire.uplink import Uplink
 
 app = ClientApp()
@@ -100,10 +103,11 @@ def client_config(context: Context, config: ConfigRecord | None = None) -> RunCo
     return cfg.replace(data_dir=str(node_data_dir)) if node_data_dir else cfg
 
 
-def residual_key(cfg: RunConfig) -> str:
+def residual_key(cfg: RunConfig, layout: PayloadLayout) -> str:
     """The ``Context.state`` record of the error-feedback residual of ``cfg``'s run on this node:
-    one per arm and seed, as one node serves every run of a simulation."""
-    return f"{RESIDUAL_KEY}:{cfg.arm}:{cfg.seed}"
+    one per arm and seed, as one node serves every run of a simulation, and per payload (a csg-warm
+    arm's residual starts again when its generator leaves the payload)."""
+    return f"{RESIDUAL_KEY}:{cfg.arm}:{cfg.seed}" + (":held" if layout.held else "")
 
 
 @app.train()
@@ -122,10 +126,15 @@ def train(msg: Message, context: Context) -> Message:
     hide_gpus_without_share(cfg)  # before CUDA starts in this process
     set_deterministic(cfg.deterministic)
     device = get_device(cfg.device)
-    model, layout, compiled = _model_and_layout(cfg)
-    downlink = Downlink.of_config(cfg, layout)
-    # A delta downlink's x̂ lives in context.state; out of sync, this raises and the round fails.
-    received = receive(downlink, msg.content[ARRAYS], config, context.state, f"{cfg.arm}:{cfg.seed}")
+    model, whole, compiled = _model_and_layout(cfg)
+    layout = round_layout(cfg, model, server_round)  # a csg-warm arm's frozen generator: handed off, not sent
+    run = f"{cfg.arm}:{cfg.seed}"
+    # What a node keeps lives in context.state (a delta downlink's x̂, a frozen generator handed off);
+    # out of sync, these raise and the round fails.
+    held = received_handoff(msg.content, config, context.state, run)
+    if held is not None:
+        load_entries(model, held, whole.subset(layout.held))
+    received = receive(Downlink.of_config(cfg, layout), msg.content[ARRAYS], config, context.state, run)
     load_payload(model, received, layout)
     stats = local_train(
         model,
@@ -147,16 +156,18 @@ def train(msg: Message, context: Context) -> Message:
             TRAIN_ACCURACY: stats.accuracy,
             TRAIN_SECONDS: stats.seconds,
             PARTITION_ID: partition_id,
-            **({VERSION_KEY: int(config[VERSION_KEY])} if downlink.is_delta else {}),
+            **({VERSION_KEY: int(config[VERSION_KEY])} if VERSION_KEY in config else {}),
+            **({HANDOFF_HASH_KEY: int(config[HANDOFF_HASH_KEY])} if held is not None else {}),
         }
     )
+    residual_at = residual_key(cfg, layout)
     arrays, residual = Uplink(layout, cfg.codec).encode(
         model_payload(model, layout),
         received,
-        carried_residual(context, residual_key(cfg)),
+        carried_residual(context, residual_at),
         np.random.default_rng((cfg.seed, server_round, partition_id, attempt)),
     )
     if residual is not None:
-        context.state[residual_key(cfg)] = ArrayRecord({"residual": Array(residual)})
+        context.state[residual_at] = ArrayRecord({"residual": Array(residual)})
     placement = ConfigRecord(placement_record(describe(device)))
     return Message(content=RecordDict({ARRAYS: arrays, METRICS: metrics, PLACEMENT: placement}), reply_to=msg)

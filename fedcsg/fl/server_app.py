@@ -3,17 +3,20 @@ test split after every round, and per-round records with bytes in both direction
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
 from fedcsg.data.batches import data_on
+from fedcsg.data.readers import ImageData
 from fedcsg.fl.filter_step import PayloadFilters
 from fedcsg.fl.server_opt import Mask, ServerOptimizer
 from fedcsg.fl.strategy import CSGFedAvg, lr_schedule
@@ -24,6 +27,7 @@ from fedcsg.fl.task import (
     build_arm_model,
     evaluate_model,
     payload_layout,
+    round_layout,
     test_data,
 )
 from fedcsg.fl.traffic import bundle_download_bytes
@@ -39,6 +43,7 @@ from fedcsg.runs.records import ArmRecorder, check_trained
 from fedcsg.runs.report import write_report
 from fedcsg.spec.config import RunConfig
 from fedcsg.wire.downlink import Downlink
+from fedcsg.wire.handoff import Handoff
 from fedcsg.wire.messages import TEST_ACCURACY, TEST_LOSS
 from fedcsg.wire.payload import PayloadLayout, load_payload, model_payload
 from fedcsg.wire.uplink import Uplink
@@ -83,7 +88,7 @@ def build_server_optimizer(cfg: RunConfig) -> ServerOptimizer:
 def round_factor_fn(cfg: RunConfig, model: nn.Module) -> Callable[[int], str]:
     """``server_round -> the CSG factor the clients train`` under ``cfg.csg_aggregation``."""
     trainable_generator = bool(factor_keys(model)["generator"])
-    return lambda server_round: round_factor(cfg.csg_aggregation, server_round, trainable_generator)
+    return lambda server_round: round_factor(cfg.csg_aggregation, server_round, trainable_generator, cfg.frozen_after)
 
 
 def optimizer_mask_fn(cfg: RunConfig, model: nn.Module, layout: PayloadLayout) -> Callable[[int], Mask]:
@@ -96,7 +101,11 @@ def optimizer_mask_fn(cfg: RunConfig, model: nn.Module, layout: PayloadLayout) -
     return lambda server_round: masks[factor_of(server_round)]
 
 
-def build_strategy(cfg: RunConfig, layout: PayloadLayout, model: nn.Module | None = None) -> CSGFedAvg:
+def build_strategy(
+    cfg: RunConfig, layout: PayloadLayout, model: nn.Module | None = None, handoff: Handoff | None = None
+) -> CSGFedAvg:
+    """The strategy of ``cfg``'s arm for the payload ``layout`` (:func:`~fedcsg.fl.task.round_layout`), handing
+    ``handoff``'s arrays to the nodes that do not hold them."""
     model = model if model is not None else build_arm_model(cfg)
     factor_of = round_factor_fn(cfg, model)
     return CSGFedAvg(
@@ -111,6 +120,7 @@ def build_strategy(cfg: RunConfig, layout: PayloadLayout, model: nn.Module | Non
         round_config_fn=lambda server_round: {TRAIN_FACTOR_KEY: factor_of(server_round)},
         uplink=Uplink(layout, cfg.codec),
         downlink=Downlink.of_config(cfg, layout),
+        handoff=handoff,
         payload_filters=PayloadFilters(model, layout),
         **sampling(cfg),
     )
@@ -180,12 +190,21 @@ def progress_line(cfg: RunConfig, record: dict, elapsed: float) -> str:
     )
 
 
+def phases(cfg: RunConfig) -> list[tuple[int, int]]:
+    """The spans of rounds (first, last) in which one payload travels: every round, or for a csg-warm arm
+    rounds 1..K (generator, codes, ordinary layers) and K+1..N (codes and ordinary layers)."""
+    k = cfg.frozen_after
+    return [(1, k), (k + 1, cfg.num_rounds)] if k else [(1, cfg.num_rounds)]
+
+
 def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress: Callable[[str], None] = print) -> list[dict]:
     """Run ``cfg.arm`` for ``cfg.num_rounds`` rounds; after every round write ``out_dir/arms/<arm>.json``
     and the checkpoint ``out_dir/state/<arm>.*``.
 
     With ``cfg.resume`` and a checkpoint in ``out_dir``, continue after its round from its global
-    payload, round records and RNG states; the config must have the checkpoint's identity.
+    payload, round records and RNG states; the config must have the checkpoint's identity. Each of the
+    arm's :func:`phases` runs with its own strategy; checkpoints and the final model file always hold
+    the arm's whole payload (a csg-warm arm's frozen generator included).
     """
     set_seed(cfg.seed)
     model = build_arm_model(cfg)
@@ -194,63 +213,104 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress: Callable
     set_deterministic(cfg.deterministic)
     device = get_device(cfg.server_device)
     test = data_on(test_data(cfg), device)  # on the server's device for the whole run
-    strategy = build_strategy(cfg, layout, model)
     resumed_from = [*checkpoint.resumed_from, checkpoint.round] if checkpoint else []
     recorder = arm_recorder(
         cfg, out_dir, model, layout, resumed_from, bundle_download_bytes(grid.run), describe(device)
     )
     if checkpoint is not None:
         recorder.rounds = [dict(r) for r in checkpoint.rounds]
-        strategy.load_state_dict(checkpoint.strategy, checkpoint.downlink_arrays)
         set_rng_state(checkpoint.rng)
         progress(f"[{cfg.arm}] resuming after round {checkpoint.round}/{cfg.num_rounds} from {checkpoint.weights_path}")
-    started = time.perf_counter()
-
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        load_payload(model, arrays, layout)
-        stats = evaluate_model(model, test, cfg, device)
-        return MetricRecord({TEST_ACCURACY: stats.accuracy, TEST_LOSS: stats.loss})
-
-    def round_end_fn(server_round: int, arrays: ArrayRecord) -> None:
-        # The arm file first, then the checkpoint, whose state JSON is the commit point: a kill in
-        # between leaves the arm file one round ahead, and the resumed run redoes that round from
-        # the checkpoint and rewrites the arm file, so a complete checkpoint always has a complete
-        # arm file beside it. The strategy handed the round's record to the recorder after evaluating it.
-        progress(progress_line(cfg, recorder.rounds[-1], time.perf_counter() - started))
-        recorder.save()
-        save_checkpoint(
-            out_dir,
-            cfg.arm,
-            server_round,
-            arrays,
-            num_rounds=cfg.num_rounds,
-            rounds=recorder.rounds,
-            config=recorded_config(cfg),
-            identity=cfg.identity(),
-            strategy=strategy.state_dict(),
-            resumed_from=resumed_from,
-            downlink_arrays=strategy.downlink_arrays(),
-        )
-
+    arrays = checkpoint.arrays if checkpoint else model_payload(model, layout)
     first_round = checkpoint.round + 1 if checkpoint else 1
     if first_round > cfg.num_rounds:  # complete already: only the arm file may need rewriting
         recorder.save()
         return recorder.rounds
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=checkpoint.arrays if checkpoint else model_payload(model, layout),
-        num_rounds=cfg.num_rounds,
-        timeout=cfg.round_timeout,
-        train_config=ConfigRecord(train_config(cfg)),
-        evaluate_fn=evaluate_fn,
-        first_round=first_round,
-        evaluate_initial=checkpoint is None,
-        round_end_fn=round_end_fn,
-        recorder=recorder,
-    )
+    run = _Federation(grid, cfg, out_dir, model, layout, test, device, recorder, resumed_from, progress)
+    for first, last in phases(cfg):
+        if last >= first_round:
+            arrays = run.phase(arrays, first, last, first_round, checkpoint)
     # The final global model, with its settings in the metadata: `fedcsg export --checkpoint` reads it.
-    save_global_model(out_dir, cfg, result.arrays, name=model_file_path(out_dir, cfg.arm).name)
+    save_global_model(out_dir, cfg, arrays, name=model_file_path(out_dir, cfg.arm).name)
     return recorder.rounds
+
+
+@dataclasses.dataclass
+class _Federation:
+    """What the phases of one arm's run share: the server's model (holding what the payload leaves out),
+    its test data, the recorder and the checkpoint settings."""
+
+    grid: Grid
+    cfg: RunConfig
+    out_dir: Path
+    model: nn.Module
+    layout: PayloadLayout  # the arm's whole payload: checkpoints and the model file hold it
+    test: ImageData
+    device: torch.device
+    recorder: ArmRecorder
+    resumed_from: list[int]
+    progress: Callable[[str], None]
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def phase(
+        self, arrays: ArrayRecord, first: int, last: int, first_round: int, checkpoint: Checkpoint | None
+    ) -> ArrayRecord:
+        """Rounds ``max(first, first_round)..last`` from the whole payload ``arrays``; returns the whole
+        payload after them."""
+        cfg, layout, model = self.cfg, self.layout, self.model
+        sent = round_layout(cfg, model, first)
+        load_payload(model, arrays, layout)  # the server's model holds the entries its clients are handed
+        handoff = None
+        if sent.held:
+            held = layout.subset(sent.held)
+            handoff = Handoff(held, held.pack(layout.unpack(arrays)))
+            self.recorder.extra["handoff"] = {"after_round": first - 1, "hash": handoff.digest, "bytes": held.nbytes}
+        strategy = build_strategy(cfg, sent, model, handoff)
+        if checkpoint is not None and first <= checkpoint.round + 1 <= last:
+            strategy.load_state_dict(checkpoint.strategy, checkpoint.downlink_arrays)
+
+        def whole(phase_arrays: ArrayRecord) -> ArrayRecord:
+            return layout.pack({**layout.unpack(arrays), **sent.unpack(phase_arrays)})
+
+        def evaluate_fn(server_round: int, phase_arrays: ArrayRecord) -> MetricRecord:
+            load_payload(model, phase_arrays, sent)
+            stats = evaluate_model(model, self.test, cfg, self.device)
+            return MetricRecord({TEST_ACCURACY: stats.accuracy, TEST_LOSS: stats.loss})
+
+        def round_end_fn(server_round: int, phase_arrays: ArrayRecord) -> None:
+            # The arm file first, then the checkpoint, whose state JSON is the commit point: a kill in
+            # between leaves the arm file one round ahead, and the resumed run redoes that round from
+            # the checkpoint and rewrites the arm file, so a complete checkpoint always has a complete
+            # arm file beside it. The strategy handed the round's record to the recorder after evaluating it.
+            self.progress(progress_line(cfg, self.recorder.rounds[-1], time.perf_counter() - self.started))
+            self.recorder.save()
+            save_checkpoint(
+                self.out_dir,
+                cfg.arm,
+                server_round,
+                whole(phase_arrays),
+                num_rounds=cfg.num_rounds,
+                rounds=self.recorder.rounds,
+                config=recorded_config(cfg),
+                identity=cfg.identity(),
+                strategy=strategy.state_dict(),
+                resumed_from=self.resumed_from,
+                downlink_arrays=strategy.downlink_arrays(),
+            )
+
+        result = strategy.start(
+            grid=self.grid,
+            initial_arrays=sent.pack(layout.unpack(arrays)),
+            num_rounds=last,
+            timeout=cfg.round_timeout,
+            train_config=ConfigRecord(train_config(cfg)),
+            evaluate_fn=evaluate_fn,
+            first_round=max(first, first_round),
+            evaluate_initial=checkpoint is None and first == 1,
+            round_end_fn=round_end_fn,
+            recorder=self.recorder,
+        )
+        return whole(result.arrays)
 
 
 def _to_stderr(line: str) -> None:

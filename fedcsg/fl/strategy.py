@@ -27,6 +27,7 @@ from fedcsg.fl.traffic import accounted_wire_bytes, payload_bytes
 from fedcsg.runs.records import ArmRecorder, RoundRecord
 from fedcsg.spec.config import FAILED_ROUND_POLICIES
 from fedcsg.wire.downlink import Broadcaster, Downlink
+from fedcsg.wire.handoff import HANDOFF, Handoff
 from fedcsg.wire.messages import PARTITION_ID, TEST_ACCURACY, TEST_LOSS, TRAIN_ACCURACY, TRAIN_LOSS, WEIGHT_KEY
 from fedcsg.wire.payload import PayloadLayout, weighted_average
 from fedcsg.wire.uplink import Uplink
@@ -89,6 +90,10 @@ class CSGFedAvg(FedAvg):
         :meth:`~fedcsg.wire.payload.PayloadLayout.element_mask`); required with a stateful optimizer.
     round_config_fn
         ``server_round -> extra train-config entries`` (e.g. which CSG factor trains).
+    handoff
+        Arrays each node is handed once and keeps, outside the payload (:class:`~fedcsg.wire.handoff.Handoff`:
+        a csg-warm arm's frozen generator); every message names them, a node not known to hold them is
+        sent them, and their bytes count in the downlink.
     payload_filters
         Turns payloads into conv filters (:class:`~fedcsg.fl.filter_step.PayloadFilters`): with it,
         every aggregated round records its filter step (``filter_step``, ``client_filter_step``),
@@ -111,6 +116,7 @@ class CSGFedAvg(FedAvg):
         round_config_fn: Callable[[int], dict[str, Any]] | None = None,
         uplink: Uplink | None = None,
         downlink: Downlink | None = None,
+        handoff: Handoff | None = None,
         payload_filters: PayloadFilters | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
@@ -130,6 +136,7 @@ class CSGFedAvg(FedAvg):
         if self.broadcaster.downlink.layout != layout:
             raise ValueError("the downlink's payload layout is not the strategy's")
         self.server_arrays: ArrayRecord | None = None  # the server's own global payload of this round
+        self.handoff = handoff
         self.lr_fn = lr_fn
         self.seed = seed
         self.min_replies = max(1, min_replies)
@@ -219,20 +226,33 @@ class CSGFedAvg(FedAvg):
             }
         )
         messages = []
+        handoff = self.handoff
         for group in self.broadcaster.groups(node_ids):
-            config_of_group = ConfigRecord({**round_config, **group.config})
-            record = RecordDict({self.arrayrecord_key: group.record, self.configrecord_key: config_of_group})
-            sent = list(construct_messages(self, record, group.nodes, MessageType.TRAIN))
-            wire = sum(accounted_wire_bytes(m) for m in sent)
-            traffic.payload_down += payload_bytes(group.record) * len(sent)
-            traffic.wire_down += wire
-            if group.resync:
-                traffic.resynced += len(sent)
-                traffic.wire_down_resync += wire
-            messages += sent
+            for nodes, handed in self._handoff_groups(group.nodes):
+                config_of_group = ConfigRecord({**round_config, **group.config, **(handoff.config if handoff else {})})
+                contents = {self.arrayrecord_key: group.record, self.configrecord_key: config_of_group}
+                payload = payload_bytes(group.record)
+                if handoff is not None and handed:
+                    contents[HANDOFF] = handoff.record
+                    payload += payload_bytes(handoff.record)
+                sent = list(construct_messages(self, RecordDict(contents), nodes, MessageType.TRAIN))
+                wire = sum(accounted_wire_bytes(m) for m in sent)
+                traffic.payload_down += payload * len(sent)
+                traffic.wire_down += wire
+                if group.resync:
+                    traffic.resynced += len(sent)
+                    traffic.wire_down_resync += wire
+                messages += sent
         self._sent[server_round] = node_ids
         traffic.sampled += len(messages)
         return messages
+
+    def _handoff_groups(self, nodes: list[int]) -> list[tuple[list[int], bool]]:
+        """``nodes`` as (nodes, handed the handoff's arrays?) groups, empty groups left out."""
+        if self.handoff is None:
+            return [(nodes, False)]
+        holders, others = self.handoff.split(nodes)
+        return [(group, handed) for group, handed in ((holders, False), (others, True)) if group]
 
     def _partition(self, node_id: int) -> int | None:
         return self.partition_of.get(node_id)
@@ -261,6 +281,8 @@ class CSGFedAvg(FedAvg):
         replies = list(replies)
         valid = check_replies(self, replies)
         self.broadcaster.settle(self._sent.get(server_round, []), valid)
+        if self.handoff is not None:
+            self.handoff.settle(self._sent.get(server_round, []), valid)
         traffic.failed += self._note_failures(server_round, replies, valid)
         traffic.replied += len(valid)
         accepted: list[tuple[tuple[float, int], Message, ArrayRecord]] = []

@@ -15,7 +15,7 @@ from fedcsg.data.partitions import partition_indices
 from fedcsg.data.readers import ImageData, load_labels, load_split
 from fedcsg.data.registry import ANY_SIZE_FORMATS, resolve_source, sized_spec
 from fedcsg.data.streaming import StreamedSplit
-from fedcsg.nn.csg_factors import factor_lr_scales, freeze_factor
+from fedcsg.nn.csg_factors import factor_keys, factor_lr_scales, freeze_factor
 from fedcsg.nn.execution import Execution
 from fedcsg.nn.segmentation import seg_evaluate, seg_train_epoch
 from fedcsg.nn.training import PassStats, evaluate, make_optimizer, train_epoch, tune_malloc
@@ -37,7 +37,17 @@ def build_arm_model(cfg: RunConfig, arm: str | None = None) -> nn.Module:
 
 
 def payload_layout(cfg: RunConfig, model: nn.Module) -> PayloadLayout:
+    """The arm's payload: what a checkpoint and an exported model hold, and what travels while the
+    generator of a csg-warm arm trains."""
     return PayloadLayout.for_model(model, cfg.payload_packing)
+
+
+def round_layout(cfg: RunConfig, model: nn.Module, server_round: int) -> PayloadLayout:
+    """What travels in ``server_round``: the arm's payload, without a csg-warm arm's generator once it
+    froze (after round :attr:`~fedcsg.spec.config.RunConfig.frozen_after`; each node holds it then)."""
+    if 0 < cfg.frozen_after < server_round:
+        return PayloadLayout.for_model(model, cfg.payload_packing, held=tuple(factor_keys(model)["generator"]))
+    return payload_layout(cfg, model)
 
 
 def train_rows(data: DataSettings) -> np.ndarray:

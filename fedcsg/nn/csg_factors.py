@@ -30,7 +30,7 @@ def factor_lr_scales(model: nn.Module, codes: float, generator: float) -> dict[s
     return {**{k: generator for k in keys["generator"]}, **{k: codes for k in keys["codes"]}}
 
 
-def round_factor(aggregation: str, server_round: int, trainable_generator: bool) -> str:
+def round_factor(aggregation: str, server_round: int, trainable_generator: bool, frozen_after: int = 0) -> str:
     """Which CSG factor the clients train in ``server_round`` (1-based).
 
     ``factors`` trains both every round (the server averages generator and codes separately,
@@ -38,10 +38,13 @@ def round_factor(aggregation: str, server_round: int, trainable_generator: bool)
     trains only the codes in odd rounds and only the generator in even rounds, so the filters are
     linear in what changed and every round's average is exact. A model without a trainable
     generator (fedavg, csg-frozen) has nothing to alternate: it trains ``all`` (its average is
-    exact already).
+    exact already). With ``frozen_after`` = K > 0 the generator freezes after round K: from round K+1
+    only the codes train (arm ``csg-warm``).
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"csg-aggregation {aggregation!r} is not accepted: one of {', '.join(AGGREGATIONS)} is")
+    if trainable_generator and 0 < frozen_after < server_round:
+        return "codes"
     if aggregation == "factors" or not trainable_generator:
         return "all"
     return "codes" if server_round % 2 == 1 else "generator"

@@ -101,10 +101,12 @@ def run_files(out_dir: Path) -> list[Path]:
 
 def differing_settings(identity: Mapping[str, Any], recorded: Mapping[str, Any]) -> list[str]:
     """Settings (kebab-case) in which the identity of a recorded config differs from ``identity``, the
-    arm aside. A record lacking settings that this fedcsg has was written by an older version: its
+    arm aside, and a setting of one model (:data:`~fedcsg.spec.config.MODEL_SETTINGS`) aside unless both
+    arms read it. A record lacking settings that this fedcsg has was written by an older version: its
     missing keys are named as ``KEY (absent: an older fedcsg wrote it)``."""
-    from fedcsg.spec.config import identity_of
+    from fedcsg.spec.config import MODEL_SETTINGS, identity_of
 
     theirs = identity_of(recorded)
-    keys = sorted(k for k in set(identity) | set(theirs) if k != "arm" and theirs.get(k) != identity.get(k))
+    shared = (set(identity) | set(theirs)) - {k for k in MODEL_SETTINGS if k not in identity or k not in theirs}
+    keys = sorted(k for k in shared if k != "arm" and theirs.get(k) != identity.get(k))
     return [f"{k} (absent: an older fedcsg wrote it)" if k not in theirs else k for k in keys]

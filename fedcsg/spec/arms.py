@@ -17,6 +17,10 @@ Models
     The CSG model: the generator once, the codes and the ordinary layers.
 ``csg-frozen``
     The CSG model with the seeded random binary generator, which is never sent.
+``csg-warm``
+    The CSG model whose generator trains and travels for the first ``freeze-generator-after`` = K
+    rounds and is then frozen: from round K+1 only the codes and the ordinary layers travel, both
+    ways, and each node is handed the frozen generator once (:mod:`fedcsg.wire.handoff`).
 
 Uplink codecs: ``fp16``, ``int8`` (stochastic rounding) and ``topk`` (with error feedback).
 Downlinks: ``full``, ``fp16``, ``int8`` (blockwise, stateless), ``delta-int8`` and ``delta-topk``
@@ -37,7 +41,8 @@ from dataclasses import dataclass
 from fedcsg.spec.checks import shown
 from fedcsg.spec.codecs import CODECS
 
-MODELS = ("fedavg", "fedpara", "csg", "csg-frozen")
+MODELS = ("fedavg", "fedpara", "csg", "csg-frozen", "csg-warm")
+PHASED = ("csg-warm",)  # models whose payload changes during a run (not one row of bytes per round)
 # The downlinks an arm may name (fedcsg.wire.downlink holds their code and imports this tuple).
 DOWNLINKS = ("full", "fp16", "int8", "delta-int8", "delta-topk")
 SEPARATOR = "+"
@@ -103,16 +108,18 @@ def model_part(name: str) -> str:
 
 
 def all_arms() -> list[str]:
-    """Every one-way arm: each model alone, then with each uplink codec (downlink: the run's)."""
-    return [Arm(m, c).name for m in MODELS for c in ("", *CODECS)]
+    """Every one-way arm whose payload is the same every round: each such model alone, then with each
+    uplink codec (downlink: the run's)."""
+    return [Arm(m, c).name for m in MODELS if m not in PHASED for c in ("", *CODECS)]
 
 
 TWO_WAY = (("int8", "int8"), ("int8", "delta-int8"), ("topk", "delta-topk"))  # what `fedcsg bytes` lists
 
 
 def two_way_arms() -> list[str]:
-    """The arms compressed both ways that ``fedcsg bytes`` lists: each model with :data:`TWO_WAY`."""
-    return [Arm(m, up, down).name for m in MODELS for up, down in TWO_WAY]
+    """The arms compressed both ways that ``fedcsg bytes`` lists: each model of :func:`all_arms` with
+    :data:`TWO_WAY`."""
+    return [Arm(m, up, down).name for m in MODELS if m not in PHASED for up, down in TWO_WAY]
 
 
 def file_stem(name: str) -> str:

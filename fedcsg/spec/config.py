@@ -24,7 +24,7 @@ from fedcsg.nn.fedpara import DEFAULT_RATIO as FEDPARA_RATIO
 from fedcsg.nn.fedpara import check_ratio as check_fedpara_ratio
 from fedcsg.nn.models import check_trainable
 from fedcsg.nn.training import SCHEDULES
-from fedcsg.spec.arms import DOWNLINKS, Arm, check_arm
+from fedcsg.spec.arms import DOWN_SEPARATOR, DOWNLINKS, SEPARATOR, Arm, check_arm
 from fedcsg.spec.checks import check_ray_address, check_seed, coerce, kebab, names, one_of, parse_seeds, shown
 from fedcsg.spec.codecs import Codec
 from fedcsg.spec.resources import DEFAULT_CLIENTS_PER_GPU, SERVER_DEVICES, check_client_num_gpus
@@ -57,7 +57,10 @@ NOT_IDENTITY_KEYS = (
 # the setting existed. A record that lacks one was written by an older fedcsg and is read with that value, so a
 # run resumes across versions that only added settings (an identity setting added later goes here with its
 # value; a setting of NOT_IDENTITY_KEYS needs no entry: a resumed run takes it from its config or the defaults).
-ADDED_SETTINGS: dict[str, Any] = {"precision": "fp32", "loader-workers": 0}
+ADDED_SETTINGS: dict[str, Any] = {"precision": "fp32", "loader-workers": 0, "freeze-generator-after": 0}
+# Identity settings that only some models read: left out of the identity of every other arm, so that a run of those
+# arms resumes whatever they say (a compare may add a csg-warm arm, and its K, to a run whose other arms started).
+MODEL_SETTINGS: dict[str, tuple[str, ...]] = {"freeze-generator-after": ("csg-warm",)}
 POSITIVE_INTS = (
     "code_dim",
     "pointwise_code_dim",
@@ -97,6 +100,7 @@ class RunConfig:
     csg_init: str = "kaiming"  # kaiming: generated filters start at std sqrt(2/fan_in); paper: codes N(0.001, 1)
     csg_aggregation: str = "factors"  # factors: average generator and codes; alternate: one factor per round
     fedpara_ratio: float = FEDPARA_RATIO  # fedpara's rank between its minimum (0) and the plain conv's size (1)
+    freeze_generator_after: int = 0  # csg-warm: the rounds K its generator trains and travels (1 <= K < num-rounds)
     # Traffic: an arm MODEL+CODEC sends its update through the codec; MODEL[+CODEC]/DOWNLINK receives the
     # global model through DOWNLINK, an arm that names none through `downlink`
     topk_fraction: float = 0.01  # topk codec: the fraction of the update's entries sent
@@ -206,6 +210,8 @@ class RunConfig:
         check_arm(self.arm)
         for arm in self.arm_list:
             check_arm(arm)
+        if any(Arm.parse(arm).model == "csg-warm" for arm in {self.arm, *self.arm_list}):
+            self._check_warm()
         check_trainable(self.model, get_spec(self.dataset).task)
         if get_spec(self.dataset).task == "segmentation" and (self.compile == "on" or self.precision != "fp32"):
             raise ValueError(
@@ -242,6 +248,29 @@ class RunConfig:
                 f"clients-per-round = {self.clients_per_round} is more than num-clients = {self.num_clients}"
             )
 
+    def _check_warm(self) -> None:
+        """A csg-warm arm needs its K, a payload that may change at K (no delta downlink, whose x̂ has the
+        payload's shape; no server optimizer with per-element state)."""
+        if not 1 <= self.freeze_generator_after < self.num_rounds:
+            raise ValueError(
+                f"freeze-generator-after = {self.freeze_generator_after!r} is not accepted for arm csg-warm with "
+                f"num-rounds = {self.num_rounds}: an integer K in 1..{self.num_rounds - 1} is (the rounds its "
+                "generator trains)"
+            )
+        warm = [Arm.parse(a) for a in {self.arm, *self.arm_list} if Arm.parse(a).model == "csg-warm"]
+        downlinks = {arm.downlink_or(self.downlink) for arm in warm}
+        delta = sorted(d for d in downlinks if d.startswith("delta"))
+        if delta:
+            raise ValueError(
+                f"downlink {delta[0]!r} is not accepted for arm csg-warm: its payload loses the generator after round "
+                "K, and a delta downlink's x̂ keeps the payload's shape; accepted are full, fp16 and int8"
+            )
+        if self.server_optimizer != "fedavg":
+            raise ValueError(
+                f"server-optimizer = {self.server_optimizer!r} is not accepted for arm csg-warm: its per-element state "
+                "would outlive the generator's leaving the payload after round K; accepted is fedavg"
+            )
+
     @property
     def arm_list(self) -> list[str]:
         return [a.strip() for a in self.arms.split(",") if a.strip()]
@@ -252,6 +281,12 @@ class RunConfig:
         if not self.seeds.strip():
             return [self.seed]
         return parse_seeds(self.seeds)
+
+    @property
+    def frozen_after(self) -> int:
+        """The round after which this run's arm stops training and sending its generator: K for csg-warm,
+        0 (never) for every other arm."""
+        return self.freeze_generator_after if Arm.parse(self.arm).model == "csg-warm" else 0
 
     def model_settings(self, arm: str | None = None) -> ModelSettings:
         """The model of ``arm`` (default: this run's arm; its codec part changes no model): what every
@@ -348,8 +383,15 @@ def _public_fields() -> list[dataclasses.Field]:
 def identity_of(record: Mapping[str, Any]) -> dict[str, Any]:
     """The identity (see :meth:`RunConfig.identity`) of a kebab-case config record, such as the
     ``config`` a run file holds: its keys that decide what a run computes, a key that an older fedcsg
-    did not have read as :data:`ADDED_SETTINGS` says."""
-    return {k: v for k, v in with_added_settings(record).items() if k not in NOT_IDENTITY_KEYS}
+    did not have read as :data:`ADDED_SETTINGS` says, and without the :data:`MODEL_SETTINGS` that its
+    arm's model does not read."""
+    arm = str(record.get("arm", ""))
+    model = arm.partition(SEPARATOR)[0].partition(DOWN_SEPARATOR)[0]
+    return {
+        k: v
+        for k, v in with_added_settings(record).items()
+        if k not in NOT_IDENTITY_KEYS and model in MODEL_SETTINGS.get(k, (model,))
+    }
 
 
 def with_added_settings(record: Mapping[str, Any]) -> dict[str, Any]:

@@ -37,7 +37,7 @@ class ModelSettings:
     """
 
     model: str
-    arm: str  # the model part of the arm: fedavg, fedpara, csg or csg-frozen (a codec changes no model)
+    arm: str  # the model part of the arm: fedavg, fedpara, csg, csg-frozen or csg-warm (a codec changes no model)
     slice: str = ""
     code_dim: int = 0
     pointwise_slice: str = ""
@@ -90,7 +90,7 @@ class ModelSettings:
 
     def csg_config(self) -> CSGConfig | None:
         """The converter settings of this arm; None for fedavg and fedpara."""
-        if self.arm not in ("csg", "csg-frozen"):
+        if self.arm not in ("csg", "csg-frozen", "csg-warm"):
             return None
         return default_csg_config(
             self.model,

@@ -1,7 +1,8 @@
 """What each arm sends, how it is packed into a Flower ArrayRecord, and how many bytes that is.
 
 The arms and their models are defined in :mod:`fedcsg.spec.arms`; a frozen generator is never part of a
-payload (every party rebuilds it from the seed).
+payload (every party rebuilds it from the seed), nor are the entries a layout says its receiver holds
+already (``held``: a csg-warm arm's generator once it froze, handed to each node once, :mod:`fedcsg.wire.handoff`).
 
 Packing
 -------
@@ -39,23 +40,31 @@ class PayloadEntry:
 
 @dataclass(frozen=True)
 class PayloadLayout:
-    """The ordered payload entries of one model and arm, and how they are packed."""
+    """The ordered payload entries of one model and arm, and how they are packed; ``held``: the
+    state entries left out because the receiver holds them already."""
 
     entries: tuple[PayloadEntry, ...]
     packing: str = "flat"
+    held: tuple[str, ...] = ()
 
     @classmethod
-    def for_model(cls, model: nn.Module, packing: str = "flat") -> PayloadLayout:
-        """The payload of ``model``: its state_dict minus any frozen generator."""
+    def for_model(cls, model: nn.Module, packing: str = "flat", held: tuple[str, ...] = ()) -> PayloadLayout:
+        """The payload of ``model``: its state_dict minus any frozen generator and the ``held`` entries."""
         if packing not in PACKINGS:
             raise ValueError(f"unknown payload packing {packing!r}: accepted are {', '.join(PACKINGS)}")
-        frozen = frozen_generator_keys(model)
+        state = model.state_dict()
+        unknown = [key for key in held if key not in state]
+        if unknown:
+            raise ValueError(f"held entries {unknown[:3]} are not in the model's state")
+        left_out = frozen_generator_keys(model) | set(held)
         entries = tuple(
-            PayloadEntry(key, tuple(value.shape), value.dtype)
-            for key, value in model.state_dict().items()
-            if key not in frozen
+            PayloadEntry(key, tuple(value.shape), value.dtype) for key, value in state.items() if key not in left_out
         )
-        return cls(entries, packing)
+        return cls(entries, packing, tuple(held))
+
+    def subset(self, keys: tuple[str, ...], packing: str = "per-tensor") -> PayloadLayout:
+        """The layout of this layout's entries ``keys`` alone (e.g. the entries a later layout holds)."""
+        return PayloadLayout(tuple(e for e in self.entries if e.key in keys), packing)
 
     @property
     def keys(self) -> list[str]:
@@ -172,12 +181,21 @@ def model_payload(model: nn.Module, layout: PayloadLayout) -> ArrayRecord:
 
 
 def load_payload(model: nn.Module, record: ArrayRecord, layout: PayloadLayout) -> None:
-    """Load a payload into ``model``; entries outside the payload (a frozen generator) are kept."""
+    """Load a payload into ``model``; entries outside the payload (a frozen generator, the layout's
+    ``held`` entries) are kept."""
     state = layout.unpack(record)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    not_sent = frozen_generator_keys(model)
+    not_sent = frozen_generator_keys(model) | set(layout.held)
     if unexpected or set(missing) - not_sent:
         raise ValueError(f"payload does not fit the model: missing {sorted(set(missing) - not_sent)[:5]}")
+
+
+def load_entries(model: nn.Module, record: ArrayRecord, layout: PayloadLayout) -> None:
+    """Load the entries of ``record`` (packed by ``layout``, e.g. a :meth:`PayloadLayout.subset`) into
+    ``model`` and leave every other entry as it is."""
+    _, unexpected = model.load_state_dict(layout.unpack(record), strict=False)
+    if unexpected:
+        raise ValueError(f"entries {sorted(unexpected)[:3]} are not in the model's state")
 
 
 def weighted_average(records: list[ArrayRecord], weights: list[float]) -> ArrayRecord:
