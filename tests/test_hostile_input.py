@@ -12,7 +12,8 @@ import logging
 import math
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -419,6 +420,20 @@ def test_12_large_numbers_do_not_run_together(cli: Cli) -> None:
     assert total.split() == ["total", "29,069,290", "28,914,994"]
 
 
+@contextmanager
+def flower_lines() -> Iterator[list[str]]:
+    """The messages Flower's logger emits within the block."""
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("flwr")
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_12_a_round_about_to_be_retried_says_so() -> None:
     _, layout, initial = _small()
     good = _shifted(initial, 1e-3)
@@ -432,15 +447,8 @@ def test_12_a_round_about_to_be_retried_says_so() -> None:
     from fedcsg.fl.strategy import CSGFedAvg
 
     strategy = CSGFedAvg(layout, lr_fn=lambda r: 0.1, min_replies=2, failed_round="retry", min_train_nodes=2)
-    lines: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
-    logger = logging.getLogger("flwr")
-    logger.addHandler(handler)
-    try:
+    with flower_lines() as lines:
         _run_rounds(strategy, ScriptedGrid([3, 5], respond), initial, num_rounds=1)
-    finally:
-        logger.removeHandler(handler)
     failed = [line for line in lines if "replies accepted" in line]
     assert failed == [
         "round 1: 0 of 2 replies accepted, fewer than the minimum 2: sending the round once more (failed-round = retry)"
@@ -449,7 +457,7 @@ def test_12_a_round_about_to_be_retried_says_so() -> None:
 
 
 def test_12_client_tracebacks_are_left_to_the_one_line_report() -> None:
-    from fedcsg.fl.simulation import REPORTED_CLIENT_ERRORS
+    from fedcsg.fl.flower_logs import REPORTED_CLIENT_ERRORS
 
     def record(path: str, func: str, level: int = logging.ERROR) -> logging.LogRecord:
         return logging.LogRecord("flwr", level, path, 1, "Traceback ...", None, None, func)
@@ -461,6 +469,21 @@ def test_12_client_tracebacks_are_left_to_the_one_line_report() -> None:
     assert REPORTED_CLIENT_ERRORS.filter(record(vce, "start_and_shutdown"))  # the engine itself failing: shown
     assert REPORTED_CLIENT_ERRORS.filter(record(vce, "worker", logging.WARNING))
     assert REPORTED_CLIENT_ERRORS.filter(record("/fedcsg/fl/strategy.py", "aggregate_train"))
+
+
+def test_12_no_skipped_evaluation_warning_for_a_server_evaluated_arm() -> None:
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedcsg.fl.flower_logs import SkippedFederatedEvaluation
+    from fedcsg.fl.strategy import CSGFedAvg
+
+    _, layout, _ = _small()
+    with flower_lines() as lines:
+        CSGFedAvg(layout, lr_fn=lambda r: 0.1)
+        assert lines == []  # every arm evaluates on the server: Flower's warning would be noise
+        FedAvg(fraction_evaluate=0.0)  # Flower still warns outside the strategy's construction
+    assert lines == ["fraction_evaluate is set to 0.0. Federated evaluation will be skipped."]
+    assert not any(isinstance(f, SkippedFederatedEvaluation) for f in logging.getLogger("flwr").filters)
 
 
 # -- every run setting: a valid config or one line ------------------------------------------------

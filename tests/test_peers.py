@@ -23,7 +23,7 @@ from fedcsg.spec.codecs import CODECS, Codec, encode_with_feedback
 from fedcsg.spec.config import RunConfig
 from fedcsg.wire import uplink as uplink_module
 from fedcsg.wire.downlink import Downlink
-from fedcsg.wire.payload import model_payload, weighted_average
+from fedcsg.wire.payload import Framing, model_payload, weighted_average
 from fedcsg.wire.uplink import Uplink
 
 # -- FedPara ------------------------------------------------------------------------------------
@@ -282,10 +282,10 @@ def test_uplink_round_trip_on_a_real_payload(codec: str, packing: str) -> None:
         rounding = np.abs(uplink.flat_floats(sent)) * 2.0**-23  # adding the delta back in float32
         assert np.all(np.abs(error) <= np.abs(delta) * 2.0**-11 + 2.0**-24 + rounding)
     elif codec == "int8":
-        step = np.repeat(reply["delta.scale"].numpy().astype(np.float64), uplink.segments)
+        step = np.repeat(reply["delta.scale"].numpy().astype(np.float64), layout.segments)
         assert np.all(np.abs(error) <= step * (1 + 1e-5) + np.abs(uplink.flat_floats(sent)) * 2.0**-23)
-        counters = len(layout.entries) - len(uplink.segments)  # int64 BatchNorm counters, sent as they are
-        assert payload_bytes(reply) == delta.size + 4 * len(uplink.segments) + 8 * counters
+        counters = len(layout.entries) - len(layout.segments)  # int64 BatchNorm counters, sent as they are
+        assert payload_bytes(reply) == delta.size + 4 * len(layout.segments) + 8 * counters
     else:
         k = math.ceil(0.1 * delta.size)
         assert reply["delta.index"].shape == (k,)
@@ -306,6 +306,23 @@ def test_fp16_downlink_is_restored_to_the_layouts_dtypes() -> None:
     assert Downlink(layout).encode(arrays) is arrays
     with pytest.raises(ValueError, match="downlink = 'bf16' is not accepted: one of full, fp16, int8, delta-int8"):
         Downlink(layout, "bf16")
+
+
+def test_uplink_and_downlink_frame_a_payload_alike() -> None:
+    cfg = RunConfig(model="fmnist-cnn", dataset="fashion-mnist", arm="csg+int8")
+    model = build_arm_model(cfg)
+    layout = payload_layout(cfg, model)
+    up, down = Uplink(layout, cfg.codec).specs(), Downlink(layout, "int8", block=0).compressed_specs()
+    size, segments = sum(layout.segments), len(layout.segments)
+    assert up == {"int64": ((4,), "int64"), "delta.int8": ((size,), "int8"), "delta.scale": ((segments,), "float32")}
+    assert down == {"int64": ((4,), "int64"), "down.int8": ((size,), "int8"), "down.scale": ((segments,), "float32")}
+    framing = Framing(layout, "down.")
+    parts = {"int8": np.ones(size, dtype=np.int8), "scale": np.ones(segments, dtype=np.float32)}
+    message = framing.pack(model_payload(model, layout), parts)
+    back = framing.unpack(message, {k: ((a.size,), str(a.dtype)) for k, a in parts.items()})
+    assert {k: a.tolist() for k, a in back.items()} == {k: a.tolist() for k, a in parts.items()}
+    with pytest.raises(ValueError, match=r"payload entry 'down.scale' is float32\[23\], expected float32\[24\]"):
+        framing.unpack(message, {"int8": ((size,), "int8"), "scale": ((segments + 1,), "float32")})
 
 
 def _strategy_round(cfg: RunConfig, replies_of: list[ArrayRecord], examples: list[int]):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import tomli_w
 
+from fedcsg.fl.flower_logs import REPORTED_CLIENT_ERRORS
 from fedcsg.fl.ray_cluster import dying_with_us, init_args, interruptible, set_accelerator_env
 from fedcsg.fl.task import partition_rows
 from fedcsg.runs.layout import arm_record_path
@@ -41,20 +42,6 @@ def app_pyproject(cfg: RunConfig) -> dict:
             }
         },
     }
-
-
-class ReportedClientErrors(logging.Filter):
-    """Drops the tracebacks Flower's simulation engine logs at ERROR for a ClientApp that raised
-    (about 30 lines each): the reply becomes an Error message, which the strategy reports in one line
-    (round, node, partition, reason). Installed on the ``flwr`` logger unless ``--verbose``."""
-
-    SOURCES = (("vce_api.py", "worker"), ("raybackend.py", "process_message"))
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno < logging.ERROR or (Path(record.pathname).name, record.funcName) not in self.SOURCES
-
-
-REPORTED_CLIENT_ERRORS = ReportedClientErrors()
 
 
 def backend_config(cfg: RunConfig) -> dict:

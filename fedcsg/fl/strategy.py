@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
 from fedcsg.fl.filter_step import PayloadFilters
+from fedcsg.fl.flower_logs import without_skipped_evaluation_warning
 from fedcsg.fl.flower_private import check_replies, construct_messages, log
 from fedcsg.fl.ray_cluster import DEVICE_KEY, VISIBLE_KEY, reported_placement
 from fedcsg.fl.replies import aggregate_train_metrics, checked_reply
@@ -126,7 +127,8 @@ class CSGFedAvg(FedAvg):
             )
         fedavg_kwargs.setdefault("fraction_evaluate", 0.0)  # evaluation is server-side, on the test split
         fedavg_kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
-        super().__init__(weighted_by_key=WEIGHT_KEY, **fedavg_kwargs)
+        with without_skipped_evaluation_warning():
+            super().__init__(weighted_by_key=WEIGHT_KEY, **fedavg_kwargs)
         self.layout = layout
         self.uplink = uplink or Uplink(layout)
         if self.uplink.layout != layout:

@@ -47,8 +47,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedcsg.spec.arms import DOWNLINKS
+from fedcsg.spec.checks import one_of
 from fedcsg.spec.codecs import ArraySpecs, Codec, block_lengths, int8_dequantize, int8_quantize
-from fedcsg.wire.payload import PayloadLayout, assemble, check_specs, flat_floats
+from fedcsg.wire.payload import Framing, PayloadLayout, assemble, check_specs, flat_floats
 
 BLOCK = 256  # values per int8 scale (docs/downlink.md: error and bytes against per-tensor scales)
 STATELESS = ("full", "fp16", "int8")
@@ -59,12 +60,6 @@ STATE_MODEL, STATE_HELD = "downlink-model", "downlink-held"  # a client's Contex
 
 class DownlinkOutOfSync(RuntimeError):
     """A client was sent a delta against a model it does not hold, or decoded a model that is not the server's."""
-
-
-def check_downlink(mode: str) -> str:
-    if mode not in DOWNLINKS:
-        raise ValueError(f"downlink = {mode!r} is not accepted: one of {', '.join(DOWNLINKS)} is")
-    return mode
 
 
 def model_hash(record: ArrayRecord) -> str:
@@ -99,8 +94,7 @@ class Downlink:
     block: int = BLOCK
 
     def __post_init__(self) -> None:
-        check_downlink(self.mode)
-        Codec("topk", self.topk_fraction)  # validates the fraction
+        one_of("downlink", self.mode, DOWNLINKS)  # the mode picks the code; the fraction is checked where topk runs
 
     @classmethod
     def of_config(cls, cfg: Any, layout: PayloadLayout) -> Downlink:
@@ -112,45 +106,39 @@ class Downlink:
         return self.mode not in STATELESS
 
     @property
-    def segments(self) -> list[int]:
-        return [e.numel for e in self.layout.floating]
+    def blocks(self) -> list[int]:
+        return block_lengths(self.layout.segments, self.block)
 
     @property
-    def blocks(self) -> list[int]:
-        return block_lengths(self.segments, self.block)
-
-    def _plain_keys(self) -> list[str]:
-        floating = set(self.layout.floating_keys())
-        return [k for k in self.layout.array_specs() if k not in floating]
+    def framing(self) -> Framing:
+        return Framing(self.layout, DOWN_PREFIX)
 
     def _compress(self, values: np.ndarray) -> dict[str, np.ndarray]:
         if self.mode in ("int8", "delta-int8"):
             return int8_quantize(values, self.blocks)
-        return Codec("topk", self.topk_fraction).encode(values, self.segments, np.random.default_rng(0))
+        return Codec("topk", self.topk_fraction).encode(values, self.layout.segments, np.random.default_rng(0))
 
     def _expand(self, parts: dict[str, np.ndarray]) -> np.ndarray:
+        segments = self.layout.segments
         if self.mode in ("int8", "delta-int8"):
             return int8_dequantize(parts, self.blocks)
-        return Codec("topk", self.topk_fraction).decode(parts, sum(self.segments), self.segments)
+        return Codec("topk", self.topk_fraction).decode(parts, sum(segments), segments)
+
+    def _part_specs(self) -> ArraySpecs:
+        segments = self.layout.segments
+        if self.mode in ("int8", "delta-int8"):
+            return {"int8": ((sum(segments),), "int8"), "scale": ((len(self.blocks),), "float32")}
+        return Codec("topk", self.topk_fraction).specs(sum(segments), segments)
 
     def compressed_specs(self) -> ArraySpecs:
         """``{key: (shape, dtype)}`` of a compressed message (``int8``, or a delta's)."""
-        size = sum(self.segments)
-        if self.mode in ("int8", "delta-int8"):
-            parts = {"int8": ((size,), "int8"), "scale": ((len(self.blocks),), "float32")}
-        else:
-            parts = Codec("topk", self.topk_fraction).specs(size, self.segments)
-        plain = self.layout.array_specs()
-        return {**{k: plain[k] for k in self._plain_keys()}, **{DOWN_PREFIX + p: s for p, s in parts.items()}}
+        return self.framing.specs(self._part_specs())
 
     def _compressed_record(self, plain: ArrayRecord, values: np.ndarray) -> ArrayRecord:
-        arrays = {k: plain[k] for k in self._plain_keys()}
-        arrays.update({DOWN_PREFIX + p: Array(np.ascontiguousarray(a)) for p, a in self._compress(values).items()})
-        return ArrayRecord(arrays)
+        return self.framing.pack(plain, self._compress(values))
 
     def _parts(self, record: ArrayRecord) -> dict[str, np.ndarray]:
-        check_specs(record, self.compressed_specs())
-        return {k.removeprefix(DOWN_PREFIX): a.numpy() for k, a in record.items() if k.startswith(DOWN_PREFIX)}
+        return self.framing.unpack(record, self._part_specs())
 
     # -- stateless ----------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ round trip is exact.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,7 @@ from flwr.app import Array, ArrayRecord
 from torch import nn
 
 from fedcsg.nn.csg import frozen_generator_keys
+from fedcsg.spec.codecs import ArraySpecs
 from fedcsg.spec.config import PACKINGS
 
 
@@ -95,7 +97,7 @@ class PayloadLayout:
             masks[name] = np.concatenate([np.full(e.numel, e.key in selected, dtype=bool) for e in group])
         return masks
 
-    def array_specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
+    def array_specs(self) -> ArraySpecs:
         """Expected ``{key: (shape, numpy dtype name)}`` of the ArrayRecord this layout produces."""
         if self.packing == "per-tensor":
             return {e.key: (e.shape, str(e.dtype).removeprefix("torch.")) for e in self.entries}
@@ -105,6 +107,11 @@ class PayloadLayout:
     def floating(self) -> tuple[PayloadEntry, ...]:
         """The floating-point entries, in payload order: what an uplink codec encodes."""
         return tuple(e for e in self.entries if e.dtype.is_floating_point)
+
+    @property
+    def segments(self) -> list[int]:
+        """Lengths of the floating entries, in payload order: the segments of a codec's flat vector."""
+        return [e.numel for e in self.floating]
 
     def floating_keys(self) -> list[str]:
         """The ArrayRecord keys that hold floating-point entries (the rest hold integer buffers)."""
@@ -135,12 +142,53 @@ class PayloadLayout:
         return state
 
 
+@dataclass(frozen=True)
+class Framing:
+    """How a compressed message carries a payload, up (an update) or down (the global model): the
+    floating entries, concatenated in payload order (:attr:`PayloadLayout.segments`), as a codec's
+    named arrays under ``prefix`` (``delta.int8``, ``down.scale``, ...); the other entries (BatchNorm's
+    integer counters) unchanged under their own keys.
+
+    Parameters
+    ----------
+    layout
+        The arm's payload.
+    prefix
+        What the codec's array names are prefixed with in the message.
+    """
+
+    layout: PayloadLayout
+    prefix: str
+
+    def plain_keys(self) -> list[str]:
+        """The ArrayRecord keys that travel unchanged (the integer entries)."""
+        floating = set(self.layout.floating_keys())
+        return [k for k in self.layout.array_specs() if k not in floating]
+
+    def specs(self, parts: ArraySpecs) -> ArraySpecs:
+        """``{key: (shape, dtype)}`` of a message whose codec arrays are ``parts`` (unprefixed)."""
+        plain = self.layout.array_specs()
+        return {**{k: plain[k] for k in self.plain_keys()}, **{self.prefix + p: spec for p, spec in parts.items()}}
+
+    def pack(self, plain: ArrayRecord, parts: Mapping[str, np.ndarray]) -> ArrayRecord:
+        """The message of the codec arrays ``parts`` and ``plain``'s integer entries."""
+        arrays = {k: plain[k] for k in self.plain_keys()}
+        arrays.update({self.prefix + p: Array(np.ascontiguousarray(a)) for p, a in parts.items()})
+        return ArrayRecord(arrays)
+
+    def unpack(self, record: ArrayRecord, parts: ArraySpecs) -> dict[str, np.ndarray]:
+        """The codec arrays of a message (unprefixed), after checking it against :meth:`specs` of
+        ``parts`` (ValueError naming the first difference)."""
+        check_specs(record, self.specs(parts))
+        return {k.removeprefix(self.prefix): a.numpy() for k, a in record.items() if k.startswith(self.prefix)}
+
+
 def check_record(record: ArrayRecord, layout: PayloadLayout) -> None:
     """Raise ValueError naming the first difference between ``record`` and the layout's arrays."""
     check_specs(record, layout.array_specs())
 
 
-def check_specs(record: ArrayRecord, expected: dict[str, tuple[tuple[int, ...], str]]) -> None:
+def check_specs(record: ArrayRecord, expected: ArraySpecs) -> None:
     """Raise ValueError naming the first difference between ``record`` and ``{key: (shape, dtype)}``."""
     missing = [k for k in expected if k not in record]
     extra = [k for k in record if k not in expected]

@@ -17,10 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord
 
 from fedcsg.spec.codecs import ArraySpecs, Codec, encode_with_feedback
-from fedcsg.wire.payload import PayloadLayout, assemble, check_specs, flat_floats
+from fedcsg.wire.payload import Framing, PayloadLayout, assemble, check_specs, flat_floats
 
 DELTA_PREFIX = "delta."
 
@@ -41,24 +41,19 @@ class Uplink:
     codec: Codec | None = None
 
     @property
-    def segments(self) -> list[int]:
-        """Lengths of the floating entries the delta concatenates."""
-        return [e.numel for e in self.layout.floating]
-
-    def _plain_keys(self) -> list[str]:
-        floating = set(self.layout.floating_keys())
-        return [k for k in self.layout.array_specs() if k not in floating]
+    def framing(self) -> Framing:
+        return Framing(self.layout, DELTA_PREFIX)
 
     def specs(self) -> ArraySpecs:
         """``{key: (shape, dtype)}`` of the ArrayRecord a client replies with."""
-        plain = self.layout.array_specs()
         if self.codec is None:
-            return plain
-        encoded = self.codec.specs(sum(self.segments), self.segments)
-        return {
-            **{k: plain[k] for k in self._plain_keys()},
-            **{DELTA_PREFIX + part: spec for part, spec in encoded.items()},
-        }
+            return self.layout.array_specs()
+        return self.framing.specs(self._codec_specs())
+
+    def _codec_specs(self) -> ArraySpecs:
+        assert self.codec is not None
+        segments = self.layout.segments
+        return self.codec.specs(sum(segments), segments)
 
     def flat_floats(self, record: ArrayRecord) -> np.ndarray:
         """The floating entries of a payload record, concatenated in payload order (float64)."""
@@ -79,21 +74,18 @@ class Uplink:
         if self.codec is None:
             return local, None
         delta = self.flat_floats(local) - self.flat_floats(received)
-        encoded, residual = encode_with_feedback(self.codec, delta, self.segments, residual, rng)
-        arrays = {k: local[k] for k in self._plain_keys()}
-        arrays.update({DELTA_PREFIX + part: Array(np.ascontiguousarray(a)) for part, a in encoded.items()})
-        return ArrayRecord(arrays), residual
+        encoded, residual = encode_with_feedback(self.codec, delta, self.layout.segments, residual, rng)
+        return self.framing.pack(local, encoded), residual
 
     def decode(self, reply: ArrayRecord, sent: ArrayRecord) -> ArrayRecord:
         """The payload a reply stands for: ``sent`` plus the decoded delta (integer entries from the reply).
 
         Raises ValueError if the reply does not fit :meth:`specs` or cannot be decoded.
         """
-        check_specs(reply, self.specs())
         if self.codec is None:
+            check_specs(reply, self.specs())
             return reply
-        size, segments = sum(self.segments), self.segments
-        parts = {k.removeprefix(DELTA_PREFIX): a.numpy() for k, a in reply.items() if k.startswith(DELTA_PREFIX)}
-        delta = self.codec.decode(parts, size, segments)
-        plain = ArrayRecord({k: reply[k] for k in self._plain_keys()})
-        return assemble(self.layout, plain, self.flat_floats(sent) + delta)
+        parts = self.framing.unpack(reply, self._codec_specs())
+        segments = self.layout.segments
+        delta = self.codec.decode(parts, sum(segments), segments)
+        return assemble(self.layout, reply, self.flat_floats(sent) + delta)
