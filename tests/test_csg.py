@@ -211,8 +211,14 @@ def test_csgify_pointwise_and_explicit_skip() -> None:
 
 def test_csgify_without_eligible_conv() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 5), nn.Linear(4, 2))
-    with pytest.raises(ValueError, match="no eligible conv for slice shapes"):
+    with pytest.raises(ValueError) as error:
         csgify(model, _config())
+    slices = ", ".join(str(s.shape) for s in _config().slices)
+    assert str(error.value) == (
+        f"the model has no conv that CSG can take for slice shapes {slices} (an nn.Conv2d with groups=1, zero padding "
+        "and a square kernel of a configured size, not the stem): 0: skipped by name (ordinary layer); "
+        "1: no slice shape configured for 5x5 kernels"
+    )
 
 
 def test_materialize_matches_outputs() -> None:

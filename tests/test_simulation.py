@@ -39,6 +39,18 @@ PEER_ARMS = ("fedavg+int8", "fedpara", "csg+topk", "csg+int8/delta-int8", "csg-w
 # the seed is checked bit for bit in test_csg.py, and it runs (and learns) in ``compare``.
 RERUN_ARMS = ("fedavg", "csg")
 TINY_ARMS = (*RERUN_ARMS, *PEER_ARMS)
+# A CNN of the user's own (tests/user_cnn.py, outside fedcsg), named by import path, on CIFAR-10 at TINY_RUN's size.
+OWN_MODEL = "tests.user_cnn:SmallCNN"
+OWN_RUN = [
+    f"model='{OWN_MODEL}'",
+    "dataset='cifar10'",
+    "slice='8x8x3x3'",
+    "code-dim=32",
+    "num-clients=2",
+    "num-rounds=2",
+]
+OWN_RUN += ["train-limit=256", "test-limit=128", "batch-size=32"]
+OWN_ARMS = ("fedavg", "csg", "csg-frozen")
 
 
 def _fedcsg(*args: str, data_dir: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -61,7 +73,8 @@ def compare_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
       whose generator freezes after round 1 and is handed to each node once);
     * ``seeds``: `fedcsg compare --seeds 0,1 --arms` RERUN_ARMS with the shipped default
       experiment, from a directory outside the checkout, with TINY_RUN: its seed 0 is ``tiny``'s
-      first arms made a second time.
+      first arms made a second time;
+    * ``own``: OWN_ARMS of a CNN defined in a test module (OWN_MODEL), which the Ray actors import.
     """
     root = tmp_path_factory.mktemp("compare")
     elsewhere = tmp_path_factory.mktemp("elsewhere")
@@ -74,11 +87,16 @@ def compare_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
             ROOT,
         ),
         "seeds": (["--seeds", "0,1", "--arms", ",".join(RERUN_ARMS), *_sets(TINY_RUN)], elsewhere),
+        "own": (
+            ["--config", quickstart, "--out", str(root / "own"), "--arms", ",".join(OWN_ARMS), *_sets(OWN_RUN)],
+            ROOT,
+        ),
     }
     outs = {
         "compare": root / "run",
         "tiny": root / "tiny",
         "seeds": elsewhere / "runs" / "quickstart",
+        "own": root / "own",
     }
     procs = {
         name: Popen(
@@ -122,6 +140,11 @@ def tiny_run(compare_runs: dict[str, tuple[Path, Popen]]) -> tuple[Path, subproc
 @pytest.fixture(scope="module")
 def seeds_run(compare_runs: dict[str, tuple[Path, Popen]]) -> tuple[Path, subprocess.CompletedProcess]:
     return _finished(*compare_runs["seeds"])
+
+
+@pytest.fixture(scope="module")
+def own_run(compare_runs: dict[str, tuple[Path, Popen]]) -> tuple[Path, subprocess.CompletedProcess]:
+    return _finished(*compare_runs["own"])
 
 
 def test_compare_runs_all_arms_through_ray(compare_run: tuple[Path, subprocess.CompletedProcess]) -> None:
@@ -353,6 +376,46 @@ def test_warm_arm_hands_its_frozen_generator_to_each_node_once(
     start = build_arm_model(cfg).state_dict()[generator].numpy()
     assert factor_keys(build_arm_model(cfg))["generator"] == [generator]
     assert handoff_hash(ArrayRecord({generator: Array(start)})) != handoff["hash"]
+
+
+def test_a_cnn_of_the_users_own_runs_every_arm_through_ray_with_the_bytes_fedcsg_bytes_counts(
+    own_run: tuple[Path, subprocess.CompletedProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`model = "tests.user_cnn:SmallCNN"`: a CNN fedcsg has never seen, imported by the driver and by
+    every Ray actor, converted by the run's slice settings; each arm's bytes per round are the ones
+    `fedcsg bytes --model tests.user_cnn:SmallCNN` counts without training (the payload to the byte, the
+    wire within the offline messages' framing, as for the registry's models)."""
+    from fedcsg.cli import main
+
+    out, proc = own_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (
+        main(
+            [
+                "bytes",
+                "--model",
+                OWN_MODEL,
+                "--slice",
+                "8x8x3x3",
+                "--code-dim",
+                "32",
+                "--clients-per-round",
+                "2",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    counted = {row["arm"]: row for row in json.loads(capsys.readouterr().out)["arms"]}
+    for arm in OWN_ARMS:
+        record = json.loads(arm_record_path(out, arm).read_text())
+        assert record["config"]["model"] == OWN_MODEL
+        for r in record["rounds"][1:]:
+            assert (r["payload_up"], r["payload_down"]) == (counted[arm]["payload_up"], counted[arm]["payload_down"])
+            for way in ("wire_up", "wire_down"):  # the train config's few keys differ offline: < 100 B a message
+                assert 0 <= r[way] - counted[arm][way] < 2 * 100, (arm, way)
+    # The generator of 8x8x3x3 slices with 32-dimensional codes travels with csg alone (576 x 32 float32).
+    assert counted["csg"]["payload_up"] - counted["csg-frozen"]["payload_up"] == 2 * 576 * 32 * 4
 
 
 # -- an attached Ray cluster (last in the module: the compares above have finished by now) ------

@@ -88,7 +88,10 @@ def port(text: str) -> int:
 def add_model_options(parser: argparse.ArgumentParser, *, shape: bool = True) -> None:
     """``--model`` and its CSG settings; with ``shape``, also ``--num-classes`` and ``--in-channels``."""
     parser.add_argument(
-        "--model", required=True, help=f"registry model: {', '.join([*MODELS, *PAPER_MODELS])}, densenet40-kN"
+        "--model",
+        required=True,
+        help=f"registry model ({', '.join([*MODELS, *PAPER_MODELS])}, densenet40-kN), or package.module:factory "
+        "(your own), torchvision:NAME, timm:NAME",
     )
     parser.add_argument(
         "--slice", dest="slice_shape", help="slice shape OUTxINxKxK (default: the model's, e.g. 12x12x3x3)"

@@ -77,6 +77,33 @@ class CSGConfig:
             raise ValueError(f"one slice shape per kernel size is accepted, got {[str(s.shape) for s in self.slices]}")
 
 
+def plan_csg(model: nn.Module, config: CSGConfig) -> tuple[dict[str, nn.Conv2d], ConversionReport]:
+    """The convs of ``model`` by name and what :func:`csgify` would replace (it changes nothing, and
+    runs on torch's meta device too).
+
+    Raises
+    ------
+    ValueError
+        In one line naming each conv and why it stays ordinary, if CSG can take none of them.
+    """
+    specs = {spec.shape.kernel_size: spec for spec in config.slices}
+
+    def no_slice(conv: nn.Conv2d) -> str | None:
+        k = conv.kernel_size[0]
+        return None if k in specs else f"no slice shape configured for {k}x{k} kernels"
+
+    convs, plan = conversion_plan(model, config.skip, no_slice)
+    report = report_of(plan, "CSG")
+    if not report.replaced:
+        left = "; ".join(f"{name}: {reason}" for name, reason in report.left.items()) or "it has no nn.Conv2d"
+        shapes = ", ".join(str(s.shape) for s in config.slices)
+        raise ValueError(
+            f"the model has no conv that CSG can take for slice shapes {shapes} "
+            f"(an nn.Conv2d with groups=1, zero padding and a square kernel of a configured size, not the stem): {left}"
+        )
+    return convs, report
+
+
 def csgify(model: nn.Module, config: CSGConfig | None = None) -> ConversionReport:
     """Turn ``model`` into its CSG form, in place.
 
@@ -98,20 +125,9 @@ def csgify(model: nn.Module, config: CSGConfig | None = None) -> ConversionRepor
     config = config or CSGConfig()
     if hasattr(model, GENERATORS_ATTR):
         raise ValueError("model is already CSG-backed (it has csg_generators)")
-    specs = {spec.shape.kernel_size: spec for spec in config.slices}
-
-    def no_slice(conv: nn.Conv2d) -> str | None:
-        k = conv.kernel_size[0]
-        return None if k in specs else f"no slice shape configured for {k}x{k} kernels"
-
-    convs, plan = conversion_plan(model, config.skip, no_slice)
-    report = report_of(plan, "CSG")
+    convs, report = plan_csg(model, config)
     targets = report.replaced
-    if not targets:
-        raise ValueError(
-            f"model has no eligible conv for slice shapes {[str(s.shape) for s in config.slices]}: "
-            f"needs an nn.Conv2d with groups=1 and a matching square kernel ({len(convs)} conv(s) found)"
-        )
+    specs = {spec.shape.kernel_size: spec for spec in config.slices}
     used_kernels = sorted({convs[name].kernel_size[0] for name in targets})
     generators = nn.ModuleDict()
     for offset, k in enumerate(used_kernels):

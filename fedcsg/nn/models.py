@@ -15,6 +15,8 @@ from torch import Tensor, nn
 
 from fedcsg.nn.csg import SliceShape, SliceSpec
 from fedcsg.nn.csgify import CSGConfig, csgify
+from fedcsg.nn.imported_models import ACCEPTED as IMPORTED
+from fedcsg.nn.imported_models import imported_builder, is_imported
 from fedcsg.nn.paper_models import SEGMENTATION_CLASSES, deeplabv3_builder, imagenet_resnet50
 from fedcsg.nn.segmentation import small_deeplabv3
 
@@ -241,7 +243,10 @@ PAPER_MODELS: dict[str, ModelSpec] = {
 
 
 def model_spec(name: str) -> ModelSpec:
-    """The registry entry of ``name``; ``densenet40-kN`` builds DenseNet-BC-40 with growth rate N."""
+    """The registry entry of ``name``; ``densenet40-kN`` builds DenseNet-BC-40 with growth rate N, and a
+    name with a ``:`` is imported (:mod:`fedcsg.nn.imported_models`: the user's own, torchvision's, timm's)."""
+    if is_imported(name):
+        return ModelSpec(imported_builder(name), f"{name} (imported)")
     if name in MODELS:
         return MODELS[name]
     if name in PAPER_MODELS:
@@ -251,7 +256,8 @@ def model_spec(name: str) -> ModelSpec:
         growth = int(match.group(1))
         return ModelSpec(lambda nc, ic: DenseNetBC(40, growth, nc, ic), f"DenseNet-BC-40, growth rate {growth}")
     raise ValueError(
-        f"unknown model {name!r}: accepted are {', '.join([*MODELS, *PAPER_MODELS])} or densenet40-kN (growth rate N)"
+        f"unknown model {name!r}: accepted are {', '.join([*MODELS, *PAPER_MODELS])}, densenet40-kN (growth rate N) "
+        f"or {IMPORTED}"
     )
 
 

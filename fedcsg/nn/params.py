@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fedcsg.nn.csg import CSGConv2d, generators
-from fedcsg.nn.csgify import CSGConfig
+from fedcsg.nn.csgify import CSGConfig, plan_csg
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,8 @@ def check_slices_fit(name: str, num_classes: int, in_channels: int, csg: CSGConf
     """Raise a one-line ValueError when a slice shape of ``csg`` is larger than every conv of model
     ``name`` with its kernel size (more output and more input channels than each): most of what its
     generator makes would be cut away in every layer (resnet20 with 128x128x3x3 asks a generator of
-    1.2 billion weights for convs of at most 64x64)."""
+    1.2 billion weights for convs of at most 64x64), or when CSG can take none of its convs (each named,
+    with the reason it stays ordinary)."""
     plain = _meta_model(name, num_classes, in_channels)
     convs = [m for m in (plain.modules() if plain is not None else []) if isinstance(m, nn.Conv2d) and m.groups == 1]
     for spec in csg.slices:
@@ -115,6 +116,11 @@ def check_slices_fit(name: str, num_classes: int, in_channels: int, csg: CSGConf
                 f"slice {shape} is larger than every {k}x{k} conv of {name} (the largest is "
                 f"{widest[0]}x{widest[1]}x{k}x{k}): accepted is a slice no larger than some layer"
             )
+    if plain is not None:
+        try:
+            plan_csg(plain, csg)
+        except ValueError as error:
+            raise ValueError(f"model = {name!r}: {error}") from None
 
 
 MAX_PARAMETERS = 500_000_000  # of one model (2 GB of float32): a run holds one per client; resnet50 has 25.6 million

@@ -1,0 +1,120 @@
+"""Models named by where their code lives rather than by registry name (:mod:`fedcsg.nn.models`):
+
+``package.module:factory``
+    The user's own code: ``factory(num_classes, in_channels)`` returns an ``nn.Module`` (a class whose
+    constructor takes those two works). The module is imported from the current directory or any
+    installed package, as ``python -m`` would; Flower's Ray backend hands this process's ``sys.path`` to
+    its actors, so virtual clients import it too.
+``torchvision:NAME``
+    A torchvision classification model, untrained (``torchvision.models.get_model``), for RGB images.
+``timm:NAME``
+    A timm model, untrained, where timm is installed (``timm.create_model``).
+
+Each is converted by the run's slice settings like a registry model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+from collections.abc import Callable
+
+from torch import nn
+
+ACCEPTED = (
+    "package.module:factory (factory(num_classes, in_channels) returns an nn.Module; the module importable from "
+    "the current directory or an installed package), torchvision:NAME or timm:NAME"
+)
+_SPELLING = re.compile(r"^(?P<module>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):(?P<name>[A-Za-z_][\w.\-]*)$")
+
+Builder = Callable[[int, int], nn.Module]
+
+
+def is_imported(name: str) -> bool:
+    """Whether ``name`` names a model by import path (it holds a ``:``), not by registry name."""
+    return ":" in str(name)
+
+
+def imported_builder(name: str) -> Builder:
+    """``(num_classes, in_channels) -> nn.Module`` for the model ``name`` spells (see the module
+    docstring); a one-line ValueError naming ``name`` and what is wrong with it otherwise."""
+    match = _SPELLING.match(name)
+    if match is None:
+        raise ValueError(f"model = {name!r} is not accepted: accepted are a registry model or {ACCEPTED}")
+    module, attr = match["module"], match["name"]
+    if module == "torchvision":
+        return _torchvision(name, attr)
+    if module == "timm":
+        return _timm(name, attr)
+    factory = getattr(_import(name, module), attr, None)
+    if factory is None or not callable(factory):
+        found = "nothing" if factory is None else f"an object of type {type(factory).__name__}, not a callable"
+        raise ValueError(f"model = {name!r} is not accepted: module {module!r} holds {found} under {attr!r}")
+
+    def build(num_classes: int, in_channels: int) -> nn.Module:
+        try:
+            model = factory(num_classes, in_channels)
+        except Exception as error:  # the user's code: any failure is theirs to read, in one line
+            raise ValueError(
+                f"model = {name!r}: {attr}({num_classes}, {in_channels}) raised {type(error).__name__}: {error}"
+            ) from None
+        if not isinstance(model, nn.Module):
+            raise ValueError(
+                f"model = {name!r} is not accepted: {attr}({num_classes}, {in_channels}) returned an "
+                f"object of type {type(model).__name__}, not a torch.nn.Module"
+            )
+        return model
+
+    return build
+
+
+def _import(name: str, module: str) -> object:
+    """``module``, imported with the current directory on ``sys.path`` (where ``python -m`` has it)."""
+    here = os.getcwd()
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    try:
+        return importlib.import_module(module)
+    except Exception as error:  # an import error, or any exception the module raises while it runs
+        raise ValueError(
+            f"model = {name!r} is not accepted: module {module!r} does not import ({type(error).__name__}: {error}); "
+            f"accepted is {ACCEPTED}"
+        ) from None
+
+
+def _torchvision(name: str, model: str) -> Builder:
+    import torchvision
+
+    known = torchvision.models.list_models(module=torchvision.models)
+    if model not in known:
+        raise ValueError(
+            f"model = {name!r} is not accepted: torchvision has no classification model {model!r}; accepted are "
+            f"torchvision:NAME with NAME one of {', '.join(sorted(known)[:8])}, ... ({len(known)} in all)"
+        )
+
+    def build(num_classes: int, in_channels: int) -> nn.Module:
+        if in_channels != 3:
+            raise ValueError(
+                f"model = {name!r} is not accepted for images of {in_channels} channel(s): torchvision's models "
+                "take 3 (RGB); accepted is an RGB data set or a model of your own (package.module:factory)"
+            )
+        return torchvision.models.get_model(model, weights=None, num_classes=num_classes)
+
+    return build
+
+
+def _timm(name: str, model: str) -> Builder:
+    try:
+        timm = importlib.import_module("timm")
+    except ImportError:
+        raise ValueError(
+            f"model = {name!r} is not accepted: timm is not installed here (pip install timm); accepted are "
+            "a registry model, package.module:factory or torchvision:NAME"
+        ) from None
+    if not timm.is_model(model):
+        raise ValueError(f"model = {name!r} is not accepted: timm has no model {model!r} (see timm.list_models())")
+    return lambda num_classes, in_channels: timm.create_model(
+        model, pretrained=False, num_classes=num_classes, in_chans=in_channels
+    )

@@ -1,0 +1,96 @@
+"""Models named by import path (fedcsg.nn.imported_models): the user's own CNN (tests/user_cnn.py),
+torchvision's, and every bad spelling answered in one line before anything is written. Through Ray:
+tests/test_simulation.py (`own` run)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedcsg.spec.config import RunConfig
+
+OWN = "tests.user_cnn:SmallCNN"
+
+
+def test_a_users_cnn_is_counted_and_converted_like_a_registry_model(cli) -> None:
+    code, out, err = cli(
+        "params", "--model", OWN, "--slice", "8x8x3x3", "--code-dim", "32", "--in-channels", "1", "--json"
+    )
+    assert code == 0, err
+    counts = json.loads(out)
+    # 3x3 convs 1->16 (the stem, ordinary), 16->32 and 32->32, three BatchNorms, a 32->10 head.
+    assert counts["plain"]["total"] == 144 + 4608 + 9216 + 2 * (16 + 32 + 32) + 330 == 14_458
+    # Codes: (32/8) x (16/8) slices and (32/8) x (32/8), 32 numbers each; one 576 x 32 generator.
+    assert (counts["csg"]["generator"], counts["csg"]["codes"]) == (576 * 32, (8 + 16) * 32)
+    assert counts["csg"]["other"] == 14_458 - 4608 - 9216
+    cfg = RunConfig(model=OWN, dataset="fashion-mnist", slice="8x8x3x3", code_dim=32, arm="csg-frozen")
+    model = cfg.model_settings().build()
+    assert type(model).__name__ == "SmallCNN" and model.features[3].__class__.__name__ == "CSGConv2d"
+
+
+def test_a_torchvision_model_by_name(cli) -> None:
+    code, out, err = cli("params", "--model", "torchvision:resnet18", "--json")
+    assert code == 0, err
+    counts = json.loads(out)
+    assert counts["plain"]["total"] == 11_181_642  # torchvision's ResNet-18 with a 10-class head
+    assert counts["slices"] == [{"shape": "12x12x3x3", "code_dim": 72}]
+    assert counts["csg"]["total"] < counts["plain"]["total"] / 10
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (
+            "nopkg.nets:Net",
+            "model = 'nopkg.nets:Net' is not accepted: module 'nopkg.nets' does not import (ModuleNotFoundError: "
+            "No module named 'nopkg'); accepted is package.module:factory",
+        ),
+        (
+            "tests.user_cnn:Missing",
+            "model = 'tests.user_cnn:Missing' is not accepted: module 'tests.user_cnn' holds nothing under 'Missing'",
+        ),
+        (
+            "tests.user_cnn:WIDTH",
+            "model = 'tests.user_cnn:WIDTH' is not accepted: module 'tests.user_cnn' holds an object of type int, "
+            "not a callable",
+        ),
+        (
+            "tests.user_cnn:not_a_model",
+            "model = 'tests.user_cnn:not_a_model' is not accepted: not_a_model(10, 1) returned an object of type "
+            "int, not a torch.nn.Module",
+        ),
+        ("tests.user_cnn:broken", "model = 'tests.user_cnn:broken': broken(10, 1) raised RuntimeError: the user's bug"),
+        (
+            "tests.user_cnn:depthwise_only",
+            "model = 'tests.user_cnn:depthwise_only': the model has no conv that CSG can take for slice shapes 4x4x3x3 "
+            "(an nn.Conv2d with groups=1, zero padding and a square kernel of a configured size, not the stem): "
+            "0: skipped by name (ordinary layer); 1: groups=8 (grouped/depthwise convs stay ordinary); "
+            "2: no slice shape configured for 5x5 kernels",
+        ),
+        (
+            "torchvision:resnet19",
+            "model = 'torchvision:resnet19' is not accepted: torchvision has no classification model",
+        ),
+        (
+            "torchvision:resnet18",
+            "model = 'torchvision:resnet18' is not accepted for images of 1 channel(s): torchvision's models take "
+            "3 (RGB)",
+        ),
+        (
+            "my nets:Net",
+            "model = 'my nets:Net' is not accepted: accepted are a registry model or package.module:factory",
+        ),
+    ],
+)
+def test_each_bad_model_is_one_line_exit_2_and_nothing_is_written(
+    cli, data_env: Path, tmp_path: Path, model: str, message: str
+) -> None:
+    out = tmp_path / "run"
+    code, stdout, err = cli(
+        "compare", "--out", str(out), "--set", f"model='{model}'", "--set", "slice='4x4x3x3'", "--set", "code-dim=8"
+    )
+    assert code == 2 and stdout == "" and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("fedcsg compare: error: " + message), err
+    assert not out.exists()
