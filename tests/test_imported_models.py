@@ -94,3 +94,29 @@ def test_each_bad_model_is_one_line_exit_2_and_nothing_is_written(
     assert code == 2 and stdout == "" and len(err.strip().splitlines()) == 1, err
     assert err.startswith("fedcsg compare: error: " + message), err
     assert not out.exists()
+
+
+def test_the_python_api_refuses_what_the_cli_refuses_before_writing(tmp_path: Path) -> None:
+    import fedcsg
+    from tests.user_cnn import SmallCNN
+
+    def local(num_classes: int, in_channels: int) -> SmallCNN:  # the actors cannot import it by name
+        return SmallCNN(num_classes, in_channels)
+
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="model factory '.*local' is not accepted: the Ray actors import it by module"):
+        fedcsg.compare("quickstart", model=local, out=out)
+    with pytest.raises(ValueError, match="unknown arm 'csg\\+int4'"):
+        fedcsg.compare("quickstart", arms=["fedavg", "csg+int4"], out=out)
+    with pytest.raises(ValueError, match="num-rounds"):
+        fedcsg.run({"num-rounds": 0}, out=out)
+    assert not out.exists()
+    assert fedcsg.api.import_path(SmallCNN) == "tests.user_cnn:SmallCNN"
+
+
+def test_importing_fedcsg_starts_neither_torch_nor_flower() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, fedcsg; print(sorted(m for m in ('torch', 'flwr', 'ray') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"

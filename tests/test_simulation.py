@@ -74,7 +74,8 @@ def compare_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     * ``seeds``: `fedcsg compare --seeds 0,1 --arms` RERUN_ARMS with the shipped default
       experiment, from a directory outside the checkout, with TINY_RUN: its seed 0 is ``tiny``'s
       first arms made a second time;
-    * ``own``: OWN_ARMS of a CNN defined in a test module (OWN_MODEL), which the Ray actors import.
+    * ``own``: OWN_ARMS of a CNN defined in a test module (OWN_MODEL), which the Ray actors import;
+    * ``api``: the same run through the Python API, ``fedcsg.compare(...)`` with the factory itself.
     """
     root = tmp_path_factory.mktemp("compare")
     elsewhere = tmp_path_factory.mktemp("elsewhere")
@@ -97,17 +98,24 @@ def compare_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         "tiny": root / "tiny",
         "seeds": elsewhere / "runs" / "quickstart",
         "own": root / "own",
+        "api": root / "api",
     }
+    commands = {
+        name: ([sys.executable, "-m", "fedcsg.cli", "compare", *args], cwd) for name, (args, cwd) in launches.items()
+    }
+    settings = dict(pair.split("=", 1) for pair in OWN_RUN if not pair.startswith("model="))
+    api = (
+        "import fedcsg, tomllib\n"
+        "from tests.user_cnn import SmallCNN\n"
+        f"settings = tomllib.loads({chr(10).join(f'{k} = {v}' for k, v in settings.items())!r})\n"
+        f"result = fedcsg.compare({quickstart!r}, arms={list(OWN_ARMS)!r}, model=SmallCNN, out={str(root / 'api')!r}, "
+        "**settings)\n"
+        "print(sorted(result.arms))\n"
+    )
+    commands["api"] = ([sys.executable, "-c", api], ROOT)
     procs = {
-        name: Popen(
-            [sys.executable, "-m", "fedcsg.cli", "compare", *args],
-            stdout=PIPE,
-            stderr=PIPE,
-            text=True,
-            env=env,
-            cwd=cwd,
-        )
-        for name, (args, cwd) in launches.items()
+        name: Popen(command, stdout=PIPE, stderr=PIPE, text=True, env=env, cwd=cwd)
+        for name, (command, cwd) in commands.items()
     }
     yield {name: (outs[name], proc) for name, proc in procs.items()}
     for proc in procs.values():
@@ -140,6 +148,11 @@ def tiny_run(compare_runs: dict[str, tuple[Path, Popen]]) -> tuple[Path, subproc
 @pytest.fixture(scope="module")
 def seeds_run(compare_runs: dict[str, tuple[Path, Popen]]) -> tuple[Path, subprocess.CompletedProcess]:
     return _finished(*compare_runs["seeds"])
+
+
+@pytest.fixture(scope="module")
+def api_run(compare_runs: dict[str, tuple[Path, Popen]]) -> tuple[Path, subprocess.CompletedProcess]:
+    return _finished(*compare_runs["api"])
 
 
 @pytest.fixture(scope="module")
@@ -416,6 +429,22 @@ def test_a_cnn_of_the_users_own_runs_every_arm_through_ray_with_the_bytes_fedcsg
                 assert 0 <= r[way] - counted[arm][way] < 2 * 100, (arm, way)
     # The generator of 8x8x3x3 slices with 32-dimensional codes travels with csg alone (576 x 32 float32).
     assert counted["csg"]["payload_up"] - counted["csg-frozen"]["payload_up"] == 2 * 576 * 32 * 4
+
+
+def test_the_python_api_runs_what_the_cli_runs(
+    own_run: tuple[Path, subprocess.CompletedProcess], api_run: tuple[Path, subprocess.CompletedProcess]
+) -> None:
+    """`fedcsg.compare(quickstart, arms=..., model=SmallCNN, **settings)` from Python, the factory passed
+    as itself: the same records as `fedcsg compare` of the same config and seed, and its results returned."""
+    (cli_out, cli), (api_out, api) = own_run, api_run
+    assert cli.returncode == 0 and api.returncode == 0, api.stderr[-3000:]
+    assert api.stdout.strip().splitlines()[-1] == str(sorted(OWN_ARMS))
+    for arm in OWN_ARMS:
+        a, b = (json.loads(arm_record_path(out, arm).read_text()) for out in (cli_out, api_out))
+        assert identity_of(a["config"]) == identity_of(b["config"]), arm  # the same run, in another out-dir
+        assert comparable(a["rounds"]) == comparable(b["rounds"]), arm
+    results = json.loads((api_out / "results.json").read_text())
+    assert list(results["arms"]) == list(OWN_ARMS)
 
 
 # -- an attached Ray cluster (last in the module: the compares above have finished by now) ------

@@ -252,7 +252,7 @@ def _check_run_dirs(cfg: RunConfig, arms: list[str], out_dir: Path, overwrite: b
         prepare_out_dir(run_dir, run_cfg, arms, overwrite=False, make=False)
 
 
-def _run_arms(cfg: RunConfig, arms: list[str], out_dir: Path, overwrite: bool, verbose: bool) -> int:
+def run_arms(cfg: RunConfig, arms: list[str], out_dir: Path, overwrite: bool = False, verbose: bool = False) -> int:
     """Check, then, holding the directory's lock (:func:`~fedcsg.runs.lock.run_lock`), check again
     (another run may have written meanwhile), clear it if ``overwrite``, and run every arm of every seed."""
     from fedcsg.runs.lock import run_lock
@@ -440,7 +440,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _resume_arms(cfg.replace(arm=arm), [arm], out_dir, args.verbose)
     cfg = resolve_config(args)
     arm = check_arm(args.arm or cfg.arm)
-    return _run_arms(cfg.replace(arm=arm), [arm], _default_out(args), args.overwrite, args.verbose)
+    return run_arms(cfg.replace(arm=arm), [arm], _default_out(args), args.overwrite, args.verbose)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -455,7 +455,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     cfg = cfg.replace(arms=",".join(arms))  # the records name the arms this compare ran
     if args.resume:
         return _resume_arms(cfg, arms, out_dir, args.verbose)
-    return _run_arms(cfg, arms, _default_out(args), args.overwrite, args.verbose)
+    return run_arms(cfg, arms, _default_out(args), args.overwrite, args.verbose)
 
 
 def cmd_configs(args: argparse.Namespace) -> int:
