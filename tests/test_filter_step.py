@@ -25,7 +25,7 @@ from fedcsg.nn.training import set_seed
 from fedcsg.runs.checkpoint import save_checkpoint
 from fedcsg.runs.records import ArmRecorder, RoundRecord
 from fedcsg.runs.report import write_report
-from fedcsg.spec.codecs import Codec
+from fedcsg.spec.codecs import Codec, TopK
 from fedcsg.spec.config import RunConfig
 from fedcsg.wire.messages import TEST_ACCURACY, TEST_LOSS
 from fedcsg.wire.payload import PayloadLayout, model_payload
@@ -166,7 +166,7 @@ def test_the_step_is_measured_on_the_decoded_replies_the_server_averages() -> No
     """top-k with k = ceil(0.1 * 7) = 1 of the 7 floats: client 0's largest change is its bias (100),
     so the server gets none of its filter change; client 1's is conv 1's 12, without conv 0's 1 or
     the linear layer's 5."""
-    record = _round(Codec("topk", topk_fraction=0.1))
+    record = _round(TopK(0.1))
     assert record.client_filter_step == pytest.approx((0 + 12 / 13) / 2, rel=1e-12)
     assert record.filter_step == pytest.approx(6 / 13, rel=1e-12)
 

@@ -26,7 +26,7 @@ from fedcsg.nn.models import check_trainable
 from fedcsg.nn.training import SCHEDULES
 from fedcsg.spec.arms import DOWN_SEPARATOR, DOWNLINKS, SEPARATOR, Arm, check_arm
 from fedcsg.spec.checks import check_ray_address, check_seed, coerce, kebab, names, one_of, parse_seeds, shown
-from fedcsg.spec.codecs import Codec
+from fedcsg.spec.codecs import Codec, codec_type
 from fedcsg.spec.resources import DEFAULT_CLIENTS_PER_GPU, SERVER_DEVICES, check_client_num_gpus
 from fedcsg.spec.settings import DataSettings, ModelSettings
 
@@ -297,7 +297,7 @@ class RunConfig:
     def codec(self) -> Codec | None:
         """The uplink codec of this run's arm (``csg+int8``: int8), None for an arm without one."""
         name = Arm.parse(self.arm).codec
-        return Codec(name, self.topk_fraction) if name else None
+        return codec_type(name).of_run(self) if name else None
 
     @property
     def downlink_mode(self) -> str:

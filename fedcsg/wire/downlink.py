@@ -48,7 +48,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedcsg.spec.arms import DOWNLINKS
 from fedcsg.spec.checks import one_of
-from fedcsg.spec.codecs import ArraySpecs, Codec, block_lengths, int8_dequantize, int8_quantize
+from fedcsg.spec.codecs import ArraySpecs, TopK, block_lengths, int8_dequantize, int8_quantize
 from fedcsg.wire.payload import Framing, PayloadLayout, assemble, check_specs, flat_floats
 
 BLOCK = 256  # values per int8 scale (docs/downlink.md: error and bytes against per-tensor scales)
@@ -116,19 +116,19 @@ class Downlink:
     def _compress(self, values: np.ndarray) -> dict[str, np.ndarray]:
         if self.mode in ("int8", "delta-int8"):
             return int8_quantize(values, self.blocks)
-        return Codec("topk", self.topk_fraction).encode(values, self.layout.segments, np.random.default_rng(0))
+        return TopK(self.topk_fraction).encode(values, self.layout.segments, np.random.default_rng(0))
 
     def _expand(self, parts: dict[str, np.ndarray]) -> np.ndarray:
         segments = self.layout.segments
         if self.mode in ("int8", "delta-int8"):
             return int8_dequantize(parts, self.blocks)
-        return Codec("topk", self.topk_fraction).decode(parts, sum(segments), segments)
+        return TopK(self.topk_fraction).decode(parts, sum(segments), segments)
 
     def _part_specs(self) -> ArraySpecs:
         segments = self.layout.segments
         if self.mode in ("int8", "delta-int8"):
             return {"int8": ((sum(segments),), "int8"), "scale": ((len(self.blocks),), "float32")}
-        return Codec("topk", self.topk_fraction).specs(sum(segments), segments)
+        return TopK(self.topk_fraction).specs(sum(segments), segments)
 
     def compressed_specs(self) -> ArraySpecs:
         """``{key: (shape, dtype)}`` of a compressed message (``int8``, or a delta's)."""
