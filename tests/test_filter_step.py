@@ -27,7 +27,7 @@ from fedcsg.runs.records import ArmRecorder, RoundRecord
 from fedcsg.runs.report import write_report
 from fedcsg.spec.codecs import Codec, TopK
 from fedcsg.spec.config import RunConfig
-from fedcsg.wire.messages import TEST_ACCURACY, TEST_LOSS
+from fedcsg.wire.messages import TEST_ACCURACY, TEST_LOSS, TrainInstruction
 from fedcsg.wire.payload import PayloadLayout, model_payload
 from fedcsg.wire.uplink import Uplink
 
@@ -110,7 +110,12 @@ def _round(codec: Codec | None) -> RoundRecord:
         min_available_nodes=2,
     )
     offline_task_identity()
-    strategy.start(grid=ScriptedGrid([7, 8], respond), initial_arrays=model_payload(model, layout), num_rounds=1)
+    strategy.start(
+        grid=ScriptedGrid([7, 8], respond),
+        initial_arrays=model_payload(model, layout),
+        num_rounds=1,
+        train_config=TrainInstruction(local_epochs=1, batch_size=16).record(),
+    )
     return strategy.traffic[1]
 
 
@@ -133,6 +138,7 @@ def test_the_strategy_hands_each_evaluated_round_to_the_one_recorder() -> None:
         grid=ScriptedGrid([7, 8], respond),
         initial_arrays=model_payload(model, layout),
         num_rounds=2,
+        train_config=TrainInstruction(local_epochs=1, batch_size=16).record(),
         evaluate_fn=lambda rnd, arrays: MetricRecord({TEST_ACCURACY: 0.25 + rnd / 10, TEST_LOSS: 2.0 - rnd / 10}),
         recorder=recorder,
     )

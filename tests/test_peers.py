@@ -12,7 +12,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType, RecordDict
 from torch import nn
 
 from fedcsg.fl.server_app import build_strategy
@@ -39,6 +39,7 @@ from fedcsg.spec.codecs import (
 from fedcsg.spec.config import RunConfig
 from fedcsg.wire import uplink as uplink_module
 from fedcsg.wire.downlink import Downlink
+from fedcsg.wire.messages import TrainInstruction
 from fedcsg.wire.payload import Framing, model_payload, weighted_average
 from fedcsg.wire.uplink import Uplink
 
@@ -537,7 +538,7 @@ def test_client_carries_the_topk_residual_in_its_context(data_env, monkeypatch) 
     monkeypatch.setattr(uplink_module, "encode_with_feedback", spy)
     residuals = []
     for server_round in (1, 2):
-        config = ConfigRecord({"lr": 0.05, "server-round": server_round, "attempt": 0})
+        config = TrainInstruction(cfg.local_epochs, cfg.batch_size, server_round=server_round, lr=0.05).record()
         down = Message(RecordDict({"arrays": sent, "config": config}), dst_node_id=1, message_type=MessageType.TRAIN)
         reply = client_app.train(down, context)
         assert set(reply.content["arrays"]) == set(Uplink(layout, cfg.codec).specs())
@@ -546,7 +547,7 @@ def test_client_carries_the_topk_residual_in_its_context(data_env, monkeypatch) 
     np.testing.assert_array_equal(seen[1], residuals[0])
     assert not np.array_equal(residuals[1], residuals[0])
     # The same node serves the next run of the simulation (another seed): it starts without a residual.
-    config = ConfigRecord({"lr": 0.05, "server-round": 1, "attempt": 0, "arm": cfg.arm, "seed": 1})
+    config = TrainInstruction(cfg.local_epochs, cfg.batch_size, server_round=1, lr=0.05, arm=cfg.arm, seed=1).record()
     client_app.train(
         Message(RecordDict({"arrays": sent, "config": config}), dst_node_id=1, message_type=MessageType.TRAIN), context
     )

@@ -45,6 +45,7 @@ from fedcsg.runs.checkpoint import (
 )
 from fedcsg.runs.records import ArmRecorder, RoundRecord, comparable
 from fedcsg.spec.config import RunConfig
+from fedcsg.wire.messages import TrainInstruction
 from fedcsg.wire.payload import PayloadLayout, model_payload
 
 from .processes import kill_session, session_pids
@@ -151,6 +152,9 @@ def _reply(arrays: ArrayRecord, examples: object, partition: int) -> RecordDict:
     return RecordDict({"arrays": arrays, "metrics": metrics})
 
 
+RUN_INSTRUCTION = TrainInstruction(local_epochs=1, batch_size=16).record()  # what a scripted grid's nodes are told
+
+
 def _run_rounds(
     strategy: CSGFedAvg, grid: ScriptedGrid, initial: ArrayRecord, num_rounds: int
 ) -> dict[int, ArrayRecord]:
@@ -162,6 +166,7 @@ def _run_rounds(
         initial_arrays=initial,
         num_rounds=num_rounds,
         timeout=1.0,
+        train_config=RUN_INSTRUCTION,
         round_end_fn=lambda server_round, arrays: seen.__setitem__(server_round, arrays),
     )
     return seen
