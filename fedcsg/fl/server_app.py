@@ -61,8 +61,7 @@ def sampling(cfg: RunConfig) -> dict[str, float | int]:
 
 def min_replies(cfg: RunConfig) -> int:
     """Accepted replies a round needs: min-train-nodes, but never more than the clients sampled."""
-    sampled = cfg.clients_per_round or max(int(cfg.num_clients * cfg.fraction_train), cfg.min_train_nodes)
-    return max(1, min(cfg.min_train_nodes, sampled, cfg.num_clients))
+    return max(1, min(cfg.min_train_nodes, cfg.sampled_clients))
 
 
 def build_server_optimizer(cfg: RunConfig) -> ServerOptimizer:

@@ -26,7 +26,8 @@ from fedcsg.fl.replies import aggregate_train_metrics, checked_reply
 from fedcsg.fl.server_opt import Mask, ServerOptimizer
 from fedcsg.fl.traffic import accounted_wire_bytes, payload_bytes
 from fedcsg.runs.records import ArmRecorder, RoundRecord
-from fedcsg.spec.config import FAILED_ROUND_POLICIES
+from fedcsg.spec.checks import one_of
+from fedcsg.spec.config import FAILED_ROUND_POLICIES, sample_size
 from fedcsg.wire.downlink import Broadcaster, Downlink
 from fedcsg.wire.handoff import Handoff
 from fedcsg.wire.messages import (
@@ -132,10 +133,7 @@ class CSGFedAvg(FedAvg):
         payload_filters: PayloadFilters | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
-        if failed_round not in FAILED_ROUND_POLICIES:
-            raise ValueError(
-                f"failed-round = {failed_round!r} is not accepted: one of {', '.join(FAILED_ROUND_POLICIES)} is"
-            )
+        one_of("failed-round", failed_round, FAILED_ROUND_POLICIES)  # RunConfig's rule, for a strategy built alone
         fedavg_kwargs.setdefault("fraction_evaluate", 0.0)  # evaluation is server-side, on the test split
         fedavg_kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
         with without_skipped_evaluation_warning():
@@ -202,16 +200,17 @@ class CSGFedAvg(FedAvg):
         return self.traffic.setdefault(server_round, RoundRecord(server_round, started=time.perf_counter()))
 
     def _sample(self, server_round: int, attempt: int, grid: Grid) -> tuple[list[int], list[int]]:
-        """(sampled node ids, all node ids in registration order): FedAvg's sample size, drawn by
-        :func:`sample_positions` after waiting for ``min_available_nodes`` as FedAvg does."""
+        """(sampled node ids, all node ids in registration order): FedAvg's sample size
+        (:func:`~fedcsg.spec.config.sample_size`), drawn by :func:`sample_positions` after waiting for
+        ``min_available_nodes`` as FedAvg does."""
         nodes = ordered_node_ids(grid)
-        sample_size = max(int(len(nodes) * self.fraction_train), self.min_train_nodes)
-        while len(nodes) < max(self.min_available_nodes, sample_size):
-            log(INFO, "Waiting for nodes to connect: %d connected (minimum required: %d).", len(nodes), sample_size)
+        size = sample_size(len(nodes), self.fraction_train, self.min_train_nodes)
+        while len(nodes) < max(self.min_available_nodes, size):
+            log(INFO, "Waiting for nodes to connect: %d connected (minimum required: %d).", len(nodes), size)
             time.sleep(1)
             nodes = ordered_node_ids(grid)
-            sample_size = max(int(len(nodes) * self.fraction_train), self.min_train_nodes)
-        positions = sample_positions(self.seed, server_round, attempt, len(nodes), sample_size)
+            size = sample_size(len(nodes), self.fraction_train, self.min_train_nodes)
+        positions = sample_positions(self.seed, server_round, attempt, len(nodes), size)
         return [nodes[i] for i in positions], nodes
 
     def configure_train(
