@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -218,23 +219,54 @@ def _report_head(results: dict[str, Any], summary: dict[str, dict[str, Any]]) ->
     return lines
 
 
-def _report_rounds(results: dict[str, Any]) -> list[str]:
-    """A one-seed report's per-round table and plots."""
-    lines = ["", f"## Test {metric_names(results['config'])[1]} per round", ""]
-    arms = list(results["arms"])
+PLOT_LINES = ["", "![accuracy vs bytes](accuracy_vs_bytes.png)", "", "![accuracy vs round](accuracy_vs_round.png)", ""]
+
+
+def _rounds_lines(
+    config: dict[str, Any], per_seed: dict[int, dict[str, Any]], arms: list[str], over_seeds: bool
+) -> list[str]:
+    """The report's per-round table of ``arms`` (a one-seed run: its accuracy; a run over seeds, even
+    one: mean ± std over them) and its plots."""
+    over = " (mean ± std over the seeds)" if over_seeds else ""
+    lines = ["", f"## Test {metric_names(config)[1]} per round{over}", ""]
     lines.append("| round | " + " | ".join(arms) + " |")
     lines.append("| ---: | " + " | ".join("---:" for _ in arms) + " |")
-    by_round: dict[int, dict[str, float]] = {}
-    for arm, data in results["arms"].items():
-        for r in data["rounds"]:
-            by_round.setdefault(r["round"], {})[arm] = r["test_accuracy"]
-    for rnd in sorted(by_round):
-        cells = [f"{by_round[rnd][a]:.4f}" if a in by_round[rnd] else "" for a in arms]
+    table = {arm: rounds_by_number(per_seed, arm) for arm in arms}
+    for rnd in sorted({r for arm in arms for r in table[arm]}):
+        values = {arm: [r["test_accuracy"] for r in table[arm][rnd]] for arm in arms if rnd in table[arm]}
+        cells = [
+            "" if arm not in values else _pm(spread(values[arm]), ".4f") if over_seeds else f"{values[arm][0]:.4f}"
+            for arm in arms
+        ]
         lines.append(f"| {rnd} | " + " | ".join(cells) + " |")
     return [*lines, *PLOT_LINES]
 
 
-PLOT_LINES = ["", "![accuracy vs bytes](accuracy_vs_bytes.png)", "", "![accuracy vs round](accuracy_vs_round.png)", ""]
+def _write_files(
+    out_dir: Path,
+    document: dict[str, Any],
+    per_seed: dict[int, dict[str, Any]],
+    arms: list[str],
+    head: Callable[[], list[str]],
+    title: str,
+) -> None:
+    """Write results.json (``document``), results.csv (a row per arm, seed in a run over seeds, and
+    round), and, when any arm trained a round, report.md (``head()`` and :func:`_rounds_lines`) and
+    the plots: a one-seed run's files and a run over seeds' files alike (``per_seed`` of one seed or
+    several; a run over seeds is told by its document's ``per_seed``)."""
+    over_seeds = "per_seed" in document
+    atomic_write_text(out_dir / RESULTS_JSON, strict_json(document))
+    rows = [
+        {"arm": arm, **({"seed": seed} if over_seeds else {}), **{k: _csv_cell(r.get(k)) for k in ROUND_FIELDS}}
+        for arm in arms
+        for seed, seed_results in per_seed.items()
+        for r in seed_results["arms"].get(arm, {}).get("rounds", [])
+    ]
+    _write_csv(out_dir / RESULTS_CSV, ["arm", *(["seed"] if over_seeds else []), *ROUND_FIELDS], rows)
+    if document["summary"]:
+        config = document["config"]
+        atomic_write_text(out_dir / REPORT_MD, "\n".join(head() + _rounds_lines(config, per_seed, arms, over_seeds)))
+        plot_accuracy(per_seed, arms, title, out_dir, metric_names(config)[1])
 
 
 def report_summary(results: dict[str, Any]) -> str:
@@ -303,21 +335,10 @@ def write_report(out_dir: str | Path) -> dict[str, Any]:
     if seeds and not holds_arms(out_dir):
         return write_seeds_report(out_dir, {seed: write_report(path) for seed, path in seeds.items()})
     results = load_results(out_dir)
-    summary = summarize(results)
-    results["summary"] = summary
-    atomic_write_text(out_dir / RESULTS_JSON, strict_json(results))
-    rows = [
-        {"arm": arm, **{k: _csv_cell(r.get(k)) for k in ROUND_FIELDS}}
-        for arm, data in results["arms"].items()
-        for r in data["rounds"]
-    ]
-    _write_csv(out_dir / RESULTS_CSV, ["arm", *ROUND_FIELDS], rows)
-    if summary:
-        atomic_write_text(out_dir / REPORT_MD, "\n".join(_report_head(results, summary) + _report_rounds(results)))
-        title = f"{results['config'].get('model')} on {results['config'].get('dataset')}"
-        plot_accuracy(
-            {results["seed"]: results}, list(results["arms"]), title, out_dir, metric_names(results["config"])[1]
-        )
+    results["summary"] = summarize(results)
+    title = f"{results['config'].get('model')} on {results['config'].get('dataset')}"
+    head = lambda: _report_head(results, results["summary"])  # noqa: E731 - read only when there is a report
+    _write_files(out_dir, results, {results["seed"]: results}, list(results["arms"]), head, title)
     return results
 
 
@@ -394,22 +415,6 @@ def _seeds_head(config: dict[str, Any], seeds: list[Any], summary: dict[str, Any
     return lines
 
 
-def _seeds_rounds(config: dict[str, Any], per_seed: dict[int, dict[str, Any]], summary: dict[str, Any]) -> list[str]:
-    """A report over seeds' per-round table (mean ± std) and plots."""
-    lines = ["", f"## Test {metric_names(config)[1]} per round (mean ± std over the seeds)", ""]
-    arms = list(summary)
-    lines.append("| round | " + " | ".join(arms) + " |")
-    lines.append("| ---: | " + " | ".join("---:" for _ in arms) + " |")
-    table = {arm: rounds_by_number(per_seed, arm) for arm in arms}
-    for rnd in sorted({r for arm in arms for r in table[arm]}):
-        cells = [
-            _pm(spread([r["test_accuracy"] for r in table[arm][rnd]]), ".4f") if rnd in table[arm] else ""
-            for arm in arms
-        ]
-        lines.append(f"| {rnd} | " + " | ".join(cells) + " |")
-    return [*lines, *PLOT_LINES]
-
-
 def _write_csv(path: Path, fieldnames: list[str], rows: list[dict[str, Any]]) -> None:
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=fieldnames)
@@ -431,17 +436,7 @@ def write_seeds_report(out_dir: Path, per_seed: dict[int, dict[str, Any]]) -> di
         "summary": summary,
         "per_seed": {str(seed): {"summary": r["summary"], "arms": r["arms"]} for seed, r in per_seed.items()},
     }
-    atomic_write_text(out_dir / RESULTS_JSON, strict_json(results))
-    rows = [
-        {"arm": arm, "seed": seed, **{k: _csv_cell(r.get(k)) for k in ROUND_FIELDS}}
-        for arm in summary
-        for seed, seed_results in per_seed.items()
-        for r in seed_results["arms"].get(arm, {}).get("rounds", [])
-    ]
-    _write_csv(out_dir / RESULTS_CSV, ["arm", "seed", *ROUND_FIELDS], rows)
-    if summary:
-        markdown = _seeds_head(config, list(per_seed), summary) + _seeds_rounds(config, per_seed, summary)
-        atomic_write_text(out_dir / REPORT_MD, "\n".join(markdown))
-        title = f"{config.get('model')} on {config.get('dataset')}, {len(per_seed)} seeds"
-        plot_accuracy(per_seed, list(summary), title, out_dir, metric_names(config)[1])
+    title = f"{config.get('model')} on {config.get('dataset')}, {len(per_seed)} seeds"
+    head = lambda: _seeds_head(config, list(per_seed), summary)  # noqa: E731 - read only when there is a report
+    _write_files(out_dir, results, per_seed, list(summary), head, title)
     return results
