@@ -595,10 +595,10 @@ def test_report_counts_bytes_to_the_target_and_to_fedavg_minus_one_point() -> No
         },
     }
     summary = summarize(results)
-    assert summary["fedavg"]["match_accuracy"] == pytest.approx(0.49)
+    assert summary["fedavg"].match_accuracy == pytest.approx(0.49)
     # fedavg reaches 0.3 at round 2 (400 bytes) and 0.49 at round 3 (600)
-    assert (summary["fedavg"]["wire_bytes_to_target"], summary["fedavg"]["wire_bytes_to_match"]) == (400, 600)
-    assert (summary["csg+int8"]["wire_bytes_to_target"], summary["csg+int8"]["round_to_match"]) == (100, 3)
-    assert summary["csg+int8"]["wire_bytes_to_match"] == 150
-    assert summary["fedpara"]["wire_bytes_to_match"] is None and summary["fedpara"]["round_to_target"] == 3
-    assert summary["csg+int8"]["total_ratio_vs_fedavg"] == pytest.approx(600 / 150)
+    assert (summary["fedavg"].wire_bytes_to_target, summary["fedavg"].wire_bytes_to_match) == (400, 600)
+    assert (summary["csg+int8"].wire_bytes_to_target, summary["csg+int8"].round_to_match) == (100, 3)
+    assert summary["csg+int8"].wire_bytes_to_match == 150
+    assert summary["fedpara"].wire_bytes_to_match is None and summary["fedpara"].round_to_target == 3
+    assert summary["csg+int8"].total_ratio_vs_fedavg == pytest.approx(600 / 150)

@@ -38,6 +38,7 @@ from fedcsg.runs.plots import plot_accuracy
 from fedcsg.runs.records import ROUND_FIELDS, read_arm_record
 from fedcsg.runs.summary import (
     LAST_ROUNDS,
+    ArmSummary,
     directions,
     load_results,
     metric_names,
@@ -45,14 +46,15 @@ from fedcsg.runs.summary import (
     spread,
     summarize,
     summarize_seeds,
+    summary_records,
 )
 from fedcsg.runs.winner import WINNER_RULE, accuracy_noise_sentence, fewest_bytes_over_seeds, one_seed_bytes_sentence
 from fedcsg.spec.checks import parse_seeds, shown
 from fedcsg.spec.config import identity_of
 
 
-def _resync(s: dict[str, Any]) -> str:
-    return f"{s['resynced']} ({_mb(s['wire_down_resync'])})" if s["resynced"] else "-"
+def _resync(s: ArmSummary) -> str:
+    return f"{s.resynced} ({_mb(s.wire_down_resync)})" if s.resynced else "-"
 
 
 def _times(ratio: float | None) -> str:
@@ -83,9 +85,9 @@ def _setup(cfg: dict[str, Any]) -> str:
     )
 
 
-def _node_download_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
+def _node_download_lines(summary: dict[str, ArmSummary]) -> list[str]:
     """The deployment's table of what one node downloads in all (empty for a simulation)."""
-    deployed = {arm: s for arm, s in summary.items() if s["bundle_bytes"] is not None}
+    deployed = {arm: s for arm, s in summary.items() if s.bundle_bytes is not None}
     if not deployed:
         return []
     lines = [
@@ -99,18 +101,19 @@ def _node_download_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for arm, s in deployed.items():
-        per_node = s["node_download_bytes"] - s["bundle_bytes"]
+        assert s.bundle_bytes is not None and s.node_download_bytes is not None
+        per_node = s.node_download_bytes - s.bundle_bytes
         lines.append(
-            f"| {arm} | {s['bundle_bytes']:,} B | {_mb(per_node / s['rounds'])} | {s['rounds']} | "
-            f"{s['node_download_bytes']:,} B ({_mb(s['node_download_bytes'])}) |"
+            f"| {arm} | {s.bundle_bytes:,} B | {_mb(per_node / s.rounds)} | {s.rounds} | "
+            f"{s.node_download_bytes:,} B ({_mb(s.node_download_bytes)}) |"
         )
     return lines
 
 
-def device_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
+def device_lines(summary: dict[str, ArmSummary]) -> list[str]:
     """The table of where each arm computed: its clients' devices (aggregated replies per device,
     from the rounds' ``devices``) and the server's; none for records that name no device (older runs)."""
-    if not any(s.get("client_devices") or s.get("server_device") for s in summary.values()):
+    if not any(s.client_devices or s.server_device for s in summary.values()):
         return []
     lines = [
         "",
@@ -121,8 +124,8 @@ def device_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
         "| --- | --- | --- |",
     ]
     for arm, s in summary.items():
-        clients = ", ".join(f"{device} ({count})" for device, count in s.get("client_devices", {}).items()) or "-"
-        lines.append(f"| {arm} | {clients} | {s.get('server_device') or '-'} |")
+        clients = ", ".join(f"{device} ({count})" for device, count in s.client_devices.items()) or "-"
+        lines.append(f"| {arm} | {clients} | {s.server_device or '-'} |")
     return lines
 
 
@@ -164,7 +167,7 @@ def _filter_step_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _report_head(results: dict[str, Any], summary: dict[str, dict[str, Any]]) -> list[str]:
+def _report_head(results: dict[str, Any], summary: dict[str, ArmSummary]) -> list[str]:
     """A one-seed report's lines down to its per-round table: setup, the arms' table, the sentences."""
     cfg = results["config"]
     first = summary[next(iter(summary))]
@@ -187,32 +190,32 @@ def _report_head(results: dict[str, Any], summary: dict[str, dict[str, Any]]) ->
         "",
         f"| arm | up | down | final {short} | best {short} | payload up / round | payload down / round | "
         "wire up / round | wire down / round | resynced | total wire | upload ratio vs fedavg | "
-        f"total ratio vs fedavg | wire bytes to {first['target_accuracy']:.0%} {short} | "
+        f"total ratio vs fedavg | wire bytes to {first.target_accuracy:.0%} {short} | "
         "wire bytes to fedavg - 1 pt | seconds |",
         "| --- | --- | --- |" + " ---: |" * 13,
     ]
     for arm, s in summary.items():
-        up_ratio, total_ratio = _times(s.get("upload_ratio_vs_fedavg")), _times(s.get("total_ratio_vs_fedavg"))
-        match = _reach(s["wire_bytes_to_match"], s["round_to_match"]) if s["match_accuracy"] is not None else "-"
+        up_ratio, total_ratio = _times(s.upload_ratio_vs_fedavg), _times(s.total_ratio_vs_fedavg)
+        match = _reach(s.wire_bytes_to_match, s.round_to_match) if s.match_accuracy is not None else "-"
         lines.append(
-            f"| {arm} | {s['uplink']} | {s['downlink']} | {s['final_accuracy']:.4f} | {s['best_accuracy']:.4f} | "
-            f"{_mb(s['payload_up_per_round'])} | {_mb(s['payload_down_per_round'])} | {_mb(s['wire_up_per_round'])} | "
-            f"{_mb(s['wire_down_per_round'])} | {_resync(s)} | {_mb(s['total_wire_bytes'])} | {up_ratio} | "
+            f"| {arm} | {s.uplink} | {s.downlink} | {s.final_accuracy:.4f} | {s.best_accuracy:.4f} | "
+            f"{_mb(s.payload_up_per_round)} | {_mb(s.payload_down_per_round)} | {_mb(s.wire_up_per_round)} | "
+            f"{_mb(s.wire_down_per_round)} | {_resync(s)} | {_mb(s.total_wire_bytes)} | {up_ratio} | "
             f"{total_ratio} | "
-            f"{_reach(s['wire_bytes_to_target'], s['round_to_target'])} | {match} | {s['seconds']:.1f} |"
+            f"{_reach(s.wire_bytes_to_target, s.round_to_target)} | {match} | {s.seconds:.1f} |"
         )
-    goal_target, goal_match = _goal_names(first["target_accuracy"], first["match_accuracy"], metric)
-    lines += ["", one_seed_bytes_sentence({arm: s["wire_bytes_to_target"] for arm, s in summary.items()}, goal_target)]
-    if first["match_accuracy"] is not None:
-        lines.append(one_seed_bytes_sentence({arm: s["wire_bytes_to_match"] for arm, s in summary.items()}, goal_match))
+    goal_target, goal_match = _goal_names(first.target_accuracy, first.match_accuracy, metric)
+    lines += ["", one_seed_bytes_sentence({arm: s.wire_bytes_to_target for arm, s in summary.items()}, goal_target)]
+    if first.match_accuracy is not None:
+        lines.append(one_seed_bytes_sentence({arm: s.wire_bytes_to_match for arm, s in summary.items()}, goal_match))
     lines += _node_download_lines(summary)
     lines += device_lines(summary)
     lines += _filter_step_lines(results)
     faults = [
-        f"{arm}: {s['failed_rounds']} failed round(s), {s['failed_replies']} failed and "
-        f"{s['rejected_replies']} rejected client replies"
+        f"{arm}: {s.failed_rounds} failed round(s), {s.failed_replies} failed and "
+        f"{s.rejected_replies} rejected client replies"
         for arm, s in summary.items()
-        if s["failed_rounds"] or s["failed_replies"] or s["rejected_replies"]
+        if s.failed_rounds or s.failed_replies or s.rejected_replies
     ]
     if faults:
         lines += ["", "Client faults (`failed`, `rejected`, `status` in results.csv): " + "; ".join(faults) + "."]
@@ -274,7 +277,8 @@ def report_summary(results: dict[str, Any]) -> str:
     (one seed or several): what ``fedcsg run`` / ``compare`` print when they finish."""
     if "per_seed" in results:
         return "\n".join(_seeds_head(results["config"], list(results["per_seed"]), results["summary"])).strip()
-    return "\n".join(_report_head(results, results["summary"])).strip()
+    summaries = {arm: ArmSummary(**record) for arm, record in results["summary"].items()}
+    return "\n".join(_report_head(results, summaries)).strip()
 
 
 def _csv_cell(value: Any) -> Any:
@@ -335,9 +339,10 @@ def write_report(out_dir: str | Path) -> dict[str, Any]:
     if seeds and not holds_arms(out_dir):
         return write_seeds_report(out_dir, {seed: write_report(path) for seed, path in seeds.items()})
     results = load_results(out_dir)
-    results["summary"] = summarize(results)
+    summaries = summarize(results)
+    results["summary"] = summary_records(summaries)
     title = f"{results['config'].get('model')} on {results['config'].get('dataset')}"
-    head = lambda: _report_head(results, results["summary"])  # noqa: E731 - read only when there is a report
+    head = lambda: _report_head(results, summaries)  # noqa: E731 - read only when there is a report
     _write_files(out_dir, results, {results["seed"]: results}, list(results["arms"]), head, title)
     return results
 
