@@ -22,8 +22,7 @@ Models
     rounds and is then frozen: from round K+1 only the codes and the ordinary layers travel, both
     ways, and each node is handed the frozen generator once (:mod:`fedcsg.wire.handoff`).
 
-Uplink codecs: those of :data:`fedcsg.spec.codecs.CODECS` (``fp16``, ``int8`` with stochastic rounding,
-``topk`` with error feedback).
+Uplink codecs: the names in :data:`fedcsg.spec.codecs.CODECS`, each described by its class there.
 Downlinks: ``full``, ``fp16``, ``int8`` (blockwise, stateless), ``delta-int8`` and ``delta-topk``
 (compressed change of the model the clients hold, with error feedback on the server).
 
