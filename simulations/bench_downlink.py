@@ -28,7 +28,7 @@ import os
 import sys
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import Array, ArrayRecord, Context, RecordDict
 
 from fedcsg.fl.task import build_arm_model, payload_layout
 from fedcsg.spec.codecs import block_lengths, int8_dequantize, int8_quantize
@@ -83,14 +83,13 @@ def state_memory(model: str, arm: str, clients: int) -> dict:
     broadcaster = Broadcaster(Downlink.of_config(cfg, layout))
     broadcaster.prepare(model_payload(net, layout))
     group = broadcaster.groups([1])[0]
-    config = ConfigRecord(group.config)
     before = rss_bytes()
     contexts = []
     for node in range(clients):
         context = Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
         # Each node's message arrives as its own copy (deserialized), so each state holds its own x̂.
         record = ArrayRecord({k: Array(a.numpy().copy()) for k, a in group.record.items()})
-        receive(broadcaster.downlink, record, config, context.state)
+        receive(broadcaster.downlink, record, group.sync, context.state)
         contexts.append(context)
     grown = rss_bytes() - before
     return {"clients": clients, "payload_bytes": layout.nbytes, "arithmetic": clients * layout.nbytes, "rss": grown}

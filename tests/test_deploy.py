@@ -166,7 +166,7 @@ def test_secure_federation_runs_two_rounds_of_csg(secure_federation: Federation,
     assert record["bundle_bytes"] == bundle
     node_total = bundle + sum(r["wire_down"] // 2 for r in record["rounds"][1:])
     assert all(r["wire_down"] % 2 == 0 for r in record["rounds"][1:])
-    assert summarize(load_results(out_dir))["csg"]["node_download_bytes"] == node_total
+    assert summarize(load_results(out_dir))["csg"].node_download_bytes == node_total
     assert f"| csg | {bundle:,} B |" in (out_dir / "report.md").read_text()
     assert f"{node_total:,} B" in (out_dir / "report.md").read_text()
     log = Path(superlink.log).read_text(errors="replace")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedcsg.data.readers import load_split
-from fedcsg.data.segmentation import CANVAS, fashion_mnist_seg, paste_items
+from fedcsg.data.readers import fashion_mnist_seg, load_split
+from fedcsg.data.segmentation import CANVAS, paste_items
 
 
 @pytest.fixture(scope="module")

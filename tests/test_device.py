@@ -20,11 +20,12 @@ HEAVY = ("flwr_datasets", "datasets", "matplotlib", "torchvision")
 # interpreter: the modules it imported and its peak RSS.
 CLIENT_ROUND = """
 import json, resource, sys
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from fedcsg.fl import client_app
 from fedcsg.spec.config import RunConfig
 from fedcsg.wire.payload import model_payload
+from fedcsg.wire.messages import TrainInstruction
 from fedcsg.fl.task import build_arm_model, payload_layout
 
 TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # as a SuperNode sets them
@@ -32,7 +33,7 @@ cfg = RunConfig.from_mapping(json.loads(sys.argv[1]))
 model = build_arm_model(cfg)
 sent = model_payload(model, payload_layout(cfg, model))
 context = Context(1, 1, {"partition-id": 1, "num-partitions": cfg.num_clients}, RecordDict(), cfg.to_flower())
-config = ConfigRecord({"lr": 0.05, "server-round": 1, "attempt": 0})
+config = TrainInstruction(cfg.local_epochs, cfg.batch_size, server_round=1, lr=0.05).record()
 down = Message(RecordDict({"arrays": sent, "config": config}), dst_node_id=1, message_type=MessageType.TRAIN)
 reply = client_app.train(down, context)
 assert reply.content["metrics"]["num-examples"] > 0

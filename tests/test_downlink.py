@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 
 from fedcsg.fl.client_app import train
 from fedcsg.fl.flower_private import offline_task_identity
@@ -25,17 +25,17 @@ from fedcsg.wire.downlink import (
     BLOCK,
     STATE_HELD,
     STATE_MODEL,
-    VERSION_KEY,
     Downlink,
     DownlinkOutOfSync,
     model_hash,
     receive,
     state_keys,
 )
+from fedcsg.wire.messages import CONFIG, DOWNLINK_VERSION, TrainInstruction, TrainReply
 from fedcsg.wire.payload import flat_floats, model_payload
 from fedcsg.wire.uplink import Uplink
 
-from .test_reliability import ScriptedGrid
+from .test_reliability import RUN_INSTRUCTION, ScriptedGrid
 
 SMALL = {"model": "fmnist-cnn", "dataset": "fashion-mnist"}
 
@@ -113,18 +113,19 @@ class Nodes:
         self.raised: list[tuple[int, int, str]] = []
 
     def __call__(self, position: int, node: int, message: Message) -> RecordDict | Error | None:
-        config = message.content["config"]
-        server_round = int(config["server-round"])
+        instruction = TrainInstruction.of_record(message.content[CONFIG])
+        server_round = instruction.server_round
         if position in self.absent.get(server_round, set()):
             return None  # no reply: the node failed this round
         state = self.states.setdefault(node, RecordDict())
         try:
-            got = receive(self.downlink, message.content["arrays"], config, state)
+            got = receive(self.downlink, message.content["arrays"], instruction.downlink, state)
         except DownlinkOutOfSync as error:
             self.raised.append((server_round, node, str(error)))
             return Error(code=1, reason=str(error))
         x_hat = self.strategy.broadcaster.x_hat
-        self.received.append((server_round, node, got, x_hat, config["downlink-kind"] == "full"))
+        assert instruction.downlink is not None
+        self.received.append((server_round, node, got, x_hat, instruction.downlink.kind == "full"))
         rng = np.random.default_rng((server_round, node))
         local = ArrayRecord(
             {
@@ -135,9 +136,8 @@ class Nodes:
             }
         )
         reply, _ = self.uplink.encode(local, got, None, rng)
-        metrics = {"num-examples": 10, "train-loss": 1.0, "train-accuracy": 0.5, "train-seconds": 1.0}
-        metrics |= {"partition-id": position, VERSION_KEY: int(config[VERSION_KEY])}
-        return RecordDict({"arrays": reply, "metrics": MetricRecord(metrics)})
+        metrics = TrainReply(10, 1.0, 0.5, 1.0, partition_id=position, downlink_version=instruction.downlink.version)
+        return RecordDict({"arrays": reply, "metrics": metrics.record()})
 
 
 def _setup(arm: str, **changes: object) -> tuple[RunConfig, CSGFedAvg, ArrayRecord]:
@@ -149,10 +149,8 @@ def _setup(arm: str, **changes: object) -> tuple[RunConfig, CSGFedAvg, ArrayReco
 
 def _run(strategy: CSGFedAvg, grid: ScriptedGrid, initial: ArrayRecord, rounds: int, first: int = 1) -> ArrayRecord:
     offline_task_identity()
-    result = strategy.start(
-        grid=grid, initial_arrays=initial, num_rounds=rounds, first_round=first, evaluate_initial=False
-    )
-    return result.arrays
+    out = strategy.start(grid, initial, rounds, train_config=RUN_INSTRUCTION, first_round=first, evaluate_initial=False)
+    return out.arrays
 
 
 def _same(a: ArrayRecord, b: ArrayRecord) -> bool:
@@ -242,7 +240,7 @@ def test_a_fresh_context_does_not_train_from_a_stale_model(data_dir: Path) -> No
     assert model_key not in context.state
     resync, _ = round_messages(cfg, resync=True)
     reply = train(resync, context)  # a resync trains, and the reply says which version the node holds
-    assert reply.content["metrics"][VERSION_KEY] == int(resync.content["config"]["downlink-version"])
+    assert reply.content["metrics"][DOWNLINK_VERSION] == int(resync.content["config"]["downlink-version"])
     assert model_hash(context.state[model_key]) == resync.content["config"]["downlink-hash"]
     # One node serves every run of a simulation: another arm's x̂ is kept apart.
     assert list(context.state) == [model_key, state_keys(f"{cfg.arm}:{cfg.seed}")[1]]

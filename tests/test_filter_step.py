@@ -25,9 +25,9 @@ from fedcsg.nn.training import set_seed
 from fedcsg.runs.checkpoint import save_checkpoint
 from fedcsg.runs.records import ArmRecorder, RoundRecord
 from fedcsg.runs.report import write_report
-from fedcsg.spec.codecs import Codec
+from fedcsg.spec.codecs import Codec, TopK
 from fedcsg.spec.config import RunConfig
-from fedcsg.wire.messages import TEST_ACCURACY, TEST_LOSS
+from fedcsg.wire.messages import TEST_ACCURACY, TEST_LOSS, TrainInstruction
 from fedcsg.wire.payload import PayloadLayout, model_payload
 from fedcsg.wire.uplink import Uplink
 
@@ -110,7 +110,12 @@ def _round(codec: Codec | None) -> RoundRecord:
         min_available_nodes=2,
     )
     offline_task_identity()
-    strategy.start(grid=ScriptedGrid([7, 8], respond), initial_arrays=model_payload(model, layout), num_rounds=1)
+    strategy.start(
+        grid=ScriptedGrid([7, 8], respond),
+        initial_arrays=model_payload(model, layout),
+        num_rounds=1,
+        train_config=TrainInstruction(local_epochs=1, batch_size=16).record(),
+    )
     return strategy.traffic[1]
 
 
@@ -133,6 +138,7 @@ def test_the_strategy_hands_each_evaluated_round_to_the_one_recorder() -> None:
         grid=ScriptedGrid([7, 8], respond),
         initial_arrays=model_payload(model, layout),
         num_rounds=2,
+        train_config=TrainInstruction(local_epochs=1, batch_size=16).record(),
         evaluate_fn=lambda rnd, arrays: MetricRecord({TEST_ACCURACY: 0.25 + rnd / 10, TEST_LOSS: 2.0 - rnd / 10}),
         recorder=recorder,
     )
@@ -166,7 +172,7 @@ def test_the_step_is_measured_on_the_decoded_replies_the_server_averages() -> No
     """top-k with k = ceil(0.1 * 7) = 1 of the 7 floats: client 0's largest change is its bias (100),
     so the server gets none of its filter change; client 1's is conv 1's 12, without conv 0's 1 or
     the linear layer's 5."""
-    record = _round(Codec("topk", topk_fraction=0.1))
+    record = _round(TopK(0.1))
     assert record.client_filter_step == pytest.approx((0 + 12 / 13) / 2, rel=1e-12)
     assert record.filter_step == pytest.approx(6 / 13, rel=1e-12)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Error, Message, RecordDict
 
 from fedcsg.fl.server_app import build_strategy, phases
 from fedcsg.fl.strategy import CSGFedAvg
@@ -17,7 +17,8 @@ from fedcsg.nn.csg_factors import factor_keys, round_factor
 from fedcsg.runs.layout import differing_settings
 from fedcsg.spec.arms import all_arms, two_way_arms
 from fedcsg.spec.config import RunConfig, identity_of
-from fedcsg.wire.handoff import HANDOFF, HASH_KEY, Handoff, HandoffOutOfSync, handoff_hash, received_handoff
+from fedcsg.wire.handoff import Handoff, HandoffOutOfSync, handoff_hash, received_handoff
+from fedcsg.wire.messages import CONFIG, HANDOFF, HANDOFF_HASH, TrainInstruction, TrainReply
 from fedcsg.wire.payload import PayloadLayout, load_entries, load_payload, model_payload
 
 from .test_downlink import _run
@@ -132,13 +133,13 @@ class WarmNodes:
         self.raised: list[tuple[int, int, str]] = []
 
     def __call__(self, position: int, node: int, message: Message) -> RecordDict | Error | None:
-        config = message.content["config"]
-        server_round = int(config["server-round"])
+        instruction = TrainInstruction.of_record(message.content[CONFIG])
+        server_round = instruction.server_round
         state = self.states.setdefault(node, RecordDict())
         if HANDOFF in message.content:
             self.handed.append((server_round, node))
         try:
-            held = received_handoff(message.content, config, state, self.run)
+            held = received_handoff(message.content, instruction.handoff_hash, state, self.run)
         except HandoffOutOfSync as error:
             self.raised.append((server_round, node, str(error)))
             return Error(code=1, reason=str(error))
@@ -154,9 +155,8 @@ class WarmNodes:
                 for k, a in got.items()
             }
         )
-        metrics = {"num-examples": 10, "train-loss": 1.0, "train-accuracy": 0.5, "train-seconds": 1.0}
-        metrics |= {"partition-id": position, HASH_KEY: int(config[HASH_KEY])}
-        return RecordDict({"arrays": moved, "metrics": MetricRecord(metrics)})
+        metrics = TrainReply(10, 1.0, 0.5, 1.0, partition_id=position, handoff_hash=instruction.handoff_hash)
+        return RecordDict({"arrays": moved, "metrics": metrics.record()})
 
 
 def _frozen_phase(**changes: object) -> tuple[CSGFedAvg, Handoff, ArrayRecord, ArrayRecord]:
@@ -186,7 +186,7 @@ def test_each_node_is_handed_the_generator_once_and_its_bytes_are_counted_then()
         handed = sum(1 for r, _ in nodes.handed if r == server_round)
         assert strategy.traffic[server_round].payload_down == 2 * payload + handed * extra
         assert strategy.traffic[server_round].payload_up == 2 * payload
-    assert all(m.content["config"][HASH_KEY] == handoff.digest for m in grid.sent)
+    assert all(m.content["config"][HANDOFF_HASH] == handoff.digest for m in grid.sent)
     assert handoff.holders == trained
 
 
@@ -213,13 +213,12 @@ def test_a_node_that_lost_the_generator_fails_loudly_and_is_handed_it_next_round
 def test_a_node_refuses_arrays_whose_hash_is_not_the_one_named() -> None:
     strategy, handoff, initial, generator = _frozen_phase()
     content = RecordDict({HANDOFF: generator})
-    config = ConfigRecord({HASH_KEY: handoff.digest + 1})
     with pytest.raises(HandoffOutOfSync, match=f"hash {handoff.digest}, the server's {handoff.digest + 1}"):
-        received_handoff(content, config, RecordDict(), "csg-warm:0")
+        received_handoff(content, handoff.digest + 1, RecordDict(), "csg-warm:0")
     state = RecordDict()
-    assert received_handoff(RecordDict(), ConfigRecord({}), state, "csg-warm:0") is None and not list(state)
-    received_handoff(content, ConfigRecord({HASH_KEY: handoff.digest}), state, "csg-warm:0")
+    assert received_handoff(RecordDict(), None, state, "csg-warm:0") is None and not list(state)
+    received_handoff(content, handoff.digest, state, "csg-warm:0")
     # One node serves every run of a simulation: another run's generator is kept apart.
     with pytest.raises(HandoffOutOfSync, match="holds nothing"):
-        received_handoff(RecordDict(), ConfigRecord({HASH_KEY: handoff.digest}), state, "csg-warm:1")
-    assert received_handoff(RecordDict(), ConfigRecord({HASH_KEY: handoff.digest}), state, "csg-warm:0") is not None
+        received_handoff(RecordDict(), handoff.digest, state, "csg-warm:1")
+    assert received_handoff(RecordDict(), handoff.digest, state, "csg-warm:0") is not None

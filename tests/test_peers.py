@@ -4,11 +4,15 @@ combine them (MODEL[+CODEC]) and how encoded updates travel, are checked and are
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType, RecordDict
 from torch import nn
 
 from fedcsg.fl.server_app import build_strategy
@@ -17,12 +21,25 @@ from fedcsg.fl.traffic import accounted_wire_bytes, arm_traffic, payload_bytes, 
 from fedcsg.nn.convert import ConvGeometry
 from fedcsg.nn.fedpara import FedParaConv2d, fedpara_rank, fedparafy
 from fedcsg.nn.models import build_model
+from fedcsg.runs.plots import _style, plot_accuracy
 from fedcsg.runs.winner import fewest_bytes_sentence
-from fedcsg.spec.arms import Arm, all_arms, arm_order, check_arm
-from fedcsg.spec.codecs import CODECS, Codec, encode_with_feedback
+from fedcsg.spec.arms import MODELS, PHASED, Arm, all_arms, arm_order, check_arm
+from fedcsg.spec.codecs import (
+    CODECS,
+    ArraySpecs,
+    Codec,
+    Fp16,
+    Int8,
+    LineStyle,
+    TopK,
+    codec_type,
+    encode_with_feedback,
+    register_codec,
+)
 from fedcsg.spec.config import RunConfig
 from fedcsg.wire import uplink as uplink_module
 from fedcsg.wire.downlink import Downlink
+from fedcsg.wire.messages import TrainInstruction
 from fedcsg.wire.payload import Framing, model_payload, weighted_average
 from fedcsg.wire.uplink import Uplink
 
@@ -123,7 +140,7 @@ def real_delta() -> tuple[np.ndarray, list[int]]:
 
 def test_fp16_round_trip_error_bound(real_delta) -> None:
     delta, segments = real_delta
-    codec = Codec("fp16")
+    codec = Fp16()
     encoded = codec.encode(delta, segments, np.random.default_rng(0))
     assert {k: (v.shape, str(v.dtype)) for k, v in encoded.items()} == codec.specs(delta.size, segments)
     decoded = codec.decode(encoded, delta.size, segments)
@@ -133,7 +150,7 @@ def test_fp16_round_trip_error_bound(real_delta) -> None:
 
 def test_int8_error_bound_and_unbiased_mean(real_delta) -> None:
     delta, segments = real_delta
-    codec = Codec("int8")
+    codec = Int8()
     rng = np.random.default_rng(0)
     encoded = codec.encode(delta, segments, rng)
     assert {k: (v.shape, str(v.dtype)) for k, v in encoded.items()} == codec.specs(delta.size, segments)
@@ -156,7 +173,7 @@ def test_int8_error_bound_and_unbiased_mean(real_delta) -> None:
 
 def test_topk_keeps_exactly_the_k_largest(real_delta) -> None:
     delta, segments = real_delta
-    codec = Codec("topk", topk_fraction=0.01)
+    codec = TopK(0.01)
     encoded = codec.encode(delta, segments, np.random.default_rng(0))
     k = math.ceil(0.01 * delta.size)
     assert encoded["index"].shape == (k,) and encoded["index"].dtype == np.int32
@@ -172,7 +189,7 @@ def test_topk_keeps_exactly_the_k_largest(real_delta) -> None:
 
 def test_error_feedback_carries_the_residual_to_the_next_round(real_delta) -> None:
     delta, segments = real_delta
-    codec = Codec("topk", topk_fraction=0.05)
+    codec = TopK(0.05)
     rng = np.random.default_rng(0)
     first, residual = encode_with_feedback(codec, delta, segments, None, rng)
     np.testing.assert_allclose(residual + codec.decode(first, delta.size, segments), delta, atol=1e-12)
@@ -183,19 +200,103 @@ def test_error_feedback_carries_the_residual_to_the_next_round(real_delta) -> No
     sent = codec.decode(first, delta.size, segments) + codec.decode(second, delta.size, segments)
     np.testing.assert_allclose(sent + residual2, 2 * delta, atol=1e-12)
     # codecs without error feedback carry nothing
-    assert encode_with_feedback(Codec("int8"), delta, segments, None, rng)[1] is None
+    assert encode_with_feedback(Int8(), delta, segments, None, rng)[1] is None
 
 
 def test_codec_settings_are_checked() -> None:
-    with pytest.raises(ValueError, match=r"unknown codec 'int4': accepted are fp16, int8, topk"):
-        Codec("int4")
+    with pytest.raises(ValueError, match=f"unknown codec 'int4': accepted are {', '.join(CODECS)}"):
+        codec_type("int4")
     with pytest.raises(ValueError, match=r"topk-fraction 0.0 is outside \(0, 1\]"):
-        Codec("topk", topk_fraction=0.0)
-    codec = Codec("topk", topk_fraction=0.5)
+        TopK(0.0)
+    codec = TopK(0.5)
     bad = {"index": np.array([3, 1], dtype=np.int32), "value": np.zeros(2, dtype=np.float32)}
     with pytest.raises(ValueError, match="strictly increasing"):
         codec.decode(bad, 4, [4])
-    assert set(CODECS) == {"fp16", "int8", "topk"}
+
+
+@pytest.mark.parametrize("name", list(CODECS))
+def test_every_registered_codec_keeps_the_contract(name: str, real_delta) -> None:
+    delta, segments = real_delta
+    codec = codec_type(name).of_run(RunConfig(topk_fraction=0.05))
+    assert codec.name == name and Arm.parse(f"csg+{name}").codec == name
+    encoded = codec.encode(delta, segments, np.random.default_rng(0))
+    assert {k: (v.shape, str(v.dtype)) for k, v in encoded.items()} == codec.specs(delta.size, segments)
+    sent, residual = encode_with_feedback(codec, delta, segments, None, np.random.default_rng(0))
+    decoded = codec.decode(sent, delta.size, segments)
+    assert decoded.shape == delta.shape and decoded.dtype == np.float64 and np.isfinite(decoded).all()
+    if codec.error_feedback:  # what is carried is exactly what was not sent
+        np.testing.assert_allclose(residual + decoded, delta, atol=1e-12)
+    else:
+        assert residual is None
+
+
+@dataclass(frozen=True)
+class Sign(Codec):
+    """The walk-through of adding a codec (1 bit a value and a float32 scale a segment, the mean
+    magnitude, with error feedback): this class, registered, is all a new codec is."""
+
+    name: ClassVar[str] = "sign"
+    linestyle: ClassVar[LineStyle] = (0, (5, 1))
+    error_feedback: ClassVar[bool] = True
+
+    def specs(self, size: int, segments: Sequence[int]) -> ArraySpecs:
+        return {"bits": (((size + 7) // 8,), "uint8"), "scale": ((len(segments),), "float32")}
+
+    def _encode(self, delta: np.ndarray, segments: Sequence[int], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        parts = np.split(delta, np.cumsum(segments)[:-1])
+        scale = np.array([np.abs(part).mean() if part.size else 0.0 for part in parts], dtype=np.float32)
+        return {"bits": np.packbits(delta >= 0), "scale": scale}
+
+    def decode(self, arrays: dict[str, np.ndarray], size: int, segments: Sequence[int]) -> np.ndarray:
+        signs = np.unpackbits(arrays["bits"], count=size).astype(np.float64) * 2 - 1
+        return signs * np.repeat(arrays["scale"].astype(np.float64), segments)
+
+
+@pytest.fixture
+def sign() -> Iterator[type[Codec]]:
+    """The ``sign`` codec registered for one test."""
+    yield register_codec(Sign)
+    del CODECS["sign"]
+
+
+def test_a_registered_codec_is_an_arm_counted_and_plotted(sign: type[Codec], tmp_path: Path) -> None:
+    assert list(CODECS) == ["fp16", "int8", "topk", "sign"]
+    # the arm grammar, RunConfig and `fedcsg bytes`' arms
+    assert check_arm("csg+sign/int8") == "csg+sign/int8" and "fedavg+sign" in all_arms()
+    assert arm_order(["csg+sign", "csg", "csg+topk"]) == ["csg", "csg+topk", "csg+sign"]
+    with pytest.raises(ValueError, match="UPCODEC one of fp16, int8, topk, sign and"):
+        check_arm("csg+sgn")
+    cfg = RunConfig(model="fmnist-cnn", dataset="fashion-mnist", arm="csg+sign", min_train_nodes=1)
+    assert cfg.codec == Sign()
+    # its bytes: a bit a float and 4 bytes a tensor, with the int64 BatchNorm counters as they are
+    layout = payload_layout(cfg, build_arm_model(cfg))
+    counters = len(layout.entries) - len(layout.segments)
+    size = sum(layout.segments)
+    assert arm_traffic(cfg, 2)["payload_up"] == 2 * ((size + 7) // 8 + 4 * len(layout.segments) + 8 * counters)
+    # a client's reply is decoded, checked and averaged by the server as any codec's
+    sent = model_payload(build_arm_model(cfg), layout)
+    local = _moved(sent, layout.floating_keys(), 1e-2, seed=1)
+    reply, residual = Uplink(layout, cfg.codec).encode(local, sent, None, np.random.default_rng(0))
+    strategy, aggregated, _ = _strategy_round(cfg, [reply], [10])
+    assert strategy.traffic[1].rejected == 0
+    uplink = Uplink(layout, cfg.codec)
+    moved = uplink.flat_floats(local) - uplink.flat_floats(sent)
+    np.testing.assert_allclose(uplink.flat_floats(aggregated) - uplink.flat_floats(sent) + residual, moved, atol=1e-6)
+    # the report's plots: its own line style, and the plot is drawn
+    assert _style("csg+sign") == {"color": "C2", "linestyle": (0, (5, 1)), "marker": "o"}
+    rounds = [{"round": r, "cum_wire_up": r * 10, "cum_wire_down": r * 10, "test_accuracy": 0.1 * r} for r in (0, 1)]
+    plot_accuracy({0: {"arms": {"csg+sign": {"rounds": rounds}}}}, ["csg+sign"], "sign", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy_vs_bytes.png", "accuracy_vs_round.png"]
+
+
+def test_a_codec_needs_a_name_and_a_line_style_of_its_own() -> None:
+    with pytest.raises(ValueError, match=r"codec 'int8' is registered already \(Int8\)"):
+        register_codec(type("Again", (Int8,), {}))
+    with pytest.raises(ValueError, match=r"codec 'sign': line style ':' is int8's"):
+        register_codec(type("Dotted", (Sign,), {"linestyle": ":"}))
+    with pytest.raises(ValueError, match=r"codec 'sign': line style '-' is the arms without a codec's"):
+        register_codec(type("Solid", (Sign,), {"linestyle": "-"}))
+    assert list(CODECS) == ["fp16", "int8", "topk"]
 
 
 # -- arms ---------------------------------------------------------------------------------------
@@ -204,7 +305,8 @@ def test_codec_settings_are_checked() -> None:
 def test_arm_names_model_plus_codec() -> None:
     assert Arm.parse("csg+int8") == Arm("csg", "int8") and Arm("csg", "int8").name == "csg+int8"
     assert check_arm("csg-frozen+topk") == "csg-frozen+topk" and check_arm("fedpara") == "fedpara"
-    assert len(all_arms()) == 4 * 4 and all_arms()[:2] == ["fedavg", "fedavg+fp16"]
+    assert len(all_arms()) == (len(MODELS) - len(PHASED)) * (1 + len(CODECS))
+    assert all_arms()[:2] == ["fedavg", "fedavg+fp16"]
     assert arm_order(["csg+int8", "old-arm", "csg", "fedavg+topk", "fedavg"]) == [
         "fedavg",
         "fedavg+topk",
@@ -217,14 +319,14 @@ def test_arm_names_model_plus_codec() -> None:
             check_arm(bad)
         assert str(error.value) == (
             f"unknown arm {bad!r}: accepted are MODEL[+UPCODEC][/DOWNLINK] with MODEL one of fedavg, fedpara, csg, "
-            "csg-frozen, csg-warm, UPCODEC one of fp16, int8, topk and DOWNLINK one of full, fp16, int8, delta-int8, "
-            "delta-topk (e.g. csg+int8/int8, fedavg/delta-int8)"
+            f"csg-frozen, csg-warm, UPCODEC one of {', '.join(CODECS)} and DOWNLINK one of full, fp16, int8, "
+            "delta-int8, delta-topk (e.g. csg+int8/int8, fedavg/delta-int8)"
         )
     with pytest.raises(ValueError, match="unknown arm 'csg\\+int4'"):
         RunConfig(arms="fedavg,csg+int4")
     # The codec changes the traffic, never the model
     cfg = RunConfig(model="fmnist-cnn", dataset="fashion-mnist", arm="csg+int8")
-    assert cfg.model_settings().arm == "csg" and cfg.codec == Codec("int8")
+    assert cfg.model_settings().arm == "csg" and cfg.codec == Int8()
     assert RunConfig(arm="csg").codec is None
 
 
@@ -233,8 +335,8 @@ def test_bad_arm_on_the_command_line_is_one_line_exit_2(cli) -> None:
     assert code == 2 and out == ""
     assert err.strip().splitlines() == [
         "fedcsg compare: error: unknown arm 'csg+int9': accepted are MODEL[+UPCODEC][/DOWNLINK] with MODEL one of "
-        "fedavg, fedpara, csg, csg-frozen, csg-warm, UPCODEC one of fp16, int8, topk and DOWNLINK one of full, fp16, "
-        "int8, delta-int8, delta-topk (e.g. csg+int8/int8, fedavg/delta-int8)"
+        f"fedavg, fedpara, csg, csg-frozen, csg-warm, UPCODEC one of {', '.join(CODECS)} and DOWNLINK one of full, "
+        "fp16, int8, delta-int8, delta-topk (e.g. csg+int8/int8, fedavg/delta-int8)"
     ]
 
 
@@ -262,7 +364,7 @@ def _moved(record: ArrayRecord, floating: list[str], scale: float, seed: int) ->
 
 
 @pytest.mark.parametrize("packing", ["flat", "per-tensor"])
-@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("codec", list(CODECS))
 def test_uplink_round_trip_on_a_real_payload(codec: str, packing: str) -> None:
     cfg = RunConfig(model="resnet20", arm=f"csg+{codec}", payload_packing=packing, topk_fraction=0.1)
     model = build_arm_model(cfg)
@@ -286,7 +388,7 @@ def test_uplink_round_trip_on_a_real_payload(codec: str, packing: str) -> None:
         assert np.all(np.abs(error) <= step * (1 + 1e-5) + np.abs(uplink.flat_floats(sent)) * 2.0**-23)
         counters = len(layout.entries) - len(layout.segments)  # int64 BatchNorm counters, sent as they are
         assert payload_bytes(reply) == delta.size + 4 * len(layout.segments) + 8 * counters
-    else:
+    elif codec == "topk":
         k = math.ceil(0.1 * delta.size)
         assert reply["delta.index"].shape == (k,)
         kept = np.abs(delta)[reply["delta.index"].numpy()]
@@ -436,7 +538,7 @@ def test_client_carries_the_topk_residual_in_its_context(data_env, monkeypatch) 
     monkeypatch.setattr(uplink_module, "encode_with_feedback", spy)
     residuals = []
     for server_round in (1, 2):
-        config = ConfigRecord({"lr": 0.05, "server-round": server_round, "attempt": 0})
+        config = TrainInstruction(cfg.local_epochs, cfg.batch_size, server_round=server_round, lr=0.05).record()
         down = Message(RecordDict({"arrays": sent, "config": config}), dst_node_id=1, message_type=MessageType.TRAIN)
         reply = client_app.train(down, context)
         assert set(reply.content["arrays"]) == set(Uplink(layout, cfg.codec).specs())
@@ -445,7 +547,7 @@ def test_client_carries_the_topk_residual_in_its_context(data_env, monkeypatch) 
     np.testing.assert_array_equal(seen[1], residuals[0])
     assert not np.array_equal(residuals[1], residuals[0])
     # The same node serves the next run of the simulation (another seed): it starts without a residual.
-    config = ConfigRecord({"lr": 0.05, "server-round": 1, "attempt": 0, "arm": cfg.arm, "seed": 1})
+    config = TrainInstruction(cfg.local_epochs, cfg.batch_size, server_round=1, lr=0.05, arm=cfg.arm, seed=1).record()
     client_app.train(
         Message(RecordDict({"arrays": sent, "config": config}), dst_node_id=1, message_type=MessageType.TRAIN), context
     )
@@ -493,10 +595,10 @@ def test_report_counts_bytes_to_the_target_and_to_fedavg_minus_one_point() -> No
         },
     }
     summary = summarize(results)
-    assert summary["fedavg"]["match_accuracy"] == pytest.approx(0.49)
+    assert summary["fedavg"].match_accuracy == pytest.approx(0.49)
     # fedavg reaches 0.3 at round 2 (400 bytes) and 0.49 at round 3 (600)
-    assert (summary["fedavg"]["wire_bytes_to_target"], summary["fedavg"]["wire_bytes_to_match"]) == (400, 600)
-    assert (summary["csg+int8"]["wire_bytes_to_target"], summary["csg+int8"]["round_to_match"]) == (100, 3)
-    assert summary["csg+int8"]["wire_bytes_to_match"] == 150
-    assert summary["fedpara"]["wire_bytes_to_match"] is None and summary["fedpara"]["round_to_target"] == 3
-    assert summary["csg+int8"]["total_ratio_vs_fedavg"] == pytest.approx(600 / 150)
+    assert (summary["fedavg"].wire_bytes_to_target, summary["fedavg"].wire_bytes_to_match) == (400, 600)
+    assert (summary["csg+int8"].wire_bytes_to_target, summary["csg+int8"].round_to_match) == (100, 3)
+    assert summary["csg+int8"].wire_bytes_to_match == 150
+    assert summary["fedpara"].wire_bytes_to_match is None and summary["fedpara"].round_to_target == 3
+    assert summary["csg+int8"].total_ratio_vs_fedavg == pytest.approx(600 / 150)

@@ -45,6 +45,7 @@ from fedcsg.runs.checkpoint import (
 )
 from fedcsg.runs.records import ArmRecorder, RoundRecord, comparable
 from fedcsg.spec.config import RunConfig
+from fedcsg.wire.messages import TrainInstruction
 from fedcsg.wire.payload import PayloadLayout, model_payload
 
 from .processes import kill_session, session_pids
@@ -151,6 +152,9 @@ def _reply(arrays: ArrayRecord, examples: object, partition: int) -> RecordDict:
     return RecordDict({"arrays": arrays, "metrics": metrics})
 
 
+RUN_INSTRUCTION = TrainInstruction(local_epochs=1, batch_size=16).record()  # what a scripted grid's nodes are told
+
+
 def _run_rounds(
     strategy: CSGFedAvg, grid: ScriptedGrid, initial: ArrayRecord, num_rounds: int
 ) -> dict[int, ArrayRecord]:
@@ -162,6 +166,7 @@ def _run_rounds(
         initial_arrays=initial,
         num_rounds=num_rounds,
         timeout=1.0,
+        train_config=RUN_INSTRUCTION,
         round_end_fn=lambda server_round, arrays: seen.__setitem__(server_round, arrays),
     )
     return seen
@@ -381,6 +386,29 @@ def test_sampling_depends_on_seed_and_round_only() -> None:
         assert len({accounted_wire_bytes(m) for m in grid.sent}) == 1
     assert picked[0] == picked[1] == [sample_positions(3, r, 0, 6, 3) for r in range(1, 5)]
     assert len({tuple(p) for p in picked[0]}) > 1  # and it does change from round to round
+
+
+@pytest.mark.parametrize(
+    ("settings", "sampled"),
+    [
+        ({"num_clients": 10, "fraction_train": 0.35}, 3),
+        ({"num_clients": 10, "fraction_train": 0.1}, 2),  # min-train-nodes 2
+        ({"num_clients": 7, "clients_per_round": 3}, 3),
+        ({"num_clients": 4, "min_train_nodes": 5, "min_available_nodes": 4}, 4),  # capped at num-clients
+    ],
+)
+def test_a_round_samples_what_the_run_config_says(settings: dict, sampled: int) -> None:
+    """One sample-size rule (spec.config.sample_size): the run config's count, the strategy's draw
+    and the replies a round needs agree."""
+    from fedcsg.fl.server_app import build_strategy, min_replies
+
+    cfg = RunConfig(model="fmnist-cnn", dataset="fashion-mnist", slice="8x8x3x3", code_dim=32, **settings)
+    model = build_arm_model(cfg)
+    strategy = build_strategy(cfg, payload_layout(cfg, model), model)
+    nodes = list(range(100, 100 + cfg.num_clients))
+    drawn, _ = strategy._sample(1, 0, ScriptedGrid(nodes, lambda pos, node, msg: None))
+    assert cfg.sampled_clients == len(drawn) == sampled
+    assert min_replies(cfg) == min(cfg.min_train_nodes, sampled)
 
 
 def test_fault_rule_is_deterministic() -> None:

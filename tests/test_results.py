@@ -87,6 +87,21 @@ def test_report_over_seeds_gives_mean_and_std(tmp_path: Path) -> None:
     assert (tmp_path / "seed-1" / "report.md").is_file()
 
 
+def test_a_run_over_one_seed_reports_as_one_over_seeds_and_a_one_seed_run_as_itself(tmp_path: Path) -> None:
+    """The report files of a one-seed run and of a run over seeds come from one writer: `--seeds 0`
+    still reports over its one seed (a seed column, mean ± std), a plain run its accuracy as it is."""
+    for out in (tmp_path / "over-seeds" / "seed-0", tmp_path / "plain"):
+        _write_arm(out, "fedavg", [0.1, 0.2, 0.4], seed=0)
+    write_report(tmp_path / "over-seeds")
+    write_report(tmp_path / "plain")
+    over = (tmp_path / "over-seeds" / "report.md").read_text().splitlines()
+    plain = (tmp_path / "plain" / "report.md").read_text().splitlines()
+    assert "## Test accuracy per round (mean ± std over the seeds)" in over and "| 2 | 0.4000 ± 0.0000 |" in over
+    assert "## Test accuracy per round" in plain and "| 2 | 0.4000 |" in plain
+    assert (tmp_path / "over-seeds" / "results.csv").read_text().startswith("arm,seed,round,")
+    assert (tmp_path / "plain" / "results.csv").read_text().startswith("arm,round,")
+
+
 def test_seeds_setting_is_validated() -> None:
     assert RunConfig(seeds="0, 1,2").seed_list == [0, 1, 2]
     assert RunConfig(seed=7).seed_list == [7]

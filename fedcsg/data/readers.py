@@ -21,6 +21,7 @@ from fedcsg.data import hf_parquet, registry
 from fedcsg.data.hf_parquet import PARQUET_BATCH_ROWS as PARQUET_BATCH_ROWS  # re-exported
 from fedcsg.data.hf_parquet import stamped, take_parquet_rows
 from fedcsg.data.registry import DatasetSpec, DataSource, Split, check_split, resolve_source, sized_spec
+from fedcsg.data.segmentation import DERIVED_ROWS, PastedSet, canvas_labels, paste_items, split_seed
 
 
 def _parquet_schema_error(path: Path, detail: str) -> ValueError:
@@ -103,8 +104,6 @@ def _hub_labels(source: DataSource, split: Split) -> np.ndarray:
 
 
 def _derived_labels(source: DataSource, split: Split) -> np.ndarray:
-    from fedcsg.data.segmentation import canvas_labels, registry_set
-
     assert source.base is not None
     return canvas_labels(registry_set(split, source.base))
 
@@ -275,8 +274,6 @@ def _load_derived_rows(
     source: DataSource, split: Split, rows: np.ndarray, spec: DatasetSpec, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Selected canvases of a derived segmentation set, masks as ``uint8 [n, H, W]`` labels."""
-    from fedcsg.data.segmentation import registry_set
-
     assert source.base is not None
     pasted = registry_set(split, source.base)
     return pasted.images[rows][:, None], pasted.masks[rows]
@@ -300,6 +297,30 @@ def load_source(source: DataSource, split: Split) -> tuple[np.ndarray, np.ndarra
     and labels (what a derived set is built from)."""
     rows = np.arange(_source_labels(source, split).shape[0], dtype=np.int64)
     return ROW_READERS[source.kind](source, split, rows, source.spec, 0)
+
+
+@functools.lru_cache(maxsize=4)
+def registry_set(split: Split, base: DataSource) -> PastedSet:
+    """The registry's ``fashion-mnist-seg`` split (:data:`~fedcsg.data.segmentation.DERIVED_ROWS`
+    canvases, seed 0) from the Fashion-MNIST files at ``base`` (found by
+    :func:`~fedcsg.data.registry.resolve_source`), cached; the same canvases as
+    ``fashion_mnist_seg(split, DERIVED_ROWS[split])``."""
+    images, labels = load_source(base, split)
+    return paste_items(images[:, 0], labels, DERIVED_ROWS[split], split_seed(0, split))
+
+
+def fashion_mnist_seg(
+    split: Split,
+    count: int,
+    seed: int = 0,
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    hub_name: str | None = None,
+) -> PastedSet:
+    """``count`` canvases of the derived set (:mod:`fedcsg.data.segmentation`) from Fashion-MNIST's
+    ``split``, seeded by ``seed`` and the split (:func:`~fedcsg.data.segmentation.split_seed`)."""
+    source = load_split("fashion-mnist", split, data_dir, hub_name=hub_name)
+    return paste_items(source.images[:, 0].numpy(), source.labels.numpy(), count, split_seed(seed, split))
 
 
 RowReader = Callable[[DataSource, Split, np.ndarray, DatasetSpec, int], tuple[np.ndarray, np.ndarray]]

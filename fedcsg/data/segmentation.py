@@ -5,18 +5,16 @@ Each canvas (``canvas x canvas``, black) receives ``items`` Fashion-MNIST images
 positions, later items on top. An item covers the pixels where its image is non-zero; the mask
 labels each covered pixel with the class + 1 of the topmost item covering it, and every other pixel
 0 (background): 11 classes, exact masks, no ignore label.
+
+This module builds canvases from images it is given; :mod:`fedcsg.data.readers` reads the
+Fashion-MNIST images and builds the registry's set from them (``registry_set``, ``fashion_mnist_seg``).
 """
 
 from __future__ import annotations
 
-import functools
-import os
 from dataclasses import dataclass
 
 import numpy as np
-
-from fedcsg.data.readers import load_source, load_split
-from fedcsg.data.registry import DataSource
 
 CANVAS, ITEMS = 56, 3  # the registry's setting: three 28x28 items on a 56x56 canvas
 SEG_CLASSES = 11  # background + the ten Fashion-MNIST classes
@@ -69,28 +67,10 @@ def paste_items(
     return PastedSet(out, masks, placements)
 
 
-def fashion_mnist_seg(
-    split: str,
-    count: int,
-    seed: int = 0,
-    data_dir: str | os.PathLike[str] | None = None,
-    *,
-    hub_name: str | None = None,
-) -> PastedSet:
-    """``count`` canvases of the derived set from Fashion-MNIST's ``split`` (train items make train
-    canvases, test items test canvases), seeded by ``seed`` and the split (train ``seed``, test
-    ``seed + 1``)."""
-    source = load_split("fashion-mnist", split, data_dir, hub_name=hub_name)  # type: ignore[arg-type]
-    return paste_items(source.images[:, 0].numpy(), source.labels.numpy(), count, seed + (split == "test"))
-
-
-@functools.lru_cache(maxsize=4)
-def registry_set(split: str, base: DataSource) -> PastedSet:
-    """The registry's ``fashion-mnist-seg`` split (:data:`DERIVED_ROWS` canvases, seed 0) from the
-    Fashion-MNIST files at ``base`` (found by :func:`~fedcsg.data.registry.resolve_source`), cached;
-    the same canvases as ``fashion_mnist_seg(split, DERIVED_ROWS[split])``."""
-    images, labels = load_source(base, split)  # type: ignore[arg-type]
-    return paste_items(images[:, 0], labels, DERIVED_ROWS[split], split == "test")
+def split_seed(seed: int, split: str) -> int:
+    """The seed of ``split``'s canvases in a set seeded by ``seed``: train ``seed``, test ``seed + 1``
+    (train items make train canvases, test items test canvases)."""
+    return seed + (split == "test")
 
 
 def canvas_labels(pasted: PastedSet) -> np.ndarray:

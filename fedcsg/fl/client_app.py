@@ -18,29 +18,19 @@ import functools
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
 from fedcsg.fl.ray_cluster import PLACEMENT, hide_gpus_without_share, placement_record
-from fedcsg.fl.task import (
-    RUN_ARM_KEY,
-    RUN_SEED_KEY,
-    TRAIN_FACTOR_KEY,
-    build_arm_model,
-    client_data,
-    local_train,
-    payload_layout,
-    round_layout,
-)
+from fedcsg.fl.task import build_arm_model, client_data, local_train, payload_layout, round_layout
 from fedcsg.nn.determinism import set_deterministic
 from fedcsg.nn.devices import describe
 from fedcsg.nn.training import get_device
 from fedcsg.spec.config import RunConfig
-from fedcsg.wire.downlink import VERSION_KEY, Downlink, receive
-from fedcsg.wire.handoff import HASH_KEY as HANDOFF_HASH_KEY
+from fedcsg.wire.downlink import Downlink, receive
 from fedcsg.wire.handoff import received_handoff
-from fedcsg.wire.messages import ARRAYS, METRICS, NUM_EXAMPLES, PARTITION_ID, TRAIN_ACCURACY, TRAIN_LOSS, TRAIN_SECONDS
+from fedcsg.wire.messages import ARRAYS, CONFIG, METRICS, PARTITION_ID, TrainInstruction, TrainReply
 from fedcsg.wire.payload import PayloadLayout, load_entries, load_payload, model_payload
 from fedcsg.wire.uplink import Uplink
 
@@ -92,13 +82,14 @@ def _parsed_run_config(items: tuple[tuple[str, Any], ...]) -> RunConfig:
     return RunConfig.from_mapping(dict(items))
 
 
-def client_config(context: Context, config: ConfigRecord | None = None) -> RunConfig:
+def client_config(context: Context, instruction: TrainInstruction | None = None) -> RunConfig:
     """The run config of this node's message: the run config, with the arm and seed that the train
-    ``config`` names (one simulation may run several arms and seeds in turn) and the node's own
+    ``instruction`` names (one simulation may run several arms and seeds in turn) and the node's own
     ``data-dir`` when it has one."""
     cfg = _parsed_run_config(tuple(sorted(context.run_config.items())))
-    if config is not None and RUN_ARM_KEY in config:
-        cfg = cfg.replace(arm=str(config[RUN_ARM_KEY]), seed=int(config[RUN_SEED_KEY]))
+    if instruction is not None and instruction.arm:
+        seed = cfg.seed if instruction.seed is None else instruction.seed
+        cfg = cfg.replace(arm=instruction.arm, seed=seed)
     node_data_dir = context.node_config.get("data-dir")
     return cfg.replace(data_dir=str(node_data_dir)) if node_data_dir else cfg
 
@@ -112,12 +103,13 @@ def residual_key(cfg: RunConfig, layout: PayloadLayout) -> str:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    config = msg.content["config"]
-    cfg = client_config(context, config)
+    config = msg.content[CONFIG]
+    assert isinstance(config, ConfigRecord)
+    instruction = TrainInstruction.of_record(config)
+    cfg = client_config(context, instruction)
     partition_id = int(context.node_config[PARTITION_ID])
     num_partitions = int(context.node_config["num-partitions"])
-    server_round = int(config["server-round"])
-    attempt = int(config.get("attempt", 0))
+    server_round, attempt = instruction.server_round, instruction.attempt
     if injected_fault(cfg.seed, server_round, partition_id, cfg.fault_probability, attempt):
         raise InjectedFault(
             f"injected fault: partition {partition_id}, round {server_round}, attempt {attempt} "
@@ -131,35 +123,33 @@ def train(msg: Message, context: Context) -> Message:
     run = f"{cfg.arm}:{cfg.seed}"
     # What a node keeps lives in context.state (a delta downlink's x̂, a frozen generator handed off);
     # out of sync, these raise and the round fails.
-    held = received_handoff(msg.content, config, context.state, run)
+    held = received_handoff(msg.content, instruction.handoff_hash, context.state, run)
     if held is not None:
         load_entries(model, held, whole.subset(layout.held))
-    received = receive(Downlink.of_config(cfg, layout), msg.content[ARRAYS], config, context.state, run)
+    received = receive(Downlink.of_config(cfg, layout), msg.content[ARRAYS], instruction.downlink, context.state, run)
     load_payload(model, received, layout)
     stats = local_train(
         model,
         client_data(cfg, partition_id, num_partitions),
         cfg,
-        lr=float(config["lr"]),
-        epochs=int(config.get("local-epochs", cfg.local_epochs)),
-        batch_size=int(config.get("batch-size", cfg.batch_size)),
+        lr=instruction.lr,
+        epochs=instruction.local_epochs,
+        batch_size=instruction.batch_size,
         seed=cfg.seed * 1_000_003 + server_round * 10_007 + partition_id,
         device=device,
-        factor=str(config.get(TRAIN_FACTOR_KEY, "all")),
+        factor=instruction.train_factor or "all",
         compiled=compiled,
     )
     # The model stays on its device for the process's next client (a CUDA graph keeps its addresses).
-    metrics = MetricRecord(
-        {
-            NUM_EXAMPLES: stats.num_examples,
-            TRAIN_LOSS: stats.loss,
-            TRAIN_ACCURACY: stats.accuracy,
-            TRAIN_SECONDS: stats.seconds,
-            PARTITION_ID: partition_id,
-            **({VERSION_KEY: int(config[VERSION_KEY])} if VERSION_KEY in config else {}),
-            **({HANDOFF_HASH_KEY: int(config[HANDOFF_HASH_KEY])} if held is not None else {}),
-        }
-    )
+    metrics = TrainReply(
+        num_examples=stats.num_examples,
+        train_loss=stats.loss,
+        train_accuracy=stats.accuracy,
+        train_seconds=stats.seconds,
+        partition_id=partition_id,
+        downlink_version=instruction.downlink.version if instruction.downlink else None,
+        handoff_hash=instruction.handoff_hash if held is not None else None,
+    ).record()
     residual_at = residual_key(cfg, layout)
     arrays, residual = Uplink(layout, cfg.codec).encode(
         model_payload(model, layout),

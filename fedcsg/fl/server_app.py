@@ -20,16 +20,7 @@ from fedcsg.data.readers import ImageData
 from fedcsg.fl.filter_step import PayloadFilters
 from fedcsg.fl.server_opt import Mask, ServerOptimizer
 from fedcsg.fl.strategy import CSGFedAvg, lr_schedule
-from fedcsg.fl.task import (
-    RUN_ARM_KEY,
-    RUN_SEED_KEY,
-    TRAIN_FACTOR_KEY,
-    build_arm_model,
-    evaluate_model,
-    payload_layout,
-    round_layout,
-    test_data,
-)
+from fedcsg.fl.task import build_arm_model, evaluate_model, payload_layout, round_layout, test_data
 from fedcsg.fl.traffic import bundle_download_bytes
 from fedcsg.nn.csg_factors import FACTORS, factor_keys, frozen_keys, round_factor
 from fedcsg.nn.determinism import set_deterministic
@@ -44,7 +35,7 @@ from fedcsg.runs.report import write_report
 from fedcsg.spec.config import RunConfig
 from fedcsg.wire.downlink import Downlink
 from fedcsg.wire.handoff import Handoff
-from fedcsg.wire.messages import TEST_ACCURACY, TEST_LOSS
+from fedcsg.wire.messages import TEST_ACCURACY, TEST_LOSS, TrainInstruction
 from fedcsg.wire.payload import PayloadLayout, load_payload, model_payload
 from fedcsg.wire.uplink import Uplink
 
@@ -70,8 +61,7 @@ def sampling(cfg: RunConfig) -> dict[str, float | int]:
 
 def min_replies(cfg: RunConfig) -> int:
     """Accepted replies a round needs: min-train-nodes, but never more than the clients sampled."""
-    sampled = cfg.clients_per_round or max(int(cfg.num_clients * cfg.fraction_train), cfg.min_train_nodes)
-    return max(1, min(cfg.min_train_nodes, sampled, cfg.num_clients))
+    return max(1, min(cfg.min_train_nodes, cfg.sampled_clients))
 
 
 def build_server_optimizer(cfg: RunConfig) -> ServerOptimizer:
@@ -117,7 +107,7 @@ def build_strategy(
         max_update_norm=cfg.max_update_norm,
         server_optimizer=build_server_optimizer(cfg),
         mask_fn=optimizer_mask_fn(cfg, model, layout),
-        round_config_fn=lambda server_round: {TRAIN_FACTOR_KEY: factor_of(server_round)},
+        train_factor_fn=factor_of,
         uplink=Uplink(layout, cfg.codec),
         downlink=Downlink.of_config(cfg, layout),
         handoff=handoff,
@@ -168,16 +158,11 @@ def arm_recorder(
     )
 
 
-def train_config(cfg: RunConfig) -> dict[str, int | str]:
-    """What every train message tells its client besides the round: the local training settings
-    and which run it belongs to (arm and seed: one simulation may hold several runs,
+def run_instruction(cfg: RunConfig) -> TrainInstruction:
+    """What every train message of ``cfg``'s run tells its client besides the round: the local training
+    settings and which run it belongs to (arm and seed: one simulation may hold several runs,
     :func:`planned_runs`, whose clients share the run config of the first)."""
-    return {
-        "local-epochs": cfg.local_epochs,
-        "batch-size": cfg.batch_size,
-        RUN_ARM_KEY: cfg.arm,
-        RUN_SEED_KEY: cfg.seed,
-    }
+    return TrainInstruction(local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, arm=cfg.arm, seed=cfg.seed)
 
 
 def progress_line(cfg: RunConfig, record: dict, elapsed: float) -> str:
@@ -303,7 +288,7 @@ class _Federation:
             initial_arrays=sent.pack(layout.unpack(arrays)),
             num_rounds=last,
             timeout=cfg.round_timeout,
-            train_config=ConfigRecord(train_config(cfg)),
+            train_config=run_instruction(cfg).record(),
             evaluate_fn=evaluate_fn,
             first_round=max(first, first_round),
             evaluate_initial=checkpoint is None and first == 1,

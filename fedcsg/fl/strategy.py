@@ -26,10 +26,21 @@ from fedcsg.fl.replies import aggregate_train_metrics, checked_reply
 from fedcsg.fl.server_opt import Mask, ServerOptimizer
 from fedcsg.fl.traffic import accounted_wire_bytes, payload_bytes
 from fedcsg.runs.records import ArmRecorder, RoundRecord
-from fedcsg.spec.config import FAILED_ROUND_POLICIES
+from fedcsg.spec.checks import one_of
+from fedcsg.spec.config import FAILED_ROUND_POLICIES, sample_size
 from fedcsg.wire.downlink import Broadcaster, Downlink
-from fedcsg.wire.handoff import HANDOFF, Handoff
-from fedcsg.wire.messages import PARTITION_ID, TEST_ACCURACY, TEST_LOSS, TRAIN_ACCURACY, TRAIN_LOSS, WEIGHT_KEY
+from fedcsg.wire.handoff import Handoff
+from fedcsg.wire.messages import (
+    HANDOFF,
+    PARTITION_ID,
+    TEST_ACCURACY,
+    TEST_LOSS,
+    TRAIN_ACCURACY,
+    TRAIN_LOSS,
+    WEIGHT_KEY,
+    TrainInstruction,
+    reply_metrics,
+)
 from fedcsg.wire.payload import PayloadLayout, weighted_average
 from fedcsg.wire.uplink import Uplink
 
@@ -71,7 +82,7 @@ class CSGFedAvg(FedAvg):
         is); a lossy one moves the server's full-precision model by the clients' average update,
         a delta one keeps x̂ and resyncs in full the nodes not known to hold it.
     lr_fn
-        Learning rate of a round (``server_round -> lr``), sent in the train config.
+        Learning rate of a round (``server_round -> lr``), sent in the train instruction.
     seed
         Seeds the client sampling of every round (with the round and the attempt).
     min_replies
@@ -89,8 +100,9 @@ class CSGFedAvg(FedAvg):
     mask_fn
         ``server_round -> mask`` of the payload elements the server optimizer may move (see
         :meth:`~fedcsg.wire.payload.PayloadLayout.element_mask`); required with a stateful optimizer.
-    round_config_fn
-        ``server_round -> extra train-config entries`` (e.g. which CSG factor trains).
+    train_factor_fn
+        ``server_round -> the CSG factor that trains`` (:data:`fedcsg.nn.csg_factors.FACTORS`), sent in
+        the train instruction; ``None`` names none (all train).
     handoff
         Arrays each node is handed once and keeps, outside the payload (:class:`~fedcsg.wire.handoff.Handoff`:
         a csg-warm arm's frozen generator); every message names them, a node not known to hold them is
@@ -114,17 +126,14 @@ class CSGFedAvg(FedAvg):
         max_update_norm: float = 0.0,
         server_optimizer: ServerOptimizer | None = None,
         mask_fn: Callable[[int], Mask] | None = None,
-        round_config_fn: Callable[[int], dict[str, Any]] | None = None,
+        train_factor_fn: Callable[[int], str] | None = None,
         uplink: Uplink | None = None,
         downlink: Downlink | None = None,
         handoff: Handoff | None = None,
         payload_filters: PayloadFilters | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
-        if failed_round not in FAILED_ROUND_POLICIES:
-            raise ValueError(
-                f"failed-round = {failed_round!r} is not accepted: one of {', '.join(FAILED_ROUND_POLICIES)} is"
-            )
+        one_of("failed-round", failed_round, FAILED_ROUND_POLICIES)  # RunConfig's rule, for a strategy built alone
         fedavg_kwargs.setdefault("fraction_evaluate", 0.0)  # evaluation is server-side, on the test split
         fedavg_kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
         with without_skipped_evaluation_warning():
@@ -148,7 +157,7 @@ class CSGFedAvg(FedAvg):
         if self.server_optimizer.stateful and mask_fn is None:
             raise ValueError(f"server optimizer {self.server_optimizer.name!r} needs a mask_fn")
         self.mask_fn = mask_fn
-        self.round_config_fn = round_config_fn
+        self.train_factor_fn = train_factor_fn
         self.payload_filters = payload_filters
         self.traffic: dict[int, RoundRecord] = {}
         self.train_metrics: dict[int, MetricRecord] = {}
@@ -191,16 +200,17 @@ class CSGFedAvg(FedAvg):
         return self.traffic.setdefault(server_round, RoundRecord(server_round, started=time.perf_counter()))
 
     def _sample(self, server_round: int, attempt: int, grid: Grid) -> tuple[list[int], list[int]]:
-        """(sampled node ids, all node ids in registration order): FedAvg's sample size, drawn by
-        :func:`sample_positions` after waiting for ``min_available_nodes`` as FedAvg does."""
+        """(sampled node ids, all node ids in registration order): FedAvg's sample size
+        (:func:`~fedcsg.spec.config.sample_size`), drawn by :func:`sample_positions` after waiting for
+        ``min_available_nodes`` as FedAvg does."""
         nodes = ordered_node_ids(grid)
-        sample_size = max(int(len(nodes) * self.fraction_train), self.min_train_nodes)
-        while len(nodes) < max(self.min_available_nodes, sample_size):
-            log(INFO, "Waiting for nodes to connect: %d connected (minimum required: %d).", len(nodes), sample_size)
+        size = sample_size(len(nodes), self.fraction_train, self.min_train_nodes)
+        while len(nodes) < max(self.min_available_nodes, size):
+            log(INFO, "Waiting for nodes to connect: %d connected (minimum required: %d).", len(nodes), size)
             time.sleep(1)
             nodes = ordered_node_ids(grid)
-            sample_size = max(int(len(nodes) * self.fraction_train), self.min_train_nodes)
-        positions = sample_positions(self.seed, server_round, attempt, len(nodes), sample_size)
+            size = sample_size(len(nodes), self.fraction_train, self.min_train_nodes)
+        positions = sample_positions(self.seed, server_round, attempt, len(nodes), size)
         return [nodes[i] for i in positions], nodes
 
     def configure_train(
@@ -218,20 +228,18 @@ class CSGFedAvg(FedAvg):
         for position, node in enumerate(nodes):
             self.partition_of.setdefault(node, position)  # replies correct it if the node says otherwise
         log(INFO, "configure_train: Sampled %s nodes (out of %s), attempt %d", len(node_ids), len(nodes), attempt + 1)
-        round_config = ConfigRecord(
-            {
-                **config,
-                "lr": float(self.lr_fn(server_round)),
-                "attempt": attempt,
-                "server-round": server_round,
-                **(self.round_config_fn(server_round) if self.round_config_fn else {}),
-            }
+        instruction = TrainInstruction.of_record(config).replace(
+            server_round=server_round,
+            lr=float(self.lr_fn(server_round)),
+            attempt=attempt,
+            train_factor=self.train_factor_fn(server_round) if self.train_factor_fn else "",
+            handoff_hash=self.handoff.digest if self.handoff else None,
         )
         messages = []
         handoff = self.handoff
         for group in self.broadcaster.groups(node_ids):
             for nodes, handed in self._handoff_groups(group.nodes):
-                config_of_group = ConfigRecord({**round_config, **group.config, **(handoff.config if handoff else {})})
+                config_of_group = instruction.replace(downlink=group.sync).record()
                 contents = {self.arrayrecord_key: group.record, self.configrecord_key: config_of_group}
                 payload = payload_bytes(group.record)
                 if handoff is not None and handed:
@@ -370,7 +378,9 @@ class CSGFedAvg(FedAvg):
     ) -> Result:
         """Flower's :meth:`Strategy.start` loop, able to continue a run and to retry a round.
 
-        Runs rounds ``first_round..num_rounds`` from ``initial_arrays`` (the global payload after
+        ``train_config`` is the record of the run's :class:`~fedcsg.wire.messages.TrainInstruction`,
+        whose round, attempt, learning rate, CSG factor, downlink versions and handoff each round fills
+        in. Runs rounds ``first_round..num_rounds`` from ``initial_arrays`` (the global payload after
         round ``first_round - 1``). Round 0 (the initial model) is evaluated only when
         ``evaluate_initial``. A client that has not replied within ``timeout`` seconds has failed.
         When a round ends with too few accepted replies, ``retry`` sends it once more. After the
@@ -462,9 +472,10 @@ def _short_reason(reason: object) -> str:
 
 def _reported_partition(reply: Message) -> int | None:
     """The partition id a reply's metrics report, if any."""
-    if len(reply.content.metric_records) != 1:
+    metrics = reply_metrics(reply)
+    if metrics is None:
         return None
-    value = next(iter(reply.content.metric_records.values())).get(PARTITION_ID)
+    value = metrics.get(PARTITION_ID)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 

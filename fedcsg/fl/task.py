@@ -23,9 +23,6 @@ from fedcsg.spec.config import RunConfig
 from fedcsg.spec.settings import DataSettings
 from fedcsg.wire.payload import PayloadLayout
 
-TRAIN_FACTOR_KEY = "train-factor"  # train-config entry: which CSG factor trains (fedcsg.nn.csg_factors.FACTORS)
-RUN_ARM_KEY, RUN_SEED_KEY = "arm", "seed"  # train-config entries: the run a message belongs to
-
 
 def build_arm_model(cfg: RunConfig, arm: str | None = None) -> nn.Module:
     """The model of ``arm`` (default: ``cfg.arm``), initialised from ``cfg.seed``.

@@ -25,8 +25,18 @@ from fedcsg.fl.ray_cluster import DEVICE_KEY, NODE_ID_HEX_LENGTH, NODE_ID_KEY, P
 from fedcsg.fl.task import build_arm_model, payload_layout
 from fedcsg.nn.params import count_parameters
 from fedcsg.spec.config import RunConfig
-from fedcsg.wire.downlink import STATELESS, VERSION_KEY, Broadcaster, Downlink
-from fedcsg.wire.messages import ARRAYS, METRICS, NUM_EXAMPLES, PARTITION_ID, TRAIN_ACCURACY, TRAIN_LOSS, TRAIN_SECONDS
+from fedcsg.wire.downlink import STATELESS, Broadcaster, Downlink
+from fedcsg.wire.messages import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    NUM_EXAMPLES,
+    TRAIN_ACCURACY,
+    TRAIN_LOSS,
+    TRAIN_SECONDS,
+    TrainInstruction,
+    TrainReply,
+)
 from fedcsg.wire.payload import model_payload
 from fedcsg.wire.uplink import Uplink
 
@@ -95,7 +105,7 @@ def train_replies(records: list[ArrayRecord], examples: list[object]) -> list[Me
     offline_task_identity()
     replies = []
     for node, (record, num) in enumerate(zip(records, examples, strict=True), start=1):
-        down = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=node, message_type=MessageType.TRAIN)
+        down = Message(RecordDict({CONFIG: ConfigRecord({"x": 1})}), dst_node_id=node, message_type=MessageType.TRAIN)
         metrics = MetricRecord({NUM_EXAMPLES: num, TRAIN_LOSS: 1.0, TRAIN_ACCURACY: 0.5, TRAIN_SECONDS: 1.0})
         replies.append(Message(RecordDict({ARRAYS: record, METRICS: metrics}), reply_to=down))
     return replies
@@ -143,31 +153,17 @@ def round_messages(
         broadcaster.held[node_id] = broadcaster.version
         received = broadcaster.prepare(_moved(arrays, layout.floating_keys(), rng))
     group = broadcaster.groups([node_id])[0]
-    config = ConfigRecord(
-        {
-            "local-epochs": cfg.local_epochs,
-            "batch-size": cfg.batch_size,
-            "lr": cfg.lr,
-            "attempt": 0,
-            "server-round": 1,
-            **group.config,
-        }
-    )
+    # The run's instruction of round 1, without the arm and seed (the bytes of a run of its own)
+    instruction = TrainInstruction(cfg.local_epochs, cfg.batch_size, server_round=1, lr=cfg.lr, downlink=group.sync)
     down = Message(
-        RecordDict({ARRAYS: group.record, "config": config}), dst_node_id=node_id, message_type=MessageType.TRAIN
+        RecordDict({ARRAYS: group.record, CONFIG: instruction.record()}),
+        dst_node_id=node_id,
+        message_type=MessageType.TRAIN,
     )
     local = _moved(received, layout.floating_keys(), rng)
     reply, _ = Uplink(layout, cfg.codec).encode(local, received, None, rng)
-    metrics = MetricRecord(
-        {
-            NUM_EXAMPLES: 5000,
-            TRAIN_LOSS: 1.0,
-            TRAIN_ACCURACY: 0.5,
-            TRAIN_SECONDS: 1.0,
-            PARTITION_ID: 0,
-            **({VERSION_KEY: broadcaster.version} if broadcaster.downlink.is_delta else {}),
-        }
-    )
+    version = broadcaster.version if broadcaster.downlink.is_delta else None
+    metrics = TrainReply(5000, 1.0, 0.5, 1.0, partition_id=0, downlink_version=version).record()
     up = Message(RecordDict({ARRAYS: reply, METRICS: metrics, PLACEMENT: SIMULATED_PLACEMENT}), reply_to=down)
     return down, up
 

@@ -9,8 +9,8 @@ from typing import Any
 
 from fedcsg.runs.summary import rounds_by_number
 from fedcsg.spec.arms import MODELS, Arm
+from fedcsg.spec.codecs import CODECS, NO_CODEC_LINESTYLE
 
-CODEC_LINESTYLES = {"": "-", "fp16": "--", "int8": ":", "topk": "-."}
 DOWNLINK_MARKERS = {"": "o", "full": "o", "fp16": "s", "int8": "^", "delta-int8": "v", "delta-topk": "D"}
 
 
@@ -23,7 +23,7 @@ def _style(arm: str) -> dict[str, Any]:
         return {"marker": "o"}
     return {
         "color": f"C{MODELS.index(parsed.model)}",
-        "linestyle": CODEC_LINESTYLES[parsed.codec],
+        "linestyle": CODECS[parsed.codec].linestyle if parsed.codec else NO_CODEC_LINESTYLE,
         "marker": DOWNLINK_MARKERS[parsed.downlink],
     }
 

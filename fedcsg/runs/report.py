@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from fedcsg.runs.plots import plot_accuracy
 from fedcsg.runs.records import ROUND_FIELDS, read_arm_record
 from fedcsg.runs.summary import (
     LAST_ROUNDS,
+    ArmSummary,
     directions,
     load_results,
     metric_names,
@@ -44,14 +46,15 @@ from fedcsg.runs.summary import (
     spread,
     summarize,
     summarize_seeds,
+    summary_records,
 )
 from fedcsg.runs.winner import WINNER_RULE, accuracy_noise_sentence, fewest_bytes_over_seeds, one_seed_bytes_sentence
 from fedcsg.spec.checks import parse_seeds, shown
 from fedcsg.spec.config import identity_of
 
 
-def _resync(s: dict[str, Any]) -> str:
-    return f"{s['resynced']} ({_mb(s['wire_down_resync'])})" if s["resynced"] else "-"
+def _resync(s: ArmSummary) -> str:
+    return f"{s.resynced} ({_mb(s.wire_down_resync)})" if s.resynced else "-"
 
 
 def _times(ratio: float | None) -> str:
@@ -82,9 +85,9 @@ def _setup(cfg: dict[str, Any]) -> str:
     )
 
 
-def _node_download_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
+def _node_download_lines(summary: dict[str, ArmSummary]) -> list[str]:
     """The deployment's table of what one node downloads in all (empty for a simulation)."""
-    deployed = {arm: s for arm, s in summary.items() if s["bundle_bytes"] is not None}
+    deployed = {arm: s for arm, s in summary.items() if s.bundle_bytes is not None}
     if not deployed:
         return []
     lines = [
@@ -98,18 +101,19 @@ def _node_download_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for arm, s in deployed.items():
-        per_node = s["node_download_bytes"] - s["bundle_bytes"]
+        assert s.bundle_bytes is not None and s.node_download_bytes is not None
+        per_node = s.node_download_bytes - s.bundle_bytes
         lines.append(
-            f"| {arm} | {s['bundle_bytes']:,} B | {_mb(per_node / s['rounds'])} | {s['rounds']} | "
-            f"{s['node_download_bytes']:,} B ({_mb(s['node_download_bytes'])}) |"
+            f"| {arm} | {s.bundle_bytes:,} B | {_mb(per_node / s.rounds)} | {s.rounds} | "
+            f"{s.node_download_bytes:,} B ({_mb(s.node_download_bytes)}) |"
         )
     return lines
 
 
-def device_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
+def device_lines(summary: dict[str, ArmSummary]) -> list[str]:
     """The table of where each arm computed: its clients' devices (aggregated replies per device,
     from the rounds' ``devices``) and the server's; none for records that name no device (older runs)."""
-    if not any(s.get("client_devices") or s.get("server_device") for s in summary.values()):
+    if not any(s.client_devices or s.server_device for s in summary.values()):
         return []
     lines = [
         "",
@@ -120,8 +124,8 @@ def device_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
         "| --- | --- | --- |",
     ]
     for arm, s in summary.items():
-        clients = ", ".join(f"{device} ({count})" for device, count in s.get("client_devices", {}).items()) or "-"
-        lines.append(f"| {arm} | {clients} | {s.get('server_device') or '-'} |")
+        clients = ", ".join(f"{device} ({count})" for device, count in s.client_devices.items()) or "-"
+        lines.append(f"| {arm} | {clients} | {s.server_device or '-'} |")
     return lines
 
 
@@ -163,7 +167,7 @@ def _filter_step_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _report_head(results: dict[str, Any], summary: dict[str, dict[str, Any]]) -> list[str]:
+def _report_head(results: dict[str, Any], summary: dict[str, ArmSummary]) -> list[str]:
     """A one-seed report's lines down to its per-round table: setup, the arms' table, the sentences."""
     cfg = results["config"]
     first = summary[next(iter(summary))]
@@ -186,55 +190,86 @@ def _report_head(results: dict[str, Any], summary: dict[str, dict[str, Any]]) ->
         "",
         f"| arm | up | down | final {short} | best {short} | payload up / round | payload down / round | "
         "wire up / round | wire down / round | resynced | total wire | upload ratio vs fedavg | "
-        f"total ratio vs fedavg | wire bytes to {first['target_accuracy']:.0%} {short} | "
+        f"total ratio vs fedavg | wire bytes to {first.target_accuracy:.0%} {short} | "
         "wire bytes to fedavg - 1 pt | seconds |",
         "| --- | --- | --- |" + " ---: |" * 13,
     ]
     for arm, s in summary.items():
-        up_ratio, total_ratio = _times(s.get("upload_ratio_vs_fedavg")), _times(s.get("total_ratio_vs_fedavg"))
-        match = _reach(s["wire_bytes_to_match"], s["round_to_match"]) if s["match_accuracy"] is not None else "-"
+        up_ratio, total_ratio = _times(s.upload_ratio_vs_fedavg), _times(s.total_ratio_vs_fedavg)
+        match = _reach(s.wire_bytes_to_match, s.round_to_match) if s.match_accuracy is not None else "-"
         lines.append(
-            f"| {arm} | {s['uplink']} | {s['downlink']} | {s['final_accuracy']:.4f} | {s['best_accuracy']:.4f} | "
-            f"{_mb(s['payload_up_per_round'])} | {_mb(s['payload_down_per_round'])} | {_mb(s['wire_up_per_round'])} | "
-            f"{_mb(s['wire_down_per_round'])} | {_resync(s)} | {_mb(s['total_wire_bytes'])} | {up_ratio} | "
+            f"| {arm} | {s.uplink} | {s.downlink} | {s.final_accuracy:.4f} | {s.best_accuracy:.4f} | "
+            f"{_mb(s.payload_up_per_round)} | {_mb(s.payload_down_per_round)} | {_mb(s.wire_up_per_round)} | "
+            f"{_mb(s.wire_down_per_round)} | {_resync(s)} | {_mb(s.total_wire_bytes)} | {up_ratio} | "
             f"{total_ratio} | "
-            f"{_reach(s['wire_bytes_to_target'], s['round_to_target'])} | {match} | {s['seconds']:.1f} |"
+            f"{_reach(s.wire_bytes_to_target, s.round_to_target)} | {match} | {s.seconds:.1f} |"
         )
-    goal_target, goal_match = _goal_names(first["target_accuracy"], first["match_accuracy"], metric)
-    lines += ["", one_seed_bytes_sentence({arm: s["wire_bytes_to_target"] for arm, s in summary.items()}, goal_target)]
-    if first["match_accuracy"] is not None:
-        lines.append(one_seed_bytes_sentence({arm: s["wire_bytes_to_match"] for arm, s in summary.items()}, goal_match))
+    goal_target, goal_match = _goal_names(first.target_accuracy, first.match_accuracy, metric)
+    lines += ["", one_seed_bytes_sentence({arm: s.wire_bytes_to_target for arm, s in summary.items()}, goal_target)]
+    if first.match_accuracy is not None:
+        lines.append(one_seed_bytes_sentence({arm: s.wire_bytes_to_match for arm, s in summary.items()}, goal_match))
     lines += _node_download_lines(summary)
     lines += device_lines(summary)
     lines += _filter_step_lines(results)
     faults = [
-        f"{arm}: {s['failed_rounds']} failed round(s), {s['failed_replies']} failed and "
-        f"{s['rejected_replies']} rejected client replies"
+        f"{arm}: {s.failed_rounds} failed round(s), {s.failed_replies} failed and "
+        f"{s.rejected_replies} rejected client replies"
         for arm, s in summary.items()
-        if s["failed_rounds"] or s["failed_replies"] or s["rejected_replies"]
+        if s.failed_rounds or s.failed_replies or s.rejected_replies
     ]
     if faults:
         lines += ["", "Client faults (`failed`, `rejected`, `status` in results.csv): " + "; ".join(faults) + "."]
     return lines
 
 
-def _report_rounds(results: dict[str, Any]) -> list[str]:
-    """A one-seed report's per-round table and plots."""
-    lines = ["", f"## Test {metric_names(results['config'])[1]} per round", ""]
-    arms = list(results["arms"])
+PLOT_LINES = ["", "![accuracy vs bytes](accuracy_vs_bytes.png)", "", "![accuracy vs round](accuracy_vs_round.png)", ""]
+
+
+def _rounds_lines(
+    config: dict[str, Any], per_seed: dict[int, dict[str, Any]], arms: list[str], over_seeds: bool
+) -> list[str]:
+    """The report's per-round table of ``arms`` (a one-seed run: its accuracy; a run over seeds, even
+    one: mean ± std over them) and its plots."""
+    over = " (mean ± std over the seeds)" if over_seeds else ""
+    lines = ["", f"## Test {metric_names(config)[1]} per round{over}", ""]
     lines.append("| round | " + " | ".join(arms) + " |")
     lines.append("| ---: | " + " | ".join("---:" for _ in arms) + " |")
-    by_round: dict[int, dict[str, float]] = {}
-    for arm, data in results["arms"].items():
-        for r in data["rounds"]:
-            by_round.setdefault(r["round"], {})[arm] = r["test_accuracy"]
-    for rnd in sorted(by_round):
-        cells = [f"{by_round[rnd][a]:.4f}" if a in by_round[rnd] else "" for a in arms]
+    table = {arm: rounds_by_number(per_seed, arm) for arm in arms}
+    for rnd in sorted({r for arm in arms for r in table[arm]}):
+        values = {arm: [r["test_accuracy"] for r in table[arm][rnd]] for arm in arms if rnd in table[arm]}
+        cells = [
+            "" if arm not in values else _pm(spread(values[arm]), ".4f") if over_seeds else f"{values[arm][0]:.4f}"
+            for arm in arms
+        ]
         lines.append(f"| {rnd} | " + " | ".join(cells) + " |")
     return [*lines, *PLOT_LINES]
 
 
-PLOT_LINES = ["", "![accuracy vs bytes](accuracy_vs_bytes.png)", "", "![accuracy vs round](accuracy_vs_round.png)", ""]
+def _write_files(
+    out_dir: Path,
+    document: dict[str, Any],
+    per_seed: dict[int, dict[str, Any]],
+    arms: list[str],
+    head: Callable[[], list[str]],
+    title: str,
+) -> None:
+    """Write results.json (``document``), results.csv (a row per arm, seed in a run over seeds, and
+    round), and, when any arm trained a round, report.md (``head()`` and :func:`_rounds_lines`) and
+    the plots: a one-seed run's files and a run over seeds' files alike (``per_seed`` of one seed or
+    several; a run over seeds is told by its document's ``per_seed``)."""
+    over_seeds = "per_seed" in document
+    atomic_write_text(out_dir / RESULTS_JSON, strict_json(document))
+    rows = [
+        {"arm": arm, **({"seed": seed} if over_seeds else {}), **{k: _csv_cell(r.get(k)) for k in ROUND_FIELDS}}
+        for arm in arms
+        for seed, seed_results in per_seed.items()
+        for r in seed_results["arms"].get(arm, {}).get("rounds", [])
+    ]
+    _write_csv(out_dir / RESULTS_CSV, ["arm", *(["seed"] if over_seeds else []), *ROUND_FIELDS], rows)
+    if document["summary"]:
+        config = document["config"]
+        atomic_write_text(out_dir / REPORT_MD, "\n".join(head() + _rounds_lines(config, per_seed, arms, over_seeds)))
+        plot_accuracy(per_seed, arms, title, out_dir, metric_names(config)[1])
 
 
 def report_summary(results: dict[str, Any]) -> str:
@@ -242,7 +277,8 @@ def report_summary(results: dict[str, Any]) -> str:
     (one seed or several): what ``fedcsg run`` / ``compare`` print when they finish."""
     if "per_seed" in results:
         return "\n".join(_seeds_head(results["config"], list(results["per_seed"]), results["summary"])).strip()
-    return "\n".join(_report_head(results, results["summary"])).strip()
+    summaries = {arm: ArmSummary(**record) for arm, record in results["summary"].items()}
+    return "\n".join(_report_head(results, summaries)).strip()
 
 
 def _csv_cell(value: Any) -> Any:
@@ -303,21 +339,11 @@ def write_report(out_dir: str | Path) -> dict[str, Any]:
     if seeds and not holds_arms(out_dir):
         return write_seeds_report(out_dir, {seed: write_report(path) for seed, path in seeds.items()})
     results = load_results(out_dir)
-    summary = summarize(results)
-    results["summary"] = summary
-    atomic_write_text(out_dir / RESULTS_JSON, strict_json(results))
-    rows = [
-        {"arm": arm, **{k: _csv_cell(r.get(k)) for k in ROUND_FIELDS}}
-        for arm, data in results["arms"].items()
-        for r in data["rounds"]
-    ]
-    _write_csv(out_dir / RESULTS_CSV, ["arm", *ROUND_FIELDS], rows)
-    if summary:
-        atomic_write_text(out_dir / REPORT_MD, "\n".join(_report_head(results, summary) + _report_rounds(results)))
-        title = f"{results['config'].get('model')} on {results['config'].get('dataset')}"
-        plot_accuracy(
-            {results["seed"]: results}, list(results["arms"]), title, out_dir, metric_names(results["config"])[1]
-        )
+    summaries = summarize(results)
+    results["summary"] = summary_records(summaries)
+    title = f"{results['config'].get('model')} on {results['config'].get('dataset')}"
+    head = lambda: _report_head(results, summaries)  # noqa: E731 - read only when there is a report
+    _write_files(out_dir, results, {results["seed"]: results}, list(results["arms"]), head, title)
     return results
 
 
@@ -394,22 +420,6 @@ def _seeds_head(config: dict[str, Any], seeds: list[Any], summary: dict[str, Any
     return lines
 
 
-def _seeds_rounds(config: dict[str, Any], per_seed: dict[int, dict[str, Any]], summary: dict[str, Any]) -> list[str]:
-    """A report over seeds' per-round table (mean ± std) and plots."""
-    lines = ["", f"## Test {metric_names(config)[1]} per round (mean ± std over the seeds)", ""]
-    arms = list(summary)
-    lines.append("| round | " + " | ".join(arms) + " |")
-    lines.append("| ---: | " + " | ".join("---:" for _ in arms) + " |")
-    table = {arm: rounds_by_number(per_seed, arm) for arm in arms}
-    for rnd in sorted({r for arm in arms for r in table[arm]}):
-        cells = [
-            _pm(spread([r["test_accuracy"] for r in table[arm][rnd]]), ".4f") if rnd in table[arm] else ""
-            for arm in arms
-        ]
-        lines.append(f"| {rnd} | " + " | ".join(cells) + " |")
-    return [*lines, *PLOT_LINES]
-
-
 def _write_csv(path: Path, fieldnames: list[str], rows: list[dict[str, Any]]) -> None:
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=fieldnames)
@@ -431,17 +441,7 @@ def write_seeds_report(out_dir: Path, per_seed: dict[int, dict[str, Any]]) -> di
         "summary": summary,
         "per_seed": {str(seed): {"summary": r["summary"], "arms": r["arms"]} for seed, r in per_seed.items()},
     }
-    atomic_write_text(out_dir / RESULTS_JSON, strict_json(results))
-    rows = [
-        {"arm": arm, "seed": seed, **{k: _csv_cell(r.get(k)) for k in ROUND_FIELDS}}
-        for arm in summary
-        for seed, seed_results in per_seed.items()
-        for r in seed_results["arms"].get(arm, {}).get("rounds", [])
-    ]
-    _write_csv(out_dir / RESULTS_CSV, ["arm", "seed", *ROUND_FIELDS], rows)
-    if summary:
-        markdown = _seeds_head(config, list(per_seed), summary) + _seeds_rounds(config, per_seed, summary)
-        atomic_write_text(out_dir / REPORT_MD, "\n".join(markdown))
-        title = f"{config.get('model')} on {config.get('dataset')}, {len(per_seed)} seeds"
-        plot_accuracy(per_seed, list(summary), title, out_dir, metric_names(config)[1])
+    title = f"{config.get('model')} on {config.get('dataset')}, {len(per_seed)} seeds"
+    head = lambda: _seeds_head(config, list(per_seed), summary)  # noqa: E731 - read only when there is a report
+    _write_files(out_dir, results, per_seed, list(summary), head, title)
     return results

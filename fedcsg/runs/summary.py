@@ -5,8 +5,10 @@ minus one point; over seeds, the mean and spread of each."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +95,57 @@ def directions(arm: str, config: dict[str, Any]) -> tuple[str, str]:
     return parsed.codec or "full", parsed.downlink_or(str(config.get("downlink", "full")))
 
 
-def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+@dataclass(frozen=True)
+class ArmSummary:
+    """The figures of one arm of a one-seed run (:func:`summarize`; a run over seeds has each as a
+    spread over its seeds, :func:`summarize_seeds`). Bytes per round are the means over the trained
+    rounds; ``None`` where a goal was never reached, or without a fedavg arm to compare with."""
+
+    uplink: str
+    downlink: str
+    rounds: int
+    final_accuracy: float
+    best_accuracy: float
+    last_accuracy: float
+    payload_up_per_round: float
+    payload_down_per_round: float
+    wire_up_per_round: float
+    wire_down_per_round: float
+    total_wire_bytes: int
+    total_payload_bytes: int
+    target_accuracy: float
+    wire_bytes_to_target: int | None
+    round_to_target: int | None
+    match_accuracy: float | None
+    wire_bytes_to_match: int | None
+    round_to_match: int | None
+    seconds: float
+    failed_rounds: int
+    failed_replies: int
+    rejected_replies: int
+    resynced: int
+    wire_down_resync: int
+    bundle_bytes: int | None
+    node_download_bytes: int | None
+    client_devices: dict[str, int]
+    server_device: str | None
+    upload_ratio_vs_fedavg: float | None = None
+    total_ratio_vs_fedavg: float | None = None
+
+    def record(self, vs_fedavg: bool) -> dict[str, Any]:
+        """Its entry in results.json: every figure, the ratios to fedavg only in a run with a fedavg arm."""
+        record = dataclasses.asdict(self)
+        if not vs_fedavg:
+            del record["upload_ratio_vs_fedavg"], record["total_ratio_vs_fedavg"]
+        return record
+
+
+def summary_records(summaries: dict[str, ArmSummary]) -> dict[str, dict[str, Any]]:
+    """The ``summary`` of a one-seed run's results.json."""
+    return {arm: summary.record("fedavg" in summaries) for arm, summary in summaries.items()}
+
+
+def summarize(results: dict[str, Any]) -> dict[str, ArmSummary]:
     """Per-arm figures of the report (see :func:`write_report`).
 
     Besides the arm's own figures: the wire bytes (up + down, cumulative) until the test accuracy
@@ -104,7 +156,7 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     target = float(results["config"].get("target-accuracy", 0.5))
     fedavg_rounds = [r for r in results["arms"].get("fedavg", {}).get("rounds", []) if r["round"] > 0]
     match = fedavg_rounds[-1]["test_accuracy"] - MATCH_MARGIN if fedavg_rounds else None
-    summary: dict[str, dict[str, Any]] = {}
+    summary: dict[str, ArmSummary] = {}
     for arm, data in results["arms"].items():
         rounds = [r for r in data["rounds"] if r["round"] > 0]
         if not rounds:
@@ -114,42 +166,45 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         reached = _first_reaching(rounds, target)
         matched = _first_reaching(rounds, match) if match is not None else None
         up, down = directions(arm, data.get("config", {}))
-        summary[arm] = {
-            "uplink": up,
-            "downlink": down,
-            "rounds": len(rounds),
-            "final_accuracy": last["test_accuracy"],
-            "best_accuracy": max(accuracies),
-            "last_accuracy": sum(r["test_accuracy"] for r in rounds[-LAST_ROUNDS:]) / len(rounds[-LAST_ROUNDS:]),
+        summary[arm] = ArmSummary(
+            uplink=up,
+            downlink=down,
+            rounds=len(rounds),
+            final_accuracy=last["test_accuracy"],
+            best_accuracy=max(accuracies),
+            last_accuracy=sum(r["test_accuracy"] for r in rounds[-LAST_ROUNDS:]) / len(rounds[-LAST_ROUNDS:]),
             # The mean over the trained rounds: a delta downlink's first round resyncs every node in full.
-            "payload_up_per_round": last["cum_payload_up"] / len(rounds),
-            "payload_down_per_round": last["cum_payload_down"] / len(rounds),
-            "wire_up_per_round": last["cum_wire_up"] / len(rounds),
-            "wire_down_per_round": last["cum_wire_down"] / len(rounds),
-            "total_wire_bytes": last["cum_wire_up"] + last["cum_wire_down"],
-            "total_payload_bytes": last["cum_payload_up"] + last["cum_payload_down"],
-            "target_accuracy": target,
-            "wire_bytes_to_target": _wire_total(reached),
-            "round_to_target": reached["round"] if reached else None,
-            "match_accuracy": match,
-            "wire_bytes_to_match": _wire_total(matched),
-            "round_to_match": matched["round"] if matched else None,
-            "seconds": sum(r["seconds"] or 0.0 for r in rounds),
-            "failed_rounds": sum(r.get("status") == "failed" for r in rounds),
-            "failed_replies": sum(r.get("failed") or 0 for r in rounds),
-            "rejected_replies": sum(r.get("rejected") or 0 for r in rounds),
-            "resynced": sum(r.get("resynced") or 0 for r in rounds),
-            "wire_down_resync": sum(r.get("wire_down_resync") or 0 for r in rounds),
-            "bundle_bytes": data.get("bundle_bytes"),
-            "node_download_bytes": node_download_bytes(data.get("bundle_bytes"), rounds),
-            "client_devices": client_devices(rounds),
-            "server_device": data.get("server_device"),
-        }
+            payload_up_per_round=last["cum_payload_up"] / len(rounds),
+            payload_down_per_round=last["cum_payload_down"] / len(rounds),
+            wire_up_per_round=last["cum_wire_up"] / len(rounds),
+            wire_down_per_round=last["cum_wire_down"] / len(rounds),
+            total_wire_bytes=last["cum_wire_up"] + last["cum_wire_down"],
+            total_payload_bytes=last["cum_payload_up"] + last["cum_payload_down"],
+            target_accuracy=target,
+            wire_bytes_to_target=_wire_total(reached),
+            round_to_target=reached["round"] if reached else None,
+            match_accuracy=match,
+            wire_bytes_to_match=_wire_total(matched),
+            round_to_match=matched["round"] if matched else None,
+            seconds=sum(r["seconds"] or 0.0 for r in rounds),
+            failed_rounds=sum(r.get("status") == "failed" for r in rounds),
+            failed_replies=sum(r.get("failed") or 0 for r in rounds),
+            rejected_replies=sum(r.get("rejected") or 0 for r in rounds),
+            resynced=sum(r.get("resynced") or 0 for r in rounds),
+            wire_down_resync=sum(r.get("wire_down_resync") or 0 for r in rounds),
+            bundle_bytes=data.get("bundle_bytes"),
+            node_download_bytes=node_download_bytes(data.get("bundle_bytes"), rounds),
+            client_devices=client_devices(rounds),
+            server_device=data.get("server_device"),
+        )
     if "fedavg" in summary:
         base = summary["fedavg"]
-        for figures in summary.values():
-            figures["upload_ratio_vs_fedavg"] = ratio(base["wire_up_per_round"], figures["wire_up_per_round"])
-            figures["total_ratio_vs_fedavg"] = ratio(base["total_wire_bytes"], figures["total_wire_bytes"])
+        for arm, figures in summary.items():
+            summary[arm] = dataclasses.replace(
+                figures,
+                upload_ratio_vs_fedavg=ratio(base.wire_up_per_round, figures.wire_up_per_round),
+                total_ratio_vs_fedavg=ratio(base.total_wire_bytes, figures.total_wire_bytes),
+            )
     return summary
 
 

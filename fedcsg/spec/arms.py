@@ -22,7 +22,7 @@ Models
     rounds and is then frozen: from round K+1 only the codes and the ordinary layers travel, both
     ways, and each node is handed the frozen generator once (:mod:`fedcsg.wire.handoff`).
 
-Uplink codecs: ``fp16``, ``int8`` (stochastic rounding) and ``topk`` (with error feedback).
+Uplink codecs: the names in :data:`fedcsg.spec.codecs.CODECS`, each described by its class there.
 Downlinks: ``full``, ``fp16``, ``int8`` (blockwise, stateless), ``delta-int8`` and ``delta-topk``
 (compressed change of the model the clients hold, with error feedback on the server).
 
@@ -52,8 +52,8 @@ STEM_DOWN_SEPARATOR = "~"  # how a file name spells DOWN_SEPARATOR
 
 @dataclass(frozen=True)
 class Arm:
-    """One arm: a model part (one of :data:`MODELS`), an optional uplink codec (one of
-    :data:`CODECS`) and an optional downlink (one of :data:`DOWNLINKS`; "" = the run's default)."""
+    """One arm: a model part (one of :data:`MODELS`), an optional uplink codec (a name in
+    :data:`~fedcsg.spec.codecs.CODECS`) and an optional downlink (one of :data:`DOWNLINKS`; "" = the run's default)."""
 
     model: str
     codec: str = ""
@@ -92,7 +92,7 @@ class Arm:
     def sort_key(self) -> tuple[int, int, int]:
         return (
             MODELS.index(self.model),
-            (CODECS.index(self.codec) + 1) if self.codec else 0,
+            (list(CODECS).index(self.codec) + 1) if self.codec else 0,
             (DOWNLINKS.index(self.downlink) + 1) if self.downlink else 0,
         )
 

@@ -26,13 +26,21 @@ from fedcsg.nn.models import check_trainable
 from fedcsg.nn.training import SCHEDULES
 from fedcsg.spec.arms import DOWN_SEPARATOR, DOWNLINKS, SEPARATOR, Arm, check_arm
 from fedcsg.spec.checks import check_ray_address, check_seed, coerce, kebab, names, one_of, parse_seeds, shown
-from fedcsg.spec.codecs import Codec
+from fedcsg.spec.codecs import Codec, codec_type
 from fedcsg.spec.resources import DEFAULT_CLIENTS_PER_GPU, SERVER_DEVICES, check_client_num_gpus
 from fedcsg.spec.settings import DataSettings, ModelSettings
 
 DATASETS = tuple(DATASET_SPECS)
 DEVICES = ("auto", "cpu", "cuda")
 FAILED_ROUND_POLICIES = ("skip", "retry")  # fewer accepted replies than the minimum: keep the model, or resend once
+
+
+def sample_size(num_nodes: int, fraction: float, minimum: int) -> int:
+    """The nodes a round samples out of ``num_nodes`` connected ones: Flower's FedAvg rule,
+    ``max(int(num_nodes * fraction), minimum)`` (``fraction-train``, ``min-train-nodes``)."""
+    return max(int(num_nodes * fraction), minimum)
+
+
 PACKINGS = ("flat", "per-tensor")  # how a payload's float entries travel: one flat array, or one per tensor
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")  # fedcsg.fl.server_opt: Flower's strategies
 # Keys that say where or how a run is carried out, not what it computes: a resumed run may differ in them
@@ -297,7 +305,7 @@ class RunConfig:
     def codec(self) -> Codec | None:
         """The uplink codec of this run's arm (``csg+int8``: int8), None for an arm without one."""
         name = Arm.parse(self.arm).codec
-        return Codec(name, self.topk_fraction) if name else None
+        return codec_type(name).of_run(self) if name else None
 
     @property
     def downlink_mode(self) -> str:
@@ -326,6 +334,14 @@ class RunConfig:
         # DeepLabV3 (a double free; docs/performance.md).
         return Execution(compile=compiled, channels_last=self.channels_last and classifier, precision=self.precision)
 
+    @property
+    def sampled_clients(self) -> int:
+        """The clients a round samples once all ``num-clients`` are connected: ``clients-per-round``,
+        else :func:`sample_size` with ``min-train-nodes`` capped at ``num-clients``."""
+        if self.clients_per_round:
+            return self.clients_per_round
+        return sample_size(self.num_clients, self.fraction_train, min(self.min_train_nodes, self.num_clients))
+
     def images_per_process(self) -> float:
         """Images one training process trains over the run, estimated from the settings: rounds x
         local epochs x the images sampled a round, shared by as many processes as run at once
@@ -333,7 +349,7 @@ class RunConfig:
         (``train-limit`` 0) counts as unbounded."""
         if self.train_limit == 0:
             return float("inf")
-        sampled = self.clients_per_round or max(1, round(self.fraction_train * self.num_clients))
+        sampled = max(1, self.sampled_clients)
         processes = max(1, min(sampled, (os.cpu_count() or 1) // self.client_num_cpus))
         return self.num_rounds * self.local_epochs * self.train_limit * (sampled / self.num_clients) / processes
 

@@ -23,13 +23,13 @@ Delta downlinks with error feedback on the server (DoubleSqueeze, EF21-P):
     is sent x̂ itself in full, and those bytes are counted as *resync* bytes.
 
 Version protocol of the delta downlinks: every broadcast has a version (1, 2, ...) and the sha256
-(first 16 hex digits) of its x̂. The train config carries ``downlink-kind`` (``delta`` or
-``full``), ``downlink-base`` (the version a delta applies to), ``downlink-version`` and
-``downlink-hash``. A client keeps x̂ and its version in ``Context.state``; sent a delta against a
-version it does not hold, or ending with an x̂ whose hash is not the server's, it raises
-:class:`DownlinkOutOfSync` and its round fails (it never trains from a wrong model). Its reply
-reports the version it now holds (metric ``downlink-version``); the server counts a node as in
-sync only after such a reply.
+(first 16 hex digits) of its x̂. The train config carries them
+(:class:`~fedcsg.wire.messages.DownlinkSync`): ``downlink-kind`` (``delta`` or ``full``),
+``downlink-base`` (the version a delta applies to), ``downlink-version`` and ``downlink-hash``. A
+client keeps x̂ and its version in ``Context.state``; sent a delta against a version it does not
+hold, or ending with an x̂ whose hash is not the server's, it raises :class:`DownlinkOutOfSync` and
+its round fails (it never trains from a wrong model). Its reply reports the version it now holds
+(metric ``downlink-version``); the server counts a node as in sync only after such a reply.
 
 Whatever the downlink, the server keeps its own full-precision model: the clients' updates are
 decoded against what they received, and the server moves its model by their average
@@ -48,13 +48,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedcsg.spec.arms import DOWNLINKS
 from fedcsg.spec.checks import one_of
-from fedcsg.spec.codecs import ArraySpecs, Codec, block_lengths, int8_dequantize, int8_quantize
+from fedcsg.spec.codecs import ArraySpecs, TopK, block_lengths, int8_dequantize, int8_quantize
+from fedcsg.wire.messages import DOWNLINK_KIND, DOWNLINK_VERSION, DownlinkSync, reply_metrics
 from fedcsg.wire.payload import Framing, PayloadLayout, assemble, check_specs, flat_floats
 
 BLOCK = 256  # values per int8 scale (docs/downlink.md: error and bytes against per-tensor scales)
 STATELESS = ("full", "fp16", "int8")
 DOWN_PREFIX = "down."
-KIND_KEY, BASE_KEY, VERSION_KEY, HASH_KEY = "downlink-kind", "downlink-base", "downlink-version", "downlink-hash"
 STATE_MODEL, STATE_HELD = "downlink-model", "downlink-held"  # a client's Context.state records
 
 
@@ -116,19 +116,19 @@ class Downlink:
     def _compress(self, values: np.ndarray) -> dict[str, np.ndarray]:
         if self.mode in ("int8", "delta-int8"):
             return int8_quantize(values, self.blocks)
-        return Codec("topk", self.topk_fraction).encode(values, self.layout.segments, np.random.default_rng(0))
+        return TopK(self.topk_fraction).encode(values, self.layout.segments, np.random.default_rng(0))
 
     def _expand(self, parts: dict[str, np.ndarray]) -> np.ndarray:
         segments = self.layout.segments
         if self.mode in ("int8", "delta-int8"):
             return int8_dequantize(parts, self.blocks)
-        return Codec("topk", self.topk_fraction).decode(parts, sum(segments), segments)
+        return TopK(self.topk_fraction).decode(parts, sum(segments), segments)
 
     def _part_specs(self) -> ArraySpecs:
         segments = self.layout.segments
         if self.mode in ("int8", "delta-int8"):
             return {"int8": ((sum(segments),), "int8"), "scale": ((len(self.blocks),), "float32")}
-        return Codec("topk", self.topk_fraction).specs(sum(segments), segments)
+        return TopK(self.topk_fraction).specs(sum(segments), segments)
 
     def compressed_specs(self) -> ArraySpecs:
         """``{key: (shape, dtype)}`` of a compressed message (``int8``, or a delta's)."""
@@ -209,11 +209,11 @@ def held_version(state: RecordDict, run: str = "") -> tuple[int, str] | None:
 
 
 def receive(
-    downlink: Downlink, record: ArrayRecord, config: ConfigRecord, state: RecordDict, run: str = ""
+    downlink: Downlink, record: ArrayRecord, sync: DownlinkSync | None, state: RecordDict, run: str = ""
 ) -> ArrayRecord:
-    """The payload a client trains from: the decoded message (stateless), or its new x̂ (delta), which
-    it keeps in ``state`` (its ``Context.state``, under :func:`state_keys` of ``run``) with the
-    version and hash.
+    """The payload a client trains from: the decoded message (stateless), or its new x̂ (delta, as
+    ``sync``, the message's versions, says), which it keeps in ``state`` (its ``Context.state``, under
+    :func:`state_keys` of ``run``) with the version and hash.
 
     Raises
     ------
@@ -224,12 +224,14 @@ def receive(
     """
     if not downlink.is_delta:
         return downlink.decode(record)
-    kind, version, digest = str(config[KIND_KEY]), int(config[VERSION_KEY]), str(config[HASH_KEY])
+    if sync is None:
+        raise ValueError(f"{downlink.mode} downlink: the train message names no version")
+    kind, version, digest = sync.kind, sync.version, sync.digest
     if kind == "full":
         check_specs(record, downlink.layout.array_specs())
         model = record
     elif kind == "delta":
-        base, held = int(config[BASE_KEY]), held_version(state, run)
+        base, held = sync.base, held_version(state, run)
         if held is None or held[0] != base:
             what = "no model" if held is None else f"version {held[0]}"
             raise DownlinkOutOfSync(
@@ -239,7 +241,7 @@ def receive(
         assert isinstance(previous, ArrayRecord)
         model = downlink.apply(previous, record)
     else:
-        raise ValueError(f"{KIND_KEY} = {kind!r} is not accepted: delta or full is")
+        raise ValueError(f"{DOWNLINK_KIND} = {kind!r} is not accepted: delta or full is")
     if model_hash(model) != digest:
         raise DownlinkOutOfSync(
             f"{downlink.mode} downlink: decoded version {version} has hash {model_hash(model)}, the server's {digest}"
@@ -259,7 +261,7 @@ class Group:
 
     nodes: list[int]
     record: ArrayRecord
-    config: dict[str, Any]
+    sync: DownlinkSync | None = None  # a delta downlink's versions, which the train message carries
     resync: bool = False
 
 
@@ -304,16 +306,16 @@ class Broadcaster:
         assert self._received is not None, "prepare() comes first"
         if not self.downlink.is_delta:
             assert self._sync is not None
-            return [Group(list(node_ids), self._sync, {})]
-        common = {VERSION_KEY: self.version, HASH_KEY: self.digest, BASE_KEY: self._base}
+            return [Group(list(node_ids), self._sync)]
         in_sync = [n for n in node_ids if self._sync is not None and self.held.get(n) == self._base]
         behind = [n for n in node_ids if n not in in_sync]
         out = []
         if in_sync:
             assert self._sync is not None
-            out.append(Group(in_sync, self._sync, {**common, KIND_KEY: "delta"}))
+            out.append(Group(in_sync, self._sync, DownlinkSync("delta", self._base, self.version, self.digest)))
         if behind:
-            out.append(Group(behind, self._received, {**common, KIND_KEY: "full"}, resync=True))
+            sync = DownlinkSync("full", self._base, self.version, self.digest)
+            out.append(Group(behind, self._received, sync, resync=True))
         return out
 
     def settle(self, sent: Iterable[int], replies: Iterable[Message]) -> None:
@@ -323,10 +325,9 @@ class Broadcaster:
             return
         acknowledged = set()
         for reply in replies:
-            if len(reply.content.metric_records) == 1:
-                metrics = next(iter(reply.content.metric_records.values()))
-                if metrics.get(VERSION_KEY) == self.version:
-                    acknowledged.add(reply.metadata.src_node_id)
+            metrics = reply_metrics(reply)
+            if metrics is not None and metrics.get(DOWNLINK_VERSION) == self.version:
+                acknowledged.add(reply.metadata.src_node_id)
         for node in sent:
             if node in acknowledged:
                 self.held[node] = self.version

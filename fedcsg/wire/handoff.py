@@ -2,11 +2,12 @@
 after it froze (:mod:`fedcsg.spec.arms`).
 
 From round K+1 such an arm's payload leaves the generator out (:attr:`~fedcsg.wire.payload.PayloadLayout.held`).
-Every train message then names the handed-off arrays by hash (train config :data:`HASH_KEY`); a node the
-server does not know to hold them (its first message since the freeze, a node that failed, any node of
-a resumed run: Flower gives a run fresh Contexts) also gets the arrays themselves under the record
-:data:`HANDOFF`, and their bytes are counted in the round's downlink. The node keeps them in its
-``Context.state`` and says in its reply which hash it holds (metric :data:`HASH_KEY`); the server counts
+Every train message then names the handed-off arrays by hash (train config
+:data:`~fedcsg.wire.messages.HANDOFF_HASH`); a node the server does not know to hold them (its first
+message since the freeze, a node that failed, any node of a resumed run: Flower gives a run fresh
+Contexts) also gets the arrays themselves under the record :data:`~fedcsg.wire.messages.HANDOFF`, and
+their bytes are counted in the round's downlink. The node keeps them in its ``Context.state`` and says
+in its reply which hash it holds (metric ``HANDOFF_HASH``); the server counts
 it as a holder only after such a reply. A node sent a hash it does not hold, without the arrays, raises
 :class:`HandoffOutOfSync` and its round fails: it never trains with another generator than the server's.
 """
@@ -16,13 +17,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 
 from fedcsg.wire.downlink import model_hash
+from fedcsg.wire.messages import HANDOFF, HANDOFF_HASH, reply_metrics
 from fedcsg.wire.payload import PayloadLayout, check_record
 
-HANDOFF = "handoff"  # the train message's record of the handed-off arrays
-HASH_KEY = "handoff-hash"  # train config: the hash every node must hold; reply metric: the hash the node holds
 STATE_PREFIX = "handoff:"  # a node's Context.state record of the arrays, one per run (arm and seed)
 
 
@@ -47,19 +47,14 @@ class Handoff:
         """(nodes that hold the arrays, nodes to hand them to), each in the order given."""
         return [n for n in nodes if n in self.holders], [n for n in nodes if n not in self.holders]
 
-    @property
-    def config(self) -> dict[str, int]:
-        """The train-config entry every message of a round after the freeze carries."""
-        return {HASH_KEY: self.digest}
-
     def settle(self, sent: Iterable[int], replies: Iterable[Message]) -> None:
         """Holders after a round: the sent nodes whose reply names this hash; the other sent nodes
         (failed, silent, wrong) hold nothing the server knows of."""
         acknowledged = set()
         for reply in replies:
-            if len(reply.content.metric_records) == 1:
-                if next(iter(reply.content.metric_records.values())).get(HASH_KEY) == self.digest:
-                    acknowledged.add(reply.metadata.src_node_id)
+            metrics = reply_metrics(reply)
+            if metrics is not None and metrics.get(HANDOFF_HASH) == self.digest:
+                acknowledged.add(reply.metadata.src_node_id)
         for node in sent:
             if node in acknowledged:
                 self.holders.add(node)
@@ -73,18 +68,19 @@ def handoff_hash(record: ArrayRecord) -> int:
     return int(model_hash(record)[:15], 16)
 
 
-def received_handoff(content: RecordDict, config: ConfigRecord, state: RecordDict, run: str) -> ArrayRecord | None:
-    """A node's side: the handed-off arrays its train message names (None if it names none), taken from
-    the message and kept in ``state`` (its ``Context.state``, one record per ``run``), or from ``state``.
+def received_handoff(content: RecordDict, digest: int | None, state: RecordDict, run: str) -> ArrayRecord | None:
+    """A node's side: the handed-off arrays its train message names by ``digest`` (its
+    :attr:`~fedcsg.wire.messages.TrainInstruction.handoff_hash`; None: it names none), taken from the
+    message and kept in ``state`` (its ``Context.state``, one record per ``run``), or from ``state``.
 
     Raises
     ------
     HandoffOutOfSync
         The message names arrays by a hash that neither it nor ``state`` holds.
     """
-    if HASH_KEY not in config:
+    if digest is None:
         return None
-    digest, key = int(config[HASH_KEY]), STATE_PREFIX + run
+    key = STATE_PREFIX + run
     if HANDOFF in content:
         record = content[HANDOFF]
         assert isinstance(record, ArrayRecord)
