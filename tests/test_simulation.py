@@ -23,6 +23,7 @@ from fedcsg.runs.records import comparable
 from fedcsg.spec.config import identity_of
 
 from .processes import kill_session
+from .test_tracking import tensorboard_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +50,7 @@ OWN_RUN = [
     "num-clients=2",
     "num-rounds=2",
 ]
-OWN_RUN += ["train-limit=256", "test-limit=128", "batch-size=32"]
+OWN_RUN += ["train-limit=256", "test-limit=128", "batch-size=32", "tracker='tensorboard'"]
 OWN_ARMS = ("fedavg", "csg", "csg-frozen")
 
 
@@ -427,6 +428,9 @@ def test_a_cnn_of_the_users_own_runs_every_arm_through_ray_with_the_bytes_fedcsg
             assert (r["payload_up"], r["payload_down"]) == (counted[arm]["payload_up"], counted[arm]["payload_down"])
             for way in ("wire_up", "wire_down"):  # the train config's few keys differ offline: < 100 B a message
                 assert 0 <= r[way] - counted[arm][way] < 2 * 100, (arm, way)
+        # tracker = "tensorboard": the ServerApp logged every round of the arm as it recorded it.
+        logged = tensorboard_scalars(out / "tensorboard" / arm)["test/accuracy"]
+        assert logged == [(r["round"], pytest.approx(r["test_accuracy"])) for r in record["rounds"]]
     # The generator of 8x8x3x3 slices with 32-dimensional codes travels with csg alone (576 x 32 float32).
     assert counted["csg"]["payload_up"] - counted["csg-frozen"]["payload_up"] == 2 * 576 * 32 * 4
 

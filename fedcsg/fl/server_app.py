@@ -32,6 +32,7 @@ from fedcsg.runs.layout import model_file_path
 from fedcsg.runs.model_file import save_global_model
 from fedcsg.runs.records import ArmRecorder, check_trained
 from fedcsg.runs.report import write_report
+from fedcsg.runs.tracking import Tracker, open_tracker
 from fedcsg.spec.config import RunConfig
 from fedcsg.wire.downlink import Downlink
 from fedcsg.wire.handoff import Handoff
@@ -211,10 +212,15 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress: Callable
     if first_round > cfg.num_rounds:  # complete already: only the arm file may need rewriting
         recorder.save()
         return recorder.rounds
-    run = _Federation(grid, cfg, out_dir, model, layout, test, device, recorder, resumed_from, progress)
-    for first, last in phases(cfg):
-        if last >= first_round:
-            arrays = run.phase(arrays, first, last, first_round, checkpoint)
+    tracker = open_tracker(cfg.tracker, out_dir, cfg.arm, cfg.seed, recorded_config(cfg))
+    run = _Federation(grid, cfg, out_dir, model, layout, test, device, recorder, resumed_from, progress, tracker)
+    run.tracked = len(recorder.rounds)  # a resumed run's earlier rounds were tracked before
+    try:
+        for first, last in phases(cfg):
+            if last >= first_round:
+                arrays = run.phase(arrays, first, last, first_round, checkpoint)
+    finally:
+        tracker.close()
     # The final global model, with its settings in the metadata: `fedcsg export --checkpoint` reads it.
     save_global_model(out_dir, cfg, arrays, name=model_file_path(out_dir, cfg.arm).name)
     return recorder.rounds
@@ -235,7 +241,15 @@ class _Federation:
     recorder: ArmRecorder
     resumed_from: list[int]
     progress: Callable[[str], None]
+    tracker: Tracker
     started: float = dataclasses.field(default_factory=time.perf_counter)
+    tracked: int = 0  # round records handed to the tracker so far
+
+    def track(self) -> None:
+        """Hand the tracker the round records it has not seen (round 0's with round 1's)."""
+        for record in self.recorder.rounds[self.tracked :]:
+            self.tracker.log_round(record)
+        self.tracked = len(self.recorder.rounds)
 
     def phase(
         self, arrays: ArrayRecord, first: int, last: int, first_round: int, checkpoint: Checkpoint | None
@@ -269,6 +283,7 @@ class _Federation:
             # arm file beside it. The strategy handed the round's record to the recorder after evaluating it.
             self.progress(progress_line(cfg, self.recorder.rounds[-1], time.perf_counter() - self.started))
             self.recorder.save()
+            self.track()
             save_checkpoint(
                 self.out_dir,
                 cfg.arm,

@@ -7,6 +7,7 @@ model and the data, are :mod:`fedcsg.spec.settings`; the checks of single values
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -49,8 +50,11 @@ SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")  # fedcsg.fl.ser
 # PLACEMENT_KEYS say where it computes on the machine it runs on: a resumed run takes them from its
 # --config/--set or the defaults, not from the run it continues.
 PLACEMENT_KEYS = ("device", "server-device", "client-num-gpus", "clients-per-gpu")
+# tracker -> the module it needs (fedcsg.runs.tracking)
+TRACKERS: dict[str, str] = {"none": "", "tensorboard": "tensorboard", "mlflow": "mlflow"}
 NOT_IDENTITY_KEYS = (
     "out-dir",
+    "tracker",
     "arms",
     "resume",
     "seeds",
@@ -169,6 +173,7 @@ class RunConfig:
     clients_per_gpu: int = DEFAULT_CLIENTS_PER_GPU
     ray_address: str = ""  # "" a private Ray, "auto" the cluster on this machine, HOST:PORT a head node
     target_accuracy: float = 0.5  # the report's "bytes to reach" threshold
+    tracker: str = "none"  # log every round to: none, tensorboard, mlflow (fedcsg.runs.tracking; extra "track")
     out_dir: str = ""  # where the ServerApp writes results; "" = runs/flwr-<run id>
     resume: bool = False  # continue from out-dir/state/<arm>.json when it exists (fedcsg run/compare --resume)
 
@@ -204,6 +209,12 @@ class RunConfig:
                 'accepted is client-num-gpus = "auto" or > 0, or device = "auto" or "cpu"'
             )
         one_of("failed-round", self.failed_round, FAILED_ROUND_POLICIES)
+        one_of("tracker", self.tracker, tuple(TRACKERS))
+        if self.tracker != "none" and importlib.util.find_spec(TRACKERS[self.tracker]) is None:
+            raise ValueError(
+                f"tracker = {self.tracker!r} is not accepted here: {TRACKERS[self.tracker]} is not installed "
+                '(pip install "fedcsg[track]"); accepted is tracker = "none" or installing it'
+            )
         one_of("csg-init", self.csg_init, CSG_INITS)
         one_of("csg-aggregation", self.csg_aggregation, CSG_AGGREGATIONS)
         one_of("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
