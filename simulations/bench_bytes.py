@@ -51,7 +51,7 @@ from fedcsg.nn.csg import SliceShape, generators
 from fedcsg.nn.models import default_code_dim
 from fedcsg.nn.params import count_parameters
 from fedcsg.runs.records import versions
-from fedcsg.spec.arms import MODELS
+from fedcsg.spec.arms import MODELS, PHASED
 from fedcsg.spec.config import RunConfig
 from fedcsg.wire.payload import PACKINGS, PayloadLayout
 
@@ -160,7 +160,7 @@ def measure(models: list[str], slices: list[tuple[str, int]], packings: list[str
         for slice_text, code_dim in slices:
             for packing in packings:
                 base = None
-                for arm in MODELS:
+                for arm in (m for m in MODELS if m not in PHASED):  # one payload every round
                     cfg = RunConfig(
                         model=model_name,
                         slice=slice_text,
