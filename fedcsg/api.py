@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from fedcsg.cli.runs import run_arms
+from fedcsg.cli.runs import canonical, default_out, run_arms
 from fedcsg.spec.arms import check_arm
 from fedcsg.spec.checks import kebab
 from fedcsg.spec.config import RunConfig
@@ -118,7 +118,7 @@ def _config(config: Config, model: str | ModelFactory | None, settings: Mapping[
         cfg = RunConfig.from_mapping({**{kebab(k): v for k, v in config.items()}, **overrides})
     else:
         cfg = RunConfig.from_mapping(overrides, load_experiment(config)) if overrides else load_experiment(config)
-    return cfg.replace(seed=cfg.seed_list[0]) if cfg.seeds else cfg
+    return canonical(cfg)
 
 
 def import_path(factory: ModelFactory) -> str:
@@ -138,5 +138,4 @@ def import_path(factory: ModelFactory) -> str:
 def _out(config: Config, out: str | Path | None) -> Path:
     if out is not None:
         return Path(out)
-    name = "api" if isinstance(config, Mapping) else Path(str(config)).name.removesuffix(".toml")
-    return Path("runs") / name
+    return default_out("api" if isinstance(config, Mapping) else config)

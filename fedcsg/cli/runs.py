@@ -51,7 +51,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def _canonical(cfg: RunConfig) -> RunConfig:
+def canonical(cfg: RunConfig) -> RunConfig:
     """A several-seed config with ``seed`` set to its first seed, so that it reads the same
     whichever seed's directory it is recovered from."""
     return cfg.replace(seed=cfg.seed_list[0]) if cfg.seeds else cfg
@@ -60,7 +60,7 @@ def _canonical(cfg: RunConfig) -> RunConfig:
 def resolve_config(args: argparse.Namespace) -> RunConfig:
     cfg = load_experiment(args.config or DEFAULT_EXPERIMENT)
     overrides = _overrides(args)
-    return _canonical(RunConfig.from_mapping(overrides, cfg) if overrides else cfg)
+    return canonical(RunConfig.from_mapping(overrides, cfg) if overrides else cfg)
 
 
 def seed_runs(cfg: RunConfig, out_dir: Path) -> list[tuple[RunConfig, Path]]:
@@ -308,7 +308,7 @@ def saved_config(out_dir: Path) -> RunConfig:
             "rerun it with --overwrite"
         )
     try:
-        return _canonical(
+        return canonical(
             RunConfig.from_mapping({k: v for k, v in with_added_settings(recorded).items() if k != "resume"})
         )
     except ValueError as error:
@@ -326,7 +326,7 @@ def resume_config(args: argparse.Namespace, out_dir: Path) -> RunConfig:
     overrides = _overrides(args)
     if args.config or overrides:
         base = load_experiment(args.config) if args.config else saved
-        cfg = _canonical(RunConfig.from_mapping(overrides, base) if overrides else base)
+        cfg = canonical(RunConfig.from_mapping(overrides, base) if overrides else base)
         if (cfg.seeds or saved.seeds) and cfg.seed_list != saved.seed_list:  # one seed: the identity check says it
             raise ValueError(
                 f"seeds {','.join(map(str, cfg.seed_list))} differ from the run in {str(out_dir)!r} "
@@ -425,8 +425,13 @@ def _arms_in(out_dir: Path) -> list[str]:
 
 def _default_out(args: argparse.Namespace) -> Path:
     """``--out``, else runs/<experiment name> in the current directory."""
-    name = Path(args.config).name.removesuffix(".toml") if args.config else DEFAULT_EXPERIMENT
-    return Path(args.out) if args.out else Path("runs") / name
+    return Path(args.out) if args.out else default_out(args.config or DEFAULT_EXPERIMENT)
+
+
+def default_out(config: str | Path) -> Path:
+    """runs/<experiment name> in the current directory: the run directory of an experiment named
+    by ``config`` (a shipped name or a TOML file) when none is given."""
+    return Path("runs") / Path(str(config)).name.removesuffix(".toml")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

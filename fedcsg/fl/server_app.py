@@ -213,8 +213,10 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress: Callable
         recorder.save()
         return recorder.rounds
     tracker = open_tracker(cfg.tracker, out_dir, cfg.arm, cfg.seed, recorded_config(cfg))
-    run = _Federation(grid, cfg, out_dir, model, layout, test, device, recorder, resumed_from, progress, tracker)
-    run.tracked = len(recorder.rounds)  # a resumed run's earlier rounds were tracked before
+    # A resumed run's earlier rounds were tracked before it stopped.
+    run = _Federation(
+        grid, cfg, out_dir, model, layout, test, device, recorder, resumed_from, progress, tracker, len(recorder.rounds)
+    )
     try:
         for first, last in phases(cfg):
             if last >= first_round:
@@ -242,8 +244,8 @@ class _Federation:
     resumed_from: list[int]
     progress: Callable[[str], None]
     tracker: Tracker
+    tracked: int  # round records handed to the tracker so far
     started: float = dataclasses.field(default_factory=time.perf_counter)
-    tracked: int = 0  # round records handed to the tracker so far
 
     def track(self) -> None:
         """Hand the tracker the round records it has not seen (round 0's with round 1's)."""

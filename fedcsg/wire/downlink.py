@@ -49,7 +49,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from fedcsg.spec.arms import DOWNLINKS
 from fedcsg.spec.checks import one_of
 from fedcsg.spec.codecs import ArraySpecs, TopK, block_lengths, int8_dequantize, int8_quantize
-from fedcsg.wire.messages import DOWNLINK_KIND, DOWNLINK_VERSION, DownlinkSync, reply_metrics
+from fedcsg.wire.messages import DOWNLINK_KIND, DOWNLINK_VERSION, DownlinkSync, acknowledged
 from fedcsg.wire.payload import Framing, PayloadLayout, assemble, check_specs, flat_floats
 
 BLOCK = 256  # values per int8 scale (docs/downlink.md: error and bytes against per-tensor scales)
@@ -323,16 +323,11 @@ class Broadcaster:
         others (failed, silent, wrong) hold nothing the server knows of."""
         if not self.downlink.is_delta:
             return
-        acknowledged = set()
-        for reply in replies:
-            metrics = reply_metrics(reply)
-            if metrics is not None and metrics.get(DOWNLINK_VERSION) == self.version:
-                acknowledged.add(reply.metadata.src_node_id)
-        for node in sent:
-            if node in acknowledged:
-                self.held[node] = self.version
-            else:
-                self.held.pop(node, None)
+        holding, lost = acknowledged(sent, replies, DOWNLINK_VERSION, self.version)
+        for node in holding:
+            self.held[node] = self.version
+        for node in lost:
+            self.held.pop(node, None)
 
     def server_update(self, server_arrays: ArrayRecord, average: ArrayRecord) -> ArrayRecord:
         """The new global payload: the average itself when clients received ``server_arrays``

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from flwr.app import ArrayRecord, Message, RecordDict
 
 from fedcsg.wire.downlink import model_hash
-from fedcsg.wire.messages import HANDOFF, HANDOFF_HASH, reply_metrics
+from fedcsg.wire.messages import HANDOFF, HANDOFF_HASH, acknowledged
 from fedcsg.wire.payload import PayloadLayout, check_record
 
 STATE_PREFIX = "handoff:"  # a node's Context.state record of the arrays, one per run (arm and seed)
@@ -50,16 +50,8 @@ class Handoff:
     def settle(self, sent: Iterable[int], replies: Iterable[Message]) -> None:
         """Holders after a round: the sent nodes whose reply names this hash; the other sent nodes
         (failed, silent, wrong) hold nothing the server knows of."""
-        acknowledged = set()
-        for reply in replies:
-            metrics = reply_metrics(reply)
-            if metrics is not None and metrics.get(HANDOFF_HASH) == self.digest:
-                acknowledged.add(reply.metadata.src_node_id)
-        for node in sent:
-            if node in acknowledged:
-                self.holders.add(node)
-            else:
-                self.holders.discard(node)
+        holding, lost = acknowledged(sent, replies, HANDOFF_HASH, self.digest)
+        self.holders = (self.holders | holding) - lost
 
 
 def handoff_hash(record: ArrayRecord) -> int:

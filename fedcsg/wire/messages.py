@@ -13,6 +13,7 @@ engine gives each virtual client its partition.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,3 +175,15 @@ def reply_metrics(reply: Message) -> MetricRecord | None:
     """The one metric record of a reply, None if it has none or several (a reply the server rejects)."""
     records = reply.content.metric_records
     return next(iter(records.values())) if len(records) == 1 else None
+
+
+def acknowledged(sent: Iterable[int], replies: Iterable[Message], key: str, value: int) -> tuple[set[int], set[int]]:
+    """(the ``sent`` nodes whose reply's metric ``key`` is ``value``, the other ``sent`` nodes: failed,
+    silent or holding something else), as the server settles what each node holds after a round."""
+    said = set()
+    for reply in replies:
+        metrics = reply_metrics(reply)
+        if metrics is not None and metrics.get(key) == value:
+            said.add(reply.metadata.src_node_id)
+    sent = set(sent)
+    return sent & said, sent - said
