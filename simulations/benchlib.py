@@ -1,6 +1,6 @@
-"""Shared pieces of the benchmark scripts: run a command while timestamping its output lines and
-sampling the memory of its whole process tree (Ray's raylet, GCS and worker processes included),
-print a table, write JSON."""
+"""Shared pieces of the scripts under simulations/: run a command while timestamping its output
+lines and sampling the memory of its whole process tree (Ray's raylet, GCS and worker processes
+included), argument types, the app bundle's size, print a table, write JSON."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ from fedcsg.io import strict_json
 from fedcsg.nn.models import model_spec
 from fedcsg.processes import process_table
 from fedcsg.runs.layout import arm_record_path
+
+ROOT = Path(__file__).resolve().parents[1]  # the fedcsg checkout
+RESULTS = Path(__file__).resolve().parent / "results"  # default home of the scripts' JSON (git-ignored)
 
 
 def tree_rss(root: int) -> int:
@@ -139,6 +142,38 @@ def parse_models(text: str) -> list[str]:
         except ValueError as error:
             raise argparse.ArgumentTypeError(str(error)) from None
     return names
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def fab_bytes() -> int:
+    """Size of the app bundle (FAB) that ``flwr build`` makes of this checkout: what each SuperNode
+    downloads once per run."""
+    from flwr.cli.build import build_fab_from_disk
+
+    return len(build_fab_from_disk(ROOT))
 
 
 def cpu_name() -> str:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
@@ -63,24 +60,6 @@ def data_env(monkeypatch: pytest.MonkeyPatch, data_dir: Path) -> Path:
     """Point ``FEDCSG_DATA_DIR`` at the data directory for one test."""
     monkeypatch.setenv("FEDCSG_DATA_DIR", str(data_dir))
     return data_dir
-
-
-@pytest.fixture
-def load_script(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], ModuleType]:
-    """Import ``simulations/<name>.py`` (a folder of scripts, not a package), with simulations/ on
-    sys.path as when the script runs, so that its ``from benchlib import ...`` resolves."""
-    simulations = Path(__file__).resolve().parents[1] / "simulations"
-    monkeypatch.syspath_prepend(str(simulations))
-
-    def load(name: str) -> ModuleType:
-        spec = importlib.util.spec_from_file_location(f"_simulations_{name}", simulations / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        return module
-
-    return load
 
 
 @pytest.fixture(scope="session", autouse=True)

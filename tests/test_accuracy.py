@@ -24,6 +24,8 @@ from fedcsg.nn.csgify import kaiming_std
 from fedcsg.nn.models import MODELS, build_model, default_csg_config
 from fedcsg.spec.config import RunConfig
 from fedcsg.wire.payload import PayloadEntry, PayloadLayout, load_payload, model_payload, weighted_average
+from simulations import benchlib
+from simulations.studies import ablate_csg
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -254,44 +256,44 @@ def test_alternate_leaves_untrained_factor_bit_identical() -> None:
 # -- the ablation script's table ------------------------------------------------------------------
 
 
-def test_ablation_summary_on_synthetic_records(load_script) -> None:
-    ablate = load_script("ablate_csg")
+def test_ablation_summary_on_synthetic_records() -> None:
+
     rounds = [{"round": r, "test_accuracy": a, "test_loss": 2.0} for r, a in enumerate([0.1, 0.3, 0.45, 0.5])]
     curve = [r["test_accuracy"] for r in rounds]
-    assert ablate.rounds_to_target(curve, 0.4) == 2
-    assert ablate.rounds_to_target(curve, 0.9) is None
-    cell = ablate.CELLS[0]
+    assert ablate_csg.rounds_to_target(curve, 0.4) == 2
+    assert ablate_csg.rounds_to_target(curve, 0.9) is None
+    cell = ablate_csg.CELLS[0]
     records = [
-        ablate.run_record(cell, "csg", 0, rounds, 10.0),
-        ablate.run_record(cell, "csg", 1, [*rounds[:3], {"round": 3, "test_accuracy": 0.3}], 10.0),
-        ablate.run_record(cell, "csg", 2, [{"round": 0, "test_accuracy": 0.1, "test_loss": 2.0}], 1.0),
-        ablate.run_record(cell, "fedavg", 0, rounds, 10.0),
+        ablate_csg.run_record(cell, "csg", 0, rounds, 10.0),
+        ablate_csg.run_record(cell, "csg", 1, [*rounds[:3], {"round": 3, "test_accuracy": 0.3}], 10.0),
+        ablate_csg.run_record(cell, "csg", 2, [{"round": 0, "test_accuracy": 0.1, "test_loss": 2.0}], 1.0),
+        ablate_csg.run_record(cell, "fedavg", 0, rounds, 10.0),
     ]
-    rows = ablate.summarize(records, 0.4)
+    rows = ablate_csg.summarize(records, 0.4)
     assert [(r["cell"], r["arm"], r["seeds"]) for r in rows] == [("baseline", "csg", 3), ("baseline", "fedavg", 1)]
     csg = rows[0]
     assert csg["final_mean"] == pytest.approx((0.5 + 0.3 + 0.1) / 3)
     assert csg["final_spread"] == pytest.approx(np.std([0.5, 0.3, 0.1], ddof=1))  # sample std, as the reports
     assert (csg["reached"], csg["rounds_mean"], csg["rounds_spread"]) == (2, 2.0, 0.0)
     # rounds to target come from the curves, so another target needs no rerun
-    assert ablate.summarize(records, 0.9)[0]["reached"] == 0
-    assert ablate.summarize(records, 0.4)[1]["reached"] == 1
+    assert ablate_csg.summarize(records, 0.9)[0]["reached"] == 0
+    assert ablate_csg.summarize(records, 0.4)[1]["reached"] == 1
     # mean of the last 3 trained rounds: (0.3 + 0.45 + 0.5) / 3, (0.3 + 0.45 + 0.3) / 3, and round 0 alone
     tails = [(0.3 + 0.45 + 0.5) / 3, (0.3 + 0.45 + 0.3) / 3, 0.1]
     assert csg["tail_mean"] == pytest.approx(np.mean(tails))
     assert csg["tail_spread"] == pytest.approx(np.std(tails, ddof=1))
-    table = ablate.table_rows(rows)
+    table = ablate_csg.table_rows(rows)
     assert table[0][5] == "2.0 +- 0.0 (2/3)" and table[0][4] == f"{np.mean(tails):.4f} +- {np.std(tails, ddof=1):.4f}"
     # One factor at a time: every cell differs from the baseline in one setting (server-lr rides with its optimizer).
-    for cell in ablate.CELLS[1:]:
-        changed = {k for k, v in cell.settings().items() if ablate.BASELINE.get(k) != v} - {"server-lr"}
+    for cell in ablate_csg.CELLS[1:]:
+        changed = {k for k, v in cell.settings().items() if ablate_csg.BASELINE.get(k) != v} - {"server-lr"}
         assert len(changed) == 1, cell
-    parse = ablate.build_parser().parse_args
-    assert ablate.partition_sets(parse([])) == {"partitioner": "dirichlet", "dirichlet-alpha": 0.5}
-    shards = ablate.partition_sets(parse(["--partitioner", "shards", "--shards-per-client", "3"]))
+    parse = ablate_csg.build_parser().parse_args
+    assert ablate_csg.partition_sets(parse([])) == {"partitioner": "dirichlet", "dirichlet-alpha": 0.5}
+    shards = ablate_csg.partition_sets(parse(["--partitioner", "shards", "--shards-per-client", "3"]))
     assert shards == {"partitioner": "shards", "shards-per-client": 3}
     # Every setting the grid does not name comes from the Dirichlet experiment, not the quick start's small CNN.
-    command = load_script("benchlib").run_command("csg", {"codes-lr-scale": 0.1}, Path("out"), parse([]).config)
+    command = benchlib.run_command("csg", {"codes-lr-scale": 0.1}, Path("out"), parse([]).config)
     assert command[3:] == [
         *("run", "--config", "cifar10-resnet20-dirichlet", "--arm", "csg", "--out", "out"),
         *("--set", "codes-lr-scale=0.1"),

@@ -6,18 +6,17 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import torch
 
 from fedcsg.nn.execution import precision_problem
+from simulations.benchmarks import bench_bytes, bench_generation
 
 
-def test_bench_bytes_smoke(tmp_path: Path, load_script: Callable[[str], ModuleType]) -> None:
+def test_bench_bytes_smoke(tmp_path: Path) -> None:
     out = tmp_path / "x.json"
-    code = load_script("bench_bytes").main(
+    code = bench_bytes.main(
         ["--models", "resnet20,resnet56", "--slices", "12x12x3x3:72", "--packing", "flat", "--json", str(out)]
     )
     report = json.loads(out.read_text())
@@ -40,10 +39,10 @@ def test_bench_bytes_smoke(tmp_path: Path, load_script: Callable[[str], ModuleTy
     assert 2.0 < rows[("resnet20", "fedavg")]["wire_up"] / rows[("resnet20", "fedpara")]["wire_up"] < 3.0
 
 
-def test_bench_generation_smoke(tmp_path: Path, load_script: Callable[[str], ModuleType]) -> None:
+def test_bench_generation_smoke(tmp_path: Path) -> None:
     out = tmp_path / "x.json"
     argv = "--models resnet20 --repeats 2 --warmup 1 --train-batch 8 --eval-batch 8 --threads 1".split()
-    code = load_script("bench_generation").main([*argv, "--device", "cpu", "--json", str(out)])
+    code = bench_generation.main([*argv, "--device", "cpu", "--json", str(out)])
     report = json.loads(out.read_text())
     # Timings of a tiny run on a shared machine say nothing about the targets: check the shape only.
     assert code in (0, 1) and report["all_pass"] == (code == 0)
@@ -59,13 +58,13 @@ def test_bench_generation_smoke(tmp_path: Path, load_script: Callable[[str], Mod
 
 
 def test_gpu_check_runs_at_the_tiny_size_on_the_cpu_without_flwr_or_ray(tmp_path: Path, data_dir: Path) -> None:
-    """simulations/gpu_check.py --tiny --device cpu, in a process where flwr and ray cannot be
+    """simulations/benchmarks/gpu_check.py --tiny --device cpu, in a process where flwr and ray cannot be
     imported (as on a GPU machine with torch alone): (a)-(c) pass, (d) says why it was skipped."""
-    script = Path(__file__).resolve().parents[1] / "simulations" / "gpu_check.py"
-    blocked = (
-        "import sys, runpy; sys.modules.update(flwr=None, ray=None); "
-        f"sys.argv = ['gpu_check.py', '--tiny', '--device', 'cpu', '--out', {str(tmp_path)!r}]; "
-        f"runpy.run_path({str(script)!r}, run_name='__main__')"
+    root = Path(__file__).resolve().parents[1]
+    blocked = (  # as `python3 -m simulations.benchmarks.gpu_check` from the checkout
+        f"import sys, runpy; sys.path.insert(0, {str(root)!r}); sys.modules.update(flwr=None, ray=None); "
+        f"sys.argv = ['gpu_check', '--tiny', '--device', 'cpu', '--out', {str(tmp_path)!r}]; "
+        "runpy.run_module('simulations.benchmarks.gpu_check', run_name='__main__')"
     )
     env = {**os.environ, "FEDCSG_DATA_DIR": str(data_dir), "PYTHONPATH": ""}
     done = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, env=env, cwd=tmp_path)

@@ -21,9 +21,8 @@ import sys
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 from cryptography import x509
@@ -55,6 +54,7 @@ from fedcsg.processes import (
 )
 from fedcsg.runs.report import load_results, summarize
 from fedcsg.spec.config import RunConfig
+from simulations.tools.relay import ByteCountingRelay
 
 ROOT = Path(__file__).resolve().parents[1]
 # Bounds of the integration tests: generous for a loaded 2-core machine, far from "hangs for ever".
@@ -345,8 +345,8 @@ def test_cli_certs_keys_and_loud_insecure(
 # ------------------------------------------------------------------------------ relay, processes
 
 
-def test_relay_counts_every_byte_each_way(load_script: Callable[[str], ModuleType]) -> None:
-    ByteCountingRelay = load_script("relay").ByteCountingRelay  # noqa: N806 - the class, from simulations/
+def test_relay_counts_every_byte_each_way() -> None:
+
     received: list[int] = []
 
     async def echo_twice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -206,7 +206,8 @@ def test_the_train_benchmark_runs_a_cell_and_writes_its_table(tmp_path):
     done = subprocess.run(
         [
             sys.executable,
-            "simulations/bench_train.py",
+            "-m",
+            "simulations.benchmarks.bench_train",
             "--model=fmnist-cnn",
             "--slice=8x8x3x3",
             "--code-dim=8",

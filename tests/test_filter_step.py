@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +14,11 @@ from torch import nn
 
 from fedcsg.fl.filter_step import PayloadFilters
 from fedcsg.fl.flower_private import offline_task_identity
-from fedcsg.fl.server_app import recorded_config
 from fedcsg.fl.strategy import CSGFedAvg
 from fedcsg.fl.task import build_arm_model, payload_layout
 from fedcsg.nn.csg import csg_layers
 from fedcsg.nn.fedpara import FedParaConv2d
 from fedcsg.nn.step import conv_filters, overall_change, relative_change, round_step
-from fedcsg.nn.training import set_seed
-from fedcsg.runs.checkpoint import save_checkpoint
 from fedcsg.runs.records import ArmRecorder, RoundRecord
 from fedcsg.runs.report import write_report
 from fedcsg.spec.codecs import Codec, TopK
@@ -241,46 +237,6 @@ def test_report_has_a_filter_step_table(tmp_path: Path) -> None:
     with (tmp_path / "results.csv").open() as f:
         final = {r["arm"]: (r["filter_step"], r["client_filter_step"]) for r in csv.DictReader(f) if r["round"] == "2"}
     assert final == {"csg": ("0.2", "1.0"), "fedavg": ("0.2", "0.5")}
-
-
-# -- the per-layer diagnostic script -------------------------------------------------------------------
-
-
-def test_the_per_layer_script_reads_a_run_directory(tmp_path: Path, load_script, capsys) -> None:  # noqa: ANN001
-    """A run directory whose last checkpoint is the initial csg model with its codes doubled: every
-    CSG layer moved by exactly 1, every other conv by 0; the recorded per-round steps pass through."""
-    script = load_script("filter_step_layers")
-    cfg = RunConfig(**SMALL, arm="csg", num_rounds=1)
-    set_seed(cfg.seed)
-    model = build_arm_model(cfg)
-    layout = payload_layout(cfg, model)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    layers = [name for name, _ in csg_layers(model)]
-    for name in layers:
-        state[f"{name}.codes"] *= 2.0
-    config = recorded_config(cfg)
-    recorder = ArmRecorder(tmp_path, cfg.arm, config)
-    recorder.add(RoundRecord(0, test_accuracy=0.1, status="initial"), save=False)
-    recorder.add(RoundRecord(1, test_accuracy=0.2, filter_step=0.25, client_filter_step=0.5))
-    save_checkpoint(
-        tmp_path,
-        cfg.arm,
-        1,
-        layout.pack(state),
-        num_rounds=1,
-        rounds=recorder.rounds,
-        config=config,
-        identity=cfg.identity(),
-        strategy={},
-    )
-    out = tmp_path / "layers.json"
-    document = script.main(tmp_path, out)
-    arm = document["arms"]["csg"]
-    assert arm["last_round"] == 1 and [r["filter_step"] for r in arm["rounds"]] == [None, 0.25]
-    assert arm["per_layer"] == pytest.approx({n: 1.0 if n in layers else 0.0 for n in arm["per_layer"]}, rel=1e-6)
-    assert json.loads(out.read_text()) == json.loads(json.dumps(document))
-    printed = capsys.readouterr().out
-    assert "| 1 | 0.2500 / 0.5000 |" in printed and f"| {layers[0]} | 1.0000 |" in printed
 
 
 # -- a real run through Ray ----------------------------------------------------------------------------

@@ -1,19 +1,18 @@
-"""simulations/frontier.py: the compares it plans (code dim as the run setting ``code-dim``, which
+"""simulations/studies/frontier.py: the compares it plans (code dim as the run setting ``code-dim``, which
 reaches the model), and the table, JSON and plot it makes from reported runs (no Ray here)."""
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 from fedcsg.runs.report import write_report
 from fedcsg.spec.config import RunConfig
 from fedcsg.spec.experiments import load_experiment
+from simulations.studies import frontier
 
 from .test_winner import write_arm
 
@@ -32,10 +31,8 @@ def test_code_dim_setting_sizes_the_csg_models_and_leaves_fedavg_alone(code_dim:
     assert cfg.identity()["code-dim"] == code_dim  # a resumed compare keeps its code dim
 
 
-def test_plan_runs_the_csg_arms_per_code_dim_and_the_reference_once(
-    tmp_path: Path, load_script: Callable[[str], ModuleType]
-) -> None:
-    frontier = load_script("frontier")
+def test_plan_runs_the_csg_arms_per_code_dim_and_the_reference_once(tmp_path: Path) -> None:
+
     runs = frontier.plan(tmp_path, [72, 144], seeds="0,1", sets=["num-rounds=2"], reference_arms=["fedavg"])
     prefix = [sys.executable, "-m", "fedcsg.cli", "compare", "--config", "cifar10-resnet20-peers"]
     assert runs == [
@@ -61,10 +58,8 @@ def test_plan_runs_the_csg_arms_per_code_dim_and_the_reference_once(
     assert again == [(tmp_path / "code-dim-72", [*prefix[:4], "--resume", str(tmp_path / "code-dim-72")])]
 
 
-def test_report_only_tabulates_plots_and_writes_json(
-    tmp_path: Path, load_script: Callable[[str], ModuleType], capsys: pytest.CaptureFixture[str]
-) -> None:
-    frontier = load_script("frontier")
+def test_report_only_tabulates_plots_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+
     mb = 1_000_000
     for seed, bump in ((0, 0.0), (1, 0.02)):
         for code_dim, acc, up in ((72, 0.30, mb), (144, 0.34, 2 * mb)):
@@ -96,9 +91,9 @@ def test_report_only_tabulates_plots_and_writes_json(
 
 
 def test_a_reference_over_more_seeds_contributes_the_frontiers_seeds_only(
-    tmp_path: Path, load_script: Callable[[str], ModuleType], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    frontier = load_script("frontier")
+
     mb = 1_000_000
     for seed in (0, 1):
         write_arm(tmp_path / "code-dim-72" / f"seed-{seed}", "csg", [0.1, 0.3], seed, mb, mb)
@@ -128,9 +123,9 @@ def test_a_reference_over_more_seeds_contributes_the_frontiers_seeds_only(
 
 
 def test_the_csg_arms_a_reference_holds_are_read_from_it_not_run_again(
-    tmp_path: Path, load_script: Callable[[str], ModuleType], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    frontier = load_script("frontier")
+
     mb = 1_000_000
     headline = tmp_path / "headline"  # csg at code dim 72 beside fedavg, over three seeds
     for seed, acc in ((0, 0.30), (1, 0.32), (2, 0.90)):
@@ -185,9 +180,9 @@ def test_the_csg_arms_a_reference_holds_are_read_from_it_not_run_again(
     ],
 )
 def test_bad_arms_and_settings_are_one_line_before_any_compare(
-    argv: list[str], message: str, load_script: Callable, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+    argv: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    frontier = load_script("frontier")
+
     ran: list = []
     monkeypatch.setattr(frontier.subprocess, "run", lambda *a, **k: ran.append(a))
     with pytest.raises(SystemExit) as exit_info:
@@ -198,14 +193,13 @@ def test_bad_arms_and_settings_are_one_line_before_any_compare(
 
 
 def test_a_set_that_differs_from_an_existing_out_is_refused(
-    load_script: Callable, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     """An existing code-dim directory would be resumed under its saved config, dropping --set: refused."""
     from fedcsg.fl.server_app import recorded_config
     from fedcsg.runs.records import ArmRecorder
     from fedcsg.spec.experiments import load_experiment
 
-    frontier = load_script("frontier")
     ran: list = []
     monkeypatch.setattr(frontier.subprocess, "run", lambda *a, **k: ran.append(a))
     cfg = load_experiment(frontier.CONFIG).replace(seeds="0", code_dim=72, num_rounds=2, arm="csg")

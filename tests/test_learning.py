@@ -1,5 +1,5 @@
 """Real-data learning test: a CSG ResNet-20 learns CIFAR-10 in a short CPU run; plus an end-to-end
-run of ``simulations/train_central.py`` on a tiny subset.
+run of ``simulations/studies/train_central.py`` on a tiny subset.
 
 Setting: 2,000 training and 1,000 test images of the local CIFAR-10 parquet
 (``load_split(limit=..., seed=0)``), 3 epochs, batch 64, SGD lr 0.05 (momentum 0.9, weight decay
@@ -20,9 +20,8 @@ on the shared 2-core machine, depending on its load.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -32,6 +31,7 @@ from fedcsg.data.readers import ImageData, load_split
 from fedcsg.nn.models import build_model, default_csg_config
 from fedcsg.nn.params import count_parameters
 from fedcsg.nn.training import evaluate, make_optimizer, set_seed, step_lr, train_epoch
+from simulations.studies import train_central
 
 CHANCE = 0.10
 THRESHOLD = 0.25
@@ -84,13 +84,11 @@ def test_csg_resnet20_learns_cifar10(cifar_subset: tuple[ImageData, ImageData]) 
     assert accuracy >= THRESHOLD, f"CSG ResNet-20 test accuracy {accuracy:.3f} < {THRESHOLD} (chance {CHANCE})"
 
 
-def test_train_central_main_end_to_end(
-    tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str], load_script: Callable[[str], ModuleType]
-) -> None:
+def test_train_central_main_end_to_end(tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "central.json"
     previous = torch.get_num_threads()
     try:
-        code = load_script("train_central").main(
+        code = train_central.main(
             [
                 "--model", "resnet20",
                 "--train-limit", "256",

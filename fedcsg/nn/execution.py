@@ -4,7 +4,7 @@ mixed precision (:class:`Execution`).
 None of the three changes what a client trains or sends: parameters, optimizer state and payloads
 stay fp32 and contiguous, and the bytes on the wire are the same. They change how fast a step runs
 and, within floating-point rounding (and bf16/fp16 rounding for those precisions), its numbers.
-The measurements behind the defaults are in docs/performance.md (``simulations/bench_train.py``).
+The measurements behind the defaults are in docs/performance.md (``simulations/benchmarks/bench_train.py``).
 """
 
 from __future__ import annotations

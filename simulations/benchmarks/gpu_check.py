@@ -16,8 +16,8 @@
 Writes ``gpu_check.json`` and ``gpu_check.md`` (a table) to ``--out``. The test suite runs it with
 ``--tiny --device cpu``, so that it cannot rot::
 
-    python3 simulations/gpu_check.py --out gpu-check
-    python3 simulations/gpu_check.py --tiny --device cpu --out /tmp/gpu-check
+    python3 -m simulations.benchmarks.gpu_check --out gpu-check
+    python3 -m simulations.benchmarks.gpu_check --tiny --device cpu --out /tmp/gpu-check
 """
 
 from __future__ import annotations
@@ -34,20 +34,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # fedcsg from this checkout, installed or not
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+from fedcsg.data.batches import TensorBatches, data_on
+from fedcsg.data.readers import ImageData, load_split
+from fedcsg.nn.determinism import set_deterministic
+from fedcsg.nn.devices import describe
+from fedcsg.nn.execution import FP32_EAGER, PRECISIONS, Execution, precision_problem
+from fedcsg.nn.training import get_device, make_optimizer, train_epoch
+from fedcsg.spec.settings import ModelSettings
 
-from fedcsg.data.batches import TensorBatches, data_on  # noqa: E402
-from fedcsg.data.readers import ImageData, load_split  # noqa: E402
-from fedcsg.nn.determinism import set_deterministic  # noqa: E402
-from fedcsg.nn.devices import describe  # noqa: E402
-from fedcsg.nn.execution import FP32_EAGER, PRECISIONS, Execution, precision_problem  # noqa: E402
-from fedcsg.nn.training import get_device, make_optimizer, train_epoch  # noqa: E402
-from fedcsg.spec.settings import ModelSettings  # noqa: E402
-
+ROOT = Path(__file__).resolve().parents[2]  # the fedcsg checkout (the device machine runs it uninstalled)
 ARMS = ("fedavg", "csg", "csg-frozen", "fedpara", "csg+int8/delta-int8")  # a codec changes no model
 COMPILED_ARMS = ("fedavg", "csg")  # (c) times these compiled too (a CUDA graph per step: reduce-overhead)
 # (d): the federated run's (precision, compile) settings, 4 clients sharing the GPU

@@ -17,8 +17,8 @@ this process (``/proc/self/statm``) beside the arithmetic N x payload bytes.
 
 Usage::
 
-    python simulations/bench_downlink.py
-    python simulations/bench_downlink.py --models resnet20 --arms csg --state-clients 100
+    python3 -m simulations.benchmarks.bench_downlink
+    python3 -m simulations.benchmarks.bench_downlink --models resnet20 --arms csg --state-clients 100
 """
 
 from __future__ import annotations

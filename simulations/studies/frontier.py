@@ -16,9 +16,9 @@ final accuracy and of the total wire bytes), ``OUT/frontier.png`` and prints the
 
 Usage (the real run, see docs/frontier.md)::
 
-    python3 simulations/frontier.py --out runs/frontier
-    python3 simulations/frontier.py --out runs/frontier --reference runs/peers-seeds   # reuse reference arms
-    python3 simulations/frontier.py --out /tmp/f --code-dims 72,144 --seeds 0 --reference-arms fedavg \\
+    python3 -m simulations.studies.frontier --out runs/frontier
+    python3 -m simulations.studies.frontier --out runs/frontier --reference runs/peers-seeds   # reuse reference arms
+    python3 -m simulations.studies.frontier --out /tmp/f --code-dims 72,144 --seeds 0 --reference-arms fedavg \\
         --set num-rounds=1 --set train-limit=200 --set test-limit=100 --set num-clients=2 \\
         --set clients-per-round=2 --set min-train-nodes=2 --set min-available-nodes=2   # smoke
 """
@@ -34,8 +34,6 @@ from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchlib import print_table, write_json
-
 from fedcsg.cli.args import OneLineParser
 from fedcsg.cli.runs import parse_overrides, saved_config
 from fedcsg.runs.layout import RESULTS_JSON, differing_settings
@@ -43,6 +41,7 @@ from fedcsg.runs.summary import summarize_seeds
 from fedcsg.spec.arms import Arm, check_arm
 from fedcsg.spec.config import RunConfig
 from fedcsg.spec.experiments import load_experiment
+from simulations.benchlib import print_table, write_json
 
 CONFIG = "cifar10-resnet20-peers"
 CODE_DIMS = (72, 144, 288)

@@ -28,10 +28,10 @@ run completed is reported per model. The group is removed in a ``finally`` block
 
 Usage (root, cgroup v1 memory controller mounted)::
 
-    FEDCSG_DATA_DIR=/work/shared/data python3 simulations/bench_device.py
-    python3 simulations/bench_device.py --models resnet20 --caps 768,512 --train-limit 1000
+    FEDCSG_DATA_DIR=/work/shared/data python3 -m simulations.benchmarks.bench_device
+    python3 -m simulations.benchmarks.bench_device --models resnet20 --caps 768,512 --train-limit 1000
     # the node in a device's environment: a venv with torch's CPU build (and flwr, fedcsg)
-    python3 simulations/bench_device.py --node-bin /path/to/device-venv/bin --json device-cpu.json
+    python3 -m simulations.benchmarks.bench_device --node-bin /path/to/device-venv/bin --json device-cpu.json
 
 Writes ``simulations/results/bench_device.json`` (``--json`` to change).
 """
@@ -48,13 +48,11 @@ import threading
 import time
 from pathlib import Path
 
-from benchlib import print_table, write_json
-
 from fedcsg.deploy.federation import FederationPlan, run_app, start_federation, wait_for_nodes
 from fedcsg.processes import descendants
 from fedcsg.runs.layout import arm_record_path
+from simulations.benchlib import RESULTS, ROOT, fab_bytes, print_table, write_json
 
-ROOT = Path(__file__).resolve().parents[1]
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 MIB = 1024 * 1024
 # The node's processes: the SuperNode, the SuperExec it starts, and the ClientApp process the SuperExec
@@ -130,12 +128,6 @@ def _sample_peak(pid: int, stop: threading.Event, peak: list[int], by_role: dict
         for role, hwm in peaks.items():
             by_role[role] = max(by_role.get(role, 0), hwm)
         stop.wait(0.1)
-
-
-def fab_bytes() -> int:
-    from flwr.cli.build import build_fab_from_disk
-
-    return len(build_fab_from_disk(ROOT))
 
 
 def node_env(node_bin: str | None) -> dict[str, str]:
@@ -243,7 +235,7 @@ def main() -> None:
         help="bin directory of the device's Python environment (its flower-supernode, flower-superexec "
         "and flwr-clientapp start the node; e.g. a venv with the CPU build of torch); default: this one's",
     )
-    parser.add_argument("--json", default=str(ROOT / "simulations" / "results" / "bench_device.json"))
+    parser.add_argument("--json", default=str(RESULTS / "bench_device.json"))
     args = parser.parse_args()
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in MODELS]

@@ -23,10 +23,10 @@ x plain (1.02). ``--profile N`` prints torch.profiler's top N ops of one train s
 
 Usage::
 
-    python simulations/bench_generation.py
-    python simulations/bench_generation.py --threads 1 --clock cpu --repeats 40
-    python simulations/bench_generation.py --device cuda --train-batch 128 --eval-batch 1024 --repeats 100
-    python simulations/bench_generation.py --models resnet56 --profile 15
+    python3 -m simulations.benchmarks.bench_generation
+    python3 -m simulations.benchmarks.bench_generation --threads 1 --clock cpu --repeats 40
+    python3 -m simulations.benchmarks.bench_generation --device cuda --train-batch 128 --eval-batch 1024 --repeats 100
+    python3 -m simulations.benchmarks.bench_generation --models resnet56 --profile 15
 
 Exit status: 0 when every target is met, 1 otherwise.
 """
@@ -44,7 +44,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from benchlib import cpu_name, parse_models, write_json
 from torch import nn
 
 from fedcsg.nn.csg import clear_generated_cache, csg_layers, generators
@@ -52,15 +51,9 @@ from fedcsg.nn.models import build_model, default_csg_config
 from fedcsg.nn.params import count_parameters
 from fedcsg.nn.training import get_device, make_optimizer, tune_malloc
 from fedcsg.spec.config import RunConfig
+from simulations.benchlib import RESULTS, cpu_name, parse_models, positive_int, write_json
 
 CLOCKS = ("wall", "cpu")  # what a sample records: wall-clock and process CPU seconds
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--json",
         type=Path,
-        default=Path(__file__).resolve().parent / "results" / "bench_generation.json",
+        default=RESULTS / "bench_generation.json",
         help="JSON output",
     )
     return parser

@@ -21,14 +21,14 @@ either way: timings are a measurement, not a test.
 
 Usage::
 
-    python3 simulations/train_central.py                         # resnet20, 3 epochs, full CIFAR-10
-    python3 simulations/train_central.py --model resnet20 --epochs 2 --json /tmp/train_central_resnet20.json
-    python3 simulations/train_central.py --train-limit 2000 --test-limit 1000 --epochs 1 --threads 2
-    python3 simulations/train_central.py --arms csg-frozen --slice 16x16x3x3 --code-dim 128
-    python3 simulations/train_central.py --arms plain,csg,csg-frozen --epochs 20 --train-limit 10000 \
+    python3 -m simulations.studies.train_central                         # resnet20, 3 epochs, full CIFAR-10
+    python3 -m simulations.studies.train_central --model resnet20 --epochs 2 --json /tmp/train_central_resnet20.json
+    python3 -m simulations.studies.train_central --train-limit 2000 --test-limit 1000 --epochs 1 --threads 2
+    python3 -m simulations.studies.train_central --arms csg-frozen --slice 16x16x3x3 --code-dim 128
+    python3 -m simulations.studies.train_central --arms plain,csg,csg-frozen --epochs 20 --train-limit 10000 \
         --codes-lr-scale 0.1 --json docs/central-codes01.json      # issue 25's central table
-    python3 simulations/train_central.py --csg-init paper --train-limit 10000 --epochs 4   # the paper's init
-    python3 simulations/train_central.py --dataset fashion-mnist --model fmnist-cnn --lr-schedule step
+    python3 -m simulations.studies.train_central --csg-init paper --train-limit 10000 --epochs 4   # the paper's init
+    python3 -m simulations.studies.train_central --dataset fashion-mnist --model fmnist-cnn --lr-schedule step
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from benchlib import write_json
 from torch import nn
 
 from fedcsg.data.batches import TensorBatches
@@ -65,6 +64,7 @@ from fedcsg.nn.training import (
     train_epoch,
     tune_malloc,
 )
+from simulations.benchlib import non_negative_int, positive_float, positive_int, write_json
 
 ARM_NAMES: tuple[str, ...] = ("plain", "csg", "csg-frozen")
 
@@ -95,27 +95,6 @@ def parse_model(text: str) -> str:
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     return text
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

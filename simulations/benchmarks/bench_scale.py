@@ -12,8 +12,8 @@ held for clients that are not sampled) and seconds per round flat in the number 
 
 Usage::
 
-    python3 simulations/bench_scale.py                         # 100, 1000, 10000 clients, 10 per round
-    python3 simulations/bench_scale.py --clients 100,100000 --clients-per-round 50 --device cuda
+    python3 -m simulations.benchmarks.bench_scale                         # 100, 1000, 10000 clients, 10 per round
+    python3 -m simulations.benchmarks.bench_scale --clients 100,100000 --clients-per-round 50 --device cuda
 """
 
 from __future__ import annotations
@@ -21,11 +21,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
-from benchlib import add_config_argument, print_table, run_fedcsg, write_json
-
-ROOT = Path(__file__).resolve().parents[1]
+from simulations.benchlib import RESULTS, add_config_argument, print_table, run_fedcsg, write_json
 
 
 def scale_run(count: int, args: argparse.Namespace) -> dict:
@@ -69,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-limit", type=int, default=500)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--timeout", type=float, default=3600)
-    parser.add_argument("--json", default=str(ROOT / "simulations" / "results" / "bench_scale.json"))
+    parser.add_argument("--json", default=str(RESULTS / "bench_scale.json"))
     args = parser.parse_args(argv)
 
     results = [scale_run(int(c), args) for c in args.clients.split(",")]

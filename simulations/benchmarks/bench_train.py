@@ -9,8 +9,8 @@ step (the compile warm-up for a compiled variant), then the mean of ``--steps`` 
 model, by torch's FLOP counter, generation not counted) and is set beside ``--peak-gflops`` and
 the machine's measured fp32 matmul rate.
 
-    python3 simulations/bench_train.py --threads 2 --out docs/bench/train-cpu.json
-    python3 simulations/bench_train.py --device cuda --batch-size 512      # on a GPU machine
+    python3 -m simulations.benchmarks.bench_train --threads 2 --out docs/bench/train-cpu.json
+    python3 -m simulations.benchmarks.bench_train --device cuda --batch-size 512      # on a GPU machine
 
 Each cell runs in a fresh process (torch.compile's caches and the allocator start clean; the
 inductor's on-disk cache is kept, as on a real machine), so cells do not disturb each other. With
@@ -164,7 +164,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def child_command(args: argparse.Namespace, arm: str, variant: str, precision: str) -> list[str]:
     keep = ("model", "dataset", "slice", "code_dim", "device", "threads", "batch_size", "warmup", "steps")
     flags = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in keep]
-    return [sys.executable, __file__, *flags, f"--arm={arm}", f"--variant={variant}", f"--precision={precision}"]
+    return [
+        sys.executable,
+        "-m",
+        __spec__.name,
+        *flags,
+        f"--arm={arm}",
+        f"--variant={variant}",
+        f"--precision={precision}",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

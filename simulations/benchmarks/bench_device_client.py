@@ -24,8 +24,8 @@ With 10 partitions of CIFAR-10's 50,000 training images, a client holds 5,000 im
 
 Usage::
 
-    FEDCSG_DATA_DIR=/work/shared/data python3 simulations/bench_device_client.py
-    python3 simulations/bench_device_client.py --arms csg --num-partitions 50 --epochs 1
+    FEDCSG_DATA_DIR=/work/shared/data python3 -m simulations.benchmarks.bench_device_client
+    python3 -m simulations.benchmarks.bench_device_client --arms csg --num-partitions 50 --epochs 1
 
 Writes ``simulations/results/bench_device_client.json`` (``--json`` to change).
 """
@@ -42,9 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import cpu_name, write_json
-
-ROOT = Path(__file__).resolve().parents[1]
+from simulations.benchlib import RESULTS, cpu_name, write_json
 
 
 def _status_kib(field: str) -> int:
@@ -117,7 +115,7 @@ def child(args: argparse.Namespace) -> None:
 
 
 def measure(arm: str, args: argparse.Namespace) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", "--arm", arm]
+    command = [sys.executable, "-m", __spec__.name, "--child", "--arm", arm]  # run from the checkout: -m
     command += ["--model", args.model, "--num-partitions", str(args.num_partitions), "--epochs", str(args.epochs)]
     command += ["--batch-size", str(args.batch_size), "--data-dir", args.data_dir]
     if shutil.which("taskset"):
@@ -145,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="runs per arm: fastest epoch, largest peak")
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--data-dir", default=os.environ.get("FEDCSG_DATA_DIR", ""))
-    parser.add_argument("--json", default=str(ROOT / "simulations" / "results" / "bench_device_client.json"))
+    parser.add_argument("--json", default=str(RESULTS / "bench_device_client.json"))
     args = parser.parse_args(argv)
     if not args.data_dir:
         parser.error("no data: pass --data-dir or set FEDCSG_DATA_DIR")

@@ -1,7 +1,7 @@
 """Bytes that really cross the network per round in deployment, beside the bytes fedcsg accounts for.
 
 For each arm this starts a real SuperLink (TLS, SuperNode authentication) and two SuperNodes on
-127.0.0.1, with a byte-counting TCP relay (``simulations/relay.py``) between the
+127.0.0.1, with a byte-counting TCP relay (``simulations/tools/relay.py``) between the
 SuperNodes and the SuperLink's Fleet API, and runs the fedcsg app with ``flwr run`` on a tiny
 CIFAR-10 subset. The ServerApp writes ``arms/ARM.json`` after every round's evaluation; the moments
 those records appear cut the relay's byte log into rounds. Per round and direction:
@@ -23,8 +23,8 @@ SuperNode fetches the run and the app bundle (FAB, ``fab`` bytes, built here the
 
 Usage::
 
-    FEDCSG_DATA_DIR=/work/shared/data python3 simulations/bench_deploy_bytes.py
-    python3 simulations/bench_deploy_bytes.py --arms csg --rounds 1 --idle-seconds 10
+    FEDCSG_DATA_DIR=/work/shared/data python3 -m simulations.benchmarks.bench_deploy_bytes
+    python3 -m simulations.benchmarks.bench_deploy_bytes --arms csg --rounds 1 --idle-seconds 10
 
 Writes ``simulations/results/bench_deploy_bytes.json`` (``--json`` to change).
 """
@@ -42,14 +42,12 @@ import time
 from pathlib import Path
 
 import flwr
-from benchlib import write_json
-from relay import ByteCountingRelay, Traffic
 
 from fedcsg.deploy.federation import FederationPlan, RunOutcome, run_app, start_federation, wait_for_nodes
 from fedcsg.processes import free_port
 from fedcsg.runs.layout import arm_record_path
-
-ROOT = Path(__file__).resolve().parents[1]
+from simulations.benchlib import RESULTS, ROOT, fab_bytes, write_json
+from simulations.tools.relay import ByteCountingRelay, Traffic
 
 
 def _watch_rounds(record: Path, times: dict[int, float], stop: threading.Event) -> None:
@@ -63,12 +61,6 @@ def _watch_rounds(record: Path, times: dict[int, float], stop: threading.Event) 
         for entry in rounds:
             times.setdefault(int(entry["round"]), now)
         stop.wait(0.05)
-
-
-def _fab_bytes() -> int:
-    from flwr.cli.build import build_fab_from_disk
-
-    return len(build_fab_from_disk(ROOT))
 
 
 def measure_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
@@ -204,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-seconds", type=float, default=31.0, help="> 30 s: one heartbeat per node")
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--data-dir", default=os.environ.get("FEDCSG_DATA_DIR"))
-    parser.add_argument("--json", default=str(ROOT / "simulations" / "results" / "bench_deploy_bytes.json"))
+    parser.add_argument("--json", default=str(RESULTS / "bench_deploy_bytes.json"))
     parser.add_argument("--work", help="working directory (default: a temporary one, removed)")
     args = parser.parse_args(argv)
     if not args.data_dir:
@@ -213,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fedcsg-deploy-bytes-") as tmp:
         work = Path(args.work or tmp)
         results = [measure_arm(arm.strip(), args, work) for arm in args.arms.split(",") if arm.strip()]
-    fab = _fab_bytes()
+    fab = fab_bytes()
     print_table(results, fab)
     document = {
         "benchmark": "bench_deploy_bytes",

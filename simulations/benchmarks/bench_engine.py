@@ -16,8 +16,9 @@ for each other): run this on a quiet machine.
 
 Usage::
 
-    python3 simulations/bench_engine.py                      # 4 and 10 clients, resnet20, csg arm
-    python3 simulations/bench_engine.py --clients 4,10,50 --images-per-client 1000 --device cuda --client-num-gpus 0.25
+    python3 -m simulations.benchmarks.bench_engine                      # 4 and 10 clients, resnet20, csg arm
+    python3 -m simulations.benchmarks.bench_engine --clients 4,10,50 --images-per-client 1000 \
+        --device cuda --client-num-gpus 0.25
 """
 
 from __future__ import annotations
@@ -27,18 +28,15 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
-from benchlib import add_config_argument, print_table, run_fedcsg, write_json
 
 from fedcsg.fl.task import build_arm_model, client_data, evaluate_model, local_train, payload_layout, test_data
 from fedcsg.nn.training import get_device
 from fedcsg.spec.config import RunConfig
 from fedcsg.spec.experiments import load_experiment
 from fedcsg.wire.payload import load_payload, model_payload, weighted_average
-
-ROOT = Path(__file__).resolve().parents[1]
+from simulations.benchlib import RESULTS, add_config_argument, print_table, run_fedcsg, write_json
 
 
 def engine_rounds(cfg: RunConfig, sets: dict[str, object], timeout: float, config: str) -> dict:
@@ -110,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--client-num-gpus", type=float, default=0.0)
     parser.add_argument("--timeout", type=float, default=1800)
-    parser.add_argument("--json", default=str(ROOT / "simulations" / "results" / "bench_engine.json"))
+    parser.add_argument("--json", default=str(RESULTS / "bench_engine.json"))
     args = parser.parse_args(argv)
 
     rows, results = [], []

@@ -11,8 +11,8 @@
 
 Usage::
 
-    FEDCSG_DATA_DIR=/work/shared/data python3 simulations/bench_export.py
-    python3 simulations/bench_export.py --models resnet20 --train-images 2000 --test-limit 2000
+    FEDCSG_DATA_DIR=/work/shared/data python3 -m simulations.benchmarks.bench_export
+    python3 -m simulations.benchmarks.bench_export --models resnet20 --train-images 2000 --test-limit 2000
 
 Writes ``simulations/results/bench_export.json`` (``--json`` to change).
 """
@@ -29,13 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from benchlib import parse_models, write_json
 
 from fedcsg.deploy.export import EXPORT_FORMATS, export_model, load_torchscript
 from fedcsg.runs.model_file import save_checkpoint
 from fedcsg.spec.settings import ModelSettings
-
-ROOT = Path(__file__).resolve().parents[1]
+from simulations.benchlib import RESULTS, parse_models, write_json
 
 
 def sizes(models: list[str], work: Path) -> list[dict]:
@@ -166,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-agreement", action="store_true")
     parser.add_argument("--data-dir", default=os.environ.get("FEDCSG_DATA_DIR", ""))
-    parser.add_argument("--json", default=str(ROOT / "simulations" / "results" / "bench_export.json"))
+    parser.add_argument("--json", default=str(RESULTS / "bench_export.json"))
     args = parser.parse_args(argv)
     if not args.data_dir and not args.skip_agreement:
         parser.error("no data: pass --data-dir or set FEDCSG_DATA_DIR (or --skip-agreement)")

@@ -24,9 +24,9 @@ model's initial state and for a randomised state holding NaN, -0.0 and inf.
 
 Usage::
 
-    python simulations/bench_bytes.py
-    python simulations/bench_bytes.py --models resnet56 --slices 12x12x3x3:72 --packing flat
-    python simulations/bench_bytes.py --clients-per-round 100 --json /tmp/bytes.json
+    python3 -m simulations.benchmarks.bench_bytes
+    python3 -m simulations.benchmarks.bench_bytes --models resnet56 --slices 12x12x3x3:72 --packing flat
+    python3 -m simulations.benchmarks.bench_bytes --clients-per-round 100 --json /tmp/bytes.json
 
 Exit status: 0 when every flat row passes, 1 otherwise.
 """
@@ -42,7 +42,6 @@ from pathlib import Path
 
 import flwr
 import torch
-from benchlib import parse_models, write_json
 from flwr.app import Message, RecordDict
 
 from fedcsg.fl.task import build_arm_model
@@ -54,6 +53,7 @@ from fedcsg.runs.records import versions
 from fedcsg.spec.arms import MODELS, PHASED
 from fedcsg.spec.config import RunConfig
 from fedcsg.wire.payload import PACKINGS, PayloadLayout
+from simulations.benchlib import RESULTS, parse_models, write_json
 
 
 def parse_slices(text: str) -> list[tuple[str, int]]:
@@ -80,7 +80,7 @@ def parse_slices(text: str) -> list[tuple[str, int]]:
 def build_parser() -> argparse.ArgumentParser:
     models = "resnet20,resnet32,resnet56,resnet110,densenet40,mobilenetv2,shufflenetv2"
     slices = "12x12x3x3:72,16x16x3x3:128"
-    json_path = Path(__file__).resolve().parent / "results" / "bench_bytes.json"
+    json_path = RESULTS / "bench_bytes.json"
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )

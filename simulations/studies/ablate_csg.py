@@ -24,9 +24,9 @@ runs, about 80-90 minutes. ``--cells all`` adds fedyogi, lr 0.02 / 0.1 and 2 loc
 
 Usage::
 
-    python3 simulations/ablate_csg.py                                  # default cells, 2 seeds
-    python3 simulations/ablate_csg.py --cells all --seeds 3 --out runs/ablate-all.json
-    python3 simulations/ablate_csg.py --quick                          # tiny smoke grid (minutes)
+    python3 -m simulations.studies.ablate_csg                                  # default cells, 2 seeds
+    python3 -m simulations.studies.ablate_csg --cells all --seeds 3 --out runs/ablate-all.json
+    python3 -m simulations.studies.ablate_csg --quick                          # tiny smoke grid (minutes)
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchlib import add_config_argument, print_table, run_fedcsg, write_json
+from simulations.benchlib import add_config_argument, print_table, run_fedcsg, write_json
 
 BASELINE: dict[str, Any] = {
     "csg-init": "kaiming",

@@ -1,0 +1,1 @@
+"""See simulations/__init__.py."""
