@@ -22,7 +22,8 @@ from typing import Any
 
 from torch import nn
 
-from fedcsg.cli.runs import canonical, default_out, run_arms
+from fedcsg.cli.runs import run_arms
+from fedcsg.runs.directory import canonical, default_out
 from fedcsg.spec.arms import check_arm
 from fedcsg.spec.checks import kebab
 from fedcsg.spec.config import RunConfig

@@ -10,6 +10,7 @@ import pytest
 
 from fedcsg.cli import main
 from fedcsg.io import strict_json
+from fedcsg.runs.layout import absent_settings, differing_settings, shown_differences
 from fedcsg.runs.records import ArmRecorder
 from fedcsg.runs.report import write_report
 from fedcsg.spec.config import ADDED_SETTINGS, RunConfig, identity_of
@@ -207,6 +208,18 @@ def test_a_run_of_an_older_fedcsg_is_refused_in_one_line(tmp_path: Path, capsys:
     assert len(err) == 1 and "written by an older fedcsg (it lacks downlink)" in err[0]
     assert "accepted are runs of fedcsg 0.1.0" in err[0]
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_differences_between_configs_are_setting_names_with_the_absent_ones_apart() -> None:
+    """The identity check names settings, not messages: a changed setting and one the record lacks are
+    both differing, the lacking one is also absent, and only the message marks it."""
+    identity = RunConfig(lr=0.05).identity()
+    recorded = {**RunConfig(lr=0.1).to_flower()}
+    del recorded["downlink"]
+    assert differing_settings(identity, recorded) == ["downlink", "lr"]
+    assert absent_settings(identity, recorded) == ["downlink"]
+    assert shown_differences(identity, recorded) == "downlink (absent: an older fedcsg wrote it), lr"
+    assert differing_settings(identity, RunConfig(lr=0.05).to_flower()) == []
 
 
 def test_a_run_of_a_fedcsg_that_only_lacked_added_settings_resumes(

@@ -10,23 +10,22 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from fedcsg.io import read_json_object, writable_dir
-from fedcsg.runs.checkpoint import read_state
-from fedcsg.runs.layout import (
-    ARMS_DIR,
-    REPORT_FILES,
-    REPORT_MD,
-    STATE_DIR,
-    arm_record_path,
-    differing_settings,
-    holds_arms,
-    run_files,
-    seed_dir,
-    seed_dirs_in,
+from fedcsg.runs.directory import (
+    arm_progress,
+    arms_in,
+    canonical,
+    check_run_dirs,
+    default_out,
+    prepare_out_dir,
+    remove_torn_writes,
+    resume_config,
+    seed_runs,
 )
-from fedcsg.runs.records import fedcsg_version
-from fedcsg.spec.arms import MODELS, arm_of_stem, check_arm
-from fedcsg.spec.config import PLACEMENT_KEYS, RunConfig, with_added_settings
+from fedcsg.runs.layout import REPORT_MD, arm_record_path
+from fedcsg.spec.arms import MODELS, check_arm
+from fedcsg.spec.config import RunConfig
 from fedcsg.spec.experiments import DEFAULT_EXPERIMENT, load_experiment, shipped_experiments
+from fedcsg.wire.payload import PayloadLayout
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -51,60 +50,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def canonical(cfg: RunConfig) -> RunConfig:
-    """A several-seed config with ``seed`` set to its first seed, so that it reads the same
-    whichever seed's directory it is recovered from."""
-    return cfg.replace(seed=cfg.seed_list[0]) if cfg.seeds else cfg
-
-
 def resolve_config(args: argparse.Namespace) -> RunConfig:
     cfg = load_experiment(args.config or DEFAULT_EXPERIMENT)
     overrides = _overrides(args)
     return canonical(RunConfig.from_mapping(overrides, cfg) if overrides else cfg)
-
-
-def seed_runs(cfg: RunConfig, out_dir: Path) -> list[tuple[RunConfig, Path]]:
-    """Each run of ``cfg`` with the directory it writes to: one run in ``out_dir`` itself, or with
-    ``seeds`` one run per seed in ``out_dir/seed-N`` (``seed`` = N: partitions, initial models,
-    client sampling and augmentation all follow it)."""
-    if not cfg.seeds:
-        return [(cfg, out_dir)]
-    return [(cfg.replace(seed=seed), seed_dir(out_dir, seed)) for seed in cfg.seed_list]
-
-
-def prepare_out_dir(out_dir: Path, cfg: RunConfig, arms: list[str], overwrite: bool, make: bool = True) -> None:
-    """Refuse a directory that already holds results of these arms or of another config, unless
-    ``overwrite`` (which deletes them, its seed directories' included); nothing is written before
-    this check passes. With ``make``, the directory is then made (and must be writable)."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"output path {str(out_dir)!r} exists and is not a directory")
-    existing = run_files(out_dir) if out_dir.is_dir() else []
-    if existing and not overwrite:
-        clash = sorted({arm_of_stem(p.stem) for p in existing if arm_of_stem(p.stem) in arms})
-        if clash:
-            raise FileExistsError(
-                f"output directory {str(out_dir)!r} already holds results of {', '.join(clash)}: "
-                "pass --resume DIR to continue it, --overwrite to replace it, or choose another --out"
-            )
-        other = read_json_object(existing[0]).get("config", {})
-        differing = differing_settings(cfg.identity(), other)
-        if differing:
-            raise FileExistsError(
-                f"output directory {str(out_dir)!r} holds a run with another config ({', '.join(differing[:5])} "
-                "differ): pass --overwrite or choose another --out"
-            )
-    if overwrite:
-        for path in existing:
-            path.unlink()
-        for directory in (out_dir, *seed_dirs_in(out_dir).values()):
-            state = directory / STATE_DIR
-            if state.is_dir():
-                for path in [*state.glob("*.safetensors"), *state.glob(".*.tmp")]:
-                    path.unlink()
-            for name in REPORT_FILES:
-                (directory / name).unlink(missing_ok=True)
-    if make:
-        writable_dir(out_dir)
 
 
 def preflight(cfg: RunConfig, arms: list[str]) -> tuple[RunConfig, float]:
@@ -225,42 +174,15 @@ def _finish(out_dir: Path, runs: list[RunConfig], placement: Placement) -> int:
     return 0
 
 
-def _check_layout(out_dir: Path, cfg: RunConfig) -> None:
-    """Refuse a directory that holds a one-seed run when several seeds are asked for, or the other
-    way round."""
-    held = seed_dirs_in(out_dir)
-    if cfg.seeds and holds_arms(out_dir):
-        raise FileExistsError(
-            f"output directory {str(out_dir)!r} holds a one-seed run: pass --overwrite or choose another --out"
-        )
-    if not cfg.seeds and held:
-        raise FileExistsError(
-            f"output directory {str(out_dir)!r} holds a run over seeds {', '.join(map(str, held))}: "
-            "pass --overwrite or choose another --out"
-        )
-
-
-def _check_run_dirs(cfg: RunConfig, arms: list[str], out_dir: Path, overwrite: bool) -> None:
-    """Refuse an output directory that holds results in the way (nothing is written): with
-    ``overwrite`` only a non-directory in its place."""
-    if overwrite:
-        if out_dir.exists() and not out_dir.is_dir():
-            raise FileExistsError(f"output path {str(out_dir)!r} exists and is not a directory")
-        return
-    _check_layout(out_dir, cfg)
-    for run_cfg, run_dir in seed_runs(cfg, out_dir):  # every seed's directory checked before any is made
-        prepare_out_dir(run_dir, run_cfg, arms, overwrite=False, make=False)
-
-
 def run_arms(cfg: RunConfig, arms: list[str], out_dir: Path, overwrite: bool = False, verbose: bool = False) -> int:
     """Check, then, holding the directory's lock (:func:`~fedcsg.runs.lock.run_lock`), check again
     (another run may have written meanwhile), clear it if ``overwrite``, and run every arm of every seed."""
     from fedcsg.runs.lock import run_lock
 
     cfg, placement = _resolved(cfg, arms)
-    _check_run_dirs(cfg, arms, out_dir, overwrite)
+    check_run_dirs(cfg, arms, out_dir, overwrite)
     with run_lock(writable_dir(out_dir)):
-        _check_run_dirs(cfg, arms, out_dir, overwrite)
+        check_run_dirs(cfg, arms, out_dir, overwrite)
         if overwrite:  # everything of an earlier run goes, whatever its seeds
             prepare_out_dir(out_dir, cfg, arms, overwrite=True)
         runs = seed_runs(cfg, out_dir)
@@ -289,106 +211,11 @@ def _check_resume_flags(args: argparse.Namespace) -> Path:
     return out_dir
 
 
-def saved_config(out_dir: Path) -> RunConfig:
-    """The config of the run in ``out_dir``, from its first checkpoint or arm record."""
-    files = run_files(out_dir)
-    if not files:
-        raise ValueError(
-            f"resume directory {str(out_dir)!r} holds no fedcsg run: accepted is the --out of an earlier "
-            "fedcsg run or compare (with state/*.json or arms/*.json, or seed-N/ directories holding them)"
-        )
-    recorded = read_json_object(files[0]).get("config")
-    if not isinstance(recorded, dict):
-        raise ValueError(f"{str(files[0])!r} records no config: it is not a fedcsg record")
-    older = [key for key in differing_settings(RunConfig().identity(), recorded) if "absent" in key]
-    if older:
-        raise ValueError(
-            f"{str(files[0])!r} was written by an older fedcsg (it lacks "
-            f"{', '.join(k.split()[0] for k in older[:5])}): accepted are runs of fedcsg {fedcsg_version()}; "
-            "rerun it with --overwrite"
-        )
-    try:
-        return canonical(
-            RunConfig.from_mapping({k: v for k, v in with_added_settings(recorded).items() if k != "resume"})
-        )
-    except ValueError as error:
-        raise ValueError(f"{files[0]}: recorded config: {error}") from None
-
-
-def resume_config(args: argparse.Namespace, out_dir: Path) -> RunConfig:
-    """The saved config, or the one given by --config/--set when it has the same identity; its
-    placement (:data:`~fedcsg.spec.config.PLACEMENT_KEYS`) from --config/--set or the defaults, for
-    the machine it resumes on, never the resolved one of the machine it started on."""
-    saved = saved_config(out_dir)
-    defaults = RunConfig().to_flower()
-    saved = RunConfig.from_mapping({key: defaults[key] for key in PLACEMENT_KEYS}, saved)
-    cfg = saved
-    overrides = _overrides(args)
-    if args.config or overrides:
-        base = load_experiment(args.config) if args.config else saved
-        cfg = canonical(RunConfig.from_mapping(overrides, base) if overrides else base)
-        if (cfg.seeds or saved.seeds) and cfg.seed_list != saved.seed_list:  # one seed: the identity check says it
-            raise ValueError(
-                f"seeds {','.join(map(str, cfg.seed_list))} differ from the run in {str(out_dir)!r} "
-                f"(seeds {','.join(map(str, saved.seed_list))}); accepted is the saved config"
-            )
-        differing = differing_settings(cfg.identity(), saved.identity())
-        if differing:
-            shown = ", ".join(f"{k} = {cfg.identity()[k]!r} (saved {saved.identity()[k]!r})" for k in differing[:4])
-            raise ValueError(
-                f"the config differs from the run in {str(out_dir)!r}: {shown}; accepted is the saved config "
-                "(leave out --config and --set to use it)"
-            )
-    return cfg.replace(resume=True)
-
-
-def arm_progress(out_dir: Path, cfg: RunConfig, arm: str) -> int | None:
-    """The last complete round of ``arm`` in ``out_dir`` (verified), or None if it has not started.
-
-    A checkpoint is loaded and checked in full (size, sha256, safetensors, shapes against the
-    model, config hash); an arm record without a checkpoint counts only when it is complete.
-    """
+def _payload_layout(cfg: RunConfig) -> PayloadLayout:
+    """The payload layout of ``cfg``'s arm model, against which its checkpoints are checked."""
     from fedcsg.fl.task import build_arm_model, payload_layout
-    from fedcsg.runs.checkpoint import config_hash, load_checkpoint
 
-    arm_cfg = cfg.replace(arm=arm)
-    if read_state(out_dir, arm) is not None:
-        checkpoint = load_checkpoint(out_dir, arm, payload_layout(arm_cfg, build_arm_model(arm_cfg)))
-        assert checkpoint is not None
-        if checkpoint.config_hash != config_hash(arm_cfg.identity()):
-            raise ValueError(
-                f"the checkpoint of arm {arm!r} in {str(out_dir)!r} was written under another config: "
-                "accepted is --overwrite or another --out"
-            )
-        return checkpoint.round
-    record = arm_record_path(out_dir, arm)
-    if not record.is_file():
-        return None
-    document = read_json_object(record)
-    rounds = document.get("rounds", [])
-    if len(rounds) == cfg.num_rounds + 1:
-        return cfg.num_rounds
-    differing = differing_settings(arm_cfg.identity(), document.get("config", {}))
-    if differing:
-        raise ValueError(
-            f"arm {arm!r} in {str(out_dir)!r} was recorded under another config ({', '.join(differing[:5])} "
-            "differ) and has no checkpoint: accepted is --overwrite"
-        )
-    if len(rounds) <= 1:
-        return None  # killed before round 0's checkpoint was committed: the arm starts again
-    raise ValueError(
-        f"arm {arm!r} in {str(out_dir)!r} has {max(len(rounds) - 1, 0)} of {cfg.num_rounds} rounds and no "
-        "checkpoint to resume from: accepted is --overwrite"
-    )
-
-
-def remove_torn_writes(run_dir: Path) -> list[Path]:
-    """Delete the temporary files that a kill in the middle of an atomic write left in ``run_dir``,
-    its ``arms/`` and its ``state/`` (:func:`fedcsg.io.atomic_write_bytes`); returns them."""
-    torn = [path for folder in ("", ARMS_DIR, STATE_DIR) for path in (run_dir / folder).glob(".*.tmp")]
-    for path in torn:
-        path.unlink(missing_ok=True)
-    return torn
+    return payload_layout(cfg, build_arm_model(cfg))
 
 
 def _resume_arms(cfg: RunConfig, arms: list[str], out_dir: Path, verbose: bool) -> int:
@@ -399,7 +226,9 @@ def _resume_arms(cfg: RunConfig, arms: list[str], out_dir: Path, verbose: bool) 
     cfg, placement = _resolved(cfg, arms)
     with run_lock(out_dir):
         runs = seed_runs(cfg, out_dir)
-        progress = [{arm: arm_progress(run_dir, run_cfg, arm) for arm in arms} for run_cfg, run_dir in runs]
+        progress = [
+            {arm: arm_progress(run_dir, run_cfg, arm, _payload_layout) for arm in arms} for run_cfg, run_dir in runs
+        ]
         planned = []
         remove_torn_writes(out_dir)  # the report over the seeds (a one-seed run: its own, again below)
         for (run_cfg, run_dir), done_by_arm in zip(runs, progress, strict=True):
@@ -419,26 +248,16 @@ def _resume_arms(cfg: RunConfig, arms: list[str], out_dir: Path, verbose: bool) 
         return _finish(out_dir, planned, placement)
 
 
-def _arms_in(out_dir: Path) -> list[str]:
-    return sorted({arm_of_stem(p.stem) for p in run_files(out_dir)})
-
-
 def _default_out(args: argparse.Namespace) -> Path:
     """``--out``, else runs/<experiment name> in the current directory."""
     return Path(args.out) if args.out else default_out(args.config or DEFAULT_EXPERIMENT)
 
 
-def default_out(config: str | Path) -> Path:
-    """runs/<experiment name> in the current directory: the run directory of an experiment named
-    by ``config`` (a shipped name or a TOML file) when none is given."""
-    return Path("runs") / Path(str(config)).name.removesuffix(".toml")
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     if args.resume:
         out_dir = _check_resume_flags(args)
-        cfg = resume_config(args, out_dir)
-        held = _arms_in(out_dir)
+        cfg = resume_config(out_dir, args.config, _overrides(args))
+        held = arms_in(out_dir)
         if not args.arm and len(held) > 1:
             raise ValueError(f"{str(out_dir)!r} holds arms {', '.join(held)}: pass --arm to say which to resume")
         arm = check_arm(args.arm or cfg.arm)
@@ -451,7 +270,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     if args.resume:
         out_dir = _check_resume_flags(args)
-        cfg = resume_config(args, out_dir)
+        cfg = resume_config(out_dir, args.config, _overrides(args))
     else:
         cfg = resolve_config(args)
     arms = [check_arm(a.strip()) for a in args.arms.split(",")] if args.arms else cfg.arm_list

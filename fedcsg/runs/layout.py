@@ -12,7 +12,8 @@ A run directory ``DIR`` holds, for a run of one seed::
 and, for a run over several seeds, one such directory per seed, ``DIR/seed-N/``, with the report
 over seeds in ``DIR`` itself. An arm's file stem is :func:`fedcsg.spec.arms.file_stem` (a ``/`` of
 a two-way arm spelled ``~``). The identity check that decides whether a directory holds the same run
-as a config (``--resume`` and a fresh ``--out`` alike) lives here too.
+as a config (``--resume`` and a fresh ``--out`` alike) lives here too; what a run does with a
+directory (check, clear, resume) is :mod:`fedcsg.runs.directory`.
 """
 
 from __future__ import annotations
@@ -100,13 +101,28 @@ def run_files(out_dir: Path) -> list[Path]:
 
 
 def differing_settings(identity: Mapping[str, Any], recorded: Mapping[str, Any]) -> list[str]:
-    """Settings (kebab-case) in which the identity of a recorded config differs from ``identity``, the
-    arm aside, and a setting of one model (:data:`~fedcsg.spec.config.MODEL_SETTINGS`) aside unless both
-    arms read it. A record lacking settings that this fedcsg has was written by an older version: its
-    missing keys are named as ``KEY (absent: an older fedcsg wrote it)``."""
+    """Settings (kebab-case, sorted) in which the identity of a recorded config differs from ``identity``,
+    the arm aside, and a setting of one model (:data:`~fedcsg.spec.config.MODEL_SETTINGS`) aside unless
+    both arms read it. A setting the record lacks is among them (:func:`absent_settings` names those)."""
     from fedcsg.spec.config import MODEL_SETTINGS, identity_of
 
     theirs = identity_of(recorded)
     shared = (set(identity) | set(theirs)) - {k for k in MODEL_SETTINGS if k not in identity or k not in theirs}
-    keys = sorted(k for k in shared if k != "arm" and theirs.get(k) != identity.get(k))
-    return [f"{k} (absent: an older fedcsg wrote it)" if k not in theirs else k for k in keys]
+    return sorted(k for k in shared if k != "arm" and theirs.get(k) != identity.get(k))
+
+
+def absent_settings(identity: Mapping[str, Any], recorded: Mapping[str, Any]) -> list[str]:
+    """The :func:`differing_settings` that the recorded config lacks: an older fedcsg wrote it."""
+    from fedcsg.spec.config import identity_of
+
+    theirs = identity_of(recorded)
+    return [k for k in differing_settings(identity, recorded) if k not in theirs]
+
+
+def shown_differences(identity: Mapping[str, Any], recorded: Mapping[str, Any], limit: int = 5) -> str:
+    """The first ``limit`` :func:`differing_settings` for a message, an absent one marked as such."""
+    absent = set(absent_settings(identity, recorded))
+    return ", ".join(
+        f"{k} (absent: an older fedcsg wrote it)" if k in absent else k
+        for k in differing_settings(identity, recorded)[:limit]
+    )

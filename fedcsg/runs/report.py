@@ -33,6 +33,7 @@ from fedcsg.runs.layout import (
     differing_settings,
     holds_arms,
     seed_dirs_in,
+    shown_differences,
 )
 from fedcsg.runs.plots import plot_accuracy
 from fedcsg.runs.records import ROUND_FIELDS, read_arm_record
@@ -323,10 +324,10 @@ def check_records(out_dir: Path) -> dict[int, Path]:
             identity = {k: v for k, v in config.items() if k != "seed"}
             if reference is None:
                 reference = (path, identity_of(identity))
-            elif differing := differing_settings(reference[1], identity):
+            elif differing_settings(reference[1], identity):
                 raise ValueError(
                     f"{str(path)!r} was recorded under another config than {str(reference[0])!r} "
-                    f"({', '.join(differing[:5])} differ): accepted is one run's records"
+                    f"({shown_differences(reference[1], identity)} differ): accepted is one run's records"
                 )
     return seeds
 

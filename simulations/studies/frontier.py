@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from fedcsg.cli.args import OneLineParser
-from fedcsg.cli.runs import parse_overrides, saved_config
+from fedcsg.cli.runs import parse_overrides
+from fedcsg.runs.directory import saved_config
 from fedcsg.runs.layout import RESULTS_JSON, differing_settings
 from fedcsg.runs.summary import summarize_seeds
 from fedcsg.spec.arms import Arm, check_arm
@@ -107,7 +108,7 @@ def reused_arms(results: Mapping[str, Any], config: str, sets: Sequence[str]) ->
     """
     cfg = RunConfig.from_mapping(parse_overrides(list(sets)), load_experiment(config))
     recorded = results["config"]
-    differing = [k for k in differing_settings(cfg.identity(), recorded) if k.split()[0] not in ("seed", "code-dim")]
+    differing = [k for k in differing_settings(cfg.identity(), recorded) if k not in ("seed", "code-dim")]
     if differing:
         shown = ", ".join(
             f"{k} = {recorded.get(k)!r} (the frontier's {cfg.identity().get(k)!r})" for k in differing[:4]
