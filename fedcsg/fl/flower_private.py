@@ -22,10 +22,6 @@ private name (module)                             why fedcsg needs it
 ``build_fab_from_disk`` (flwr.cli.build),         the bytes of the app bundle each SuperNode
 ``get_project_dir`` (flwr.common.config),         downloads (the GetFab reply), rebuilt from the
 ``Fab``, ``GetFabResponse`` (flwr.proto.fab_pb2)  installed app: the ServerApp never sees the FAB
-``FedAvg._construct_messages``,                   the strategy's own ``start`` loop resends a failed
-``FedAvg._check_and_log_replies``                 round and keeps per-node downlink state; it builds
-                                                  and checks messages exactly as FedAvg does
-``flwr.supercore.log``                            Flower's logger, so fedcsg's lines read as its own
 ================================================  =================================================
 
 ``tests/test_flower_private.py`` fails, naming each missing name, if an installed flwr moves one.
@@ -34,16 +30,12 @@ private name (module)                             why fedcsg needs it
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable
 from typing import Any
 
 import flwr
-from flwr.app import Message
 from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
 from flwr.common.serde_utils import error_to_proto, metadata_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
-from flwr.serverapp.strategy import FedAvg
-from flwr.supercore import log
 from flwr.supercore.constant import NOOP_FEDERATION_ID
 from flwr.supercore.inflatable.inflatable_object import add_header_to_object_body, get_all_nested_objects
 from flwr.supercore.run import Run
@@ -54,12 +46,9 @@ __all__ = [
     "Run",
     "SUPERLINK_NODE_ID",
     "add_header_to_object_body",
-    "check_replies",
-    "construct_messages",
     "error_to_proto",
     "fab_reply_bytes",
     "get_all_nested_objects",
-    "log",
     "metadata_to_proto",
     "missing_names",
     "offline_task_identity",
@@ -77,7 +66,6 @@ PRIVATE_NAMES = (
     ("flwr.proto.message_pb2", "Message"),
     ("flwr.server.superlink.linkstate.utils", "generate_rand_int_from_bytes"),
     ("flwr.simulation.run_simulation", "_run_simulation"),
-    ("flwr.supercore", "log"),
     ("flwr.supercore.constant", "NOOP_FEDERATION_ID"),
     ("flwr.supercore.inflatable.inflatable_object", "add_header_to_object_body"),
     ("flwr.supercore.inflatable.inflatable_object", "get_all_nested_objects"),
@@ -88,8 +76,6 @@ PRIVATE_NAMES = (
     ("flwr.common.config", "get_project_dir"),
     ("flwr.proto.fab_pb2", "Fab"),
     ("flwr.proto.fab_pb2", "GetFabResponse"),
-    ("flwr.serverapp.strategy", "FedAvg._construct_messages"),
-    ("flwr.serverapp.strategy", "FedAvg._check_and_log_replies"),
 )
 
 
@@ -104,17 +90,6 @@ def missing_names() -> list[str]:
         except (ImportError, AttributeError):
             missing.append(f"{module}.{attribute} (flwr {flwr.__version__})")
     return missing
-
-
-def construct_messages(strategy: FedAvg, record: Any, nodes: Iterable[int], message_type: str) -> Iterable[Message]:
-    """FedAvg's messages of ``record`` to ``nodes``, built as its own ``configure_train`` builds them."""
-    return strategy._construct_messages(record, list(nodes), message_type)  # noqa: SLF001
-
-
-def check_replies(strategy: FedAvg, replies: list[Message]) -> list[Message]:
-    """The train replies FedAvg would accept (no error, one ArrayRecord, its weight key), logged as it logs them."""
-    valid, _ = strategy._check_and_log_replies(replies, is_train=True, validate=False)  # noqa: SLF001
-    return list(valid)
 
 
 def offline_task_identity() -> None:

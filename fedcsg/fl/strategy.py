@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
 from fedcsg.fl.filter_step import PayloadFilters
 from fedcsg.fl.flower_logs import without_skipped_evaluation_warning
-from fedcsg.fl.flower_private import check_replies, construct_messages, log
 from fedcsg.fl.ray_cluster import DEVICE_KEY, VISIBLE_KEY, reported_placement
 from fedcsg.fl.replies import aggregate_train_metrics, checked_reply
 from fedcsg.fl.server_opt import Mask, ServerOptimizer
@@ -202,7 +202,9 @@ class CSGFedAvg(FedAvg):
     def _sample(self, server_round: int, attempt: int, grid: Grid) -> tuple[list[int], list[int]]:
         """(sampled node ids, all node ids in registration order): FedAvg's sample size
         (:func:`~fedcsg.spec.config.sample_size`), drawn by :func:`sample_positions` after waiting for
-        ``min_available_nodes`` as FedAvg does."""
+        ``min_available_nodes`` as FedAvg does. Flower's ``strategy_utils.sample_nodes`` holds the same
+        wait but draws from Python's global ``random``; the seeded draw here keeps a round's sample a
+        function of the seed, round and attempt alone."""
         nodes = ordered_node_ids(grid)
         size = sample_size(len(nodes), self.fraction_train, self.min_train_nodes)
         while len(nodes) < max(self.min_available_nodes, size):
@@ -245,7 +247,8 @@ class CSGFedAvg(FedAvg):
                 if handoff is not None and handed:
                     contents[HANDOFF] = handoff.record
                     payload += payload_bytes(handoff.record)
-                sent = list(construct_messages(self, RecordDict(contents), nodes, MessageType.TRAIN))
+                content = RecordDict(contents)
+                sent = [Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN) for node in nodes]
                 wire = sum(accounted_wire_bytes(m) for m in sent)
                 traffic.payload_down += payload * len(sent)
                 traffic.wire_down += wire
@@ -289,7 +292,8 @@ class CSGFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         traffic = self._round_traffic(server_round)
         replies = list(replies)
-        valid = check_replies(self, replies)
+        valid = [reply for reply in replies if not reply.has_error()]  # errors: logged by _note_failures
+        log(INFO, "aggregate_train: Received %s results and %s failures", len(valid), len(replies) - len(valid))
         self.broadcaster.settle(self._sent.get(server_round, []), valid)
         if self.handoff is not None:
             self.handoff.settle(self._sent.get(server_round, []), valid)
