@@ -168,9 +168,10 @@ def round_messages(
     return down, up
 
 
-def arm_traffic(cfg: RunConfig, clients_per_round: int) -> dict:
-    """Payload and wire bytes of one round of ``cfg.arm`` with ``clients_per_round`` clients."""
-    model = build_arm_model(cfg)
+def arm_traffic(cfg: RunConfig, clients_per_round: int, model: nn.Module | None = None) -> dict:
+    """Payload and wire bytes of one round of ``cfg.arm`` with ``clients_per_round`` clients (``model``:
+    the arm's initial model if already built, e.g. of another class count than the run's data set's)."""
+    model = model if model is not None else build_arm_model(cfg)
     down, up = round_messages(cfg, model=model)
     resync = round_messages(cfg, resync=True, model=model)[0] if cfg.downlink_mode not in STATELESS else down
     payload_down = payload_bytes(down.content[ARRAYS])
