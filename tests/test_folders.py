@@ -131,6 +131,9 @@ def _bad_folders(root: Path) -> dict[str, tuple[list[str], str]]:
     (empty_class / "test" / "circle" / "notes.txt").write_text("no image here")
     unreadable = write_shapes(root / "unreadable", 2, 1)
     (unreadable / "test" / "square" / "000.jpg").write_bytes(b"not a jpeg")
+    stray_class = write_shapes(root / "stray-class", 2, 1)
+    (stray_class / "test" / "owl").mkdir()
+    Image.new("RGB", (4, 4)).save(stray_class / "test" / "owl" / "0.bmp")
     hf = root / "hf"
     _parquet(hf / "train.parquet", [0, 1])
     _parquet(hf / "test.parquet", [1])
@@ -145,6 +148,15 @@ def _bad_folders(root: Path) -> dict[str, tuple[list[str], str]]:
         "unreadable": (
             ["dataset='imagefolder'", f"data-dir='{unreadable}'"],
             f"{unreadable / 'test' / 'square' / '000.jpg'}: image does not decode",
+        ),
+        "no-data-dir": (["dataset='imagefolder'"], "dataset = 'imagefolder' needs data-dir: accepted is the folder"),
+        "stray": (
+            ["dataset='imagefolder'", f"data-dir='{stray_class}'"],
+            f"{stray_class / 'test' / 'owl'}: class 'owl' is not a class of train/; accepted are circle, square,",
+        ),
+        "fraction": (
+            ["dataset='imagefolder'", f"data-dir='{good}'", "test-fraction=0.25"],
+            f"test-fraction = 0.25 is not accepted: {good} holds a test split (test/); accepted is 0",
         ),
         "column": (
             ["dataset='parquet'", f"data-dir='{hf}'", "image-column='img'"],

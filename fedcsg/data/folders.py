@@ -203,15 +203,6 @@ def _open_folder(dataset: str, directory: Path, settings: FolderSettings, stamp:
     return _parquet_folder(directory, settings)
 
 
-def _missing_test(directory: Path, what: str, settings: FolderSettings) -> None:
-    """Refuse a folder without a test split and no test-fraction."""
-    if settings.test_fraction == 0:
-        raise FileNotFoundError(
-            f"{directory}: missing split: no {what}; accepted is a test split beside train, or test-fraction "
-            "in (0, 1) to cut one from train"
-        )
-
-
 def _with_test(
     directory: Path,
     train: tuple[tuple[Path, ...], np.ndarray],
@@ -229,7 +220,11 @@ def _with_test(
             )
         rows = np.arange(len(labels))
         return {"train": _split(files, rows, labels), "test": _split(test[0], np.arange(len(test[1])), test[1])}
-    _missing_test(directory, what, settings)
+    if settings.test_fraction == 0:
+        raise FileNotFoundError(
+            f"{directory}: missing split: no {what}; accepted is a test split beside train, or test-fraction "
+            "in (0, 1) to cut one from train"
+        )
     count = round(len(labels) * settings.test_fraction)
     if not 0 < count < len(labels):
         raise ValueError(
