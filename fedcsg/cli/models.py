@@ -83,9 +83,7 @@ def cmd_bytes(args: argparse.Namespace) -> int:
     )
     arms = [*all_arms(), *two_way_arms()]
     # Each arm's model of --num-classes and --in-channels (a folder set's, found from its data).
-    rows = [
-        arm_traffic(cfg.replace(arm=arm), args.clients_per_round, model_settings(args, arm).build()) for arm in arms
-    ]
+    rows = [arm_traffic(cfg.replace(arm=arm), args.clients_per_round, model_settings(args, arm)) for arm in arms]
     base = rows[0]
     for row in rows:
         row["upload_ratio_vs_fedavg"] = base["wire_up"] / row["wire_up"]
