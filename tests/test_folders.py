@@ -87,6 +87,9 @@ def test_a_train_split_alone_is_cut_by_test_fraction_and_grayscale_images_give_o
     # A seeded cut (seed 0, whatever the run's seed), the same every time.
     assert test.tolist() == load_labels("imagefolder", "test", **cfg.replace(seed=7).data_settings.source).tolist()
     assert tuple(task.test_data(cfg).images.shape) == (4, 1, 8, 8)
+    # A registry model takes the found class count and channels as a model of the user's does.
+    resnet = task.build_arm_model(cfg.replace(model="resnet20", slice="12x12x3x3", code_dim=72), "csg").eval()
+    assert resnet.conv1.in_channels == 1 and resnet(torch.zeros(2, 1, 8, 8)).shape == (2, 2)
 
 
 def _encoded(image: Image.Image) -> dict[str, object]:
