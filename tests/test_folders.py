@@ -181,3 +181,12 @@ def test_each_bad_folder_is_one_line_exit_2_and_nothing_is_written(cli, tmp_path
         assert code == 2 and stdout == "" and len(err.strip().splitlines()) == 1, (name, err)
         assert err.startswith("fedcsg compare: error: ") and message in err, (name, err)
         assert not out.exists() and not (tmp_path / "runs").exists(), name
+
+
+def test_bad_folder_settings_are_refused_by_the_run_config() -> None:
+    with pytest.raises(ValueError, match=r"^test-fraction = 1\.0 is not accepted: a number in \[0, 1\) is$"):
+        RunConfig(test_fraction=1.0)
+    with pytest.raises(ValueError, match=r"^norm-std = '0.2,0' is not accepted: comma-separated numbers"):
+        RunConfig(norm_std="0.2,0")
+    with pytest.raises(ValueError, match=r"^image-size = 4096 is not accepted for a folder set: 0 \(64\) or an"):
+        RunConfig(dataset="imagefolder", image_size=4096)
