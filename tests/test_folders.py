@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -190,3 +191,26 @@ def test_bad_folder_settings_are_refused_by_the_run_config() -> None:
         RunConfig(norm_std="0.2,0")
     with pytest.raises(ValueError, match=r"^image-size = 4096 is not accepted for a folder set: 0 \(64\) or an"):
         RunConfig(dataset="imagefolder", image_size=4096)
+
+
+def test_a_folder_runs_model_is_exported_with_the_input_found_from_its_data(tmp_path: Path) -> None:
+    """`fedcsg export` of a folder set's model: the image size and statistics its run found, read again
+    from the run's data-dir (named by the run config beside the checkpoint, or --run-dir's)."""
+    from safetensors import safe_open
+
+    from fedcsg.deploy.export import export_checkpoint
+    from fedcsg.runs.model_file import save_checkpoint
+
+    cfg = _run(write_shapes(tmp_path / "images", 2, 1), arm="csg")
+    settings = cfg.model_settings()
+    checkpoint = save_checkpoint(settings.build(), tmp_path / "model.safetensors", settings)
+    with pytest.raises(ValueError, match="takes the image size and normalisation of its run's data-dir, and no run"):
+        export_checkpoint(checkpoint, ["compact"], tmp_path / "refused.safetensors")
+    assert not (tmp_path / "refused.safetensors").exists()
+    info, [path] = export_checkpoint(checkpoint, ["compact"], tmp_path / "c.safetensors", run_config=cfg.to_flower())
+    spec = cfg.dataset_spec()
+    with safe_open(str(path), "pt") as exported:
+        metadata = exported.metadata()
+    assert (info.num_classes, metadata["num-classes"], metadata["dataset"]) == (3, "3", "imagefolder")
+    assert metadata["input"] == "float32 [N, 3, 16, 16], (x/255 - mean) / std"
+    assert (json.loads(metadata["mean"]), json.loads(metadata["std"])) == (list(spec.mean), list(spec.std))
