@@ -664,8 +664,8 @@ def test_42_bytes_of_a_deeplabv3_resnet_is_counted_not_refused(monkeypatch: pyte
 
     seen = []
 
-    def fake(cfg: RunConfig, clients: int) -> dict:
-        seen.append((cfg.model, cfg.dataset, cfg.model_settings().num_classes))
+    def fake(cfg: RunConfig, clients: int, model: ModelSettings) -> dict:
+        seen.append((cfg.model, model.dataset, model.num_classes))
         return {"arm": cfg.arm, "wire_up": 10, "wire_down": 10, "payload_up": 10, "payload_down": 10}
 
     monkeypatch.setattr(traffic, "arm_traffic", fake)

@@ -23,6 +23,7 @@ from fedcsg.runs.records import comparable
 from fedcsg.spec.config import identity_of
 
 from .processes import kill_session
+from .test_folders import EXAMPLE, write_shapes
 from .test_tracking import tensorboard_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,18 +41,22 @@ PEER_ARMS = ("fedavg+int8", "fedpara", "csg+topk", "csg+int8/delta-int8", "csg-w
 # the seed is checked bit for bit in test_csg.py, and it runs (and learns) in ``compare``.
 RERUN_ARMS = ("fedavg", "csg")
 TINY_ARMS = (*RERUN_ARMS, *PEER_ARMS)
-# A CNN of the user's own (tests/user_cnn.py, outside fedcsg), named by import path, on CIFAR-10 at TINY_RUN's size.
+# A CNN of the user's own (tests/user_cnn.py, outside fedcsg), named by import path, on a folder of the user's own
+# images (the example's ImageFolder, which compare_runs writes: 3 classes, PNG and JPEG of 24 to 64 pixels a side)
+# at 16x16, every image of it.
 OWN_MODEL = "tests.user_cnn:SmallCNN"
 OWN_RUN = [
     f"model='{OWN_MODEL}'",
-    "dataset='cifar10'",
+    "dataset='imagefolder'",
+    "image-size=16",
     "slice='8x8x3x3'",
     "code-dim=32",
     "num-clients=2",
     "num-rounds=2",
 ]
-OWN_RUN += ["train-limit=256", "test-limit=128", "batch-size=32", "tracker='tensorboard'"]
+OWN_RUN += ["train-limit=0", "test-limit=0", "batch-size=32", "tracker='tensorboard'"]
 OWN_ARMS = ("fedavg", "csg", "csg-frozen")
+IMAGES_PER_CLASS = (16, 8)  # train, test
 
 
 def _fedcsg(*args: str, data_dir: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -75,12 +80,16 @@ def compare_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     * ``seeds``: `fedcsg compare --seeds 0,1 --arms` RERUN_ARMS with the shipped default
       experiment, from a directory outside the checkout, with TINY_RUN: its seed 0 is ``tiny``'s
       first arms made a second time;
-    * ``own``: OWN_ARMS of a CNN defined in a test module (OWN_MODEL), which the Ray actors import;
-    * ``api``: the same run through the Python API, ``fedcsg.compare(...)`` with the factory itself.
+    * ``own``: OWN_ARMS of a CNN defined in a test module (OWN_MODEL), which the Ray actors import,
+      on an ImageFolder of the user's images;
+    * ``api``: the same run through the Python API, ``fedcsg.compare(...)`` with the factory itself;
+    * ``example``: examples/own-model/compare.py on the same images at a tiny size, from its folder.
     """
     root = tmp_path_factory.mktemp("compare")
     elsewhere = tmp_path_factory.mktemp("elsewhere")
     quickstart = str(ROOT / "configs" / "quickstart.toml")
+    images = write_shapes(tmp_path_factory.mktemp("images"), *IMAGES_PER_CLASS)
+    own = [*OWN_RUN, f"data-dir='{images}'"]
     env = {**os.environ, "FEDCSG_DATA_DIR": str(data_dir)}
     launches = {
         "compare": (["--config", quickstart, "--out", str(root / "run"), *_sets(SMALL_RUN)], ROOT),
@@ -90,7 +99,7 @@ def compare_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         ),
         "seeds": (["--seeds", "0,1", "--arms", ",".join(RERUN_ARMS), *_sets(TINY_RUN)], elsewhere),
         "own": (
-            ["--config", quickstart, "--out", str(root / "own"), "--arms", ",".join(OWN_ARMS), *_sets(OWN_RUN)],
+            ["--config", quickstart, "--out", str(root / "own"), "--arms", ",".join(OWN_ARMS), *_sets(own)],
             ROOT,
         ),
     }
@@ -100,11 +109,12 @@ def compare_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         "seeds": elsewhere / "runs" / "quickstart",
         "own": root / "own",
         "api": root / "api",
+        "example": root / "example",
     }
     commands = {
         name: ([sys.executable, "-m", "fedcsg.cli", "compare", *args], cwd) for name, (args, cwd) in launches.items()
     }
-    settings = dict(pair.split("=", 1) for pair in OWN_RUN if not pair.startswith("model="))
+    settings = dict(pair.split("=", 1) for pair in own if not pair.startswith("model="))
     api = (
         "import fedcsg, tomllib\n"
         "from tests.user_cnn import SmallCNN\n"
@@ -114,6 +124,8 @@ def compare_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         "print(sorted(result.arms))\n"
     )
     commands["api"] = ([sys.executable, "-c", api], ROOT)
+    example = ["--images", str(images), "--out", str(outs["example"]), "--num-rounds", "1", "--image-size", "16"]
+    commands["example"] = ([sys.executable, "compare.py", *example], EXAMPLE)
     procs = {
         name: Popen(command, stdout=PIPE, stderr=PIPE, text=True, env=env, cwd=cwd)
         for name, (command, cwd) in commands.items()
@@ -154,6 +166,11 @@ def seeds_run(compare_runs: dict[str, tuple[Path, Popen]]) -> tuple[Path, subpro
 @pytest.fixture(scope="module")
 def api_run(compare_runs: dict[str, tuple[Path, Popen]]) -> tuple[Path, subprocess.CompletedProcess]:
     return _finished(*compare_runs["api"])
+
+
+@pytest.fixture(scope="module")
+def example_run(compare_runs: dict[str, tuple[Path, Popen]]) -> tuple[Path, subprocess.CompletedProcess]:
+    return _finished(*compare_runs["example"])
 
 
 @pytest.fixture(scope="module")
@@ -396,9 +413,11 @@ def test_a_cnn_of_the_users_own_runs_every_arm_through_ray_with_the_bytes_fedcsg
     own_run: tuple[Path, subprocess.CompletedProcess], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`model = "tests.user_cnn:SmallCNN"`: a CNN fedcsg has never seen, imported by the driver and by
-    every Ray actor, converted by the run's slice settings; each arm's bytes per round are the ones
-    `fedcsg bytes --model tests.user_cnn:SmallCNN` counts without training (the payload to the byte, the
-    wire within the offline messages' framing, as for the registry's models)."""
+    every Ray actor, converted by the run's slice settings, on an ImageFolder of PNG and JPEG images of
+    several sizes (3 classes found from its folders), partitioned, trained and evaluated; each arm's
+    bytes per round are the ones `fedcsg bytes --model tests.user_cnn:SmallCNN --num-classes 3` counts
+    without training (the payload to the byte, the wire within the offline messages' framing, as for
+    the registry's models)."""
     from fedcsg.cli import main
 
     out, proc = own_run
@@ -415,6 +434,8 @@ def test_a_cnn_of_the_users_own_runs_every_arm_through_ray_with_the_bytes_fedcsg
                 "32",
                 "--clients-per-round",
                 "2",
+                "--num-classes",
+                "3",
                 "--json",
             ]
         )
@@ -423,7 +444,11 @@ def test_a_cnn_of_the_users_own_runs_every_arm_through_ray_with_the_bytes_fedcsg
     counted = {row["arm"]: row for row in json.loads(capsys.readouterr().out)["arms"]}
     for arm in OWN_ARMS:
         record = json.loads(arm_record_path(out, arm).read_text())
-        assert record["config"]["model"] == OWN_MODEL
+        assert record["config"]["model"] == OWN_MODEL and record["config"]["dataset"] == "imagefolder"
+        # Evaluated on the whole test folder (3 classes x 8 images): every accuracy is a count of its 24 images.
+        test = 3 * IMAGES_PER_CLASS[1]
+        for r in record["rounds"]:
+            assert r["test_accuracy"] * test == pytest.approx(round(r["test_accuracy"] * test)), (arm, r["round"])
         for r in record["rounds"][1:]:
             assert (r["payload_up"], r["payload_down"]) == (counted[arm]["payload_up"], counted[arm]["payload_down"])
             for way in ("wire_up", "wire_down"):  # the train config's few keys differ offline: < 100 B a message
@@ -449,6 +474,22 @@ def test_the_python_api_runs_what_the_cli_runs(
         assert comparable(a["rounds"]) == comparable(b["rounds"]), arm
     results = json.loads((api_out / "results.json").read_text())
     assert list(results["arms"]) == list(OWN_ARMS)
+
+
+def test_the_own_model_example_runs_as_its_readme_says(example_run: tuple[Path, subprocess.CompletedProcess]) -> None:
+    """examples/own-model/compare.py from its folder, at a tiny size: its ShapeNet (a module beside the
+    script, which the Ray actors import) on the ImageFolder, every arm of shapes.toml, the lines it prints."""
+    out, proc = example_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["arms"]) == ["fedavg", "csg", "csg-frozen"]
+    assert results["config"]["model"] == "shapenet:ShapeNet" and results["config"]["dataset"] == "imagefolder"
+    printed = proc.stdout.strip().splitlines()
+    for line, (arm, record) in zip(printed[-4:-1], results["arms"].items(), strict=True):  # after the report
+        final = record["rounds"][-1]
+        assert [r["round"] for r in record["rounds"]] == [0, 1] and final["partitions"] == [0, 1, 2, 3]
+        assert line == f"{arm}: accuracy {final['test_accuracy']:.3f}, {final['cum_wire_up']:,} bytes up in all"
+    assert printed[-1] == f"records and report in {out}" and (out / "report.md").is_file()
 
 
 # -- an attached Ray cluster (last in the module: the compares above have finished by now) ------

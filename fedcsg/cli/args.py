@@ -85,8 +85,8 @@ def port(text: str) -> int:
     return value
 
 
-def add_model_options(parser: argparse.ArgumentParser, *, shape: bool = True) -> None:
-    """``--model`` and its CSG settings; with ``shape``, also ``--num-classes`` and ``--in-channels``."""
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """``--model``, its CSG settings, ``--num-classes`` and ``--in-channels``."""
     parser.add_argument(
         "--model",
         required=True,
@@ -98,11 +98,10 @@ def add_model_options(parser: argparse.ArgumentParser, *, shape: bool = True) ->
     )
     parser.add_argument("--code-dim", type=positive_int, help="code dimension (default: slice numel / 18)")
     parser.add_argument("--pointwise-slice", help="also generate 1x1 convs with this slice, e.g. 16x16x1x1")
-    if shape:
-        parser.add_argument(
-            "--num-classes", type=positive_int, help="default: the model's own (resnet50 1000, deeplabv3 21), else 10"
-        )
-        parser.add_argument("--in-channels", type=positive_int, default=None, help="default: 1 for fmnist-cnn, else 3")
+    parser.add_argument(
+        "--num-classes", type=positive_int, help="default: the model's own (resnet50 1000, deeplabv3 21), else 10"
+    )
+    parser.add_argument("--in-channels", type=positive_int, default=None, help="default: 1 for fmnist-cnn, else 3")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 

@@ -27,8 +27,8 @@ def _dataset(model: str) -> str:
 
 
 def model_settings(args: argparse.Namespace, arm: str) -> ModelSettings:
-    """The model that ``--model``, ``--slice``, ``--code-dim``, ``--pointwise-slice`` (and, where the
-    command has them, ``--num-classes``, ``--in-channels``, ``--seed``) describe, as ``arm``; unset
+    """The model that ``--model``, ``--slice``, ``--code-dim``, ``--pointwise-slice``, ``--num-classes``,
+    ``--in-channels`` (and, where the command has it, ``--seed``) describe, as ``arm``; unset
     CSG settings are the model's own, unset shapes the model's own (resnet50: 1000 classes) or the data set's."""
     return ModelSettings(
         model=args.model,
@@ -37,8 +37,8 @@ def model_settings(args: argparse.Namespace, arm: str) -> ModelSettings:
         code_dim=args.code_dim or 0,
         pointwise_slice=args.pointwise_slice or "",
         seed=getattr(args, "seed", 0),
-        num_classes=getattr(args, "num_classes", None) or model_spec(args.model).num_classes,
-        in_channels=getattr(args, "in_channels", None) or 0,
+        num_classes=args.num_classes or model_spec(args.model).num_classes,
+        in_channels=args.in_channels or 0,
         dataset=_dataset(args.model),
     )
 
@@ -82,7 +82,8 @@ def cmd_bytes(args: argparse.Namespace) -> int:
         topk_fraction=args.topk_fraction,
     )
     arms = [*all_arms(), *two_way_arms()]
-    rows = [arm_traffic(cfg.replace(arm=arm), args.clients_per_round) for arm in arms]
+    # Each arm's model of --num-classes and --in-channels (a folder set's, found from its data).
+    rows = [arm_traffic(cfg.replace(arm=arm), args.clients_per_round, model_settings(args, arm)) for arm in arms]
     base = rows[0]
     for row in rows:
         row["upload_ratio_vs_fedavg"] = base["wire_up"] / row["wire_up"]
@@ -136,7 +137,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     params.set_defaults(handler=cmd_params)
 
     bytes_ = sub.add_parser("bytes", help="bytes per round of each arm, from real Flower messages (no training)")
-    add_model_options(bytes_, shape=False)
+    add_model_options(bytes_)
     bytes_.add_argument("--clients-per-round", type=positive_int, default=10)
     bytes_.add_argument("--packing", choices=PACKINGS, default="flat", help="payload packing (default: flat)")
     bytes_.add_argument(

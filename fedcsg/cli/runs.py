@@ -73,7 +73,7 @@ def preflight(cfg: RunConfig, arms: list[str]) -> tuple[RunConfig, float]:
     from fedcsg.fl.ray_cluster import most_on_a_node, ray_nodes, resolve_resources
     from fedcsg.fl.task import data_problem
 
-    where = {"data_dir": cfg.data_dir or None, "hub_name": cfg.hub_name or None}
+    where = cfg.data_settings.source
     sizes = [len(load_labels(cfg.dataset, split, **where)) for split in ("train", "test")]
     for split in ("train", "test"):
         check_images(cfg.dataset, split, **where)

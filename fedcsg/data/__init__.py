@@ -1,6 +1,7 @@
 """Image data sets, federated partitions and tensor batching for fedcsg.
 
 One module per step: :mod:`~fedcsg.data.registry` (which data sets exist and where they are found),
+:mod:`~fedcsg.data.folders` (a user's own folder of images, described by the folder itself),
 :mod:`~fedcsg.data.readers` (labels and decoded images), :mod:`~fedcsg.data.partitions` (federated
 partitions from labels alone) and :mod:`~fedcsg.data.batches` (seeded, augmented batches on the device).
 

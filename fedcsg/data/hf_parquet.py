@@ -49,13 +49,16 @@ def max_pixels(size: int) -> int:
 DEFAULT_MAX_PIXELS = max_pixels(224)  # where the size an image is cut to is not known (a mask's class)
 
 
-def _image_error(origin: str, row: int, problem: str) -> ValueError:
+def _image_error(origin: str, row: int | None, problem: str) -> ValueError:
+    if row is None:  # an image file of its own (an ImageFolder's)
+        return ValueError(f"{origin}: {problem}; accepted is an image file Pillow reads")
     return ValueError(f"{origin}: row {row}: {problem}; accepted is a JPEG or PNG")
 
 
-def open_image(blob: bytes | None, origin: str, row: int, pixels: int) -> Image.Image:
+def open_image(blob: bytes | None, origin: str, row: int | None, pixels: int) -> Image.Image:
     """The header of one encoded image (no pixel decoded yet), or a one-line ValueError naming the file
-    and row: a null image, bytes that are no image, or one of more than ``pixels`` pixels."""
+    and row (``row`` None: a file of one image): a null image, bytes that are no image, or one of more
+    than ``pixels`` pixels."""
     if blob is None:
         raise _image_error(origin, row, "the image is null")
     try:
@@ -70,7 +73,9 @@ def open_image(blob: bytes | None, origin: str, row: int, pixels: int) -> Image.
     return image
 
 
-def decode(blob: bytes | None, origin: str, row: int, mode: str, pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode(
+    blob: bytes | None, origin: str, row: int | None, mode: str, pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
     """Decode one encoded image (``mode`` "RGB" or "L") of at most ``pixels`` pixels, or raise a one-line
     ValueError naming the file and row (:func:`open_image`)."""
     image = open_image(blob, origin, row, pixels)
@@ -245,12 +250,10 @@ def take_parquet_rows(parquet: pq.ParquetFile, rows: np.ndarray, columns: Sequen
     return table.take(pa.array(np.argsort(order, kind="stable"), type=pa.int64()))
 
 
-def _open(path: Path, columns: Sequence[str]) -> pq.ParquetFile:
+def _open(path: Path, columns: Sequence[str], label: str = "label") -> pq.ParquetFile:
     """A shard, opened (memory-mapped) after checking it has ``columns``: encoded images as struct
-    {bytes, path}, ``label`` an integer."""
-    accepted = ", ".join(
-        f"{c}: int64" if c == "label" else f"{c}: struct<bytes: binary, path: string>" for c in columns
-    )
+    {bytes, path}, the ``label`` column an integer."""
+    accepted = ", ".join(f"{c}: int64" if c == label else f"{c}: struct<bytes: binary, path: string>" for c in columns)
     try:
         parquet = pq.ParquetFile(path, memory_map=True)
     except (pa.ArrowException, OSError) as exc:
@@ -260,7 +263,7 @@ def _open(path: Path, columns: Sequence[str]) -> pq.ParquetFile:
         kind = schema.field(column).type if column in schema.names else None
         fine = kind is not None and (
             pa.types.is_integer(kind)
-            if column == "label"
+            if column == label
             else pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0
         )
         if not fine:
@@ -277,14 +280,14 @@ def _cache_key(paths: Sequence[Path]) -> tuple[tuple[str, int], ...]:
     return tuple(stamped(p) for p in paths)
 
 
-def shard_labels(paths: Sequence[Path]) -> np.ndarray:
+def shard_labels(paths: Sequence[Path], label: str = "label") -> np.ndarray:
     """The ``label`` column of every shard, concatenated (read-only; cached per files and mtimes)."""
-    return _shard_labels(_cache_key(paths))
+    return _shard_labels(_cache_key(paths), label)
 
 
 @functools.lru_cache(maxsize=8)
-def _shard_labels(key: tuple[tuple[str, int], ...]) -> np.ndarray:
-    parts = [_open(Path(p), ["label"]).read(columns=["label"]).column("label").to_numpy() for p, _ in key]
+def _shard_labels(key: tuple[tuple[str, int], ...], label: str) -> np.ndarray:
+    parts = [_open(Path(p), [label], label).read(columns=[label]).column(label).to_numpy() for p, _ in key]
     labels = np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
     labels.flags.writeable = False
     return labels
@@ -312,18 +315,19 @@ def _mask_labels(key: tuple[tuple[str, int], ...], mask_column: str) -> np.ndarr
 
 
 def take_rows(
-    paths: Sequence[Path], rows: np.ndarray, columns: Sequence[str]
+    paths: Sequence[Path], rows: np.ndarray, columns: Sequence[str], label: str = "label"
 ) -> list[tuple[Path, pa.Table, np.ndarray]]:
-    """Rows ``rows`` (numbered across the shards in order) of ``columns``: per shard holding some,
-    the shard, the table of its selected rows and where each of those rows goes in the output."""
-    sizes = [_open(p, columns).metadata.num_rows for p in paths]
+    """Rows ``rows`` (numbered across the shards in order) of ``columns`` (``label`` the integer one):
+    per shard holding some, the shard, the table of its selected rows and where each of those rows
+    goes in the output."""
+    sizes = [_open(p, columns, label).metadata.num_rows for p in paths]
     ends = np.cumsum(sizes)
     shard = np.searchsorted(ends, rows, side="right")
     taken = []
     for i, path in enumerate(paths):
         mine = np.flatnonzero(shard == i)
         if mine.size:
-            table = take_parquet_rows(_open(path, columns), rows[mine] - (ends[i] - sizes[i]), columns)
+            table = take_parquet_rows(_open(path, columns, label), rows[mine] - (ends[i] - sizes[i]), columns)
             taken.append((path, table, mine))
     return taken
 

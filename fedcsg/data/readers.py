@@ -17,10 +17,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from fedcsg.data import hf_parquet, registry
+from fedcsg.data import folders, hf_parquet, registry
+from fedcsg.data.folders import FolderSettings
 from fedcsg.data.hf_parquet import PARQUET_BATCH_ROWS as PARQUET_BATCH_ROWS  # re-exported
 from fedcsg.data.hf_parquet import stamped, take_parquet_rows
-from fedcsg.data.registry import DatasetSpec, DataSource, Split, check_split, resolve_source, sized_spec
+from fedcsg.data.registry import (
+    FOLDER_SETS,
+    DatasetSpec,
+    DataSource,
+    Split,
+    check_split,
+    resolve_source,
+    sized_spec,
+)
 from fedcsg.data.segmentation import DERIVED_ROWS, PastedSet, canvas_labels, paste_items, split_seed
 
 
@@ -126,18 +135,36 @@ def _source_labels(source: DataSource, split: Split) -> np.ndarray:
     return LABEL_READERS[source.kind](source, split)
 
 
+def dataset_spec(
+    dataset: str,
+    image_size: int = 0,
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    hub_name: str | None = None,
+    folder: FolderSettings | None = None,
+) -> DatasetSpec:
+    """The spec of ``dataset`` at the run's ``image-size``: a registry set's
+    (:func:`~fedcsg.data.registry.sized_spec`), or a folder set's, found from the data in ``data_dir``
+    (:func:`~fedcsg.data.folders.folder_spec`). The one place a run's spec is looked up."""
+    del hub_name  # where a registry set is read from changes nothing of its spec
+    if dataset in FOLDER_SETS:
+        return folders.folder_spec(dataset, data_dir, image_size, folder)
+    return sized_spec(dataset, image_size)
+
+
 def load_labels(
     dataset: str,
     split: Split,
     data_dir: str | os.PathLike[str] | None = None,
     *,
     hub_name: str | None = None,
+    folder: FolderSettings | None = None,
 ) -> np.ndarray:
     """Read the labels of one split without decoding any image.
 
     Parameters
     ----------
-    dataset, split, data_dir, hub_name
+    dataset, split, data_dir, hub_name, folder
         As for :func:`load_split`.
 
     Returns
@@ -148,6 +175,8 @@ def load_labels(
         most frequent object class of the mask (1..20, else 0), read from the masks alone.
     """
     check_split(split)
+    if dataset in FOLDER_SETS:
+        return folders.open_folder(dataset, data_dir, folder).labels(split).copy()
     source = resolve_source(dataset, data_dir, hub_name=hub_name)
     labels = _source_labels(source, split).copy()
     classes = source.spec.num_classes
@@ -170,13 +199,21 @@ def _origin(source: DataSource, split: Split) -> str:
 
 
 def check_images(
-    dataset: str, split: Split, data_dir: str | os.PathLike[str] | None = None, *, hub_name: str | None = None
+    dataset: str,
+    split: Split,
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    hub_name: str | None = None,
+    folder: FolderSettings | None = None,
 ) -> None:
-    """Open the header of every image of a split read from parquet files (no pixel decoded; about 2 s
-    for CIFAR-10's 60,000 images, cached per file and modification time): a null image, bytes that
-    are no image, an image of another size than the data set's (CIFAR-style files) or of more pixels
-    than :func:`~fedcsg.data.hf_parquet.max_pixels` (files of any size) is a one-line ValueError
-    naming the file and the row, before a run writes anything."""
+    """Open the header of every image of a split read from parquet files or a folder (no pixel
+    decoded; about 2 s for CIFAR-10's 60,000 images, cached per file and modification time): a null
+    image, bytes that are no image, an image of another size than the data set's (CIFAR-style files)
+    or of more pixels than :func:`~fedcsg.data.hf_parquet.max_pixels` (files of any size) is a
+    one-line ValueError naming the file (and the row), before a run writes anything."""
+    if dataset in FOLDER_SETS:
+        folders.open_folder(dataset, data_dir, folder).modes(split)
+        return
     source = resolve_source(dataset, data_dir, hub_name=hub_name)
     height, width = source.spec.image_size
     pixels = hf_parquet.max_pixels(max(height, width))
@@ -383,6 +420,7 @@ def load_split(
     seed: int = 0,
     hub_name: str | None = None,
     image_size: int = 0,
+    folder: FolderSettings | None = None,
 ) -> ImageData:
     """Load (decode) selected rows of one split into memory.
 
@@ -406,9 +444,10 @@ def load_split(
     hub_name : str, optional
         See :func:`resolve_source`.
     image_size : int, default 0
-        The run's ``image-size`` (:func:`~fedcsg.data.registry.sized_spec`): images of an any-size set
-        are cut to ``image_size x image_size``, 0 = the set's default; a fixed-size set accepts only 0
-        or its own size.
+        The run's ``image-size`` (:func:`dataset_spec`): images of an any-size or folder set are cut to
+        ``image_size x image_size``, 0 = the set's default; a fixed-size set accepts only 0 or its own size.
+    folder : FolderSettings, optional
+        How a folder set (:mod:`fedcsg.data.folders`) in ``data_dir`` is read; ignored for the registry's sets.
 
     Returns
     -------
@@ -422,13 +461,22 @@ def load_split(
     to the number of rows returned (plus reading the compressed files once).
     """
     check_split(split)
-    spec = sized_spec(dataset, image_size)
+    spec = dataset_spec(dataset, image_size, data_dir, folder=folder)
+    if dataset in FOLDER_SETS:
+        found = folders.open_folder(dataset, data_dir, folder)
+        rows = _select_rows(found.labels(split).shape[0], indices, limit, seed)
+        images = found.images(split, rows, spec.image_size[0], "L" if spec.in_channels == 1 else "RGB")
+        return _image_data(images, found.labels(split)[rows], spec)
     source = resolve_source(dataset, data_dir, hub_name=hub_name)
     num_rows = _source_labels(source, split).shape[0]
     rows = _select_rows(num_rows, indices, limit, seed)
     images, labels = ROW_READERS[source.kind](source, split, rows, spec, seed)
     if spec.task == "classification" and labels.size and (labels.min() < 0 or labels.max() >= spec.num_classes):
         raise ValueError(f"{source.location}: labels outside 0..{spec.num_classes - 1} in split {split!r}")
+    return _image_data(images, labels, spec)
+
+
+def _image_data(images: np.ndarray, labels: np.ndarray, spec: DatasetSpec) -> ImageData:
     # Contiguous so per-batch gathers are plain memory copies.
     return ImageData(
         images=torch.from_numpy(np.ascontiguousarray(images)),

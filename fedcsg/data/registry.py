@@ -26,7 +26,10 @@ from typing import Any, Literal
 
 Split = Literal["train", "test"]
 Task = Literal["classification", "segmentation"]
-LocalFormat = Literal["parquet", "idx", "derived", "hf-images", "hf-masks"]
+LocalFormat = Literal["parquet", "idx", "derived", "hf-images", "hf-masks", "folder"]
+# Data sets described by their own folder (the run's data-dir), not by this registry: their spec is
+# found from the data (fedcsg.data.folders; local_format "folder").
+FOLDER_SETS: tuple[str, ...] = ("imagefolder", "parquet")
 ANY_SIZE_FORMATS: tuple[str, ...] = ("hf-images", "hf-masks")  # images of any size, cut to `image-size`
 HF_SPLITS = {"train": "train", "test": "validation"}  # file names of fedcsg's splits in the hf-* formats
 MAX_IMAGE_SIZE = 2048
@@ -184,10 +187,20 @@ def get_spec(dataset: str) -> DatasetSpec:
     ValueError
         If ``dataset`` is not a supported name.
     """
+    if dataset in FOLDER_SETS:
+        raise ValueError(
+            f"dataset {dataset!r} is described by its data-dir, not by the registry: its spec is "
+            "fedcsg.data.readers.dataset_spec's, found from the data"
+        )
     try:
         return DATASETS[dataset]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown dataset {dataset!r}; accepted: {', '.join(DATASETS)}") from None
+        raise ValueError(f"unknown dataset {dataset!r}; accepted: {', '.join([*DATASETS, *FOLDER_SETS])}") from None
+
+
+def task_of(dataset: str) -> Task:
+    """What a label of ``dataset`` is: a folder set's is one class per image."""
+    return "classification" if dataset in FOLDER_SETS else get_spec(dataset).task
 
 
 def sized_spec(dataset: str, image_size: int) -> DatasetSpec:

@@ -39,7 +39,7 @@ import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
-from fedcsg.data.registry import get_spec
+from fedcsg.data.registry import FOLDER_SETS, DatasetSpec, get_spec
 from fedcsg.io import DIGEST_KEY, tensors_digest, writable_dir
 from fedcsg.nn.csg import frozen_generator_keys, generators, is_csg
 from fedcsg.nn.csgify import materialize
@@ -49,6 +49,7 @@ from fedcsg.runs.model_file import FORMAT_VERSION, cpu_tensors
 from fedcsg.runs.records import read_arm_record
 from fedcsg.runs.weights import CHECKPOINT_FORMAT, COMPACT_FORMAT, check_finite, load_state, read_safetensors
 from fedcsg.spec.arms import MODELS, arm_of_stem, file_stem
+from fedcsg.spec.config import RunConfig, with_added_settings
 from fedcsg.spec.settings import ModelSettings
 from fedcsg.wire.payload import PayloadLayout, load_payload
 
@@ -170,7 +171,7 @@ def load_checkpoint(
                 f"{path} has no fedcsg metadata and no run directory (arms/ARM.json) around it: "
                 "cannot tell which model it holds"
             )
-        info = ModelSettings.from_mapping({**source, **({"arm": arm} if arm else {})})
+        info = _recorded_model({**source, **({"arm": arm} if arm else {})})
     model = info.build()
     state = model.state_dict()
     frozen = frozen_generator_keys(model)
@@ -180,6 +181,39 @@ def load_checkpoint(
         _load_packed(model, tensors, path)
     model.eval()
     return model, info
+
+
+def _recorded_model(record: dict[str, Any]) -> ModelSettings:
+    """The model a recorded run config describes; a folder set's class count and channels found from
+    the run's data (:meth:`~fedcsg.spec.config.RunConfig.model_settings`)."""
+    if record.get("dataset") in FOLDER_SETS:
+        return RunConfig.from_mapping(with_added_settings(record)).model_settings()
+    return ModelSettings.from_mapping(record)
+
+
+def input_spec(
+    info: ModelSettings, checkpoint: Path, run_config: dict[str, Any] | None, arm: str | None
+) -> DatasetSpec:
+    """What a model of ``info`` takes: its registry data set's image size and normalisation, or a
+    folder set's, found from the data of the run recorded with ``checkpoint`` (or ``run_config``).
+
+    Raises
+    ------
+    ValueError
+        For a folder set's model with no run config beside it, in one line.
+    """
+    if info.dataset not in FOLDER_SETS:
+        return get_spec(info.dataset)
+    if run_config is not None:
+        record: dict[str, Any] | None = run_config
+    else:
+        record = recorded_run_config(checkpoint, arm) if checkpoint.is_dir() else _run_config_near(checkpoint, arm)
+    if record is None:
+        raise ValueError(
+            f"{checkpoint}: a model of dataset {info.dataset!r} takes the image size and normalisation of its "
+            "run's data-dir, and no run config (arms/ARM.json) is recorded beside it; accepted is --run-dir RUN"
+        )
+    return RunConfig.from_mapping(with_added_settings(record)).dataset_spec()
 
 
 def _load_packed(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -205,8 +239,9 @@ def compact_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return cpu_tensors({k: v for k, v in model.state_dict().items() if k not in frozen})
 
 
-def save_compact(model: nn.Module, info: ModelSettings, path: str | Path) -> Path:
-    """Write the compact file of ``model`` (see the module docstring)."""
+def save_compact(model: nn.Module, info: ModelSettings, path: str | Path, spec: DatasetSpec | None = None) -> Path:
+    """Write the compact file of ``model`` (see the module docstring); ``spec`` is what it takes
+    (:func:`input_spec`; default: its registry data set's)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -218,15 +253,15 @@ def save_compact(model: nn.Module, info: ModelSettings, path: str | Path) -> Pat
         "format-version": FORMAT_VERSION,
         "generator": generator,
         **info.to_metadata(),
-        **_input_metadata(info),
+        **_input_metadata(info, spec),
     }
     tensors = compact_tensors(model)
     save_file(tensors, str(path), metadata={**metadata, DIGEST_KEY: tensors_digest(tensors)})
     return path
 
 
-def _input_metadata(info: ModelSettings) -> dict[str, str]:
-    spec = get_spec(info.dataset)
+def _input_metadata(info: ModelSettings, spec: DatasetSpec | None) -> dict[str, str]:
+    spec = spec or get_spec(info.dataset)
     return {
         "input": f"float32 [N, {info.in_channels}, {spec.image_size[0]}, {spec.image_size[1]}], (x/255 - mean) / std",
         "mean": json.dumps(list(spec.mean)),
@@ -234,8 +269,8 @@ def _input_metadata(info: ModelSettings) -> dict[str, str]:
     }
 
 
-def example_input(info: ModelSettings, batch: int = 2) -> torch.Tensor:
-    spec = get_spec(info.dataset)
+def example_input(info: ModelSettings, batch: int = 2, spec: DatasetSpec | None = None) -> torch.Tensor:
+    spec = spec or get_spec(info.dataset)
     return torch.randn(batch, info.in_channels, *spec.image_size, generator=torch.Generator().manual_seed(0))
 
 
@@ -248,7 +283,7 @@ def inference_model(model: nn.Module) -> nn.Module:
     return plain
 
 
-def save_torchscript(model: nn.Module, info: ModelSettings, path: str | Path) -> Path:
+def save_torchscript(model: nn.Module, info: ModelSettings, path: str | Path, spec: DatasetSpec | None = None) -> Path:
     """Trace the materialized model and save it (metadata in the archive's ``fedcsg.json``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -258,13 +293,13 @@ def save_torchscript(model: nn.Module, info: ModelSettings, path: str | Path) ->
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         # No check_trace: a static CNN traces exactly, and re-running it doubles the export time.
-        traced = torch.jit.trace(plain, example_input(info), check_trace=False)
-        extra = {"fedcsg.json": json.dumps({**info.to_metadata(), **_input_metadata(info)})}
+        traced = torch.jit.trace(plain, example_input(info, spec=spec), check_trace=False)
+        extra = {"fedcsg.json": json.dumps({**info.to_metadata(), **_input_metadata(info, spec)})}
         torch.jit.save(traced, str(path), _extra_files=extra)
     return path
 
 
-def save_onnx(model: nn.Module, info: ModelSettings, path: str | Path) -> Path:
+def save_onnx(model: nn.Module, info: ModelSettings, path: str | Path, spec: DatasetSpec | None = None) -> Path:
     """Export the materialized model to ONNX (input ``input``, output ``logits``, dynamic batch).
 
     Uses torch's TorchScript-based exporter (``dynamo=False``), which needs only the ``onnx``
@@ -287,12 +322,14 @@ def save_onnx(model: nn.Module, info: ModelSettings, path: str | Path) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation and constant-folding notes
         try:
-            torch.onnx.export(plain, (example_input(info),), buffer, dynamo=False, **kwargs)
+            torch.onnx.export(plain, (example_input(info, spec=spec),), buffer, dynamo=False, **kwargs)
         except TypeError:
             kwargs.pop("dynamic_axes")
-            torch.onnx.export(plain, (example_input(info),), buffer, dynamo=True, external_data=False, **kwargs)
+            torch.onnx.export(
+                plain, (example_input(info, spec=spec),), buffer, dynamo=True, external_data=False, **kwargs
+            )
     proto = onnx.load_from_string(buffer.getvalue())
-    for key, value in {**info.to_metadata(), **_input_metadata(info)}.items():
+    for key, value in {**info.to_metadata(), **_input_metadata(info, spec)}.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = f"fedcsg.{key}", value
     onnx.checker.check_model(proto)
@@ -300,14 +337,17 @@ def save_onnx(model: nn.Module, info: ModelSettings, path: str | Path) -> Path:
     return path
 
 
-def export_model(model: nn.Module, info: ModelSettings, fmt: str, path: str | Path) -> Path:
-    """Write ``model`` in ``fmt`` (one of :data:`EXPORT_FORMATS`) to ``path``."""
+def export_model(
+    model: nn.Module, info: ModelSettings, fmt: str, path: str | Path, spec: DatasetSpec | None = None
+) -> Path:
+    """Write ``model`` in ``fmt`` (one of :data:`EXPORT_FORMATS`) to ``path``, taking ``spec``'s input
+    (:func:`input_spec`; default: its registry data set's)."""
     if fmt == "compact":
-        return save_compact(model, info, path)
+        return save_compact(model, info, path, spec)
     if fmt == "torchscript":
-        return save_torchscript(model, info, path)
+        return save_torchscript(model, info, path, spec)
     if fmt == "onnx":
-        return save_onnx(model, info, path)
+        return save_onnx(model, info, path, spec)
     raise ValueError(f"unknown export format {fmt!r}: accepted are {', '.join(EXPORT_FORMATS)}")
 
 
@@ -353,9 +393,10 @@ def export_checkpoint(
                 f"output {str(target)!r} is a directory: accepted is a file path (a directory with --format all)"
             )
         targets.append(target)
+    spec = input_spec(info, checkpoint, run_config, arm or info.arm)
     for target in targets:  # every output checked before any is written
         writable_dir(target.parent, "output directory")
-    return info, [export_model(model, info, fmt, target) for fmt, target in zip(formats, targets, strict=True)]
+    return info, [export_model(model, info, fmt, target, spec) for fmt, target in zip(formats, targets, strict=True)]
 
 
 def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, str]]:

@@ -13,7 +13,7 @@ from torch import nn
 from fedcsg.data.batches import TensorBatches, data_on
 from fedcsg.data.partitions import partition_indices
 from fedcsg.data.readers import ImageData, load_labels, load_split
-from fedcsg.data.registry import ANY_SIZE_FORMATS, resolve_source, sized_spec
+from fedcsg.data.registry import ANY_SIZE_FORMATS, FOLDER_SETS, resolve_source, sized_spec
 from fedcsg.data.streaming import StreamedSplit
 from fedcsg.nn.csg_factors import factor_keys, factor_lr_scales, freeze_factor
 from fedcsg.nn.execution import Execution
@@ -101,7 +101,7 @@ def client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> Image
     images (a few recent clients kept in memory per process; an any-size set's training crops then
     drawn once, from the run's data seed and the row, when they are decoded)."""
     data = cfg.data_settings
-    if cfg.loader_workers > 0:
+    if cfg.loader_workers > 0 and data.dataset not in FOLDER_SETS:
         source = resolve_source(data.dataset, data.data_dir or None, hub_name=data.hub_name or None)
         if source.kind in ANY_SIZE_FORMATS:
             rows = np.sort(_partition_rows(data, partition_id, num_partitions))

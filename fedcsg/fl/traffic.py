@@ -25,6 +25,7 @@ from fedcsg.fl.ray_cluster import DEVICE_KEY, NODE_ID_HEX_LENGTH, NODE_ID_KEY, P
 from fedcsg.fl.task import build_arm_model, payload_layout
 from fedcsg.nn.params import count_parameters
 from fedcsg.spec.config import RunConfig
+from fedcsg.spec.settings import ModelSettings
 from fedcsg.wire.downlink import STATELESS, Broadcaster, Downlink
 from fedcsg.wire.messages import (
     ARRAYS,
@@ -168,9 +169,11 @@ def round_messages(
     return down, up
 
 
-def arm_traffic(cfg: RunConfig, clients_per_round: int) -> dict:
-    """Payload and wire bytes of one round of ``cfg.arm`` with ``clients_per_round`` clients."""
-    model = build_arm_model(cfg)
+def arm_traffic(cfg: RunConfig, clients_per_round: int, settings: ModelSettings | None = None) -> dict:
+    """Payload and wire bytes of one round of ``cfg.arm`` with ``clients_per_round`` clients, of the
+    arm's model as ``settings`` describe it (e.g. of another class count than the run's data set's;
+    default: the run's, :meth:`~fedcsg.spec.config.RunConfig.model_settings`)."""
+    model = settings.build() if settings is not None else build_arm_model(cfg)
     down, up = round_messages(cfg, model=model)
     resync = round_messages(cfg, resync=True, model=model)[0] if cfg.downlink_mode not in STATELESS else down
     payload_down = payload_bytes(down.content[ARRAYS])

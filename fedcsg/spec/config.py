@@ -13,9 +13,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from fedcsg.data.folders import FolderSettings, image_size_of
 from fedcsg.data.partitions import SCHEMES as PARTITION_SCHEMES
+from fedcsg.data.readers import dataset_spec
 from fedcsg.data.registry import DATASETS as DATASET_SPECS
-from fedcsg.data.registry import get_spec, sized_spec
+from fedcsg.data.registry import FOLDER_SETS, DatasetSpec, sized_spec, task_of
 from fedcsg.nn.csg import SliceShape
 from fedcsg.nn.csg_factors import AGGREGATIONS as CSG_AGGREGATIONS
 from fedcsg.nn.csgify import INITS as CSG_INITS
@@ -31,7 +33,7 @@ from fedcsg.spec.codecs import Codec, codec_type
 from fedcsg.spec.resources import DEFAULT_CLIENTS_PER_GPU, SERVER_DEVICES, check_client_num_gpus
 from fedcsg.spec.settings import DataSettings, ModelSettings
 
-DATASETS = tuple(DATASET_SPECS)
+DATASETS = (*DATASET_SPECS, *FOLDER_SETS)
 DEVICES = ("auto", "cpu", "cuda")
 FAILED_ROUND_POLICIES = ("skip", "retry")  # fewer accepted replies than the minimum: keep the model, or resend once
 
@@ -69,7 +71,12 @@ NOT_IDENTITY_KEYS = (
 # the setting existed. A record that lacks one was written by an older fedcsg and is read with that value, so a
 # run resumes across versions that only added settings (an identity setting added later goes here with its
 # value; a setting of NOT_IDENTITY_KEYS needs no entry: a resumed run takes it from its config or the defaults).
-ADDED_SETTINGS: dict[str, Any] = {"precision": "fp32", "loader-workers": 0, "freeze-generator-after": 0}
+ADDED_SETTINGS: dict[str, Any] = {
+    "precision": "fp32",
+    "loader-workers": 0,
+    "freeze-generator-after": 0,
+    **{kebab(f.name): f.default for f in fields(FolderSettings)},
+}
 # Identity settings that only some models read: left out of the identity of every other arm, so that a run of those
 # arms resumes whatever they say (a compare may add a csg-warm arm, and its K, to a run whose other arms started).
 MODEL_SETTINGS: dict[str, tuple[str, ...]] = {"freeze-generator-after": ("csg-warm",)}
@@ -120,15 +127,21 @@ class RunConfig:
     downlink_topk_fraction: float = 0.05  # delta-topk downlink: the fraction of the model's change sent
     # Data and partitions
     dataset: str = "cifar10"
-    data_dir: str = ""  # "" = $FEDCSG_DATA_DIR, else the hub
+    data_dir: str = ""  # "" = $FEDCSG_DATA_DIR, else the hub; a folder set's folder (imagefolder, parquet)
     hub_name: str = ""  # "" = the dataset's hub name
+    # Folder sets (fedcsg.data.folders): columns, the test split, normalisation
+    image_column: str = ""  # parquet: the image column; "" = found
+    label_column: str = ""  # parquet: the label column; "" = found
+    test_fraction: float = 0.0  # 0 = data-dir holds a test split; in (0, 1) = cut from its train split (seed 0)
+    norm_mean: str = ""  # per-channel mean, comma-separated, in [0, 1] units; "" = computed from the train split
+    norm_std: str = ""  # per-channel std, the same way
     num_clients: int = 4
     partitioner: str = "iid"
     dirichlet_alpha: float = 0.5
     shards_per_client: int = 2
     train_limit: int = 4000  # 0 = the whole train split; N = a seeded subset of N images, then partitioned
     test_limit: int = 2000  # 0 = the whole test split for server-side evaluation
-    image_size: int = 0  # any-size sets are cut to this (0 = imagenet 224, voc 320); a fixed-size set: 0 or its own
+    image_size: int = 0  # any-size and folder sets are cut to this (0 = imagenet 224, voc 320, folders 64)
     loader_workers: int = 2  # any-size sets: decoding processes per client streaming its rows; 0 = decode into memory
     # Rounds and sampling
     num_rounds: int = 3
@@ -231,13 +244,17 @@ class RunConfig:
             check_arm(arm)
         if any(Arm.parse(arm).model == "csg-warm" for arm in {self.arm, *self.arm_list}):
             self._check_warm()
-        check_trainable(self.model, get_spec(self.dataset).task)
-        if get_spec(self.dataset).task == "segmentation" and (self.compile == "on" or self.precision != "fp32"):
+        check_trainable(self.model, task_of(self.dataset))
+        if task_of(self.dataset) == "segmentation" and (self.compile == "on" or self.precision != "fp32"):
             raise ValueError(
                 f"compile = {self.compile!r}, precision = {self.precision!r} are not accepted for segmentation "
                 f"({self.dataset}): its loop runs eager fp32; accepted are compile 'off' or 'auto', precision 'fp32'"
             )
-        sized_spec(self.dataset, self.image_size)
+        if self.dataset in FOLDER_SETS:
+            image_size_of(self.image_size)
+        else:
+            sized_spec(self.dataset, self.image_size)
+        self.data_settings.folder  # noqa: B018 - validates test-fraction, norm-mean and norm-std
         SliceShape.parse(self.slice)
         if self.pointwise_slice:
             SliceShape.parse(self.pointwise_slice)
@@ -309,8 +326,19 @@ class RunConfig:
 
     def model_settings(self, arm: str | None = None) -> ModelSettings:
         """The model of ``arm`` (default: this run's arm; its codec part changes no model): what every
-        party builds, and what an export records."""
-        return ModelSettings.from_mapping({**self.to_flower(), "arm": arm or self.arm})
+        party builds, and what an export records. A folder set's class count and input channels are
+        found from its data (:meth:`dataset_spec`)."""
+        shape = {}
+        if self.dataset in FOLDER_SETS:
+            spec = self.dataset_spec()
+            shape = {"num-classes": spec.num_classes, "in-channels": spec.in_channels}
+        return ModelSettings.from_mapping({**self.to_flower(), "arm": arm or self.arm, **shape})
+
+    def dataset_spec(self) -> DatasetSpec:
+        """The spec of this run's data at its image size (:func:`~fedcsg.data.readers.dataset_spec`: a
+        folder set's found from the data in ``data-dir``)."""
+        data = self.data_settings
+        return dataset_spec(data.dataset, data.image_size, **data.source)
 
     @property
     def codec(self) -> Codec | None:
@@ -337,7 +365,7 @@ class RunConfig:
         channels-last for a classifier only; ``compile = "auto"`` compiles a classifier where
         :func:`~fedcsg.nn.execution.compile_pays` for the
         images one training process trains over the run (:meth:`images_per_process`)."""
-        classifier = get_spec(self.dataset).task == "classification"
+        classifier = task_of(self.dataset) == "classification"
         compiled = self.compile == "on" or (
             self.compile == "auto" and classifier and compile_pays(self.images_per_process(), device_type)
         )

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedcsg.data.folders import FolderSettings
 from fedcsg.data.registry import get_spec
 from fedcsg.nn.csgify import INITS as CSG_INITS
 from fedcsg.nn.csgify import CSGConfig
@@ -20,7 +21,7 @@ from fedcsg.nn.fedpara import fedparafy
 from fedcsg.nn.models import build_model, default_csg_config, model_slice
 from fedcsg.nn.params import check_model_size, check_slices_fit, planned_bytes
 from fedcsg.spec.arms import Arm
-from fedcsg.spec.checks import check_seed, kebab, one_of
+from fedcsg.spec.checks import check_seed, kebab, names, one_of
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,8 @@ class ModelSettings:
     :meth:`~fedcsg.spec.config.RunConfig.model_settings` gives a run's; checkpoints and exported files store theirs as
     metadata (:meth:`to_metadata`). ``slice`` "" is the model's own slice setting (e.g. 12x12x3x3 / 72,
     8x8x3x3 / 32 for fmnist-cnn) and ``code_dim`` 0 that slice's code dim; ``num_classes`` and
-    ``in_channels`` 0 are the data set's. ``seed`` seeds the initial weights and the generator (the
+    ``in_channels`` 0 are the registry data set's (a folder set's are found from its data and given:
+    :meth:`~fedcsg.spec.config.RunConfig.model_settings`). ``seed`` seeds the initial weights and the generator (the
     whole frozen generator of ``csg-frozen`` is redrawn from it). Defaults are filled in on
     construction, so two settings that build the same model compare equal.
     """
@@ -55,11 +57,12 @@ class ModelSettings:
         one_of("csg-init", self.csg_init, CSG_INITS)
         check_fedpara_ratio(self.fedpara_ratio)
         own = model_slice(self.model, self.slice or None, self.code_dim or None)
-        spec = get_spec(self.dataset)
         object.__setattr__(self, "slice", str(own.shape))
         object.__setattr__(self, "code_dim", own.code_dim)
-        object.__setattr__(self, "num_classes", self.num_classes or spec.num_classes)
-        object.__setattr__(self, "in_channels", self.in_channels or spec.in_channels)
+        if not (self.num_classes and self.in_channels):
+            spec = get_spec(self.dataset)
+            object.__setattr__(self, "num_classes", self.num_classes or spec.num_classes)
+            object.__setattr__(self, "in_channels", self.in_channels or spec.in_channels)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> ModelSettings:
@@ -144,6 +147,11 @@ class DataSettings:
     test_limit: int
     seed: int
     image_size: int
+    image_column: str
+    label_column: str
+    test_fraction: float
+    norm_mean: str
+    norm_std: str
 
     def check_sizes(self, train_size: int, test_size: int, num_clients: int) -> None:
         """Raise a one-line ValueError naming the setting when the splits (``train_size`` and
@@ -171,6 +179,12 @@ class DataSettings:
             )
 
     @property
-    def source(self) -> dict[str, str | None]:
-        """``data_dir`` and ``hub_name`` as the readers take them (None: search / the data set's own)."""
-        return {"data_dir": self.data_dir or None, "hub_name": self.hub_name or None}
+    def folder(self) -> FolderSettings:
+        """How a folder set is read (:mod:`fedcsg.data.folders`)."""
+        return FolderSettings(**{name: getattr(self, name) for name in names(FolderSettings)})
+
+    @property
+    def source(self) -> dict[str, Any]:
+        """``data_dir``, ``hub_name`` and ``folder`` as the readers take them (None: search / the data
+        set's own)."""
+        return {"data_dir": self.data_dir or None, "hub_name": self.hub_name or None, "folder": self.folder}
