@@ -217,3 +217,28 @@ def test_local_dp_noise_is_sigma_times_c_on_each_update() -> None:
 def test_refused_combinations_in_one_line(pairs: list[str], message: str, tmp_path: Path, cli: Cli) -> None:
     args = [arg for pair in pairs for arg in ("--set", pair)]
     refused(cli, ["run", *args, "--out", str(tmp_path / "out")], message, tmp_path)
+
+
+def test_report_has_the_epsilon_column_sentence_and_plot(tmp_path: Path) -> None:
+    from fedcsg.runs.records import ArmRecorder
+    from fedcsg.runs.report import write_report
+
+    from .records import round_record
+
+    cfg = RunConfig(num_rounds=2, dp="central-fixed", dp_clipping_norm=0.5, dp_noise_multiplier=1.5)
+    stops = {"fedavg": None, "csg": "stopped before round 3: The next private release would exceed max_epsilon"}
+    for arm, stopped in stops.items():
+        recorder = ArmRecorder(tmp_path, arm, {**cfg.to_flower(), "arm": arm})
+        if stopped:
+            recorder.extra["stopped_by_privacy"] = stopped
+        for rnd, (accuracy, epsilon) in enumerate([(0.1, 0.0), (0.3, 2.98), (0.4, 4.5)]):
+            recorder.add(round_record(rnd, accuracy, epsilon=epsilon), save=False)
+        recorder.save()
+    results = write_report(tmp_path)
+    assert [r["epsilon"] for r in results["arms"]["csg"]["rounds"]] == [0.0, 2.98, 4.5]
+    report = (tmp_path / "report.md").read_text()
+    assert "updates clipped to L2 norm 0.5, noise multiplier 1.5. *epsilon* is Flower's RDP accountant's" in report
+    assert "| fedavg | 4.5 | 0.4000 | 2 | no |" in report
+    assert f"| csg | 4.5 | 0.4000 | 2 | {stops['csg']} |" in report
+    assert (tmp_path / "accuracy_vs_epsilon.png").stat().st_size > 1000
+    assert "epsilon" in (tmp_path / "results.csv").read_text().splitlines()[0]

@@ -34,7 +34,7 @@ from fedcsg.runs.layout import (
     holds_arms,
     seed_dirs_in,
 )
-from fedcsg.runs.plots import plot_accuracy
+from fedcsg.runs.plots import plot_accuracy, plot_accuracy_vs_epsilon
 from fedcsg.runs.records import ROUND_FIELDS, read_arm_record
 from fedcsg.runs.summary import (
     LAST_ROUNDS,
@@ -167,6 +167,35 @@ def _filter_step_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _privacy_lines(results: dict[str, Any]) -> list[str]:
+    """The privacy section of a run with ``dp``: per arm the accountant's epsilon after its last round
+    and the accuracy it bought, and a sentence on what the epsilon means; empty without DP."""
+    cfg = results["config"]
+    if cfg.get("dp", "none") == "none":
+        return []
+    lines = [
+        "",
+        "## Privacy",
+        "",
+        f"Differential privacy `{cfg['dp']}` (docs/privacy.md): updates clipped to L2 norm "
+        f"{cfg['dp-clipping-norm']:g}{' (adapted each round)' if cfg['dp'] == 'central-adaptive' else ''}, "
+        f"noise multiplier {cfg['dp-noise-multiplier']:g}. *epsilon* is Flower's RDP accountant's, at delta "
+        f"{cfg['dp-target-delta']:g}, client-level, without amplification by sampling (`epsilon` in results.csv "
+        "per round; accuracy_vs_epsilon.png).",
+        "",
+        "| arm | epsilon after the last round | final accuracy | rounds | stopped by dp-max-epsilon |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    for arm, data in results["arms"].items():
+        rounds = [r for r in data["rounds"] if r.get("epsilon") is not None]
+        if not rounds:
+            continue
+        last = rounds[-1]
+        stopped = data.get("stopped_by_privacy") or "no"
+        lines.append(f"| {arm} | {last['epsilon']:.4g} | {last['test_accuracy']:.4f} | {last['round']} | {stopped} |")
+    return lines
+
+
 def _report_head(results: dict[str, Any], summary: dict[str, ArmSummary]) -> list[str]:
     """A one-seed report's lines down to its per-round table: setup, the arms' table, the sentences."""
     cfg = results["config"]
@@ -211,6 +240,7 @@ def _report_head(results: dict[str, Any], summary: dict[str, ArmSummary]) -> lis
     lines += _node_download_lines(summary)
     lines += device_lines(summary)
     lines += _filter_step_lines(results)
+    lines += _privacy_lines(results)
     faults = [
         f"{arm}: {s.failed_rounds} failed round(s), {s.failed_replies} failed and "
         f"{s.rejected_replies} rejected client replies"
@@ -270,6 +300,8 @@ def _write_files(
         config = document["config"]
         atomic_write_text(out_dir / REPORT_MD, "\n".join(head() + _rounds_lines(config, per_seed, arms, over_seeds)))
         plot_accuracy(per_seed, arms, title, out_dir, metric_names(config)[1])
+        if config.get("dp", "none") != "none":
+            plot_accuracy_vs_epsilon(per_seed, arms, title, out_dir, metric_names(config)[1])
 
 
 def report_summary(results: dict[str, Any]) -> str:
