@@ -242,3 +242,36 @@ def test_report_has_the_epsilon_column_sentence_and_plot(tmp_path: Path) -> None
     assert f"| csg | 4.5 | 0.4000 | 2 | {stops['csg']} |" in report
     assert (tmp_path / "accuracy_vs_epsilon.png").stat().st_size > 1000
     assert "epsilon" in (tmp_path / "results.csv").read_text().splitlines()[0]
+
+
+def test_a_resumed_strategy_continues_the_accountant_and_the_adaptive_norm() -> None:
+    dp = {"dp": "central-adaptive", "dp_noise_multiplier": 0.3, "dp_clipping_norm": 1.0}
+    cfg, strategy, initial = _setup("csg", **dp)
+    _run(strategy, initial, rounds=2, scale=0.01)
+    state = strategy.state_dict()
+    _, resumed, _ = _setup("csg", **dp)
+    resumed.load_state_dict(state)
+    assert resumed.privacy.epsilon == pytest.approx(_accountant_epsilons(cfg, 2)[2], rel=1e-12)
+    assert resumed.privacy.clipping_norm == strategy.privacy.clipping_norm != 1.0  # adapted, and carried over
+    with pytest.raises(ValueError, match="no privacy accountant"):
+        resumed.load_state_dict({})
+
+
+def test_the_client_apps_mod_clips_what_its_training_sent(data_env: Path) -> None:
+    """fedcsg's ClientApp with its dp mod, in this process: a real local round under client-fixed."""
+    from fedcsg.fl import client_app
+
+    clip = 0.01
+    cfg, strategy, initial = _setup("csg", dp="client-fixed", dp_clipping_norm=clip, train_limit=64, compile="off")
+    offline_task_identity()
+    grid = ScriptedGrid(NODES, lambda pos, node, msg: None)
+    (message, *_) = strategy.configure_train(1, initial, RUN_INSTRUCTION, grid)
+    node_config = {"partition-id": 0, "num-partitions": cfg.num_clients}
+    context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=cfg.to_flower())
+    reply = client_app.dp_mod(message, context, client_app.train)
+    assert not reply.has_error(), reply.error
+    sent = reply.content["arrays"]
+    floats, ints = floating_split(initial)
+    assert list(sent.keys()) == list(initial.keys())
+    assert _norm(floating_split(sent)[0], floats) == pytest.approx(clip, rel=1e-4)
+    assert all((sent[k].numpy() > ints[k].numpy()).all() for k in ints)  # the batch counters moved, unclipped

@@ -167,7 +167,7 @@ def _filter_step_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _privacy_lines(results: dict[str, Any]) -> list[str]:
+def _privacy_lines(results: dict[str, Any], over_seeds: bool = False) -> list[str]:
     """The privacy section of a run with ``dp``: per arm the accountant's epsilon after its last round
     and the accuracy it bought, and a sentence on what the epsilon means; empty without DP."""
     cfg = results["config"]
@@ -181,7 +181,13 @@ def _privacy_lines(results: dict[str, Any]) -> list[str]:
         f"{cfg['dp-clipping-norm']:g}{' (adapted each round)' if cfg['dp'] == 'central-adaptive' else ''}, "
         f"noise multiplier {cfg['dp-noise-multiplier']:g}. *epsilon* is Flower's RDP accountant's, at delta "
         f"{cfg['dp-target-delta']:g}, client-level, without amplification by sampling (`epsilon` in results.csv "
-        "per round; accuracy_vs_epsilon.png).",
+        "per round; accuracy_vs_epsilon.png)."
+        + (
+            " The table is the first seed's: every seed spends the same epsilon in the same rounds unless one of "
+            "its rounds failed (each seed's report has its own)."
+            if over_seeds
+            else ""
+        ),
         "",
         "| arm | epsilon after the last round | final accuracy | rounds | stopped by dp-max-epsilon |",
         "| --- | ---: | ---: | ---: | --- |",
@@ -474,6 +480,9 @@ def write_seeds_report(out_dir: Path, per_seed: dict[int, dict[str, Any]]) -> di
         "per_seed": {str(seed): {"summary": r["summary"], "arms": r["arms"]} for seed, r in per_seed.items()},
     }
     title = f"{config.get('model')} on {config.get('dataset')}, {len(per_seed)} seeds"
-    head = lambda: _seeds_head(config, list(per_seed), summary)  # noqa: E731 - read only when there is a report
+
+    def head() -> list[str]:  # read only when there is a report
+        return _seeds_head(config, list(per_seed), summary) + _privacy_lines(first, over_seeds=True)
+
     _write_files(out_dir, results, per_seed, list(summary), head, title)
     return results
