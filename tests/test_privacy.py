@@ -275,3 +275,24 @@ def test_the_client_apps_mod_clips_what_its_training_sent(data_env: Path) -> Non
     assert list(sent.keys()) == list(initial.keys())
     assert _norm(floating_split(sent)[0], floats) == pytest.approx(clip, rel=1e-4)
     assert all((sent[k].numpy() > ints[k].numpy()).all() for k in ints)  # the batch counters moved, unclipped
+
+
+@pytest.mark.parametrize("mode", ["central-fixed", "central-adaptive"])
+def test_a_round_missing_a_sampled_update_releases_nothing_and_costs_no_epsilon(mode: str) -> None:
+    dp = {"dp": mode, "dp_noise_multiplier": 0.3 if mode == "central-adaptive" else 1.5}
+    cfg, strategy, initial = _setup("csg", **dp)
+    offline_task_identity()
+
+    def respond(pos: int, node: int, msg: Message) -> RecordDict | None:
+        first_round = msg.content["config"]["server-round"] == 1
+        return None if first_round and pos == 1 else _updated(strategy, msg, pos, 0.01)
+
+    records = _Records()
+    evaluation = MetricRecord({"test-accuracy": 0.5, "test-loss": 1.0})
+    grid = ScriptedGrid(NODES, respond)
+    strategy.start(grid, initial, 2, 1.0, RUN_INSTRUCTION, evaluate_fn=lambda *_: evaluation, recorder=records)
+    assert [(r.status, r.epsilon) for r in records.rounds] == [
+        ("initial", 0.0),
+        ("failed", 0.0),
+        ("ok", pytest.approx(_accountant_epsilons(cfg, 1)[1], rel=1e-12)),
+    ]

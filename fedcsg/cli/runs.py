@@ -215,7 +215,9 @@ def _finish(out_dir: Path, runs: list[RunConfig], placement: Placement) -> int:
     from fedcsg.runs.report import report_summary
 
     results = _write_report(out_dir)
-    print(f"results in {out_dir}: results.json, results.csv, report.md, accuracy_vs_bytes.png, accuracy_vs_round.png")
+    epsilon = ", accuracy_vs_epsilon.png" if runs[0].dp != "none" else ""
+    plots = f"accuracy_vs_bytes.png, accuracy_vs_round.png{epsilon}"
+    print(f"results in {out_dir}: results.json, results.csv, report.md, {plots}")
     print(report_summary(results))
     line = cpu_clients_line(runs, placement.gpus)
     if line and placement.asked:

@@ -160,11 +160,23 @@ class Privacy:
             return list(self.configure(server_round, config, grid))
         return list(self.wrapper.configure_train(server_round, floating_split(arrays)[0], config, grid))
 
-    def average(self, server_round: int, decoded: list[ArrayRecord], weights: list[int]) -> ArrayRecord | None:
+    def average(self, server_round: int, decoded: list[ArrayRecord]) -> ArrayRecord | None:
         """The wrapper's release of the round's floating entries (uniform FedAvg of the clipped updates
-        plus noise), None when the wrapper refuses the round; None as well without a wrapper (``local``:
+        plus noise), None when the round cannot be released: fewer updates than sampled (the noise and the
+        accounting are sized for all of them; Flower's fixed-clipping wrappers refuse such a round too, its
+        adaptive one would not) or one that Flower cannot clip. None as well without a wrapper (``local``:
         the clients noised their updates, the caller averages as usual)."""
         if self.wrapper is None:
+            return None
+        if len(decoded) != self.num_sampled:
+            log(
+                WARNING,
+                "round %d: %d of %d sampled updates accepted, and a DP release needs every one",
+                server_round,
+                len(decoded),
+                self.num_sampled,
+            )
+            self.abandon(server_round)
             return None
         replies = [_reply(floating_split(record)[0], node) for node, record in enumerate(decoded)]
         try:

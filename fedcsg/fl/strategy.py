@@ -391,9 +391,8 @@ class CSGFedAvg(FedAvg):
         arrays = weighted_average(decoded, weights)
         if self.privacy is None:
             return arrays
-        released = self.privacy.average(server_round, decoded, weights)
+        released = self.privacy.average(server_round, decoded)
         if released is None and self.privacy.wrapper is not None:
-            log(WARNING, "round %d: the DP wrapper released no average (it needs all sampled replies)", server_round)
             return None
         self.privacy.released()
         if released is None:  # local DP: the clients' updates carry their noise
