@@ -181,11 +181,12 @@ def _simulate(runs: list[RunConfig], out_dir: Path, verbose: bool) -> None:
         _write_report(out_dir)
         raise
     for cfg in runs:
-        rounds = read_json_object(arm_record_path(Path(cfg.out_dir), cfg.arm))["rounds"]
-        if [r["round"] for r in rounds] != list(range(cfg.num_rounds + 1)):
-            raise RuntimeError(
-                f"arm {cfg.arm!r} recorded rounds {[r['round'] for r in rounds]}, not 0..{cfg.num_rounds}"
-            )
+        document = read_json_object(arm_record_path(Path(cfg.out_dir), cfg.arm))
+        recorded = [r["round"] for r in document["rounds"]]
+        # an arm that dp-max-epsilon stopped recorded the rounds within the budget
+        last = recorded[-1] if "stopped_by_privacy" in document and recorded else cfg.num_rounds
+        if recorded != list(range(last + 1)):
+            raise RuntimeError(f"arm {cfg.arm!r} recorded rounds {recorded}, not 0..{last}")
 
 
 def _write_report(out_dir: Path) -> dict[str, Any]:
