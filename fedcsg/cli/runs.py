@@ -70,6 +70,7 @@ def preflight(cfg: RunConfig, arms: list[str]) -> tuple[RunConfig, float]:
     import torch
 
     from fedcsg.data.readers import check_images, load_labels
+    from fedcsg.fl.privacy import check_accounting
     from fedcsg.fl.ray_cluster import most_on_a_node, ray_nodes, resolve_resources
     from fedcsg.fl.task import data_problem
 
@@ -78,6 +79,7 @@ def preflight(cfg: RunConfig, arms: list[str]) -> tuple[RunConfig, float]:
     for split in ("train", "test"):
         check_images(cfg.dataset, split, **where)
     cfg.data_settings.check_sizes(*sizes, num_clients=cfg.num_clients)
+    check_accounting(cfg)
     for arm in arms:
         cfg.model_settings(arm).check_size()
     nodes = ray_nodes(cfg.ray_address, functools.partial(data_problem, cfg.data_settings))
@@ -130,11 +132,12 @@ def _simulate(runs: list[RunConfig], out_dir: Path, verbose: bool) -> None:
         _write_report(out_dir)
         raise
     for cfg in runs:
-        rounds = read_json_object(arm_record_path(Path(cfg.out_dir), cfg.arm))["rounds"]
-        if [r["round"] for r in rounds] != list(range(cfg.num_rounds + 1)):
-            raise RuntimeError(
-                f"arm {cfg.arm!r} recorded rounds {[r['round'] for r in rounds]}, not 0..{cfg.num_rounds}"
-            )
+        document = read_json_object(arm_record_path(Path(cfg.out_dir), cfg.arm))
+        recorded = [r["round"] for r in document["rounds"]]
+        # an arm that dp-max-epsilon stopped recorded the rounds within the budget
+        last = recorded[-1] if "stopped_by_privacy" in document and recorded else cfg.num_rounds
+        if recorded != list(range(last + 1)):
+            raise RuntimeError(f"arm {cfg.arm!r} recorded rounds {recorded}, not 0..{last}")
 
 
 def _write_report(out_dir: Path) -> dict[str, Any]:
@@ -164,7 +167,9 @@ def _finish(out_dir: Path, runs: list[RunConfig], placement: Placement) -> int:
     from fedcsg.runs.report import report_summary
 
     results = _write_report(out_dir)
-    print(f"results in {out_dir}: results.json, results.csv, report.md, accuracy_vs_bytes.png, accuracy_vs_round.png")
+    epsilon = ", accuracy_vs_epsilon.png" if runs[0].dp != "none" else ""
+    plots = f"accuracy_vs_bytes.png, accuracy_vs_round.png{epsilon}"
+    print(f"results in {out_dir}: results.json, results.csv, report.md, {plots}")
     print(report_summary(results))
     line = cpu_clients_line(runs, placement.gpus)
     if line and placement.asked:

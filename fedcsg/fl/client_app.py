@@ -20,8 +20,10 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 from torch import nn
 
+from fedcsg.fl.privacy import client_mod, on_floating_entries
 from fedcsg.fl.ray_cluster import PLACEMENT, hide_gpus_without_share, placement_record
 from fedcsg.fl.task import build_arm_model, client_data, local_train, payload_layout, round_layout
 from fedcsg.nn.determinism import set_deterministic
@@ -34,7 +36,15 @@ from fedcsg.wire.messages import ARRAYS, CONFIG, METRICS, PARTITION_ID, TrainIns
 from fedcsg.wire.payload import PayloadLayout, load_entries, load_payload, model_payload
 from fedcsg.wire.uplink import Uplink
 
-app = ClientApp()
+
+def dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """The run's client-side DP (``dp`` = client-fixed or local: Flower's mod, :func:`fedcsg.fl.privacy.client_mod`)
+    on the payload's floating entries; every other mode calls the app as it is."""
+    mod = client_mod(client_config(context))
+    return call_next(msg, context) if mod is None else on_floating_entries(mod, msg, context, call_next)
+
+
+app = ClientApp(mods=[dp_mod])
 RESIDUAL_KEY = "uplink-residual"  # Context.state record of an error-feedback codec's residual
 
 

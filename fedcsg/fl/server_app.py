@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -18,6 +19,7 @@ from torch import nn
 from fedcsg.data.batches import data_on
 from fedcsg.data.readers import ImageData
 from fedcsg.fl.filter_step import PayloadFilters
+from fedcsg.fl.privacy import Configure, Privacy, accountant
 from fedcsg.fl.server_opt import Mask, ServerOptimizer
 from fedcsg.fl.strategy import CSGFedAvg, lr_schedule
 from fedcsg.fl.task import build_arm_model, evaluate_model, payload_layout, round_layout, test_data
@@ -92,13 +94,27 @@ def optimizer_mask_fn(cfg: RunConfig, model: nn.Module, layout: PayloadLayout) -
     return lambda server_round: masks[factor_of(server_round)]
 
 
+def privacy_fn(cfg: RunConfig, account: Any) -> Callable[[Configure], Privacy] | None:
+    """``configure -> Privacy`` of ``cfg.dp`` over ``cfg``'s sampled clients with the run's accountant ``account``
+    (:func:`fedcsg.fl.privacy.accountant`); None without DP."""
+    if cfg.dp == "none":
+        return None
+    return lambda configure: Privacy(cfg, cfg.sampled_clients, configure, account)
+
+
 def build_strategy(
-    cfg: RunConfig, layout: PayloadLayout, model: nn.Module | None = None, handoff: Handoff | None = None
+    cfg: RunConfig,
+    layout: PayloadLayout,
+    model: nn.Module | None = None,
+    handoff: Handoff | None = None,
+    account: Any = None,
 ) -> CSGFedAvg:
     """The strategy of ``cfg``'s arm for the payload ``layout`` (:func:`~fedcsg.fl.task.round_layout`), handing
-    ``handoff``'s arrays to the nodes that do not hold them."""
+    ``handoff``'s arrays to the nodes that do not hold them, accounting privacy in ``account`` (the run's
+    accountant, which the phases of a csg-warm arm share; None: a new one)."""
     model = model if model is not None else build_arm_model(cfg)
     factor_of = round_factor_fn(cfg, model)
+    account = account if account is not None else accountant(cfg)
     return CSGFedAvg(
         layout,
         lr_fn=lr_schedule(cfg.lr, cfg.lr_schedule, cfg.num_rounds),
@@ -113,6 +129,7 @@ def build_strategy(
         downlink=Downlink.of_config(cfg, layout),
         handoff=handoff,
         payload_filters=PayloadFilters(model, layout),
+        privacy_fn=privacy_fn(cfg, account),
         **sampling(cfg),
     )
 
@@ -217,9 +234,10 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress: Callable
     run = _Federation(
         grid, cfg, out_dir, model, layout, test, device, recorder, resumed_from, progress, tracker, len(recorder.rounds)
     )
+    run.accountant = accountant(cfg)
     try:
         for first, last in phases(cfg):
-            if last >= first_round:
+            if last >= first_round and "stopped_by_privacy" not in recorder.extra:
                 arrays = run.phase(arrays, first, last, first_round, checkpoint)
     finally:
         tracker.close()
@@ -245,6 +263,7 @@ class _Federation:
     progress: Callable[[str], None]
     tracker: Tracker
     tracked: int  # round records handed to the tracker so far
+    accountant: Any = None  # the run's privacy accountant (dp), shared by its phases
     started: float = dataclasses.field(default_factory=time.perf_counter)
 
     def track(self) -> None:
@@ -266,7 +285,7 @@ class _Federation:
             held = layout.subset(sent.held)
             handoff = Handoff(held, held.pack(layout.unpack(arrays)))
             self.recorder.extra["handoff"] = {"after_round": first - 1, "hash": handoff.digest, "bytes": held.nbytes}
-        strategy = build_strategy(cfg, sent, model, handoff)
+        strategy = build_strategy(cfg, sent, model, handoff, self.accountant)
         if checkpoint is not None and first <= checkpoint.round + 1 <= last:
             strategy.load_state_dict(checkpoint.strategy, checkpoint.downlink_arrays)
 
@@ -312,6 +331,10 @@ class _Federation:
             round_end_fn=round_end_fn,
             recorder=self.recorder,
         )
+        if strategy.stopped_by_privacy:
+            self.recorder.extra["stopped_by_privacy"] = strategy.stopped_by_privacy
+            self.recorder.save()
+            self.progress(f"[{cfg.arm}] dp-max-epsilon = {cfg.dp_max_epsilon:g}: {strategy.stopped_by_privacy}")
         return whole(result.arrays)
 
 

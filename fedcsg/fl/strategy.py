@@ -17,10 +17,12 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import FedAvg, Result
 
 from fedcsg.fl.filter_step import PayloadFilters
 from fedcsg.fl.flower_logs import without_skipped_evaluation_warning
+from fedcsg.fl.privacy import Configure, Privacy
 from fedcsg.fl.ray_cluster import DEVICE_KEY, VISIBLE_KEY, reported_placement
 from fedcsg.fl.replies import aggregate_train_metrics, checked_reply
 from fedcsg.fl.server_opt import Mask, ServerOptimizer
@@ -111,6 +113,10 @@ class CSGFedAvg(FedAvg):
         Turns payloads into conv filters (:class:`~fedcsg.fl.filter_step.PayloadFilters`): with it,
         every aggregated round records its filter step (``filter_step``, ``client_filter_step``),
         measured on the decoded replies the server averages; ``None`` records none.
+    privacy_fn
+        ``configure -> Privacy`` (:class:`~fedcsg.fl.privacy.Privacy`, run setting ``dp``): Flower's DP wrapper
+        takes the strategy's sampling (``configure``) and its checked, decoded replies, and releases the
+        round's clipped, noised average; each round records the accountant's epsilon. ``None``: no DP.
     **fedavg_kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg` (sampling, minimum nodes).
     """
@@ -131,6 +137,7 @@ class CSGFedAvg(FedAvg):
         downlink: Downlink | None = None,
         handoff: Handoff | None = None,
         payload_filters: PayloadFilters | None = None,
+        privacy_fn: Callable[[Configure], Privacy] | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         one_of("failed-round", failed_round, FAILED_ROUND_POLICIES)  # RunConfig's rule, for a strategy built alone
@@ -159,6 +166,8 @@ class CSGFedAvg(FedAvg):
         self.mask_fn = mask_fn
         self.train_factor_fn = train_factor_fn
         self.payload_filters = payload_filters
+        self.privacy = privacy_fn(self._configure_train) if privacy_fn is not None else None
+        self.stopped_by_privacy: str | None = None  # why the run stopped before its last round (dp-max-epsilon)
         self.traffic: dict[int, RoundRecord] = {}
         self.train_metrics: dict[int, MetricRecord] = {}
         self.global_arrays: ArrayRecord | None = None  # the global payload as this round's clients received it
@@ -176,6 +185,8 @@ class CSGFedAvg(FedAvg):
             state["server_optimizer"] = self.server_optimizer.state_dict()
         if self.broadcaster.downlink.is_delta:  # x̂ itself: downlink_arrays()
             state["downlink"] = self.broadcaster.state_dict()
+        if self.privacy is not None:
+            state["privacy"] = self.privacy.state_dict()
         return state
 
     def downlink_arrays(self) -> ArrayRecord | None:
@@ -193,6 +204,10 @@ class CSGFedAvg(FedAvg):
                     "it cannot be resumed under this optimizer"
                 )
             self.server_optimizer.load_state_dict(state["server_optimizer"])
+        if self.privacy is not None:
+            if "privacy" not in state:
+                raise ValueError("the checkpoint has no privacy accountant: it cannot be resumed under dp")
+            self.privacy.load_state_dict(state["privacy"])
 
     # -- one round ----------------------------------------------------------------------------
 
@@ -218,11 +233,18 @@ class CSGFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        """The round's train messages: through the DP wrapper when there is one (it sees the payload as
+        the clients receive it, and may fill ``config``; PrivacyBudgetExhausted past ``dp-max-epsilon``)."""
+        self.server_arrays = arrays
+        self.global_arrays = self.broadcaster.prepare(arrays)
+        if self.privacy is None:
+            return self._configure_train(server_round, config, grid)
+        return self.privacy.configure_train(server_round, self.global_arrays, config, grid)
+
+    def _configure_train(self, server_round: int, config: ConfigRecord, grid: Grid) -> list[Message]:
         traffic = self._round_traffic(server_round)
         attempt = traffic.attempts
         traffic.attempts += 1
-        self.server_arrays = arrays
-        self.global_arrays = self.broadcaster.prepare(arrays)
         if self.fraction_train == 0.0:
             self._sent[server_round] = []
             return []
@@ -241,7 +263,8 @@ class CSGFedAvg(FedAvg):
         handoff = self.handoff
         for group in self.broadcaster.groups(node_ids):
             for nodes, handed in self._handoff_groups(group.nodes):
-                config_of_group = instruction.replace(downlink=group.sync).record()
+                # entries a DP wrapper put in the config (Flower's clipping norm) travel with the instruction
+                config_of_group = ConfigRecord({**config, **instruction.replace(downlink=group.sync).record()})
                 contents = {self.arrayrecord_key: group.record, self.configrecord_key: config_of_group}
                 payload = payload_bytes(group.record)
                 if handoff is not None and handed:
@@ -328,7 +351,10 @@ class CSGFedAvg(FedAvg):
                 continue
             # Sorted by partition below, so that float sums run in the same order in every run.
             accepted.append(((math.inf if partition is None else partition, node), reply, decoded))
-        if len(accepted) < self.min_replies:
+        arrays = self._average(server_round, accepted) if len(accepted) >= self.min_replies else None
+        if arrays is None:
+            if self.privacy is not None and len(accepted) < self.min_replies:
+                self.privacy.abandon(server_round)
             traffic.status = "failed"
             retried = self.failed_round == "retry" and traffic.attempts < 2  # start() sends it once more
             log(
@@ -349,8 +375,6 @@ class CSGFedAvg(FedAvg):
         traffic.devices = [reported_placement(reply.content, DEVICE_KEY) for _, reply in known]
         traffic.visible_devices = [reported_placement(reply.content, VISIBLE_KEY) for _, reply in known]
         contents = [reply.content for _, reply, _ in accepted]
-        weights = [int(next(iter(c.metric_records.values()))[WEIGHT_KEY]) for c in contents]
-        arrays = weighted_average([decoded for _, _, decoded in accepted], weights)
         server_arrays = self.server_arrays if self.server_arrays is not None else self.global_arrays
         if server_arrays is not None:
             arrays = self.broadcaster.server_update(server_arrays, arrays)
@@ -362,6 +386,22 @@ class CSGFedAvg(FedAvg):
         metrics = self.train_metrics_aggr_fn(contents, WEIGHT_KEY)
         self.train_metrics[server_round] = metrics
         return arrays, metrics
+
+    def _average(self, server_round: int, accepted: list[tuple[Any, Message, ArrayRecord]]) -> ArrayRecord | None:
+        """The round's average of the decoded replies (weighted by num-examples), its floating entries
+        released by the DP wrapper when there is one (None when the wrapper refuses the round)."""
+        decoded = [record for _, _, record in accepted]
+        weights = [int(next(iter(reply.content.metric_records.values()))[WEIGHT_KEY]) for _, reply, _ in accepted]
+        arrays = weighted_average(decoded, weights)
+        if self.privacy is None:
+            return arrays
+        released = self.privacy.average(server_round, decoded)
+        if released is None and self.privacy.wrapper is not None:
+            return None
+        self.privacy.released()
+        if released is None:  # local DP: the clients' updates carry their noise
+            return arrays
+        return ArrayRecord({key: released[key] if key in released else array for key, array in arrays.items()})
 
     # -- the run --------------------------------------------------------------------------------
 
@@ -407,13 +447,12 @@ class CSGFedAvg(FedAvg):
         for server_round in range(first_round, num_rounds + 1):
             log(INFO, "")
             log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
-            for _ in range(attempts):
-                replies = grid.send_and_receive(
-                    messages=self.configure_train(server_round, arrays, train_config, grid), timeout=timeout
-                )
-                agg_arrays, agg_metrics = self.aggregate_train(server_round, replies)
-                if agg_arrays is not None:
-                    break
+            try:
+                agg_arrays, agg_metrics = self._train_round(grid, server_round, arrays, train_config, timeout, attempts)
+            except PrivacyBudgetExhausted as stop:
+                self.stopped_by_privacy = f"stopped before round {server_round}: {stop}"
+                log(WARNING, "dp-max-epsilon: %s", self.stopped_by_privacy)
+                break
             if agg_arrays is not None:
                 result.arrays = arrays = agg_arrays
             if agg_metrics is not None:
@@ -433,6 +472,20 @@ class CSGFedAvg(FedAvg):
             log(INFO, "\t%s", line.strip("\n"))
         return result
 
+    def _train_round(
+        self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord, timeout: float, attempts: int
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Send the round (once more on failure when ``attempts`` is 2) and aggregate its replies."""
+        agg_arrays, agg_metrics = None, None
+        for _ in range(attempts):
+            replies = grid.send_and_receive(
+                messages=self.configure_train(server_round, arrays, config, grid), timeout=timeout
+            )
+            agg_arrays, agg_metrics = self.aggregate_train(server_round, replies)
+            if agg_arrays is not None:
+                break
+        return agg_arrays, agg_metrics
+
     def finished_round(self, server_round: int, evaluation: MetricRecord) -> RoundRecord:
         """The record of ``server_round`` once it is evaluated: its traffic (round 0: none,
         ``initial``), the clients' mean train metrics, the learning rate, the server-side
@@ -447,6 +500,7 @@ class CSGFedAvg(FedAvg):
             train_accuracy=train.get(TRAIN_ACCURACY),
             lr=self.lr_fn(server_round) if server_round else None,
             seconds=time.perf_counter() - traffic.started if server_round else 0.0,
+            epsilon=self.privacy.epsilon if self.privacy is not None else None,
         )
 
     def _evaluate(

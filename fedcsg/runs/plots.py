@@ -1,5 +1,6 @@
-"""The report's two plots: test accuracy against cumulative wire bytes and against the round, one
-line per arm (over seeds: the mean, in a band from the lowest to the highest seed), styled by codec and downlink."""
+"""The report's plots: test accuracy against cumulative wire bytes and against the round, one
+line per arm (over seeds: the mean, in a band from the lowest to the highest seed), styled by codec and downlink;
+and for a run with differential privacy, against the epsilon spent."""
 
 from __future__ import annotations
 
@@ -26,6 +27,40 @@ def _style(arm: str) -> dict[str, Any]:
         "linestyle": CODECS[parsed.codec].linestyle if parsed.codec else NO_CODEC_LINESTYLE,
         "marker": DOWNLINK_MARKERS[parsed.downlink],
     }
+
+
+def _save(fig: Any, out_dir: Path, name: str) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp = out_dir / f".{name}.tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, out_dir / name)
+
+
+def plot_accuracy_vs_epsilon(
+    per_seed: dict[int, dict[str, Any]], arms: list[str], title: str, out_dir: Path, metric: str = "accuracy"
+) -> None:
+    """accuracy_vs_epsilon.png: per arm the test ``metric`` after each round against the privacy accountant's
+    epsilon spent by then (``epsilon`` of the round records; the mean over the seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for arm in arms:
+        rounds = [recs for recs in rounds_by_number(per_seed, arm).values() if recs[0].get("epsilon") is not None]
+        xs = [sum(x["epsilon"] for x in recs) / len(recs) for recs in rounds]
+        ys = [sum(x["test_accuracy"] for x in recs) / len(recs) for recs in rounds]
+        ax.plot(xs, ys, markersize=3, label=arm, **_style(arm))
+    ax.set_xlabel("epsilon spent (RDP accountant, client level)")
+    ax.set_ylabel(f"test {metric}" + (" (mean over seeds)" if len(per_seed) > 1 else ""))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, out_dir, "accuracy_vs_epsilon.png")
 
 
 def plot_accuracy(
@@ -66,7 +101,4 @@ def plot_accuracy(
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        tmp = out_dir / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=120)
-        plt.close(fig)
-        os.replace(tmp, out_dir / name)
+        _save(fig, out_dir, name)

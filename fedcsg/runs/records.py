@@ -58,6 +58,9 @@ class RoundRecord:
     over the round, ``client_filter_step`` the mean over the aggregated replies of the same from the
     filters a client started from to its filters after local training; None where no round was
     aggregated (round 0, a failed round).
+
+    ``epsilon`` is the privacy accountant's epsilon spent after the round (run setting ``dp``, at
+    ``dp-target-delta``; :mod:`fedcsg.fl.privacy`); None without DP.
     """
 
     round: int
@@ -91,6 +94,7 @@ class RoundRecord:
     seconds: float | None = None
     filter_step: float | None = None
     client_filter_step: float | None = None
+    epsilon: float | None = None
     started: float = field(default=0.0, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:

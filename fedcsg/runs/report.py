@@ -35,7 +35,7 @@ from fedcsg.runs.layout import (
     seed_dirs_in,
     shown_differences,
 )
-from fedcsg.runs.plots import plot_accuracy
+from fedcsg.runs.plots import plot_accuracy, plot_accuracy_vs_epsilon
 from fedcsg.runs.records import ROUND_FIELDS, read_arm_record
 from fedcsg.runs.summary import (
     LAST_ROUNDS,
@@ -168,6 +168,41 @@ def _filter_step_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _privacy_lines(results: dict[str, Any], over_seeds: bool = False) -> list[str]:
+    """The privacy section of a run with ``dp``: per arm the accountant's epsilon after its last round
+    and the accuracy it bought, and a sentence on what the epsilon means; empty without DP."""
+    cfg = results["config"]
+    if cfg.get("dp", "none") == "none":
+        return []
+    lines = [
+        "",
+        "## Privacy",
+        "",
+        f"Differential privacy `{cfg['dp']}` (docs/privacy.md): updates clipped to L2 norm "
+        f"{cfg['dp-clipping-norm']:g}{' (adapted each round)' if cfg['dp'] == 'central-adaptive' else ''}, "
+        f"noise multiplier {cfg['dp-noise-multiplier']:g}. *epsilon* is Flower's RDP accountant's, at delta "
+        f"{cfg['dp-target-delta']:g}, client-level, without amplification by sampling (`epsilon` in results.csv "
+        "per round; accuracy_vs_epsilon.png)."
+        + (
+            " The table is the first seed's: every seed spends the same epsilon in the same rounds unless one of "
+            "its rounds failed (each seed's report has its own)."
+            if over_seeds
+            else ""
+        ),
+        "",
+        "| arm | epsilon after the last round | final accuracy | rounds | stopped by dp-max-epsilon |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    for arm, data in results["arms"].items():
+        rounds = [r for r in data["rounds"] if r.get("epsilon") is not None]
+        if not rounds:
+            continue
+        last = rounds[-1]
+        stopped = data.get("stopped_by_privacy") or "no"
+        lines.append(f"| {arm} | {last['epsilon']:.4g} | {last['test_accuracy']:.4f} | {last['round']} | {stopped} |")
+    return lines
+
+
 def _report_head(results: dict[str, Any], summary: dict[str, ArmSummary]) -> list[str]:
     """A one-seed report's lines down to its per-round table: setup, the arms' table, the sentences."""
     cfg = results["config"]
@@ -212,6 +247,7 @@ def _report_head(results: dict[str, Any], summary: dict[str, ArmSummary]) -> lis
     lines += _node_download_lines(summary)
     lines += device_lines(summary)
     lines += _filter_step_lines(results)
+    lines += _privacy_lines(results)
     faults = [
         f"{arm}: {s.failed_rounds} failed round(s), {s.failed_replies} failed and "
         f"{s.rejected_replies} rejected client replies"
@@ -271,6 +307,8 @@ def _write_files(
         config = document["config"]
         atomic_write_text(out_dir / REPORT_MD, "\n".join(head() + _rounds_lines(config, per_seed, arms, over_seeds)))
         plot_accuracy(per_seed, arms, title, out_dir, metric_names(config)[1])
+        if config.get("dp", "none") != "none":
+            plot_accuracy_vs_epsilon(per_seed, arms, title, out_dir, metric_names(config)[1])
 
 
 def report_summary(results: dict[str, Any]) -> str:
@@ -443,6 +481,9 @@ def write_seeds_report(out_dir: Path, per_seed: dict[int, dict[str, Any]]) -> di
         "per_seed": {str(seed): {"summary": r["summary"], "arms": r["arms"]} for seed, r in per_seed.items()},
     }
     title = f"{config.get('model')} on {config.get('dataset')}, {len(per_seed)} seeds"
-    head = lambda: _seeds_head(config, list(per_seed), summary)  # noqa: E731 - read only when there is a report
+
+    def head() -> list[str]:  # read only when there is a report
+        return _seeds_head(config, list(per_seed), summary) + _privacy_lines(first, over_seeds=True)
+
     _write_files(out_dir, results, per_seed, list(summary), head, title)
     return results

@@ -50,6 +50,10 @@ def load_results(out_dir: Path) -> dict[str, Any]:
                 "bundle_bytes": arms[arm].get("bundle_bytes"),
                 "server_device": arms[arm].get("server_device"),
                 "rounds": arms[arm]["rounds"],
+                # a run with dp-max-epsilon that stopped early says where (fedcsg.fl.strategy)
+                **(
+                    {"stopped_by_privacy": arms[arm]["stopped_by_privacy"]} if "stopped_by_privacy" in arms[arm] else {}
+                ),
             }
             for arm in order
         },

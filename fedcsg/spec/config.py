@@ -46,6 +46,10 @@ def sample_size(num_nodes: int, fraction: float, minimum: int) -> int:
 
 PACKINGS = ("flat", "per-tensor")  # how a payload's float entries travel: one flat array, or one per tensor
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")  # fedcsg.fl.server_opt: Flower's strategies
+# Differential privacy (fedcsg.fl.privacy, docs/privacy.md): Flower's strategy wrappers (central-*), its client
+# mods (client-fixed: fixedclipping_mod under the client-side wrapper; local: LocalDpMod), "none" neither.
+DP_MODES = ("none", "central-fixed", "central-adaptive", "client-fixed", "local")
+CLIENT_DP_MODES = ("client-fixed", "local")  # a Flower mod on the client clips the reply against the message's arrays
 # Keys that say where or how a run is carried out, not what it computes: a resumed run may differ in them
 # (a run started on CPUs may go on on GPUs). `seeds` only says how many runs to make; each run's own `seed`
 # is part of its identity.
@@ -76,6 +80,13 @@ ADDED_SETTINGS: dict[str, Any] = {
     "loader-workers": 0,
     "freeze-generator-after": 0,
     **{kebab(f.name): f.default for f in fields(FolderSettings)},
+    "dp": "none",
+    "dp-noise-multiplier": 1.0,
+    "dp-clipping-norm": 1.0,
+    "dp-target-delta": 1e-5,
+    "dp-target-quantile": 0.5,
+    "dp-clip-norm-lr": 0.2,
+    "dp-max-epsilon": 0.0,
 }
 # Identity settings that only some models read: left out of the identity of every other arm, so that a run of those
 # arms resumes whatever they say (a compare may add a csg-warm arm, and its K, to a run whose other arms started).
@@ -154,6 +165,14 @@ class RunConfig:
     # Reliability
     fault_probability: float = 0.0  # chance that a client raises in a round, drawn from (seed, round, partition)
     max_update_norm: float = 0.0  # reject a reply whose L2 distance to the global payload exceeds this; 0 = off
+    # Differential privacy (docs/privacy.md): clipping and Gaussian noise on the update's floating entries
+    dp: str = "none"  # none, central-fixed, central-adaptive, client-fixed, local (DP_MODES)
+    dp_noise_multiplier: float = 1.0  # sigma: noise std sigma*C/n on the average (local: sigma*C on each update)
+    dp_clipping_norm: float = 1.0  # C: the L2 bound of a client's update (central-adaptive: its initial value)
+    dp_target_delta: float = 1e-5  # the delta at which the accountant reports epsilon
+    dp_target_quantile: float = 0.5  # central-adaptive: the fraction of updates left unclipped that C tracks
+    dp_clip_norm_lr: float = 0.2  # central-adaptive: the geometric step of C per round
+    dp_max_epsilon: float = 0.0  # stop before the round whose release would exceed this epsilon; 0 = no limit
     # Local training
     local_epochs: int = 1
     batch_size: int = 64
@@ -279,6 +298,7 @@ class RunConfig:
         if not 0 <= self.fault_probability <= 1:
             raise ValueError(f"fault-probability = {self.fault_probability!r} is not accepted: a number in [0, 1] is")
         self.seed_list  # noqa: B018 - validates `seeds`
+        self._check_dp()
         if self.clients_per_round > self.num_clients:
             raise ValueError(
                 f"clients-per-round = {self.clients_per_round} is more than num-clients = {self.num_clients}"
@@ -306,6 +326,43 @@ class RunConfig:
                 f"server-optimizer = {self.server_optimizer!r} is not accepted for arm csg-warm: its per-element state "
                 "would outlive the generator's leaving the payload after round K; accepted is fedavg"
             )
+
+    def _check_dp(self) -> None:
+        """The DP settings, and the arms a client-side mode cannot serve: Flower's mods clip the reply's arrays
+        against the message's, so both must be the payload itself (no codec, a full downlink, no handoff)."""
+        one_of("dp", self.dp, DP_MODES)
+        if self.dp == "none":
+            return
+        for name in ("dp_noise_multiplier", "dp_clipping_norm", "dp_clip_norm_lr"):
+            value = getattr(self, name)
+            if not 0 < value < float("inf"):
+                raise ValueError(
+                    f"{kebab(name)} = {value!r} is not accepted with dp = {self.dp!r}: a finite number > 0 is"
+                )
+        if not 0 < self.dp_target_delta < 1:
+            raise ValueError(f"dp-target-delta = {self.dp_target_delta!r} is not accepted: a number in (0, 1) is")
+        if not 0 <= self.dp_target_quantile <= 1:
+            raise ValueError(f"dp-target-quantile = {self.dp_target_quantile!r} is not accepted: a number in [0, 1] is")
+        if not 0 <= self.dp_max_epsilon < float("inf"):
+            raise ValueError(
+                f"dp-max-epsilon = {self.dp_max_epsilon!r} is not accepted: a finite number >= 0 is (0 = no limit)"
+            )
+        # Flower's adaptive wrapper noises the clipped count with std n/20 and needs sigma below twice that
+        if self.dp == "central-adaptive" and self.dp_noise_multiplier >= self.sampled_clients / 10:
+            raise ValueError(
+                f"dp-noise-multiplier = {self.dp_noise_multiplier!r} is not accepted with dp = 'central-adaptive' and "
+                f"{self.sampled_clients} clients a round: Flower's adaptive clipping needs sigma < clients a round / 10"
+            )
+        if self.dp not in CLIENT_DP_MODES:
+            return
+        for name in sorted({self.arm, *self.arm_list}):
+            arm = Arm.parse(name)
+            refusal = _client_dp_refusal(arm, arm.downlink_or(self.downlink))
+            if refusal:
+                raise ValueError(
+                    f"arm {name!r} is not accepted with dp = {self.dp!r}: {refusal}; accepted are the central "
+                    "modes (the server clips the decoded update) or an arm without codec, downlink and handoff"
+                )
 
     @property
     def arm_list(self) -> list[str]:
@@ -429,6 +486,17 @@ class RunConfig:
             default = getattr(base, known[key].name)
             changes[known[key].name] = coerce(key, value, type(default))
         return dataclasses.replace(base, **changes)
+
+
+def _client_dp_refusal(arm: Arm, downlink: str) -> str:
+    """Why a client-side DP mode cannot serve ``arm`` (receiving ``downlink``), "" when it can."""
+    if arm.codec:
+        return f"Flower's mod would clip the {arm.codec}-encoded update, not the update in the arm's space"
+    if downlink != "full":
+        return f"the message holds the {downlink} downlink's encoding, not the payload the update is taken from"
+    if arm.model == "csg-warm":
+        return "its messages hand off the frozen generator in a second ArrayRecord, and Flower's mods take one"
+    return ""
 
 
 def _public_fields() -> list[dataclasses.Field]:
