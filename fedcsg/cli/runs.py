@@ -167,7 +167,7 @@ def _finish(out_dir: Path, runs: list[RunConfig], placement: Placement) -> int:
     from fedcsg.runs.report import report_summary
 
     results = _write_report(out_dir)
-    epsilon = ", accuracy_vs_epsilon.png" if runs[0].dp != "none" else ""
+    epsilon = ", accuracy_vs_epsilon.png" if results["config"].get("dp", "none") != "none" else ""
     plots = f"accuracy_vs_bytes.png, accuracy_vs_round.png{epsilon}"
     print(f"results in {out_dir}: results.json, results.csv, report.md, {plots}")
     print(report_summary(results))
