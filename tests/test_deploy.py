@@ -392,12 +392,14 @@ def test_a_device_trains_on_all_its_own_images_and_refuses_other_classes_or_anot
     """In this process: a node config with a data-dir and no partition trains on every image of that
     folder's train split; a folder of other classes, or a server on another fedcsg version, is refused
     in one line before training."""
-    from fedcsg.fl.client_app import DataMismatch, VersionMismatch
+    from fedcsg.fl.client_app import DataMismatch, VersionMismatch, node_partition
 
     cfg = RunConfig(**DEVICE_RUN, data_dir=str(write_shapes(tmp_path / "server", 2, 2, seed=3)))
     own = write_shapes(tmp_path / "own", 5, 1, seed=1)
     metrics = _device_train(cfg, own).content["metrics"]
     assert metrics["num-examples"] == 3 * 5 and "partition-id" not in metrics
+    with pytest.raises(ValueError, match=r"^node config \{'partition-id': 0\} is not accepted: accepted are data-dir"):
+        node_partition(Context(1, 7, {"partition-id": 0}, RecordDict(), {}))
     other = cfg.replace(fedcsg_version="0.0.1")
     with pytest.raises(VersionMismatch) as version:
         _device_train(other, own)

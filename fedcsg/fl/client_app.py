@@ -84,9 +84,14 @@ def node_partition(context: Context) -> tuple[int, int] | None:
     """This node's ``(partition-id, num-partitions)``, or None for a device with its own data: a node
     config with a ``data-dir`` and no ``partition-id``."""
     config = context.node_config
+    if PARTITION_ID in config and "num-partitions" in config:
+        return int(config[PARTITION_ID]), int(config["num-partitions"])
     if PARTITION_ID not in config and config.get("data-dir"):
         return None
-    return int(config[PARTITION_ID]), int(config["num-partitions"])
+    raise ValueError(
+        f"node config {dict(config)!r} is not accepted: accepted are data-dir (a device's own data) or "
+        "partition-id and num-partitions"
+    )
 
 
 def data_mismatch(cfg: RunConfig, error: Exception) -> DataMismatch:
