@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.cli.build import build_fab_from_disk
+from PIL import Image
 
 from fedcsg.cli import deploy as deploy_cli
 from fedcsg.deploy.credentials import make_certificates, make_node_keys
@@ -390,8 +391,8 @@ def _device_train(cfg: RunConfig, node_data: Path) -> Message:
 
 def test_a_device_trains_on_all_its_own_images_and_refuses_other_classes_or_another_fedcsg(tmp_path: Path) -> None:
     """In this process: a node config with a data-dir and no partition trains on every image of that
-    folder's train split; a folder of other classes, or a server on another fedcsg version, is refused
-    in one line before training."""
+    folder's train split; a folder of other classes or channels, or a server on another fedcsg
+    version, is refused in one line before training."""
     from fedcsg.fl.client_app import DataMismatch, VersionMismatch, node_partition
 
     cfg = RunConfig(**DEVICE_RUN, data_dir=str(write_shapes(tmp_path / "server", 2, 2, seed=3)))
@@ -415,6 +416,11 @@ def test_a_device_trains_on_all_its_own_images_and_refuses_other_classes_or_anot
     text = str(classes.value)
     assert "\n" not in text and text.startswith(f"this node's data-dir {str(two)!r} holds 2 classes of 3-channel")
     assert text.endswith("accepted are images of the run's classes and channels")
+    gray = shutil.copytree(own, tmp_path / "gray")
+    for path in gray.rglob("*.*"):
+        Image.open(path).convert("L").save(path)
+    with pytest.raises(DataMismatch, match=f"^this node's data-dir {str(gray)!r} holds 3 classes of 1-channel images"):
+        _device_train(cfg, gray)
 
 
 def test_deploy_up_gives_each_supernode_its_own_data(tmp_path: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
