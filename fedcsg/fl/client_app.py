@@ -165,8 +165,9 @@ def train(msg: Message, context: Context) -> Message:
     partition_id = context.node_id % 2**31 if partition is None else partition[0]
     server_round, attempt = instruction.server_round, instruction.attempt
     if injected_fault(cfg.seed, server_round, partition_id, cfg.fault_probability, attempt):
+        client = f"node {context.node_id}" if partition is None else f"partition {partition_id}"
         raise InjectedFault(
-            f"injected fault: partition {partition_id}, round {server_round}, attempt {attempt} "
+            f"injected fault: {client}, round {server_round}, attempt {attempt} "
             f"(fault-probability = {cfg.fault_probability})"
         )
     hide_gpus_without_share(cfg)  # before CUDA starts in this process
