@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import socket
 import ssl
 import stat
@@ -28,7 +29,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.cli.build import build_fab_from_disk
+from PIL import Image
 
 from fedcsg.cli import deploy as deploy_cli
 from fedcsg.deploy.credentials import make_certificates, make_node_keys
@@ -53,8 +56,11 @@ from fedcsg.processes import (
     stop_processes,
 )
 from fedcsg.runs.report import load_results, summarize
-from fedcsg.spec.config import RunConfig
+from fedcsg.spec.config import RunConfig, fedcsg_version
+from fedcsg.wire.messages import TrainInstruction
+from fedcsg.wire.payload import model_payload
 from simulations.tools.relay import ByteCountingRelay
+from tests.test_folders import write_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 # Bounds of the integration tests: generous for a loaded 2-core machine, far from "hangs for ever".
@@ -74,13 +80,23 @@ def _cli(argv: list[str]) -> int:
 # ------------------------------------------------------------------------ the real federation
 
 
+# Each SuperNode's own ImageFolder (3 classes; train images per class, drawn from its seed) and the
+# server's test folder: different images everywhere.
+NODE_IMAGES = ((4, 1), (6, 2))  # (train images per class, seed) of SuperNode 0 and 1
+SERVER_IMAGES = (1, 4, 3)  # train and test images per class, seed
+
+
 @pytest.fixture(scope="module")
-def secure_federation(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Iterator[Federation]:
-    """A SuperLink (TLS, --enable-supernode-auth) and two registered SuperNodes, stopped at the end."""
+def secure_federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    """A SuperLink (TLS, --enable-supernode-auth) and two registered SuperNodes, stopped at the end;
+    each SuperNode trains on its own ImageFolder (``FEDERATION/images/node-I``, no partition)."""
+    directory = tmp_path_factory.mktemp("federation")
+    folders = [write_shapes(directory / "images" / f"node-{i}", n, 1, seed) for i, (n, seed) in enumerate(NODE_IMAGES)]
+    write_shapes(directory / "images" / "server", *SERVER_IMAGES)
     plan = FederationPlan(
-        directory=tmp_path_factory.mktemp("federation"),
+        directory=directory,
         nodes=2,
-        data_dir=data_dir,
+        node_data=tuple(folders),
         connection="fedcsg-test",
         # Two ClientApps train at once: one thread each on a shared 2-core machine.
         env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
@@ -119,7 +135,9 @@ def test_the_app_bundle_holds_the_settings_and_entry_points_only() -> None:
     print(f"app bundle: {len(fab):,} bytes, {len(names)} files")
 
 
-def test_secure_federation_runs_two_rounds_of_csg(secure_federation: Federation, data_dir: Path) -> None:
+def test_secure_federation_runs_two_rounds_of_csg(secure_federation: Federation) -> None:
+    """Two rounds of csg on an ImageFolder: each SuperNode trains on all of its own folder (its
+    reply's num-examples is its folder's image count), the ServerApp evaluates on the server's."""
     federation = secure_federation
     assert federation.secure and len(federation.node_ids) == 2
     superlink = federation.processes[0]
@@ -131,34 +149,44 @@ def test_secure_federation_runs_two_rounds_of_csg(secure_federation: Federation,
     _assert_tls_only(federation)
 
     out_dir = Path(federation.directory) / "run"
+    server = Path(federation.directory) / "images" / "server"
     run_config = {
         "arm": "csg",
+        "dataset": "imagefolder",
+        "image-size": 16,
         "num-rounds": 2,
         "num-clients": 2,
-        "train-limit": 128,
-        "test-limit": 100,
-        "batch-size": 32,
-        "eval-batch-size": 100,
+        "test-limit": 0,
+        "batch-size": 8,
         "device": "cpu",
-        "data-dir": str(data_dir),
+        "data-dir": str(server),
         "out-dir": str(out_dir),
         "round-timeout": RUN_TIMEOUT,
     }
     outcome = run_app(federation, ROOT, run_config, timeout=RUN_TIMEOUT)
-    log_tail = Path(outcome.log).read_text(errors="replace")[-2000:]
-    assert (outcome.status, outcome.sub_status) == ("finished", "completed"), log_tail
+    log = Path(outcome.log).read_text(errors="replace")
+    assert (outcome.status, outcome.sub_status) == ("finished", "completed"), log[-2000:]
 
     record = json.loads((out_dir / "arms" / "csg.json").read_text())
-    cfg = RunConfig(arm="csg")
+    cfg = RunConfig(arm="csg", dataset="imagefolder", image_size=16, data_dir=str(server))
     payload = payload_layout(cfg, build_arm_model(cfg)).nbytes
     assert record["arm"] == "csg" and record["payload_bytes"] == payload
     assert [r["round"] for r in record["rounds"]] == [0, 1, 2]
+    test_images = 3 * SERVER_IMAGES[1]
     for entry in record["rounds"][1:]:
         assert (entry["sampled"], entry["replied"], entry["failed"], entry["rejected"]) == (2, 2, 0, 0), entry
-        assert sorted(entry["partitions"]) == [0, 1]  # each SuperNode trained its own node-config partition
+        assert entry["partitions"] == []  # no partitions: each SuperNode trained on its own folder
         assert entry["payload_down"] == entry["payload_up"] == 2 * payload
         assert entry["wire_up"] > entry["payload_up"] and entry["wire_down"] > entry["payload_down"]
-        assert 0.0 <= entry["test_accuracy"] <= 1.0 and math.isfinite(entry["train_loss"])
+        # Evaluated on the server's test folder: the accuracy is a count of its images.
+        assert entry["test_accuracy"] * test_images == pytest.approx(round(entry["test_accuracy"] * test_images))
+        assert math.isfinite(entry["train_loss"])
+        trained = sorted(
+            int(line.rsplit(": ", 1)[1].split()[0])
+            for line in log.splitlines()
+            if f"round {entry['round']}: node " in line and "trained on its own data" in line
+        )
+        assert trained == sorted(3 * n for n, _ in NODE_IMAGES), log[-2000:]
     assert (out_dir / "results.json").is_file() and (out_dir / "report.md").is_file()
     # Each node downloaded the bundle `flwr run` built from the repository once: the report counts it
     # beside the rounds' downlink, a node's share of each round (both nodes got the same message).
@@ -169,9 +197,9 @@ def test_secure_federation_runs_two_rounds_of_csg(secure_federation: Federation,
     assert summarize(load_results(out_dir))["csg"].node_download_bytes == node_total
     assert f"| csg | {bundle:,} B |" in (out_dir / "report.md").read_text()
     assert f"{node_total:,} B" in (out_dir / "report.md").read_text()
-    log = Path(superlink.log).read_text(errors="replace")
+    superlink_log = Path(superlink.log).read_text(errors="replace")
     for node_id in federation.node_ids:
-        assert f"Activated node_id={node_id}" in log
+        assert f"Activated node_id={node_id}" in superlink_log
 
 
 def test_deploy_run_of_a_run_that_trained_nothing_exits_non_zero(
@@ -340,6 +368,87 @@ def test_cli_certs_keys_and_loud_insecure(
     with pytest.raises(SystemExit) as error:
         _cli(["deploy", "up", "--dir", str(tmp_path / "f"), "--nodes", "0"])
     assert error.value.code == 2
+
+
+# ------------------------------------------------------------------ a device's own data, its version
+
+DEVICE_RUN = dict(model="tests.user_cnn:SmallCNN", slice="8x8x3x3", code_dim=32, arm="csg", dataset="imagefolder")
+DEVICE_RUN |= dict(image_size=16, batch_size=8, device="cpu")
+
+
+def _device_train(cfg: RunConfig, node_data: Path) -> Message:
+    """The ClientApp's round 1 on a device whose node config names its own ``node_data`` (node 7)."""
+    from fedcsg.fl.client_app import train
+    from fedcsg.fl.flower_private import offline_task_identity
+
+    offline_task_identity()
+    model = build_arm_model(cfg)
+    config = TrainInstruction(cfg.local_epochs, cfg.batch_size, server_round=1, lr=0.05).record()
+    content = RecordDict({"arrays": model_payload(model, payload_layout(cfg, model)), "config": config})
+    context = Context(1, 7, {"data-dir": str(node_data)}, RecordDict(), cfg.to_flower())
+    return train(Message(content, dst_node_id=7, message_type=MessageType.TRAIN), context)
+
+
+def test_a_device_trains_on_all_its_own_images_and_refuses_other_classes_or_another_fedcsg(tmp_path: Path) -> None:
+    """In this process: a node config with a data-dir and no partition trains on every image of that
+    folder's train split; a folder of other classes or channels, or a server on another fedcsg
+    version, is refused in one line before training."""
+    from fedcsg.fl.client_app import DataMismatch, VersionMismatch, node_partition
+
+    cfg = RunConfig(**DEVICE_RUN, data_dir=str(write_shapes(tmp_path / "server", 2, 2, seed=3)))
+    own = write_shapes(tmp_path / "own", 5, 1, seed=1)
+    metrics = _device_train(cfg, own).content["metrics"]
+    assert metrics["num-examples"] == 3 * 5 and "partition-id" not in metrics
+    with pytest.raises(ValueError, match=r"^node config \{'partition-id': 0\} is not accepted: accepted are data-dir"):
+        node_partition(Context(1, 7, {"partition-id": 0}, RecordDict(), {}))
+    other = cfg.replace(fedcsg_version="0.0.1")
+    with pytest.raises(VersionMismatch) as version:
+        _device_train(other, own)
+    assert str(version.value) == (
+        f"fedcsg version mismatch: this node runs fedcsg {fedcsg_version()}, the server fedcsg 0.0.1; "
+        "install fedcsg 0.0.1 on this node"
+    )
+    two = shutil.copytree(own, tmp_path / "two-classes")
+    for split in ("train", "test"):
+        shutil.rmtree(two / split / "triangle")
+    with pytest.raises(DataMismatch) as classes:
+        _device_train(cfg, two)
+    text = str(classes.value)
+    assert "\n" not in text and text.startswith(f"this node's data-dir {str(two)!r} holds 2 classes of 3-channel")
+    assert text.endswith("accepted are images of the run's classes and channels")
+    gray = shutil.copytree(own, tmp_path / "gray")
+    for path in gray.rglob("*.*"):
+        Image.open(path).convert("L").save(path)
+    with pytest.raises(DataMismatch, match=f"^this node's data-dir {str(gray)!r} holds 3 classes of 1-channel images"):
+        _device_train(cfg, gray)
+
+
+def test_deploy_up_gives_each_supernode_its_own_data(tmp_path: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--node-data DIR1,DIR2`: one SuperNode per folder, each with that data-dir and no partition;
+    a count that differs from --nodes, or a missing folder, is one line, exit 2."""
+    import fedcsg.deploy.federation
+
+    plans: list[FederationPlan] = []
+
+    def refuse(plan: FederationPlan, **_: object) -> Federation:
+        plans.append(plan)
+        raise RuntimeError("not starting processes in this test")
+
+    monkeypatch.setattr(fedcsg.deploy.federation, "start_federation", refuse)
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for folder in folders:
+        folder.mkdir()
+    up = ["deploy", "up", "--dir", str(tmp_path / "f"), "--node-data", f"{folders[0]},{folders[1]}"]
+    with pytest.raises(RuntimeError, match="not starting"):
+        _cli(up)
+    assert plans[0].nodes == 2 and plans[0].node_data == tuple(map(str, folders))
+    node = supernode_command("127.0.0.1:9999", None, 2, 9100, None, None, data_dir=folders[1])
+    assert node[node.index("--node-config") + 1] == f'data-dir="{folders[1]}"'
+    code, _, err = cli(*up, "--nodes", "3")
+    assert code == 2 and err.count("\n") == 1
+    assert f"node data {folders[0]}, {folders[1]} names 2 folder(s) for 3 SuperNode(s)" in err
+    code, _, err = cli("deploy", "up", "--dir", str(tmp_path / "f"), "--node-data", f"{folders[0]},{tmp_path / 'c'}")
+    assert code == 2 and f"node data folder {str(tmp_path / 'c')!r} does not exist" in err
 
 
 # ------------------------------------------------------------------------------ relay, processes

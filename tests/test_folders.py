@@ -25,14 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "own-model"
 
 
-def write_shapes(root: Path, train_per_class: int, test_per_class: int) -> Path:
+def write_shapes(root: Path, train_per_class: int, test_per_class: int, seed: int = 0) -> Path:
     """The example's ImageFolder (examples/own-model/make_images.py): 3 classes, PNG and JPEG files of
-    24 to 64 pixels a side."""
+    24 to 64 pixels a side, drawn from ``seed``."""
     spec = importlib.util.spec_from_file_location("make_images", EXAMPLE / "make_images.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.write_shapes(root, train_per_class, test_per_class)
+    return module.write_shapes(root, train_per_class, test_per_class, seed)
 
 
 def _run(folder: Path, **changes: object) -> RunConfig:

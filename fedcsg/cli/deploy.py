@@ -59,8 +59,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     up = actions.add_parser("up", help="start a SuperLink and N SuperNodes on this machine (TLS + node auth)")
     up.add_argument("--dir", required=True, help="working directory: certs/, keys/, logs/, federation.json")
-    up.add_argument("--nodes", type=positive_int, default=2, help=f"SuperNodes (default 2, at most {MAX_NODES:,})")
+    up.add_argument(
+        "--nodes", type=positive_int, help=f"SuperNodes (default 2, or one per --node-data DIR; at most {MAX_NODES:,})"
+    )
     up.add_argument("--data-dir", help="the SuperNodes' data-dir node config (default: $FEDCSG_DATA_DIR)")
+    up.add_argument(
+        "--node-data",
+        type=lambda text: tuple(part.strip() for part in text.split(",") if part.strip()),
+        default=(),
+        metavar="DIR1,DIR2,...",
+        help="each SuperNode's own data (ImageFolder or parquet folder), one per node: it trains on all of it, "
+        "no partitions",
+    )
     up.add_argument("--host", default="127.0.0.1", help="SuperLink host (default 127.0.0.1)")
     up.add_argument("--port", type=port, default=0, help="SuperLink port (default: a free one)")
     up.add_argument("--connection", default="fedcsg-deploy", help="flwr connection name (flwr run . NAME)")
@@ -150,10 +160,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or os.environ.get("FEDCSG_DATA_DIR")
     if data_dir and not Path(data_dir).is_dir():
         raise FileNotFoundError(f"data directory {data_dir!r} does not exist")
+    nodes = args.nodes or len(args.node_data) or 2
     plan = FederationPlan(
         directory=args.dir,
-        nodes=args.nodes,
+        nodes=nodes,
         data_dir=data_dir,
+        node_data=args.node_data,
         host=args.host,
         port=args.port,
         connection=args.connection,
@@ -162,12 +174,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     )
     federation = start_federation(plan)
     try:
-        wait_for_nodes(federation, args.nodes, timeout=args.wait)
+        wait_for_nodes(federation, nodes, timeout=args.wait)
     except BaseException:
         federation.stop()
         raise
     security = "TLS + SuperNode authentication" if federation.secure else "INSECURE (no TLS, no node auth)"
-    print(f"SuperLink {federation.address} ({security}); {args.nodes} SuperNode(s) online")
+    print(f"SuperLink {federation.address} ({security}); {nodes} SuperNode(s) online")
     for record in federation.processes:
         print(f"  {record.role:<12} pid {record.pid:<8} log {record.log}")
     print(f"state: {federation.state_path}")

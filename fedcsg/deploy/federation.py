@@ -128,9 +128,13 @@ class FederationPlan:
     directory
         Working directory: ``certs/``, ``keys/``, ``logs/``, ``state.db``, ``federation.json``.
     nodes
-        Number of SuperNodes; node ``i`` gets ``partition-id=i num-partitions=nodes``.
+        Number of SuperNodes; node ``i`` gets ``partition-id=i num-partitions=nodes`` (unless ``node_data``).
     data_dir
         The SuperNodes' ``data-dir`` node config (None: the ClientApp's $FEDCSG_DATA_DIR / run config).
+    node_data
+        Each SuperNode's own data, one folder per node (``nodes`` of them): node ``i`` gets
+        ``data-dir`` ``node_data[i]`` and no partition, and trains on all of that folder; () = partitions
+        of ``data_dir``.
     host, port
         Where the SuperLink listens (port 0: a free one).
     connection
@@ -154,6 +158,7 @@ class FederationPlan:
     directory: str | Path
     nodes: int = 2
     data_dir: str | Path | None = None
+    node_data: tuple[str | Path, ...] = ()
     host: str = "127.0.0.1"
     port: int = 0
     connection: str = "fedcsg-deploy"
@@ -163,6 +168,16 @@ class FederationPlan:
     register: bool = True
     runtime_tls: bool = True
     env: Mapping[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.node_data and len(self.node_data) != self.nodes:
+            raise ValueError(
+                f"node data {', '.join(map(str, self.node_data))} names {len(self.node_data)} folder(s) for "
+                f"{self.nodes} SuperNode(s); accepted is one folder per SuperNode"
+            )
+        missing = [str(d) for d in self.node_data if not Path(d).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"node data folder {missing[0]!r} does not exist or is not a directory")
 
 
 def ensure_credentials(directory: str | Path, nodes: int, hosts: Sequence[str]) -> tuple[TlsFiles, list[NodeKey]]:
@@ -230,12 +245,12 @@ def start_federation(plan: FederationPlan, startup_timeout: float = 60.0) -> Fed
                 runtime_tls = (*tls.node_certs[i], tls.ca_cert)
             command = supernode_command(
                 federation.fleet_address,
-                i,
+                i if not plan.node_data else None,
                 plan.nodes,
                 free_port(),
                 None if tls is None else tls.ca_cert,
                 None if tls is None else keys[i].private,
-                data_dir=plan.data_dir,
+                data_dir=plan.node_data[i] if plan.node_data else plan.data_dir,
                 runtime_tls=runtime_tls,
             )
             process, record = start_process(f"supernode-{i}", command, directory / "logs" / f"supernode-{i}.log", env)

@@ -126,15 +126,17 @@ def superlink_command(
     return [*command, "--enable-supernode-auth"] if enable_supernode_auth else command
 
 
-def node_config_text(partition_id: int, num_partitions: int, data_dir: str | Path | None = None) -> str:
-    """The ``--node-config`` string the fedcsg ClientApp reads."""
-    text = f"partition-id={partition_id} num-partitions={num_partitions}"
-    return text + (f' data-dir="{Path(data_dir).resolve()}"' if data_dir else "")
+def node_config_text(partition_id: int | None, num_partitions: int, data_dir: str | Path | None = None) -> str:
+    """The ``--node-config`` string the fedcsg ClientApp reads; ``partition_id`` None: a device that
+    trains on all of its own ``data_dir`` (no partition numbers)."""
+    parts = [] if partition_id is None else [f"partition-id={partition_id} num-partitions={num_partitions}"]
+    parts += [f'data-dir="{Path(data_dir).resolve()}"'] if data_dir else []
+    return " ".join(parts)
 
 
 def supernode_command(
     superlink: str,
-    partition_id: int,
+    partition_id: int | None,
     num_partitions: int,
     runtime_port: int,
     root_certificates: str | Path | None,
@@ -143,7 +145,8 @@ def supernode_command(
     runtime_tls: tuple[str | Path, str | Path, str | Path] | None = None,
     max_wait_time: float | None = None,
 ) -> list[str]:
-    """``flower-supernode`` arguments for partition ``partition_id`` of ``num_partitions``.
+    """``flower-supernode`` arguments for partition ``partition_id`` of ``num_partitions`` (None: a
+    device that trains on all of its own ``data_dir``).
 
     Parameters
     ----------

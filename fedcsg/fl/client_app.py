@@ -2,7 +2,11 @@
 
 The same app runs in simulation (Flower's simulation engine on Ray) and on real SuperNodes: the
 partition comes from the node config (``partition-id``, ``num-partitions``), the data location
-from the node config's ``data-dir`` when given, else from the run config or $FEDCSG_DATA_DIR.
+from the node config's ``data-dir`` when given, else from the run config or $FEDCSG_DATA_DIR. A
+node whose config names a ``data-dir`` and no partition trains on all of that folder's train split,
+its own data (a device); a model its data does not fit (other classes or channels) is refused in
+one line. A node whose installed fedcsg is not the server's (the run config's ``fedcsg-version``,
+from the app bundle's pyproject) refuses to train, in one line naming both.
 It only trains: evaluation is server-side, on the test split (the strategy sends no evaluate
 messages). An arm with a codec (``csg+int8``) replies with its encoded update
 (:class:`~fedcsg.wire.uplink.Uplink`); a codec with error feedback keeps the part it did not send
@@ -25,11 +29,11 @@ from torch import nn
 
 from fedcsg.fl.privacy import client_mod, on_floating_entries
 from fedcsg.fl.ray_cluster import PLACEMENT, hide_gpus_without_share, placement_record
-from fedcsg.fl.task import build_arm_model, client_data, local_train, payload_layout, round_layout
+from fedcsg.fl.task import build_arm_model, client_data, local_data, local_train, payload_layout, round_layout
 from fedcsg.nn.determinism import set_deterministic
 from fedcsg.nn.devices import describe
 from fedcsg.nn.training import get_device
-from fedcsg.spec.config import RunConfig
+from fedcsg.spec.config import INSTALLED_VERSION, RunConfig
 from fedcsg.wire.downlink import Downlink, receive
 from fedcsg.wire.handoff import received_handoff
 from fedcsg.wire.messages import ARRAYS, CONFIG, METRICS, PARTITION_ID, TrainInstruction, TrainReply
@@ -60,6 +64,54 @@ def _model_and_layout(cfg: RunConfig) -> tuple[nn.Module, PayloadLayout, nn.Modu
 
 class InjectedFault(RuntimeError):
     """The failure ``fault-probability`` injects into a client's round."""
+
+
+class VersionMismatch(RuntimeError):
+    """This node's fedcsg is not the version the server runs."""
+
+
+class DataMismatch(ValueError):
+    """A device's own data does not fit the run's model (other classes or image channels)."""
+
+
+def check_version(cfg: RunConfig, installed: str = INSTALLED_VERSION) -> None:
+    """Refuse a run whose server runs another fedcsg than this node (``installed``): the app bundle
+    carries no code, so each node runs the fedcsg installed on it.
+
+    Raises
+    ------
+    VersionMismatch
+        One line naming both versions.
+    """
+    if cfg.fedcsg_version != installed:
+        raise VersionMismatch(
+            f"fedcsg version mismatch: this node runs fedcsg {installed}, the server fedcsg {cfg.fedcsg_version}; "
+            f"install fedcsg {cfg.fedcsg_version} on this node"
+        )
+
+
+def node_partition(context: Context) -> tuple[int, int] | None:
+    """This node's ``(partition-id, num-partitions)``, or None for a device with its own data: a node
+    config with a ``data-dir`` and no ``partition-id``."""
+    config = context.node_config
+    if PARTITION_ID in config and "num-partitions" in config:
+        return int(config[PARTITION_ID]), int(config["num-partitions"])
+    if PARTITION_ID not in config and config.get("data-dir"):
+        return None
+    raise ValueError(
+        f"node config {dict(config)!r} is not accepted: accepted are data-dir (a device's own data) or "
+        "partition-id and num-partitions"
+    )
+
+
+def data_mismatch(cfg: RunConfig, error: Exception) -> DataMismatch:
+    """The one-line refusal of a device whose own data (``cfg``'s, the node's ``data-dir``) built a
+    model the run's payload does not fit (``error``)."""
+    spec = cfg.dataset_spec()
+    return DataMismatch(
+        f"this node's data-dir {cfg.data_dir!r} holds {spec.num_classes} classes of {spec.in_channels}-channel "
+        f"images, which the run's model does not fit ({error}); accepted are images of the run's classes and channels"
+    )
 
 
 def injected_fault(seed: int, server_round: int, partition_id: int, probability: float, attempt: int = 0) -> bool:
@@ -117,12 +169,15 @@ def train(msg: Message, context: Context) -> Message:
     assert isinstance(config, ConfigRecord)
     instruction = TrainInstruction.of_record(config)
     cfg = client_config(context, instruction)
-    partition_id = int(context.node_config[PARTITION_ID])
-    num_partitions = int(context.node_config["num-partitions"])
+    check_version(cfg)
+    partition = node_partition(context)
+    # A device with its own data draws its faults, shuffles and codec noise from its node id.
+    partition_id = context.node_id % 2**31 if partition is None else partition[0]
     server_round, attempt = instruction.server_round, instruction.attempt
     if injected_fault(cfg.seed, server_round, partition_id, cfg.fault_probability, attempt):
+        client = f"node {context.node_id}" if partition is None else f"partition {partition_id}"
         raise InjectedFault(
-            f"injected fault: partition {partition_id}, round {server_round}, attempt {attempt} "
+            f"injected fault: {client}, round {server_round}, attempt {attempt} "
             f"(fault-probability = {cfg.fault_probability})"
         )
     hide_gpus_without_share(cfg)  # before CUDA starts in this process
@@ -136,11 +191,17 @@ def train(msg: Message, context: Context) -> Message:
     held = received_handoff(msg.content, instruction.handoff_hash, context.state, run)
     if held is not None:
         load_entries(model, held, whole.subset(layout.held))
-    received = receive(Downlink.of_config(cfg, layout), msg.content[ARRAYS], instruction.downlink, context.state, run)
-    load_payload(model, received, layout)
+    downlink = Downlink.of_config(cfg, layout)
+    try:
+        received = receive(downlink, msg.content[ARRAYS], instruction.downlink, context.state, run)
+        load_payload(model, received, layout)
+    except ValueError as error:
+        if partition is None:  # the model was built from the node's own data: its classes or channels
+            raise data_mismatch(cfg, error) from None
+        raise
     stats = local_train(
         model,
-        client_data(cfg, partition_id, num_partitions),
+        local_data(cfg) if partition is None else client_data(cfg, *partition),
         cfg,
         lr=instruction.lr,
         epochs=instruction.local_epochs,
@@ -156,7 +217,7 @@ def train(msg: Message, context: Context) -> Message:
         train_loss=stats.loss,
         train_accuracy=stats.accuracy,
         train_seconds=stats.seconds,
-        partition_id=partition_id,
+        partition_id=None if partition is None else partition_id,
         downlink_version=instruction.downlink.version if instruction.downlink else None,
         handoff_hash=instruction.handoff_hash if held is not None else None,
     ).record()

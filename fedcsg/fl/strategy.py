@@ -171,7 +171,7 @@ class CSGFedAvg(FedAvg):
         self.traffic: dict[int, RoundRecord] = {}
         self.train_metrics: dict[int, MetricRecord] = {}
         self.global_arrays: ArrayRecord | None = None  # the global payload as this round's clients received it
-        self.partition_of: dict[int, int] = {}  # node id -> partition id, as the nodes report it
+        self.partition_of: dict[int, int | None] = {}  # node id -> partition id, as the nodes report it
         self._sent: dict[int, list[int]] = {}  # node ids of the current attempt of a round
 
     # -- state -----------------------------------------------------------------------------
@@ -329,9 +329,8 @@ class CSGFedAvg(FedAvg):
             # run; only replies with content are counted.
             traffic.wire_up += accounted_wire_bytes(reply)
             traffic.payload_up += sum(payload_bytes(r) for r in reply.content.array_records.values())
-            reported = _reported_partition(reply)
-            if reported is not None:
-                self.partition_of[node] = reported
+            if reply_metrics(reply) is not None:  # its partition, or none: a device that trains on its own data
+                self.partition_of[node] = _reported_partition(reply)
             partition = self._partition(node)
             decoded, problem = checked_reply(reply, self.uplink, self.global_arrays, self.max_update_norm)
             if decoded is None:
@@ -349,6 +348,9 @@ class CSGFedAvg(FedAvg):
                     problem,
                 )
                 continue
+            if partition is None:  # a device with its own data: the log says what it trained on
+                examples = reply_metrics(reply)[WEIGHT_KEY]  # type: ignore[index]  # checked_reply checked it
+                log(INFO, "round %d: node %d trained on its own data: %s examples", server_round, node, examples)
             # Sorted by partition below, so that float sums run in the same order in every run.
             accepted.append(((math.inf if partition is None else partition, node), reply, decoded))
         arrays = self._average(server_round, accepted) if len(accepted) >= self.min_replies else None

@@ -111,6 +111,17 @@ def client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> Image
 
 
 @functools.lru_cache(maxsize=2)
+def _local_data(data: DataSettings) -> ImageData:
+    return load_split(data.dataset, "train", seed=data.seed, image_size=data.image_size, **data.source)
+
+
+def local_data(cfg: RunConfig) -> ImageData:
+    """A device's own train data: the whole train split of the node's ``data-dir`` (no partitions,
+    no ``train-limit``), at the run's ``image-size``."""
+    return _local_data(cfg.data_settings)
+
+
+@functools.lru_cache(maxsize=2)
 def _test_data(data: DataSettings) -> ImageData:
     limit = data.test_limit or None
     return load_split(data.dataset, "test", limit=limit, seed=data.seed, image_size=data.image_size, **data.source)

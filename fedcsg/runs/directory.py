@@ -23,9 +23,8 @@ from fedcsg.runs.layout import (
     seed_dirs_in,
     shown_differences,
 )
-from fedcsg.runs.records import fedcsg_version
 from fedcsg.spec.arms import arm_of_stem
-from fedcsg.spec.config import PLACEMENT_KEYS, RunConfig, with_added_settings
+from fedcsg.spec.config import PLACEMENT_KEYS, RunConfig, fedcsg_version, with_added_settings
 from fedcsg.spec.experiments import load_experiment
 from fedcsg.wire.payload import PayloadLayout
 

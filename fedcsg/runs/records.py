@@ -24,6 +24,7 @@ from fedcsg.io import atomic_write_text, check_schema, read_json_object, strict_
 from fedcsg.runs.layout import arm_record_path
 from fedcsg.spec.arms import file_stem
 from fedcsg.spec.checks import shown
+from fedcsg.spec.config import fedcsg_version
 
 BYTE_FIELDS = ("payload_up", "payload_down", "wire_up", "wire_down")
 
@@ -201,16 +202,6 @@ def read_arm_record(path: Path) -> dict[str, Any]:
     if arm is not None and (not isinstance(arm, str) or file_stem(arm) != path.stem):
         raise ValueError(f"{where} is not a fedcsg record of arm {path.stem!r}: it records arm {shown(arm)}")
     return document
-
-
-def fedcsg_version() -> str:
-    """The installed fedcsg's version (its package metadata)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("fedcsg")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def versions() -> dict[str, str]:

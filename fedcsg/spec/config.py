@@ -11,6 +11,7 @@ import importlib.util
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from fedcsg.data.folders import FolderSettings, image_size_of
@@ -32,6 +33,17 @@ from fedcsg.spec.checks import check_ray_address, check_seed, coerce, kebab, nam
 from fedcsg.spec.codecs import Codec, codec_type
 from fedcsg.spec.resources import DEFAULT_CLIENTS_PER_GPU, SERVER_DEVICES, check_client_num_gpus
 from fedcsg.spec.settings import DataSettings, ModelSettings
+
+
+def fedcsg_version() -> str:
+    """The installed fedcsg's version (its package metadata)."""
+    try:
+        return version("fedcsg")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+INSTALLED_VERSION = fedcsg_version()
 
 DATASETS = (*DATASET_SPECS, *FOLDER_SETS)
 DEVICES = ("auto", "cpu", "cuda")
@@ -191,6 +203,7 @@ class RunConfig:
     server_beta2: float = 0.99  # fedadam, fedyogi
     server_tau: float = 1e-3  # fedadam, fedyogi
     # Run
+    fedcsg_version: str = INSTALLED_VERSION  # the server's fedcsg; a node with another version refuses to train
     seed: int = 0
     seeds: str = ""  # fedcsg run/compare: comma-separated seeds, one run of every arm per seed; "" = `seed` alone
     payload_packing: str = "flat"

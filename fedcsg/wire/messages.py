@@ -145,14 +145,15 @@ class TrainInstruction:
 @dataclass(frozen=True)
 class TrainReply:
     """A client's train metrics, the reply's metric record: its examples (the aggregation weight),
-    the last epoch's loss and accuracy, the seconds it trained, its partition, and what it now holds:
-    a delta downlink's x̂ version and the hash of the handed-off arrays (None: nothing)."""
+    the last epoch's loss and accuracy, the seconds it trained, its partition (None: a device that
+    trains on its own data), and what it now holds: a delta downlink's x̂ version and the hash of the
+    handed-off arrays (None: nothing)."""
 
     num_examples: int
     train_loss: float
     train_accuracy: float
     train_seconds: float
-    partition_id: int
+    partition_id: int | None
     downlink_version: int | None = None
     handoff_hash: int | None = None
 
@@ -164,7 +165,7 @@ class TrainReply:
                 TRAIN_LOSS: self.train_loss,
                 TRAIN_ACCURACY: self.train_accuracy,
                 TRAIN_SECONDS: self.train_seconds,
-                PARTITION_ID: self.partition_id,
+                **({PARTITION_ID: self.partition_id} if self.partition_id is not None else {}),
                 **({DOWNLINK_VERSION: self.downlink_version} if self.downlink_version is not None else {}),
                 **({HANDOFF_HASH: self.handoff_hash} if self.handoff_hash is not None else {}),
             }
