@@ -222,6 +222,24 @@ def test_differences_between_configs_are_setting_names_with_the_absent_ones_apar
     assert differing_settings(identity, RunConfig(lr=0.05).to_flower()) == []
 
 
+def test_a_resumed_run_goes_on_under_the_installed_fedcsg(tmp_path: Path) -> None:
+    """`fedcsg-version` (what nodes are checked against) is not what a run computes: a run recorded
+    under another fedcsg, or before the setting existed, resumes under the fedcsg installed now."""
+    from fedcsg.runs.directory import resume_config
+    from fedcsg.spec.config import fedcsg_version
+
+    for recorded in ("0.0.9", None):
+        _write_arm(tmp_path, "csg", [0.1, 0.2])
+        record = tmp_path / "arms" / "csg.json"
+        document = json.loads(record.read_text())
+        if recorded is None:
+            del document["config"]["fedcsg-version"]
+        else:
+            document["config"]["fedcsg-version"] = recorded
+        record.write_text(json.dumps(document))
+        assert resume_config(tmp_path).fedcsg_version == fedcsg_version()
+
+
 def test_a_run_of_a_fedcsg_that_only_lacked_added_settings_resumes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

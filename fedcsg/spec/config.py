@@ -65,9 +65,11 @@ CLIENT_DP_MODES = ("client-fixed", "local")  # a Flower mod on the client clips 
 # Keys that say where or how a run is carried out, not what it computes: a resumed run may differ in them
 # (a run started on CPUs may go on on GPUs). `seeds` only says how many runs to make; each run's own `seed`
 # is part of its identity.
-# PLACEMENT_KEYS say where it computes on the machine it runs on: a resumed run takes them from its
-# --config/--set or the defaults, not from the run it continues.
-PLACEMENT_KEYS = ("device", "server-device", "client-num-gpus", "clients-per-gpu")
+# PLACEMENT_KEYS say where it computes on the machine it runs on, and `fedcsg-version` with what: a
+# resumed run takes them from its --config/--set or the defaults (this installation), not from the run it
+# continues (a run started under fedcsg 0.1.0 goes on under the fedcsg installed now, its nodes checked
+# against that).
+PLACEMENT_KEYS = ("device", "server-device", "client-num-gpus", "clients-per-gpu", "fedcsg-version")
 # tracker -> the module it needs (fedcsg.runs.tracking)
 TRACKERS: dict[str, str] = {"none": "", "tensorboard": "tensorboard", "mlflow": "mlflow"}
 NOT_IDENTITY_KEYS = (
