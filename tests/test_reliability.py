@@ -36,6 +36,7 @@ from fedcsg.fl.strategy import CSGFedAvg, sample_positions
 from fedcsg.fl.task import build_arm_model, payload_layout
 from fedcsg.fl.traffic import accounted_wire_bytes
 from fedcsg.runs.checkpoint import (
+    config_hash,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -641,6 +642,31 @@ def test_truncated_checkpoint_is_refused_on_resume(
     weights = weights_path(out, "csg", 0)
     weights.write_bytes(weights.read_bytes()[:1000])
     _one_line_exit_2(["run", "--resume", str(out)], "are truncated or damaged: 1000 bytes", out, capsys)
+
+
+def test_a_checkpoint_of_a_fedcsg_that_only_lacked_added_settings_resumes(tmp_path: Path) -> None:
+    """A checkpoint written by a fedcsg that lacked settings added since (ADDED_SETTINGS: their recorded
+    meaning is the old behaviour), its config and identity hash as that fedcsg wrote them, is the same run
+    for the fedcsg installed now: its progress reads back; a config that differs in a setting is refused."""
+    from fedcsg.runs.directory import arm_progress
+    from fedcsg.spec.config import ADDED_SETTINGS
+
+    out = tmp_path / "run"
+    cfg, arrays = _checkpointed(out, last_round=1)
+    state = json.loads(state_path(out, "csg").read_text())
+    added = [k for k, old in ADDED_SETTINGS.items() if state["config"].get(k) == old]  # at their old behaviour
+    assert {"dp", "freeze-generator-after", "image-column"} <= set(added)
+    state["config"] = {k: v for k, v in state["config"].items() if k not in added}
+    older = {k: v for k, v in cfg.identity().items() if k not in added}
+    state["config_hash"] = config_hash(older)
+    state_path(out, "csg").write_text(json.dumps(state))
+
+    def layout_of(arm_cfg: RunConfig) -> PayloadLayout:
+        return payload_layout(arm_cfg, build_arm_model(arm_cfg))
+
+    assert arm_progress(out, cfg, "csg", layout_of) == 1
+    with pytest.raises(ValueError, match=r"was written under another config \(lr differ\): accepted is --overwrite"):
+        arm_progress(out, cfg.replace(lr=cfg.lr * 2), "csg", layout_of)
 
 
 # -- end to end through Ray, in subprocesses ----------------------------------------------------

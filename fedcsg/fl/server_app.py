@@ -29,7 +29,7 @@ from fedcsg.nn.determinism import set_deterministic
 from fedcsg.nn.devices import describe
 from fedcsg.nn.params import count_parameters
 from fedcsg.nn.training import get_device, set_seed
-from fedcsg.runs.checkpoint import Checkpoint, config_hash, load_checkpoint, save_checkpoint, set_rng_state
+from fedcsg.runs.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from fedcsg.runs.layout import model_file_path
 from fedcsg.runs.model_file import save_global_model
 from fedcsg.runs.records import ArmRecorder, check_trained
@@ -144,8 +144,8 @@ def resumable_checkpoint(cfg: RunConfig, out_dir: Path, layout: PayloadLayout) -
     """The checkpoint to continue from: None unless ``cfg.resume`` and ``out_dir`` holds one of this arm,
     which must have been written under ``cfg``'s identity (ValueError otherwise)."""
     checkpoint = load_checkpoint(out_dir, cfg.arm, layout) if cfg.resume else None
-    if checkpoint is not None and checkpoint.config_hash != config_hash(cfg.identity()):
-        raise ValueError(f"the checkpoint of arm {cfg.arm!r} in {str(out_dir)!r} was written under another config")
+    if checkpoint is not None:
+        checkpoint.check_written_under(cfg.identity(), out_dir)
     return checkpoint
 
 

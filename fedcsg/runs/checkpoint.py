@@ -31,7 +31,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from fedcsg.io import DIGEST_KEY, atomic_write_bytes, atomic_write_text, check_schema, strict_json, tensors_digest
-from fedcsg.runs.layout import STATE_DIR, in_state_dir, state_path, weights_path
+from fedcsg.runs.layout import STATE_DIR, in_state_dir, shown_differences, state_path, weights_path
 from fedcsg.runs.records import ROUND_SCHEMA
 from fedcsg.spec.arms import file_stem
 from fedcsg.wire.payload import PayloadLayout, check_record
@@ -69,6 +69,19 @@ class Checkpoint:
     resumed_from: list[int]
     weights_path: Path
     downlink_arrays: ArrayRecord | None = None  # a delta downlink's x̂
+
+    def check_written_under(self, identity: dict[str, Any], where: Path) -> None:
+        """Refuse in one line a checkpoint written under another config than ``identity``: its recorded
+        config's identity, a setting an older fedcsg did not have read at its old behaviour
+        (:func:`~fedcsg.runs.layout.differing_settings`), so that a fedcsg that only added settings resumes
+        it. (``config_hash`` is the identity's hash as the writing fedcsg defined it: across versions
+        that added settings it differs although the run is the same.)"""
+        differing = shown_differences(identity, self.config)
+        if differing:
+            raise ValueError(
+                f"the checkpoint of arm {self.arm!r} in {str(where)!r} was written under another config "
+                f"({differing} differ): accepted is --overwrite or another --out"
+            )
 
 
 def config_hash(identity: dict[str, Any]) -> str:

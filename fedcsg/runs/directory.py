@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcsg.io import read_json_object, writable_dir
-from fedcsg.runs.checkpoint import config_hash, load_checkpoint, read_state
+from fedcsg.runs.checkpoint import load_checkpoint, read_state
 from fedcsg.runs.layout import (
     ARMS_DIR,
     REPORT_FILES,
@@ -175,11 +175,7 @@ def arm_progress(
     if read_state(out_dir, arm) is not None:
         checkpoint = load_checkpoint(out_dir, arm, layout_of(arm_cfg))
         assert checkpoint is not None
-        if checkpoint.config_hash != config_hash(arm_cfg.identity()):
-            raise ValueError(
-                f"the checkpoint of arm {arm!r} in {str(out_dir)!r} was written under another config: "
-                "accepted is --overwrite or another --out"
-            )
+        checkpoint.check_written_under(arm_cfg.identity(), out_dir)
         return checkpoint.round
     record = arm_record_path(out_dir, arm)
     if not record.is_file():
