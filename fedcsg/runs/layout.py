@@ -121,8 +121,10 @@ def absent_settings(identity: Mapping[str, Any], recorded: Mapping[str, Any]) ->
 
 def shown_differences(identity: Mapping[str, Any], recorded: Mapping[str, Any], limit: int = 5) -> str:
     """The first ``limit`` :func:`differing_settings` for a message, an absent one marked as such."""
-    absent = set(absent_settings(identity, recorded))
+    from fedcsg.spec.config import identity_of
+
+    theirs = identity_of(recorded)
     return ", ".join(
-        f"{k} (absent: an older fedcsg wrote it)" if k in absent else k
+        k if k in theirs else f"{k} (absent: an older fedcsg wrote it)"
         for k in differing_settings(identity, recorded)[:limit]
     )
