@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from fedcsg.data import partitions
-from fedcsg.fl import task
-from fedcsg.fl.task import partition_rows
+from fedcsg.fl import run_data
+from fedcsg.fl.run_data import partition_rows
 from fedcsg.spec.config import RunConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def test_the_client_trains_a_round_without_flwr_datasets_matplotlib_or_torchvisi
     cold = _client_round(cfg, tmp_path / "cold", data_dir)
     monkeypatch.setenv("FEDCSG_CACHE_DIR", str(tmp_path / "warm"))
     partitions._all_partitions.cache_clear()  # computed here, not found in this process's memory
-    task._partition_rows.cache_clear()
+    run_data._partition_rows.cache_clear()
     partition_rows(cfg, 0, cfg.num_clients)  # what the process that starts a run does
     warm = _client_round(cfg, tmp_path / "warm", data_dir)
     print(f"client round, csg resnet20: peak RSS {cold['peak_rss_mib']:.0f} MiB computing its partition, ", end="")

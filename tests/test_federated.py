@@ -13,8 +13,9 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from fedcsg.cli import main
+from fedcsg.fl.run_data import partition_rows
 from fedcsg.fl.strategy import CSGFedAvg
-from fedcsg.fl.task import build_arm_model, partition_rows, payload_layout
+from fedcsg.fl.task import build_arm_model, payload_layout
 from fedcsg.fl.traffic import accounted_wire_bytes, payload_bytes, round_messages, train_replies, wire_bytes
 from fedcsg.nn.csg import csg_layers, generators
 from fedcsg.spec.arms import check_arm, model_part, two_way_arms

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from fedcsg.data.readers import dataset_spec, load_labels, load_split
-from fedcsg.fl import task
+from fedcsg.fl import run_data, task
 from fedcsg.spec.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,15 +59,15 @@ def test_an_image_folder_of_png_and_jpeg_of_several_sizes_is_partitioned_trained
     settings = cfg.model_settings("csg")
     assert (settings.num_classes, settings.in_channels) == (3, 3)
     # Partitioned: two clients, disjoint, every train image once.
-    rows = [task.partition_rows(cfg, i, 2) for i in range(2)]
+    rows = [run_data.partition_rows(cfg, i, 2) for i in range(2)]
     assert sorted(np.concatenate(rows).tolist()) == list(range(18)) and all(len(r) == 9 for r in rows)
     # Trained and evaluated as a registry set is.
     model = task.build_arm_model(cfg, "csg")
-    data = task.client_data(cfg, 0, 2)
+    data = run_data.client_data(cfg, 0, 2)
     assert tuple(data.images.shape) == (9, 3, 16, 16) and data.spec == spec
     stats = task.local_train(model, data, cfg, lr=0.05, epochs=1, batch_size=8, seed=0, device=torch.device("cpu"))
     assert stats.num_examples == 9 and np.isfinite(stats.loss)
-    evaluated = task.evaluate_model(model, task.test_data(cfg), cfg, torch.device("cpu"))
+    evaluated = task.evaluate_model(model, run_data.test_data(cfg), cfg, torch.device("cpu"))
     assert evaluated.num_examples == 9 and np.isfinite(evaluated.loss)
     assert model(torch.zeros(1, 3, 16, 16)).shape == (1, 3)
 
@@ -87,7 +87,7 @@ def test_a_train_split_alone_is_cut_by_test_fraction_and_grayscale_images_give_o
     assert (len(train), len(test)) == (6, 4)
     # A seeded cut (seed 0, whatever the run's seed), the same every time.
     assert test.tolist() == load_labels("imagefolder", "test", **cfg.replace(seed=7).data_settings.source).tolist()
-    assert tuple(task.test_data(cfg).images.shape) == (4, 1, 8, 8)
+    assert tuple(run_data.test_data(cfg).images.shape) == (4, 1, 8, 8)
     # A registry model takes the found class count and channels as a model of the user's does.
     resnet = task.build_arm_model(cfg.replace(model="resnet20", slice="12x12x3x3", code_dim=72), "csg").eval()
     assert resnet.conv1.in_channels == 1 and resnet(torch.zeros(2, 1, 8, 8)).shape == (2, 2)

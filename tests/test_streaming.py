@@ -14,7 +14,8 @@ from fedcsg.data.hf_parquet import classification_image
 from fedcsg.data.readers import ImageData
 from fedcsg.data.registry import get_spec, resolve_source, sized_spec
 from fedcsg.data.streaming import StreamedSplit
-from fedcsg.fl.task import client_data, local_train
+from fedcsg.fl.run_data import client_data
+from fedcsg.fl.task import local_train
 from fedcsg.spec.config import RunConfig
 
 from .test_hf_registry import imagenet_dir, voc_dir  # noqa: F401 - fixtures

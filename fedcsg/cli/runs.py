@@ -72,7 +72,7 @@ def preflight(cfg: RunConfig, arms: list[str]) -> tuple[RunConfig, float]:
     from fedcsg.data.readers import check_images, load_labels
     from fedcsg.fl.privacy import check_accounting
     from fedcsg.fl.ray_cluster import most_on_a_node, ray_nodes, resolve_resources
-    from fedcsg.fl.task import data_problem
+    from fedcsg.fl.run_data import data_problem
 
     where = cfg.data_settings.source
     sizes = [len(load_labels(cfg.dataset, split, **where)) for split in ("train", "test")]

@@ -29,7 +29,8 @@ from torch import nn
 
 from fedcsg.fl.privacy import client_mod, on_floating_entries
 from fedcsg.fl.ray_cluster import PLACEMENT, hide_gpus_without_share, placement_record
-from fedcsg.fl.task import build_arm_model, client_data, local_data, local_train, payload_layout, round_layout
+from fedcsg.fl.run_data import client_data, local_data
+from fedcsg.fl.task import build_arm_model, local_train, payload_layout, round_layout
 from fedcsg.nn.determinism import set_deterministic
 from fedcsg.nn.devices import describe
 from fedcsg.nn.training import get_device

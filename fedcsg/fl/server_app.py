@@ -20,9 +20,10 @@ from fedcsg.data.batches import data_on
 from fedcsg.data.readers import ImageData
 from fedcsg.fl.filter_step import PayloadFilters
 from fedcsg.fl.privacy import Configure, Privacy, accountant
+from fedcsg.fl.run_data import test_data
 from fedcsg.fl.server_opt import Mask, ServerOptimizer
 from fedcsg.fl.strategy import CSGFedAvg, lr_schedule
-from fedcsg.fl.task import build_arm_model, evaluate_model, payload_layout, round_layout, test_data
+from fedcsg.fl.task import build_arm_model, evaluate_model, payload_layout, round_layout
 from fedcsg.fl.traffic import bundle_download_bytes
 from fedcsg.nn.csg_factors import FACTORS, factor_keys, frozen_keys, round_factor
 from fedcsg.nn.determinism import set_deterministic

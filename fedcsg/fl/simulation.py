@@ -20,7 +20,7 @@ import tomli_w
 
 from fedcsg.fl.flower_logs import REPORTED_CLIENT_ERRORS
 from fedcsg.fl.ray_cluster import dying_with_us, init_args, interruptible, set_accelerator_env
-from fedcsg.fl.task import partition_rows
+from fedcsg.fl.run_data import partition_rows
 from fedcsg.runs.layout import arm_record_path
 from fedcsg.spec.config import RunConfig
 

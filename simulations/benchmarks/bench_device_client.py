@@ -86,7 +86,7 @@ def child(args: argparse.Namespace) -> None:
     )
     # The partition first, through the ClientApp's own cache, so decode time and memory are told apart
     # from training; the handler then finds it decoded, as a ClientApp process would after this step.
-    from fedcsg.fl.task import client_data
+    from fedcsg.fl.run_data import client_data
 
     data_start = time.perf_counter()
     client_data(RunConfig.from_mapping(cfg.to_flower()), 0, args.num_partitions)

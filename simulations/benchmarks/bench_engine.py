@@ -31,7 +31,8 @@ import time
 
 import torch
 
-from fedcsg.fl.task import build_arm_model, client_data, evaluate_model, local_train, payload_layout, test_data
+from fedcsg.fl.run_data import client_data, test_data
+from fedcsg.fl.task import build_arm_model, evaluate_model, local_train, payload_layout
 from fedcsg.nn.training import get_device
 from fedcsg.spec.config import RunConfig
 from fedcsg.spec.experiments import load_experiment
