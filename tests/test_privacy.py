@@ -129,6 +129,26 @@ def test_noise_on_a_zero_update_has_std_sigma_c_over_n() -> None:
         assert np.array_equal(arrays[key].numpy(), ints[key].numpy())
 
 
+def test_a_noised_release_floors_batchnorm_variances_at_zero_and_nothing_else() -> None:
+    """Noise of std 12.5 on running variances of 1: about half would go below zero, which BatchNorm turns into
+    NaN; the release floors exactly those at 0 (post-processing) and leaves every other coordinate noised."""
+    cfg, strategy, initial = _setup("fedavg", dp="central-fixed", dp_clipping_norm=0.5, dp_noise_multiplier=100.0)
+    offline_task_identity()
+    grid = ScriptedGrid(NODES, lambda pos, node, msg: _updated(strategy, msg, pos, 1e-3))
+    arrays, _ = strategy.aggregate_train(
+        1, grid.send_and_receive(strategy.configure_train(1, initial, RUN_INSTRUCTION, grid))
+    )
+    model = build_arm_model(cfg)
+    layout = payload_layout(cfg, model)
+    variances = {e.key for e in layout.floating if e.key.endswith("running_var")}
+    masks = layout.element_mask(variances)
+    assert sum(int(m.sum()) for m in masks.values()) > 100  # the model has BatchNorm variances to floor
+    for key, mask in masks.items():
+        values = arrays[key].numpy().ravel()
+        assert values[mask].min() == 0.0 and (values[mask] == 0).mean() > 0.3  # floored, not dropped
+        assert values[~mask].min() < -10  # the other coordinates keep their noise, signs and all
+
+
 def _accountant_epsilons(cfg: RunConfig, releases: int) -> list[float]:
     accountant = RdpAccountant(
         PrivacyConfig(

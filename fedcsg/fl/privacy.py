@@ -24,7 +24,7 @@ from logging import WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp.mod import LocalDpMod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import log
@@ -40,6 +40,7 @@ from flwr.serverapp.strategy import (
 
 from fedcsg.spec.config import RunConfig
 from fedcsg.wire.messages import ARRAYS, WEIGHT_KEY
+from fedcsg.wire.payload import PayloadLayout
 
 Configure = Callable[[int, ConfigRecord, Grid], Iterable[Message]]
 ACCOUNTED_BY_FLOWER = ("central-fixed", "client-fixed")  # wrappers that take Flower's accountant themselves
@@ -51,6 +52,24 @@ def floating_split(record: ArrayRecord) -> tuple[ArrayRecord, ArrayRecord]:
     for key, array in record.items():
         (floats if np.issubdtype(np.dtype(array.dtype), np.floating) else others)[key] = array
     return floats, others
+
+
+def floor_variances(arrays: ArrayRecord, layout: PayloadLayout) -> ArrayRecord:
+    """``arrays`` (a DP round's average in ``layout``) with every BatchNorm running variance floored at 0.
+
+    The noise moves running variances like any coordinate and can push one below zero, which BatchNorm
+    turns into NaN; the floor is post-processing of the release, which costs no privacy."""
+    variances = {entry.key for entry in layout.floating if entry.key.endswith("running_var")}
+    masks = layout.element_mask(variances)
+    floored = ArrayRecord()
+    for key, array in arrays.items():
+        mask = masks.get(key)
+        if mask is not None and mask.any():
+            values = array.numpy().copy()
+            values[mask.reshape(values.shape)] = np.maximum(values[mask.reshape(values.shape)], 0)
+            array = Array(values)
+        floored[key] = array
+    return floored
 
 
 def local_epsilon(cfg: RunConfig) -> float:

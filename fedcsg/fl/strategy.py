@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 
 from fedcsg.fl.filter_step import PayloadFilters
 from fedcsg.fl.flower_logs import without_skipped_evaluation_warning
-from fedcsg.fl.privacy import Configure, Privacy
+from fedcsg.fl.privacy import Configure, Privacy, floor_variances
 from fedcsg.fl.ray_cluster import DEVICE_KEY, VISIBLE_KEY, reported_placement
 from fedcsg.fl.replies import aggregate_train_metrics, checked_reply
 from fedcsg.fl.server_opt import Mask, ServerOptimizer
@@ -401,9 +401,9 @@ class CSGFedAvg(FedAvg):
         if released is None and self.privacy.wrapper is not None:
             return None
         self.privacy.released()
-        if released is None:  # local DP: the clients' updates carry their noise
-            return arrays
-        return ArrayRecord({key: released[key] if key in released else array for key, array in arrays.items()})
+        if released is not None:  # else local DP: the clients' updates carry their noise
+            arrays = ArrayRecord({key: released[key] if key in released else array for key, array in arrays.items()})
+        return floor_variances(arrays, self.layout)
 
     # -- the run --------------------------------------------------------------------------------
 
