@@ -1,6 +1,6 @@
 """The report of a federated run, built from its round records (see :mod:`fedcsg.runs.records`)::
 
-    DIR/results.json         config, versions, seed, and every arm's round records
+    DIR/results.json         config, versions, seed, every arm's round records and its summary
     DIR/results.csv          one row per arm and round
     DIR/report.md            per-arm summary: accuracy, bytes per round, totals, ratio to fedavg
     DIR/accuracy_vs_bytes.png, DIR/accuracy_vs_round.png
@@ -11,6 +11,11 @@ deviation (sample, n - 1) of the final accuracy, the mean accuracy of the last t
 total bytes, the resync bytes of a delta downlink and the bytes to the target accuracy and to
 fedavg's final accuracy - 1 point, and per round the mean accuracy with a band from the lowest to the
 highest seed. Which arm needs the fewest bytes is said by :data:`fedcsg.runs.winner.WINNER_RULE`.
+
+Both come from one path: a one-seed run is summarized as a run over its one seed
+(:func:`fedcsg.runs.summary.summarize`: an :class:`~fedcsg.runs.summary.ArmSummary` per arm, the
+``summary`` of results.json), and one writer and one table of columns write either report; a one-seed
+report shows a seed's detail (payload bytes, seconds, devices, faults), one over seeds the spreads.
 
 Every JSON file is strict (:func:`fedcsg.io.strict_json`): no NaN or Infinity.
 """
@@ -82,8 +87,8 @@ def _mb(spread: Spread, over_seeds: bool = False) -> str:
 
 def _reach(wire: Spread, round_: Spread, over_seeds: bool) -> str:
     """The wire bytes to a goal, and in a one-seed run the round that reached it."""
-    reached = over_seeds or round_.values[0] is None
-    return _mb(wire, over_seeds) + ("" if reached else f" (round {round_.values[0]:g})")
+    no_round = over_seeds or round_.values[0] is None
+    return _mb(wire, over_seeds) + ("" if no_round else f" (round {round_.values[0]:g})")
 
 
 def _resynced(s: ArmSummary) -> str:
@@ -344,19 +349,12 @@ def _goal_lines(summary: dict[str, ArmSummary], over_seeds: bool, metric: str) -
     differences are within noise."""
     first = next(iter(summary.values()))
     match = first.match_accuracy.mean
-    goals = [("wire_bytes_to_target", _goal_names(first.target_accuracy, match, metric)[0])]
-    if match is not None:
-        goals.append(("wire_bytes_to_match", _goal_names(first.target_accuracy, match, metric)[1]))
+    to_target, to_match = _goal_names(first.target_accuracy, match, metric)
+    goals = [("wire_bytes_to_target", to_target)] + ([("wire_bytes_to_match", to_match)] if match is not None else [])
+    per_seed = [({arm: getattr(s, figure).values for arm, s in summary.items()}, goal) for figure, goal in goals]
     if not over_seeds:
-        return [
-            "",
-            *(
-                one_seed_bytes_sentence({a: getattr(s, f).values[0] for a, s in summary.items()}, goal)
-                for f, goal in goals
-            ),
-        ]
-    lines = ["", WINNER_RULE, ""]
-    lines += [fewest_bytes_over_seeds({a: getattr(s, f).values for a, s in summary.items()}, goal) for f, goal in goals]
+        return ["", *(one_seed_bytes_sentence({a: v[0] for a, v in values.items()}, goal) for values, goal in per_seed)]
+    lines = ["", WINNER_RULE, "", *(fewest_bytes_over_seeds(values, goal) for values, goal in per_seed)]
     for figure, label in (
         ("final_accuracy", f"final {metric}"),
         ("last_accuracy", f"{metric} of the last {LAST_ROUNDS} rounds"),
