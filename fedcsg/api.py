@@ -3,7 +3,7 @@
 
 >>> import fedcsg
 >>> result = fedcsg.compare("quickstart", arms=["fedavg", "csg"], num_rounds=2)   # doctest: +SKIP
->>> result.arms["csg"]["final_accuracy"], result.run_dir                          # doctest: +SKIP
+>>> result.summary["csg"].final_accuracy.mean, result.run_dir                     # doctest: +SKIP
 
 Settings are the run settings of docs/configuration.md, as keyword arguments (``num_rounds=2``) or
 in a mapping (``{"num-rounds": 2}``); ``model`` may be a registry name, an import path
@@ -24,6 +24,7 @@ from torch import nn
 
 from fedcsg.cli.runs import run_arms
 from fedcsg.runs.directory import canonical, default_out
+from fedcsg.runs.summary import ArmSummary, seed_results, summarize
 from fedcsg.spec.arms import check_arm
 from fedcsg.spec.checks import kebab
 from fedcsg.spec.config import RunConfig
@@ -42,8 +43,15 @@ class Results:
 
     @property
     def arms(self) -> dict[str, Any]:
-        """Each arm's summary and round records, by arm name (``results["arms"]``, or over the seeds)."""
+        """A one-seed run's records of each arm (config, round records), by arm name (``results["arms"]``;
+        a run over seeds has them per seed, ``results["per_seed"]``)."""
         return self.results["arms"]
+
+    @property
+    def summary(self) -> dict[str, ArmSummary]:
+        """Each arm's figures over the run's seeds (one seed or several), by arm name: what the report's
+        table shows (``summary["csg"].final_accuracy.mean``, ``.total_wire_bytes.values``)."""
+        return summarize(self.results["config"], seed_results(self.results))
 
 
 def compare(

@@ -55,7 +55,7 @@ from fedcsg.processes import (
     stop_pids,
     stop_processes,
 )
-from fedcsg.runs.report import load_results, summarize
+from fedcsg.runs.summary import load_results, summarize
 from fedcsg.spec.config import RunConfig, fedcsg_version
 from fedcsg.wire.messages import TrainInstruction
 from fedcsg.wire.payload import model_payload
@@ -194,7 +194,8 @@ def test_secure_federation_runs_two_rounds_of_csg(secure_federation: Federation)
     assert record["bundle_bytes"] == bundle
     node_total = bundle + sum(r["wire_down"] // 2 for r in record["rounds"][1:])
     assert all(r["wire_down"] % 2 == 0 for r in record["rounds"][1:])
-    assert summarize(load_results(out_dir))["csg"].node_download_bytes == node_total
+    results = load_results(out_dir)
+    assert summarize(results["config"], {0: results})["csg"].node_download_bytes.values == (node_total,)
     assert f"| csg | {bundle:,} B |" in (out_dir / "report.md").read_text()
     assert f"{node_total:,} B" in (out_dir / "report.md").read_text()
     superlink_log = Path(superlink.log).read_text(errors="replace")

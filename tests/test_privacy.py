@@ -256,6 +256,8 @@ def test_report_has_the_epsilon_column_sentence_and_plot(tmp_path: Path) -> None
         recorder.save()
     results = write_report(tmp_path)
     assert [r["epsilon"] for r in results["arms"]["csg"]["rounds"]] == [0.0, 2.98, 4.5]
+    # the summary holds the epsilon after the last round
+    assert results["summary"]["csg"]["epsilon"] == {"mean": 4.5, "std": 0.0, "n": 1, "values": [4.5]}
     report = (tmp_path / "report.md").read_text()
     assert "updates clipped to L2 norm 0.5, noise multiplier 1.5. *epsilon* is Flower's RDP accountant's" in report
     assert "| fedavg | 4.5 | 0.4000 | 2 | no |" in report

@@ -122,6 +122,7 @@ def compare_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         f"result = fedcsg.compare({quickstart!r}, arms={list(OWN_ARMS)!r}, model=SmallCNN, out={str(root / 'api')!r}, "
         "**settings)\n"
         "print(sorted(result.arms))\n"
+        "print([s.final_accuracy.values for s in result.summary.values()])\n"
     )
     commands["api"] = ([sys.executable, "-c", api], ROOT)
     example = ["--images", str(images), "--out", str(outs["example"]), "--num-rounds", "1", "--image-size", "16"]
@@ -467,13 +468,16 @@ def test_the_python_api_runs_what_the_cli_runs(
     as itself: the same records as `fedcsg compare` of the same config and seed, and its results returned."""
     (cli_out, cli), (api_out, api) = own_run, api_run
     assert cli.returncode == 0 and api.returncode == 0, api.stderr[-3000:]
-    assert api.stdout.strip().splitlines()[-1] == str(sorted(OWN_ARMS))
+    *_, arms, finals = api.stdout.strip().splitlines()
+    assert arms == str(sorted(OWN_ARMS))
     for arm in OWN_ARMS:
         a, b = (json.loads(arm_record_path(out, arm).read_text()) for out in (cli_out, api_out))
         assert identity_of(a["config"]) == identity_of(b["config"]), arm  # the same run, in another out-dir
         assert comparable(a["rounds"]) == comparable(b["rounds"]), arm
     results = json.loads((api_out / "results.json").read_text())
     assert list(results["arms"]) == list(OWN_ARMS)
+    # Results.summary: each arm's typed figures, one seed's here (fedcsg.runs.summary.ArmSummary)
+    assert finals == str([(record["rounds"][-1]["test_accuracy"],) for record in results["arms"].values()])
 
 
 def test_the_own_model_example_runs_as_its_readme_says(example_run: tuple[Path, subprocess.CompletedProcess]) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from fedcsg.runs.records import ArmRecorder
 from fedcsg.runs.report import report_summary, write_report
-from fedcsg.runs.summary import spread
+from fedcsg.runs.summary import Spread
 from fedcsg.runs.winner import (
     ONE_SEED,
     WINNER_RULE,
@@ -80,20 +80,20 @@ def test_one_seed_says_it_is_one_seed() -> None:
 
 def test_accuracy_differences_are_judged_seed_by_seed() -> None:
     spreads = {
-        "fedavg": spread([0.40, 0.50, 0.45]),
+        "fedavg": Spread.of([0.40, 0.50, 0.45]),
         # 2 to 3 points behind in every seed: the per-seed differences -2, -3, -2.5 have std 0.5, so the mean
         # -2.5 is beyond 2 std (1.00), although each arm's own spread over the seeds is 5 points.
-        "csg": spread([0.38, 0.47, 0.425]),
+        "csg": Spread.of([0.38, 0.47, 0.425]),
         # +5, -8, +1: a mean of -0.67 against a std of 6.66 (2 std = 13.32) is within noise.
-        "csg-frozen": spread([0.45, 0.42, 0.46]),
-        "fedpara": spread([None, 0.40, None]),  # one seed in common with fedavg
+        "csg-frozen": Spread.of([0.45, 0.42, 0.46]),
+        "fedpara": Spread.of([None, 0.40, None]),  # one seed in common with fedavg
     }
     assert accuracy_noise_sentence(spreads, "final accuracy") == (
         "Mean final accuracy against fedavg (0.4500 ± 0.0500), seed by seed (per seed in points): csg -2.50 points "
         "(-2.0, -3.0, -2.5), beyond noise (2 std = 1.00 points); csg-frozen -0.67 points (+5.0, -8.0, +1.0), "
         "within noise (2 std = 13.32 points); fedpara -10.00 points (-10.0), one seed in common: no noise estimate."
     )
-    assert accuracy_noise_sentence({"csg": spread([0.3])}, "final accuracy") == ""
+    assert accuracy_noise_sentence({"csg": Spread.of([0.3])}, "final accuracy") == ""
 
 
 # -- the report over seeds, from constructed seed records -------------------------------------------

@@ -46,23 +46,6 @@ from fedcsg.wire.uplink import Uplink
 app = ServerApp()
 
 
-def sampling(cfg: RunConfig) -> dict[str, float | int]:
-    """FedAvg's sampling arguments: a fixed count per round is a fraction of exactly that many
-    clients with that many as the minimum (FedAvg samples max(int(n * fraction), min_train_nodes))."""
-    if cfg.clients_per_round:
-        count = cfg.clients_per_round
-        return {
-            "fraction_train": count / cfg.num_clients,
-            "min_train_nodes": count,
-            "min_available_nodes": max(count, min(cfg.min_available_nodes, cfg.num_clients)),
-        }
-    return {
-        "fraction_train": cfg.fraction_train,
-        "min_train_nodes": min(cfg.min_train_nodes, cfg.num_clients),
-        "min_available_nodes": min(cfg.min_available_nodes, cfg.num_clients),
-    }
-
-
 def min_replies(cfg: RunConfig) -> int:
     """Accepted replies a round needs: min-train-nodes, but never more than the clients sampled."""
     return max(1, min(cfg.min_train_nodes, cfg.sampled_clients))
@@ -131,7 +114,7 @@ def build_strategy(
         handoff=handoff,
         payload_filters=PayloadFilters(model, layout),
         privacy_fn=privacy_fn(cfg, account),
-        **sampling(cfg),
+        **cfg.sampling,
     )
 
 

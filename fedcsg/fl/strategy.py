@@ -28,8 +28,7 @@ from fedcsg.fl.replies import aggregate_train_metrics, checked_reply
 from fedcsg.fl.server_opt import Mask, ServerOptimizer
 from fedcsg.fl.traffic import accounted_wire_bytes, payload_bytes
 from fedcsg.runs.records import ArmRecorder, RoundRecord
-from fedcsg.spec.checks import one_of
-from fedcsg.spec.config import FAILED_ROUND_POLICIES, sample_size
+from fedcsg.spec.config import sample_size
 from fedcsg.wire.downlink import Broadcaster, Downlink
 from fedcsg.wire.handoff import Handoff
 from fedcsg.wire.messages import (
@@ -92,7 +91,8 @@ class CSGFedAvg(FedAvg):
         round has failed and the global model is kept.
     failed_round
         What a failed round does next: ``skip`` (go on to the next round) or ``retry`` (send
-        the round once more, to a fresh sample; the bytes of both attempts are counted).
+        the round once more, to a fresh sample; the bytes of both attempts are counted); a run's
+        ``failed-round``, checked by its :class:`~fedcsg.spec.config.RunConfig`.
     max_update_norm
         Reject a reply whose payload is farther than this (L2, float entries) from the global
         payload it was sent; 0 turns the check off.
@@ -140,7 +140,6 @@ class CSGFedAvg(FedAvg):
         privacy_fn: Callable[[Configure], Privacy] | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
-        one_of("failed-round", failed_round, FAILED_ROUND_POLICIES)  # RunConfig's rule, for a strategy built alone
         fedavg_kwargs.setdefault("fraction_evaluate", 0.0)  # evaluation is server-side, on the test split
         fedavg_kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
         with without_skipped_evaluation_warning():

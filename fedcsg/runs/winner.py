@@ -8,9 +8,9 @@ not run) in that seed.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
 
-from fedcsg.runs.summary import spread
+from fedcsg.runs.summary import Spread
 
 WINNER_RULE = (
     "An arm is named as needing the fewest wire bytes to a goal only if it reaches the goal in every seed and "
@@ -54,12 +54,12 @@ def one_seed_bytes_sentence(bytes_by_arm: dict[str, float | None], goal: str) ->
     return f"{fewest_bytes_sentence(bytes_by_arm, goal)} {ONE_SEED}"
 
 
-def seeds_won(leader: list[float | None], other: list[float | None]) -> int:
+def seeds_won(leader: Sequence[float | None], other: Sequence[float | None]) -> int:
     """In how many seeds ``leader`` needs fewer bytes than ``other`` (a miss: more than any reach)."""
     return sum(a is not None and (b is None or a < b) for a, b in zip(leader, other, strict=True))
 
 
-def fewest_bytes_over_seeds(per_seed: dict[str, list[float | None]], goal: str) -> str:
+def fewest_bytes_over_seeds(per_seed: dict[str, Sequence[float | None]], goal: str) -> str:
     """The fewest-bytes sentence of a run over several seeds, by :data:`WINNER_RULE`.
 
     The leader is the arm with the lowest mean among the arms that reach ``goal`` in every seed. It
@@ -75,13 +75,13 @@ def fewest_bytes_over_seeds(per_seed: dict[str, list[float | None]], goal: str) 
         return f"No arm reached {goal} in every one of the {seeds} seeds" + (
             f"; reached in some seeds by {partial_text}." if partial_text else "."
         )
-    stats = {arm: spread(values) for arm, values in complete.items()}
-    ranked = sorted(complete, key=lambda arm: stats[arm]["mean"])
+    stats = {arm: Spread.of(values) for arm, values in complete.items()}
+    ranked = sorted(complete, key=lambda arm: stats[arm].mean)
     leader = ranked[0]
     best = stats[leader]
     beaten_in = {arm: seeds_won(per_seed[leader], per_seed[arm]) for arm in per_seed if arm != leader}
     unseparated = [arm for arm, won in beaten_in.items() if won < seeds]
-    stated = f"{_mb(best['mean'])} ± {_mb(best['std'])}"
+    stated = f"{_mb(best.mean)} ± {_mb(best.std)}"
     tail = ""
     if partial_text:
         tail += f"; reached in some seeds only by {partial_text}"
@@ -97,50 +97,47 @@ def fewest_bytes_over_seeds(per_seed: dict[str, list[float | None]], goal: str) 
         f"Fewest wire bytes to {goal}: **{leader}**, {stated}, fewer than every other arm in each of the {seeds} seeds"
     )
     if leader != "fedavg" and "fedavg" in complete:
-        text += f" ({stats['fedavg']['mean'] / best['mean']:.2f}x fewer than fedavg on average)"
+        text += f" ({stats['fedavg'].mean / best.mean:.2f}x fewer than fedavg on average)"
     if len(ranked) > 1:
         runner = stats[ranked[1]]
-        text += (
-            f"; next {ranked[1]}, {_mb(runner['mean'])} ± {_mb(runner['std'])} "
-            f"({runner['mean'] / best['mean']:.2f}x more)"
-        )
+        text += f"; next {ranked[1]}, {_mb(runner.mean)} ± {_mb(runner.std)} ({runner.mean / best.mean:.2f}x more)"
     return text + tail + "."
 
 
-def paired_difference(values: list[float | None], reference: list[float | None]) -> dict[str, Any]:
+def paired_difference(values: Sequence[float | None], reference: Sequence[float | None]) -> Spread:
     """The per-seed differences ``values - reference`` (the seeds where both have a value), their mean and
-    sample standard deviation (:func:`fedcsg.runs.summary.spread`)."""
-    return spread([a - b for a, b in zip(values, reference, strict=True) if a is not None and b is not None])
+    sample standard deviation."""
+    return Spread.of(a - b for a, b in zip(values, reference, strict=True) if a is not None and b is not None)
 
 
-def accuracy_noise_sentence(spreads: dict[str, dict[str, Any]], figure: str) -> str:
+def accuracy_noise_sentence(spreads: dict[str, Spread], figure: str) -> str:
     """One sentence comparing every arm's mean ``figure`` (e.g. "final accuracy") with fedavg's (else
     the best arm's) over the seeds, seed by seed (:func:`paired_difference`), saying of each difference
     whether it is within noise: a mean smaller than :data:`NOISE_SDS` standard deviations of the
     per-seed differences (or fewer than two seeds in common).
 
-    ``spreads`` maps arm to ``{"mean", "std", "n", "values"}`` (:func:`fedcsg.runs.summary.spread`),
-    ``values`` in the seeds' order; arms without a mean are left out.
+    ``spreads`` maps arm to its :class:`~fedcsg.runs.summary.Spread` over the seeds; arms without a mean
+    are left out.
     """
-    present = {arm: s for arm, s in spreads.items() if s["mean"] is not None}
+    present = {arm: s for arm, s in spreads.items() if s.mean is not None}
     if len(present) < 2:
         return ""
-    base = "fedavg" if "fedavg" in present else max(present, key=lambda arm: present[arm]["mean"])
+    base = "fedavg" if "fedavg" in present else max(present, key=lambda arm: present[arm].mean)
     ref = present[base]
     parts = []
     for arm, s in present.items():
         if arm == base:
             continue
-        paired = paired_difference(s["values"], ref["values"])
-        diff = paired["mean"] * 100
-        bound = NOISE_SDS * paired["std"] * 100
-        per_seed = ", ".join(f"{v * 100:+.1f}" for v in paired["values"])
-        if paired["n"] < 2:
+        paired = paired_difference(s.values, ref.values)
+        diff = paired.mean * 100
+        bound = NOISE_SDS * paired.std * 100
+        per_seed = ", ".join(f"{v * 100:+.1f}" for v in paired.values)
+        if paired.n < 2:
             parts.append(f"{arm} {diff:+.2f} points ({per_seed}), one seed in common: no noise estimate")
             continue
         verdict = "beyond noise" if abs(diff) > bound else "within noise"
         parts.append(f"{arm} {diff:+.2f} points ({per_seed}), {verdict} (2 std = {bound:.2f} points)")
     return (
-        f"Mean {figure} against {base} ({ref['mean']:.4f} ± {ref['std']:.4f}), seed by seed (per seed in "
+        f"Mean {figure} against {base} ({ref.mean:.4f} ± {ref.std:.4f}), seed by seed (per seed in "
         "points): " + "; ".join(parts) + "."
     )

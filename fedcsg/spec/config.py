@@ -446,12 +446,30 @@ class RunConfig:
         return Execution(compile=compiled, channels_last=self.channels_last and classifier, precision=self.precision)
 
     @property
-    def sampled_clients(self) -> int:
-        """The clients a round samples once all ``num-clients`` are connected: ``clients-per-round``,
-        else :func:`sample_size` with ``min-train-nodes`` capped at ``num-clients``."""
+    def sampling(self) -> dict[str, float | int]:
+        """FedAvg's sampling arguments (``fraction_train``, ``min_train_nodes``, ``min_available_nodes``): a
+        fixed ``clients-per-round`` is a fraction of exactly that many clients with that many as the minimum;
+        else ``fraction-train``, the minimums capped at ``num-clients``. A round samples :func:`sample_size`
+        of them."""
         if self.clients_per_round:
-            return self.clients_per_round
-        return sample_size(self.num_clients, self.fraction_train, min(self.min_train_nodes, self.num_clients))
+            count = self.clients_per_round
+            return {
+                "fraction_train": count / self.num_clients,
+                "min_train_nodes": count,
+                "min_available_nodes": max(count, min(self.min_available_nodes, self.num_clients)),
+            }
+        return {
+            "fraction_train": self.fraction_train,
+            "min_train_nodes": min(self.min_train_nodes, self.num_clients),
+            "min_available_nodes": min(self.min_available_nodes, self.num_clients),
+        }
+
+    @property
+    def sampled_clients(self) -> int:
+        """The clients a round samples once all ``num-clients`` are connected: :func:`sample_size` of
+        :attr:`sampling` (``clients-per-round`` where it is set)."""
+        sampling = self.sampling
+        return sample_size(self.num_clients, float(sampling["fraction_train"]), int(sampling["min_train_nodes"]))
 
     def images_per_process(self) -> float:
         """Images one training process trains over the run, estimated from the settings: rounds x

@@ -46,8 +46,6 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from fedcsg.spec.arms import DOWNLINKS
-from fedcsg.spec.checks import one_of
 from fedcsg.spec.codecs import ArraySpecs, TopK, block_lengths, int8_dequantize, int8_quantize
 from fedcsg.wire.messages import DOWNLINK_KIND, DOWNLINK_VERSION, DownlinkSync, acknowledged
 from fedcsg.wire.payload import Framing, PayloadLayout, assemble, check_specs, flat_floats
@@ -81,7 +79,8 @@ class Downlink:
     layout
         The arm's payload.
     mode
-        One of :data:`~fedcsg.spec.arms.DOWNLINKS`.
+        One of :data:`~fedcsg.spec.arms.DOWNLINKS` (a run's, checked by its
+        :class:`~fedcsg.spec.config.RunConfig`).
     topk_fraction
         Fraction of the entries ``delta-topk`` sends, in (0, 1].
     block
@@ -92,9 +91,6 @@ class Downlink:
     mode: str = "full"
     topk_fraction: float = 0.05
     block: int = BLOCK
-
-    def __post_init__(self) -> None:
-        one_of("downlink", self.mode, DOWNLINKS)  # the mode picks the code; the fraction is checked where topk runs
 
     @classmethod
     def of_config(cls, cfg: Any, layout: PayloadLayout) -> Downlink:

@@ -38,7 +38,7 @@ from fedcsg.cli.args import OneLineParser
 from fedcsg.cli.runs import parse_overrides
 from fedcsg.runs.directory import saved_config
 from fedcsg.runs.layout import RESULTS_JSON, differing_settings
-from fedcsg.runs.summary import summarize_seeds
+from fedcsg.runs.summary import ArmSummary, seed_results, summarize
 from fedcsg.spec.arms import Arm, check_arm
 from fedcsg.spec.config import RunConfig
 from fedcsg.spec.experiments import load_experiment
@@ -118,14 +118,7 @@ def reused_arms(results: Mapping[str, Any], config: str, sets: Sequence[str]) ->
     return {int(recorded["code-dim"]): held} if held else {}
 
 
-def _mean_std(figure: Any) -> tuple[float | None, float | None, int]:
-    """(mean, std, seeds) of a summary figure: a spread over seeds, or one seed's number."""
-    if isinstance(figure, dict):
-        return figure["mean"], figure["std"], figure["n"]
-    return figure, (None if figure is None else 0.0), int(figure is not None)
-
-
-def seeds_summary(results: dict[str, Any], seeds: Sequence[int] | None) -> dict[str, Any]:
+def seeds_summary(results: dict[str, Any], seeds: Sequence[int] | None) -> dict[str, ArmSummary]:
     """The per-arm summary of ``results`` over ``seeds`` alone (all of its seeds when None), so that
     every point of the frontier is a spread over the same seeds, e.g. seeds 0 and 1 of a three-seed run.
 
@@ -134,16 +127,16 @@ def seeds_summary(results: dict[str, Any], seeds: Sequence[int] | None) -> dict[
     ValueError
         If the run lacks one of ``seeds``.
     """
-    if seeds is None or "per_seed" not in results:
-        return results["summary"]
-    per_seed = results["per_seed"]
-    missing = [seed for seed in seeds if str(seed) not in per_seed]
-    if missing:
-        raise ValueError(
-            f"the reference run lacks seeds {', '.join(map(str, missing))}: accepted is a run over "
-            f"seeds {', '.join(per_seed)} (pass --seeds among them)"
-        )
-    return summarize_seeds({seed: per_seed[str(seed)] for seed in seeds})
+    per_seed = seed_results(results)
+    if seeds is not None and "per_seed" in results:
+        missing = [seed for seed in seeds if seed not in per_seed]
+        if missing:
+            raise ValueError(
+                f"the reference run lacks seeds {', '.join(map(str, missing))}: accepted is a run over "
+                f"seeds {', '.join(map(str, per_seed))} (pass --seeds among them)"
+            )
+        per_seed = {seed: per_seed[seed] for seed in seeds}
+    return summarize(results["config"], per_seed)
 
 
 def points(
@@ -158,19 +151,18 @@ def points(
     for arm, figures in seeds_summary(results, seeds).items():
         if arms is not None and arm not in arms:
             continue
-        accuracy, accuracy_std, n = _mean_std(figures["final_accuracy"])
-        total, total_std, _ = _mean_std(figures["total_wire_bytes"])
+        accuracy, total = figures.final_accuracy, figures.total_wire_bytes
         has_codes = Arm.parse(arm).model in CSG_ARMS
         out.append(
             {
                 "arm": arm,
                 "code_dim": code_dim if has_codes else None,
                 "label": f"{arm} @{code_dim}" if has_codes else arm,
-                "final_accuracy": accuracy,
-                "final_accuracy_std": accuracy_std,
-                "total_wire_bytes": total,
-                "total_wire_bytes_std": total_std,
-                "seeds": n,
+                "final_accuracy": accuracy.mean,
+                "final_accuracy_std": accuracy.std,
+                "total_wire_bytes": total.mean,
+                "total_wire_bytes_std": total.std,
+                "seeds": accuracy.n,
                 "run_dir": str(run_dir),
             }
         )
