@@ -120,3 +120,19 @@ def test_without_a_fedavg_arm_no_report_table_has_bytes_to_fedavg() -> None:
     one = report_summary({"config": CONFIG, "seed": 0, **arms[0]})
     (row,) = [line for line in one.splitlines() if line.startswith("| csg |")]
     assert row.endswith("| 9.000 MB | - | - | 6.000 MB (round 2) | - | 3.0 |")
+
+
+def test_the_report_names_each_arm_whose_records_end_before_the_last_round() -> None:
+    """A run in progress (or stopped) is reported as such, per arm and seed; a finished one says nothing."""
+    from fedcsg.runs.report import _unfinished_lines
+
+    seeds = _seeds()
+    assert _unfinished_lines({"num-rounds": 3}, seeds) == []
+    seeds[1]["arms"]["csg"]["rounds"] = seeds[1]["arms"]["csg"]["rounds"][:2]  # seed 1's csg stopped after round 1
+    assert _unfinished_lines({"num-rounds": 3}, seeds) == [
+        "",
+        "Not finished: csg (seed 1) after round 1 of 3. Each such arm's figures are those of its last recorded "
+        "round (`--resume DIR` continues an interrupted run).",
+    ]
+    one = {0: {"arms": {"fedavg": seeds[0]["arms"]["fedavg"]}}}
+    assert _unfinished_lines({"num-rounds": 60}, one)[1].startswith("Not finished: fedavg after round 3 of 60.")

@@ -365,6 +365,27 @@ def _goal_lines(summary: dict[str, ArmSummary], over_seeds: bool, metric: str) -
     return lines
 
 
+def _unfinished_lines(config: dict[str, Any], per_seed: dict[int, dict[str, Any]]) -> list[str]:
+    """The arms (of each seed) whose records end before the run's last round: a run in progress or
+    stopped (by a signal, a failure or ``dp-max-epsilon``), whose figures are those of its last round."""
+    planned = config.get("num-rounds")
+    if planned is None:
+        return []
+    unfinished = [
+        f"{arm}{f' (seed {seed})' if len(per_seed) > 1 else ''} after round {last} of {planned}"
+        for seed, results in per_seed.items()
+        for arm, data in results["arms"].items()
+        if (last := max((r["round"] for r in data["rounds"]), default=0)) < planned
+    ]
+    if not unfinished:
+        return []
+    return [
+        "",
+        f"Not finished: {'; '.join(unfinished)}. Each such arm's figures are those of its last recorded round "
+        "(`--resume DIR` continues an interrupted run).",
+    ]
+
+
 def _fault_lines(summary: dict[str, ArmSummary]) -> list[str]:
     """A one-seed run's client faults, per arm that had any; none without."""
     faults = [
@@ -388,7 +409,7 @@ def _head(
     first = next(iter(per_seed.values()))
     short, metric = metric_names(config)
     lines = _intro_lines(config, first, list(per_seed), over_seeds) + _table_lines(summary, over_seeds, short)
-    lines += _goal_lines(summary, over_seeds, metric)
+    lines += _unfinished_lines(config, per_seed) + _goal_lines(summary, over_seeds, metric)
     if not over_seeds:
         lines += _node_download_lines(summary) + device_lines(summary) + _filter_step_lines(first)
     lines += _privacy_lines(config, first, over_seeds)
