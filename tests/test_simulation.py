@@ -413,8 +413,10 @@ def test_a_cnn_of_the_users_own_runs_every_arm_through_ray_with_the_bytes_fedcsg
     own_run: tuple[Path, subprocess.CompletedProcess], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`model = "tests.user_cnn:SmallCNN"`: a CNN fedcsg has never seen, imported by the driver and by
-    every Ray actor, converted by the run's slice settings, on an ImageFolder of PNG and JPEG images of
-    several sizes (3 classes found from its folders), partitioned, trained and evaluated; each arm's
+    every Ray actor from the copy of the `tests` package that fedcsg shipped with Ray's runtime_env
+    (py_modules; tests/user_cnn.py refuses to be imported by an actor from the checkout, which a
+    cluster's nodes would not have), converted by the run's slice settings, on an ImageFolder of PNG
+    and JPEG images of several sizes (3 classes found from its folders), partitioned, trained and evaluated; each arm's
     bytes per round are the ones `fedcsg bytes --model tests.user_cnn:SmallCNN --num-classes 3` counts
     without training (the payload to the byte, the wire within the offline messages' framing, as for
     the registry's models)."""
@@ -450,6 +452,7 @@ def test_a_cnn_of_the_users_own_runs_every_arm_through_ray_with_the_bytes_fedcsg
         for r in record["rounds"]:
             assert r["test_accuracy"] * test == pytest.approx(round(r["test_accuracy"] * test)), (arm, r["round"])
         for r in record["rounds"][1:]:
+            assert (r["failed"], r["partitions"]) == (0, [0, 1]), (arm, r["round"])  # every actor built the model
             assert (r["payload_up"], r["payload_down"]) == (counted[arm]["payload_up"], counted[arm]["payload_down"])
             for way in ("wire_up", "wire_down"):  # the train config's few keys differ offline: < 100 B a message
                 assert 0 <= r[way] - counted[arm][way] < 2 * 100, (arm, way)
