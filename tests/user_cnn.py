@@ -1,6 +1,8 @@
 """A user's own CNN, defined outside fedcsg: what `model = "tests.user_cnn:SmallCNN"` names (the tests
 run from the checkout's root, as a user runs fedcsg from their project's). Ray actors must import it from the
-copy fedcsg ships to them, as on a cluster whose nodes do not have the checkout."""
+copy fedcsg ships to them, as on a cluster whose nodes do not have the checkout: a Ray run of it starts outside
+the checkout, with the checkout on PYTHONPATH (Ray puts the driver's current directory first on every worker's
+sys.path, before the shipped copy)."""
 
 from __future__ import annotations
 
