@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from fedcsg.nn.imported_models import code_to_ship, imported_builder
 from fedcsg.spec.config import RunConfig
 
 OWN = "tests.user_cnn:SmallCNN"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_users_cnn_is_counted_and_converted_like_a_registry_model(cli) -> None:
@@ -94,6 +96,53 @@ def test_each_bad_model_is_one_line_exit_2_and_nothing_is_written(
     assert code == 2 and stdout == "" and len(err.strip().splitlines()) == 1, err
     assert err.startswith("fedcsg compare: error: " + message), err
     assert not out.exists()
+
+
+def test_the_code_ray_ships_is_the_top_level_package_or_module_that_is_not_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a Ray worker gets through the runtime_env's py_modules (fedcsg.fl.ray_cluster.init_ray): the
+    directory of the named module's top-level package, or the file of a top-level module found in the
+    current directory; nothing for what every node installs (torch, torchvision, fedcsg) or a registry
+    name. The run through Ray that imports tests.user_cnn only from the shipped copy: test_simulation.py."""
+    import sys
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for name in ("shipped_single", "shipped_pkg", "shipped_pkg.nets"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    (tmp_path / "shipped_single.py").write_text("from tests.user_cnn import SmallCNN\n")
+    (tmp_path / "shipped_pkg").mkdir()
+    (tmp_path / "shipped_pkg" / "__init__.py").write_text("")
+    (tmp_path / "shipped_pkg" / "nets.py").write_text("from tests.user_cnn import SmallCNN\n")
+    monkeypatch.chdir(tmp_path)
+    assert code_to_ship(OWN) == [str(ROOT / "tests")]
+    assert code_to_ship("shipped_single:SmallCNN") == [str(tmp_path / "shipped_single.py")]
+    assert code_to_ship("shipped_pkg.nets:SmallCNN") == [str(tmp_path / "shipped_pkg")]
+    for installed in ("resnet20", "torchvision:resnet18", "timm:resnet18", "torch.nn:Conv2d", "fedcsg.nn.models:x"):
+        assert code_to_ship(installed) == [], installed
+    with pytest.raises(ValueError, match=r"^model = 'nopkg.nets:Net' is not accepted: module 'nopkg.nets' does not"):
+        code_to_ship("nopkg.nets:Net")
+
+
+def test_a_module_on_sys_path_wins_over_one_in_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ray worker has the shipped copy on its sys.path and its node's start directory as its current
+    one: a stale module of the same name there must not shadow the copy. The current directory is
+    searched only when sys.path holds no such module (a driver started by the `fedcsg` script)."""
+    import sys
+
+    shipped, stale = tmp_path / "shipped", tmp_path / "stale"
+    for folder, width in ((shipped, 8), (stale, 4)):
+        folder.mkdir()
+        (folder / "shadowed_nets.py").write_text(f"from torch import nn\nNet = lambda c, i: nn.Conv2d(i, {width}, 3)\n")
+    monkeypatch.setattr(sys, "path", [str(shipped), *sys.path])
+    monkeypatch.delitem(sys.modules, "shadowed_nets", raising=False)
+    monkeypatch.chdir(stale)
+    assert imported_builder("shadowed_nets:Net")(10, 3).out_channels == 8
+    monkeypatch.setattr(sys, "path", sys.path[1:])
+    monkeypatch.delitem(sys.modules, "shadowed_nets")
+    assert imported_builder("shadowed_nets:Net")(10, 3).out_channels == 4 and sys.path[0] == str(stale)
 
 
 def test_the_python_api_refuses_what_the_cli_refuses_before_writing(tmp_path: Path) -> None:

@@ -4,8 +4,10 @@ run as its reference); SIGTERM to a running `fedcsg run` is in test_reliability.
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -18,6 +20,7 @@ from fedcsg.fl.ray_cluster import (
     check_client_resources,
     current_node_id,
     init_args,
+    init_ray,
     placement_record,
     reported_placement,
 )
@@ -43,6 +46,49 @@ def test_the_default_is_a_private_ray_never_a_cluster_found_on_the_machine() -> 
     assert init_args("")["address"] == "local"
     assert init_args("auto")["address"] == "auto"
     assert init_args("10.0.0.5:6379")["address"] == "10.0.0.5:6379"
+
+
+def test_ray_starts_as_flowers_backend_starts_it_with_the_users_code_shipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fedcsg initializes Ray itself before Flower's simulation engine (whose backend then uses it as it
+    is), with the arguments Flower's ``RayBackend.init_ray`` passes (its runtime_env's PYTHONPATH: this
+    process's sys.path, then $PYTHONPATH, exported here too) and the user's code in ``py_modules``, which
+    Flower's ``init_args`` cannot carry. The call of the installed flwr is the reference."""
+    import ray
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+    from ray.exceptions import RuntimeEnvSetupError
+
+    calls: list[dict] = []
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    exported = []
+    for start in (
+        lambda: RayBackend.init_ray(SimpleNamespace(init_args_key="init_args"), {"init_args": init_args("")}),
+        lambda: init_ray(""),
+    ):
+        monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+        start()
+        exported.append(os.environ["PYTHONPATH"])
+    flower, ours = calls
+    assert ours == flower and exported[0] == exported[1] == ours["runtime_env"]["env_vars"]["PYTHONPATH"]
+    assert exported[0].endswith(os.pathsep + "/elsewhere") and flower["address"] == "local"
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    init_ray("10.0.0.5:6379", ["/code/mynets", "/code/helpers.py"])
+    shipped = {"py_modules": ["/code/mynets", "/code/helpers.py"], "excludes": ["__pycache__"]}
+    assert calls[2] == {**flower, "address": "10.0.0.5:6379", "runtime_env": {**flower["runtime_env"], **shipped}}
+
+    def refuse(**kwargs: object) -> None:  # what ray.init raises for a zip over the GCS's limit
+        raise RuntimeEnvSetupError(
+            "Failed to upload module /code/mynets to the Ray cluster: Package size (600.00MiB)\n"
+        )
+
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(ValueError) as error:
+        init_ray("", ["/code/mynets"])
+    assert str(error.value) == (
+        "the model's code (/code/mynets) is not accepted: Ray could not ship it to its workers (Failed to upload "
+        "module /code/mynets to the Ray cluster: Package size (600.00MiB)); accepted is a package Ray can zip and "
+        "store (under 512 MiB; a .rayignore in it leaves files out)"
+    )
 
 
 def test_where_a_run_happens_is_not_what_it_computes() -> None:

@@ -81,16 +81,21 @@ def compare_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
       experiment, from a directory outside the checkout, with TINY_RUN: its seed 0 is ``tiny``'s
       first arms made a second time;
     * ``own``: OWN_ARMS of a CNN defined in a test module (OWN_MODEL), which the Ray actors import,
-      on an ImageFolder of the user's images;
-    * ``api``: the same run through the Python API, ``fedcsg.compare(...)`` with the factory itself;
+      on an ImageFolder of the user's images, from a directory outside the checkout: the module is on
+      the driver's sys.path through PYTHONPATH alone (Ray puts the driver's current directory first on
+      every worker's sys.path), so an actor imports the copy fedcsg ships, as a cluster's node would;
+    * ``api``: the same run through the Python API, ``fedcsg.compare(...)`` with the factory itself,
+      from the same directory;
     * ``example``: examples/own-model/compare.py on the same images at a tiny size, from its folder.
     """
     root = tmp_path_factory.mktemp("compare")
     elsewhere = tmp_path_factory.mktemp("elsewhere")
+    outside = tmp_path_factory.mktemp("outside")
     quickstart = str(ROOT / "configs" / "quickstart.toml")
     images = write_shapes(tmp_path_factory.mktemp("images"), *IMAGES_PER_CLASS)
     own = [*OWN_RUN, f"data-dir='{images}'"]
     env = {**os.environ, "FEDCSG_DATA_DIR": str(data_dir)}
+    on_path = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))}
     launches = {
         "compare": (["--config", quickstart, "--out", str(root / "run"), *_sets(SMALL_RUN)], ROOT),
         "tiny": (
@@ -100,7 +105,7 @@ def compare_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         "seeds": (["--seeds", "0,1", "--arms", ",".join(RERUN_ARMS), *_sets(TINY_RUN)], elsewhere),
         "own": (
             ["--config", quickstart, "--out", str(root / "own"), "--arms", ",".join(OWN_ARMS), *_sets(own)],
-            ROOT,
+            outside,
         ),
     }
     outs = {
@@ -124,11 +129,11 @@ def compare_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         "print(sorted(result.arms))\n"
         "print([s.final_accuracy.values for s in result.summary.values()])\n"
     )
-    commands["api"] = ([sys.executable, "-c", api], ROOT)
+    commands["api"] = ([sys.executable, "-c", api], outside)
     example = ["--images", str(images), "--out", str(outs["example"]), "--num-rounds", "1", "--image-size", "16"]
     commands["example"] = ([sys.executable, "compare.py", *example], EXAMPLE)
     procs = {
-        name: Popen(command, stdout=PIPE, stderr=PIPE, text=True, env=env, cwd=cwd)
+        name: Popen(command, stdout=PIPE, stderr=PIPE, text=True, env=on_path if cwd == outside else env, cwd=cwd)
         for name, (command, cwd) in commands.items()
     }
     yield {name: (outs[name], proc) for name, proc in procs.items()}
@@ -414,9 +419,12 @@ def test_a_cnn_of_the_users_own_runs_every_arm_through_ray_with_the_bytes_fedcsg
     own_run: tuple[Path, subprocess.CompletedProcess], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`model = "tests.user_cnn:SmallCNN"`: a CNN fedcsg has never seen, imported by the driver and by
-    every Ray actor, converted by the run's slice settings, on an ImageFolder of PNG and JPEG images of
-    several sizes (3 classes found from its folders), partitioned, trained and evaluated; each arm's
-    bytes per round are the ones `fedcsg bytes --model tests.user_cnn:SmallCNN --num-classes 3` counts
+    every Ray actor from the copy of the `tests` package that fedcsg shipped with Ray's runtime_env
+    (py_modules; the run starts outside the checkout, and tests/user_cnn.py refuses to be imported by an
+    actor from the checkout, which a cluster's nodes would not have), converted by the run's slice
+    settings, on an ImageFolder of PNG and JPEG images of several sizes (3 classes found from its
+    folders), partitioned, trained and evaluated, every client of every round; each arm's bytes per
+    round are the ones `fedcsg bytes --model tests.user_cnn:SmallCNN --num-classes 3` counts
     without training (the payload to the byte, the wire within the offline messages' framing, as for
     the registry's models)."""
     from fedcsg.cli import main
@@ -451,6 +459,7 @@ def test_a_cnn_of_the_users_own_runs_every_arm_through_ray_with_the_bytes_fedcsg
         for r in record["rounds"]:
             assert r["test_accuracy"] * test == pytest.approx(round(r["test_accuracy"] * test)), (arm, r["round"])
         for r in record["rounds"][1:]:
+            assert (r["failed"], r["partitions"]) == (0, [0, 1]), (arm, r["round"])  # every actor built the model
             assert (r["payload_up"], r["payload_down"]) == (counted[arm]["payload_up"], counted[arm]["payload_down"])
             for way in ("wire_up", "wire_down"):  # the train config's few keys differ offline: < 100 B a message
                 assert 0 <= r[way] - counted[arm][way] < 2 * 100, (arm, way)

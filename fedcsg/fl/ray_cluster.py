@@ -40,7 +40,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from fedcsg.spec.config import RunConfig
@@ -53,16 +53,67 @@ RESOURCES_ENV = "RAY_OVERRIDE_RESOURCES"  # Ray's own: JSON resources a Ray star
 CONNECT_TIMEOUT = 10.0  # seconds to reach a head node's port before the run is refused
 PROBE_TIMEOUT = 120.0  # seconds for a node to answer the pre-run probe (it may have to start a worker)
 PRIVATE_RAY = "local"  # ray.init's address for "start a new local Ray, attach to nothing"
+SHIPPED_EXCLUDES = ("__pycache__",)  # what the shipped code leaves behind (Ray's gitignore-style runtime_env excludes)
 
 
 def init_args(address: str) -> dict[str, Any]:
-    """``ray.init`` arguments for Flower's Ray backend (its ``init_args``) to reach ``address``."""
+    """``ray.init`` arguments (as Flower's Ray backend takes them, its ``init_args``) to reach ``address``."""
     return {
         "address": address or PRIVATE_RAY,
         "logging_level": "ERROR",
         "log_to_driver": True,
         "include_dashboard": False,
     }
+
+
+def init_ray(address: str, code: Sequence[str] = ()) -> None:
+    """Start the private Ray or reach the cluster that ``address`` names (:func:`init_args`) as Flower's
+    Ray backend does, with ``code`` (directories of packages, module files:
+    :func:`~fedcsg.nn.imported_models.code_to_ship`) shipped to every worker by Ray's ``runtime_env``
+    ``py_modules``: Ray zips each, stores it in the cluster's GCS, and every node unpacks it and puts it
+    first on its workers' PYTHONPATH. Flower's backend then finds Ray initialized and runs on it.
+
+    Flower's own ``RayBackend.init_ray`` (flwr 1.41, server/superlink/fleet/vce/backend/raybackend.py)
+    cannot ship code: it calls ``ray.init(runtime_env={"env_vars": {"PYTHONPATH": ...}}, **init_args)``,
+    so ``init_args`` holding a ``runtime_env`` is a TypeError, and it initializes nothing when Ray is
+    initialized already. What it does is done here as it does it: the workers' PYTHONPATH is this
+    process's ``sys.path`` followed by its ``$PYTHONPATH``, which it also exports here.
+
+    Code that Ray cannot ship (its zip over the GCS's 512 MiB, an upload that fails) is a one-line
+    ValueError with Ray's reason.
+    """
+    import ray
+    from ray.exceptions import RuntimeEnvSetupError
+
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    runtime_env: dict[str, Any] = {"env_vars": {"PYTHONPATH": pythonpath}}
+    if code:
+        runtime_env |= {"py_modules": list(code), "excludes": list(SHIPPED_EXCLUDES)}
+    try:
+        ray.init(runtime_env=runtime_env, **init_args(address))
+    except RuntimeEnvSetupError as error:
+        reason = " ".join(str(error.error_message or error).split())
+        raise ValueError(
+            f"the model's code ({', '.join(code)}) is not accepted: Ray could not ship it to its workers ({reason}); "
+            "accepted is a package Ray can zip and store (under 512 MiB; a .rayignore in it leaves files out)"
+        ) from None
+
+
+@contextlib.contextmanager
+def started_ray(address: str, code: Sequence[str] = ()) -> Iterator[None]:
+    """Run the block on the Ray that :func:`init_ray` starts or reaches, shut down (a cluster: left)
+    after it; Flower's engine shuts Ray down itself when it ends, but not when it fails before its
+    backend starts."""
+    import ray
+
+    try:
+        init_ray(address, code)
+        yield
+    finally:
+        ray.shutdown()
 
 
 def set_accelerator_env() -> None:

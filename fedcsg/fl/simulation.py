@@ -19,8 +19,9 @@ from pathlib import Path
 import tomli_w
 
 from fedcsg.fl.flower_logs import REPORTED_CLIENT_ERRORS
-from fedcsg.fl.ray_cluster import dying_with_us, init_args, interruptible, set_accelerator_env
+from fedcsg.fl.ray_cluster import dying_with_us, interruptible, set_accelerator_env, started_ray
 from fedcsg.fl.run_data import partition_rows
+from fedcsg.nn.imported_models import code_to_ship
 from fedcsg.runs.layout import arm_record_path
 from fedcsg.spec.config import RunConfig
 
@@ -48,13 +49,11 @@ def backend_config(cfg: RunConfig) -> dict:
     """Ray backend settings: per-client resources, and the Ray to use (``ray-address``, see
     :mod:`fedcsg.fl.ray_cluster`). On each node Ray runs min(CPUs / num_cpus, GPUs / num_gpus)
     clients at once and sets each actor's OMP_NUM_THREADS to its num_cpus. ``client-num-gpus``
-    must be resolved already (:func:`~fedcsg.fl.ray_cluster.resolve_resources`)."""
+    must be resolved already (:func:`~fedcsg.fl.ray_cluster.resolve_resources`). No ``init_args``:
+    :func:`simulate` starts Ray itself (:func:`~fedcsg.fl.ray_cluster.started_ray`)."""
     if cfg.client_num_gpus == "auto":
         raise ValueError('client-num-gpus = "auto" must be resolved for the cluster before the simulation starts')
-    return {
-        "client_resources": {"num_cpus": cfg.client_num_cpus, "num_gpus": cfg.client_num_gpus},
-        "init_args": init_args(cfg.ray_address),
-    }
+    return {"client_resources": {"num_cpus": cfg.client_num_cpus, "num_gpus": cfg.client_num_gpus}}
 
 
 ENGINE_KEYS = ("num-clients", "client-num-cpus", "client-num-gpus", "ray-address")
@@ -74,6 +73,12 @@ def check_engine(runs: Sequence[RunConfig]) -> RunConfig:
     return runs[0]
 
 
+def user_code(runs: Sequence[RunConfig]) -> list[str]:
+    """The packages and modules of the user's own that the clients of ``runs`` import and that Ray must
+    ship to its workers (:func:`~fedcsg.nn.imported_models.code_to_ship` of each run's model), once each."""
+    return sorted({path for cfg in runs for path in code_to_ship(cfg.model)})
+
+
 def simulate(runs: Sequence[RunConfig], *, verbose: bool = False) -> None:
     """Run every config of ``runs`` in turn (an arm of one seed each, its records in its ``out_dir``)
     in ONE Flower simulation on ``num-clients`` virtual SuperNodes: Ray and its pool of client
@@ -84,6 +89,8 @@ def simulate(runs: Sequence[RunConfig], *, verbose: bool = False) -> None:
     :class:`~fedcsg.runs.records.RunFailed` after its records are written. SIGTERM, like Ctrl-C, ends
     the simulation with KeyboardInterrupt after shutting down what it started
     (:func:`~fedcsg.fl.ray_cluster.interruptible`); the records hold every round completed before.
+    The code of a model of the user's own travels to every Ray worker with the Ray job
+    (:func:`user_code`).
     """
     from flwr.app import ConfigRecord, Context, RecordDict
 
@@ -107,6 +114,7 @@ def simulate(runs: Sequence[RunConfig], *, verbose: bool = False) -> None:
         dying_with_us(first.ray_address),
         interruptible(),
         tempfile.TemporaryDirectory(prefix="fedcsg-app-") as app_dir,
+        started_ray(first.ray_address, user_code(runs)),
     ):
         (Path(app_dir) / "pyproject.toml").write_text(tomli_w.dumps(app_pyproject(first)))
         run = simulation_run()

@@ -3,8 +3,9 @@
 ``package.module:factory``
     The user's own code: ``factory(num_classes, in_channels)`` returns an ``nn.Module`` (a class whose
     constructor takes those two works). The module is imported from the current directory or any
-    installed package, as ``python -m`` would; Flower's Ray backend hands this process's ``sys.path`` to
-    its actors, so virtual clients import it too.
+    installed package, as ``python -m`` would. A simulation ships the code that is not installed
+    (:func:`code_to_ship`) to every Ray worker, on this machine or a cluster, with Ray's
+    ``runtime_env`` (:func:`fedcsg.fl.ray_cluster.init_ray`), so virtual clients import it too.
 ``torchvision:NAME``
     A torchvision classification model, untrained (``torchvision.models.get_model``), for RGB images.
 ``timm:NAME``
@@ -18,8 +19,11 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import site
 import sys
+import sysconfig
 from collections.abc import Callable
+from pathlib import Path
 
 from torch import nn
 
@@ -70,13 +74,46 @@ def imported_builder(name: str) -> Builder:
     return build
 
 
+def code_to_ship(name: str) -> list[str]:
+    """The local code a process on another machine needs in order to import the model ``name``: the
+    directory of the top-level package of the module it names (each portion of a namespace package),
+    or the file of a top-level module. Empty for a registry model, ``torchvision:``/``timm:``, fedcsg's
+    own modules and a package installed in this Python (its site-packages or standard library): every
+    node installs those. A module that does not import is a one-line ValueError (:func:`imported_builder`'s).
+    """
+    match = _SPELLING.match(str(name))
+    if match is None or match["module"] in ("torchvision", "timm"):
+        return []
+    top = match["module"].partition(".")[0]
+    if top == __name__.partition(".")[0]:
+        return []
+    _import(name, match["module"])
+    package = sys.modules[top]
+    paths = list(getattr(package, "__path__", None) or [getattr(package, "__file__", None) or ""])
+    if not all(paths) or any(_installed(Path(path)) for path in paths):
+        return []
+    return [str(Path(path).resolve()) for path in paths]
+
+
+def _installed(path: Path) -> bool:
+    """Whether ``path`` lies in this Python's standard library or one of its site-packages."""
+    homes = {sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+    homes |= {*site.getsitepackages(), site.getusersitepackages()}
+    return any(path.resolve().is_relative_to(Path(home).resolve()) for home in homes)
+
+
 def _import(name: str, module: str) -> object:
-    """``module``, imported with the current directory on ``sys.path`` (where ``python -m`` has it)."""
-    here = os.getcwd()
-    if here not in sys.path:
-        sys.path.insert(0, here)
+    """``module``, imported from ``sys.path`` or else from the current directory (where ``python -m``
+    looks first). A Ray worker finds the shipped copy of the user's code first on its ``sys.path``
+    (:func:`code_to_ship`), never a stale one in the directory its node was started from."""
     try:
-        return importlib.import_module(module)
+        try:
+            return importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if error.name != module.partition(".")[0] or os.getcwd() in sys.path:
+                raise
+            sys.path.insert(0, os.getcwd())
+            return importlib.import_module(module)
     except Exception as error:  # an import error, or any exception the module raises while it runs
         raise ValueError(
             f"model = {name!r} is not accepted: module {module!r} does not import ({type(error).__name__}: {error}); "
