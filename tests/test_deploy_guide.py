@@ -29,6 +29,22 @@ def test_the_page_shows_the_guide_script_byte_for_byte() -> None:
     assert shown == GUIDE.read_text()
 
 
+def test_the_guide_refuses_another_directory_or_an_existing_work_dir_in_one_line(tmp_path: Path) -> None:
+    """Before anything starts: no data directory, a run from elsewhere than the checkout, or an
+    existing WORK is one line on stderr and exit 2."""
+    env = dict(os.environ, WORK=str(tmp_path))
+    cases = [
+        (ROOT, {"FEDCSG_DATA_DIR": ""}, "FEDCSG_DATA_DIR '' is not a directory: set it to the data directory"),
+        (tmp_path, {}, "run this from the fedcsg checkout"),
+        (ROOT, {}, f"{tmp_path} exists: remove it or set WORK"),
+    ]
+    for cwd, changes, message in cases:
+        run_env = env | changes
+        done = subprocess.run(["bash", str(GUIDE)], cwd=cwd, env=run_env, capture_output=True, text=True, timeout=30)
+        assert (done.returncode, done.stdout, done.stderr.count("\n")) == (2, "", 1), done.stderr
+        assert done.stderr.startswith(message)
+
+
 def test_the_guide_script_runs_a_federation_end_to_end(tmp_path: Path) -> None:
     """TLS, node authentication, two SuperNodes with their own ports, an unregistered one refused
     with Flower's own messages, one round, the status from `flwr ls`, the results under the

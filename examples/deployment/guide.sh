@@ -10,7 +10,7 @@
 # docs/deployment.md shows this file verbatim.
 set -euo pipefail
 
-DATA=${FEDCSG_DATA_DIR:?set FEDCSG_DATA_DIR to the data directory (cifar10/*.parquet)}
+DATA=${FEDCSG_DATA_DIR:-}           # the data directory (cifar10/*.parquet), on the server and on each device
 WORK=${WORK:-$PWD/fedcsg-guide}     # certificates, keys, logs, the SuperLink's database and results
 HOST=${HOST:-127.0.0.1}             # where SuperNodes and flwr reach the SuperLink
 LISTEN=${LISTEN:-0.0.0.0}           # where the SuperLink listens
@@ -22,12 +22,19 @@ PER_CLASS=${PER_CLASS:-20}          # test images of each class the device predi
 NAME=${NAME:-edge}                  # flwr's connection name
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1  # fedcsg is installed: no `uv sync` per run
 
+[ -d "$DATA" ] || { echo "FEDCSG_DATA_DIR '$DATA' is not a directory: set it to the data directory" >&2; exit 2; }
 grep -q '^name = "fedcsg"' pyproject.toml 2> /dev/null || { echo "run this from the fedcsg checkout" >&2; exit 2; }
 [ ! -e "$WORK" ] || { echo "$WORK exists: remove it or set WORK" >&2; exit 2; }
 mkdir -p "$WORK/logs" && WORK=$(cd "$WORK" && pwd)
 export FLWR_HOME=$WORK/flwr-home    # flwr's config.toml (default ~/.flwr, left alone here)
 STARTED=()
-trap 'kill "${STARTED[@]}" 2> /dev/null; wait' EXIT
+stop() {  # the processes started here and their children (each one's SuperExec), by PID
+    local pids=("${STARTED[@]}") pid
+    for pid in "${STARTED[@]}"; do pids+=($(pgrep -P "$pid")) || true; done
+    kill "${pids[@]}" 2> /dev/null || true
+    wait
+}
+trap stop EXIT
 step() { echo "== [$SECONDS s] $*"; }
 retry() {  # retry SECONDS WHAT COMMAND...: run COMMAND every second until it succeeds
     local until=$((SECONDS + $1)) what=$2
