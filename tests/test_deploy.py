@@ -44,13 +44,12 @@ from fedcsg.deploy.federation import (
     start_federation,
     wait_for_nodes,
 )
-from fedcsg.deploy.flwr_cli import flwr_env, list_nodes, superlink_command, supernode_command, write_connection
+from fedcsg.deploy.flwr_cli import list_nodes, superlink_command, supernode_command, write_connection
 from fedcsg.fl.task import build_arm_model, payload_layout
 from fedcsg.processes import (
     ProcessRecord,
     adopting_orphans,
     descendants,
-    free_port,
     start_process,
     stop_pids,
     stop_processes,
@@ -253,25 +252,6 @@ def _assert_tls_only(federation: Federation) -> None:
         except (ConnectionResetError, TimeoutError):
             reply = b""
     assert not reply.startswith(b"HTTP/"), reply
-
-
-def test_unregistered_supernode_is_refused(secure_federation: Federation, tmp_path: Path, data_dir: Path) -> None:
-    federation = secure_federation
-    ca = Path(federation.directory) / "certs" / "ca.crt"
-    rogue = make_node_keys(tmp_path / "rogue-keys", 1)[0]  # a valid key pair the SuperLink was never given
-    command = supernode_command(federation.address, 0, 2, free_port(), ca, rogue.private, data_dir=data_dir)
-    process, record = start_process("rogue-supernode", command, tmp_path / "rogue.log", flwr_env(tmp_path))
-    try:
-        returncode = process.wait(timeout=STARTUP_TIMEOUT)
-    finally:
-        stop_processes([record])
-    log = Path(record.log).read_text(errors="replace")
-    assert returncode != 0, log
-    assert "Failed to activate SuperNode" in log
-    superlink_log = Path(federation.processes[0].log).read_text(errors="replace")
-    assert "No SuperNode found with the given public key" in superlink_log
-    nodes = list_nodes(federation.flwr_home, federation.connection)
-    assert {int(n["node-id"]) for n in nodes} == set(federation.node_ids)  # nobody new joined
 
 
 # --------------------------------------------------------------------- certificates and keys
