@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import FedAvg, Result
 
+from fedcsg.fl.client_app import VersionMismatch
 from fedcsg.fl.filter_step import PayloadFilters
 from fedcsg.fl.flower_logs import without_skipped_evaluation_warning
 from fedcsg.fl.privacy import Configure, Privacy
@@ -307,7 +308,17 @@ class CSGFedAvg(FedAvg):
             reason = _short_reason(errors.get(node, "no reply within round-timeout"))
             where = "unknown" if partition is None else partition
             traffic.first_error = traffic.first_error or f"client node {node} (partition {where}) failed: {reason}"
-            log(WARNING, "round %d: client node %d (partition %s) failed: %s", server_round, node, where, reason)
+            versions = VersionMismatch.versions_in(reason)
+            if versions is None:
+                log(WARNING, "round %d: client node %d (partition %s) failed: %s", server_round, node, where, reason)
+                continue
+            traffic.version_mismatch.append(node)
+            theirs, ours = versions
+            log(
+                WARNING,
+                "round %d: node %d refused the run: it runs fedcsg %s, this server fedcsg %s; install fedcsg %s on it",
+                *(server_round, node, theirs, ours, ours),
+            )
         return len(missing) if sent is not None else len(replies) - len(valid)
 
     def aggregate_train(
