@@ -52,6 +52,7 @@ from fedcsg.fl.task import build_arm_model, payload_layout
 from fedcsg.processes import (
     ProcessRecord,
     adopting_orphans,
+    children_of,
     descendants,
     free_port,
     session_pids,
@@ -283,8 +284,9 @@ def test_a_supernode_killed_mid_round_rejoins_under_its_supervisor(secure_federa
     """SuperNode 0's flower-supernode (not its supervisor) is SIGKILLed while its ClientApp trains
     round 1. The supervisor logs the kill and restarts it with backoff; the SuperLink refuses it
     until the stale entry expires, then activates it again, within REJOIN_BOUND seconds of the kill.
-    Round 1 goes on with the node that answers (min-train-nodes 1), round 2 waits for two nodes
-    (min-available-nodes 2) and trains both: the run completes all its rounds."""
+    Round 1 goes on with the node that answers (min-train-nodes 1) without waiting for round-timeout,
+    round 2 waits for two nodes (min-available-nodes 2) and trains both: the run completes all its
+    rounds."""
     federation = secure_federation
     supervisor, node_id = federation.processes[1], federation.node_ids[0]
     superlink_log = Path(federation.processes[0].log)
@@ -296,8 +298,8 @@ def test_a_supernode_killed_mid_round_rejoins_under_its_supervisor(secure_federa
         "min-available-nodes": 2,
         "data-dir": str(Path(federation.directory) / "images" / "server"),
         "out-dir": str(out_dir),
-        # Longer than the rejoin: a node back before the ServerApp saw it offline leaves round 1 to end here.
-        "round-timeout": REJOIN_BOUND + 15,
+        # Far longer than the rejoin: round 1 ends without waiting for it (the test checks).
+        "round-timeout": RUN_TIMEOUT,
     }
     outcome: list[RunOutcome | BaseException] = []
 
@@ -328,8 +330,10 @@ def test_a_supernode_killed_mid_round_rejoins_under_its_supervisor(secure_federa
     rounds = json.loads((out_dir / "arms" / "csg.json").read_text())["rounds"]
     first, second = rounds[1], rounds[2]
     assert (first["sampled"], first["replied"], first["failed"], first["status"]) == (2, 1, 1, "ok"), first
+    # The SuperLink answered for the node while it was offline, or the ServerApp saw it activated again.
     assert f"client node {node_id} " in first["first_error"]
-    assert any(reason in first["first_error"] for reason in ("Node Unavailable", "no reply within round-timeout"))
+    assert any(reason in first["first_error"] for reason in ("Node Unavailable", f"node {node_id} was activated again"))
+    assert first["seconds"] < REJOIN_BOUND + 30 < RUN_TIMEOUT  # not held until round-timeout
     print(f"round 1: {first['seconds']:.1f} s, {first['first_error']}")
     assert (second["sampled"], second["replied"], second["failed"], second["status"]) == (2, 2, 0, "ok"), second
 
@@ -360,9 +364,8 @@ def _wait_for_training(supervisor: int, timeout: float = STARTUP_TIMEOUT) -> int
     """The PID of the flower-supernode below ``supervisor`` once a ClientApp process runs below it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        below = {pid: _cmdline(pid) for pid in descendants(supervisor)}
-        if any("flwr-clientapp" in " ".join(cmd) for cmd in below.values()):
-            return next(pid for pid, cmd in below.items() if cmd and Path(cmd[0]).name == "flower-supernode")
+        if any("flwr-clientapp" in " ".join(_cmdline(pid)) for pid in descendants(supervisor)):
+            return children_of(supervisor)[0]  # the supervisor's one child
         time.sleep(0.2)
     raise AssertionError(f"no ClientApp started below supervisor {supervisor} within {timeout:.0f}s")
 

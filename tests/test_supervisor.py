@@ -1,6 +1,8 @@
-"""The SuperNode supervisor (``fedcsg deploy node``) with trivial children: its backoff schedule, giving
-up, the count starting again after a SuperNode that stayed up, a clean stop on SIGTERM and SIGINT
-(its child and what the child started stopped too), and its command line. The drop of a real
+"""Drops and restarts of SuperNodes, without starting one: the supervisor (``fedcsg deploy node``) with
+trivial children (its backoff schedule, giving up, the count starting again after a SuperNode that
+stayed up, a clean stop on SIGTERM and SIGINT with its child and what the child started, its command
+line), and the ServerApp's wait that gives up on a node activated again mid-round
+(:class:`~fedcsg.fl.node_restarts.RestartAwareGrid`, on a scripted grid). The drop of a real
 SuperNode mid-round is ``tests/test_deploy.py::test_a_supernode_killed_mid_round_rejoins_under_its_supervisor``."""
 
 from __future__ import annotations
@@ -13,11 +15,15 @@ import time
 from pathlib import Path
 
 import pytest
+from flwr.app import Message, MessageType, RecordDict
 
 from fedcsg.deploy import supervisor
 from fedcsg.deploy.federation import Federation
 from fedcsg.deploy.flwr_cli import supernode_args
 from fedcsg.deploy.supervisor import STALE_NODE_SECONDS, Backoff, Supervisor, supervisor_command
+from fedcsg.fl.flower_private import ErrorCode, NodeInfo, offline_task_identity
+from fedcsg.fl.node_restarts import RestartAwareGrid
+from tests.test_reliability import ScriptedGrid
 
 PYTHON = sys.executable
 FAST = dict(initial=0.01, factor=2.0, cap=0.04)  # a schedule of hundredths: the tests do not wait
@@ -199,3 +205,62 @@ def test_deploy_node_runs_the_named_supernode_and_refuses_bad_arguments_in_one_l
         code, _, err = cli("deploy", "node", *args)
         assert code == 2 and err.count("\n") == 1 and error in err, (args, err)
     assert len(started) == 2
+
+
+class ScriptedLink(ScriptedGrid):
+    """A SuperLink's grid, scripted per poll: ``replies[k]`` are the node ids that reply at pull ``k``,
+    ``activations[k]`` the online nodes and when each was last activated, as ``get_nodes`` says then."""
+
+    def __init__(self, replies: list[set[int]], activations: list[dict[int, str]]) -> None:
+        super().__init__(list(activations[0]), lambda *_: None)
+        self.replies, self.activations = replies, activations
+        self.pulls, self.looks, self.pushed = 0, 0, []
+
+    def get_nodes(self) -> list[NodeInfo]:
+        now = self.activations[min(self.looks, len(self.activations) - 1)]
+        self.looks += 1
+        return [NodeInfo(node_id=node, last_activated_at=stamp) for node, stamp in now.items()]
+
+    def push_messages(self, messages) -> list[str]:  # noqa: ANN001
+        for i, message in enumerate(messages):
+            message.metadata.__dict__["_message_id"] = f"m{len(self.pushed) + i}"  # as Flower's grids do
+        self.pushed += list(messages)
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, message_ids) -> list[Message]:  # noqa: ANN001
+        ready = self.replies[min(self.pulls, len(self.replies) - 1)]
+        self.pulls += 1
+        wanted = set(message_ids)
+        return [
+            Message(RecordDict(), reply_to=m)
+            for m in self.pushed
+            if m.metadata.dst_node_id in ready and m.metadata.message_id in wanted
+        ]
+
+    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:  # noqa: ANN001
+        raise NotImplementedError  # RestartAwareGrid waits itself, through push, pull and get_nodes
+
+
+def test_the_serverapp_stops_waiting_for_a_node_activated_again_mid_round() -> None:
+    """Node 1 replies; node 2 is activated again (restarted) before it replied: its message is lost, so
+    the wait gives it an error reply at once; node 3 is offline (gone from get_nodes) and owes its reply
+    until the SuperLink answers for it or the timeout ends the wait; node 4, offline when its message
+    was pushed, comes online and replies (its message waited for it at the SuperLink)."""
+    offline_task_identity()
+    first = {1: "t0", 2: "t0", 3: "t0"}
+    later = {1: "t0", 2: "t9", 4: "t5"}
+    link = ScriptedLink(replies=[set(), {1}, set(), {4}, set()], activations=[first, first, later])
+    grid = RestartAwareGrid(link, poll_seconds=0.01)
+    messages = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN) for node in (1, 2, 3, 4)]
+    started = time.monotonic()
+    replies = list(grid.send_and_receive(messages, timeout=0.5))
+    assert time.monotonic() - started >= 0.5  # node 3 was waited for to the end
+    assert [(r.metadata.src_node_id, r.has_error()) for r in replies] == [(1, False), (2, True), (4, False)]
+    assert replies[1].error.code == ErrorCode.NODE_UNAVAILABLE
+    assert replies[1].error.reason == (
+        "node 2 was activated again at t9, after it was sent this round's message: it restarted or was "
+        "offline, and its reply will not come"
+    )
+    assert list(grid.send_and_receive([], timeout=5)) == [] and len(link.pushed) == 4
+    link = ScriptedLink(replies=[{1, 2, 3, 4}], activations=[first])
+    assert len(list(RestartAwareGrid(link, poll_seconds=10).send_and_receive(messages, timeout=60))) == 4  # no sleep

@@ -211,7 +211,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         federation.stop()
         raise
     security = "TLS + SuperNode authentication" if federation.secure else "INSECURE (no TLS, no node auth)"
-    print(f"SuperLink {federation.address} ({security}); {nodes} SuperNode(s) online")
+    supervised = ", each under `fedcsg deploy node` (restarted whenever it exits)" if args.supervise else ""
+    print(f"SuperLink {federation.address} ({security}); {nodes} SuperNode(s) online{supervised}")
     for record in federation.processes:
         print(f"  {record.role:<12} pid {record.pid:<8} log {record.log}")
     print(f"state: {federation.state_path}")

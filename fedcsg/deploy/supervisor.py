@@ -26,7 +26,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -111,17 +111,14 @@ class Supervisor:
         self,
         command: Sequence[str],
         backoff: Backoff,
-        env: Mapping[str, str] | None = None,
         say: Callable[[str], None] | None = None,
         grace: float = 10.0,
     ) -> None:
         self.command = list(command)
         self.backoff = backoff
-        self.env = None if env is None else dict(env)
         self.say = say or _say
         self.grace = grace
         self.stopping: int | None = None  # the signal that asked us to stop
-        self.child: subprocess.Popen | None = None
 
     @property
     def name(self) -> str:
@@ -141,9 +138,7 @@ class Supervisor:
     def _start(self) -> subprocess.Popen:
         # Its own session: a Ctrl-C reaches the supervisor alone, which stops the child once; what the
         # SuperNode starts (its SuperExec, the ClientApp processes) stays in that session.
-        child = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, env=self.env, start_new_session=True)
-        self.child = child
-        return child
+        return subprocess.Popen(self.command, stdin=subprocess.DEVNULL, start_new_session=True)
 
     def _stop_session(self, child: subprocess.Popen) -> None:
         """Stop ``child`` (SIGTERM, SIGKILL after ``grace``) and whatever is left of its session: a
@@ -197,12 +192,12 @@ def _say(text: str) -> None:
     print(f"{stamp} UTC {PROG}: {text}", file=sys.stderr, flush=True)
 
 
-def supervise(command: Sequence[str], backoff: Backoff, env: Mapping[str, str] | None = None) -> int:
+def supervise(command: Sequence[str], backoff: Backoff) -> int:
     """Run ``command`` (a ``flower-supernode`` command line) until SIGTERM or SIGINT, restarting it by
     ``backoff`` whenever it exits; each start, exit (its code or signal) and restart is one line on
     stderr. Returns 0 when stopped by a signal (the child stopped with SIGTERM, SIGKILL after 10 s),
     1 when it gave up. Call it from the main thread (it installs the signal handlers)."""
-    supervisor = Supervisor(command, backoff, env)
+    supervisor = Supervisor(command, backoff)
     previous = {signum: signal.signal(signum, supervisor.request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         return supervisor.run()
@@ -249,6 +244,8 @@ def command_of(args: argparse.Namespace) -> list[str]:
         if args.superlink is not None:
             raise ValueError("--dir and --superlink are not accepted together: name a federation or a SuperLink")
         commands = Federation.load(args.dir).node_commands
+        if not commands:
+            raise ValueError(f"the federation in {args.dir!r} records no SuperNode commands: start it with `deploy up`")
         if args.node is None or not 0 <= args.node < len(commands):
             given = "missing" if args.node is None else f"{args.node} is not accepted"
             raise ValueError(f"--node {given}: the federation in {args.dir!r} has SuperNodes 0..{len(commands) - 1}")
