@@ -321,6 +321,37 @@ def test_a_node_on_another_fedcsg_is_named_by_the_server_in_one_line_and_recorde
     assert VersionMismatch.versions_in("client node 5 failed: the client raised") is None
 
 
+def test_the_superlinks_reply_for_a_silent_node_is_that_nodes_failure() -> None:
+    """The SuperLink answers for a node whose heartbeat expired with an error reply of its own (its
+    source is the SuperLink, it answers the node's message): the round records that node's failure
+    with the SuperLink's reason, not a timeout."""
+    from fedcsg.fl.flower_private import SUPERLINK_NODE_ID
+
+    _, layout, initial = _small()
+    good = _shifted(initial, 1e-3)
+    unavailable = "Error: Node Unavailable - the destination node failed to report a heartbeat"
+
+    class SuperLinkGrid(ScriptedGrid):
+        def send_and_receive(self, messages, *, timeout=None) -> list[Message]:  # noqa: ANN001
+            replies = []
+            for i, message in enumerate(messages):
+                message.metadata.__dict__["_message_id"] = f"m{i}"  # as Flower's grids do when they push
+                if message.metadata.dst_node_id == 13:
+                    reply = Message(Error(code=5, reason=unavailable), reply_to=message)
+                    reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+                else:
+                    reply = Message(_reply(good, 10, 0), reply_to=message)
+                replies.append(reply)
+            return replies
+
+    strategy = CSGFedAvg(layout, lr_fn=lambda r: 0.1, min_replies=1, fraction_train=1.0, min_train_nodes=1)
+    _run_rounds(strategy, SuperLinkGrid([71, 13], lambda *_: None), initial, num_rounds=1)
+    traffic = strategy.traffic[1]
+    assert (traffic.replied, traffic.failed, traffic.status) == (1, 1, "ok")
+    assert traffic.first_error.startswith("client node 13 (partition ")
+    assert traffic.first_error.endswith(f"failed: {unavailable}")
+
+
 class RunGrid(ScriptedGrid):
     """A :class:`ScriptedGrid` with a run (no app bundle), as the ServerApp asks its grid for one."""
 
