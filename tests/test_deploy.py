@@ -1,5 +1,5 @@
 """Deployment on Flower's engine: a real SuperLink with TLS and SuperNode authentication, two
-SuperNodes on 127.0.0.1, two rounds of the csg arm, a refused unregistered SuperNode; plus the
+SuperNodes on 127.0.0.1, two rounds of the csg arm (an unregistered SuperNode is refused in tests/test_deploy_guide.py); plus the
 certificate, key, command, relay and process helpers behind them.
 
 Every process is started on free ports with a temporary FLWR_HOME and stopped by its own PID
@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import ssl
 import stat
@@ -39,17 +40,21 @@ from fedcsg.deploy.federation import (
     INSECURE_WARNING,
     Federation,
     FederationPlan,
+    RunOutcome,
     run_app,
     run_config_text,
     start_federation,
     wait_for_nodes,
 )
 from fedcsg.deploy.flwr_cli import list_nodes, superlink_command, supernode_command, write_connection
+from fedcsg.deploy.supervisor import STALE_NODE_SECONDS, Backoff, supervisor_command
 from fedcsg.fl.task import build_arm_model, payload_layout
 from fedcsg.processes import (
     ProcessRecord,
     adopting_orphans,
+    children_of,
     descendants,
+    session_pids,
     start_process,
     stop_pids,
     stop_processes,
@@ -81,6 +86,9 @@ def _cli(argv: list[str]) -> int:
 
 # Each SuperNode's own ImageFolder (3 classes; train images per class, drawn from its seed) and the
 # server's test folder: different images everywhere.
+# Two rounds of csg on the ImageFolders, on the CPU: the runs of the module's federation.
+TWO_ROUNDS_OF_CSG = {"arm": "csg", "dataset": "imagefolder", "image-size": 16, "num-rounds": 2, "num-clients": 2}
+TWO_ROUNDS_OF_CSG |= {"test-limit": 0, "batch-size": 8, "device": "cpu"}
 NODE_IMAGES = ((4, 1), (6, 2))  # (train images per class, seed) of SuperNode 0 and 1
 SERVER_IMAGES = (1, 4, 3)  # train and test images per class, seed
 
@@ -141,7 +149,10 @@ def test_secure_federation_runs_two_rounds_of_csg(secure_federation: Federation)
     assert federation.secure and len(federation.node_ids) == 2
     superlink = federation.processes[0]
     assert "--enable-supernode-auth" in superlink.command and "--insecure" not in superlink.command
-    assert all("--auth-supernode-private-key" in p.command for p in federation.processes[1:])
+    assert all("--auth-supernode-private-key" in command for command in federation.node_commands)
+    # Each SuperNode runs under its supervisor (`fedcsg deploy node --dir DIR --node I`).
+    supervisors = [p.command for p in federation.processes[1:]]
+    assert supervisors == [supervisor_command(federation.directory, i) for i in range(2)]
     assert {int(n["node-id"]) for n in list_nodes(federation.flwr_home, federation.connection)} == set(
         federation.node_ids
     )
@@ -150,14 +161,7 @@ def test_secure_federation_runs_two_rounds_of_csg(secure_federation: Federation)
     out_dir = Path(federation.directory) / "run"
     server = Path(federation.directory) / "images" / "server"
     run_config = {
-        "arm": "csg",
-        "dataset": "imagefolder",
-        "image-size": 16,
-        "num-rounds": 2,
-        "num-clients": 2,
-        "test-limit": 0,
-        "batch-size": 8,
-        "device": "cpu",
+        **TWO_ROUNDS_OF_CSG,
         "data-dir": str(server),
         "out-dir": str(out_dir),
         "round-timeout": RUN_TIMEOUT,
@@ -252,6 +256,107 @@ def _assert_tls_only(federation: Federation) -> None:
         except (ConnectionResetError, TimeoutError):
             reply = b""
     assert not reply.startswith(b"HTTP/"), reply
+
+
+# The stale-node expiry, the longest wait, and 60 s for the refused SuperNodes' start-ups on a loaded machine.
+REJOIN_BOUND = STALE_NODE_SECONDS + Backoff().cap + 60.0
+
+
+def test_a_supernode_killed_mid_round_rejoins_under_its_supervisor(secure_federation: Federation) -> None:
+    """SuperNode 0's flower-supernode (not its supervisor) is SIGKILLed while its ClientApp trains
+    round 1. The supervisor logs the kill and restarts it with backoff; the SuperLink refuses it
+    until the stale entry expires, then activates it again, within REJOIN_BOUND seconds of the kill.
+    Round 1 goes on with the node that answers (min-train-nodes 1) without waiting for round-timeout,
+    round 2 waits for two nodes (min-available-nodes 2) and trains both: the run completes all its
+    rounds."""
+    federation = secure_federation
+    supervisor, node_id = federation.processes[1], federation.node_ids[0]
+    superlink_log = Path(federation.processes[0].log)
+    activations = superlink_log.read_text(errors="replace").count(f"Activated node_id={node_id}")
+    out_dir = Path(federation.directory) / "drop-run"
+    run_config = {
+        **TWO_ROUNDS_OF_CSG,
+        "min-train-nodes": 1,
+        "min-available-nodes": 2,
+        "data-dir": str(Path(federation.directory) / "images" / "server"),
+        "out-dir": str(out_dir),
+        # Far longer than the rejoin: round 1 ends without waiting for it (the test checks).
+        "round-timeout": RUN_TIMEOUT,
+    }
+    outcome: list[RunOutcome | BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(run_app(federation, ROOT, run_config, timeout=RUN_TIMEOUT + REJOIN_BOUND))
+        except BaseException as error:  # noqa: BLE001 - handed to the test's thread
+            outcome.append(error)
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    supernode = _wait_for_training(supervisor.pid)
+    os.kill(supernode, signal.SIGKILL)
+    killed = time.monotonic()
+    while superlink_log.read_text(errors="replace").count(f"Activated node_id={node_id}") == activations:
+        assert time.monotonic() - killed < REJOIN_BOUND, Path(supervisor.log).read_text(errors="replace")[-2000:]
+        time.sleep(0.5)
+    rejoined = time.monotonic() - killed
+    print(f"SuperNode 0 rejoined {rejoined:.1f} s after its SIGKILL")
+    supervision = Path(supervisor.log).read_text(errors="replace")
+    assert f"flower-supernode (pid {supernode}) killed by SIGKILL after " in supervision
+    assert "; restart 1 of 20 in 1 s" in supervision
+    assert not session_pids(supernode)  # what the killed SuperNode started is gone too
+    runner.join(timeout=RUN_TIMEOUT + REJOIN_BOUND)
+    assert outcome and isinstance(outcome[0], RunOutcome), outcome
+    log = Path(outcome[0].log).read_text(errors="replace")
+    assert (outcome[0].status, outcome[0].sub_status) == ("finished", "completed"), log[-2000:]
+    rounds = json.loads((out_dir / "arms" / "csg.json").read_text())["rounds"]
+    first, second = rounds[1], rounds[2]
+    assert (first["sampled"], first["replied"], first["failed"], first["status"]) == (2, 1, 1, "ok"), first
+    # The SuperLink answered for the node while it was offline, or the ServerApp saw it activated again.
+    assert f"client node {node_id} " in first["first_error"]
+    assert any(reason in first["first_error"] for reason in ("Node Unavailable", f"node {node_id} was activated again"))
+    assert first["seconds"] < REJOIN_BOUND + 30 < RUN_TIMEOUT  # not held until round-timeout
+    print(f"round 1: {first['seconds']:.1f} s, {first['first_error']}")
+    assert (second["sampled"], second["replied"], second["failed"], second["status"]) == (2, 2, 0, "ok"), second
+
+
+def test_rotate_key_gives_a_supernode_a_new_key_and_revokes_the_old(secure_federation: Federation, cli) -> None:
+    """`fedcsg deploy rotate-key`: the new public key is registered (a new node id), the node's
+    flower-supernode restarts with it under its supervisor and comes online, and the old node id is
+    unregistered (the SuperLink forgets the old key); federation.json names the new id."""
+    federation = secure_federation
+    key = Path(federation.directory) / "keys" / "node-1.key"
+    before, old_id = key.read_bytes(), federation.node_ids[1]
+    code, out, err = cli("deploy", "rotate-key", "--dir", federation.directory, "--node", "1")
+    assert code == 0, err
+    new_id = Federation.load(federation.directory).node_ids[1]
+    federation.node_ids[1] = new_id  # the fixture's view, for the tests after this one
+    assert out == f"SuperNode 1: new key registered as node {new_id}, online; old node {old_id} unregistered\n"
+    assert new_id != old_id and key.read_bytes() != before and stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert not list(key.parent.glob("*.next"))
+    statuses = {int(n["node-id"]): str(n["status"]) for n in list_nodes(federation.flwr_home, federation.connection)}
+    assert statuses[new_id] == "online" and statuses.get(old_id, "unregistered") == "unregistered", statuses
+    supervision = Path(federation.processes[2].log).read_text(errors="replace")
+    assert ") exited with code 0 after " in supervision and "; restart 1 of 20 in 1 s" in supervision
+    code, _, err = cli("deploy", "rotate-key", "--dir", federation.directory, "--node", "2")
+    assert code == 2 and err.count("\n") == 1 and "node 2 is not accepted: the federation in " in err
+
+
+def _wait_for_training(supervisor: int, timeout: float = STARTUP_TIMEOUT) -> int:
+    """The PID of the flower-supernode below ``supervisor`` once a ClientApp process runs below it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any("flwr-clientapp" in " ".join(_cmdline(pid)) for pid in descendants(supervisor)):
+            return children_of(supervisor)[0]  # the supervisor's one child
+        time.sleep(0.2)
+    raise AssertionError(f"no ClientApp started below supervisor {supervisor} within {timeout:.0f}s")
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return [p.decode(errors="replace") for p in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if p]
+    except OSError:
+        return []
 
 
 # --------------------------------------------------------------------- certificates and keys
@@ -423,6 +528,10 @@ def test_deploy_up_gives_each_supernode_its_own_data(tmp_path: Path, cli, monkey
     with pytest.raises(RuntimeError, match="not starting"):
         _cli(up)
     assert plans[0].nodes == 2 and plans[0].node_data == tuple(map(str, folders))
+    assert plans[0].supervise  # each SuperNode under `deploy node`, unless --no-supervise
+    with pytest.raises(RuntimeError, match="not starting"):
+        _cli([*up, "--no-supervise"])
+    assert not plans[1].supervise
     node = supernode_command("127.0.0.1:9999", None, 2, 9100, None, None, data_dir=folders[1])
     assert node[node.index("--node-config") + 1] == f'data-dir="{folders[1]}"'
     code, _, err = cli(*up, "--nodes", "3")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -243,6 +244,8 @@ def test_export_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert set(files) == {"compact", "torchscript", "onnx"}
     assert Path(files["onnx"]["path"]).name == "ckpt.onnx" and Path(files["torchscript"]["path"]).name == "ckpt.pt"
     assert files["compact"]["bytes"] < files["onnx"]["bytes"]
+    for row in files.values():  # what `sha256sum FILE` prints on the device after copying it
+        assert row["sha256"] == hashlib.sha256(Path(row["path"]).read_bytes()).hexdigest()
     out = tmp_path / "x" / "model.onnx"
     assert _cli(["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(out)]) == 0
     assert out.is_file()

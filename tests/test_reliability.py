@@ -29,7 +29,7 @@ from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 from flwr.serverapp import Grid
 
 from fedcsg.cli import main
-from fedcsg.fl.client_app import injected_fault
+from fedcsg.fl.client_app import VersionMismatch, injected_fault
 from fedcsg.fl.flower_private import offline_task_identity
 from fedcsg.fl.server_app import recorded_config
 from fedcsg.fl.strategy import CSGFedAvg, sample_positions
@@ -285,6 +285,71 @@ def test_failed_clients_are_counted_and_the_round_aggregates_the_rest() -> None:
     assert traffic.replied + traffic.failed == traffic.sampled
     assert traffic.partitions == [0, 2] and sorted(traffic.failed_partitions) == [1, 3]
     assert traffic.status == "ok" and _equal(seen[1], good)
+
+
+def test_a_node_on_another_fedcsg_is_named_by_the_server_in_one_line_and_recorded(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A node whose fedcsg differs refuses the round (its ClientApp's VersionMismatch, as Flower hands
+    the server a ClientApp's exception); the server logs one line naming the node and both versions,
+    records the node in ``version_mismatch`` and aggregates the others; other failures are not
+    mistaken for it."""
+    _, layout, initial = _small()
+    good = _shifted(initial, 1e-3)
+    nodes = [71, 13, 5]
+    refusal = VersionMismatch.of("0.0.9", "0.1.0")
+    flower_wrapped = (
+        "<class 'flwr.clientapp.client_app.ClientAppException'>:<'Exception ClientAppException occurred. "
+        f"Message: {refusal}'>"
+    )
+
+    def respond(pos: int, node: int, msg: Message) -> RecordDict | Error | None:
+        if pos == 1:
+            return Error(code=2, reason=flower_wrapped)
+        return Error(code=2, reason="the client raised") if pos == 2 else _reply(good, 10, pos)
+
+    strategy = CSGFedAvg(layout, lr_fn=lambda r: 0.1, min_replies=1, fraction_train=1.0, min_train_nodes=1)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        _run_rounds(strategy, ScriptedGrid(nodes, respond), initial, num_rounds=1)
+    traffic = strategy.traffic[1]
+    assert (traffic.replied, traffic.failed, traffic.version_mismatch, traffic.status) == (1, 2, [13], "ok")
+    lines = [r.getMessage() for r in caplog.records if "refused the run" in r.getMessage()]
+    assert lines == [
+        "round 1: node 13 refused the run: it runs fedcsg 0.0.9, this server fedcsg 0.1.0; install fedcsg 0.1.0 on it"
+    ]
+    assert VersionMismatch.versions_in(str(refusal)) == ("0.0.9", "0.1.0")
+    assert VersionMismatch.versions_in("client node 5 failed: the client raised") is None
+
+
+def test_the_superlinks_reply_for_a_silent_node_is_that_nodes_failure() -> None:
+    """The SuperLink answers for a node whose heartbeat expired with an error reply of its own (its
+    source is the SuperLink, it answers the node's message): the round records that node's failure
+    with the SuperLink's reason, not a timeout."""
+    from fedcsg.fl.flower_private import SUPERLINK_NODE_ID
+
+    _, layout, initial = _small()
+    good = _shifted(initial, 1e-3)
+    unavailable = "Error: Node Unavailable - the destination node failed to report a heartbeat"
+
+    class SuperLinkGrid(ScriptedGrid):
+        def send_and_receive(self, messages, *, timeout=None) -> list[Message]:  # noqa: ANN001
+            replies = []
+            for i, message in enumerate(messages):
+                message.metadata.__dict__["_message_id"] = f"m{i}"  # as Flower's grids do when they push
+                if message.metadata.dst_node_id == 13:
+                    reply = Message(Error(code=5, reason=unavailable), reply_to=message)
+                    reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+                else:
+                    reply = Message(_reply(good, 10, 0), reply_to=message)
+                replies.append(reply)
+            return replies
+
+    strategy = CSGFedAvg(layout, lr_fn=lambda r: 0.1, min_replies=1, fraction_train=1.0, min_train_nodes=1)
+    _run_rounds(strategy, SuperLinkGrid([71, 13], lambda *_: None), initial, num_rounds=1)
+    traffic = strategy.traffic[1]
+    assert (traffic.replied, traffic.failed, traffic.status) == (1, 1, "ok")
+    assert traffic.first_error.startswith("client node 13 (partition ")
+    assert traffic.first_error.endswith(f"failed: {unavailable}")
 
 
 class RunGrid(ScriptedGrid):

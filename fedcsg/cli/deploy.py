@@ -7,6 +7,7 @@ with a one-line message (``fedcsg`` prints it and exits 2).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 from fedcsg.cli.args import integer, port, positive_int
+from fedcsg.deploy import supervisor
 from fedcsg.deploy.credentials import MAX_NODES
 
 EXPORT_CHOICES = ("compact", "torchscript", "onnx", "all")
@@ -35,7 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     export.set_defaults(handler=cmd_export)
 
     deploy = sub.add_parser("deploy", help="TLS certificates, SuperNode keys, and a SuperLink with SuperNodes")
-    actions = deploy.add_subparsers(dest="deploy_action", required=True, metavar="{certs,keys,up,down,status,run}")
+    actions = deploy.add_subparsers(
+        dest="deploy_action", required=True, metavar="{certs,keys,up,down,status,run,node,rotate-key}"
+    )
 
     certs = actions.add_parser("certs", help="make a CA, a SuperLink certificate and SuperNode certificates")
     certs.add_argument("--out", required=True, help="directory for ca.crt, server.crt/.key, node-I.crt/.key")
@@ -81,6 +85,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="NO TLS and NO SuperNode authentication (debugging on a trusted loopback only)",
     )
+    up.add_argument(
+        "--no-supervise",
+        dest="supervise",
+        action="store_false",
+        help="start bare SuperNodes, not each under `deploy node` (which restarts it whenever it exits)",
+    )
     up.set_defaults(handler=cmd_up)
 
     down = actions.add_parser("down", help="stop the processes `deploy up` started (by PID)")
@@ -98,6 +108,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--timeout", type=float, default=3600.0)
     run.set_defaults(handler=cmd_run)
 
+    node = actions.add_parser(
+        "node",
+        help="run one SuperNode and restart it whenever it exits (exponential backoff; a device's supervisor)",
+    )
+    supervisor.add_arguments(node)
+    node.set_defaults(handler=cmd_node)
+
+    rotate = actions.add_parser(
+        "rotate-key", help="give a running SuperNode a new key pair: register it, restart the node, revoke the old"
+    )
+    rotate.add_argument("--dir", required=True)
+    rotate.add_argument("--node", type=integer, required=True, help="the SuperNode's index (0-based)")
+    rotate.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the node to come back")
+    rotate.set_defaults(handler=cmd_rotate_key)
+
 
 # ------------------------------------------------------------------------------------- export
 
@@ -114,7 +139,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     formats = EXPORT_FORMATS if args.export_format == "all" else (args.export_format,)
     info, paths = export_checkpoint(checkpoint, formats, args.out, run_config=run_config, arm=args.arm)
     rows = [
-        {"format": fmt, "path": str(path), "bytes": path.stat().st_size}
+        {"format": fmt, "path": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
         for fmt, path in zip(formats, paths, strict=True)
     ]
     result = {"checkpoint": str(checkpoint), "model": info.model, "arm": info.arm, "files": rows}
@@ -123,11 +148,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         print(f"{info.model} ({info.arm}) from {checkpoint}")
         for row in rows:
-            print(f"  {row['format']:<12}{row['bytes']:>12,} bytes  {row['path']}")
+            print(f"  {row['format']:<12}{row['bytes']:>12,} bytes  {row['path']}  sha256 {row['sha256']}")
     return 0
 
 
 # ------------------------------------------------------------------------------------- deploy
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, as ``sha256sum`` prints it: what a device checks a copied model file against."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -171,6 +202,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         connection=args.connection,
         flwr_home=args.flwr_home,
         insecure=args.insecure,
+        supervise=args.supervise,
     )
     federation = start_federation(plan)
     try:
@@ -179,7 +211,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         federation.stop()
         raise
     security = "TLS + SuperNode authentication" if federation.secure else "INSECURE (no TLS, no node auth)"
-    print(f"SuperLink {federation.address} ({security}); {nodes} SuperNode(s) online")
+    supervised = ", each under `fedcsg deploy node` (restarted whenever it exits)" if args.supervise else ""
+    print(f"SuperLink {federation.address} ({security}); {nodes} SuperNode(s) online{supervised}")
     for record in federation.processes:
         print(f"  {record.role:<12} pid {record.pid:<8} log {record.log}")
     print(f"state: {federation.state_path}")
@@ -219,3 +252,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     outcome = run_app(federation, Path(args.app).resolve(), args.run_config, timeout=args.timeout)
     print(f"run {outcome.run_id}: {outcome.status}:{outcome.sub_status} in {outcome.seconds:.0f}s (log {outcome.log})")
     return 0 if (outcome.status, outcome.sub_status) == ("finished", "completed") else 1
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    return supervisor.run_node(args)
+
+
+def cmd_rotate_key(args: argparse.Namespace) -> int:
+    from fedcsg.deploy.federation import Federation, rotate_key
+
+    old_id, new_id = rotate_key(Federation.load(args.dir), args.node, timeout=args.wait)
+    print(f"SuperNode {args.node}: new key registered as node {new_id}, online; old node {old_id} unregistered")
+    return 0

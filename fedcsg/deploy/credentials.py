@@ -222,22 +222,29 @@ def make_node_keys(out_dir: str | Path, count: int, overwrite: bool = False) -> 
     (:func:`register_nodes`); the SuperNode signs its requests with the private key
     (``flower-supernode --auth-supernode-private-key``).
     """
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
     check_nodes(count, minimum=1)
     keys = node_keys_in(out_dir, count)
     existing = [k.private for k in keys if k.private.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{str(existing[0])!r} exists; pass overwrite (--overwrite) to replace the node keys")
     for i, key in enumerate(keys):
-        private = ec.generate_private_key(ec.SECP384R1())
-        _write_private(
-            key.private,
-            private.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-            ),
-        )
-        public = private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-        key.public.write_bytes(public + f" fedcsg-node-{i}\n".encode())
+        write_node_key(key, f"fedcsg-node-{i}")
     return keys
+
+
+def write_node_key(key: NodeKey, comment: str) -> NodeKey:
+    """Write a new EC P-384 key pair to ``key``'s files (the private half 0600, OpenSSH format, as
+    ``ssh-keygen -t ecdsa -b 384`` writes it; ``comment`` ends the public line)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    private = ec.generate_private_key(ec.SECP384R1())
+    _write_private(
+        key.private,
+        private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ),
+    )
+    public = private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    key.public.write_bytes(public + f" {comment}\n".encode())
+    return key

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,6 +21,7 @@ from fedcsg.deploy.credentials import (
     make_certificates,
     make_node_keys,
     node_keys_in,
+    write_node_key,
 )
 from fedcsg.deploy.flwr_cli import (
     flwr_cli,
@@ -28,10 +31,12 @@ from fedcsg.deploy.flwr_cli import (
     register_nodes,
     superlink_command,
     supernode_command,
+    unregister_node,
     write_connection,
 )
+from fedcsg.deploy.supervisor import supervisor_command
 from fedcsg.io import check_schema, read_json_object
-from fedcsg.processes import ProcessRecord, free_port, start_process, stop_processes, wait_for_port
+from fedcsg.processes import ProcessRecord, children_of, free_port, start_process, stop_processes, wait_for_port
 
 STATE_FILE = "federation.json"
 FEDERATION_SCHEMA = {  # federation.json's fields and their JSON types (fedcsg.io.check_schema)
@@ -42,6 +47,7 @@ FEDERATION_SCHEMA = {  # federation.json's fields and their JSON types (fedcsg.i
     "fleet_address": str,
     "secure": bool,
     "node_ids?": [int],
+    "node_commands?": [[str]],
     "processes?": [{"role": str, "pid": int, "command": [str], "log": str}],
 }
 INSECURE_WARNING = (
@@ -74,6 +80,9 @@ class Federation:
         TLS and SuperNode authentication on.
     node_ids
         The node IDs the SuperLink assigned to the registered keys.
+    node_commands
+        Each SuperNode's ``flower-supernode`` command line (what its supervisor runs, or what was
+        started itself when unsupervised).
     processes
         What was started, in start order.
     """
@@ -85,6 +94,7 @@ class Federation:
     fleet_address: str
     secure: bool
     node_ids: list[int] = field(default_factory=list)
+    node_commands: list[list[str]] = field(default_factory=list)
     processes: list[ProcessRecord] = field(default_factory=list)
 
     @property
@@ -153,6 +163,10 @@ class FederationPlan:
     env
         Extra environment for every process (e.g. ``OMP_NUM_THREADS``); the ClientApp and ServerApp
         processes Flower starts inherit it.
+    supervise
+        Run each SuperNode under a supervisor (:mod:`~fedcsg.deploy.supervisor`) that restarts it
+        whenever it exits, so that the federation survives a node's drop; False starts the bare
+        ``flower-supernode`` processes (a benchmark that measures or caps exactly those).
     """
 
     directory: str | Path
@@ -168,6 +182,7 @@ class FederationPlan:
     register: bool = True
     runtime_tls: bool = True
     env: Mapping[str, str] | None = None
+    supervise: bool = True
 
     def __post_init__(self) -> None:
         if self.node_data and len(self.node_data) != self.nodes:
@@ -239,21 +254,13 @@ def start_federation(plan: FederationPlan, startup_timeout: float = 60.0) -> Fed
         write_connection(flwr_home, plan.connection, address, None if tls is None else tls.ca_cert, plan.insecure)
         if tls is not None and plan.register:
             federation.node_ids = register_nodes(flwr_home, plan.connection, keys)
-        for i in range(plan.nodes):
-            runtime_tls = None
-            if tls is not None and plan.runtime_tls:
-                runtime_tls = (*tls.node_certs[i], tls.ca_cert)
-            command = supernode_command(
-                federation.fleet_address,
-                i if not plan.node_data else None,
-                plan.nodes,
-                free_port(),
-                None if tls is None else tls.ca_cert,
-                None if tls is None else keys[i].private,
-                data_dir=plan.node_data[i] if plan.node_data else plan.data_dir,
-                runtime_tls=runtime_tls,
-            )
-            process, record = start_process(f"supernode-{i}", command, directory / "logs" / f"supernode-{i}.log", env)
+        federation.node_commands = [
+            plan_node_command(plan, federation.fleet_address, tls, keys, i) for i in range(plan.nodes)
+        ]
+        federation.save()
+        for i, command in enumerate(federation.node_commands):
+            started = supervisor_command(directory, i) if plan.supervise else command
+            process, record = start_process(f"supernode-{i}", started, directory / "logs" / f"supernode-{i}.log", env)
             federation.processes.append(record)
             federation.save()
         return federation
@@ -262,16 +269,76 @@ def start_federation(plan: FederationPlan, startup_timeout: float = 60.0) -> Fed
         raise
 
 
-def wait_for_nodes(federation: Federation, count: int, timeout: float = 60.0) -> list[dict[str, Any]]:
-    """Wait until ``count`` SuperNodes are online at the SuperLink; returns ``flwr supernode ls``."""
+def plan_node_command(
+    plan: FederationPlan, fleet_address: str, tls: TlsFiles | None, keys: list[NodeKey], i: int
+) -> list[str]:
+    """The ``flower-supernode`` command of the plan's SuperNode ``i``: its partition or its own data,
+    a free Runtime API port, TLS and its key unless insecure."""
+    runtime_tls = None
+    if tls is not None and plan.runtime_tls:
+        runtime_tls = (*tls.node_certs[i], tls.ca_cert)
+    return supernode_command(
+        fleet_address,
+        i if not plan.node_data else None,
+        plan.nodes,
+        free_port(),
+        None if tls is None else tls.ca_cert,
+        None if tls is None else keys[i].private,
+        data_dir=plan.node_data[i] if plan.node_data else plan.data_dir,
+        runtime_tls=runtime_tls,
+    )
+
+
+def wait_for_nodes(
+    federation: Federation, count: int, timeout: float = 60.0, node_ids: set[int] | None = None
+) -> list[dict[str, Any]]:
+    """Wait until ``count`` SuperNodes (of ``node_ids``, when given) are online at the SuperLink;
+    returns ``flwr supernode ls``."""
     deadline = time.monotonic() + timeout
     nodes: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
         nodes = list_nodes(federation.flwr_home, federation.connection)
-        if sum(1 for n in nodes if str(n.get("status", "")).lower() == "online") >= count:
+        online = [n for n in nodes if str(n.get("status", "")).lower() == "online"]
+        if sum(1 for n in online if node_ids is None or int(n["node-id"]) in node_ids) >= count:
             return nodes
         time.sleep(1.0)
     raise RuntimeError(f"{count} SuperNode(s) not online within {timeout:.0f}s: {nodes}")
+
+
+def rotate_key(federation: Federation, node: int, timeout: float = 120.0) -> tuple[int, int]:
+    """Give SuperNode ``node`` a new key pair and revoke the old one; returns ``(old id, new id)``.
+
+    The new public key is registered first (the SuperLink gives it a new node id), then replaces the
+    node's key files; the node's flower-supernode is stopped with SIGTERM (it deactivates itself) and
+    its supervisor starts it again, now with the new key; once the new node id is online the old one
+    is unregistered. Raises ValueError for an insecure federation or a node without a supervisor.
+    """
+    if not federation.secure:
+        raise ValueError(f"the federation in {federation.directory!r} is insecure: its SuperNodes have no keys")
+    if not 0 <= node < len(federation.node_commands):
+        raise ValueError(
+            f"node {node} is not accepted: the federation in {federation.directory!r} has SuperNodes "
+            f"0..{len(federation.node_commands) - 1}"
+        )
+    record = next(p for p in federation.processes if p.role == f"supernode-{node}")
+    if record.command[1:] != supervisor_command(federation.directory, node)[1:] or not record.alive():
+        raise ValueError(f"SuperNode {node} does not run under a supervisor (`deploy up` without --no-supervise)")
+    command = federation.node_commands[node]
+    private = Path(command[command.index("--auth-supernode-private-key") + 1])
+    key = NodeKey(private, private.with_name(private.name + ".pub"))
+    following = NodeKey(key.private.with_suffix(".next"), key.public.with_suffix(".next"))
+    write_node_key(following, f"fedcsg-{private.stem}")
+    old_id = federation.node_ids[node]
+    new_id = register_nodes(federation.flwr_home, federation.connection, [following])[0]
+    following.private.replace(key.private)
+    following.public.replace(key.public)
+    for pid in children_of(record.pid):  # the supervisor's one child: the flower-supernode
+        os.kill(pid, signal.SIGTERM)
+    wait_for_nodes(federation, 1, timeout, node_ids={new_id})
+    unregister_node(federation.flwr_home, federation.connection, old_id)
+    federation.node_ids[node] = new_id
+    federation.save()
+    return old_id, new_id
 
 
 def run_config_text(values: Mapping[str, Any] | str) -> str:

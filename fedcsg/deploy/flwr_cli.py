@@ -95,6 +95,12 @@ def register_nodes(flwr_home: str | Path, connection: str, keys: Sequence[NodeKe
     return ids
 
 
+def unregister_node(flwr_home: str | Path, connection: str, node_id: int) -> None:
+    """Revoke a SuperNode: the SuperLink forgets its public key and refuses it from now on
+    (``flwr supernode unregister``)."""
+    flwr_cli(["supernode", "unregister", str(node_id), connection, "--format", "json"], flwr_home)
+
+
 def list_nodes(flwr_home: str | Path, connection: str) -> list[dict[str, Any]]:
     """The SuperNodes the SuperLink knows (``flwr supernode ls --format json``)."""
     result = flwr_cli(["supernode", "ls", connection, "--format", "json"], flwr_home)
@@ -146,7 +152,23 @@ def supernode_command(
     max_wait_time: float | None = None,
 ) -> list[str]:
     """``flower-supernode`` arguments for partition ``partition_id`` of ``num_partitions`` (None: a
-    device that trains on all of its own ``data_dir``).
+    device that trains on all of its own ``data_dir``); the rest as :func:`supernode_args`."""
+    node_config = node_config_text(partition_id, num_partitions, data_dir)
+    return supernode_args(
+        superlink, runtime_port, root_certificates, private_key, node_config, runtime_tls, max_wait_time
+    )
+
+
+def supernode_args(
+    superlink: str,
+    runtime_port: int,
+    root_certificates: str | Path | None,
+    private_key: str | Path | None,
+    node_config: str = "",
+    runtime_tls: tuple[str | Path, str | Path, str | Path] | None = None,
+    max_wait_time: float | None = None,
+) -> list[str]:
+    """A ``flower-supernode`` command line.
 
     Parameters
     ----------
@@ -157,6 +179,8 @@ def supernode_command(
         each SuperNode on one machine needs its own.
     root_certificates, private_key
         The CA certificate and the node's auth private key; both None means insecure.
+    node_config
+        ``--node-config`` text, e.g. ``data-dir="/home/pi/images"`` (:func:`node_config_text`).
     runtime_tls
         ``(cert, key, ca)`` to serve the Runtime API over TLS as well (optional: it is a loopback
         connection inside the device).
@@ -164,7 +188,7 @@ def supernode_command(
         Give up connecting to the SuperLink after this many seconds (None: retry for ever).
     """
     command = ["flower-supernode", "--superlink", superlink, "--host", "127.0.0.1", "--port", str(runtime_port)]
-    command += ["--node-config", node_config_text(partition_id, num_partitions, data_dir)]
+    command += ["--node-config", node_config]
     if root_certificates is None:
         if private_key is not None:
             raise ValueError("an auth key without TLS is refused by Flower: give root_certificates too")

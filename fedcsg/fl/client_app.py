@@ -19,6 +19,7 @@ the node's context: a resumed run starts it again from zero. An arm with a delta
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
 import numpy as np
@@ -68,7 +69,24 @@ class InjectedFault(RuntimeError):
 
 
 class VersionMismatch(RuntimeError):
-    """This node's fedcsg is not the version the server runs."""
+    """This node's fedcsg is not the version the server runs: the one line that says so travels back
+    as the reply's error, and the server recognises it there (:meth:`versions_in`)."""
+
+    PATTERN = re.compile(r"fedcsg version mismatch: this node runs fedcsg (.+?), the server fedcsg (.+?); install ")
+
+    @classmethod
+    def of(cls, node: str, server: str) -> VersionMismatch:
+        """The refusal of a node that runs fedcsg ``node`` under a server that runs ``server``."""
+        return cls(
+            f"fedcsg version mismatch: this node runs fedcsg {node}, the server fedcsg {server}; "
+            f"install fedcsg {server} on this node"
+        )
+
+    @classmethod
+    def versions_in(cls, reason: str) -> tuple[str, str] | None:
+        """``(node's version, server's version)`` when a reply's error ``reason`` is this refusal."""
+        match = cls.PATTERN.search(reason)
+        return None if match is None else (match.group(1), match.group(2))
 
 
 class DataMismatch(ValueError):
@@ -85,10 +103,7 @@ def check_version(cfg: RunConfig, installed: str = INSTALLED_VERSION) -> None:
         One line naming both versions.
     """
     if cfg.fedcsg_version != installed:
-        raise VersionMismatch(
-            f"fedcsg version mismatch: this node runs fedcsg {installed}, the server fedcsg {cfg.fedcsg_version}; "
-            f"install fedcsg {cfg.fedcsg_version} on this node"
-        )
+        raise VersionMismatch.of(installed, cfg.fedcsg_version)
 
 
 def node_partition(context: Context) -> tuple[int, int] | None:

@@ -22,6 +22,11 @@ private name (module)                             why fedcsg needs it
 ``build_fab_from_disk`` (flwr.cli.build),         the bytes of the app bundle each SuperNode
 ``get_project_dir`` (flwr.common.config),         downloads (the GetFab reply), rebuilt from the
 ``Fab``, ``GetFabResponse`` (flwr.proto.fab_pb2)  installed app: the ServerApp never sees the FAB
+``InMemoryGrid``                                  the grid of a simulation, whose nodes never restart:
+(flwr.superlink.grid.inmemory_grid), ``NodeInfo``  on any other the ServerApp watches when each node
+(flwr.proto.node_pb2), ``ErrorCode``              was activated (``Grid.get_nodes``' NodeInfo) and
+(flwr.common.constant)                            fails a restarted one with NODE_UNAVAILABLE
+                                                  (:mod:`fedcsg.fl.node_restarts`)
 ================================================  =================================================
 
 ``tests/test_flower_private.py`` fails, naming each missing name, if an installed flwr moves one.
@@ -33,15 +38,20 @@ import importlib
 from typing import Any
 
 import flwr
-from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES, ErrorCode
 from flwr.common.serde_utils import error_to_proto, metadata_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
+from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 from flwr.supercore.constant import NOOP_FEDERATION_ID
 from flwr.supercore.inflatable.inflatable_object import add_header_to_object_body, get_all_nested_objects
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 __all__ = [
+    "ErrorCode",
+    "InMemoryGrid",
+    "NodeInfo",
     "ProtoMessage",
     "Run",
     "SUPERLINK_NODE_ID",
@@ -76,6 +86,9 @@ PRIVATE_NAMES = (
     ("flwr.common.config", "get_project_dir"),
     ("flwr.proto.fab_pb2", "Fab"),
     ("flwr.proto.fab_pb2", "GetFabResponse"),
+    ("flwr.superlink.grid.inmemory_grid", "InMemoryGrid"),
+    ("flwr.proto.node_pb2", "NodeInfo"),
+    ("flwr.common.constant", "ErrorCode.NODE_UNAVAILABLE"),
 )
 
 

@@ -19,6 +19,8 @@ from torch import nn
 from fedcsg.data.batches import data_on
 from fedcsg.data.readers import ImageData
 from fedcsg.fl.filter_step import PayloadFilters
+from fedcsg.fl.flower_private import InMemoryGrid
+from fedcsg.fl.node_restarts import RestartAwareGrid
 from fedcsg.fl.privacy import Configure, Privacy, accountant
 from fedcsg.fl.run_data import test_data
 from fedcsg.fl.server_opt import Mask, ServerOptimizer
@@ -361,6 +363,8 @@ def main(grid: Grid, context: Context) -> None:
         return
     (cfg,) = planned_runs(context)
     out_dir = Path(cfg.out_dir or f"runs/flwr-{context.run_id}")
+    if not isinstance(grid, InMemoryGrid):  # real SuperNodes: a node that restarts mid-round is not waited for
+        grid = RestartAwareGrid(grid)
     rounds = run_federation(grid, cfg, out_dir, progress=_to_stderr)
     write_report(out_dir)
     check_trained(cfg.arm, rounds)

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import FedAvg, Result
 
+from fedcsg.fl.client_app import VersionMismatch
 from fedcsg.fl.filter_step import PayloadFilters
 from fedcsg.fl.flower_logs import without_skipped_evaluation_warning
 from fedcsg.fl.privacy import Configure, Privacy, floor_variances
@@ -172,6 +173,7 @@ class CSGFedAvg(FedAvg):
         self.global_arrays: ArrayRecord | None = None  # the global payload as this round's clients received it
         self.partition_of: dict[int, int | None] = {}  # node id -> partition id, as the nodes report it
         self._sent: dict[int, list[int]] = {}  # node ids of the current attempt of a round
+        self._pushed: dict[int, dict[str, int]] = {}  # its messages' ids (once pushed) -> their nodes
 
     # -- state -----------------------------------------------------------------------------
 
@@ -297,7 +299,14 @@ class CSGFedAvg(FedAvg):
         traffic = self.traffic[server_round]
         sent = self._sent.pop(server_round, None)
         answered = {r.metadata.src_node_id for r in valid}
-        errors = {r.metadata.src_node_id: r.error.reason for r in replies if r.has_error()}
+        to_node = self._pushed.pop(server_round, {})
+        # The SuperLink's own error reply for a node gone silent (Node Unavailable) comes from the SuperLink:
+        # its node is the one the answered message went to.
+        errors = {
+            to_node.get(r.metadata.reply_to_message_id, r.metadata.src_node_id): r.error.reason
+            for r in replies
+            if r.has_error()
+        }
         missing = [n for n in sent if n not in answered] if sent is not None else list(errors)
         for node in missing:
             partition = self._partition(node)
@@ -306,7 +315,17 @@ class CSGFedAvg(FedAvg):
             reason = _short_reason(errors.get(node, "no reply within round-timeout"))
             where = "unknown" if partition is None else partition
             traffic.first_error = traffic.first_error or f"client node {node} (partition {where}) failed: {reason}"
-            log(WARNING, "round %d: client node %d (partition %s) failed: %s", server_round, node, where, reason)
+            versions = VersionMismatch.versions_in(reason)
+            if versions is None:
+                log(WARNING, "round %d: client node %d (partition %s) failed: %s", server_round, node, where, reason)
+                continue
+            traffic.version_mismatch.append(node)
+            theirs, ours = versions
+            log(
+                WARNING,
+                "round %d: node %d refused the run: it runs fedcsg %s, this server fedcsg %s; install fedcsg %s on it",
+                *(server_round, node, theirs, ours, ours),
+            )
         return len(missing) if sent is not None else len(replies) - len(valid)
 
     def aggregate_train(
@@ -479,9 +498,11 @@ class CSGFedAvg(FedAvg):
         """Send the round (once more on failure when ``attempts`` is 2) and aggregate its replies."""
         agg_arrays, agg_metrics = None, None
         for _ in range(attempts):
-            replies = grid.send_and_receive(
-                messages=self.configure_train(server_round, arrays, config, grid), timeout=timeout
-            )
+            messages = self.configure_train(server_round, arrays, config, grid)
+            replies = grid.send_and_receive(messages=messages, timeout=timeout)
+            # The grid gave each message its id when it pushed it: what a reply answers, whoever wrote it.
+            pushed = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+            self._pushed[server_round] = pushed
             agg_arrays, agg_metrics = self.aggregate_train(server_round, replies)
             if agg_arrays is not None:
                 break

@@ -42,7 +42,8 @@ class RoundRecord:
     + ``failed`` (a client that raised, timed out or vanished has failed); ``rejected`` counts the
     replies that arrived but failed the checks; ``partitions`` are the clients whose updates were
     aggregated, ``failed_partitions`` those that failed (as far as the server can tell which
-    partition a node serves); ``ray_nodes`` names the Ray node that ran each of ``partitions``'
+    partition a node serves), ``version_mismatch`` the node ids among them that refused the round
+    because they run another fedcsg than the server; ``ray_nodes`` names the Ray node that ran each of ``partitions``'
     clients, in the same order ("" where it ran outside Ray, as on a deployed SuperNode), ``devices``
     the device each trained on (``cpu``, or ``cuda:N`` and the device's name) and ``visible_devices``
     the ``CUDA_VISIBLE_DEVICES`` each saw (Ray's GPU ids for its share; "" none, ``unset``). ``status``
@@ -79,6 +80,7 @@ class RoundRecord:
     devices: list[str] = field(default_factory=list)
     visible_devices: list[str] = field(default_factory=list)
     failed_partitions: list[int] = field(default_factory=list)
+    version_mismatch: list[int] = field(default_factory=list)
     status: str = "ok"
     first_error: str | None = None
     attempts: int = 0

@@ -76,6 +76,7 @@ def measure_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
         fleet_address=relay.address,
         # One thread per process: two ClientApps train at once on a shared 2-core machine.
         env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+        supervise=False,  # the processes measured are the bare SuperNodes
     )
     federation = None
     try:

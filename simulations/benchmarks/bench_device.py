@@ -158,6 +158,7 @@ def run_capped(model: str, cap_mib: int, args: argparse.Namespace, work: Path) -
         insecure=True,
         connection=f"device-{model}-{cap_mib}",
         env=node_env(args.node_bin),
+        supervise=False,  # the capped process is the SuperNode itself, and an OOM kill must end the run
     )
     out_dir = directory / "out"
     run_config = {
