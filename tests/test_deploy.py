@@ -1,5 +1,6 @@
 """Deployment on Flower's engine: a real SuperLink with TLS and SuperNode authentication, two
-SuperNodes on 127.0.0.1, two rounds of the csg arm (an unregistered SuperNode is refused in tests/test_deploy_guide.py); plus the
+SuperNodes on 127.0.0.1, two rounds of the csg arm, a SuperNode killed mid-round and restarted by its
+supervisor, a key rotated (an unregistered SuperNode is refused in tests/test_deploy_guide.py); plus the
 certificate, key, command, relay and process helpers behind them.
 
 Every process is started on free ports with a temporary FLWR_HOME and stopped by its own PID
