@@ -480,7 +480,8 @@ def test_a_device_trains_on_all_its_own_images_and_refuses_other_classes_or_anot
     """In this process: a node config with a data-dir and no partition trains on every image of that
     folder's train split; a folder of other classes or channels, or a server on another fedcsg
     version, is refused in one line before training."""
-    from fedcsg.fl.client_app import DataMismatch, VersionMismatch, node_partition
+    from fedcsg.fl.client_app import DataMismatch, node_partition
+    from fedcsg.wire.messages import VersionMismatch
 
     cfg = RunConfig(**DEVICE_RUN, data_dir=str(write_shapes(tmp_path / "server", 2, 2, seed=3)))
     own = write_shapes(tmp_path / "own", 5, 1, seed=1)

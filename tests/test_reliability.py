@@ -29,7 +29,7 @@ from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 from flwr.serverapp import Grid
 
 from fedcsg.cli import main
-from fedcsg.fl.client_app import VersionMismatch, injected_fault
+from fedcsg.fl.client_app import injected_fault
 from fedcsg.fl.flower_private import offline_task_identity
 from fedcsg.fl.server_app import recorded_config
 from fedcsg.fl.strategy import CSGFedAvg, sample_positions
@@ -46,7 +46,7 @@ from fedcsg.runs.checkpoint import (
 )
 from fedcsg.runs.records import ArmRecorder, RoundRecord, comparable
 from fedcsg.spec.config import RunConfig
-from fedcsg.wire.messages import TrainInstruction
+from fedcsg.wire.messages import TrainInstruction, VersionMismatch
 from fedcsg.wire.payload import PayloadLayout, model_payload
 
 from .processes import kill_session, session_pids

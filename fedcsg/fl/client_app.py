@@ -19,7 +19,6 @@ the node's context: a resumed run starts it again from zero. An arm with a delta
 from __future__ import annotations
 
 import functools
-import re
 from typing import Any
 
 import numpy as np
@@ -38,7 +37,7 @@ from fedcsg.nn.training import get_device
 from fedcsg.spec.config import INSTALLED_VERSION, RunConfig
 from fedcsg.wire.downlink import Downlink, receive
 from fedcsg.wire.handoff import received_handoff
-from fedcsg.wire.messages import ARRAYS, CONFIG, METRICS, PARTITION_ID, TrainInstruction, TrainReply
+from fedcsg.wire.messages import ARRAYS, CONFIG, METRICS, PARTITION_ID, TrainInstruction, TrainReply, VersionMismatch
 from fedcsg.wire.payload import PayloadLayout, load_entries, load_payload, model_payload
 from fedcsg.wire.uplink import Uplink
 
@@ -66,27 +65,6 @@ def _model_and_layout(cfg: RunConfig) -> tuple[nn.Module, PayloadLayout, nn.Modu
 
 class InjectedFault(RuntimeError):
     """The failure ``fault-probability`` injects into a client's round."""
-
-
-class VersionMismatch(RuntimeError):
-    """This node's fedcsg is not the version the server runs: the one line that says so travels back
-    as the reply's error, and the server recognises it there (:meth:`versions_in`)."""
-
-    PATTERN = re.compile(r"fedcsg version mismatch: this node runs fedcsg (.+?), the server fedcsg (.+?); install ")
-
-    @classmethod
-    def of(cls, node: str, server: str) -> VersionMismatch:
-        """The refusal of a node that runs fedcsg ``node`` under a server that runs ``server``."""
-        return cls(
-            f"fedcsg version mismatch: this node runs fedcsg {node}, the server fedcsg {server}; "
-            f"install fedcsg {server} on this node"
-        )
-
-    @classmethod
-    def versions_in(cls, reason: str) -> tuple[str, str] | None:
-        """``(node's version, server's version)`` when a reply's error ``reason`` is this refusal."""
-        match = cls.PATTERN.search(reason)
-        return None if match is None else (match.group(1), match.group(2))
 
 
 class DataMismatch(ValueError):

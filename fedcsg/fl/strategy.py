@@ -20,7 +20,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import FedAvg, Result
 
-from fedcsg.fl.client_app import VersionMismatch
 from fedcsg.fl.filter_step import PayloadFilters
 from fedcsg.fl.flower_logs import without_skipped_evaluation_warning
 from fedcsg.fl.privacy import Configure, Privacy, floor_variances
@@ -41,6 +40,7 @@ from fedcsg.wire.messages import (
     TRAIN_LOSS,
     WEIGHT_KEY,
     TrainInstruction,
+    VersionMismatch,
     reply_metrics,
 )
 from fedcsg.wire.payload import PayloadLayout, weighted_average

@@ -13,6 +13,7 @@ engine gives each virtual client its partition.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -188,3 +189,24 @@ def acknowledged(sent: Iterable[int], replies: Iterable[Message], key: str, valu
             said.add(reply.metadata.src_node_id)
     sent = set(sent)
     return sent & said, sent - said
+
+
+class VersionMismatch(RuntimeError):
+    """This node's fedcsg is not the version the server runs: the one line that says so travels back
+    as the reply's error, and the server recognises it there (:meth:`versions_in`): both sides spell it here."""
+
+    PATTERN = re.compile(r"fedcsg version mismatch: this node runs fedcsg (.+?), the server fedcsg (.+?); install ")
+
+    @classmethod
+    def of(cls, node: str, server: str) -> VersionMismatch:
+        """The refusal of a node that runs fedcsg ``node`` under a server that runs ``server``."""
+        return cls(
+            f"fedcsg version mismatch: this node runs fedcsg {node}, the server fedcsg {server}; "
+            f"install fedcsg {server} on this node"
+        )
+
+    @classmethod
+    def versions_in(cls, reason: str) -> tuple[str, str] | None:
+        """``(node's version, server's version)`` when a reply's error ``reason`` is this refusal."""
+        match = cls.PATTERN.search(reason)
+        return None if match is None else (match.group(1), match.group(2))
