@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 from fedcsg.nn.models import MODELS, PAPER_MODELS
 from fedcsg.runs.records import RunFailed
+from fedcsg.spec.checks import OneLineParser as OneLineParser  # the CLI's parser, re-exported
 from fedcsg.spec.checks import shown
 
 # One line, exit code 2. An OSError that names a file the user gave (no permission to write it, a
@@ -39,13 +40,6 @@ def storage_error(error: OSError) -> str:
         f"{error.strerror or os.strerror(error.errno or 0)}{where} (errno {errno.errorcode.get(error.errno or 0)}): "
         "the files written before are intact; free space (or choose another --out) and pass --resume DIR to continue"
     )
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Argument errors on one line (no usage dump), exit code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def ascii_digits(text: str) -> str:

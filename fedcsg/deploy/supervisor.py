@@ -32,6 +32,7 @@ from pathlib import Path
 from types import FrameType
 
 from fedcsg.processes import session_pids, stop_pids
+from fedcsg.spec.checks import OneLineParser
 
 # Flower 1.41 keeps a SuperNode online until HEARTBEAT_PATIENCE (2) x HEARTBEAT_DEFAULT_INTERVAL (30 s)
 # after its last heartbeat (flwr/common/constant.py; a test keeps this equal to Flower's constants).
@@ -298,14 +299,9 @@ def run_node(args: argparse.Namespace) -> int:
     return supervise(command_of(args), backoff_of(args))
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``python3 -m fedcsg.deploy.supervisor``: ``fedcsg deploy node`` without loading the rest of the CLI."""
-    parser = _OneLineParser(prog=PROG, description="Run a SuperNode and restart it whenever it exits.")
+    parser = OneLineParser(prog=PROG, description="Run a SuperNode and restart it whenever it exits.")
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

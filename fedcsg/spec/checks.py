@@ -3,6 +3,7 @@ what is accepted, and the kebab-case spelling of a setting's key (``code-dim`` f
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import fields
 from typing import Any
 
@@ -80,3 +81,10 @@ def coerce(key: str, value: Any, kind: type) -> Any:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ValueError(f"{key} = {shown(value)} ({type(value).__name__}) is not accepted: a {kind.__name__} is")
     return value
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Argument errors on one line (no usage dump), exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
