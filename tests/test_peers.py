@@ -206,7 +206,7 @@ def test_error_feedback_carries_the_residual_to_the_next_round(real_delta) -> No
 def test_codec_settings_are_checked() -> None:
     with pytest.raises(ValueError, match=f"unknown codec 'int4': accepted are {', '.join(CODECS)}"):
         codec_type("int4")
-    with pytest.raises(ValueError, match=r"topk-fraction 0.0 is outside \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"topk-fraction = 0.0 is not accepted: a number in \(0, 1\] is"):
         TopK(0.0)
     codec = TopK(0.5)
     bad = {"index": np.array([3, 1], dtype=np.int32), "value": np.zeros(2, dtype=np.float32)}

@@ -35,6 +35,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi
 
+from fedcsg.spec.checks import one_of
 from fedcsg.spec.config import SERVER_OPTIMIZERS
 from fedcsg.wire.messages import ARRAYS, METRICS, WEIGHT_KEY
 
@@ -78,8 +79,7 @@ class ServerOptimizer:
         beta_2: float = 0.99,
         tau: float = 1e-3,
     ) -> None:
-        if name not in SERVER_OPTIMIZERS:
-            raise ValueError(f"server-optimizer {name!r} is not accepted: one of {', '.join(SERVER_OPTIMIZERS)} is")
+        one_of("server-optimizer", name, SERVER_OPTIMIZERS)
         self.name = name
         self.lr = lr or default_server_lr(name)
         self.flower: FedAvg | None = None

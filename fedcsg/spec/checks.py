@@ -67,6 +67,13 @@ def one_of(key: str, value: str, accepted: tuple[str, ...]) -> None:
         raise ValueError(f"{key} = {shown(value)} is not accepted: one of {', '.join(accepted)} is")
 
 
+def fraction(key: str, value: float) -> float:
+    """``value`` unless it is outside (0, 1]; else a one-line ValueError naming ``key``."""
+    if not 0 < value <= 1:
+        raise ValueError(f"{key} = {shown(value)} is not accepted: a number in (0, 1] is")
+    return value
+
+
 def coerce(key: str, value: Any, kind: type) -> Any:
     """``value`` (read from TOML) as the ``kind`` of its setting: an int is taken for a float, nothing
     else is converted; a one-line ValueError for a value of another type."""

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import numpy as np
 
+from fedcsg.spec.checks import fraction
+
 if TYPE_CHECKING:
     from fedcsg.spec.config import RunConfig
 
@@ -157,8 +159,7 @@ class TopK(Codec):
     fraction: float = 0.01
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.fraction <= 1.0:
-            raise ValueError(f"topk-fraction {self.fraction!r} is outside (0, 1]")
+        fraction("topk-fraction", self.fraction)
 
     @classmethod
     def of_run(cls, cfg: RunConfig) -> TopK:

@@ -29,7 +29,7 @@ from fedcsg.nn.fedpara import check_ratio as check_fedpara_ratio
 from fedcsg.nn.models import check_trainable
 from fedcsg.nn.training import SCHEDULES
 from fedcsg.spec.arms import DOWN_SEPARATOR, DOWNLINKS, SEPARATOR, Arm, check_arm
-from fedcsg.spec.checks import check_ray_address, check_seed, coerce, kebab, names, one_of, parse_seeds, shown
+from fedcsg.spec.checks import check_ray_address, check_seed, coerce, fraction, kebab, names, one_of, parse_seeds, shown
 from fedcsg.spec.codecs import Codec, codec_type
 from fedcsg.spec.resources import DEFAULT_CLIENTS_PER_GPU, SERVER_DEVICES, check_client_num_gpus
 from fedcsg.spec.settings import DataSettings, ModelSettings
@@ -293,9 +293,7 @@ class RunConfig:
         if self.pointwise_slice:
             SliceShape.parse(self.pointwise_slice)
         for name in ("fraction_train", "topk_fraction", "downlink_topk_fraction", "target_accuracy"):
-            value = getattr(self, name)
-            if not 0 < value <= 1:
-                raise ValueError(f"{kebab(name)} = {value!r} is not accepted: a number in (0, 1] is")
+            fraction(kebab(name), getattr(self, name))
         for name in ("dirichlet_alpha", "lr", "round_timeout"):
             value = getattr(self, name)
             if not 0 < value < float("inf"):  # written so that NaN fails too

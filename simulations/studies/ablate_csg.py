@@ -13,9 +13,9 @@ factors``, ``lr = 0.05``, 1 local epoch; every other cell changes one setting, a
 arms the change can affect (the init does not touch fedavg; ``alternate`` is a no-op for fedavg
 and csg-frozen). Combinations of two changed factors are left out (listed at the start).
 
-The table gives, per cell and arm, mean and spread (sample std, n - 1) of the final test accuracy
-over the seeds, and of the rounds to reach ``--target`` (runs that never reach it are counted
-apart). Results go to ``--out`` (JSON) after every run; a rerun skips the runs already there, so
+The table gives, per cell and arm, mean and spread (sample std, n - 1: fedcsg.runs.summary.Spread) of the
+final test accuracy over the seeds, and of the rounds to reach ``--target`` (runs that never reach it
+are counted apart). Results go to ``--out`` (JSON) after every run; a rerun skips the runs already there, so
 the script can be cut off and started again.
 
 Budget: one ResNet-20 run over 5,000 images and 10 rounds takes about 5 minutes on this 2-core
@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedcsg.runs.summary import Spread
 from simulations.benchlib import add_config_argument, print_table, run_fedcsg, write_json
 
 BASELINE: dict[str, Any] = {
@@ -106,11 +107,6 @@ def run_record(cell: Cell, arm: str, seed: int, rounds: list[dict[str, Any]], se
     }
 
 
-def _spread(values: list[float]) -> float:
-    """Sample standard deviation (n - 1), as fedcsg's reports give it; 0 for one value."""
-    return statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 TAIL_ROUNDS = 3
 
 
@@ -130,21 +126,21 @@ def summarize(records: Sequence[dict[str, Any]], target: float) -> list[dict[str
         groups.setdefault((record["cell"], record["arm"]), []).append(record)
     rows = []
     for (cell, arm), runs in groups.items():
-        finals = [r["final_accuracy"] for r in runs]
-        tails = [tail_mean(r["accuracy"]) for r in runs]
-        reached = [n for n in (rounds_to_target(r["accuracy"], target) for r in runs) if n is not None]
+        finals = Spread.of(r["final_accuracy"] for r in runs)
+        tails = Spread.of(tail_mean(r["accuracy"]) for r in runs)
+        reached = Spread.of(n for n in (rounds_to_target(r["accuracy"], target) for r in runs) if n is not None)
         rows.append(
             {
                 "cell": cell,
                 "arm": arm,
                 "seeds": len(runs),
-                "final_mean": statistics.fmean(finals),
-                "final_spread": _spread(finals),
-                "tail_mean": statistics.fmean(tails),
-                "tail_spread": _spread(tails),
-                "reached": len(reached),
-                "rounds_mean": statistics.fmean(reached) if reached else None,
-                "rounds_spread": _spread([float(r) for r in reached]) if reached else None,
+                "final_mean": finals.mean,
+                "final_spread": finals.std,
+                "tail_mean": tails.mean,
+                "tail_spread": tails.std,
+                "reached": reached.n,
+                "rounds_mean": reached.mean,
+                "rounds_spread": reached.std,
             }
         )
     return rows
