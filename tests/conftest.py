@@ -1,8 +1,16 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the suite's one setting of the environment: one torch thread a process.
+
+The suite runs on two pytest-xdist workers (``addopts`` in pyproject.toml), and each Ray run it starts
+has its own driver and client actors: with torch's default of a thread per core in every one of them,
+their OpenMP threads fight for the same two cores (docs/performance.md, "Where the suite's time goes").
+Set before torch is imported anywhere in the session; every process a test starts inherits it.
+"""
 
 from __future__ import annotations
 
 import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 from collections.abc import Callable, Iterator
 from pathlib import Path
 

@@ -232,6 +232,8 @@ def test_local_dp_noise_is_sigma_times_c_on_each_update() -> None:
         (["dp=central-adaptive", "dp-noise-multiplier=1.0"], "Flower's adaptive clipping needs sigma < clients"),
         (["dp=central-fixed", "dp-target-delta=1.5"], "dp-target-delta = 1.5 is not accepted: a number in (0, 1) is"),
         (["dp=secure"], "dp = 'secure' is not accepted: one of none, central-fixed"),
+        # checked with dp off too: a setting a run takes is a valid one, used or not
+        (["dp-clip-norm-lr=inf"], "dp-clip-norm-lr = inf is not accepted: a finite number > 0 is"),
     ],
 )
 def test_refused_combinations_in_one_line(pairs: list[str], message: str, tmp_path: Path, cli: Cli) -> None:

@@ -344,14 +344,10 @@ class RunConfig:
         """The DP settings, and the arms a client-side mode cannot serve: Flower's mods clip the reply's arrays
         against the message's, so both must be the payload itself (no codec, a full downlink, no handoff)."""
         one_of("dp", self.dp, DP_MODES)
-        if self.dp == "none":
-            return
-        for name in ("dp_noise_multiplier", "dp_clipping_norm", "dp_clip_norm_lr"):
+        for name in ("dp_noise_multiplier", "dp_clipping_norm", "dp_clip_norm_lr"):  # checked with dp off too
             value = getattr(self, name)
             if not 0 < value < float("inf"):
-                raise ValueError(
-                    f"{kebab(name)} = {value!r} is not accepted with dp = {self.dp!r}: a finite number > 0 is"
-                )
+                raise ValueError(f"{kebab(name)} = {value!r} is not accepted: a finite number > 0 is")
         if not 0 < self.dp_target_delta < 1:
             raise ValueError(f"dp-target-delta = {self.dp_target_delta!r} is not accepted: a number in (0, 1) is")
         if not 0 <= self.dp_target_quantile <= 1:
