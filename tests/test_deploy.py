@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -304,7 +305,7 @@ def test_a_supernode_killed_mid_round_rejoins_under_its_supervisor(secure_federa
     print(f"SuperNode 0 rejoined {rejoined:.1f} s after its SIGKILL")
     supervision = Path(supervisor.log).read_text(errors="replace")
     assert f"flower-supernode (pid {supernode}) killed by SIGKILL after " in supervision
-    assert "; restart 1 of 20 in 1 s" in supervision
+    assert re.search(r"; restart 1 of 20 in (0\.[89]\d*|1) s", supervision)  # 1 s less up to 20 % jitter
     assert not session_pids(supernode)  # what the killed SuperNode started is gone too
     runner.join(timeout=RUN_TIMEOUT + REJOIN_BOUND)
     assert outcome and isinstance(outcome[0], RunOutcome), outcome
@@ -338,7 +339,8 @@ def test_rotate_key_gives_a_supernode_a_new_key_and_revokes_the_old(secure_feder
     statuses = {int(n["node-id"]): str(n["status"]) for n in list_nodes(federation.flwr_home, federation.connection)}
     assert statuses[new_id] == "online" and statuses.get(old_id, "unregistered") == "unregistered", statuses
     supervision = Path(federation.processes[2].log).read_text(errors="replace")
-    assert ") exited with code 0 after " in supervision and "; restart 1 of 20 in 1 s" in supervision
+    assert ") exited with code 0 after " in supervision
+    assert re.search(r"; restart 1 of 20 in (0\.[89]\d*|1) s", supervision)  # 1 s less up to 20 % jitter
     code, _, err = cli("deploy", "rotate-key", "--dir", federation.directory, "--node", "2")
     assert code == 2 and err.count("\n") == 1 and "node 2 is not accepted: the federation in " in err
 

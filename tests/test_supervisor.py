@@ -8,6 +8,7 @@ SuperNode mid-round is ``tests/test_deploy.py::test_a_supernode_killed_mid_round
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from fedcsg.fl.node_restarts import RestartAwareGrid
 from tests.test_reliability import ScriptedGrid
 
 PYTHON = sys.executable
-FAST = dict(initial=0.01, factor=2.0, cap=0.04)  # a schedule of hundredths: the tests do not wait
+FAST = dict(initial=0.01, factor=2.0, cap=0.04, jitter=0.0)  # a schedule of hundredths: the tests do not wait
 
 
 def test_the_stale_node_expiry_is_flowers() -> None:
@@ -46,19 +47,41 @@ def test_a_schedule_that_gives_up_too_soon_or_a_bad_setting_is_refused_in_one_li
     with pytest.raises(ValueError) as short:
         Backoff(max_restarts=5).check_outlives()
     assert str(short.value) == (
-        "max-restarts = 5 with restart-initial 1 s, factor 2 and cap 15 s waits 30 s in all before giving up, "
-        "less than Flower's stale-node expiry of 60 s: accepted are settings whose waits add up to at least 60 s"
+        "max-restarts = 5 with restart-initial 1 s, factor 2 and cap 15 s waits 30 s in all, 24 s at the shortest "
+        "with restart-jitter 0.2, before giving up, less than Flower's stale-node expiry of 60 s: accepted are "
+        "settings whose waits add up to at least 60 s"
     )
+    # 1+2+4+8+15+15+15 = 60 s outlives the expiry only without jitter: its shortest draws wait 48 s
+    Backoff(max_restarts=7, jitter=0).check_outlives()
+    with pytest.raises(ValueError, match="waits 60 s in all, 48 s at the shortest with restart-jitter 0.2, before"):
+        Backoff(max_restarts=7).check_outlives()
     for bad, text in (
         (dict(initial=0), "restart-initial = 0 is not accepted: a number > 0 (finite) is"),
         (dict(factor=0.5), "restart-factor = 0.5 is not accepted: a number >= 1 (finite) is"),
         (dict(cap=0.5), "restart-cap = 0.5 is not accepted: a number >= restart-initial (1) (finite) is"),
         (dict(max_restarts=0), "max-restarts = 0 is not accepted: an integer >= 1 (finite) is"),
         (dict(healthy_after=float("nan")), "healthy-after = nan is not accepted: a number > 0 (finite) is"),
+        (dict(jitter=1.0), "restart-jitter = 1.0 is not accepted: a number in [0, 1) (finite) is"),
     ):
         with pytest.raises(ValueError) as error:
             Backoff(**bad)
         assert str(error.value) == text
+
+
+def test_each_wait_is_cut_by_a_random_part_of_at_most_the_jitter() -> None:
+    """Waits lie in [(1 - jitter) x delay, delay]; two devices (two generators) draw different waits,
+    so a fleet that exited at one moment comes back spread out; jitter 0 waits the delays exactly."""
+    backoff = Backoff(jitter=0.5)
+    devices = {seed: random.Random(seed) for seed in (1, 2)}
+    draws = {seed: [backoff.wait(k, rng) for k in range(1, 21)] for seed, rng in devices.items()}
+    for waits in draws.values():
+        assert all(0.5 * d <= w <= d for w, d in zip(waits, backoff.schedule(), strict=True))
+    assert draws[1] != draws[2] and min(w / d for w, d in zip(draws[1], backoff.schedule(), strict=True)) < 0.9
+    assert [Backoff(jitter=0).wait(k, random.Random(1)) for k in range(1, 21)] == Backoff().schedule()
+    lines: list[str] = []
+    Supervisor([PYTHON, "-c", "pass"], Backoff(initial=0.02, cap=0.02, max_restarts=1), lines.append).run()
+    waited = float(lines[1].split(" in ")[-1].removesuffix(" s"))
+    assert 0.016 <= waited <= 0.02, lines
 
 
 def test_it_restarts_an_exiting_child_with_backoff_and_gives_up_after_max_restarts() -> None:
@@ -134,7 +157,7 @@ def test_a_signal_stops_the_supervisor_its_child_and_what_the_child_started(tmp_
     code = (
         "import sys\n"
         "from fedcsg.deploy.supervisor import Backoff, supervise\n"
-        f"sys.exit(supervise([sys.executable, '-c', {child!r}], Backoff(initial=0.1)))\n"
+        f"sys.exit(supervise([sys.executable, '-c', {child!r}], Backoff(initial=0.1, jitter=0)))\n"
     )
     log = tmp_path / "supervisor.log"
     with open(log, "wb") as out:
@@ -182,8 +205,8 @@ def test_deploy_node_runs_the_named_supernode_and_refuses_bad_arguments_in_one_l
 
     recorded = [["flower-supernode", "--superlink", "127.0.0.1:1"], ["flower-supernode", "--port", "2"]]
     Federation(str(tmp_path), "c", str(tmp_path), "a", "a", True, node_commands=recorded).save()
-    assert cli("deploy", "node", "--dir", str(tmp_path), "--node", "1", "--max-restarts", "7")[0] == 0
-    assert started[-1] == (recorded[1], Backoff(max_restarts=7))
+    assert cli("deploy", "node", "--dir", str(tmp_path), "--node", "1", "--max-restarts", "9")[0] == 0
+    assert started[-1] == (recorded[1], Backoff(max_restarts=9))
     assert supervisor_command(tmp_path, 1)[1:] == [
         "-m",
         "fedcsg.deploy.supervisor",

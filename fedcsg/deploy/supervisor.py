@@ -8,10 +8,12 @@ A SuperNode that is killed (power loss, OOM kill, SIGKILL) cannot say goodbye: t
 it *online* until its last heartbeat expires, :data:`STALE_NODE_SECONDS` after it, and refuses to
 activate the same key again until then (``[code: 2004] Failed to activate SuperNode``: Flower
 activates only a node that is registered or offline). The refused SuperNode exits at once. The
-supervisor restarts it after 1, 2, 4, 8, 15, 15, ... seconds (:class:`Backoff`), and refuses
-settings whose waits add up to less than the stale-node expiry: a node restarted at once gets
-in on the first attempt after the expiry, at most ``cap`` seconds (plus its start-up) later. A
-SuperNode stopped with SIGTERM deactivates itself and is accepted again at once.
+supervisor restarts it after 1, 2, 4, 8, 15, 15, ... seconds (:class:`Backoff`), each wait cut by
+a random part of at most ``jitter`` (20 %) of it, so that the nodes of a fleet that exited together
+(one cause, one moment) do not all knock again in the same second. It refuses settings whose
+shortest waits add up to less than the stale-node expiry: a node restarted at once gets in on the
+first attempt after the expiry, at most ``cap`` seconds (plus its start-up) later. A SuperNode
+stopped with SIGTERM deactivates itself and is accepted again at once.
 
 The supervisor itself imports neither torch nor Flower (about 16 MB resident):
 ``python3 -m fedcsg.deploy.supervisor`` takes the same arguments as ``fedcsg deploy node`` and is
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import random
 import signal
 import subprocess
 import sys
@@ -58,6 +61,8 @@ class Backoff:
         and the supervisor gives up (non-zero exit).
     healthy_after
         A SuperNode that ran this long was up: its next exit starts the count and the waits again.
+    jitter
+        Each wait is drawn uniformly from [(1 - ``jitter``) x its delay, its delay] (:meth:`wait`).
     """
 
     initial: float = 1.0
@@ -65,6 +70,7 @@ class Backoff:
     cap: float = 15.0
     max_restarts: int = 20
     healthy_after: float = 2 * STALE_NODE_SECONDS
+    jitter: float = 0.2
 
     def __post_init__(self) -> None:
         checks = (
@@ -73,6 +79,7 @@ class Backoff:
             ("restart-cap", self.cap, self.cap >= self.initial, f"a number >= restart-initial ({self.initial:g})"),
             ("max-restarts", self.max_restarts, self.max_restarts >= 1, "an integer >= 1"),
             ("healthy-after", self.healthy_after, self.healthy_after > 0, "a number > 0"),
+            ("restart-jitter", self.jitter, 0 <= self.jitter < 1, "a number in [0, 1)"),
         )
         for name, value, ok, accepted in checks:
             if not ok or not math.isfinite(value):
@@ -85,19 +92,28 @@ class Backoff:
             return self.cap
         return min(self.cap, self.initial * self.factor**steps)
 
+    def wait(self, restart: int, rng: random.Random) -> float:
+        """The seconds actually waited before restart number ``restart``: its :meth:`delay`, less a
+        part drawn uniformly from [0, ``jitter``] of it."""
+        return self.delay(restart) * (1 - self.jitter * rng.random())
+
     def schedule(self) -> list[float]:
-        """The wait before each restart, up to giving up."""
+        """The delay before each restart, up to giving up."""
         return [self.delay(k) for k in range(1, self.max_restarts + 1)]
 
     def check_outlives(self, seconds: float = STALE_NODE_SECONDS) -> None:
-        """Refuse, in one line, a schedule that gives up before ``seconds`` (the stale-node expiry)
-        of waits: a SuperNode killed and refused until then would never get back in."""
+        """Refuse, in one line, a schedule whose shortest waits (every draw of the jitter at its
+        largest) give up before ``seconds`` (the stale-node expiry): a SuperNode killed and refused
+        until then would never get back in."""
         total = sum(self.schedule())
-        if total < seconds:
+        shortest = total * (1 - self.jitter)
+        if shortest < seconds:
+            cut = f", {shortest:g} s at the shortest with restart-jitter {self.jitter:g}," if self.jitter else ""
             raise ValueError(
                 f"max-restarts = {self.max_restarts} with restart-initial {self.initial:g} s, factor {self.factor:g} "
-                f"and cap {self.cap:g} s waits {total:g} s in all before giving up, less than Flower's stale-node "
-                f"expiry of {seconds:g} s: accepted are settings whose waits add up to at least {seconds:g} s"
+                f"and cap {self.cap:g} s waits {total:g} s in all{cut} before giving up, less than Flower's "
+                f"stale-node expiry of {seconds:g} s: accepted are settings whose waits add up to at least "
+                f"{seconds:g} s"
             )
 
 
@@ -114,9 +130,11 @@ class Supervisor:
         backoff: Backoff,
         say: Callable[[str], None] | None = None,
         grace: float = 10.0,
+        rng: random.Random | None = None,
     ) -> None:
         self.command = list(command)
         self.backoff = backoff
+        self.rng = rng or random.Random()  # seeded from the system: each device draws its own waits
         self.say = say or _say
         self.grace = grace
         self.stopping: int | None = None  # the signal that asked us to stop
@@ -178,10 +196,10 @@ class Supervisor:
                 )
                 return 1
             restarts += 1
-            delay = self.backoff.delay(restarts)
+            delay = self.backoff.wait(restarts, self.rng)
             self.say(
                 f"{self.name} (pid {child.pid}) {_exit_text(code)} after {ran:.1f} s; "
-                f"restart {restarts} of {self.backoff.max_restarts} in {delay:g} s"
+                f"restart {restarts} of {self.backoff.max_restarts} in {delay:.3g} s"
             )
             if self._wait(delay):
                 self.say(f"{signal.Signals(self.stopping).name}: stopped before restart {restarts}")
@@ -233,6 +251,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=defaults.healthy_after,
         help="a SuperNode up this long starts the count again",
+    )
+    restart.add_argument(
+        "--restart-jitter",
+        type=float,
+        default=defaults.jitter,
+        help="each wait is cut by a random part of at most this fraction (default 0.2)",
     )
 
 
@@ -288,7 +312,12 @@ def supervisor_command(directory: str | Path, node: int) -> list[str]:
 def backoff_of(args: argparse.Namespace) -> Backoff:
     """The restart settings of ``args``, refused in one line unless they outlive the stale-node expiry."""
     backoff = Backoff(
-        args.restart_initial, args.restart_factor, args.restart_cap, args.max_restarts, args.healthy_after
+        args.restart_initial,
+        args.restart_factor,
+        args.restart_cap,
+        args.max_restarts,
+        args.healthy_after,
+        args.restart_jitter,
     )
     backoff.check_outlives()
     return backoff
