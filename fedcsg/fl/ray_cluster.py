@@ -66,6 +66,19 @@ def init_args(address: str) -> dict[str, Any]:
     }
 
 
+def worker_env(code: Sequence[str] = ()) -> dict[str, Any]:
+    """The ``runtime_env`` of every Ray worker this process starts, as Flower's Ray backend gives its
+    actors theirs: PYTHONPATH is this process's ``sys.path`` followed by its ``$PYTHONPATH``, and
+    ``code`` (:func:`init_ray`) travels as ``py_modules``."""
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    env: dict[str, Any] = {"env_vars": {"PYTHONPATH": pythonpath}}
+    if code:
+        env |= {"py_modules": list(code), "excludes": list(SHIPPED_EXCLUDES)}
+    return env
+
+
 def init_ray(address: str, code: Sequence[str] = ()) -> None:
     """Start the private Ray or reach the cluster that ``address`` names (:func:`init_args`) as Flower's
     Ray backend does, with ``code`` (directories of packages, module files:
@@ -76,8 +89,8 @@ def init_ray(address: str, code: Sequence[str] = ()) -> None:
     Flower's own ``RayBackend.init_ray`` (flwr 1.41, server/superlink/fleet/vce/backend/raybackend.py)
     cannot ship code: it calls ``ray.init(runtime_env={"env_vars": {"PYTHONPATH": ...}}, **init_args)``,
     so ``init_args`` holding a ``runtime_env`` is a TypeError, and it initializes nothing when Ray is
-    initialized already. What it does is done here as it does it: the workers' PYTHONPATH is this
-    process's ``sys.path`` followed by its ``$PYTHONPATH``, which it also exports here.
+    initialized already. What it does is done here as it does it (:func:`worker_env`), and the
+    workers' PYTHONPATH is exported in this process too.
 
     Code that Ray cannot ship (its zip over the GCS's 512 MiB, an upload that fails) is a one-line
     ValueError with Ray's reason.
@@ -85,13 +98,8 @@ def init_ray(address: str, code: Sequence[str] = ()) -> None:
     import ray
     from ray.exceptions import RuntimeEnvSetupError
 
-    pythonpath = os.pathsep.join(sys.path)
-    if os.environ.get("PYTHONPATH"):
-        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
-    os.environ["PYTHONPATH"] = pythonpath
-    runtime_env: dict[str, Any] = {"env_vars": {"PYTHONPATH": pythonpath}}
-    if code:
-        runtime_env |= {"py_modules": list(code), "excludes": list(SHIPPED_EXCLUDES)}
+    runtime_env = worker_env(code)
+    os.environ["PYTHONPATH"] = runtime_env["env_vars"]["PYTHONPATH"]
     try:
         ray.init(runtime_env=runtime_env, **init_args(address))
     except RuntimeEnvSetupError as error:
@@ -158,13 +166,7 @@ def cluster_resources(address: str, probe: Callable[[], str] | None = None) -> l
             ) from None
     set_accelerator_env()
     try:
-        ray.init(
-            address=address,
-            logging_level="ERROR",
-            log_to_driver=False,
-            include_dashboard=False,
-            runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}},
-        )
+        ray.init(runtime_env=worker_env(), **{**init_args(address), "log_to_driver": False})
     except (ConnectionError, RuntimeError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConnectionError(f"ray-address = {address!r}: no Ray cluster could be reached there ({first})") from None
