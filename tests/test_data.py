@@ -251,6 +251,28 @@ def test_corrupt_idx_file(tmp_path: Path, data_dir: Path) -> None:
         readers.load_split("fashion-mnist", "test", data_dir=tmp_path / "copy", limit=2)
 
 
+def test_idx_images_read_once_a_process_and_again_when_rewritten(tmp_path: Path, data_dir: Path) -> None:
+    # A cross-device client takes a few rows of the decompressed file, which each process keeps.
+    import gzip
+
+    shared = data_dir / "fashion-mnist"
+    directory = tmp_path / "copy" / "fashion-mnist"
+    directory.mkdir(parents=True)
+    for split in ("train", "test"):
+        for name in registry.DATASETS["fashion-mnist"].local_files(split):
+            (directory / name).symlink_to(shared / name)
+    first = readers.load_split("fashion-mnist", "test", data_dir=tmp_path / "copy", limit=5)
+    first.images.zero_()  # a client's batch is its own: the kept images are untouched
+    again = readers.load_split("fashion-mnist", "test", data_dir=tmp_path / "copy", limit=5)
+    assert int(again.images.sum()) > 0
+    images = directory / "t10k-images-idx3-ubyte.gz"
+    whole = readers._read_idx(images, 3)
+    images.unlink()
+    images.write_bytes(gzip.compress(bytes([0, 0, 8, 3]) + np.array(whole.shape, ">i4").tobytes() + bytes(whole.size)))
+    rewritten = readers.load_split("fashion-mnist", "test", data_dir=tmp_path / "copy", limit=5)
+    assert int(rewritten.images.sum()) == 0 and rewritten.labels.tolist() == again.labels.tolist()
+
+
 # --------------------------------------------------------------------------------------------------
 # Partitions
 # --------------------------------------------------------------------------------------------------

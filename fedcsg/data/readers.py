@@ -107,6 +107,15 @@ def _idx_labels(path: str, mtime_ns: int) -> np.ndarray:
     return labels
 
 
+@functools.lru_cache(maxsize=2)
+def _idx_images(path: str, mtime_ns: int) -> np.ndarray:
+    # Decompressed once per process: a cross-device run's clients each take a few rows of it.
+    del mtime_ns  # cache key only
+    images = _read_idx(Path(path), 3)
+    images.flags.writeable = False
+    return images
+
+
 def _hub_labels(source: DataSource, split: Split) -> np.ndarray:
     table = registry.load_hub(source.location)[split].select_columns(["label"]).with_format("arrow")[:]
     return table.column("label").to_numpy().astype(np.int64)
@@ -282,7 +291,7 @@ def _load_idx_rows(
     source: DataSource, split: Split, rows: np.ndarray, spec: DatasetSpec, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     image_path = source.files(split)[0]
-    images = _read_idx(image_path, 3)
+    images = _idx_images(*stamped(image_path))
     labels = _source_labels(source, split)
     if images.shape[0] != labels.shape[0] or images.shape[1:] != spec.image_size:
         raise ValueError(
