@@ -210,14 +210,16 @@ def test_csgify_pointwise_and_explicit_skip() -> None:
 
 
 def test_csgify_without_eligible_conv() -> None:
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 5), nn.Linear(4, 2))
+    from fedcsg.nn.imported_models import Holder
+
+    model = Holder(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 5), nn.Linear(4, 2)))
     with pytest.raises(ValueError) as error:
         csgify(model, _config())
     slices = ", ".join(str(s.shape) for s in _config().slices)
     assert str(error.value) == (
         f"the model has no conv that CSG can take for slice shapes {slices} (an nn.Conv2d with groups=1, zero padding "
-        "and a square kernel of a configured size, not the stem): 0: skipped by name (ordinary layer); "
-        "1: no slice shape configured for 5x5 kernels"
+        "and a square kernel of a configured size, not the stem): body.0: skipped by name (ordinary layer); "
+        "body.1: no slice shape configured for 5x5 kernels"
     )
 
 

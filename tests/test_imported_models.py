@@ -32,6 +32,34 @@ def test_a_users_cnn_is_counted_and_converted_like_a_registry_model(cli) -> None
     assert type(model).__name__ == "SmallCNN" and model.features[3].__class__.__name__ == "CSGConv2d"
 
 
+@pytest.mark.parametrize("arm", ["csg", "csg-frozen", "fedpara"])
+def test_a_factory_that_returns_a_bare_sequential_trains(arm: str) -> None:
+    # The generators cannot be a step of the user's nn.Sequential: it is held as `body` beside them.
+    import torch
+
+    cfg = RunConfig(
+        model="tests.user_cnn:sequential_cnn", dataset="fashion-mnist", slice="8x8x3x3", code_dim=32, arm=arm
+    )
+    model = cfg.model_settings().build()
+    assert type(model).__name__ == "Holder" and isinstance(model.body, torch.nn.Sequential)
+    x = torch.randn(4, 1, 28, 28)
+    loss = torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    assert model(x).shape == (4, 10) and torch.isfinite(loss)
+    assert all(name.startswith(("body.", "csg_generators.")) for name, _ in model.named_parameters())
+
+
+def test_csgify_refuses_a_bare_container() -> None:
+    import torch
+
+    from fedcsg.nn.csgify import CSGConfig, csgify
+
+    bare = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 16, 3, padding=1))
+    with pytest.raises(ValueError, match="^csgify cannot add the generators to a bare Sequential .*child$"):
+        csgify(bare, CSGConfig())
+    assert not hasattr(bare, "csg_generators")
+
+
 def test_a_torchvision_model_by_name(cli) -> None:
     code, out, err = cli("params", "--model", "torchvision:resnet18", "--json")
     assert code == 0, err
@@ -68,8 +96,8 @@ def test_a_torchvision_model_by_name(cli) -> None:
             "tests.user_cnn:depthwise_only",
             "model = 'tests.user_cnn:depthwise_only': the model has no conv that CSG can take for slice shapes 4x4x3x3 "
             "(an nn.Conv2d with groups=1, zero padding and a square kernel of a configured size, not the stem): "
-            "0: skipped by name (ordinary layer); 1: groups=8 (grouped/depthwise convs stay ordinary); "
-            "2: no slice shape configured for 5x5 kernels",
+            "body.0: skipped by name (ordinary layer); body.1: groups=8 (grouped/depthwise convs stay ordinary); "
+            "body.2: no slice shape configured for 5x5 kernels",
         ),
         (
             "torchvision:resnet19",

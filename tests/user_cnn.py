@@ -55,6 +55,12 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
+def sequential_cnn(num_classes: int, in_channels: int) -> nn.Module:
+    """The same layers as :class:`SmallCNN`, returned as a bare ``nn.Sequential``."""
+    model = SmallCNN(num_classes, in_channels)
+    return nn.Sequential(*model.features, model.head)
+
+
 def depthwise_only(num_classes: int, in_channels: int) -> nn.Module:
     """No conv CSG can take: a stem, a depthwise conv and a 5x5 conv."""
     return nn.Sequential(

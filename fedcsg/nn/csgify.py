@@ -120,11 +120,17 @@ def csgify(model: nn.Module, config: CSGConfig | None = None) -> ConversionRepor
     Raises
     ------
     ValueError
-        If the model is already CSG-backed or has no eligible conv.
+        If the model is already CSG-backed, is a bare container (``nn.Sequential``,
+        ``nn.ModuleList``, ``nn.ModuleDict``) or has no eligible conv.
     """
     config = config or CSGConfig()
     if hasattr(model, GENERATORS_ATTR):
         raise ValueError("model is already CSG-backed (it has csg_generators)")
+    if isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        raise ValueError(
+            f"csgify cannot add the generators to a bare {type(model).__name__} (its forward would call them "
+            "or it has none): pass a module that holds it as a child"
+        )
     convs, report = plan_csg(model, config)
     targets = report.replaced
     specs = {spec.shape.kernel_size: spec for spec in config.slices}

@@ -11,7 +11,9 @@
 ``timm:NAME``
     A timm model, untrained, where timm is installed (``timm.create_model``).
 
-Each is converted by the run's slice settings like a registry model.
+Each is converted by the run's slice settings like a registry model. A factory that returns a bare
+container (``nn.Sequential``, which calls every child in turn) gets it inside a :class:`Holder`, so
+that the converters can add their modules beside it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 
-from torch import nn
+from torch import Tensor, nn
 
 ACCEPTED = (
     "package.module:factory (factory(num_classes, in_channels) returns an nn.Module; the module importable from "
@@ -69,9 +71,21 @@ def imported_builder(name: str) -> Builder:
                 f"model = {name!r} is not accepted: {attr}({num_classes}, {in_channels}) returned an "
                 f"object of type {type(model).__name__}, not a torch.nn.Module"
             )
-        return model
+        return Holder(model) if isinstance(model, nn.Sequential) else model
 
     return build
+
+
+class Holder(nn.Module):
+    """A user's ``nn.Sequential`` as the one child ``body`` of a module whose forward is the body's:
+    CSG's generators (``csg_generators``) are then the body's neighbours, not a step of it."""
+
+    def __init__(self, body: nn.Sequential) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
 
 
 def code_to_ship(name: str) -> list[str]:
