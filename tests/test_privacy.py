@@ -338,3 +338,58 @@ def test_a_dp_mode_without_the_accountants_backend_is_refused_in_one_line(
         "dp = 'central-fixed' is not accepted here: dp-accounting (Flower's accountant) is not installed",
         tmp_path,
     )
+
+
+# ------------------------------------------------------------------- the experiment's two studies
+
+
+def test_noise_gain_is_the_generators_row_norm_for_a_frozen_generator_and_one_for_fedavg(tmp_path: Path) -> None:
+    # Noise of std s on every code reaches each generated filter weight with std s * |row of G|; the
+    # frozen generator's entries are +-0.5, so its gain is 0.5 * sqrt(code-dim) = 2.83 at code-dim 32.
+    # A fedavg coordinate is a filter weight: gain 1. (Sampling error of 20 draws of >= 9,216 weights.)
+    import json
+
+    from simulations.studies.dp_noise_gain import main
+
+    out = tmp_path / "gain.json"
+    assert main(["--arms", "fedavg,csg-frozen", "--json", str(out)]) == 0
+    layers = json.loads(out.read_text())["layers"]
+    for layer in layers:
+        stem = layer["layer"] == "features.0"  # ordinary in every arm
+        expected = 1.0 if layer["arm"] == "fedavg" or stem else 0.5 * math.sqrt(32)
+        assert layer["gain"] == pytest.approx(expected, rel=0.02), layer
+    assert {layer["arm"] for layer in layers} == {"fedavg", "csg-frozen"} and len(layers) == 8
+
+
+def test_privacy_sweep_tabulates_and_plots_runs_at_several_noise_multipliers(tmp_path: Path, capsys) -> None:
+    import json
+
+    from simulations.studies.privacy_sweep import main
+
+    def spread(values: list[float]) -> dict:
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+        return {"mean": mean, "std": std, "n": len(values), "values": values}
+
+    runs = []
+    for name, dp, sigma, final in (("a", "central-fixed", 1.0, [0.2, 0.4]), ("b", "none", 1.0, [0.8])):
+        run = tmp_path / name
+        run.mkdir()
+        summary = {
+            "fedavg": {
+                "final_accuracy": spread(final),
+                "last_accuracy": spread(final),
+                "total_wire_bytes": spread([1000.0]),
+                **({"epsilon": spread([30.0, 30.0])} if dp != "none" else {}),
+            }
+        }
+        config = {"dp": dp, "dp-noise-multiplier": sigma}
+        (run / "results.json").write_text(json.dumps({"config": config, "summary": summary}))
+        runs.append(str(run))
+    plot, out = tmp_path / "sweep.png", tmp_path / "sweep.json"
+    assert main([*runs, "--plot", str(plot), "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "0.3000 ± 0.1414" in table and "0.2000, 0.4000" in table and "inf" in table
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["sigma"], r["epsilon"]) for r in rows] == [(1.0, 30.0), (None, None)]
+    assert plot.stat().st_size > 10_000
