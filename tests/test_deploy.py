@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import sys
 import threading
 import time
 import tomllib
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,9 +128,6 @@ def test_the_app_bundle_holds_the_settings_and_entry_points_only() -> None:
     pyproject's ``fab-include``): the run settings and the two components, no file of tests/,
     simulations/, docs/, the README or the package's sources; far under 100 kB. The two
     components it names load from the fedcsg installed beside Flower (as on every node)."""
-    import io
-    import zipfile
-
     from flwr.supercore.object_ref import load_app
 
     fab = build_fab_from_disk(ROOT)
@@ -144,9 +143,51 @@ def test_the_app_bundle_holds_the_settings_and_entry_points_only() -> None:
     print(f"app bundle: {len(fab):,} bytes, {len(names)} files")
 
 
-def test_secure_federation_runs_two_rounds_of_csg(secure_federation: Federation) -> None:
-    """Two rounds of csg on an ImageFolder: each SuperNode trains on all of its own folder (its
-    reply's num-examples is its folder's image count), the ServerApp evaluates on the server's."""
+# A user's CNN that travels in the app bundle: written beside a copy of the repository's pyproject.toml
+# whose fab-include names it. It refuses to be imported from where the test wrote it (outside this test's
+# own process), so the SuperNodes' ClientApps and the SuperLink's ServerApp can only have it from the
+# bundle each installed.
+BUNDLED_MODULE = "bundled_cnn"
+BUNDLED_SOURCE = """\
+import os
+from pathlib import Path
+
+from torch import nn
+
+if Path(__file__).parent == Path({written!r}) and not os.environ.get("FEDCSG_TEST_ANY_COPY"):
+    raise ImportError(f"{{__file__}} was imported from where the test wrote it, not from the app bundle")
+
+
+def Net(num_classes, in_channels):
+    def block(cin, cout, stride):
+        return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+    features = [*block(in_channels, 16, 1), *block(16, 16, 1), *block(16, 32, 2)]
+    return nn.Sequential(*features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes))
+"""
+BUNDLED_RUN = {"model": f"{BUNDLED_MODULE}:Net", "slice": "8x8x3x3", "code-dim": 32}
+
+
+def _app_with_bundled_model(directory: Path) -> Path:
+    """The app directory `flwr run` builds its bundle from: the repository's pyproject.toml with
+    ``fab-include`` extended by the user's module, and that module."""
+    import tomli_w
+
+    app = directory / "app"
+    app.mkdir()
+    (app / f"{BUNDLED_MODULE}.py").write_text(BUNDLED_SOURCE.format(written=str(app)))
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    pyproject["tool"]["flwr"]["app"]["fab-include"] = ["pyproject.toml", f"{BUNDLED_MODULE}.py"]
+    (app / "pyproject.toml").write_text(tomli_w.dumps(pyproject))
+    return app
+
+
+def test_secure_federation_runs_two_rounds_of_csg_of_a_model_in_the_bundle(
+    secure_federation: Federation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two rounds of csg of a user's CNN that travels in the app bundle, on an ImageFolder: each
+    SuperNode trains on all of its own folder (its reply's num-examples is its folder's image
+    count), the ServerApp evaluates on the server's."""
     federation = secure_federation
     assert federation.secure and len(federation.node_ids) == 2
     superlink = federation.processes[0]
@@ -162,18 +203,22 @@ def test_secure_federation_runs_two_rounds_of_csg(secure_federation: Federation)
 
     out_dir = Path(federation.directory) / "run"
     server = Path(federation.directory) / "images" / "server"
+    app = _app_with_bundled_model(Path(federation.directory))
     run_config = {
         **TWO_ROUNDS_OF_CSG,
+        **BUNDLED_RUN,
         "data-dir": str(server),
         "out-dir": str(out_dir),
         "round-timeout": RUN_TIMEOUT,
     }
-    outcome = run_app(federation, ROOT, run_config, timeout=RUN_TIMEOUT)
+    outcome = run_app(federation, app, run_config, timeout=RUN_TIMEOUT)
     log = Path(outcome.log).read_text(errors="replace")
     assert (outcome.status, outcome.sub_status) == ("finished", "completed"), log[-2000:]
 
     record = json.loads((out_dir / "arms" / "csg.json").read_text())
-    cfg = RunConfig(arm="csg", dataset="imagefolder", image_size=16, data_dir=str(server))
+    monkeypatch.syspath_prepend(str(app))
+    monkeypatch.setenv("FEDCSG_TEST_ANY_COPY", "1")  # this process builds the model from the written copy
+    cfg = RunConfig.from_mapping({**TWO_ROUNDS_OF_CSG, **BUNDLED_RUN, "data-dir": str(server)})
     payload = payload_layout(cfg, build_arm_model(cfg)).nbytes
     assert record["arm"] == "csg" and record["payload_bytes"] == payload
     assert [r["round"] for r in record["rounds"]] == [0, 1, 2]
@@ -193,9 +238,17 @@ def test_secure_federation_runs_two_rounds_of_csg(secure_federation: Federation)
         )
         assert trained == sorted(3 * n for n, _ in NODE_IMAGES), log[-2000:]
     assert (out_dir / "results.json").is_file() and (out_dir / "report.md").is_file()
-    # Each node downloaded the bundle `flwr run` built from the repository once: the report counts it
-    # beside the rounds' downlink, a node's share of each round (both nodes got the same message).
-    bundle = _get_fab_reply_bytes(build_fab_from_disk(ROOT))
+    # Each node downloaded the bundle `flwr run` built from the app once (the settings and the user's
+    # module): the report counts it beside the rounds' downlink, a node's share of each round (both
+    # nodes got the same message).
+    fab = build_fab_from_disk(app)
+    assert sorted(zipfile.ZipFile(io.BytesIO(fab)).namelist()) == [
+        ".info/CONTENT",
+        f"{BUNDLED_MODULE}.py",
+        "pyproject.toml",
+    ]
+    bundle = _get_fab_reply_bytes(fab)
+    print(f"app bundle with the user's module: {len(fab):,} bytes, {bundle:,} B on the wire to each node")
     assert record["bundle_bytes"] == bundle
     node_total = bundle + sum(r["wire_down"] // 2 for r in record["rounds"][1:])
     assert all(r["wire_down"] % 2 == 0 for r in record["rounds"][1:])
