@@ -236,13 +236,18 @@ def test_fashion_mnist_from_the_shared_data_dir(monkeypatch: pytest.MonkeyPatch,
     assert readers.load_labels("fashion-mnist", "test").shape == (10000,)
 
 
-def test_corrupt_idx_file(tmp_path: Path, data_dir: Path) -> None:
-    shared = data_dir / "fashion-mnist"
-    directory = tmp_path / "copy" / "fashion-mnist"
+def _linked_fmnist(root: Path, data_dir: Path) -> Path:
+    """``root/fashion-mnist``: a link to each of the shared copy's files, for a test to replace some."""
+    directory = root / "fashion-mnist"
     directory.mkdir(parents=True)
     for split in ("train", "test"):
         for name in registry.DATASETS["fashion-mnist"].local_files(split):
-            (directory / name).symlink_to(shared / name)
+            (directory / name).symlink_to(data_dir / "fashion-mnist" / name)
+    return directory
+
+
+def test_corrupt_idx_file(tmp_path: Path, data_dir: Path) -> None:
+    directory = _linked_fmnist(tmp_path / "copy", data_dir)
     (directory / "t10k-images-idx3-ubyte.gz").unlink()
     import gzip
 
@@ -255,12 +260,7 @@ def test_idx_images_read_once_a_process_and_again_when_rewritten(tmp_path: Path,
     # A cross-device client takes a few rows of the decompressed file, which each process keeps.
     import gzip
 
-    shared = data_dir / "fashion-mnist"
-    directory = tmp_path / "copy" / "fashion-mnist"
-    directory.mkdir(parents=True)
-    for split in ("train", "test"):
-        for name in registry.DATASETS["fashion-mnist"].local_files(split):
-            (directory / name).symlink_to(shared / name)
+    directory = _linked_fmnist(tmp_path / "copy", data_dir)
     first = readers.load_split("fashion-mnist", "test", data_dir=tmp_path / "copy", limit=5)
     first.images.zero_()  # a client's batch is its own: the kept images are untouched
     again = readers.load_split("fashion-mnist", "test", data_dir=tmp_path / "copy", limit=5)
